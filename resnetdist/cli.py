@@ -1,0 +1,170 @@
+"""The `resnetdist` command (also `python -m resnetdist`, which torchrun runs on every rank)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .config import ConfigError, RunConfig, check_run_dir, load_config
+from .data.cifar import DataError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _flags(**sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """CLI flags as a config tree, leaving out those not given."""
+    return {s: {k: v for k, v in kv.items() if v is not None} for s, kv in sections.items()}
+
+
+def build_config(
+    config: Path | None, overrides: list[str], iters: int | None, **flags: dict[str, Any]
+) -> RunConfig:
+    return load_config(config, _flags(**flags), overrides, iters)
+
+
+def preflight(cfg: RunConfig, world_size: int) -> None:
+    """Everything that can be checked before workers start: data files, batch split, run dir,
+    optional packages, devices."""
+    import torch
+
+    from .train import global_batch
+    from .worker import load_data
+
+    try:
+        global_batch(cfg, world_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = cuda, but torch sees no CUDA device")
+    if cfg.dist.sync_bn and world_size > 1 and not torch.cuda.is_available():
+        raise ConfigError("dist.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
+    if cfg.data.loader == "ffcv":
+        from .data.beton import require_ffcv
+
+        require_ffcv()
+    load_data(cfg)  # parses and checks every file; a bad one is named
+    check_run_dir(cfg)
+
+
+def _torchrun(nproc: int, max_restarts: int, argv: list[str]) -> None:
+    """Run torchrun's own entry point (torch.distributed.run), so that this and
+    `torchrun --nproc_per_node=N -m resnetdist train ...` are the same run."""
+    from torch.distributed.run import main as torchrun_main
+
+    # torchrun restarts with gloo hang unless each attempt gets its own store (pytorch#135712)
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    torchrun_main(["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+                   "-m", "resnetdist", "train", *argv])
+
+
+def _strip_launch_args(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--nproc-per-node", "--max-restarts"):
+            skip = True
+            continue
+        if arg.startswith(("--nproc-per-node=", "--max-restarts=")):
+            continue
+        out.append(arg)
+    return out
+
+
+@app.command()
+def train(
+    n: Optional[int] = typer.Option(None, help="blocks per stage: depth 6n+2 (3->20, 5->32, 7->44, 9->56, 18->110)"),
+    plain: Optional[bool] = typer.Option(None, "--plain/--resnet", help="plain net (no shortcuts) or ResNet"),
+    shortcut: Optional[str] = typer.Option(None, help="A: identity/zero-pad (paper), B: 1x1 projection"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file, e.g. configs/resnet20.toml"),
+    overrides: list[str] = typer.Option([], "--set", help="section.key=value, repeatable"),
+    iters: Optional[int] = typer.Option(None, help="run N iterations; lr milestones move in proportion"),
+    data_dir: Optional[Path] = typer.Option(None, help="folder holding cifar-10-batches-bin/ or the tarball"),
+    out: Optional[Path] = typer.Option(None, help="run directory (default runs/<name>)"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    seed: Optional[int] = typer.Option(None),
+    loader: Optional[str] = typer.Option(None, help="gpu (dataset resident on the device) | ffcv"),
+    nproc_per_node: int = typer.Option(0, help="launch N workers with torchrun (0: this process only)"),
+    max_restarts: int = typer.Option(0, help="with --nproc-per-node: elastic restarts after a worker dies"),
+) -> None:
+    """Train a ResNet or plain net with the paper's recipe."""
+    try:
+        cfg = build_config(
+            config, overrides, iters,
+            model={"n": n, "plain": plain, "shortcut": shortcut},
+            data={"dir": str(data_dir) if data_dir else None, "loader": loader},
+            train={"out": str(out) if out else None, "device": device, "seed": seed},
+        )
+        from .dist import world_size_from_env
+
+        under_torchrun = "LOCAL_RANK" in os.environ
+        preflight(cfg, nproc_per_node if nproc_per_node and not under_torchrun else world_size_from_env())
+    except (ConfigError, DataError, RuntimeError) as e:
+        fail(str(e))
+    if nproc_per_node and not under_torchrun:
+        _torchrun(nproc_per_node, max_restarts, _strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]))
+        return
+
+    from .train import NonFiniteLoss
+    from .worker import main
+
+    try:
+        summary = main(cfg)
+    except NonFiniteLoss as e:
+        fail(str(e), code=3)
+    from .dist import print0
+
+    print0(json.dumps({k: summary[k] for k in ("name", "test_error", "iterations", "train_seconds", "images_per_second")}))
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Path = typer.Argument(..., help="ckpt_*.pt or model.pt from a run directory"),
+    data_dir: Optional[Path] = typer.Option(None, help="override the run's data folder"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Test error of a saved checkpoint."""
+    from .evaluate import evaluate_checkpoint
+
+    if not checkpoint.exists():
+        fail(f"{checkpoint}: no such checkpoint")
+    try:
+        result = evaluate_checkpoint(checkpoint, data_dir, device)
+    except (ConfigError, DataError, RuntimeError) as e:
+        fail(str(e))
+    typer.echo(json.dumps(result))
+
+
+@app.command()
+def prepare(
+    data_dir: Optional[Path] = typer.Option(None, help="folder holding cifar-10-batches-bin/ or the tarball (default: download)"),
+    out: Optional[Path] = typer.Option(None, help="where to write train.beton and test.beton (default: <data>/../beton)"),
+    force: bool = typer.Option(False, help="rebuild even when up to date"),
+) -> None:
+    """Convert CIFAR-10 to FFCV .beton files (idempotent, atomic)."""
+    from .data.beton import prepare_betons, require_ffcv
+    from .data.cifar import locate
+
+    try:
+        require_ffcv()
+        folder = locate(data_dir)
+        target = out or folder.parent / "beton"
+        train_path, test_path, rebuilt = prepare_betons(folder, target, force=force)
+    except (DataError, RuntimeError) as e:
+        fail(str(e))
+    typer.echo(f"{'wrote' if rebuilt else 'up to date, nothing to do:'} {train_path} {test_path}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,126 @@
+"""ResNet-(6n+2) and Plain-(6n+2) for CIFAR-10, as in He et al. 2015, section 4.2.
+
+A 3x3 conv with 16 filters, then three stages of n basic blocks on 32x32 (16 filters),
+16x16 (32) and 8x8 (64) maps, global average pooling and a 10-way linear layer. The first
+conv of stages 2 and 3 has stride 2. Every conv is followed by BatchNorm; there is no dropout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STAGE_WIDTHS = (16, 32, 64)
+
+
+@dataclass
+class ModelConfig:
+    n: int = 3  # blocks per stage; depth = 6n + 2
+    plain: bool = False  # True: no shortcuts (the paper's "plain" baselines)
+    shortcut: str = "A"  # A: identity + zero-padded channels (paper's CIFAR choice); B: 1x1 projection
+    num_classes: int = 10
+
+    def validate(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"model.n must be >= 1, got {self.n}")
+        if self.shortcut not in ("A", "B"):
+            raise ValueError(f"model.shortcut must be 'A' or 'B', got {self.shortcut!r}")
+        if self.num_classes < 2:
+            raise ValueError(f"model.num_classes must be >= 2, got {self.num_classes}")
+
+    @property
+    def depth(self) -> int:
+        return 6 * self.n + 2
+
+    @property
+    def name(self) -> str:
+        return f"{'plain' if self.plain else 'resnet'}{self.depth}"
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option A: subsample spatially by 2 and append zero channels; no parameters."""
+
+    def __init__(self, extra_channels: int):
+        super().__init__()
+        self.extra_channels = extra_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, ::2, ::2]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+
+
+def projection_shortcut(in_ch: int, out_ch: int, stride: int) -> nn.Module:
+    """Option B: 1x1 conv + BN where the shape changes."""
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+    )
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, residual: bool, shortcut: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.residual = residual
+        self.shortcut: nn.Module = nn.Identity()
+        if residual and (stride != 1 or in_ch != out_ch):
+            if shortcut == "A":
+                self.shortcut = ZeroPadShortcut(out_ch - in_ch)
+            else:
+                self.shortcut = projection_shortcut(in_ch, out_ch, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.residual:
+            out = out + self.shortcut(x)
+        return F.relu(out)
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.conv = nn.Conv2d(3, STAGE_WIDTHS[0], 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(STAGE_WIDTHS[0])
+        blocks = []
+        in_ch = STAGE_WIDTHS[0]
+        for stage, width in enumerate(STAGE_WIDTHS):
+            for i in range(cfg.n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(BasicBlock(in_ch, width, stride, not cfg.plain, cfg.shortcut))
+                in_ch = width
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(in_ch, cfg.num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # He et al. 2015 ("Delving deep into rectifiers"): fan_out, as in the authors' code.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        x = self.blocks(x)
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc(x)
+
+
+def build_model(cfg: ModelConfig) -> CifarResNet:
+    cfg.validate()
+    return CifarResNet(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
