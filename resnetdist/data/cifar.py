@@ -1,0 +1,196 @@
+"""CIFAR-10, binary version: download (md5-checked), safe extraction, parsing, splits.
+
+A record is 3073 bytes: one label byte (0-9), then the 1024 R, 1024 G and 1024 B bytes of a
+32x32 image, row-major. Files are checked before anything trains, and a bad file is named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+TARBALL = "cifar-10-binary.tar.gz"
+MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+FOLDER = "cifar-10-batches-bin"
+TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+TEST_FILES = ("test_batch.bin",)
+RECORD_BYTES = 1 + 3 * 32 * 32
+RECORDS_PER_FILE = 10_000
+VAL_SIZE = 5_000  # the paper's 45k/5k split
+VAL_SPLIT_SEED = 20151210  # fixed, so every run holds out the same 5k images
+
+
+class DataError(Exception):
+    """A data file is missing, truncated or corrupt; the message names it."""
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # uint8, (N, 3, 32, 32)
+    labels: np.ndarray  # int64, (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Cifar10:
+    train: Split
+    test: Split
+    val: Split | None = None
+    # with a validation split: which records of the 50k training files each part holds
+    train_indices: np.ndarray | None = None
+    val_indices: np.ndarray | None = None
+    folder: Path | None = None  # where the .bin files were read from
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RESNETDIST_DATA", Path.home() / ".cache" / "resnetdist"))
+
+
+def md5sum(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(dest_dir: Path, url: str = URL, md5: str = MD5) -> Path:
+    """Download the tarball into dest_dir (atomically) and check its md5."""
+    from .progress import progress_bar
+
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / TARBALL
+    if dest.exists() and md5sum(dest) == md5:
+        return dest
+    tmp = dest.with_suffix(".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
+            total = int(resp.headers.get("Content-Length") or 0)
+            with progress_bar("download CIFAR-10", total=total or None, unit="B") as bar:
+                while block := resp.read(1 << 20):
+                    out.write(block)
+                    bar.update(len(block))
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(
+            f"could not download {url}: {e}. Download it by hand and pass --data-dir DIR "
+            f"(a folder holding {TARBALL} or {FOLDER}/)"
+        ) from e
+    got = md5sum(tmp)
+    if got != md5:
+        tmp.unlink()
+        raise DataError(f"{url}: md5 {got} does not match the expected {md5}")
+    os.replace(tmp, dest)
+    return dest
+
+
+def extract(tarball: Path, dest_dir: Path) -> Path:
+    """Extract the binary folder, refusing members that would land outside dest_dir."""
+    root = dest_dir.resolve()
+    try:
+        with tarfile.open(tarball, "r:gz") as tar:
+            members = tar.getmembers()
+            for m in members:
+                target = (root / m.name).resolve()
+                if not target.is_relative_to(root) or not (m.isfile() or m.isdir()):
+                    raise DataError(f"{tarball}: refusing unsafe archive member {m.name!r}")
+            # Extract into a temporary folder, then rename: no half-extracted folder remains.
+            with tempfile.TemporaryDirectory(dir=dest_dir) as tmp:
+                tar.extractall(tmp, members=members)
+                if not (Path(tmp) / FOLDER).is_dir():
+                    raise DataError(f"{tarball}: no {FOLDER}/ folder inside")
+                if not (dest_dir / FOLDER).exists():
+                    os.replace(Path(tmp) / FOLDER, dest_dir / FOLDER)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"{tarball}: not a readable .tar.gz ({e})") from e
+    return dest_dir / FOLDER
+
+
+def locate(data_dir: Path | None, download_ok: bool = True) -> Path:
+    """Return the folder holding the .bin files: data_dir/cifar-10-batches-bin, data_dir itself,
+    or the extracted tarball found in (or downloaded to) data_dir / the cache."""
+    base = Path(data_dir) if data_dir else default_cache_dir()
+    if data_dir is not None and not base.is_dir():
+        raise DataError(f"--data-dir {base}: no such folder")
+    for cand in (base / FOLDER, base):
+        if (cand / TEST_FILES[0]).exists() or (cand / TRAIN_FILES[0]).exists():
+            return cand
+    tarball = base / TARBALL
+    if tarball.exists():
+        got = md5sum(tarball)
+        if got != MD5:
+            raise DataError(f"{tarball}: md5 {got} does not match the expected {MD5}")
+        return extract(tarball, base)
+    if data_dir is not None or not download_ok:
+        raise DataError(f"{base}: holds neither {FOLDER}/ nor {TARBALL}")
+    return extract(download(base), base)
+
+
+def read_batch_file(path: Path) -> Split:
+    if not path.exists():
+        raise DataError(f"{path}: missing")
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % RECORD_BYTES:
+        raise DataError(
+            f"{path}: size {raw.size} bytes is not a positive multiple of {RECORD_BYTES} "
+            f"(truncated or corrupt)"
+        )
+    records = raw.reshape(-1, RECORD_BYTES)
+    labels = records[:, 0].astype(np.int64)
+    if labels.max() > 9:
+        bad = int(np.argmax(labels > 9))
+        raise DataError(f"{path}: record {bad} has label {labels[bad]} (must be 0-9)")
+    images = np.ascontiguousarray(records[:, 1:].reshape(-1, 3, 32, 32))
+    return Split(images, labels)
+
+
+def write_batch_file(path: Path, split: Split) -> None:
+    """Write records in the official layout (used by tests and tools that make small sets)."""
+    records = np.concatenate(
+        [split.labels.astype(np.uint8)[:, None], split.images.reshape(len(split), -1)], axis=1
+    )
+    records.tofile(path)
+
+
+def read_files(folder: Path, names: tuple[str, ...]) -> Split:
+    parts = [read_batch_file(folder / name) for name in names]
+    return Split(
+        np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts])
+    )
+
+
+def validation_indices(num_train: int, size: int = VAL_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) record indices of the 45k/5k split; fixed, so every run holds out the same."""
+    if not 0 < size < num_train:
+        raise DataError(f"validation size {size} does not fit a training set of {num_train}")
+    perm = np.random.default_rng(VAL_SPLIT_SEED).permutation(num_train)
+    return np.sort(perm[size:]), np.sort(perm[:size])
+
+
+def subset(split: Split, indices: np.ndarray) -> Split:
+    return Split(split.images[indices], split.labels[indices])
+
+
+def load_cifar10(data_dir: Path | None, val_split: bool = False) -> Cifar10:
+    folder = locate(data_dir)
+    train = read_files(folder, TRAIN_FILES)
+    test = read_files(folder, TEST_FILES)
+    if not val_split:
+        return Cifar10(train, test, folder=folder)
+    train_idx, val_idx = validation_indices(len(train))
+    return Cifar10(subset(train, train_idx), test, subset(train, val_idx), train_idx, val_idx, folder)
+
+
+def source_files(folder: Path) -> list[Path]:
+    return [folder / n for n in TRAIN_FILES + TEST_FILES]
+
