@@ -63,8 +63,9 @@ def _torchrun(nproc: int, max_restarts: int, argv: list[str]) -> None:
 
     # torchrun restarts with gloo hang unless each attempt gets its own store (pytorch#135712)
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # "--" keeps torchrun's parser off our flags (it would take --n for an abbreviation of its own)
     torchrun_main(["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
-                   "-m", "resnetdist", "train", *argv])
+                   "-m", "resnetdist", "--", "train", *argv])
 
 
 def _strip_launch_args(argv: list[str]) -> list[str]:
@@ -84,7 +85,9 @@ def _strip_launch_args(argv: list[str]) -> list[str]:
 
 @app.command()
 def train(
-    n: Optional[int] = typer.Option(None, help="blocks per stage: depth 6n+2 (3->20, 5->32, 7->44, 9->56, 18->110)"),
+    # -n as well as --n: torchrun's own parser rejects "--n" as an ambiguous abbreviation of its
+    # --nnodes/--nproc-per-node, so under torchrun write "-n 7" (or "-m resnetdist -- train --n 7")
+    n: Optional[int] = typer.Option(None, "--n", "-n", help="blocks per stage: depth 6n+2 (3->20, 5->32, 7->44, 9->56, 18->110)"),
     plain: Optional[bool] = typer.Option(None, "--plain/--resnet", help="plain net (no shortcuts) or ResNet"),
     shortcut: Optional[str] = typer.Option(None, help="A: identity/zero-pad (paper), B: 1x1 projection"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file, e.g. configs/resnet20.toml"),
@@ -123,9 +126,9 @@ def train(
         summary = main(cfg)
     except NonFiniteLoss as e:
         fail(str(e), code=3)
-    from .dist import print0
-
-    print0(json.dumps({k: summary[k] for k in ("name", "test_error", "iterations", "train_seconds", "images_per_second")}))
+    # every rank prints its view of the result: the all-reduced errors must agree
+    keys = ("name", "test_error", "iterations", "train_seconds", "images_per_second")
+    typer.echo(json.dumps({"rank": int(os.environ.get("RANK", "0")), **{k: summary[k] for k in keys}}))
 
 
 @app.command("eval")

@@ -451,7 +451,10 @@ class Trainer:
             "loader": self.cfg.data.loader,
         }
         if self.ctx.is_main:
-            checkpoint.atomic_save({"model": self.model.state_dict(), "config": self.cfg.to_dict()}, self.run_dir / "model.pt")
+            checkpoint.atomic_save(
+                {"model": self.model.state_dict(), "config": self.cfg.to_dict(), "iteration": total},
+                self.run_dir / "model.pt",
+            )
             write_json_atomic(self.run_dir / "summary.json", summary)
             self.logger.summary(summary)
         return summary

@@ -1,0 +1,80 @@
+"""Shared fixtures: small CIFAR-10-layout data sets the tests write themselves, and a way to
+run the real CLI in a subprocess with a timeout (so a hang fails instead of stalling CI)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from resnetdist.data.cifar import FOLDER, TEST_FILES, TRAIN_FILES, Split, write_batch_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def learnable_split(n: int, seed: int) -> Split:
+    """Noise plus a class-specific bright band: a small net gets well below chance quickly."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=n)
+    images = rng.integers(0, 90, size=(n, 3, 32, 32), dtype=np.uint8)
+    for i, k in enumerate(labels):
+        images[i, k % 3, 3 * k : 3 * k + 3, :] = 230
+    return Split(images, labels.astype(np.int64))
+
+
+def write_dataset(root: Path, per_train_file: int, test_size: int, seed: int = 0) -> Path:
+    folder = root / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(TRAIN_FILES):
+        write_batch_file(folder / name, learnable_split(per_train_file, seed + i))
+    write_batch_file(folder / TEST_FILES[0], learnable_split(test_size, seed + 100))
+    (folder / "batches.meta.txt").write_text("\n".join(f"class{i}" for i in range(10)) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """5 x 200 training records, 200 test records, official layout."""
+    return write_dataset(tmp_path_factory.mktemp("tiny_cifar"), 200, 200)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        WANDB_MODE="disabled",
+        TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("RESNETDIST_TEST_KILL_AT", None)
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], timeout: float = 240, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "resnetdist", *args], cwd=REPO, env=cli_env(**env),
+        capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def run_torchrun(nproc: int, args: list[str], timeout: float = 300, check: bool = True, extra: list[str] = (),
+                 **env: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "--tee=3", *extra, "-m", "resnetdist", "--", "train", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(**env), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+# Small, quick training settings shared by the end-to-end tests.
+TINY = ["--n", "1", "--device", "cpu", "--set", "optim.batch_size=32", "--set", "data.eval_batch=100",
+        "--set", "log.log_every=10", "--set", "log.tensorboard=false", "--set", "log.wandb_mode=disabled"]

@@ -1,0 +1,105 @@
+from pathlib import Path
+
+import pytest
+
+from resnetdist.config import ConfigError, RunConfig, load_config, parse_override, read_toml
+from resnetdist.train import lr_at, OptimConfig
+
+from .conftest import REPO, run_cli
+
+CONFIGS = sorted((REPO / "configs").glob("*.toml"))
+
+
+def test_every_shipped_config_loads():
+    names = {p.stem for p in CONFIGS}
+    assert {"resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+            "plain20", "plain32", "plain44", "plain56", "seed-repo"} <= names
+    for path in CONFIGS:
+        cfg = load_config(path)
+        assert cfg.optim.iters == 64_000 and cfg.optim.milestones == [32_000, 48_000]
+
+
+def test_config_depths_and_presets():
+    assert load_config(REPO / "configs/resnet110.toml").optim.warmup_iters == 400
+    assert load_config(REPO / "configs/resnet56.toml").model.depth == 56
+    assert load_config(REPO / "configs/plain44.toml").model.plain
+    seed = load_config(REPO / "configs/seed-repo.toml")
+    assert seed.optim.batch_size == 100 and seed.data.mean == "channel"
+    assert seed.data.channel_mean == [125.0, 123.0, 114.0]
+
+
+def test_defaults_are_the_paper_recipe():
+    cfg = load_config()
+    assert (cfg.model.n, cfg.model.plain, cfg.model.shortcut) == (3, False, "A")
+    o = cfg.optim
+    assert (o.batch_size, o.lr, o.momentum, o.weight_decay) == (128, 0.1, 0.9, 1e-4)
+    assert o.warmup_iters == 0 and load_config(flags={"model": {"n": 18}}).optim.warmup_iters == 400
+
+
+def test_lr_schedule_boundaries():
+    o = OptimConfig(warmup_iters=0)
+    assert lr_at(o, 0) == 0.1 and lr_at(o, 31_999) == 0.1
+    assert lr_at(o, 32_000) == pytest.approx(0.01) and lr_at(o, 47_999) == pytest.approx(0.01)
+    assert lr_at(o, 48_000) == pytest.approx(0.001) and lr_at(o, 63_999) == pytest.approx(0.001)
+    warm = OptimConfig(warmup_iters=400)
+    assert lr_at(warm, 399) == 0.01 and lr_at(warm, 400) == 0.1
+
+
+def test_linear_scaling_rule_ramps_up():
+    o = OptimConfig(warmup_iters=0)
+    assert lr_at(o, 0, world_scale=4, scale_warmup=100) == pytest.approx(0.1 * (1 + 3 * 0.01))
+    assert lr_at(o, 99, world_scale=4, scale_warmup=100) == pytest.approx(0.4)
+    assert lr_at(o, 40_000, world_scale=4, scale_warmup=100) == pytest.approx(0.04)
+
+
+def test_iters_scales_milestones():
+    cfg = load_config(iters=640)
+    assert cfg.optim.iters == 640 and cfg.optim.milestones == [320, 480]
+
+
+def test_overrides_keep_types():
+    assert parse_override("optim.lr=0.05") == {"optim": {"lr": 0.05}}
+    assert parse_override("optim.milestones=[10, 20]") == {"optim": {"milestones": [10, 20]}}
+    assert parse_override("data.loader=ffcv") == {"data": {"loader": "ffcv"}}
+    cfg = load_config(overrides=["optim.lr=1", "model.plain=true"])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float) and cfg.model.plain
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lrr=0.1", "unknown key optim.lrr"),
+    ("optimizer.lr=0.1", r"unknown section \[optimizer\]"),
+    ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
+    ("model.n=2.5", "model.n: expected int"),
+    ("model.plain=1", "model.plain: expected bool"),
+    ("model.n=0", "model.n must be >= 1"),
+    ("model.shortcut=C", "model.shortcut must be 'A' or 'B'"),
+    ("optim.milestones=[48000, 32000]", "optim.milestones must be increasing"),
+    ("train.precision=fp8", "train.precision must be one of"),
+    ("data.loader=tfds", "data.loader must be one of"),
+    ("nokey", "expected section.key=value"),
+])
+def test_bad_values_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_bad_config_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nn = 3\ndepth = 20\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: unknown key model.depth"):
+        load_config(bad)
+    bad.write_text("[model\n")
+    with pytest.raises(ConfigError, match="bad.toml: not valid TOML"):
+        read_toml(bad)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_cli_refuses_bad_input_before_anything_runs(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    proc = run_cli(["train", "--data-dir", str(tiny_data), "--out", str(out), "--set", "optim.momentum=2"], check=False)
+    assert proc.returncode == 2 and "optim.momentum" in proc.stderr
+    assert not out.exists()
+    proc = run_cli(["train", "--data-dir", str(tmp_path / "nope"), "--out", str(out)], check=False)
+    assert proc.returncode == 2 and "nope: no such folder" in proc.stderr
+    assert not out.exists()

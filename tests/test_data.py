@@ -1,0 +1,178 @@
+import numpy as np
+import pytest
+import torch
+
+from resnetdist.data import augment as A
+from resnetdist.data.cifar import (
+    FOLDER, DataError, Split, load_cifar10, read_batch_file, validation_indices, write_batch_file,
+)
+from resnetdist.data.loaders import ResidentEvalLoader, ResidentTrainLoader
+from resnetdist.data.order import eval_shard, rank_epoch_order
+
+from .conftest import learnable_split, write_dataset
+
+
+def test_binary_round_trip(tmp_path):
+    split = learnable_split(37, seed=1)
+    path = tmp_path / "data_batch_1.bin"
+    write_batch_file(path, split)
+    assert path.stat().st_size == 37 * 3073
+    back = read_batch_file(path)
+    assert np.array_equal(back.images, split.images) and np.array_equal(back.labels, split.labels)
+
+
+def test_record_layout_is_label_then_rgb_planes(tmp_path):
+    record = np.zeros(3073, dtype=np.uint8)
+    record[0] = 7
+    record[1 + 0 * 1024 + 5 * 32 + 9] = 11  # R plane, row 5, col 9
+    record[1 + 2 * 1024 + 31 * 32 + 0] = 22  # B plane, row 31, col 0
+    path = tmp_path / "test_batch.bin"
+    record.tofile(path)
+    split = read_batch_file(path)
+    assert split.labels.tolist() == [7]
+    assert split.images[0, 0, 5, 9] == 11 and split.images[0, 2, 31, 0] == 22
+    assert split.images.sum() == 33
+
+
+def test_truncated_file_is_named(tmp_path):
+    path = tmp_path / "data_batch_3.bin"
+    write_batch_file(path, learnable_split(4, seed=0))
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataError, match="data_batch_3.bin.*truncated"):
+        read_batch_file(path)
+
+
+def test_bad_label_is_named(tmp_path):
+    split = learnable_split(5, seed=0)
+    split.labels[3] = 12
+    path = tmp_path / "data_batch_2.bin"
+    write_batch_file(path, split)
+    with pytest.raises(DataError, match=r"data_batch_2.bin: record 3 has label 12"):
+        read_batch_file(path)
+
+
+def test_missing_file_and_folder(tmp_path):
+    root = write_dataset(tmp_path / "d", 10, 10)
+    (root / FOLDER / "data_batch_4.bin").unlink()
+    with pytest.raises(DataError, match="data_batch_4.bin: missing"):
+        load_cifar10(root)
+    with pytest.raises(DataError, match="no such folder"):
+        load_cifar10(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="holds neither"):
+        load_cifar10(tmp_path)
+
+
+def test_validation_split_is_fixed_and_disjoint(tmp_path):
+    train_idx, val_idx = validation_indices(50_000)
+    assert len(train_idx) == 45_000 and len(val_idx) == 5_000
+    assert not set(train_idx) & set(val_idx)
+    again = validation_indices(50_000)
+    assert np.array_equal(again[1], val_idx)
+    data = load_cifar10(write_dataset(tmp_path, 1200, 10), val_split=True)
+    assert len(data.train) == 1000 and len(data.val) == 5000
+    assert np.array_equal(data.train_indices, validation_indices(6000)[0])
+
+
+def test_tarball_with_path_traversal_is_refused(tmp_path):
+    import io
+    import tarfile
+
+    from resnetdist.data.cifar import extract
+
+    bad = tmp_path / "cifar-10-binary.tar.gz"
+    with tarfile.open(bad, "w:gz") as tar:
+        info = tarfile.TarInfo("../evil.txt")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"evil"))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DataError, match="unsafe archive member"):
+        extract(bad, out)
+    assert not (tmp_path / "evil.txt").exists()
+
+
+# ----- augmentation ---------------------------------------------------------------------------
+
+
+def test_every_crop_is_a_window_of_the_padded_image():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    mean = torch.rand(3, 32, 32)
+    params = A.draw_params(seed=3, iteration=17, global_batch=64, rank=0, world_size=1)
+    out = A.augment(x, mean, params)
+    padded = torch.nn.functional.pad(A.normalize(x, mean), (4, 4, 4, 4))
+    assert out.shape == (64, 3, 32, 32)
+    for i in range(64):
+        dy, dx, flip = params[:, i].tolist()
+        assert 0 <= dy <= 8 and 0 <= dx <= 8
+        window = padded[i, :, dy : dy + 32, dx : dx + 32]
+        if flip:
+            window = window.flip(-1)
+        assert torch.equal(out[i], window)
+
+
+def test_flip_is_an_exact_mirror_and_happens_about_half_the_time():
+    x = torch.randint(0, 256, (1000, 3, 32, 32), dtype=torch.uint8)
+    mean = torch.zeros(3, 32, 32)
+    centre = torch.full((1000,), 4)
+    flip = torch.arange(1000) % 2 == 0
+    out = A.crop_flip(A.normalize(x, mean), centre, centre, flip)
+    ref = A.normalize(x, mean)
+    assert torch.equal(out[flip], ref[flip].flip(-1))
+    assert torch.equal(out[~flip], ref[~flip])
+    drawn = A.draw_params(0, 0, 1000, 0, 1)[2]
+    assert 400 < int(drawn.sum()) < 600
+
+
+def test_mean_is_removed():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(500, 3, 32, 32), dtype=np.uint8)
+    mean = A.mean_image(images)
+    normalized = A.normalize(torch.from_numpy(images), mean)
+    assert normalized.mean(0).abs().max() < 1e-5  # per pixel, over the training set
+    const = A.channel_mean_image([125.0, 123.0, 114.0])
+    assert torch.allclose(const[:, 0, 0] * 255, torch.tensor([125.0, 123.0, 114.0]))
+
+
+def test_augmentation_params_do_not_depend_on_world_size():
+    whole = A.draw_params(5, 99, 128, 0, 1)
+    halves = torch.cat([A.draw_params(5, 99, 128, r, 2) for r in range(2)], dim=1)
+    assert torch.equal(whole, halves)
+    assert not torch.equal(whole, A.draw_params(5, 100, 128, 0, 1))
+
+
+# ----- sample order and the resident loader ---------------------------------------------------
+
+
+def test_rank_orders_partition_each_global_batch():
+    n, batch = 1000, 64
+    single = rank_epoch_order(n, batch, seed=1, epoch=2, rank=0, world_size=1).reshape(-1, batch)
+    parts = [rank_epoch_order(n, batch, 1, 2, r, 4).reshape(-1, batch // 4) for r in range(4)]
+    assert np.array_equal(np.concatenate(parts, axis=1), single)
+    assert len(set(single.ravel())) == (n // batch) * batch
+    assert not np.array_equal(single, rank_epoch_order(n, batch, 1, 3, 0, 1).reshape(-1, batch))
+
+
+def test_eval_shards_cover_once():
+    shards = [eval_shard(1001, r, 3) for r in range(3)]
+    assert np.array_equal(np.concatenate(shards), np.arange(1001))
+
+
+def test_resident_loader_resumes_mid_epoch_identically():
+    split = learnable_split(300, seed=2)
+    loader = ResidentTrainLoader(split, 32, seed=4, rank=0, world_size=1, device=torch.device("cpu"))
+    assert loader.steps == 9
+    full = [lab for _, lab in _take(loader.batches(0), 20)]
+    later = [lab for _, lab in _take(loader.batches(13), 7)]
+    for a, b in zip(full[13:], later):
+        assert torch.equal(a, b)
+
+
+def test_resident_eval_loader_covers_shard():
+    split = learnable_split(250, seed=3)
+    seen = [lab for r in range(2) for _, lab in ResidentEvalLoader(split, 64, r, 2, torch.device("cpu"))]
+    assert torch.equal(torch.cat(seen), torch.from_numpy(split.labels))
+
+
+def _take(it, k):
+    return [next(it) for _ in range(k)]

@@ -1,0 +1,122 @@
+"""End-to-end training through the real CLI on a small learnable set, single process."""
+
+import json
+
+import pytest
+import torch
+
+from resnetdist import checkpoint
+
+from .conftest import TINY, run_cli
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def final_weights(run_dir):
+    return checkpoint.load(run_dir / "model.pt")["model"]
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_data):
+    out = tmp_path_factory.mktemp("runs") / "learn"
+    run_cli(["train", *TINY, "--iters", "150", "--data-dir", str(tiny_data), "--out", str(out),
+             "--set", "train.eval_every=50", "--set", "optim.lr=0.05"], timeout=300)
+    return out
+
+
+@pytest.mark.timeout(360)
+def test_training_learns_and_writes_the_run_directory(trained_run):
+    files = {p.name for p in trained_run.iterdir()}
+    assert {"config.toml", "metrics.jsonl", "summary.json", "model.pt", "ckpt_0000150.pt"} <= files
+    records = read_jsonl(trained_run / "metrics.jsonl")
+    assert [r["iter"] for r in records] == [50, 100, 150]
+    for r in records:
+        assert {"iter", "lr", "train_loss", "train_error", "test_error", "images_per_second"} <= r.keys()
+    # milestones scaled from 32k/48k of 64k to 75/112 of 150
+    assert records[0]["lr"] == pytest.approx(0.05) and records[-1]["lr"] == pytest.approx(0.0005)
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["iterations"] == 150 and summary["train_seconds"] > 0 and summary["images_per_second"] > 0
+    assert summary["test_error"] == records[-1]["test_error"]
+    assert summary["test_error"] < 40, "chance is 90%: the net did not learn"
+    assert records[-1]["train_error"] < records[0]["train_error"]
+
+
+@pytest.mark.timeout(120)
+def test_eval_command_agrees_with_the_run(trained_run, tiny_data):
+    summary = json.loads((trained_run / "summary.json").read_text())
+    for name in ("model.pt", "ckpt_0000150.pt"):
+        proc = run_cli(["eval", str(trained_run / name), "--data-dir", str(tiny_data), "--device", "cpu"])
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result["test_error"] == pytest.approx(summary["test_error"], abs=1e-9)
+
+
+@pytest.mark.timeout(300)
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tiny_data):
+    """A run killed (SIGKILL) after iteration 25 and started again resumes from the checkpoint
+    at 20 and ends with exactly the weights of an uninterrupted run."""
+    args = ["train", *TINY, "--iters", "40", "--data-dir", str(tiny_data), "--set", "train.eval_every=20",
+            "--set", "train.checkpoint_every=10", "--set", "train.keep_checkpoints=2"]
+    ref = tmp_path / "ref"
+    run_cli([*args, "--out", str(ref)])
+    cut = tmp_path / "cut"
+    killed = run_cli([*args, "--out", str(cut)], check=False, RESNETDIST_TEST_KILL_AT="25")
+    assert killed.returncode == -9
+    assert sorted(p.name for p in cut.glob("ckpt_*.pt")) == ["ckpt_0000010.pt", "ckpt_0000020.pt"]
+    resumed = run_cli([*args, "--out", str(cut)])
+    assert "resuming from" in resumed.stdout and "iteration 20" in resumed.stdout
+    assert_bitwise_equal(final_weights(ref), final_weights(cut))
+    assert read_jsonl(ref / "metrics.jsonl") == [
+        {**r, "images_per_second": ref_r["images_per_second"], "train_seconds": ref_r["train_seconds"]}
+        for r, ref_r in zip(read_jsonl(cut / "metrics.jsonl"), read_jsonl(ref / "metrics.jsonl"))
+    ]
+
+
+@pytest.mark.timeout(300)
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_data):
+    args = ["train", *TINY, "--iters", "30", "--data-dir", str(tiny_data), "--set", "train.eval_every=30",
+            "--set", "train.checkpoint_every=10"]
+    ref = tmp_path / "ref"
+    run_cli([*args, "--out", str(ref)])
+    cut = tmp_path / "cut"
+    run_cli([*args, "--out", str(cut)], check=False, RESNETDIST_TEST_KILL_AT="25")
+    newest = cut / "ckpt_0000020.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a torn write
+    found = checkpoint.load_latest(cut, warn=lambda *_: None)
+    assert found[0].name == "ckpt_0000010.pt"
+    resumed = run_cli([*args, "--out", str(cut)])
+    assert "ckpt_0000020.pt is unreadable" in resumed.stdout
+    assert "iteration 10" in resumed.stdout
+    assert_bitwise_equal(final_weights(ref), final_weights(cut))
+
+
+@pytest.mark.timeout(120)
+def test_resume_with_a_different_experiment_is_refused(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    args = ["train", *TINY, "--iters", "10", "--data-dir", str(tiny_data), "--out", str(out)]
+    run_cli(args)
+    before = (out / "config.toml").read_text()
+    proc = run_cli([*args, "--set", "optim.lr=0.2"], check=False)
+    assert proc.returncode == 2 and "optim.lr: 0.1 -> 0.2" in proc.stderr
+    assert (out / "config.toml").read_text() == before
+
+
+@pytest.mark.timeout(120)
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    proc = run_cli(["train", *TINY, "--iters", "40", "--data-dir", str(tiny_data), "--out", str(out),
+                    "--set", "optim.lr=1e30", "--set", "train.checkpoint_every=10", "--set", "log.log_every=5"],
+                   check=False)
+    assert proc.returncode == 3, proc.stderr
+    assert "NaN or inf at iteration" in proc.stderr
+    for ckpt in out.glob("ckpt_*.pt"):
+        state = checkpoint.load(ckpt)
+        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert not (out / "summary.json").exists()
