@@ -169,5 +169,62 @@ def prepare(
     typer.echo(f"{'wrote' if rebuilt else 'up to date, nothing to do:'} {train_path} {test_path}")
 
 
+bench_app = typer.Typer(help="Speed: the training step against a plain PyTorch loop, and the loaders.")
+app.add_typer(bench_app, name="bench")
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+@bench_app.callback(invoke_without_command=True)
+def bench(
+    ctx: typer.Context,
+    n: int = typer.Option(3, "--n", "-n", help="blocks per stage (3 = ResNet-20)"),
+    iters: int = typer.Option(500, help="timed iterations per setting"),
+    warmup: int = typer.Option(30, help="untimed iterations first (compile and graph capture happen here)"),
+    device: str = typer.Option("auto"),
+    loaders: str = typer.Option("gpu,ffcv", help="comma-separated: gpu, ffcv"),
+    modes: str = typer.Option("eager,compile,graph", help="comma-separated: eager, compile, graph"),
+    precisions: str = typer.Option("fp32,bf16,fp16", help="comma-separated: fp32, bf16, fp16"),
+    data_dir: Optional[Path] = typer.Option(None, help="CIFAR-10 folder (default: synthetic data of the same size)"),
+    workers: int = typer.Option(min(8, os.cpu_count() or 1), help="DataLoader workers for the baseline"),
+    out: Path = typer.Option(Path("bench/step.json"), help="where to write the results (JSON)"),
+) -> None:
+    """Time one training step: the baseline and each loader x mode x precision."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .bench import format_table, run_step_bench, write_report
+
+    try:
+        report = run_step_bench(n, iters, warmup, device, _split(loaders), _split(modes), _split(precisions),
+                                data_dir, workers)
+    except (DataError, RuntimeError, ValueError) as e:
+        fail(str(e))
+    write_report(report, out)
+    typer.echo(format_table(report))
+    typer.echo(f"\nwrote {out}")
+
+
+@bench_app.command("loader")
+def bench_loader(
+    iters: int = typer.Option(200),
+    warmup: int = typer.Option(20),
+    device: str = typer.Option("auto"),
+    loaders: str = typer.Option("gpu,ffcv", help="comma-separated: gpu, ffcv"),
+    data_dir: Optional[Path] = typer.Option(None, help="CIFAR-10 folder (default: synthetic data of the same size)"),
+    out: Path = typer.Option(Path("bench/loader.json")),
+) -> None:
+    """Images/s each loader delivers, augmented, on the device."""
+    from .bench import format_table, run_loader_bench, write_report
+
+    try:
+        report = run_loader_bench(iters, warmup, device, _split(loaders), data_dir)
+    except (DataError, RuntimeError, ValueError) as e:
+        fail(str(e))
+    write_report(report, out)
+    typer.echo(format_table(report))
+    typer.echo(f"\nwrote {out}")
+
+
 def main() -> None:
     app()

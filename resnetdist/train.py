@@ -210,7 +210,7 @@ class Trainer:
     def _autocast(self):
         return autocast(self.precision, self.device)
 
-    def _build_step(self) -> Callable:
+    def build_step(self) -> Callable:
         train_model: nn.Module = self.model
         if self.ctx.distributed:
             train_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -371,7 +371,7 @@ class Trainer:
 
     def _loop(self, total: int) -> dict[str, Any]:
         cfg, ctx = self.cfg, self.ctx
-        self.step_fn = self._build_step()
+        self.step_fn = self.build_step()
         self.model.train()
         kill_at = _test_kill_iteration()
         it = self.start_iter
