@@ -215,11 +215,15 @@ class Trainer:
         if self.ctx.distributed:
             train_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if self.cfg.train.compile != "none":
-            train_model = torch.compile(train_model, mode=None if self.cfg.train.compile == "default" else "max-autotune-no-cudagraphs")
+            mode = None if self.cfg.train.compile == "default" else "max-autotune"
+            if mode and self.cfg.train.cuda_graph:
+                mode = "max-autotune-no-cudagraphs"  # our own graph captures the whole step
+            train_model = torch.compile(train_model, mode=mode)
         self.train_model = train_model
 
         def step(images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
-            self.lr.copy_(self.lrs[self.it.clamp(max=len(self.lrs) - 1)])
+            # index_select, not lrs[it]: a 0-d index tensor would be read back to the host
+            self.lr.copy_(self.lrs.index_select(0, self.it.clamp(max=len(self.lrs) - 1).view(1)).squeeze(0))
             x = augment(images_u8, self.mean, aug).contiguous(memory_format=self.memory_format)
             with self._autocast():
                 logits = train_model(x)
@@ -311,6 +315,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "iteration": it,
             "config": self.cfg.to_dict(),
+            "mean": self.mean.cpu(),  # the preprocessing mean image, for export / inference
             "rng_cpu": torch.get_rng_state(),
             "train_window": torch.from_numpy(self.window.copy()),
             "train_seconds": self.train_seconds,
@@ -452,7 +457,8 @@ class Trainer:
         }
         if self.ctx.is_main:
             checkpoint.atomic_save(
-                {"model": self.model.state_dict(), "config": self.cfg.to_dict(), "iteration": total},
+                {"model": self.model.state_dict(), "config": self.cfg.to_dict(), "iteration": total,
+                 "mean": self.mean.cpu()},
                 self.run_dir / "model.pt",
             )
             write_json_atomic(self.run_dir / "summary.json", summary)
