@@ -226,5 +226,70 @@ def bench_loader(
     typer.echo(f"\nwrote {out}")
 
 
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="run folders, or folders holding runs (searched one level down)"),
+    out: Optional[Path] = typer.Option(None, help="where to write report.md, figure6.png, curves/ (default: the first RUN_DIR)"),
+    title: str = typer.Option("", help="heading of report.md and the figure (say which data the runs used)"),
+) -> None:
+    """Error table vs the paper's Table 6, Figure 6-style curves, one curve figure per run."""
+    from .report import ReportError, write_report
+
+    try:
+        written = write_report(run_dirs, out, title)
+    except ReportError as e:
+        fail(str(e))
+    for note in written["skipped"]:
+        typer.echo(f"skipped: {note}", err=True)
+    typer.echo(f"wrote {written['report']}, {written['figure']} and {len(written['curves'])} curve figure(s) "
+               f"from {written['runs']} run(s)")
+
+
+@app.command("export")
+def export_(
+    checkpoint: Path = typer.Argument(..., help="model.pt or ckpt_*.pt from a run folder"),
+    format: str = typer.Option(..., "--format", "-f", help="safetensors | onnx"),
+    out: Optional[Path] = typer.Option(None, help="output file (default: the checkpoint with .safetensors / .onnx)"),
+    data_dir: Optional[Path] = typer.Option(None, help="only for old checkpoints without a stored mean image"),
+) -> None:
+    """Weights for use without this package: safetensors or ONNX (checked with onnxruntime), plus <name>.mean.npy."""
+    from .export import ExportError, export
+
+    if not checkpoint.exists():
+        fail(f"{checkpoint}: no such checkpoint")
+    try:
+        result = export(checkpoint, format, out, data_dir)
+    except (ExportError, ConfigError) as e:
+        fail(str(e))
+    typer.echo(json.dumps(result))
+
+
+@app.command()
+def reproduce(
+    depths: str = typer.Option("20,32,44,56", help="comma-separated depths, each 6n+2"),
+    plain: bool = typer.Option(True, "--plain/--no-plain", help="also train the plain nets"),
+    seeds: int = typer.Option(1, help="seeds 0..K-1 of every net"),
+    gpus: Optional[str] = typer.Option(None, help="GPU ids, e.g. 0,1,2,3: one run per GPU at a time (default: all visible)"),
+    out: Path = typer.Option(Path("runs"), help="one folder per run inside, and the report"),
+    iters: Optional[int] = typer.Option(None, help="iterations per run (default: the paper's 64k); milestones scale"),
+    data_dir: Optional[Path] = typer.Option(None, help="folder holding cifar-10-batches-bin/ or the tarball"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="base TOML for every run"),
+    overrides: list[str] = typer.Option([], "--set", help="section.key=value for every run, repeatable"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+) -> None:
+    """Train the whole suite (depths x ResNet/plain x seeds), resumable, then write the report."""
+    from .reproduce import parse_ints, reproduce as run_suite
+
+    try:
+        outcomes, _ = run_suite(parse_ints(depths, "--depths"), plain, seeds, out, gpus, iters, overrides,
+                                config, data_dir, device, echo=typer.echo)
+    except ConfigError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; run the same command again to resume", code=130)
+    if any(o.status == "failed" for o in outcomes):
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()

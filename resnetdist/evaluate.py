@@ -29,7 +29,12 @@ def evaluate_checkpoint(path: Path, data_dir: Path | None, device: str = "auto")
     model = build_model(cfg.model).to(dev)
     model.load_state_dict(state["model"])
     data = load_data(cfg)
-    mean = mean_image(data.train.images) if cfg.data.mean == "pixel" else channel_mean_image(cfg.data.channel_mean)
+    if "mean" in state:  # the exact mean image the run trained with
+        mean = state["mean"]
+    elif cfg.data.mean == "pixel":
+        mean = mean_image(data.train.images)
+    else:
+        mean = channel_mean_image(cfg.data.channel_mean)
     loaders = {"test": ResidentEvalLoader(data.test, cfg.data.eval_batch, 0, 1, dev)}
     if data.val is not None:
         loaders["val"] = ResidentEvalLoader(data.val, cfg.data.eval_batch, 0, 1, dev)

@@ -28,13 +28,16 @@ class LogConfig:
     wandb_entity: str = ""  # "" = $WANDB_ENTITY or your default entity
     wandb_group: str = ""  # "" = the model name, so seeds of one net group together
     wandb_tags: list[str] = field(default_factory=list)
-    wandb_init_timeout_s: int = 60
+    wandb_init_timeout_s: int = 60  # online init gives up after this, and the run goes on offline
+    wandb_finish_timeout_s: int = 300  # upload wait at the end; the rest stays on disk for `wandb sync`
 
     def validate(self) -> None:
         if self.wandb_mode not in WANDB_MODES:
             raise ValueError(f"log.wandb_mode must be one of {WANDB_MODES}, got {self.wandb_mode!r}")
         if self.log_every < 1:
             raise ValueError(f"log.log_every must be >= 1, got {self.log_every}")
+        if self.wandb_init_timeout_s < 1 or self.wandb_finish_timeout_s < 1:
+            raise ValueError("log.wandb_init_timeout_s and log.wandb_finish_timeout_s must be >= 1")
 
 
 class NullLogger:
@@ -48,7 +51,7 @@ class NullLogger:
     def summary(self, values: dict[str, Any]) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         pass
 
 
@@ -104,45 +107,131 @@ class TensorBoardSink:
         self.writer.close()
 
 
+def _wandb_host() -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+
+
 def wandb_logged_in() -> bool:
+    """An API key in the environment, or `wandb login` having stored one in ~/.netrc for the
+    server in use. Decided locally: nothing is sent over the network."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    try:
+        return netrc.is_file() and _wandb_host() in netrc.read_text(errors="ignore")
+    except OSError:
+        return False
+
+
+def wandb_env_mode() -> str | None:
+    """The mode asked for by WANDB_MODE / WANDB_DISABLED, normalised; None when unset."""
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
+        return "disabled"
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    return {"dryrun": "offline", "run": "online"}.get(mode, mode) if mode else None
 
 
 def resolve_wandb_mode(mode: str) -> str:
-    if mode == "auto":
-        mode = "online" if wandb_logged_in() else "offline"
-        if mode == "offline":
-            print("W&B: not logged in, logging offline; upload later with `wandb sync <run dir>/wandb/offline-run-*`",
-                  file=sys.stderr)
-    return mode
+    """auto -> $WANDB_MODE when set, else online when logged in, else offline. An explicit
+    log.wandb_mode (online/offline/disabled) wins over the environment."""
+    if mode != "auto":
+        return mode
+    env = wandb_env_mode()
+    if env in ("online", "offline", "disabled", "shared"):
+        return "online" if env == "shared" else env
+    return "online" if wandb_logged_in() else "offline"
+
+
+def _env_tags() -> list[str]:
+    return [t.strip() for t in os.environ.get("WANDB_TAGS", "").split(",") if t.strip()]
+
+
+def _warn(message: str) -> None:
+    print(f"W&B: {message}", file=sys.stderr, flush=True)
+
+
+def _wandb_settings(wandb, **kwargs):
+    """wandb.Settings, plus a short flush interval of the run's .wandb file where the installed
+    wandb has it (default 15 s): a run killed mid-way then loses at most ~2 s of what it sent
+    to W&B, and its resumed attempt re-logs everything from the checkpoint on."""
+    try:
+        return wandb.Settings(x_transaction_log_flush_interval=2.0, **kwargs)
+    except Exception:  # noqa: BLE001 - an older or newer wandb without that setting
+        return wandb.Settings(**kwargs)
+
+
+def _quiet_wandb_telemetry() -> None:
+    """Offline means nothing leaves the machine: turn off wandb's own error-report telemetry,
+    which otherwise tries the (unreachable) server at exit and can hold the process ~10-20 s.
+    An explicit WANDB_ERROR_REPORTING is respected."""
+    os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+    if os.environ["WANDB_ERROR_REPORTING"].lower() in ("false", "0", "no"):
+        try:  # wandb >= 0.2x keeps it behind a private switch; nothing to do where it is absent
+            from wandb.analytics.opentelemetry import opentelemetry_proxy
+
+            opentelemetry_proxy.disable()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 class WandbSink:
+    """One W&B run per training run, its id kept in the checkpoints so that a resumed run
+    (same process or a later one) continues the same W&B run. Every chart's x-axis is `iter`.
+
+    Names: run = <model>-s<seed> (log.name), group = <model> (seeds of one net together),
+    tags = model, plain|resnet, depth<d>, seed<s> plus log.wandb_tags and $WANDB_TAGS.
+    project / entity / group come from the config, else $WANDB_PROJECT / $WANDB_ENTITY /
+    $WANDB_RUN_GROUP, else the defaults above.
+
+    Online init is bounded by log.wandb_init_timeout_s; when it fails (server unreachable,
+    bad key) the run carries on offline under the same id, with a warning. finish() is
+    bounded by log.wandb_finish_timeout_s; what did not upload stays on disk for `wandb sync`.
+    """
+
     def __init__(self, cfg: LogConfig, run_dir: Path, run_config: dict[str, Any], name: str,
-                 group: str, tags: list[str], run_id: str | None):
+                 group: str, tags: list[str], run_id: str | None, mode: str | None = None):
         import wandb
 
         self.wandb = wandb
         self.id = run_id or uuid.uuid4().hex[:12]
-        mode = resolve_wandb_mode(cfg.wandb_mode)
+        requested = cfg.wandb_mode
+        self.mode = mode or resolve_wandb_mode(requested)
         kwargs = dict(
             project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "resnetdist",
-            entity=cfg.wandb_entity or None, group=cfg.wandb_group or group,
-            tags=sorted(set(tags) | set(cfg.wandb_tags)), name=name, id=self.id, resume="allow",
+            entity=cfg.wandb_entity or os.environ.get("WANDB_ENTITY") or None,
+            group=cfg.wandb_group or os.environ.get("WANDB_RUN_GROUP") or group,
+            tags=sorted(set(tags) | set(cfg.wandb_tags) | set(_env_tags())),
+            name=name, id=self.id, resume="allow", job_type="train",
             config=run_config, dir=str(run_dir), reinit="finish_previous",
         )
-        settings = wandb.Settings(init_timeout=cfg.wandb_init_timeout_s, silent=True, console="off")
+        settings = _wandb_settings(wandb, init_timeout=float(cfg.wandb_init_timeout_s),
+                                   finish_timeout=float(cfg.wandb_finish_timeout_s), silent=True, console="off")
+        if self.mode == "offline":
+            _quiet_wandb_telemetry()
         try:
-            self.run = wandb.init(mode=mode, settings=settings, **kwargs)
+            self.run = wandb.init(mode=self.mode, settings=settings, **kwargs)
         except Exception as e:
-            if mode != "online":
+            if self.mode != "online":
                 raise
-            # an unreachable server must not stop (or hang) training
-            print(f"W&B: online init failed ({type(e).__name__}: {e}); continuing offline", file=sys.stderr)
+            # An unreachable server or a rejected key must not stop training. The failed run
+            # still holds its id in wandb's service process: shut that down first, then log
+            # offline under the same id (so `wandb sync` later fills the same run).
+            _warn(f"online init failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                  f"continuing offline")
+            try:
+                wandb.teardown()
+            except Exception:  # noqa: BLE001 - best effort; the offline init below reports real trouble
+                pass
+            _quiet_wandb_telemetry()
+            self.mode = "offline"
             self.run = wandb.init(mode="offline", settings=settings, **kwargs)
+        if self.mode == "offline":
+            why = "not logged in, " if requested == "auto" and not wandb_logged_in() else ""
+            _warn(f"{why}logging offline to {run_dir / 'wandb'}; upload later with "
+                  f"`wandb sync {run_dir / 'wandb'}/offline-run-*`")
+        self.broken = False
         self.run.define_metric("iter")
         self.run.define_metric("*", step_metric="iter")
 
@@ -150,22 +239,35 @@ class WandbSink:
         values = _clean(record)
         if kind == "train":
             values = {("iter" if k == "iter" else f"train/{k}"): v for k, v in values.items()}
-        self.run.log(values)
+        self._call(self.run.log, values)
 
     def summary(self, values: dict[str, Any]) -> None:
-        self.run.summary.update(_clean(values))
+        self._call(self.run.summary.update, _clean(values))
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, exit_code: int = 0) -> None:
+        # a non-zero exit code marks the W&B run as failed rather than finished
+        self._call(self.run.finish, exit_code)
+
+    def _call(self, fn, *args) -> None:
+        """A W&B failure mid-run (its service gone, say) costs the W&B record, not the run:
+        warn once and stop sending; metrics.jsonl and TensorBoard carry on."""
+        if self.broken:
+            return
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001
+            self.broken = True
+            _warn(f"logging failed ({type(e).__name__}: {e}); no more W&B logging for this run")
 
 
 class MetricLogger:
     """Fans records out to the sinks of rank 0."""
 
-    def __init__(self, sinks: list, wandb_sink: WandbSink | None):
+    def __init__(self, sinks: list, wandb_sink: WandbSink | None, wandb_id: str | None = None):
         self.sinks = sinks
         self.wandb = wandb_sink
-        self.wandb_id = wandb_sink.id if wandb_sink else None
+        # with W&B off for this attempt, keep the id a checkpoint carried for the next one
+        self.wandb_id = wandb_sink.id if wandb_sink else wandb_id
 
     def log(self, record: dict[str, Any], kind: str = "eval") -> None:
         for sink in self.sinks:
@@ -175,9 +277,12 @@ class MetricLogger:
         if self.wandb:
             self.wandb.summary(values)
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         for sink in self.sinks:
-            sink.close()
+            if sink is self.wandb:
+                sink.close(exit_code)
+            else:
+                sink.close()
 
 
 def open_logger(cfg: LogConfig, run_dir: Path, run_config: dict[str, Any], name: str, group: str,
@@ -186,13 +291,13 @@ def open_logger(cfg: LogConfig, run_dir: Path, run_config: dict[str, Any], name:
     if cfg.tensorboard:
         sinks.append(TensorBoardSink(run_dir / "tb", resume_iter))
     wandb_sink = None
-    if cfg.wandb_mode != "disabled":
+    mode = resolve_wandb_mode(cfg.wandb_mode)
+    if mode != "disabled":
         try:
             import wandb  # noqa: F401
         except ImportError:
-            print("W&B: wandb is not installed (pip install 'resnetdist[wandb]'); not logging to W&B",
-                  file=sys.stderr)
+            _warn("wandb is not installed (pip install 'resnetdist[wandb]'); not logging to W&B")
         else:
-            wandb_sink = WandbSink(cfg, run_dir, run_config, name, group, tags, wandb_id)
+            wandb_sink = WandbSink(cfg, run_dir, run_config, name, group, tags, wandb_id, mode)
             sinks.append(wandb_sink)
-    return MetricLogger(sinks, wandb_sink)
+    return MetricLogger(sinks, wandb_sink, wandb_id)

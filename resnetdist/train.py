@@ -370,9 +370,12 @@ class Trainer:
             )
             self.wandb_id = self.logger.wandb_id
         try:
-            return self._loop(total)
-        finally:
-            self.logger.close()
+            summary = self._loop(total)
+        except BaseException:
+            self.logger.close(exit_code=1)
+            raise
+        self.logger.close()
+        return summary
 
     def _loop(self, total: int) -> dict[str, Any]:
         cfg, ctx = self.cfg, self.ctx

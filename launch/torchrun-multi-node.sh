@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Data-parallel training across machines: run this script once on EVERY node, with the same
+# RDZV_ENDPOINT and RDZV_ID. torchrun's c10d rendezvous (hosted by the node whose address is
+# RDZV_ENDPOINT) gathers the nodes, assigns ranks, and with MAX_RESTARTS > 0 restarts the
+# whole group from the last checkpoint when a worker or node fails.
+#
+# Usage: launch/torchrun-multi-node.sh [resnetdist train ARGS...]
+#   # on node0 (10.1.2.3) and node1, same command:
+#   NNODES=2 NPROC=4 RDZV_ENDPOINT=10.1.2.3:29500 RDZV_ID=r56-s0 \
+#       launch/torchrun-multi-node.sh --n 9 --out /shared/runs/resnet56
+# The run directory (--out) must be on storage every node sees only if you want resume after
+# a restart on other nodes; rank 0 alone writes it.
+#
+# Variables:
+#   NNODES         required: number of nodes, or MIN:MAX for an elastic range (e.g. 2:4)
+#   RDZV_ENDPOINT  required: HOST:PORT of the rendezvous; HOST is one of the nodes (the first
+#                  to start hosts the c10d store there), PORT free on it (e.g. 29500)
+#   RDZV_ID        job id, the same on all nodes, unique per job (default resnetdist)
+#   NPROC          processes (GPUs) per node (default: GPUs nvidia-smi lists, else 1)
+#   MAX_RESTARTS   torchrun --max-restarts (default 3)
+#   RDZV_CONF      extra --rdzv-conf, e.g. join_timeout=900 (default: none)
+#   PYTHON         python with resnetdist installed (default python3)
+#   NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME  network interface for NCCL / gloo, if the
+#                  default route's one is wrong (exported as given)
+#   DRY_RUN        1: print the command instead of running it
+set -euo pipefail
+
+PYTHON="${PYTHON:-python3}"
+RDZV_ID="${RDZV_ID:-resnetdist}"
+MAX_RESTARTS="${MAX_RESTARTS:-3}"
+RDZV_CONF="${RDZV_CONF:-}"
+DRY_RUN="${DRY_RUN:-0}"
+
+if [[ -z "${NNODES:-}" || -z "${RDZV_ENDPOINT:-}" ]]; then
+    echo "set NNODES and RDZV_ENDPOINT (HOST:PORT), e.g." >&2
+    echo "  NNODES=2 RDZV_ENDPOINT=node0:29500 $0 --n 9" >&2
+    exit 2
+fi
+if [[ -z "${NPROC:-}" ]]; then
+    NPROC=0
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        NPROC="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
+    fi
+    if [[ "$NPROC" -lt 1 ]]; then NPROC=1; fi
+fi
+
+# torchrun restarts hang with gloo unless each attempt gets its own TCP store
+# (pytorch/pytorch#135712)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+
+cmd=("$PYTHON" -m torch.distributed.run
+    --nnodes="$NNODES" --nproc_per_node="$NPROC"
+    --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$RDZV_ID"
+    --max-restarts="$MAX_RESTARTS")
+if [[ -n "$RDZV_CONF" ]]; then cmd+=(--rdzv-conf="$RDZV_CONF"); fi
+cmd+=(-m resnetdist -- train "$@")
+
+if [[ "$DRY_RUN" == 1 ]]; then
+    printf '%q ' "${cmd[@]}"
+    printf '\n'
+    exit 0
+fi
+exec "${cmd[@]}"

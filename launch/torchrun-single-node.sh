@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Data-parallel training on the GPUs of this machine: one process per GPU, torchrun --standalone
+# (rendezvous on a free local port, so several jobs can share the machine).
+#
+# Usage: launch/torchrun-single-node.sh [resnetdist train ARGS...]
+#   launch/torchrun-single-node.sh --n 7 --plain --out runs/plain44
+#   NPROC=2 launch/torchrun-single-node.sh --config configs/resnet110.toml
+# Same as `resnetdist train --nproc-per-node N ARGS`.
+#
+# Variables (all optional):
+#   NPROC          processes (GPUs) on this node (default: GPUs that nvidia-smi lists, else 1;
+#                  on CPU add `--device cpu` to ARGS: ranks then use gloo)
+#   MAX_RESTARTS   torchrun --max-restarts: elastic restarts of the whole group after a worker
+#                  dies; training resumes from the last checkpoint (default 0)
+#   PYTHON         python that has resnetdist installed (default python3); torchrun is run
+#                  as `$PYTHON -m torch.distributed.run`
+#   OMP_NUM_THREADS  CPU threads per process (torchrun's default: 1)
+#   DRY_RUN        1: print the command instead of running it
+set -euo pipefail
+
+PYTHON="${PYTHON:-python3}"
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
+DRY_RUN="${DRY_RUN:-0}"
+
+if [[ -z "${NPROC:-}" ]]; then
+    NPROC=0
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        NPROC="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
+    fi
+    if [[ "$NPROC" -lt 1 ]]; then NPROC=1; fi
+fi
+
+# torchrun restarts hang with gloo unless each attempt gets its own TCP store
+# (pytorch/pytorch#135712)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+
+cmd=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC"
+    --max-restarts="$MAX_RESTARTS" -m resnetdist -- train "$@")
+if [[ "$DRY_RUN" == 1 ]]; then
+    printf '%q ' "${cmd[@]}"
+    printf '\n'
+    exit 0
+fi
+exec "${cmd[@]}"

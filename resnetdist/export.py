@@ -1,0 +1,196 @@
+"""`resnetdist export CHECKPOINT --format safetensors|onnx`: trained weights in a form that
+others load without this package.
+
+Both formats take a model.pt or a ckpt_*.pt from a run directory and write, beside the
+output file, `<stem>.mean.npy`: the float32 (3, 32, 32) mean image in [0, 1] units that the
+network was trained with. Preprocessing, for either format:
+
+    x = uint8 image (N, 3, 32, 32), RGB planes  ->  x.astype(float32) / 255 - mean
+
+- safetensors: the model's state dict exactly as `CifarResNet.state_dict()` names it, and
+  metadata (all strings): `config` (the run's resolved config as JSON), `model` (e.g.
+  resnet20), `depth`, `plain`, `iteration`, `preprocess` (the formula above) and `mean_file`.
+  `safetensors.torch.load_file` gives the tensors; the metadata is read with
+  `safetensors.safe_open(path, "pt").metadata()`.
+- onnx: the eval-mode network (BatchNorm with its running statistics), one input `input`
+  float32 (batch, 3, 32, 32), already mean-subtracted, with a dynamic batch dimension, and
+  one output `logits` (batch, 10). Normalisation is NOT inside the graph: the mean image
+  travels beside it as .npy (and the same metadata as above sits in the model's
+  metadata_props). The file is checked before this returns: onnxruntime runs it on random
+  inputs of two batch sizes and its logits must match PyTorch's to within 1e-4, else
+  ExportError is raised and the file removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .config import RunConfig, from_dict
+from .models import CifarResNet, build_model
+
+FORMATS = ("safetensors", "onnx")
+ONNX_TOLERANCE = 1e-4
+PREPROCESS = "x = uint8 RGB image (N,3,32,32); input = x / 255 - mean  (mean: float32 (3,32,32) in [0,1] units)"
+
+
+class ExportError(RuntimeError):
+    """Export failed or the exported file does not reproduce the PyTorch model."""
+
+
+def load_for_export(path: Path, data_dir: Path | None = None) -> tuple[CifarResNet, RunConfig, torch.Tensor, dict[str, Any]]:
+    """(eval-mode model on the CPU, its config, its mean image, the checkpoint dict)."""
+    try:
+        state = checkpoint.load(Path(path))
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets one clear message
+        raise ExportError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ExportError(f"{path}: not a resnetdist checkpoint (needs 'model' and 'config')")
+    cfg = from_dict(state["config"], f"{path} (config)")
+    model = build_model(cfg.model)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, cfg, mean_of(state, cfg, path, data_dir), state
+
+
+def mean_of(state: dict[str, Any], cfg: RunConfig, path: Path, data_dir: Path | None) -> torch.Tensor:
+    """The mean image the run trained with: stored in the checkpoint by newer runs; else the
+    channel preset, else recomputed from the training data (which must then be reachable)."""
+    from .data.augment import channel_mean_image, mean_image
+
+    if "mean" in state:
+        return state["mean"].float().cpu()
+    if cfg.data.mean == "channel":
+        return channel_mean_image(cfg.data.channel_mean)
+    from .data.cifar import DataError, load_cifar10
+
+    folder = data_dir or (Path(cfg.data.dir) if cfg.data.dir else None)
+    try:
+        data = load_cifar10(folder, cfg.data.val_split)
+    except DataError as e:
+        raise ExportError(
+            f"{path} holds no mean image (an older checkpoint) and the training data to recompute it "
+            f"is not available ({e}); pass --data-dir"
+        ) from None
+    return mean_image(data.train.images)
+
+
+def metadata(cfg: RunConfig, state: dict[str, Any], mean_file: Path) -> dict[str, str]:
+    return {
+        "format": "resnetdist",
+        "model": cfg.model.name,
+        "depth": str(cfg.model.depth),
+        "plain": str(cfg.model.plain).lower(),
+        "shortcut": cfg.model.shortcut,
+        "num_classes": str(cfg.model.num_classes),
+        "iteration": str(state.get("iteration", cfg.optim.iters)),
+        "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "preprocess": PREPROCESS,
+        "mean_file": mean_file.name,
+    }
+
+
+def mean_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}.mean.npy")
+
+
+def default_out(path: Path, fmt: str) -> Path:
+    """run/model.pt -> run/model.safetensors; run/ckpt_0001000.pt -> run/ckpt_0001000.onnx"""
+    return Path(path).with_suffix(f".{fmt}")
+
+
+def export(path: Path, fmt: str, out: Path | None = None, data_dir: Path | None = None) -> dict[str, Any]:
+    if fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    model, cfg, mean, state = load_for_export(path, data_dir)
+    out = Path(out) if out else default_out(path, fmt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    mfile = mean_path(out)
+    meta = metadata(cfg, state, mfile)
+    if fmt == "safetensors":
+        export_safetensors(model, meta, out)
+        result: dict[str, Any] = {}
+    else:
+        result = {"max_abs_diff": export_onnx(model, meta, out)}
+    np.save(mfile, mean.numpy().astype(np.float32))
+    return {"format": fmt, "out": str(out), "mean": str(mfile), "model": cfg.model.name, **result}
+
+
+def export_safetensors(model: CifarResNet, meta: dict[str, str], out: Path) -> None:
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ExportError("safetensors is not installed: pip install 'resnetdist[export]'") from None
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(tensors, str(out), metadata=meta)
+
+
+def export_onnx(model: CifarResNet, meta: dict[str, str], out: Path, batch: int = 4) -> float:
+    """Export, attach metadata, then check with onnxruntime. Returns the max abs difference."""
+    try:
+        import onnx
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise ExportError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'resnetdist[export]'") from None
+    example = torch.randn(batch, 3, 32, 32)
+    log = io.StringIO()
+    onnx_logger = logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms" etc.
+    try:
+        with contextlib.redirect_stdout(log), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
+            torch.onnx.export(
+                model, (example,), str(out), input_names=["input"], output_names=["logits"],
+                dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, external_data=False,
+            )
+    except Exception as e:
+        raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}\n{log.getvalue()}") from e
+    finally:
+        onnx_logger.setLevel(level)
+    proto = onnx.load(str(out))
+    proto.doc_string = f"{meta['model']} (He et al. 2015, CIFAR-10), exported by resnetdist. {PREPROCESS}"
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(out))
+    try:
+        return check_onnx(model, out)
+    except Exception:
+        out.unlink(missing_ok=True)
+        raise
+
+
+def check_onnx(model: CifarResNet, out: Path, batches: tuple[int, ...] = (1, 7)) -> float:
+    """Run the file in onnxruntime against PyTorch; raise ExportError past ONNX_TOLERANCE."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for b in batches:
+        x = torch.randn(b, 3, 32, 32, generator=gen)
+        with torch.no_grad():
+            want = model(x).numpy()
+        got = session.run(["logits"], {"input": x.numpy()})[0]
+        if got.shape != want.shape:
+            raise ExportError(f"{out}: onnxruntime gave shape {got.shape} for batch {b}, PyTorch {want.shape}")
+        worst = max(worst, float(np.abs(got - want).max()))
+    if not worst <= ONNX_TOLERANCE:
+        raise ExportError(
+            f"{out}: onnxruntime output differs from PyTorch by {worst:.3g} (> {ONNX_TOLERANCE}); export rejected"
+        )
+    return worst
+
+
+__all__ = ["ExportError", "FORMATS", "export", "check_onnx", "load_for_export"]

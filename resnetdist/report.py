@@ -1,0 +1,495 @@
+"""`resnetdist report RUN_DIR... [--out DIR]`: what a set of runs achieved, next to the paper.
+
+Input: run folders (each holds metrics.jsonl and, once finished, summary.json), or parent
+folders whose sub-folders are runs (searched one level down). Output, in --out:
+
+- report.md: final test error per net (mean +- std over seeds, number of runs, best run),
+  beside He et al. 2015 Table 6 and the seed repository's figures, and one row per run;
+- figure6.png: the paper's Figure 6 layout, plain nets left and ResNets right, training
+  error dashed, test error solid, one colour per depth, x = iterations, y = error (%);
+- curves/<run>.png: one figure per run (train/test error and the learning rate).
+
+A run without summary.json (still running, or stopped) is shown with its last evaluation and
+marked unfinished. Runs of the same net with different iteration counts are kept apart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PAPER_ITERS = 64_000
+
+# He et al. 2015, Table 6 (test error %, CIFAR-10), and the plain nets' values read off Fig. 6.
+PAPER_RESNET: dict[int, str] = {
+    20: "8.75", 32: "7.51", 44: "7.17", 56: "6.97", 110: "6.43 (best of 5; 6.61 ± 0.16 mean)", 1202: "7.93",
+}
+PAPER_PLAIN: dict[int, str] = {20: "~9 †", 56: "~13 †", 110: ">60 †"}
+# The seed repository this project grew from (batch 100, channel means), ResNet / plain.
+SEED_REPO_RESNET: dict[int, str] = {20: "8.74", 32: "8.30", 44: "7.16", 56: "7.41"}
+SEED_REPO_PLAIN: dict[int, str] = {20: "10.08", 32: "11.15", 44: "14.12", 56: "15.39"}
+
+# Figure 6 colours: one per depth, the same on both panels.
+DEPTH_COLOURS = {8: "#8c564b", 14: "#9467bd", 20: "#e6a700", 32: "#17a2d8", 44: "#2ca02c",
+                 56: "#d62728", 110: "#000000", 1202: "#7f7f7f"}
+EXTRA_COLOURS = ["#1f77b4", "#ff7f0e", "#bcbd22", "#e377c2", "#17becf", "#393b79", "#637939"]
+
+RUN_FILES = ("summary.json", "metrics.jsonl", "config.toml")
+
+
+class ReportError(RuntimeError):
+    """No runs, or a run folder without metrics; the message names the folder."""
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    model: str
+    depth: int
+    plain: bool
+    seed: int
+    iterations: int  # planned (finished: done)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.summary is not None
+
+    @property
+    def last_iter(self) -> int:
+        if self.summary:
+            return int(self.summary.get("iterations", self.iterations))
+        return int(self.records[-1]["iter"]) if self.records else 0
+
+    @property
+    def test_error(self) -> float | None:
+        if self.summary and self.summary.get("test_error") is not None:
+            return float(self.summary["test_error"])
+        return _last(self.records, "test_error")
+
+    @property
+    def train_error(self) -> float | None:
+        if self.summary and self.summary.get("train_error") is not None:
+            return float(self.summary["train_error"])
+        return _last(self.records, "train_error")
+
+    @property
+    def net(self) -> str:
+        return f"{'Plain' if self.plain else 'ResNet'}-{self.depth}"
+
+
+def _last(records: list[dict[str, Any]], key: str) -> float | None:
+    for r in reversed(records):
+        if r.get(key) is not None:
+            return float(r[key])
+    return None
+
+
+# ----- finding and reading runs ----------------------------------------------------------------
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / f).exists() for f in RUN_FILES)
+
+
+def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(run folders, folders given that hold no run). A path is a run folder itself, or a
+    parent whose immediate sub-folders are searched."""
+    runs: list[Path] = []
+    empty: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise ReportError(f"{p}: no such folder")
+        if is_run_dir(p):
+            runs.append(p)
+            continue
+        found = sorted(c for c in p.iterdir() if is_run_dir(c)) if p.is_dir() else []
+        if not found:
+            empty.append(p)
+        runs.extend(found)
+    seen, unique = set(), []
+    for r in runs:
+        if r.resolve() not in seen:
+            seen.add(r.resolve())
+            unique.append(r)
+    return unique, empty
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Evaluation records sorted by iteration; a torn last line is skipped; a record logged
+    twice for one iteration (a resumed run) keeps the later one."""
+    by_iter: dict[int, dict[str, Any]] = {}
+    if not path.exists():
+        return []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            by_iter[int(rec["iter"])] = rec
+        except (ValueError, KeyError, TypeError):
+            continue
+    return [by_iter[k] for k in sorted(by_iter)]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _config_info(path: Path) -> dict[str, Any]:
+    """model / seed / iterations from config.toml, for a run that has no summary yet."""
+    try:
+        from .config import read_toml
+
+        tree = read_toml(path / "config.toml")
+    except Exception:  # noqa: BLE001 - missing or unreadable: fall back to the folder name
+        return {}
+    model, train, optim, log = (tree.get(k, {}) for k in ("model", "train", "optim", "log"))
+    n = int(model.get("n", 3))
+    plain = bool(model.get("plain", False))
+    name = f"{'plain' if plain else 'resnet'}{6 * n + 2}"
+    seed = int(train.get("seed", 0))
+    return {"model": name, "depth": 6 * n + 2, "plain": plain, "seed": seed,
+            "iterations": int(optim.get("iters", PAPER_ITERS)), "name": log.get("name") or f"{name}-s{seed}"}
+
+
+def load_run(path: Path) -> Run:
+    path = Path(path)
+    records = read_metrics(path / "metrics.jsonl")
+    summary = _read_json(path / "summary.json")
+    if not records and (summary is None or summary.get("test_error") is None):
+        raise ReportError(f"{path}: no metrics to report (metrics.jsonl is missing or empty and there is "
+                          f"no summary.json): the run has not reached its first evaluation")
+    info = _config_info(path)
+    if summary:
+        info.update({k: summary[k] for k in ("name", "model", "depth", "plain", "seed", "iterations") if k in summary})
+    if "depth" not in info:
+        raise ReportError(f"{path}: cannot tell which net this is (no summary.json and no readable config.toml)")
+    return Run(path=path, name=str(info.get("name", path.name)), model=str(info["model"]), depth=int(info["depth"]),
+               plain=bool(info["plain"]), seed=int(info.get("seed", 0)), iterations=int(info["iterations"]),
+               records=records, summary=summary)
+
+
+def load_runs(paths: list[Path], skip_empty: bool = False) -> tuple[list[Run], list[str]]:
+    """All runs under the given paths, and notes on what was skipped. With skip_empty, a
+    sub-folder run that has no metrics yet is noted and skipped; a folder named on the command
+    line that holds no metrics is always an error."""
+    run_dirs, empty = find_runs(paths)
+    if empty:
+        raise ReportError(
+            f"{', '.join(map(str, empty))}: no runs here (a run folder holds metrics.jsonl or summary.json; "
+            f"parent folders are searched one level down)"
+        )
+    given = {Path(p).resolve() for p in paths}
+    runs, notes = [], []
+    for d in run_dirs:
+        try:
+            runs.append(load_run(d))
+        except ReportError as e:
+            if skip_empty and d.resolve() not in given:
+                notes.append(str(e))
+                continue
+            raise
+    if not runs:
+        raise ReportError("no run with metrics found in " + ", ".join(map(str, paths)))
+    return runs, notes
+
+
+# ----- the table ---------------------------------------------------------------------------------
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def group_runs(runs: list[Run]) -> dict[tuple[bool, int, int], list[Run]]:
+    groups: dict[tuple[bool, int, int], list[Run]] = defaultdict(list)
+    for r in runs:
+        groups[(r.plain, r.depth, r.iterations)].append(r)
+    # ResNets first (as in Table 6), then plain nets; each by depth
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])))
+
+
+def paper_value(plain: bool, depth: int) -> str:
+    return (PAPER_PLAIN if plain else PAPER_RESNET).get(depth, "–")
+
+
+def seed_repo_value(plain: bool, depth: int) -> str:
+    return (SEED_REPO_PLAIN if plain else SEED_REPO_RESNET).get(depth, "–")
+
+
+def markdown_table(runs: list[Run]) -> str:
+    head = ("| net | iterations | runs | test error % (mean ± std) | best | final train error % | "
+            "paper (Table 6) | seed repo |\n|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for (plain, depth, iters), group in group_runs(runs).items():
+        done = [r for r in group if r.finished and r.test_error is not None]
+        errs = [r.test_error for r in done]
+        if errs:
+            mean, std = mean_std(errs)
+            cell = f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+            best = f"{min(errs):.2f}"
+            train = [r.train_error for r in done if r.train_error is not None]
+            train_cell = _fmt(statistics.fmean(train)) if train else "–"
+        else:
+            cell, best, train_cell = "–", "–", "–"
+        unfinished = len(group) - len(done)
+        count = f"{len(done)}" + (f" (+{unfinished} unfinished)" if unfinished else "")
+        rows.append(f"| {group[0].net} | {iters:,} | {count} | {cell} | {best} | {train_cell} | "
+                    f"{paper_value(plain, depth)} | {seed_repo_value(plain, depth)} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def runs_table(runs: list[Run]) -> str:
+    head = ("| run | net | seed | iterations | test error % | train error % | train time (s) | images/s | "
+            "device | folder |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for r in sorted(runs, key=lambda r: (r.plain, r.depth, r.iterations, r.seed, r.name)):
+        s = r.summary or {}
+        last = r.records[-1] if r.records else {}
+        its = f"{r.last_iter:,}" + ("" if r.finished else f" of {r.iterations:,} (unfinished)")
+        secs = s.get("train_seconds", last.get("train_seconds"))
+        ips = s.get("images_per_second", last.get("images_per_second"))
+        rows.append(
+            f"| {r.name} | {r.net} | {r.seed} | {its} | {_fmt(r.test_error)} | {_fmt(r.train_error)} | "
+            f"{_fmt(secs, 0)} | {_fmt(ips, 0)} | {s.get('device', '–')} | `{r.path}` |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def reference_table() -> str:
+    """The published figures for every depth, whatever was run."""
+    depths = sorted(set(PAPER_RESNET) | set(PAPER_PLAIN) | set(SEED_REPO_RESNET))
+    head = "| net | " + " | ".join(str(d) for d in depths) + " |\n|---|" + "---|" * len(depths) + "\n"
+    rows = [
+        ("ResNet (paper, Table 6)", PAPER_RESNET), ("Plain (paper, Fig. 6, read off the plot) †", PAPER_PLAIN),
+        ("ResNet (seed repo)", SEED_REPO_RESNET), ("Plain (seed repo)", SEED_REPO_PLAIN),
+    ]
+    return head + "\n".join(
+        f"| {label} | " + " | ".join(values.get(d, "") for d in depths) + " |" for label, values in rows
+    ) + "\n"
+
+
+def markdown(runs: list[Run], figure: str | None, curves: dict[str, str], title: str, notes: list[str]) -> str:
+    iters = sorted({r.iterations for r in runs})
+    data = sorted({str(_config_data_dir(r.path)) for r in runs} - {"None"})
+    parts = [f"# {title}\n\n"]
+    parts.append(f"{len(runs)} run(s); iterations: {', '.join(f'{i:,}' for i in iters)}"
+                 + (f"; data: {', '.join(f'`{d}`' for d in data)}" if data else "")
+                 + ". Errors in %, single-view test error at the end of training.\n")
+    if any(i != PAPER_ITERS for i in iters):
+        parts.append(f"\n> Runs shorter or longer than the paper's {PAPER_ITERS:,} iterations are not comparable "
+                     f"with the paper's figures, which are shown for reference only.\n")
+    parts.append("\n## Final test error\n\n")
+    parts.append(markdown_table(runs))
+    parts.append(
+        "\nPaper: He et al. 2015, *Deep Residual Learning for Image Recognition*, Table 6 (CIFAR-10). "
+        "† Plain-net values are not in Table 6: they are read off the paper's Figure 6 (approximate). "
+        "Seed repo: the repository this project grew from (batch 100, channel means, not the paper's recipe). "
+        "mean ± std is over finished runs (seeds); std needs two or more; – : no published figure.\n"
+    )
+    parts.append("\n### Published figures (test error %, CIFAR-10)\n\n")
+    parts.append(reference_table())
+    if figure:
+        parts.append(f"\n## Error curves (Figure 6 layout)\n\n![training (dashed) and test (solid) error]({figure})\n\n"
+                     "Plain nets left, ResNets right; dashed: training error, solid: test error; one colour per "
+                     "depth; several seeds of one net are averaged (band: min to max).\n")
+    parts.append("\n## Runs\n\n")
+    parts.append(runs_table(runs))
+    if curves:
+        parts.append("\nPer-run curves: " + ", ".join(f"[{name}]({p})" for name, p in curves.items()) + "\n")
+    if notes:
+        parts.append("\n## Skipped\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    return "".join(parts)
+
+
+def _config_data_dir(path: Path) -> str | None:
+    try:
+        from .config import read_toml
+
+        return read_toml(path / "config.toml").get("data", {}).get("dir") or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# ----- figures -----------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def depth_colour(depth: int, depths: list[int]) -> str:
+    if depth in DEPTH_COLOURS:
+        return DEPTH_COLOURS[depth]
+    extra = [d for d in sorted(depths) if d not in DEPTH_COLOURS]
+    return EXTRA_COLOURS[extra.index(depth) % len(EXTRA_COLOURS)]
+
+
+def mean_curve(group: list[Run], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Iterations logged by every run of the group, with the mean, min and max of `key`."""
+    per_run = [{int(r["iter"]): float(r[key]) for r in run.records if r.get(key) is not None} for run in group]
+    per_run = [p for p in per_run if p]
+    if not per_run:
+        return [], [], [], []
+    common = sorted(set.intersection(*(set(p) for p in per_run)))
+    vals = [[p[i] for p in per_run] for i in common]
+    return common, [statistics.fmean(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
+
+
+def _y_top(curves: list[list[float]], xs: list[list[int]]) -> float:
+    """Like the paper's 0-20% axis when the curves allow it; otherwise up to what they reach
+    after the first 10% of training, so the early ~90% errors do not flatten everything."""
+    tail = []
+    for x, y in zip(xs, curves):
+        if x:
+            cut = x[0] + 0.1 * (x[-1] - x[0])
+            tail += [v for i, v in zip(x, y) if i >= cut] or y
+    if not tail:
+        return 20.0
+    return float(min(100.0, max(20.0, 1.08 * max(tail))))
+
+
+def _iteration_axis(ax, max_x: float) -> None:
+    """Plain integers for short runs, thousands ("32k") for long ones."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+    if max_x >= 5000:
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
+
+
+def figure6(runs: list[Run], out: Path, title: str = "") -> Path:
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+
+    depths = sorted({r.depth for r in runs})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    ys, xs = [], []
+    for ax, plain in zip(axes, (True, False)):
+        handles = []
+        nets = [r for r in runs if r.plain == plain]
+        for depth in sorted({r.depth for r in nets}):
+            group = [r for r in nets if r.depth == depth]
+            colour = depth_colour(depth, depths)
+            label = f"{'plain' if plain else 'ResNet'}-{depth}" + (f" ({len(group)} seeds)" if len(group) > 1 else "")
+            for key, style, width in (("train_error", "--", 1.2), ("test_error", "-", 2.0)):
+                it, mean, lo, hi = mean_curve(group, key)
+                if not it:
+                    continue
+                ax.plot(it, mean, style, color=colour, linewidth=width)
+                if len(group) > 1:
+                    ax.fill_between(it, lo, hi, color=colour, alpha=0.12, linewidth=0)
+                ys.append(mean)
+                xs.append(it)
+            handles.append(Line2D([], [], color=colour, linewidth=2, label=label))
+        ax.set_title("plain networks" if plain else "ResNets")
+        ax.set_xlabel("iterations")
+        ax.grid(True, alpha=0.3)
+        if not nets:
+            ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes, color="gray")
+        style = [Line2D([], [], color="k", linestyle="--", linewidth=1.2, label="train error"),
+                 Line2D([], [], color="k", linestyle="-", linewidth=2, label="test error")]
+        if handles:
+            ax.legend(handles=handles + style, loc="best", fontsize=8, framealpha=0.9)
+    axes[0].set_ylabel("error (%)")
+    axes[0].set_ylim(0, _y_top(ys, xs))
+    max_x = max((x[-1] for x in xs if x), default=1)
+    for ax in axes:
+        ax.set_xlim(0, max_x)
+        _iteration_axis(ax, max_x)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def run_figure(run: Run, out: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    it = [int(r["iter"]) for r in run.records]
+    colour = "#d62728" if run.plain else "#1f77b4"
+    for key, style, label in (("train_error", "--", "train error"), ("test_error", "-", "test error"),
+                              ("val_error", ":", "val error")):
+        pts = [(int(r["iter"]), float(r[key])) for r in run.records if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, color=colour if key != "val_error" else "#2ca02c", marker="o",
+                    markersize=3, linewidth=1.6, label=label)
+    ax.set_xlabel("iterations")
+    ax.set_ylabel("error (%)")
+    ax.grid(True, alpha=0.3)
+    lrs = [(int(r["iter"]), float(r["lr"])) for r in run.records if r.get("lr")]
+    if lrs:
+        ax2 = ax.twinx()
+        ax2.step(*zip(*lrs), where="post", color="gray", linewidth=1, alpha=0.7, label="lr")
+        ax2.set_yscale("log")
+        ax2.set_ylabel("learning rate", color="gray")
+    state = "" if run.finished else f", unfinished at {run.last_iter:,}"
+    err = f"test error {run.test_error:.2f}%" if run.test_error is not None else ""
+    ax.set_title(f"{run.name} ({run.net}, seed {run.seed}{state}) {err}", fontsize=10)
+    if it:
+        ax.set_xlim(0, max(it))
+        _iteration_axis(ax, max(it))
+    handles, labels = ax.get_legend_handles_labels()
+    if lrs:
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    (ax2 if lrs else ax).legend(handles, labels, loc="best", fontsize=8, framealpha=0.9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _file_names(runs: list[Run]) -> dict[int, str]:
+    names: dict[int, str] = {}
+    used: set[str] = set()
+    for i, r in enumerate(runs):
+        base = "".join(c if c.isalnum() or c in "-_." else "_" for c in (r.path.name or r.name))
+        name, k = base, 2
+        while name in used:
+            name, k = f"{base}-{k}", k + 1
+        used.add(name)
+        names[i] = name
+    return names
+
+
+def write_report(paths: list[Path], out: Path | None = None, title: str = "", skip_empty: bool = True) -> dict[str, Any]:
+    """Read the runs, write report.md, figure6.png and curves/*.png into `out` (default: the
+    first path given). Returns what was written."""
+    runs, notes = load_runs([Path(p) for p in paths], skip_empty=skip_empty)
+    out = Path(out) if out else Path(paths[0])
+    out.mkdir(parents=True, exist_ok=True)
+    title = title or "ResNets and plain nets on CIFAR-10: reproduction of He et al. 2015, section 4.2"
+    figure = figure6(runs, out / "figure6.png", title)
+    (out / "curves").mkdir(exist_ok=True)
+    curves = {}
+    for i, name in _file_names(runs).items():
+        if runs[i].records:
+            curves[name] = str(run_figure(runs[i], out / "curves" / f"{name}.png").relative_to(out))
+    md = out / "report.md"
+    md.write_text(markdown(runs, figure.name, curves, title, notes))
+    return {"report": str(md), "figure": str(figure), "curves": [str(out / c) for c in curves.values()],
+            "runs": len(runs), "skipped": notes}

@@ -1,0 +1,319 @@
+"""What a run logs, read back the way its readers read it: the W&B offline run's own
+transaction log (.wandb), TensorBoard's event reader, metrics.jsonl and summary.json.
+
+Real wandb, offline, no mocks. wandb >= 0.2x writes the .wandb file from its Go core and no
+longer ships the Python reader (wandb.sdk.internal.datastore), so `wandb_records` below reads
+the file's documented record framing (LevelDB log format: 32 KiB blocks, 7-byte headers with
+a CRC-32 of type + payload, FULL/FIRST/MIDDLE/LAST fragments) and decodes every record with
+wandb's own protobuf, wandb.proto.wandb_internal_pb2.Record.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from resnetdist import checkpoint
+
+from .conftest import REPO, TINY, cli_env, run_cli
+
+wandb = pytest.importorskip("wandb")
+from wandb.proto import wandb_internal_pb2  # noqa: E402
+
+BLOCK = 32 * 1024
+HEADER = 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def wandb_records(path: Path) -> list:
+    """Every record of a .wandb transaction log, CRC-checked, as wandb_internal_pb2.Record."""
+    data = path.read_bytes()
+    ident, magic, version = struct.unpack("<4sHB", data[:HEADER])
+    assert ident == b":W&B" and magic == 0xBEE1 and version == 0, (ident, magic, version)
+    out, pos, parts = [], HEADER, b""
+    while pos + HEADER <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < HEADER:  # block trailer too small for a header: zero padding
+            pos += left
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        if kind == 0 and length == 0:  # zero padding to the end of the block
+            pos += left
+            continue
+        payload = data[pos + HEADER : pos + HEADER + length]
+        assert len(payload) == length, f"{path}: truncated record at byte {pos}"
+        assert zlib.crc32(bytes([kind]) + payload) & 0xFFFFFFFF == crc, f"{path}: bad CRC at byte {pos}"
+        pos += HEADER + length
+        if kind == FULL:
+            chunk = payload
+        elif kind == FIRST:
+            parts = payload
+            continue
+        elif kind == MIDDLE:
+            parts += payload
+            continue
+        else:
+            assert kind == LAST, f"{path}: unknown fragment type {kind}"
+            chunk = parts + payload
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(chunk)
+        out.append(record)
+    return out
+
+
+def _items(items) -> dict:
+    """history items / summary updates -> {key: value}."""
+    out = {}
+    for item in items:
+        key = item.key or "/".join(item.nested_key)
+        out[key] = json.loads(item.value_json)
+    return out
+
+
+class OfflineRun:
+    """What one offline-run-* folder holds: run record, history rows, final summary."""
+
+    def __init__(self, folder: Path, need_run: bool = True):
+        (self.file,) = folder.glob("run-*.wandb")
+        self.records = wandb_records(self.file)
+        kinds = [r.WhichOneof("record_type") for r in self.records]
+        self.kinds = kinds
+        self.runs = [r.run for r in self.records if r.WhichOneof("record_type") == "run"]
+        if need_run or self.runs:
+            (self.run,) = self.runs
+        self.config = {u.key: json.loads(u.value_json) for r in self.runs for u in r.config.update}
+        self.history = [_items(r.history.item) for r in self.records if r.WhichOneof("record_type") == "history"]
+        self.summary: dict = {}
+        for r in self.records:
+            if r.WhichOneof("record_type") == "summary":
+                self.summary.update(_items(r.summary.update))
+        self.metrics = [r.metric for r in self.records if r.WhichOneof("record_type") == "metric"]
+
+
+def offline_runs(run_dir: Path) -> list[OfflineRun]:
+    return [OfflineRun(p) for p in sorted((run_dir / "wandb").glob("offline-run-*"))]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+# Quick settings with W&B offline and TensorBoard on (later flags win over TINY's).
+LOGGED = [*TINY, "--set", "log.tensorboard=true", "--set", "log.wandb_mode=offline"]
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory, tiny_data) -> Path:
+    out = tmp_path_factory.mktemp("logging") / "run"
+    run_cli(["train", *LOGGED, "--iters", "30", "--data-dir", str(tiny_data), "--out", str(out),
+             "--set", "train.eval_every=15", "--set", "log.log_every=10"], timeout=240, WANDB_MODE="offline")
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_wandb_offline_run_holds_config_history_and_summary(logged_run):
+    records = read_jsonl(logged_run / "metrics.jsonl")
+    summary = json.loads((logged_run / "summary.json").read_text())
+    assert [r["iter"] for r in records] == [15, 30]
+    (run,) = offline_runs(logged_run)
+
+    # named, grouped and tagged by depth, plain/residual and seed
+    assert run.run.display_name == summary["name"] == "resnet8-s0"
+    assert run.run.run_group == "resnet8"
+    assert {"resnet8", "resnet", "depth8", "seed0"} <= set(run.run.tags)
+    assert run.run.project == "resnetdist"
+    assert run.file.name == f"run-{run.run.run_id}.wandb"
+
+    # the resolved config is the one in config.toml
+    with open(logged_run / "config.toml", "rb") as f:
+        toml = tomllib.load(f)
+    for section, values in toml.items():
+        assert run.config[section] == values, section
+    assert run.config["optim"]["iters"] == 30 and run.config["optim"]["milestones"] == [15, 22]
+
+    # every chart's x-axis is the iteration
+    assert any(m.name == "iter" for m in run.metrics)
+    assert any(m.glob_name == "*" and m.step_metric == "iter" for m in run.metrics)
+
+    # evaluation rows match metrics.jsonl exactly
+    evals = [h for h in run.history if "test_error" in h]
+    assert [h["iter"] for h in evals] == [r["iter"] for r in records]
+    for h, r in zip(evals, records):
+        for key in ("epoch", "lr", "train_loss", "train_error", "test_error", "images_per_second", "train_seconds"):
+            assert h[key] == pytest.approx(r[key], rel=1e-12), key
+    # train rows every log_every iterations and at each evaluation
+    train = [h for h in run.history if "train/train_loss" in h]
+    assert [h["iter"] for h in train] == [10, 15, 20, 30]
+    assert all({"train/train_error", "train/lr"} <= h.keys() for h in train)
+    assert all(h["train/lr"] > 0 for h in train)
+
+    # the final summary carries summary.json
+    for key in ("name", "model", "depth", "plain", "seed", "iterations", "test_error", "train_error",
+                "train_seconds", "images_per_second"):
+        assert run.summary[key] == pytest.approx(summary[key], rel=1e-12), key
+    assert "exit" in run.kinds, "the run was not finished"
+
+
+@pytest.mark.timeout(120)
+def test_tensorboard_events_match_metrics_jsonl(logged_run):
+    records = read_jsonl(logged_run / "metrics.jsonl")
+    scalars = tb_scalars(logged_run)
+    for key in ("test_error", "train_error", "train_loss", "lr", "images_per_second"):
+        assert [s for s, _ in scalars[key]] == [r["iter"] for r in records], key
+        for (_, value), r in zip(scalars[key], records):
+            assert value == pytest.approx(r[key], rel=1e-6), key  # events hold float32
+    for key in ("train/train_loss", "train/train_error", "train/lr"):
+        assert [s for s, _ in scalars[key]] == [10, 15, 20, 30], key
+
+
+@pytest.mark.timeout(180)
+def test_disabled_writes_no_wandb_folder(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    # an explicit log.wandb_mode wins over $WANDB_MODE (test_wandb_mode_resolution: the rest)
+    run_cli(["train", *TINY, "--iters", "4", "--data-dir", str(tiny_data), "--out", str(out),
+             "--set", "train.eval_every=4", "--set", "log.wandb_mode=disabled"], WANDB_MODE="offline")
+    assert (out / "summary.json").exists() and not (out / "wandb").exists()
+    assert not list(out.rglob("*.wandb"))
+
+
+@pytest.mark.timeout(300)
+def test_resumed_run_continues_the_same_wandb_run(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    args = ["train", *LOGGED, "--iters", "30", "--data-dir", str(tiny_data), "--out", str(out),
+            "--set", "train.eval_every=10", "--set", "train.checkpoint_every=10"]
+    # SIGKILLed right after the step of iteration 20, before its evaluation and checkpoint
+    first = run_cli(args, check=False, WANDB_MODE="offline", RESNETDIST_TEST_KILL_AT="20")
+    assert first.returncode != 0 and not (out / "summary.json").exists()
+    assert sorted(p.name for p in out.glob("ckpt_*.pt")) == ["ckpt_0000010.pt"]
+    second = run_cli(args, WANDB_MODE="offline")
+    assert "resuming from" in second.stdout + second.stderr
+
+    # one W&B run id, kept in the checkpoint the second attempt resumed from
+    run_id = checkpoint.load(out / "ckpt_0000010.pt")["wandb_id"]
+    assert run_id and checkpoint.load(out / "ckpt_0000030.pt")["wandb_id"] == run_id
+    folders = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and all(f.name.endswith(f"-{run_id}") for f in folders), folders
+    killed, resumed = OfflineRun(folders[0], need_run=False), OfflineRun(folders[1])
+    assert resumed.run.run_id == run_id and resumed.run.resume
+    # what the killed attempt had flushed (wandb writes its log every ~2 s) belongs to the same run
+    if killed.runs:
+        assert killed.run.run_id == run_id
+    assert [h["iter"] for h in killed.history if "test_error" in h] in ([], [10])
+    assert [h["iter"] for h in resumed.history if "test_error" in h] == [20, 30]
+    pieces = [killed, resumed]
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["iter"] for r in records] == [10, 20, 30]
+    jsonl = {r["iter"]: r["test_error"] for r in records}
+    for h in (h for p in pieces for h in p.history if "test_error" in h):
+        assert h["test_error"] == pytest.approx(jsonl[h["iter"]])
+    summary = json.loads((out / "summary.json").read_text())
+    assert pieces[1].summary["test_error"] == pytest.approx(summary["test_error"])
+    # TensorBoard: the replayed steps replace what the killed attempt wrote past its checkpoint
+    scalars = tb_scalars(out)
+    assert [s for s, _ in scalars["test_error"]] == [10, 20, 30]
+
+
+class _Blackhole:
+    """A TCP server that accepts connections and never answers: an unreachable W&B host."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        try:
+            while True:
+                conn, _ = self.sock.accept()
+                self.conns.append(conn)
+        except OSError:
+            pass
+
+    def close(self):
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+OPEN_LOGGER = """
+import sys, time
+from pathlib import Path
+from resnetdist.metrics import LogConfig, open_logger
+cfg = LogConfig(wandb_mode="online", wandb_init_timeout_s=3, tensorboard=False)
+t = time.monotonic()
+logger = open_logger(cfg, Path(sys.argv[1]), {"model": {"n": 1}}, "resnet8-s0", "resnet8", ["resnet8"], 0, None)
+print("init_seconds", time.monotonic() - t, flush=True)
+logger.log({"iter": 1, "test_error": 50.0})
+logger.summary({"test_error": 50.0})
+logger.close()
+print("wandb_id", logger.wandb_id, flush=True)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_unreachable_wandb_server_falls_back_to_offline(tmp_path):
+    hole = _Blackhole()
+    try:
+        env = cli_env(WANDB_API_KEY="x" * 40, WANDB_BASE_URL=f"http://127.0.0.1:{hole.port}")
+        env.pop("WANDB_MODE")
+        t = time.monotonic()
+        proc = subprocess.run([sys.executable, "-c", OPEN_LOGGER, str(tmp_path)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=150)
+        wall = time.monotonic() - t
+    finally:
+        hole.close()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "online init failed" in proc.stderr and "continuing offline" in proc.stderr
+    assert "wandb sync" in proc.stderr
+    run_id = proc.stdout.split("wandb_id")[-1].strip()
+    (piece,) = offline_runs(tmp_path)
+    assert piece.run.run_id == run_id
+    assert [h["test_error"] for h in piece.history] == [50.0]
+    assert wall < 120, f"took {wall:.0f} s"
+
+
+@pytest.mark.timeout(30)
+def test_wandb_mode_resolution(monkeypatch, tmp_path):
+    from resnetdist.metrics import resolve_wandb_mode
+
+    for var in ("WANDB_MODE", "WANDB_DISABLED", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert resolve_wandb_mode("auto") == "offline"
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    assert resolve_wandb_mode("auto") == "online"
+    (tmp_path / "netrc").unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert resolve_wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_wandb_mode("auto") == "offline"  # the environment wins over a login ...
+    assert resolve_wandb_mode("online") == "online"  # ... and the config over the environment
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_wandb_mode("auto") == "disabled"
+    assert resolve_wandb_mode("offline") == "offline"

@@ -1,0 +1,361 @@
+"""`resnetdist report`, `export` and `reproduce`, end to end.
+
+report: hand-written run folders (several seeds) -> the table beside the paper's numbers and
+PNGs whose pixels are checked. export: a real tiny run's model.pt -> safetensors (loaded with
+safetensors itself) and ONNX (run in onnxruntime). reproduce: two tiny nets on the CPU,
+interrupted by killing its process group, then resumed to the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from resnetdist import checkpoint
+from resnetdist.config import from_dict
+from resnetdist.models import build_model
+
+from .conftest import REPO, TINY, cli_env, run_cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def cli(args: list[str], code: int = 0):
+    """The CLI in this process (report, export and argument errors need no fresh interpreter)."""
+    from typer.testing import CliRunner
+
+    from resnetdist.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
+    return result
+
+
+# ----- report on hand-written runs ---------------------------------------------------------------
+
+
+def write_fixture_run(root: Path, model: str, depth: int, plain: bool, seed: int, final: float,
+                      iters: int = 64_000, finished: bool = True, points: int = 17) -> Path:
+    """A run folder as `train` leaves it: metrics.jsonl (+ summary.json when finished)."""
+    run = root / f"{model}-s{seed}"
+    run.mkdir(parents=True)
+    n = (depth - 2) // 6
+    (run / "config.toml").write_text(
+        f'[model]\nn = {n}\nplain = {str(plain).lower()}\n\n[optim]\niters = {iters}\n\n'
+        f'[train]\nseed = {seed}\n\n[data]\ndir = "/data/cifar"\n'
+    )
+    steps = [round(iters * (i + 1) / points) for i in range(points)]
+    if not finished:
+        steps = steps[: points // 2]
+    records = []
+    for it in steps:
+        frac = it / iters
+        test = final + (60 - final) * math.exp(-6 * frac)
+        records.append({"iter": it, "epoch": it / 391, "lr": 0.1 if frac < 0.5 else 0.01,
+                        "train_loss": 2.0 * math.exp(-4 * frac), "train_error": max(0.5, test - 6 - 4 * frac),
+                        "test_error": test, "images_per_second": 20_000.0, "train_seconds": it / 150})
+    records[-1]["test_error"] = final
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if finished:
+        summary = {"name": f"{model}-s{seed}", "model": model, "depth": depth, "plain": plain, "seed": seed,
+                   "iterations": iters, "test_error": final, "val_error": None,
+                   "train_error": records[-1]["train_error"], "train_seconds": iters / 150,
+                   "images_per_second": 20_000.0, "parameters": 270_000, "world_size": 1,
+                   "global_batch": 128, "device": "NVIDIA H100", "precision": "bf16", "loader": "gpu"}
+        (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+@pytest.fixture()
+def fixture_runs(tmp_path) -> Path:
+    root = tmp_path / "runs"
+    for seed, err in enumerate((8.5, 8.9, 8.7)):
+        write_fixture_run(root, "resnet20", 20, False, seed, err)
+    for seed, err in enumerate((10.0, 10.4)):
+        write_fixture_run(root, "plain20", 20, True, seed, err)
+    write_fixture_run(root, "resnet56", 56, False, 0, 7.1)
+    write_fixture_run(root, "plain56", 56, True, 0, 15.0)
+    write_fixture_run(root, "resnet56", 56, False, 1, 0.0, finished=False)  # still running
+    (root / "notes").mkdir()  # not a run: ignored
+    return root
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def check_png(path: Path, min_size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    w, h = png_size(path)
+    assert w >= min_size[0] and h >= min_size[1], (w, h)
+    with Image.open(path) as im:
+        assert im.size == (w, h)
+        rgb = np.asarray(im.convert("RGB"))
+    non_white = (rgb < 245).any(axis=2).mean()
+    colours = len(np.unique(rgb.reshape(-1, 3), axis=0))
+    assert 0.01 < non_white < 0.6, f"{path}: {non_white:.3f} of the pixels are drawn"
+    assert colours > 20, f"{path}: only {colours} colours"
+    return rgb
+
+
+def has_colour(rgb: np.ndarray, hex_colour: str, tol: int = 30, min_pixels: int = 50) -> bool:
+    target = np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(rgb.astype(int) - target).max(axis=2) <= tol).sum()) >= min_pixels
+
+
+@pytest.mark.timeout(120)
+def test_report_table_and_figures(fixture_runs, tmp_path):
+    out = tmp_path / "report"
+    proc = cli(["report", fixture_runs, "--out", out])
+    assert "from 8 run(s)" in proc.stdout
+    md = (out / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    # mean +- std over seeds, number of runs, best, paper and seed-repo figures side by side
+    r20 = [c.strip() for c in rows["ResNet-20"].split("|")[1:-1]]
+    assert r20[:5] == ["ResNet-20", "64,000", "3", "8.70 ± 0.20", "8.50"] and r20[6:] == ["8.75", "8.74"]
+    p20 = [c.strip() for c in rows["Plain-20"].split("|")[1:-1]]
+    assert p20[2:4] == ["2", "10.20 ± 0.28"] and p20[6:] == ["~9 †", "10.08"]
+    r56 = [c.strip() for c in rows["ResNet-56"].split("|")[1:-1]]
+    assert r56[2:4] == ["1 (+1 unfinished)", "7.10"] and r56[6:] == ["6.97", "7.41"]
+    p56 = [c.strip() for c in rows["Plain-56"].split("|")[1:-1]]
+    assert p56[3] == "15.00" and p56[6:] == ["~13 †", "15.39"]
+    # the published table is there in full, with the figures read off the plot marked
+    for figure in ("7.51", "7.17", "6.43 (best of 5; 6.61 ± 0.16 mean)", "7.93", "11.15", "14.12", ">60 †"):
+        assert figure in md, figure
+    assert "read off" in md and "Figure 6" in md
+    assert "unfinished" in md and "figure6.png" in md
+
+    # Figure 6 layout: two panels, one colour per depth, drawn
+    rgb = check_png(out / "figure6.png", (1000, 400))
+    assert has_colour(rgb, "#e6a700") and has_colour(rgb, "#d62728"), "depth 20 / 56 curves missing"
+    left, right = rgb[:, : rgb.shape[1] // 2], rgb[:, rgb.shape[1] // 2 :]
+    for half in (left, right):  # plain nets left, ResNets right: both panels hold both depths
+        assert has_colour(half, "#e6a700") and has_colour(half, "#d62728")
+    curves = sorted(p.name for p in (out / "curves").iterdir())
+    assert len(curves) == 8
+    check_png(out / "curves" / "resnet20-s0.png", (500, 300))
+
+
+@pytest.mark.timeout(60)
+def test_report_default_out_and_single_run(fixture_runs):
+    run = fixture_runs / "resnet56-s0"
+    cli(["report", run])
+    md = (run / "report.md").read_text()
+    assert "| ResNet-56 | 64,000 | 1 | 7.10 |" in md
+    png_size(run / "figure6.png")
+
+
+@pytest.mark.timeout(60)
+def test_report_errors_name_the_folder(tmp_path):
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    proc = cli(["report", empty], code=2)
+    assert str(empty) in proc.stderr and "no runs" in proc.stderr
+    run = tmp_path / "resnet20-s0"
+    run.mkdir()
+    (run / "config.toml").write_text("[model]\nn = 3\n")
+    (run / "metrics.jsonl").write_text("")
+    proc = cli(["report", run], code=2)
+    assert str(run) in proc.stderr and "no metrics" in proc.stderr
+    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
+    # inside a parent folder, such a run is skipped and noted; the others are reported
+    write_fixture_run(tmp_path, "resnet8", 8, False, 0, 30.0, iters=100)
+    proc = cli(["report", tmp_path, "--out", tmp_path / "rep"])
+    assert "skipped" in proc.stderr and str(run) in proc.stderr
+    assert "| ResNet-8 | 100 | 1 | 30.00 |" in (tmp_path / "rep" / "report.md").read_text()
+
+
+# ----- export ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tiny_data) -> Path:
+    out = tmp_path_factory.mktemp("export") / "run"
+    run_cli(["train", *TINY, "--iters", "6", "--data-dir", str(tiny_data), "--out", str(out),
+             "--set", "train.eval_every=6"])
+    return out / "model.pt"
+
+
+def load_reference(model_pt: Path):
+    state = checkpoint.load(model_pt)
+    cfg = from_dict(state["config"], str(model_pt))
+    model = build_model(cfg.model)
+    model.load_state_dict(state["model"])
+    return model.eval(), state
+
+
+def sample_images(tiny_data: Path, n: int) -> np.ndarray:
+    from resnetdist.data.cifar import FOLDER, read_batch_file
+
+    return read_batch_file(tiny_data / FOLDER / "test_batch.bin").images[:n]
+
+
+@pytest.mark.timeout(120)
+def test_export_safetensors(tiny_model, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    out = tmp_path / "resnet8.safetensors"
+    proc = cli(["export", tiny_model, "--format", "safetensors", "--out", out])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["out"] == str(out) and result["model"] == "resnet8"
+    model, state = load_reference(tiny_model)
+    loaded = load_file(str(out))
+    assert loaded.keys() == state["model"].keys()
+    for k, v in state["model"].items():
+        assert torch.equal(loaded[k], v), k
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["config"]) == state["config"]
+    assert meta["model"] == "resnet8" and meta["depth"] == "8" and meta["plain"] == "false"
+    assert meta["mean_file"] == "resnet8.mean.npy"
+    mean = np.load(tmp_path / "resnet8.mean.npy")
+    assert mean.shape == (3, 32, 32) and mean.dtype == np.float32
+    np.testing.assert_array_equal(mean, state["mean"].numpy())
+    # a fresh net with these weights gives the same logits
+    fresh = build_model(from_dict(json.loads(meta["config"]), "meta").model).eval()
+    fresh.load_state_dict(loaded)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tiny_model) -> dict:
+    """`resnetdist export model.pt --format onnx`, in a subprocess as a user runs it."""
+    proc = run_cli(["export", str(tiny_model), "--format", "onnx"])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.timeout(180)
+def test_export_onnx_runs_in_onnxruntime(tiny_model, tiny_data, onnx_export):
+    import onnx
+    import onnxruntime as ort
+
+    out = tiny_model.with_suffix(".onnx")
+    assert onnx_export["out"] == str(out) and onnx_export["max_abs_diff"] <= 1e-4
+    assert not out.with_name(out.name + ".data").exists(), "weights must be inside the .onnx file"
+    proto = onnx.load(str(out))
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert props["model"] == "resnet8" and json.loads(props["config"])["model"]["n"] == 1
+
+    # preprocess real images as documented, run both, compare
+    model, state = load_reference(tiny_model)
+    mean = np.load(tiny_model.with_name("model.mean.npy"))
+    images = sample_images(tiny_data, 10)
+    x = images.astype(np.float32) / 255.0 - mean
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.name == "input" and inp.shape[1:] == [3, 32, 32] and not isinstance(inp.shape[0], int)
+    for batch in (x[:1], x):  # dynamic batch
+        got = session.run(None, {"input": batch})[0]
+        with torch.no_grad():
+            want = model(torch.from_numpy(batch)).numpy()
+        assert got.shape == (len(batch), 10)
+        assert np.abs(got - want).max() <= 1e-4
+    # the same preprocessing as the trainer's evaluation
+    from resnetdist.data.augment import normalize
+
+    with torch.no_grad():
+        ref = model(normalize(torch.from_numpy(images), state["mean"])).numpy()
+    assert np.abs(session.run(None, {"input": x})[0] - ref).max() <= 1e-4
+
+
+@pytest.mark.timeout(60)
+def test_export_check_fails_loudly(tiny_model, onnx_export, tmp_path):
+    from resnetdist.export import ExportError, check_onnx
+
+    model, _ = load_reference(tiny_model)
+    assert check_onnx(model, Path(onnx_export["out"])) <= 1e-4
+    with torch.no_grad():
+        model.fc.bias.add_(1.0)  # the PyTorch side no longer matches the file
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        check_onnx(model, Path(onnx_export["out"]))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    proc = cli(["export", bad, "--format", "onnx"], code=2)
+    assert str(bad) in proc.stderr and "not a readable checkpoint" in proc.stderr
+    proc = cli(["export", tiny_model, "--format", "tflite"], code=2)
+    assert "safetensors, onnx" in proc.stderr
+
+
+# ----- reproduce ---------------------------------------------------------------------------------
+
+REPRO = ["reproduce", "--depths", "8,14", "--no-plain", "--seeds", "1", "--iters", "12", "--device", "cpu",
+         "--set", "optim.batch_size=32", "--set", "data.eval_batch=100", "--set", "train.eval_every=6",
+         "--set", "train.checkpoint_every=3", "--set", "log.log_every=3", "--set", "log.tensorboard=false",
+         "--set", "log.wandb_mode=disabled"]
+
+
+@pytest.mark.timeout(420)
+def test_reproduce_interrupted_then_resumed(tmp_path, tiny_data):
+    out = tmp_path / "suite"
+    args = [sys.executable, "-m", "resnetdist", *REPRO, "--data-dir", str(tiny_data), "--out", str(out)]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(args, cwd=REPO, env=cli_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    first_done = out / "resnet8-s0" / "summary.json"
+    second = out / "resnet14-s0"
+    try:
+        deadline = time.monotonic() + 300
+        # kill the whole process group once the first run finished and the second has a checkpoint
+        while not (first_done.exists() and any(second.glob("ckpt_*.pt"))):
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()
+            assert time.monotonic() < deadline, "reproduce made no progress"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert not (second / "summary.json").exists(), "the second run finished before the kill"
+    assert not (out / "report.md").exists()
+
+    again = run_cli([*REPRO, "--data-dir", str(tiny_data), "--out", str(out)], timeout=300)
+    text = again.stdout
+    assert "skip  resnet8-s0: already finished" in text
+    assert "start resnet14-s0" in text and "(resuming)" in text and "done  resnet14-s0" in text
+    assert "resuming from" in (second / "train.log").read_text()
+    for name in ("resnet8-s0", "resnet14-s0"):
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert summary["iterations"] == 12
+    md = (out / "report.md").read_text()
+    assert "| ResNet-8 | 12 | 1 |" in md and "| ResNet-14 | 12 | 1 |" in md
+    check_png(out / "figure6.png", (1000, 400))
+    assert {p.name for p in (out / "curves").iterdir()} == {"resnet8-s0.png", "resnet14-s0.png"}
+
+    # a third time: everything is finished, nothing runs
+    third = cli([*REPRO, "--data-dir", tiny_data, "--out", out])
+    assert third.stdout.count("already finished") == 2 and "] start" not in third.stdout
+
+
+@pytest.mark.timeout(180)
+def test_reproduce_reports_failed_runs_and_exits_nonzero(tmp_path, tiny_data):
+    out = tmp_path / "suite"
+    # resnet8 (first in line) is told to resume a folder holding another experiment: train refuses
+    write_fixture_run(out, "resnet8", 8, False, 0, 50.0, iters=999, finished=False)
+    proc = cli([*REPRO, "--depths", "8", "--plain", "--data-dir", tiny_data, "--out", out], code=1)
+    assert f"FAIL  resnet8-s0: exit code 2" in proc.stdout
+    assert "done  plain8-s0" in proc.stdout, "a failed run stopped the others"
+    assert "1 of 2 runs failed" in proc.stdout
+    assert f"resnet8-s0: exit code 2; log {out / 'resnet8-s0' / 'train.log'}" in proc.stdout
+    assert "different configuration" in (out / "resnet8-s0" / "train.log").read_text()
+    assert "| Plain-8 | 12 | 1 |" in (out / "report.md").read_text()  # written from what finished
+
+
+@pytest.mark.timeout(30)
+def test_reproduce_rejects_bad_depths(tmp_path):
+    proc = cli(["reproduce", "--depths", "8,21", "--out", tmp_path], code=2)
+    assert "21 is not 6n+2" in proc.stderr
