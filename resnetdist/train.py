@@ -161,6 +161,8 @@ class Trainer:
             torch.channels_last if cfg.train.channels_last and self.device.type == "cuda" else torch.contiguous_format
         )
 
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
         seed_everything(cfg.train.seed)  # same initial weights on every rank
         self.model = build_model(cfg.model).to(self.device, memory_format=self.memory_format)
         if cfg.dist.sync_bn and ctx.distributed:
