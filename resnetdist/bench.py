@@ -32,7 +32,7 @@ from .config import load_config
 from .data.augment import augment, draw_params
 from .data.cifar import Cifar10, Split, load_cifar10, write_batch_file, FOLDER, TRAIN_FILES, TEST_FILES
 from .models import ModelConfig, build_model
-from .train import Trainer, resolve_precision
+from .train import Trainer
 from .worker import ensure_betons
 
 PAPER_ITERS = 64_000

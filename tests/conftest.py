@@ -68,7 +68,7 @@ def run_cli(args: list[str], timeout: float = 240, check: bool = True, **env: st
 def run_torchrun(nproc: int, args: list[str], timeout: float = 300, check: bool = True, extra: list[str] = (),
                  **env: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "--tee=3", *extra, "-m", "resnetdist", "--", "train", *args]
+           "--tee=3", *extra, "-m", "resnetdist", "train", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(**env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
@@ -76,5 +76,6 @@ def run_torchrun(nproc: int, args: list[str], timeout: float = 300, check: bool 
 
 
 # Small, quick training settings shared by the end-to-end tests.
-TINY = ["--n", "1", "--device", "cpu", "--set", "optim.batch_size=32", "--set", "data.eval_batch=100",
+# "-n", as a user writes it under torchrun (whose parser rejects "--n" as ambiguous).
+TINY = ["-n", "1", "--device", "cpu", "--set", "optim.batch_size=32", "--set", "data.eval_batch=100",
         "--set", "log.log_every=10", "--set", "log.tensorboard=false", "--set", "log.wandb_mode=disabled"]

@@ -1,8 +1,7 @@
-from pathlib import Path
 
 import pytest
 
-from resnetdist.config import ConfigError, RunConfig, load_config, parse_override, read_toml
+from resnetdist.config import ConfigError, load_config, parse_override, read_toml
 from resnetdist.train import lr_at, OptimConfig
 
 from .conftest import REPO, run_cli

@@ -4,7 +4,7 @@ import torch
 
 from resnetdist.data import augment as A
 from resnetdist.data.cifar import (
-    FOLDER, DataError, Split, load_cifar10, read_batch_file, validation_indices, write_batch_file,
+    FOLDER, DataError, load_cifar10, read_batch_file, validation_indices, write_batch_file,
 )
 from resnetdist.data.loaders import ResidentEvalLoader, ResidentTrainLoader
 from resnetdist.data.order import eval_shard, rank_epoch_order
@@ -176,3 +176,37 @@ def test_resident_eval_loader_covers_shard():
 
 def _take(it, k):
     return [next(it) for _ in range(k)]
+
+
+def _official_tarball(tmp_path):
+    import tarfile
+
+    src = write_dataset(tmp_path / "src", 8, 8)
+    tar_path = tmp_path / "cifar-10-binary.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(src / FOLDER, arcname=FOLDER)
+    return tar_path
+
+
+def test_download_checks_md5_and_extracts(tmp_path):
+    from resnetdist.data.cifar import download, extract, md5sum
+
+    tar_path = _official_tarball(tmp_path)
+    dest = tmp_path / "cache"
+    got = download(dest, url=tar_path.as_uri(), md5=md5sum(tar_path))
+    assert got == dest / "cifar-10-binary.tar.gz" and md5sum(got) == md5sum(tar_path)
+    folder = extract(got, dest)
+    assert len(read_batch_file(folder / "data_batch_5.bin")) == 8
+
+    other = tmp_path / "other"
+    with pytest.raises(DataError, match="does not match the expected 0123"):
+        download(other, url=tar_path.as_uri(), md5="0123")
+    assert list(other.iterdir()) == []  # no partial or unchecked file left behind
+    with pytest.raises(DataError, match="could not download"):
+        download(other, url=(tmp_path / "absent.tar.gz").as_uri())
+
+
+def test_tarball_in_data_dir_must_be_the_official_one(tmp_path):
+    tar_path = _official_tarball(tmp_path)
+    with pytest.raises(DataError, match=f"{tar_path}: md5 .* does not match"):
+        load_cifar10(tmp_path)

@@ -46,7 +46,9 @@ def test_two_ranks_train_and_agree_and_restart_exactly(tmp_path, tiny_data):
 @pytest.mark.timeout(300)
 def test_cli_launches_torchrun_itself(tmp_path, tiny_data):
     out = tmp_path / "run"
-    proc = run_cli(["train", *ARGS, "--iters", "10", "--data-dir", str(tiny_data), "--out", str(out),
+    # "--n": the launcher must shield it from torchrun's parser
+    args = ["--n" if a == "-n" else a for a in ARGS]
+    proc = run_cli(["train", *args, "--iters", "10", "--data-dir", str(tiny_data), "--out", str(out),
                     "--nproc-per-node", "2"], timeout=240)
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
     assert proc.stdout.count('"rank"') == 2

@@ -347,7 +347,7 @@ def test_reproduce_reports_failed_runs_and_exits_nonzero(tmp_path, tiny_data):
     # resnet8 (first in line) is told to resume a folder holding another experiment: train refuses
     write_fixture_run(out, "resnet8", 8, False, 0, 50.0, iters=999, finished=False)
     proc = cli([*REPRO, "--depths", "8", "--plain", "--data-dir", tiny_data, "--out", out], code=1)
-    assert f"FAIL  resnet8-s0: exit code 2" in proc.stdout
+    assert "FAIL  resnet8-s0: exit code 2" in proc.stdout
     assert "done  plain8-s0" in proc.stdout, "a failed run stopped the others"
     assert "1 of 2 runs failed" in proc.stdout
     assert f"resnet8-s0: exit code 2; log {out / 'resnet8-s0' / 'train.log'}" in proc.stdout

@@ -26,10 +26,9 @@ def run_steps(trainer, count: int, first: int = 0) -> None:
         step(images, labels, draw_params(0, i, trainer.global_batch, 0, 1))
 
 
-def tiny_trainer(tiny_data, mode: str, device: str = "cpu", precision: str = "fp32", **train):
-    cfg_data = load_data(load_config(flags={"data": {"dir": str(tiny_data)}}))
-    trainer = make_trainer(Setting("gpu", mode, precision), cfg_data, 1, torch.device(device), None)
-    return trainer
+def tiny_trainer(tiny_data, mode: str, device: str = "cpu", precision: str = "fp32"):
+    data = load_data(load_config(flags={"data": {"dir": str(tiny_data)}}))
+    return make_trainer(Setting("gpu", mode, precision), data, 1, torch.device(device), None)
 
 
 def assert_weights_close(a, b, rtol, atol):

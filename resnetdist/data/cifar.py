@@ -66,7 +66,7 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
 
 def download(dest_dir: Path, url: str = URL, md5: str = MD5) -> Path:
     """Download the tarball into dest_dir (atomically) and check its md5."""
-    from .progress import progress_bar
+    from ..progress import progress_bar
 
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / TARBALL
