@@ -213,9 +213,13 @@ class Trainer:
         return autocast(self.precision, self.device)
 
     def build_step(self) -> Callable:
+        graphed = self.cfg.train.cuda_graph and self.device.type == "cuda"
         train_model: nn.Module = self.model
         if self.ctx.distributed:
-            train_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            # a backward captured in a graph needs DDP built on a side stream (PyTorch's CUDA
+            # graphs notes, "Usage with DistributedDataParallel")
+            with torch.cuda.stream(torch.cuda.Stream()) if graphed else nullcontext():
+                train_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if self.cfg.train.compile != "none":
             mode = None if self.cfg.train.compile == "default" else "max-autotune"
             if mode and self.cfg.train.cuda_graph:
@@ -246,7 +250,9 @@ class Trainer:
                 self.bad_iter.copy_(torch.where(first_bad, self.it, self.bad_iter))
                 self.it.add_(1)
 
-        if not (self.cfg.train.cuda_graph and self.device.type == "cuda"):
+        if self.cfg.train.cuda_graph and not graphed:
+            dist.print0(f"note: train.cuda_graph needs CUDA; running the step without a graph on {self.device}")
+        if not graphed:
             def eager_step(images_u8, labels, aug):
                 step(images_u8, labels, aug.to(self.device, non_blocking=True))
                 self.optimizer.zero_grad(set_to_none=True)
@@ -387,6 +393,7 @@ class Trainer:
         it = self.start_iter
         bar = progress_bar(f"{cfg.name}", total=total, enabled=ctx.is_main)
         bar.update(it)
+        resumed_seconds = self.train_seconds  # img/s on the bar counts this attempt only
         batches = self.train_loader.batches(it)
         t0 = time.perf_counter()
         while it < total:
@@ -406,7 +413,8 @@ class Trainer:
             self.train_seconds += time.perf_counter() - t0
             record = self.drain_stats(it)
             self.logger.log(record, kind="train")
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", err=f"{record['train_error']:.1f}%")
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", err=f"{record['train_error']:.1f}%",
+                            img_s=f"{(it - self.start_iter) * self.global_batch / max(self.train_seconds - resumed_seconds, 1e-9):.0f}")
             if eval_now:
                 self.log_evaluation(it)
             if ckpt_now:

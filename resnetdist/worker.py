@@ -3,6 +3,7 @@ directory, set up the process group, load data, train, clean up."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,10 @@ def ensure_betons(cfg: RunConfig, data: Cifar10) -> Path | None:
 
 
 def main(cfg: RunConfig) -> dict[str, Any]:
+    if cfg.train.cuda_graph:
+        # NCCL's async error handling must be off for DDP inside a captured graph (PyTorch's
+        # CUDA graphs notes); it has to be set before the process group exists
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     ctx = dist.setup(cfg.train.device, cfg.dist.timeout_s)
     try:
         data = load_data(cfg)
