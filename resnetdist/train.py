@@ -139,7 +139,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def autocast(precision: str, device: torch.device):
     if precision == "fp32":
         return nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[precision])
+    # no cast cache: a cache filled during CUDA-graph capture would hold stale casts on replay
+    # (PyTorch's graph notes), and each weight is cast once per step here anyway
+    return torch.autocast(device.type, dtype=DTYPES[precision], cache_enabled=False)
 
 
 def seed_everything(seed: int) -> None:
