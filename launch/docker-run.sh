@@ -40,6 +40,8 @@
 #   WANDB_API_KEY, WANDB_MODE (online|offline|disabled), WANDB_PROJECT, WANDB_ENTITY,
 #   WANDB_BASE_URL, NCCL_DEBUG, TORCH_DISTRIBUTED_DEBUG
 set -euo pipefail
+# shellcheck source=launch/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
@@ -58,23 +60,6 @@ BUILD_ARGS="${BUILD_ARGS:-}"
 DRY_RUN="${DRY_RUN:-0}"
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; }
-
-run() {
-    if [[ "$DRY_RUN" == 1 ]]; then
-        printf '%q ' "$@"
-        printf '\n'
-    else
-        exec "$@"
-    fi
-}
-
-gpu_count() {
-    local n=0
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        n="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
-    fi
-    if [[ "$n" -gt 0 ]]; then echo "$n"; else echo 1; fi
-}
 
 # docker run with the volumes, user, GPUs and environment; $1 = "gpu" or "cpu".
 docker_run_args() {
@@ -118,36 +103,36 @@ build)
         read -r -a extra <<<"$BUILD_ARGS"
         build+=("${extra[@]}")
     fi
-    run "$DOCKER" "${build[@]}" "$@" "$repo"
+    run_or_print "$DOCKER" "${build[@]}" "$@" "$repo"
     ;;
 prepare)
     docker_run_args cpu
-    run "$DOCKER" "${args[@]}" "$IMAGE" prepare --data-dir /data --out /data/beton "$@"
+    run_or_print "$DOCKER" "${args[@]}" "$IMAGE" prepare --data-dir /data --out /data/beton "$@"
     ;;
 train)
     docker_run_args gpu
-    run "$DOCKER" "${args[@]}" "$IMAGE" train "$@"
+    run_or_print "$DOCKER" "${args[@]}" "$IMAGE" train "$@"
     ;;
 torchrun)
     docker_run_args gpu
     nproc="${NPROC:-$(gpu_count)}"
     # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: torchrun restarts hang with gloo otherwise
     # (pytorch/pytorch#135712)
-    run "$DOCKER" "${args[@]}" -e TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 --entrypoint torchrun "$IMAGE" \
+    run_or_print "$DOCKER" "${args[@]}" -e TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 --entrypoint torchrun "$IMAGE" \
         --standalone --nproc_per_node="$nproc" --max-restarts="$MAX_RESTARTS" \
         -m resnetdist -- train "$@"
     ;;
 eval | bench)
     docker_run_args gpu
-    run "$DOCKER" "${args[@]}" "$IMAGE" "$cmd" "$@"
+    run_or_print "$DOCKER" "${args[@]}" "$IMAGE" "$cmd" "$@"
     ;;
 report)
     docker_run_args cpu
-    run "$DOCKER" "${args[@]}" "$IMAGE" report "$@"
+    run_or_print "$DOCKER" "${args[@]}" "$IMAGE" report "$@"
     ;;
 shell)
     docker_run_args gpu
-    run "$DOCKER" "${args[@]}" --entrypoint bash "$IMAGE" "$@"
+    run_or_print "$DOCKER" "${args[@]}" --entrypoint bash "$IMAGE" "$@"
     ;;
 help | -h | --help)
     usage

@@ -24,6 +24,8 @@
 #                  default route's one is wrong (exported as given)
 #   DRY_RUN        1: print the command instead of running it
 set -euo pipefail
+# shellcheck source=launch/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 PYTHON="${PYTHON:-python3}"
 RDZV_ID="${RDZV_ID:-resnetdist}"
@@ -36,17 +38,7 @@ if [[ -z "${NNODES:-}" || -z "${RDZV_ENDPOINT:-}" ]]; then
     echo "  NNODES=2 RDZV_ENDPOINT=node0:29500 $0 --n 9" >&2
     exit 2
 fi
-if [[ -z "${NPROC:-}" ]]; then
-    NPROC=0
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        NPROC="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
-    fi
-    if [[ "$NPROC" -lt 1 ]]; then NPROC=1; fi
-fi
-
-# torchrun restarts hang with gloo unless each attempt gets its own TCP store
-# (pytorch/pytorch#135712)
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+NPROC="${NPROC:-$(gpu_count)}"
 
 cmd=("$PYTHON" -m torch.distributed.run
     --nnodes="$NNODES" --nproc_per_node="$NPROC"
@@ -55,9 +47,4 @@ cmd=("$PYTHON" -m torch.distributed.run
 if [[ -n "$RDZV_CONF" ]]; then cmd+=(--rdzv-conf="$RDZV_CONF"); fi
 cmd+=(-m resnetdist -- train "$@")
 
-if [[ "$DRY_RUN" == 1 ]]; then
-    printf '%q ' "${cmd[@]}"
-    printf '\n'
-    exit 0
-fi
-exec "${cmd[@]}"
+run_or_print "${cmd[@]}"

@@ -17,28 +17,15 @@
 #   OMP_NUM_THREADS  CPU threads per process (torchrun's default: 1)
 #   DRY_RUN        1: print the command instead of running it
 set -euo pipefail
+# shellcheck source=launch/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 PYTHON="${PYTHON:-python3}"
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
 DRY_RUN="${DRY_RUN:-0}"
 
-if [[ -z "${NPROC:-}" ]]; then
-    NPROC=0
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        NPROC="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
-    fi
-    if [[ "$NPROC" -lt 1 ]]; then NPROC=1; fi
-fi
-
-# torchrun restarts hang with gloo unless each attempt gets its own TCP store
-# (pytorch/pytorch#135712)
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+NPROC="${NPROC:-$(gpu_count)}"
 
 cmd=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC"
     --max-restarts="$MAX_RESTARTS" -m resnetdist -- train "$@")
-if [[ "$DRY_RUN" == 1 ]]; then
-    printf '%q ' "${cmd[@]}"
-    printf '\n'
-    exit 0
-fi
-exec "${cmd[@]}"
+run_or_print "${cmd[@]}"

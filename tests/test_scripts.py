@@ -139,9 +139,20 @@ def test_slurm_refuses_outside_a_job():
     assert proc.returncode == 2
 
 
-def test_restart_workaround_exported():
-    for name in ("torchrun-single-node.sh", "torchrun-multi-node.sh", "slurm.sbatch", "docker-run.sh"):
-        assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in (LAUNCH / name).read_text(), name
+def test_restart_workaround_reaches_torchrun(tmp_path):
+    """torchrun must see TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (restarts hang with gloo
+    otherwise): a stand-in $PYTHON reports the environment it was started with."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "store=$TORCH_DISABLE_SHARE_RDZV_TCP_STORE"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}
+    env.update(PYTHON=str(fake), NPROC="1", NNODES="1", RDZV_ENDPOINT="127.0.0.1:29999")
+    for name in ("torchrun-single-node.sh", "torchrun-multi-node.sh"):
+        proc = run(["bash", str(LAUNCH / name), "-n", "1"], env=env)
+        assert proc.stdout.strip() == "store=1", (name, proc.stdout, proc.stderr)
+    docker = dry("docker-run.sh", ["torchrun", "-n", "1"], NPROC="2")
+    assert docker[docker.index("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1") - 1] == "-e"
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in (LAUNCH / "slurm.sbatch").read_text()
 
 
 def test_docker_run_commands(tmp_path):
