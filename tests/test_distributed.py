@@ -49,8 +49,10 @@ def test_cli_launches_torchrun_itself(tmp_path, tiny_data):
     # "--n": the launcher must shield it from torchrun's parser
     args = ["--n" if a == "-n" else a for a in ARGS]
     proc = run_cli(["train", *args, "--iters", "10", "--data-dir", str(tiny_data), "--out", str(out),
-                    "--nproc-per-node", "2"], timeout=240)
-    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+                    "--nproc-per-node", "2", "--set", "dist.batch_scaling=per_rank"], timeout=240)
+    summary = json.loads((out / "summary.json").read_text())
+    # per_rank: each rank takes the whole optim.batch_size, so the global batch doubles
+    assert summary["world_size"] == 2 and summary["global_batch"] == 64
     assert proc.stdout.count('"rank"') == 2
 
 

@@ -120,3 +120,17 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tin
         state = checkpoint.load(ckpt)
         assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     assert not (out / "summary.json").exists()
+
+
+@pytest.mark.timeout(120)
+def test_validation_split_is_evaluated(tmp_path):
+    from .conftest import write_dataset
+
+    data = write_dataset(tmp_path / "data", 1200, 100)  # 6000 records: 1000 train + 5000 val
+    out = tmp_path / "run"
+    run_cli(["train", *TINY, "--iters", "10", "--data-dir", str(data), "--out", str(out),
+             "--set", "data.val_split=true", "--set", "train.eval_every=5"])
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["iter"] for r in records] == [5, 10] and all(0 <= r["val_error"] <= 100 for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_error"] == records[-1]["val_error"]
