@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dist
+from .checkpoint import atomic_write_text
 from .config import load_config
 from .data.augment import augment, draw_params
 from .data.cifar import Cifar10, Split, load_cifar10, write_batch_file, FOLDER, TRAIN_FILES, TEST_FILES
@@ -291,6 +292,4 @@ def format_table(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import typer
 
 from .config import ConfigError, RunConfig, check_run_dir, load_config
-from .data.cifar import DataError
+from .data.cifar import Cifar10, DataError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True,
@@ -35,9 +35,9 @@ def build_config(
     return load_config(config, _flags(**flags), overrides, iters)
 
 
-def preflight(cfg: RunConfig, world_size: int) -> None:
+def preflight(cfg: RunConfig, world_size: int) -> Cifar10:
     """Everything that can be checked before workers start: data files, batch split, run dir,
-    optional packages, devices."""
+    optional packages, devices. Returns the parsed data, so this process need not read it again."""
     import torch
 
     from .train import global_batch
@@ -55,8 +55,9 @@ def preflight(cfg: RunConfig, world_size: int) -> None:
         from .data.beton import require_ffcv
 
         require_ffcv()
-    load_data(cfg)  # parses and checks every file; a bad one is named
+    data = load_data(cfg)  # parses and checks every file; a bad one is named
     check_run_dir(cfg)
+    return data
 
 
 def _torchrun(nproc: int, max_restarts: int, argv: list[str]) -> None:
@@ -115,7 +116,7 @@ def train(
         from .dist import world_size_from_env
 
         under_torchrun = "LOCAL_RANK" in os.environ
-        preflight(cfg, nproc_per_node if nproc_per_node and not under_torchrun else world_size_from_env())
+        data = preflight(cfg, nproc_per_node if nproc_per_node and not under_torchrun else world_size_from_env())
     except (ConfigError, DataError, RuntimeError) as e:
         fail(str(e))
     if nproc_per_node and not under_torchrun:
@@ -126,7 +127,7 @@ def train(
     from .worker import main
 
     try:
-        summary = main(cfg)
+        summary = main(cfg, data)
     except NonFiniteLoss as e:
         fail(str(e), code=3)
     # every rank prints its view of the result: the all-reduced errors must agree

@@ -22,6 +22,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from .checkpoint import atomic_write_text
 from .data.loaders import DataConfig
 from .dist import DistConfig
 from .metrics import LogConfig
@@ -209,7 +210,4 @@ def check_run_dir(cfg: RunConfig) -> None:
 
 def write_run_config(cfg: RunConfig) -> None:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    path = cfg.run_dir / "config.toml"
-    tmp = path.with_name(".config.toml.tmp")
-    tmp.write_text(to_toml(cfg))
-    tmp.replace(path)
+    atomic_write_text(cfg.run_dir / "config.toml", to_toml(cfg))

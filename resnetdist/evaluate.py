@@ -10,7 +10,7 @@ import torch
 
 from . import checkpoint
 from .config import from_dict
-from .data.augment import channel_mean_image, mean_image
+from .data.augment import training_mean
 from .data.loaders import ResidentEvalLoader
 from .dist import resolve_device
 from .models import build_model
@@ -29,12 +29,8 @@ def evaluate_checkpoint(path: Path, data_dir: Path | None, device: str = "auto")
     model = build_model(cfg.model).to(dev)
     model.load_state_dict(state["model"])
     data = load_data(cfg)
-    if "mean" in state:  # the exact mean image the run trained with
-        mean = state["mean"]
-    elif cfg.data.mean == "pixel":
-        mean = mean_image(data.train.images)
-    else:
-        mean = channel_mean_image(cfg.data.channel_mean)
+    # the exact mean image the run trained with; older checkpoints lack it
+    mean = state["mean"] if "mean" in state else training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
     loaders = {"test": ResidentEvalLoader(data.test, cfg.data.eval_batch, 0, 1, dev)}
     if data.val is not None:
         loaders["val"] = ResidentEvalLoader(data.val, cfg.data.eval_batch, 0, 1, dev)

@@ -65,12 +65,12 @@ def load_for_export(path: Path, data_dir: Path | None = None) -> tuple[CifarResN
 def mean_of(state: dict[str, Any], cfg: RunConfig, path: Path, data_dir: Path | None) -> torch.Tensor:
     """The mean image the run trained with: stored in the checkpoint by newer runs; else the
     channel preset, else recomputed from the training data (which must then be reachable)."""
-    from .data.augment import channel_mean_image, mean_image
+    from .data.augment import training_mean
 
     if "mean" in state:
         return state["mean"].float().cpu()
     if cfg.data.mean == "channel":
-        return channel_mean_image(cfg.data.channel_mean)
+        return training_mean(cfg.data.mean, cfg.data.channel_mean, None)
     from .data.cifar import DataError, load_cifar10
 
     folder = data_dir or (Path(cfg.data.dir) if cfg.data.dir else None)
@@ -81,7 +81,7 @@ def mean_of(state: dict[str, Any], cfg: RunConfig, path: Path, data_dir: Path | 
             f"{path} holds no mean image (an older checkpoint) and the training data to recompute it "
             f"is not available ({e}); pass --data-dir"
         ) from None
-    return mean_image(data.train.images)
+    return training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
 
 
 def metadata(cfg: RunConfig, state: dict[str, Any], mean_file: Path) -> dict[str, str]:

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint, dist
-from .data.augment import augment, channel_mean_image, draw_params, mean_image, normalize
+from .data.augment import augment, draw_params, normalize, training_mean
 from .data.cifar import Cifar10
 from .data.loaders import make_eval_loader, make_train_loader
 from .data.order import iters_per_epoch
@@ -183,7 +183,7 @@ class Trainer:
             self.model.parameters(), self.lr, cfg.optim.momentum, cfg.optim.weight_decay
         )
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        mean = mean_image(data.train.images) if cfg.data.mean == "pixel" else channel_mean_image(cfg.data.channel_mean)
+        mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
         self.mean = mean.to(self.device)
 
         beton_train = beton_test = None
@@ -227,7 +227,6 @@ class Trainer:
             if mode and self.cfg.train.cuda_graph:
                 mode = "max-autotune-no-cudagraphs"  # our own graph captures the whole step
             train_model = torch.compile(train_model, mode=mode)
-        self.train_model = train_model
 
         def step(images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
             # index_select, not lrs[it]: a 0-d index tensor would be read back to the host
@@ -476,7 +475,7 @@ class Trainer:
                  "mean": self.mean.cpu()},
                 self.run_dir / "model.pt",
             )
-            write_json_atomic(self.run_dir / "summary.json", summary)
+            checkpoint.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             self.logger.summary(summary)
         return summary
 
@@ -504,11 +503,6 @@ def error_rates(model: nn.Module, loaders: dict, mean: torch.Tensor, memory_form
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _test_kill_iteration() -> int:

@@ -37,14 +37,16 @@ def ensure_betons(cfg: RunConfig, data: Cifar10) -> Path | None:
     return out
 
 
-def main(cfg: RunConfig) -> dict[str, Any]:
+def main(cfg: RunConfig, data: Cifar10 | None = None) -> dict[str, Any]:
+    """Train on this rank; `data` is what the caller already parsed, if anything."""
     if cfg.train.cuda_graph:
         # NCCL's async error handling must be off for DDP inside a captured graph (PyTorch's
         # CUDA graphs notes); it has to be set before the process group exists
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     ctx = dist.setup(cfg.train.device, cfg.dist.timeout_s)
     try:
-        data = load_data(cfg)
+        if data is None:
+            data = load_data(cfg)
         if ctx.is_main:
             check_run_dir(cfg)
             write_run_config(cfg)

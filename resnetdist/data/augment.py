@@ -59,6 +59,14 @@ def mean_image(images_u8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images_u8.mean(axis=0, dtype=np.float64).astype(np.float32) / 255.0)
 
 
+def training_mean(mode: str, channel_mean: list[float], train_images_u8: np.ndarray | None) -> torch.Tensor:
+    """The mean image a run subtracts (data.mean): per pixel over the training images, or the
+    constant channel preset (which needs no images)."""
+    if mode == "channel":
+        return channel_mean_image(channel_mean)
+    return mean_image(train_images_u8)
+
+
 def channel_mean_image(channel_mean: list[float]) -> torch.Tensor:
     """A constant mean image from per-channel means given in 0-255 units (the seed repo's preset)."""
     m = torch.tensor(channel_mean, dtype=torch.float32) / 255.0
