@@ -23,26 +23,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import dist
 from .checkpoint import atomic_write_text
-from .config import load_config
-from .data.augment import augment, draw_params
-from .data.cifar import Cifar10, Split, load_cifar10, write_batch_file, FOLDER, TRAIN_FILES, TEST_FILES
-from .models import ModelConfig, build_model
-from .train import Trainer
-from .worker import ensure_betons
+from .config import LOADER_ALIASES, PAPER_ITERS, ModelConfig, RunConfig, load_config, model_name
+from .data import open_loaders
+from .data.augment import augment
+from .data.cifar import Cifar10, Split, load_cifar10, write_synthetic
+from .loop import Feed, run_steps
+from .models import build_model
+from .run import make_model, make_step
 
-PAPER_ITERS = 64_000
 BATCH = 128
 
 
 @dataclass(frozen=True)
 class Setting:
-    loader: str  # gpu | ffcv | baseline
+    loader: str  # resident | ffcv | baseline
     mode: str  # eager | compile | graph (baseline: eager)
     precision: str  # fp32 | bf16 | fp16
 
@@ -51,17 +50,6 @@ class Setting:
         if self.loader == "baseline":
             return "baseline: fp32 eager, CPU transforms in a DataLoader"
         return f"{self.loader} loader, {self.mode}, {self.precision}"
-
-
-def synthetic_cifar(root: Path, train_per_file: int = 10_000, test: int = 1_000, seed: int = 0) -> Path:
-    """Random pixels and labels in the official layout: speed does not depend on content."""
-    rng = np.random.default_rng(seed)
-    folder = root / FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, n in [*((f, train_per_file) for f in TRAIN_FILES), (TEST_FILES[0], test)]:
-        split = Split(rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, n))
-        write_batch_file(folder / name, split)
-    return root
 
 
 def settings_for(device: torch.device, loaders: list[str], modes: list[str], precisions: list[str],
@@ -135,79 +123,67 @@ def bench_baseline(data: Cifar10, n: int, iters: int, warmup: int, device: torch
 
     it = batches()
 
-    def step():
-        x, y = next(it)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
+    def steps(count: int) -> None:
+        for _ in range(count):
+            x, y = next(it)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss.item()  # the progress meter's read-back, as public loops do
 
-    for _ in range(warmup):
-        step()
-    _sync(device)
     setup = time.perf_counter() - t_setup
+    warm_s, seconds = timed(steps, warmup, iters, device)
+    return _result(setting, iters, seconds, setup + warm_s)
+
+
+def bench_config(setting: Setting, n: int, device: torch.device, beton_dir: Path) -> RunConfig:
+    return load_config(flags={
+        "model": {"n": n}, "data": {"loader": setting.loader, "beton_dir": str(beton_dir)},
+        "train": {"device": device.type, "precision": setting.precision, "cuda_graph": setting.mode == "graph",
+                  "compile": "default" if setting.mode == "compile" else "none"},
+        "log": {"wandb_mode": "disabled"},
+    })
+
+
+def timed(run, warmup: int, iters: int, device: torch.device) -> tuple[float, float]:
+    """(seconds of the warm-up, seconds of `iters` timed iterations); run(count) does count."""
     t0 = time.perf_counter()
-    for _ in range(iters):
-        step()
+    run(warmup)
     _sync(device)
-    return _result(setting, iters, time.perf_counter() - t0, setup)
-
-
-def make_trainer(setting: Setting, data: Cifar10, n: int, device: torch.device, betons: Path | None) -> Trainer:
-    cfg = load_config(
-        flags={"model": {"n": n}, "data": {"loader": setting.loader},
-               "train": {"device": device.type, "precision": setting.precision, "cuda_graph": setting.mode == "graph",
-                         "compile": "default" if setting.mode == "compile" else "none"}},
-    )
-    ctx = dist.DistContext(0, 0, 1, device)
-    return Trainer(cfg, ctx, data, betons)
+    t1 = time.perf_counter()
+    run(iters)
+    _sync(device)
+    return t1 - t0, time.perf_counter() - t1
 
 
 def bench_setting(setting: Setting, data: Cifar10, n: int, iters: int, warmup: int, device: torch.device,
-                  betons: Path | None) -> dict:
+                  beton_dir: Path) -> dict:
     t_setup = time.perf_counter()
-    trainer = make_trainer(setting, data, n, device, betons)
-    step = trainer.build_step()
-    batches = trainer.train_loader.batches(0)
-    seed, gb = trainer.cfg.train.seed, trainer.global_batch
-
-    def run(first: int, count: int) -> None:
-        for i in range(first, first + count):
-            images, labels = next(batches)
-            step(images, labels, draw_params(seed, i, gb, 0, 1))
-
-    run(0, warmup)
-    _sync(device)
+    cfg = bench_config(setting, n, device, beton_dir)
+    ctx = dist.DistContext(0, 0, 1, device)
+    model, optimizer = make_model(cfg, ctx)
+    step = make_step(cfg, ctx, model, optimizer, data)
+    batches = Feed(open_loaders(cfg.data, data, ctx, BATCH, cfg.train.seed).train, cfg.train.seed, BATCH).batches(0)
     setup = time.perf_counter() - t_setup
-    t0 = time.perf_counter()
-    run(warmup, iters)
-    _sync(device)
-    result = _result(setting, iters, time.perf_counter() - t0, setup)
-    trainer.stats.zero_()
-    return result
+    warm_s, seconds = timed(lambda count: run_steps(step, batches, count), warmup, iters, device)
+    return _result(setting, iters, seconds, setup + warm_s)
 
 
-def bench_loader(loader_name: str, data: Cifar10, device: torch.device, betons: Path | None, iters: int,
+def bench_loader(loader_name: str, data: Cifar10, device: torch.device, beton_dir: Path, iters: int,
                  warmup: int) -> dict:
     """Images/s delivered by one loader, augmented on the device, with no model step."""
-    trainer = make_trainer(Setting(loader_name, "eager", "fp32"), data, 1, device, betons)
-    batches = trainer.train_loader.batches(0)
-    gb = trainer.global_batch
+    cfg = bench_config(Setting(loader_name, "eager", "fp32"), 1, device, beton_dir)
+    ctx = dist.DistContext(0, 0, 1, device)
+    batches = Feed(open_loaders(cfg.data, data, ctx, BATCH, 0).train, 0, BATCH).batches(0)
+    mean = torch.zeros(3, 32, 32, device=device)
 
-    def run(first: int, count: int) -> None:
-        for i in range(first, first + count):
-            images, _ = next(batches)
-            augment(images, trainer.mean, draw_params(0, i, gb, 0, 1).to(device, non_blocking=True))
+    def augment_only(images, labels, aug):
+        augment(images, mean, aug.to(device, non_blocking=True))
 
-    run(0, warmup)
-    _sync(device)
-    t0 = time.perf_counter()
-    run(warmup, iters)
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    return {"loader": loader_name, "images_per_second": gb * iters / seconds, "iters": iters}
+    _, seconds = timed(lambda count: run_steps(augment_only, batches, count), warmup, iters, device)
+    return {"loader": loader_name, "images_per_second": BATCH * iters / seconds, "iters": iters}
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -230,23 +206,25 @@ def ffcv_available() -> bool:
         return False
 
 
-def open_data(data_dir: Path | None, scratch: Path, need_betons: bool) -> tuple[Cifar10, Path | None]:
-    root = data_dir or synthetic_cifar(scratch)
-    data = load_cifar10(root)
-    betons = None
-    if need_betons:
-        cfg = load_config(flags={"data": {"loader": "ffcv", "beton_dir": str(scratch / "beton") if data_dir is None else ""}})
-        betons = ensure_betons(cfg, data)
-    return data, betons
+def open_data(data_dir: Path | None, scratch: Path) -> tuple[Cifar10, Path]:
+    """The data to time with (synthetic when no folder is given), and where its .beton files go."""
+    if data_dir is None:
+        return load_cifar10(write_synthetic(scratch, 10_000, 1_000)), scratch / "beton"
+    data = load_cifar10(data_dir)
+    return data, data.folder.parent / "beton"
+
+
+def loader_names(loaders: list[str]) -> list[str]:
+    return [LOADER_ALIASES.get(name, name) for name in loaders]
 
 
 def run_step_bench(n: int, iters: int, warmup: int, device_pref: str, loaders: list[str], modes: list[str],
                    precisions: list[str], data_dir: Path | None, workers: int) -> dict[str, Any]:
     device = dist.resolve_device(device_pref, 0)
     have_ffcv = ffcv_available()
-    settings, skipped = settings_for(device, loaders, modes, precisions, have_ffcv)
+    settings, skipped = settings_for(device, loader_names(loaders), modes, precisions, have_ffcv)
     with tempfile.TemporaryDirectory(prefix="resnetdist-bench-") as scratch:
-        data, betons = open_data(data_dir, Path(scratch), any(s.loader == "ffcv" for s in settings))
+        data, betons = open_data(data_dir, Path(scratch))
         results = []
         for s in settings:
             print(f"  timing {s.label} ...", flush=True)
@@ -257,17 +235,18 @@ def run_step_bench(n: int, iters: int, warmup: int, device_pref: str, loaders: l
     base = results[0]["ms_per_iter"]
     for r in results:
         r["speedup_vs_baseline"] = base / r["ms_per_iter"]
-    return {"kind": "step", "model": f"resnet{6 * n + 2}", "batch": BATCH, **environment(device),
+    return {"kind": "step", "model": model_name(n, plain=False), "batch": BATCH, **environment(device),
             "data": str(data_dir) if data_dir else "synthetic", "results": results, "skipped": skipped}
 
 
 def run_loader_bench(iters: int, warmup: int, device_pref: str, loaders: list[str], data_dir: Path | None) -> dict:
     device = dist.resolve_device(device_pref, 0)
     have_ffcv = ffcv_available()
+    loaders = loader_names(loaders)
     chosen = [name for name in loaders if name != "ffcv" or have_ffcv]
     skipped = [f"{name} loader: FFCV is not installed" for name in loaders if name not in chosen]
     with tempfile.TemporaryDirectory(prefix="resnetdist-bench-") as scratch:
-        data, betons = open_data(data_dir, Path(scratch), "ffcv" in chosen)
+        data, betons = open_data(data_dir, Path(scratch))
         results = [bench_loader(name, data, device, betons, iters, warmup) for name in chosen]
     return {"kind": "loader", "batch": BATCH, **environment(device), "data": str(data_dir) if data_dir else "synthetic",
             "results": results, "skipped": skipped}

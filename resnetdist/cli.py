@@ -10,8 +10,8 @@ from typing import Any, Optional
 
 import typer
 
-from .config import ConfigError, RunConfig, check_run_dir, load_config
-from .data.cifar import Cifar10, DataError
+from .config import ConfigError, RunConfig, load_config
+from .data.cifar import DataError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True,
@@ -33,31 +33,6 @@ def build_config(
     config: Path | None, overrides: list[str], iters: int | None, **flags: dict[str, Any]
 ) -> RunConfig:
     return load_config(config, _flags(**flags), overrides, iters)
-
-
-def preflight(cfg: RunConfig, world_size: int) -> Cifar10:
-    """Everything that can be checked before workers start: data files, batch split, run dir,
-    optional packages, devices. Returns the parsed data, so this process need not read it again."""
-    import torch
-
-    from .train import global_batch
-    from .worker import load_data
-
-    try:
-        global_batch(cfg, world_size)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device = cuda, but torch sees no CUDA device")
-    if cfg.dist.sync_bn and world_size > 1 and not torch.cuda.is_available():
-        raise ConfigError("dist.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
-    if cfg.data.loader == "ffcv":
-        from .data.beton import require_ffcv
-
-        require_ffcv()
-    data = load_data(cfg)  # parses and checks every file; a bad one is named
-    check_run_dir(cfg)
-    return data
 
 
 def _torchrun(nproc: int, max_restarts: int, argv: list[str]) -> None:
@@ -101,7 +76,7 @@ def train(
     out: Optional[Path] = typer.Option(None, help="run directory (default runs/<name>)"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     seed: Optional[int] = typer.Option(None),
-    loader: Optional[str] = typer.Option(None, help="gpu (dataset resident on the device) | ffcv"),
+    loader: Optional[str] = typer.Option(None, help="resident (the dataset kept on the training device; 'gpu' is its old name) | ffcv"),
     nproc_per_node: int = typer.Option(0, help="launch N workers with torchrun (0: this process only)"),
     max_restarts: int = typer.Option(0, help="with --nproc-per-node: elastic restarts after a worker dies"),
 ) -> None:
@@ -114,6 +89,7 @@ def train(
             train={"out": str(out) if out else None, "device": device, "seed": seed},
         )
         from .dist import world_size_from_env
+        from .run import preflight
 
         under_torchrun = "LOCAL_RANK" in os.environ
         data = preflight(cfg, nproc_per_node if nproc_per_node and not under_torchrun else world_size_from_env())
@@ -123,13 +99,13 @@ def train(
         _torchrun(nproc_per_node, max_restarts, _strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]))
         return
 
-    from .train import NonFiniteLoss
-    from .worker import main
+    from .loop import NonFiniteLoss
+    from .run import main
 
     try:
         summary = main(cfg, data)
     except NonFiniteLoss as e:
-        fail(str(e), code=3)
+        fail(f"{e} (run directory {cfg.run_dir})", code=3)
     # every rank prints its view of the result: the all-reduced errors must agree
     keys = ("name", "test_error", "iterations", "train_seconds", "images_per_second")
     typer.echo(json.dumps({"rank": int(os.environ.get("RANK", "0")), **{k: summary[k] for k in keys}}))

@@ -1,15 +1,19 @@
-"""One run's configuration: small dataclasses, each kept beside the code it configures, composed
-here into RunConfig; loaded from TOML (configs/*.toml) plus `--set section.key=value` overrides.
+"""One run's configuration: a small dataclass per concern, composed into RunConfig; loaded
+from TOML (configs/*.toml) plus `--set section.key=value` overrides.
 
 Order of precedence: dataclass defaults < --config file < CLI flags < --set. Everything is
 checked (unknown section or key, wrong type, impossible value) before any worker starts, and
-the error names the key at fault. "auto" values are resolved once, here, so config.toml in the
-run directory records what actually ran.
+the error names the key at fault. Every "auto" (device, precision, CUDA graph, W&B mode,
+warm-up) is resolved here, once, so config.toml in the run directory records what ran.
+
+This module imports nothing from the package: every other module may import it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +26,165 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from .checkpoint import atomic_write_text
-from .data.loaders import DataConfig
-from .dist import DistConfig
-from .metrics import LogConfig
-from .models import ModelConfig
-from .train import OptimConfig, TrainConfig
+PAPER_ITERS = 64_000  # the paper's schedule: 64k iterations, lr /10 at 32k and 48k
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE_MODES = ("none", "default", "max-autotune")
+LOADERS = ("resident", "ffcv")
+LOADER_ALIASES = {"gpu": "resident"}  # the resident loader's old name; configs that say "gpu" still run
+BATCH_SCALING = ("split", "per_rank")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
 class ConfigError(ValueError):
     """A configuration file, key or value is wrong; the message names it."""
+
+
+def model_name(n: int, plain: bool) -> str:
+    """resnet20, plain56, ...: the name of the (6n+2)-layer net."""
+    return f"{'plain' if plain else 'resnet'}{6 * n + 2}"
+
+
+def depth_to_n(depth: int) -> int:
+    if depth < 8 or (depth - 2) % 6:
+        raise ConfigError(f"--depths: {depth} is not 6n+2 for some n >= 1 (8, 14, 20, 32, 44, 56, 110, ...)")
+    return (depth - 2) // 6
+
+
+# ----- the sections -----------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    n: int = 3  # blocks per stage; depth = 6n + 2
+    plain: bool = False  # True: no shortcuts (the paper's "plain" baselines)
+    shortcut: str = "A"  # A: identity + zero-padded channels (paper's CIFAR choice); B: 1x1 projection
+    num_classes: int = 10
+
+    def validate(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"model.n must be >= 1, got {self.n}")
+        if self.shortcut not in ("A", "B"):
+            raise ValueError(f"model.shortcut must be 'A' or 'B', got {self.shortcut!r}")
+        if self.num_classes < 2:
+            raise ValueError(f"model.num_classes must be >= 2, got {self.num_classes}")
+
+    @property
+    def depth(self) -> int:
+        return 6 * self.n + 2
+
+    @property
+    def name(self) -> str:
+        return model_name(self.n, self.plain)
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""  # folder with cifar-10-batches-bin/ or the tarball; "" = download to the cache
+    loader: str = "resident"  # resident: the dataset on the training device | ffcv: .beton files
+    beton_dir: str = ""  # where the .beton files live; "" = <data dir>/beton
+    ffcv_workers: int = 4
+    val_split: bool = False  # hold out 5k training images (the paper's 45k/5k protocol)
+    mean: str = "pixel"  # pixel: per-pixel mean image of the training set; channel: channel_mean
+    channel_mean: list[float] = field(default_factory=lambda: [125.3, 123.0, 113.9])
+    eval_batch: int = 1000
+
+    def validate(self) -> None:
+        if self.loader not in LOADERS and self.loader not in LOADER_ALIASES:
+            raise ValueError(f"data.loader must be one of {LOADERS}, got {self.loader!r}")
+        if self.mean not in ("pixel", "channel"):
+            raise ValueError(f"data.mean must be 'pixel' or 'channel', got {self.mean!r}")
+        if len(self.channel_mean) != 3:
+            raise ValueError(f"data.channel_mean needs 3 values, got {self.channel_mean}")
+        if self.eval_batch < 1 or self.ffcv_workers < 1:
+            raise ValueError("data.eval_batch and data.ffcv_workers must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = 128  # global batch (see dist.batch_scaling)
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    iters: int = PAPER_ITERS
+    milestones: list[int] = field(default_factory=lambda: [32_000, 48_000])
+    gamma: float = 0.1  # lr factor at each milestone
+    warmup_iters: int = -1  # lr = warmup_lr for the first warmup_iters; -1: 400 for n >= 18, else 0
+    warmup_lr: float = 0.01
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.iters < 1:
+            raise ValueError("optim.batch_size and optim.iters must be >= 1")
+        if self.lr <= 0 or self.warmup_lr <= 0:
+            raise ValueError(f"optim.lr and optim.warmup_lr must be > 0, got {self.lr}, {self.warmup_lr}")
+        if not 0 <= self.momentum < 1 or self.weight_decay < 0 or not 0 < self.gamma <= 1:
+            raise ValueError("optim.momentum must be in [0, 1), weight_decay >= 0, gamma in (0, 1]")
+        if sorted(self.milestones) != self.milestones or any(m < 1 for m in self.milestones):
+            raise ValueError(f"optim.milestones must be increasing positive iterations, got {self.milestones}")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    out: str = ""  # run directory; "" = runs/<name>
+    eval_every: int = 2_000
+    checkpoint_every: int = 4_000
+    keep_checkpoints: int = 3
+    precision: str = "auto"  # auto: bf16 on a GPU that supports it, else fp32
+    channels_last: bool = True  # used on CUDA only
+    compile: str = "none"  # none | default | max-autotune (torch.compile of the model)
+    cuda_graph: bool = False  # capture the whole step once, replay it (CUDA only)
+
+    def validate(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
+        if min(self.eval_every, self.checkpoint_every, self.keep_checkpoints) < 1:
+            raise ValueError("train.eval_every, checkpoint_every and keep_checkpoints must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"train.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.cuda_graph and self.precision == "fp16":
+            raise ValueError("train.cuda_graph does not support fp16 (its loss scaler syncs with the host); use bf16")
+
+
+@dataclass
+class DistConfig:
+    # split: optim.batch_size is the global batch, divided across ranks (the paper's 128 on
+    # any number of GPUs). per_rank: every rank takes optim.batch_size, the global batch grows
+    # with the world size and the lr is scaled linearly with a warm-up (Goyal et al. 2017).
+    batch_scaling: str = "split"
+    scale_warmup_iters: int = 500
+    sync_bn: bool = False
+    timeout_s: int = 600  # process-group init and every collective
+
+    def validate(self) -> None:
+        if self.batch_scaling not in BATCH_SCALING:
+            raise ValueError(f"dist.batch_scaling must be one of {BATCH_SCALING}, got {self.batch_scaling!r}")
+        if self.timeout_s < 1 or self.scale_warmup_iters < 0:
+            raise ValueError("dist.timeout_s must be >= 1 and dist.scale_warmup_iters >= 0")
+
+
+@dataclass
+class LogConfig:
+    name: str = ""  # run name; "" = <model>-s<seed>, e.g. resnet20-s0
+    log_every: int = 100  # iterations between train-loss records (TensorBoard / W&B, progress)
+    tensorboard: bool = True
+    wandb_mode: str = "auto"  # auto: online when logged in or WANDB_API_KEY is set, else offline
+    wandb_project: str = ""  # "" = $WANDB_PROJECT or "resnetdist"
+    wandb_entity: str = ""  # "" = $WANDB_ENTITY or your default entity
+    wandb_group: str = ""  # "" = the model name, so seeds of one net group together
+    wandb_tags: list[str] = field(default_factory=list)
+    wandb_init_timeout_s: int = 60  # online init gives up after this, and the run goes on offline
+    wandb_finish_timeout_s: int = 300  # upload wait at the end; the rest stays on disk for `wandb sync`
+
+    def validate(self) -> None:
+        if self.wandb_mode not in WANDB_MODES:
+            raise ValueError(f"log.wandb_mode must be one of {WANDB_MODES}, got {self.wandb_mode!r}")
+        if self.log_every < 1:
+            raise ValueError(f"log.log_every must be >= 1, got {self.log_every}")
+        if self.wandb_init_timeout_s < 1 or self.wandb_finish_timeout_s < 1:
+            raise ValueError("log.wandb_init_timeout_s and log.wandb_finish_timeout_s must be >= 1")
 
 
 @dataclass
@@ -51,6 +204,11 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.train.out) if self.train.out else Path("runs") / self.name
 
+    @property
+    def tags(self) -> list[str]:
+        m = self.model
+        return [m.name, "plain" if m.plain else "resnet", f"seed{self.train.seed}", f"depth{m.depth}"]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -64,6 +222,9 @@ class RunConfig:
             raise ConfigError(
                 f"optim.warmup_iters ({self.optim.warmup_iters}) exceeds optim.iters ({self.optim.iters})"
             )
+
+
+# ----- reading and merging ------------------------------------------------------------------------
 
 
 def _check_type(key: str, value: Any, hint: Any) -> Any:
@@ -138,18 +299,72 @@ def load_config(
         merge(cfg, flags, "command line")
     for text in overrides or []:
         merge(cfg, parse_override(text), f"--set {text}")
-    resolve(cfg)
+    for note in resolve(cfg):
+        if os.environ.get("RANK", "0") == "0":  # once per job, not once per rank
+            print(f"note: {note}", file=sys.stderr, flush=True)
     if iters is not None:
         scale_schedule(cfg, iters)
     cfg.validate()
     return cfg
 
 
-def resolve(cfg: RunConfig) -> None:
-    """Fill in the values whose default depends on others."""
+# ----- resolving "auto" ---------------------------------------------------------------------------
+
+
+def resolve(cfg: RunConfig) -> list[str]:
+    """Replace every "auto" and alias by what will run; returns notes for the user about
+    settings that cannot apply here."""
+    import torch
+
+    notes = []
     if cfg.optim.warmup_iters < 0:
         # The paper warms ResNet-110 up at lr 0.01 for ~400 iterations; shallower nets need none.
         cfg.optim.warmup_iters = 400 if cfg.model.n >= 18 else 0
+    cfg.data.loader = LOADER_ALIASES.get(cfg.data.loader, cfg.data.loader)
+    if cfg.train.device == "auto":
+        cfg.train.device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_cuda = cfg.train.device == "cuda"
+    if cfg.train.precision == "auto":
+        cfg.train.precision = "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if cfg.train.cuda_graph and not on_cuda:
+        notes.append(f"train.cuda_graph needs CUDA; the step runs without a graph on {cfg.train.device}")
+        cfg.train.cuda_graph = False
+    cfg.log.wandb_mode = resolve_wandb_mode(cfg.log.wandb_mode)
+    return notes
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """auto -> $WANDB_MODE when set, else online when logged in, else offline. An explicit
+    log.wandb_mode (online/offline/disabled) wins over the environment."""
+    if mode != "auto":
+        return mode
+    env = wandb_env_mode()
+    if env in ("online", "offline", "disabled", "shared"):
+        return "online" if env == "shared" else env
+    return "online" if wandb_logged_in() else "offline"
+
+
+def wandb_env_mode() -> str | None:
+    """The mode asked for by WANDB_MODE / WANDB_DISABLED, normalised; None when unset."""
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
+        return "disabled"
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    return {"dryrun": "offline", "run": "online"}.get(mode, mode) if mode else None
+
+
+def wandb_logged_in() -> bool:
+    """An API key in the environment, or `wandb login` having stored one in ~/.netrc for the
+    server in use. Decided locally: nothing is sent over the network."""
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return netrc.is_file() and host in netrc.read_text(errors="ignore")
+    except OSError:
+        return False
 
 
 def scale_schedule(cfg: RunConfig, iters: int) -> None:
@@ -162,9 +377,13 @@ def scale_schedule(cfg: RunConfig, iters: int) -> None:
     cfg.optim.iters = iters
 
 
+# ----- run directories ----------------------------------------------------------------------------
+
+
 def from_dict(tree: dict[str, Any], source: str) -> RunConfig:
     cfg = RunConfig()
     merge(cfg, tree, source)
+    cfg.data.loader = LOADER_ALIASES.get(cfg.data.loader, cfg.data.loader)
     return cfg
 
 
@@ -206,8 +425,3 @@ def check_run_dir(cfg: RunConfig) -> None:
             f"{cfg.run_dir} holds a run with a different configuration ({'; '.join(changed)}); "
             f"pass another --out, or delete that folder to start over"
         )
-
-
-def write_run_config(cfg: RunConfig) -> None:
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cfg.run_dir / "config.toml", to_toml(cfg))

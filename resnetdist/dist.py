@@ -12,25 +12,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-BATCH_SCALING = ("split", "per_rank")
-
-
-@dataclass
-class DistConfig:
-    # split: optim.batch_size is the global batch, divided across ranks (the paper's 128 on
-    # any number of GPUs). per_rank: every rank takes optim.batch_size, the global batch grows
-    # with the world size and the lr is scaled linearly with a warm-up (Goyal et al. 2017).
-    batch_scaling: str = "split"
-    scale_warmup_iters: int = 500
-    sync_bn: bool = False
-    timeout_s: int = 600  # process-group init and every collective
-
-    def validate(self) -> None:
-        if self.batch_scaling not in BATCH_SCALING:
-            raise ValueError(f"dist.batch_scaling must be one of {BATCH_SCALING}, got {self.batch_scaling!r}")
-        if self.timeout_s < 1 or self.scale_warmup_iters < 0:
-            raise ValueError("dist.timeout_s must be >= 1 and dist.scale_warmup_iters >= 0")
-
 
 @dataclass(frozen=True)
 class DistContext:

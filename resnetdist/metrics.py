@@ -11,34 +11,10 @@ import math
 import os
 import sys
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-WANDB_MODES = ("auto", "online", "offline", "disabled")
-
-
-@dataclass
-class LogConfig:
-    name: str = ""  # run name; "" = <model>-s<seed>, e.g. resnet20-s0
-    log_every: int = 100  # iterations between train-loss records (TensorBoard / W&B, progress)
-    tensorboard: bool = True
-    wandb_mode: str = "auto"  # auto: online when logged in or WANDB_API_KEY is set, else offline
-    wandb_project: str = ""  # "" = $WANDB_PROJECT or "resnetdist"
-    wandb_entity: str = ""  # "" = $WANDB_ENTITY or your default entity
-    wandb_group: str = ""  # "" = the model name, so seeds of one net group together
-    wandb_tags: list[str] = field(default_factory=list)
-    wandb_init_timeout_s: int = 60  # online init gives up after this, and the run goes on offline
-    wandb_finish_timeout_s: int = 300  # upload wait at the end; the rest stays on disk for `wandb sync`
-
-    def validate(self) -> None:
-        if self.wandb_mode not in WANDB_MODES:
-            raise ValueError(f"log.wandb_mode must be one of {WANDB_MODES}, got {self.wandb_mode!r}")
-        if self.log_every < 1:
-            raise ValueError(f"log.log_every must be >= 1, got {self.log_every}")
-        if self.wandb_init_timeout_s < 1 or self.wandb_finish_timeout_s < 1:
-            raise ValueError("log.wandb_init_timeout_s and log.wandb_finish_timeout_s must be >= 1")
-
+from .config import LogConfig, resolve_wandb_mode, wandb_logged_in
 
 class NullLogger:
     """What ranks other than 0 log to: nothing."""
@@ -105,43 +81,6 @@ class TensorBoardSink:
 
     def close(self) -> None:
         self.writer.close()
-
-
-def _wandb_host() -> str:
-    from urllib.parse import urlparse
-
-    return urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
-
-
-def wandb_logged_in() -> bool:
-    """An API key in the environment, or `wandb login` having stored one in ~/.netrc for the
-    server in use. Decided locally: nothing is sent over the network."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return netrc.is_file() and _wandb_host() in netrc.read_text(errors="ignore")
-    except OSError:
-        return False
-
-
-def wandb_env_mode() -> str | None:
-    """The mode asked for by WANDB_MODE / WANDB_DISABLED, normalised; None when unset."""
-    if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
-        return "disabled"
-    mode = os.environ.get("WANDB_MODE", "").strip().lower()
-    return {"dryrun": "offline", "run": "online"}.get(mode, mode) if mode else None
-
-
-def resolve_wandb_mode(mode: str) -> str:
-    """auto -> $WANDB_MODE when set, else online when logged in, else offline. An explicit
-    log.wandb_mode (online/offline/disabled) wins over the environment."""
-    if mode != "auto":
-        return mode
-    env = wandb_env_mode()
-    if env in ("online", "offline", "disabled", "shared"):
-        return "online" if env == "shared" else env
-    return "online" if wandb_logged_in() else "offline"
 
 
 def _env_tags() -> list[str]:

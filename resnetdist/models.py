@@ -7,37 +7,13 @@ conv of stages 2 and 3 has stride 2. Every conv is followed by BatchNorm; there 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ModelConfig
+
 STAGE_WIDTHS = (16, 32, 64)
-
-
-@dataclass
-class ModelConfig:
-    n: int = 3  # blocks per stage; depth = 6n + 2
-    plain: bool = False  # True: no shortcuts (the paper's "plain" baselines)
-    shortcut: str = "A"  # A: identity + zero-padded channels (paper's CIFAR choice); B: 1x1 projection
-    num_classes: int = 10
-
-    def validate(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"model.n must be >= 1, got {self.n}")
-        if self.shortcut not in ("A", "B"):
-            raise ValueError(f"model.shortcut must be 'A' or 'B', got {self.shortcut!r}")
-        if self.num_classes < 2:
-            raise ValueError(f"model.num_classes must be >= 2, got {self.num_classes}")
-
-    @property
-    def depth(self) -> int:
-        return 6 * self.n + 2
-
-    @property
-    def name(self) -> str:
-        return f"{'plain' if self.plain else 'resnet'}{self.depth}"
 
 
 class ZeroPadShortcut(nn.Module):

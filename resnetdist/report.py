@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PAPER_ITERS = 64_000
+from .config import PAPER_ITERS, from_dict, read_toml
 
 # He et al. 2015, Table 6 (test error %, CIFAR-10), and the plain nets' values read off Fig. 6.
 PAPER_RESNET: dict[int, str] = {
@@ -149,18 +149,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _config_info(path: Path) -> dict[str, Any]:
     """model / seed / iterations from config.toml, for a run that has no summary yet."""
     try:
-        from .config import read_toml
-
-        tree = read_toml(path / "config.toml")
+        cfg = from_dict(read_toml(path / "config.toml"), str(path / "config.toml"))
     except Exception:  # noqa: BLE001 - missing or unreadable: fall back to the folder name
         return {}
-    model, train, optim, log = (tree.get(k, {}) for k in ("model", "train", "optim", "log"))
-    n = int(model.get("n", 3))
-    plain = bool(model.get("plain", False))
-    name = f"{'plain' if plain else 'resnet'}{6 * n + 2}"
-    seed = int(train.get("seed", 0))
-    return {"model": name, "depth": 6 * n + 2, "plain": plain, "seed": seed,
-            "iterations": int(optim.get("iters", PAPER_ITERS)), "name": log.get("name") or f"{name}-s{seed}"}
+    return {"model": cfg.model.name, "depth": cfg.model.depth, "plain": cfg.model.plain, "seed": cfg.train.seed,
+            "iterations": cfg.optim.iters, "name": cfg.name}
 
 
 def load_run(path: Path) -> Run:
@@ -320,8 +313,6 @@ def markdown(runs: list[Run], figure: str | None, curves: dict[str, str], title:
 
 def _config_data_dir(path: Path) -> str | None:
     try:
-        from .config import read_toml
-
         return read_toml(path / "config.toml").get("data", {}).get("dir") or None
     except Exception:  # noqa: BLE001
         return None

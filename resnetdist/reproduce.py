@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .config import ConfigError, load_config
+from .config import ConfigError, depth_to_n, load_config
 
 
 @dataclass
@@ -59,12 +59,6 @@ class Outcome:
     job: Job
     status: str  # done | skipped | failed
     detail: str = ""
-
-
-def depth_to_n(depth: int) -> int:
-    if depth < 8 or (depth - 2) % 6:
-        raise ConfigError(f"--depths: {depth} is not 6n+2 for some n >= 1 (8, 14, 20, 32, 44, 56, 110, ...)")
-    return (depth - 2) // 6
 
 
 def parse_ints(text: str, what: str) -> list[int]:

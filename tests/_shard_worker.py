@@ -1,7 +1,7 @@
 """Worker for tests/test_beton.py, run under torchrun (gloo, CPU).
 
 Every rank prepares the betons (the lock serialises them), builds the training and
-evaluation loaders of each kind through loaders.make_*_loader, identifies the samples it is
+evaluation loaders of each kind through data.open_loaders, identifies the samples it is
 given (the record id is stored in pixel bytes [0,0,0] and [0,0,1]), and rank 0 writes what
 every rank saw, gathered with all_gather_object, to OUT as JSON. The training streams are
 left open at exit on purpose.
@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from resnetdist.data import cifar
+from resnetdist.config import DataConfig
+from resnetdist.data import cifar, open_loaders
 from resnetdist.data.beton import prepare_betons
-from resnetdist.data.loaders import DataConfig, make_eval_loader, make_train_loader
 from resnetdist.data.order import iters_per_epoch
+from resnetdist.dist import DistContext
 
 
 OPEN_STREAMS: list = []
@@ -48,14 +49,13 @@ def main() -> None:
     steps = iters_per_epoch(len(train), global_batch)
 
     result: dict = {"rank": rank, "world": world, "rebuilt": rebuilt}
-    for kind in ("gpu", "ffcv"):
+    data = cifar.Cifar10(train, test, folder=bins)
+    for kind in ("resident", "ffcv"):
         # 64 workers: more than numba has threads here; the loader caps it
-        cfg = DataConfig(loader=kind, ffcv_workers=64, eval_batch=eval_batch)
-        tl = make_train_loader(
-            cfg, train, None, train_beton, global_batch, seed, rank, world, device
-        )
+        cfg = DataConfig(loader=kind, ffcv_workers=64, eval_batch=eval_batch, beton_dir=str(beton_dir))
+        loaders = open_loaders(cfg, data, DistContext(rank, rank, world, device), global_batch, seed)
         epochs_seen = []
-        gen = tl.batches(0)
+        gen = loaders.train.batches(0)
         for _ in range(epochs):
             seen = []
             for _ in range(steps):
@@ -66,9 +66,8 @@ def main() -> None:
         # process must still exit cleanly with FFCV's epoch thread alive
         next(gen)  # into the next epoch: FFCV's thread is now mid-epoch, filling its queue
         OPEN_STREAMS.append(gen)
-        el = make_eval_loader(cfg, test, None, test_beton, rank, world, device)
         evals = []
-        for images, labels in el:
+        for images, labels in loaders.evals["test"]:
             evals.append([ids_of(images), labels.tolist()])
         result[kind] = {"train": epochs_seen, "eval": evals}
 

@@ -8,32 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from resnetdist.data.cifar import FOLDER, TEST_FILES, TRAIN_FILES, Split, write_batch_file
+from resnetdist.data.cifar import synthetic_split, write_synthetic
+
+# the one small data set of the tests, in the official layout (resnetdist/data/cifar.py)
+write_dataset = write_synthetic
+learnable_split = synthetic_split
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def learnable_split(n: int, seed: int) -> Split:
-    """Noise plus a class-specific bright band: a small net gets well below chance quickly."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, size=n)
-    images = rng.integers(0, 90, size=(n, 3, 32, 32), dtype=np.uint8)
-    for i, k in enumerate(labels):
-        images[i, k % 3, 3 * k : 3 * k + 3, :] = 230
-    return Split(images, labels.astype(np.int64))
-
-
-def write_dataset(root: Path, per_train_file: int, test_size: int, seed: int = 0) -> Path:
-    folder = root / FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, name in enumerate(TRAIN_FILES):
-        write_batch_file(folder / name, learnable_split(per_train_file, seed + i))
-    write_batch_file(folder / TEST_FILES[0], learnable_split(test_size, seed + 100))
-    (folder / "batches.meta.txt").write_text("\n".join(f"class{i}" for i in range(10)) + "\n")
-    return root
 
 
 @pytest.fixture(scope="session")

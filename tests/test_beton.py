@@ -30,7 +30,7 @@ from resnetdist.data.beton import (  # noqa: E402
     FfcvEvalLoader, FfcvTrainLoader, beton_paths, prepare_betons, require_ffcv,
 )
 from resnetdist.data.cifar import DataError, Split  # noqa: E402
-from resnetdist.data.loaders import ResidentTrainLoader  # noqa: E402
+from resnetdist.data.resident import ResidentTrainLoader  # noqa: E402
 from resnetdist.data.order import iters_per_epoch, rank_epoch_order  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,26 +38,16 @@ CPU = torch.device("cpu")
 TRAIN_PER_FILE, TEST_RECORDS = 40, 30  # 200 training records, 30 test records
 
 
-def make_split(n: int, rng: np.random.Generator) -> Split:
-    images = rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
-    ids = np.arange(n)
-    images[:, 0, 0, 0] = ids % 256
-    images[:, 0, 0, 1] = ids // 256
-    return Split(images, rng.integers(0, 10, size=n).astype(np.int64))
+BINS = cifar.FOLDER  # tests write their .bin files to tmp/<BINS>, the official layout
 
 
 def write_bins(folder: Path, per_file: int = TRAIN_PER_FILE, test: int = TEST_RECORDS,
                seed: int = 0) -> tuple[Split, Split]:
-    """Write data_batch_1..5 + test_batch in the official layout; return (train, test)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    train = make_split(5 * per_file, rng)
-    for i, name in enumerate(cifar.TRAIN_FILES):
-        sl = slice(i * per_file, (i + 1) * per_file)
-        cifar.write_batch_file(folder / name, Split(train.images[sl], train.labels[sl]))
-    test_split = make_split(test, rng)
-    cifar.write_batch_file(folder / cifar.TEST_FILES[0], test_split)
-    return train, test_split
+    """The tests' data set with numbered records (data_batch_1..5 + test_batch) in `folder`,
+    which must be named cifar-10-batches-bin; return (train, test)."""
+    assert folder.name == BINS
+    cifar.write_synthetic(folder.parent, per_file, test, seed, stamp_ids=True)
+    return cifar.read_files(folder, cifar.TRAIN_FILES), cifar.read_files(folder, cifar.TEST_FILES)
 
 
 def ids(images: torch.Tensor) -> np.ndarray:
@@ -78,10 +68,10 @@ def read_all(path: Path, indices=None, batch: int = 16) -> tuple[torch.Tensor, t
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("beton")
-    train, test = write_bins(root / "bins")
-    train_beton, test_beton, rebuilt = prepare_betons(root / "bins", root / "out")
+    train, test = write_bins(root / BINS)
+    train_beton, test_beton, rebuilt = prepare_betons(root / BINS, root / "out")
     assert rebuilt
-    return {"bins": root / "bins", "train": train, "test": test,
+    return {"bins": root / BINS, "train": train, "test": test,
             "train_beton": train_beton, "test_beton": test_beton}
 
 
@@ -209,8 +199,8 @@ def test_process_exits_cleanly_with_an_open_stream(tmp_path):
     """An FFCV epoch thread still decoding when the interpreter exits aborted the process
     ("terminate called without an active exception") in about half the runs; the loader
     joins its threads at exit. Two children, so a regression shows in most runs."""
-    write_bins(tmp_path / "bins", per_file=400, test=10, seed=7)
-    train_beton, _, _ = prepare_betons(tmp_path / "bins", tmp_path / "out")
+    write_bins(tmp_path / BINS, per_file=400, test=10, seed=7)
+    train_beton, _, _ = prepare_betons(tmp_path / BINS, tmp_path / "out")
     env = dict(os.environ,
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     children = [subprocess.Popen([sys.executable, "-c", OPEN_STREAM_CHILD, str(train_beton)],
@@ -230,13 +220,13 @@ def test_two_ranks_shard_train_and_eval_exactly(tmp_path):
     """Also: every rank calls prepare (the lock lets one convert), the workers leave the FFCV
     training stream open at exit (its thread used to abort the process at times), and ask for
     more FFCV workers than numba has threads (FFCV alone raises)."""
-    train, test = write_bins(tmp_path / "bins", seed=1)
+    train, test = write_bins(tmp_path / BINS, seed=1)
     gb, epochs, eval_batch, seed = 32, 2, 8, 11
     out = tmp_path / "result.json"
     env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "_shard_worker.py"), str(tmp_path / "bins"), str(tmp_path / "out"),
+           str(REPO / "tests" / "_shard_worker.py"), str(tmp_path / BINS), str(tmp_path / "out"),
            str(out), str(gb), str(epochs), str(eval_batch), str(seed)]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -245,7 +235,7 @@ def test_two_ranks_shard_train_and_eval_exactly(tmp_path):
     assert sorted(r["rebuilt"] for r in ranks) == [False, True]  # the lock: one rank converted
 
     steps = iters_per_epoch(len(train), gb)
-    for kind in ("gpu", "ffcv"):
+    for kind in ("resident", "ffcv"):
         for e in range(epochs):
             per_rank = [r[kind]["train"][e] for r in ranks]
             assert all(len(p) == steps for p in per_rank)
@@ -263,7 +253,7 @@ def test_two_ranks_shard_train_and_eval_exactly(tmp_path):
         labels = [l for r in ranks for batch in r[kind]["eval"] for l in batch[1]]
         assert labels == test.labels.tolist()
     # both loader kinds gave the same samples
-    assert all(r["gpu"] == r["ffcv"] for r in ranks)
+    assert all(r["resident"] == r["ffcv"] for r in ranks)
 
 
 # --------------------------------------------------------------------------- 4. prepare
@@ -271,7 +261,7 @@ def test_two_ranks_shard_train_and_eval_exactly(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_prepare_is_idempotent_and_rebuilds_on_change(tmp_path):
-    bins, out = tmp_path / "bins", tmp_path / "out"
+    bins, out = tmp_path / BINS, tmp_path / "out"
     train, _ = write_bins(bins, seed=2)
     train_p, test_p, rebuilt = prepare_betons(bins, out)
     assert rebuilt and (train_p, test_p) == beton_paths(out)
@@ -324,7 +314,7 @@ def _interrupt_at(monkeypatch, record: int, exc: BaseException) -> None:
 
 @pytest.mark.timeout(60)
 def test_failed_prepare_leaves_nothing_readable(tmp_path, monkeypatch):
-    bins, out = tmp_path / "bins", tmp_path / "out"
+    bins, out = tmp_path / BINS, tmp_path / "out"
     write_bins(bins, seed=3)
     _interrupt_at(monkeypatch, 50, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
@@ -359,11 +349,11 @@ KILLED_CHILD = textwrap.dedent("""
 
 @pytest.mark.timeout(90)
 def test_sigkilled_prepare_leaves_nothing_readable(tmp_path):
-    bins, out, marker = tmp_path / "bins", tmp_path / "out", tmp_path / "marker"
+    bins, out, marker = tmp_path / BINS, tmp_path / "out", tmp_path / "marker"
     train, test = write_bins(bins, seed=4)
     # an earlier complete conversion, from other sources: a rebuild must not leave it behind
-    write_bins(tmp_path / "old", seed=5)
-    prepare_betons(tmp_path / "old", out)
+    write_bins(tmp_path / "old" / BINS, seed=5)
+    prepare_betons(tmp_path / "old" / BINS, out)
     env = dict(os.environ,
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(bins), str(out), str(marker)],
@@ -398,7 +388,7 @@ def test_sigkilled_prepare_leaves_nothing_readable(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_truncated_bin_raises_data_error_and_leaves_no_beton(tmp_path):
-    bins, out = tmp_path / "bins", tmp_path / "out"
+    bins, out = tmp_path / BINS, tmp_path / "out"
     write_bins(bins, seed=6)
     good = tmp_path / "good"
     shutil.copytree(bins, good)

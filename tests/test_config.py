@@ -2,7 +2,8 @@
 import pytest
 
 from resnetdist.config import ConfigError, load_config, parse_override, read_toml
-from resnetdist.train import lr_at, OptimConfig
+from resnetdist.config import OptimConfig
+from resnetdist.schedule import lr_at
 
 from .conftest import REPO, run_cli
 

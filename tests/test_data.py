@@ -6,7 +6,7 @@ from resnetdist.data import augment as A
 from resnetdist.data.cifar import (
     FOLDER, DataError, load_cifar10, read_batch_file, validation_indices, write_batch_file,
 )
-from resnetdist.data.loaders import ResidentEvalLoader, ResidentTrainLoader
+from resnetdist.data.resident import ResidentEvalLoader, ResidentTrainLoader
 from resnetdist.data.order import eval_shard, rank_epoch_order
 
 from .conftest import learnable_split, write_dataset

@@ -33,13 +33,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
+
+from .conftest import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_IMAGE = os.environ.get("RESNETDIST_TEST_BASE_IMAGE", "resnetdist-test-base:bookworm")
@@ -124,27 +125,6 @@ def image_exists(tag: str) -> bool:
     return subprocess.run(["docker", "image", "inspect", tag], capture_output=True, timeout=60).returncode == 0
 
 
-def write_cifar_bin(root: Path, per_train_file: int = 64, test_size: int = 64, seed: int = 0) -> Path:
-    """The official binary layout, bytes written directly: record = label byte + 3072 pixel
-    bytes (1024 R, 1024 G, 1024 B). Labels 0-9 with a class-dependent bright band."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-bin"
-    folder.mkdir(parents=True)
-
-    def records(n: int) -> np.ndarray:
-        labels = rng.integers(0, 10, size=n).astype(np.uint8)
-        pixels = rng.integers(0, 90, size=(n, 3, 32, 32), dtype=np.uint8)
-        for i, k in enumerate(labels):
-            pixels[i, k % 3, 3 * k : 3 * k + 3, :] = 230
-        return np.concatenate([labels[:, None], pixels.reshape(n, 3072)], axis=1)
-
-    for i in range(1, 6):
-        records(per_train_file).tofile(folder / f"data_batch_{i}.bin")
-    records(test_size).tofile(folder / "test_batch.bin")
-    (folder / "batches.meta.txt").write_text("\n".join(f"class{i}" for i in range(10)) + "\n")
-    return root
-
-
 def user_args(*writable: Path) -> list[str]:
     """Run as the invoking user, so the files it writes are the user's; as root, run as the
     image's own non-root user instead, with the mounted folders opened up for it."""
@@ -209,7 +189,7 @@ def test_image_facts(image):
 
 
 def test_train_in_container(image, tmp_path):
-    data = write_cifar_bin(tmp_path / "data")
+    data = write_dataset(tmp_path / "data", 64, 64)
     runs = tmp_path / "runs"
     runs.mkdir()
     t0 = time.monotonic()
@@ -243,7 +223,7 @@ def test_train_in_container(image, tmp_path):
 
 
 def test_prepare_and_ffcv_train_via_launch_script(image, tmp_path):
-    data = write_cifar_bin(tmp_path / "data")
+    data = write_dataset(tmp_path / "data", 64, 64)
     runs = tmp_path / "runs"
     runs.mkdir()
     ua = user_args(data, runs)

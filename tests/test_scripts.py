@@ -12,8 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from .conftest import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(
@@ -196,21 +197,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_cifar_bin(root: Path, n: int = 64) -> Path:
-    rng = np.random.default_rng(0)
-    folder = root / "cifar-10-batches-bin"
-    folder.mkdir(parents=True)
-    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
-        labels = rng.integers(0, 10, size=(n, 1), dtype=np.uint8)
-        pixels = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-        np.concatenate([labels, pixels], axis=1).tofile(folder / name)
-    return root
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["torchrun-single-node.sh", "torchrun-multi-node.sh"])
 def test_torchrun_launcher_runs(script, tmp_path):
-    data = write_cifar_bin(tmp_path / "data")
+    data = write_dataset(tmp_path / "data", 64, 64)
     out = tmp_path / "run"
     env = {**os.environ, "NPROC": "2", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
            "NNODES": "1", "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "MAX_RESTARTS": "0", "DRY_RUN": "0"}

@@ -48,7 +48,7 @@ import torch
 
 from . import cifar
 from .cifar import DataError, Split
-from .loaders import Batch, ffcv_missing_message
+from .resident import Batch
 from .order import eval_shard, iters_per_epoch, rank_epoch_order
 
 FORMAT_VERSION = 1
@@ -61,6 +61,13 @@ LAYOUT = "image: NDArrayField uint8 (3,32,32) as in the .bin; label: IntField"
 
 
 # --------------------------------------------------------------------------- FFCV import
+
+
+def ffcv_missing_message() -> str:
+    return (
+        "data.loader = 'ffcv' needs FFCV: apt-get install -y libopencv-dev libturbojpeg0-dev "
+        "pkg-config && pip install 'resnetdist[ffcv]'"
+    )
 
 
 def require_ffcv():

@@ -1,0 +1,171 @@
+"""The training step in-process: the fast paths compute what the eager step computes, the
+device-side counters and sums work, and `bench` runs and writes its JSON. CUDA-graph tests need
+a GPU and are skipped without one."""
+
+import json
+
+import pytest
+import torch
+
+from resnetdist.config import load_config
+from resnetdist.data import load_data, open_loaders
+from resnetdist.dist import DistContext
+from resnetdist.loop import Feed, run_steps
+from resnetdist.run import evaluate, make_model, make_step
+
+from .conftest import run_cli
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+class Driven:
+    """A step with its data: `run(count, first)` feeds it iterations first .. first+count-1."""
+
+    def __init__(self, tiny_data, mode: str, device: str = "cpu", precision: str = "fp32", start_iter: int = 0,
+                 state: dict | None = None, **optim):
+        self.cfg = load_config(flags={
+            "model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": optim,
+            "train": {"device": device, "precision": precision, "cuda_graph": mode == "graph",
+                      "compile": "default" if mode == "compile" else "none"},
+            "log": {"wandb_mode": "disabled"},
+        })
+        self.ctx = DistContext(0, 0, 1, torch.device(device))
+        data = load_data(self.cfg.data)
+        self.model, self.optimizer = make_model(self.cfg, self.ctx)
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.step = make_step(self.cfg, self.ctx, self.model, self.optimizer, data, start_iter)
+        self.loaders = open_loaders(self.cfg.data, data, self.ctx, self.cfg.optim.batch_size, self.cfg.train.seed)
+
+    def run(self, count: int, first: int = 0) -> None:
+        feed = Feed(self.loaders.train, self.cfg.train.seed, self.cfg.optim.batch_size)
+        run_steps(self.step, feed.batches(first), count)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+
+def assert_weights_close(a: Driven, b: Driven, rtol, atol):
+    for (name, x), y in zip(a.weights().items(), b.weights().values()):
+        if x.is_floating_point():
+            torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.timeout(600)
+def test_compiled_step_matches_eager_on_cpu(tiny_data):
+    """One step agrees to float32 reordering noise; over more steps SGD at lr 0.1 amplifies that
+    noise, so the losses are compared there instead of the weights."""
+    eager = Driven(tiny_data, "eager")
+    compiled = Driven(tiny_data, "compile")
+    assert (eager.step.kind, compiled.step.kind) == ("eager", "compile")
+    eager.run(1)
+    compiled.run(1)
+    assert_weights_close(eager, compiled, rtol=1e-4, atol=1e-4)
+    eager.run(5, first=1)
+    compiled.run(5, first=1)
+    assert torch.allclose(eager.step.stats, compiled.step.stats, rtol=1e-3)  # loss sum, errors, count
+    assert int(eager.step.it) == int(compiled.step.it) == 6
+
+
+@pytest.mark.timeout(120)
+def test_step_counts_on_the_device_and_drains_once(tiny_data):
+    d = Driven(tiny_data, "eager", start_iter=30, batch_size=32)
+    d.run(4, first=30)
+    assert int(d.step.it) == 34
+    stats, bad = d.step.drain()
+    assert bad == -1 and stats[2] == 4 * 32 and 0 <= stats[1] <= 4 * 32 and stats[0] > 0
+    assert d.step.drain()[0].tolist() == [0, 0, 0]  # drained: the sums start again
+
+
+@pytest.mark.timeout(120)
+def test_step_flags_the_first_non_finite_iteration(tiny_data):
+    d = Driven(tiny_data, "eager", lr=1e30, batch_size=32)
+    d.run(6)
+    _, bad = d.step.drain()
+    assert 0 <= bad < 6  # 0-based iteration of the first NaN/inf loss
+
+
+@pytest.mark.timeout(120)
+def test_the_step_follows_the_lr_table_across_a_milestone(tiny_data):
+    d = Driven(tiny_data, "eager", batch_size=32, iters=10, milestones=[4])
+    d.run(4)
+    assert d.step.lr.item() == pytest.approx(0.1) and d.step.lr_of(4) == pytest.approx(0.1)
+    d.run(1, first=4)
+    assert d.step.lr.item() == pytest.approx(0.01) and d.step.lr_of(5) == pytest.approx(0.01)
+
+
+@pytest.mark.timeout(300)
+def test_bench_runs_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    # "gpu": the resident loader's old name, still accepted
+    proc = run_cli(["bench", "-n", "1", "--iters", "3", "--warmup", "1", "--modes", "eager,graph",
+                    "--precisions", "fp32", "--loaders", "gpu", "--workers", "1", "--out", str(out)],
+                   timeout=280)
+    report = json.loads(out.read_text())
+    assert report["kind"] == "step" and report["device"] and report["torch"] == torch.__version__
+    labels = [r["setting"] for r in report["results"]]
+    assert labels[0].startswith("baseline") and "resident loader, eager, fp32" in labels
+    for r in report["results"]:
+        assert r["ms_per_iter"] > 0 and r["projected_64k_s"] == pytest.approx(r["ms_per_iter"] * 64)
+    if not torch.cuda.is_available():
+        assert any("CUDA graphs need a GPU" in s for s in report["skipped"])
+    assert "| baseline" in proc.stdout
+
+    loader_out = tmp_path / "loader.json"
+    run_cli(["bench", "loader", "--iters", "3", "--warmup", "1", "--loaders", "resident", "--out", str(loader_out)])
+    assert json.loads(loader_out.read_text())["results"][0]["images_per_second"] > 0
+
+
+# ----- CUDA graphs (GPU only) -------------------------------------------------------------------
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.timeout(600)
+def test_graph_step_matches_eager_and_follows_the_lr_schedule(tiny_data):
+    """Replays cross a milestone: the lr read inside the graph must change with no re-capture."""
+    eager = Driven(tiny_data, "eager", "cuda", "fp32", iters=64, milestones=[5])
+    graph = Driven(tiny_data, "graph", "cuda", "fp32", iters=64, milestones=[5])
+    assert graph.step.kind == "graph"
+    for d in (eager, graph):
+        d.run(8)
+    assert graph.step.lr.item() == pytest.approx(0.01)
+    assert_weights_close(eager, graph, rtol=1e-3, atol=1e-3)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.timeout(600)
+def test_graph_evaluation_between_replays_and_resume(tiny_data):
+    """An evaluation between replays changes nothing the graph trains with; weights and
+    optimizer state loaded before capture give a graphed step that continues identically."""
+    plain, evaluated = Driven(tiny_data, "graph", "cuda", "bf16"), Driven(tiny_data, "graph", "cuda", "bf16")
+    for d in (plain, evaluated):
+        d.run(5)
+    evaluate(evaluated.step, evaluated.loaders)
+    evaluated.run(5, first=5)  # replays after an evaluation keep training in train mode
+    plain.run(5, first=5)
+    assert evaluated.model.training
+    for (name, x), y in zip(plain.weights().items(), evaluated.weights().values()):
+        assert torch.equal(x, y), name
+    state = {"model": evaluated.weights(), "optimizer": evaluated.optimizer.state_dict()}
+    resumed = Driven(tiny_data, "graph", "cuda", "bf16", start_iter=10, state=state)
+    assert int(resumed.step.it) == 10
+    assert evaluate(resumed.step, resumed.loaders) == evaluate(evaluated.step, evaluated.loaders)
+    resumed.run(3, first=10)
+    evaluated.run(3, first=10)
+    for (name, x), y in zip(resumed.weights().items(), evaluated.weights().values()):
+        assert torch.equal(x, y), name
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.timeout(900)
+def test_graph_run_end_to_end(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    run_cli(["train", "-n", "1", "--iters", "60", "--device", "cuda", "--data-dir", str(tiny_data), "--out", str(out),
+             "--set", "optim.batch_size=32", "--set", "train.cuda_graph=true", "--set", "train.eval_every=30",
+             "--set", "log.wandb_mode=disabled"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_error"] < 60 and summary["step"] == "graph"
