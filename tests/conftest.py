@@ -9,8 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from resnetdist.data.cifar import synthetic_split, write_synthetic
+
+# One intra-op thread, as the CLI subprocesses get (OMP_NUM_THREADS=1 in cli_env): on the 2-core
+# CI machine two threads per process only contend, and in-process runs then take twice as long.
+torch.set_num_threads(1)
 
 # the one small data set of the tests, in the official layout (resnetdist/data/cifar.py)
 write_dataset = write_synthetic
@@ -46,6 +51,20 @@ def run_cli(args: list[str], timeout: float = 240, check: bool = True, **env: st
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def cli_in_process(args: list[str], check: bool = True, **env: str):
+    """The real CLI in this process (typer's runner): for tests where the process boundary adds
+    nothing. Returns click's Result (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from resnetdist.cli import app
+
+    result = CliRunner().invoke(app, args, env={"WANDB_MODE": "disabled", **env})
+    if check and result.exit_code != 0:
+        raise AssertionError(f"exit {result.exit_code}\nstdout:\n{result.stdout[-4000:]}\n"
+                             f"stderr:\n{result.stderr[-4000:]}") from result.exception
+    return result
 
 
 def run_torchrun(nproc: int, args: list[str], timeout: float = 300, check: bool = True, extra: list[str] = (),

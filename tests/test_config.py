@@ -5,7 +5,7 @@ from resnetdist.config import ConfigError, load_config, parse_override, read_tom
 from resnetdist.config import OptimConfig
 from resnetdist.schedule import lr_at
 
-from .conftest import REPO, run_cli
+from .conftest import REPO, cli_in_process
 
 CONFIGS = sorted((REPO / "configs").glob("*.toml"))
 
@@ -97,9 +97,10 @@ def test_bad_config_file(tmp_path):
 
 def test_cli_refuses_bad_input_before_anything_runs(tmp_path, tiny_data):
     out = tmp_path / "run"
-    proc = run_cli(["train", "--data-dir", str(tiny_data), "--out", str(out), "--set", "optim.momentum=2"], check=False)
-    assert proc.returncode == 2 and "optim.momentum" in proc.stderr
+    proc = cli_in_process(["train", "--data-dir", str(tiny_data), "--out", str(out), "--set", "optim.momentum=2"],
+                          check=False)
+    assert proc.exit_code == 2 and "optim.momentum" in proc.stderr
     assert not out.exists()
-    proc = run_cli(["train", "--data-dir", str(tmp_path / "nope"), "--out", str(out)], check=False)
-    assert proc.returncode == 2 and "nope: no such folder" in proc.stderr
+    proc = cli_in_process(["train", "--data-dir", str(tmp_path / "nope"), "--out", str(out)], check=False)
+    assert proc.exit_code == 2 and "nope: no such folder" in proc.stderr
     assert not out.exists()

@@ -25,7 +25,7 @@ from resnetdist import checkpoint
 from resnetdist.config import from_dict
 from resnetdist.models import build_model
 
-from .conftest import REPO, TINY, cli_env, run_cli
+from .conftest import REPO, TINY, cli_env, cli_in_process, run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -184,8 +184,8 @@ def test_report_errors_name_the_folder(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, tiny_data) -> Path:
     out = tmp_path_factory.mktemp("export") / "run"
-    run_cli(["train", *TINY, "--iters", "6", "--data-dir", str(tiny_data), "--out", str(out),
-             "--set", "train.eval_every=6"])
+    cli_in_process(["train", *TINY, "--iters", "6", "--data-dir", str(tiny_data), "--out", str(out),
+                    "--set", "train.eval_every=6"])
     return out / "model.pt"
 
 

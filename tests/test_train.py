@@ -1,4 +1,6 @@
-"""End-to-end training through the real CLI on a small learnable set, single process."""
+"""End-to-end training through the real CLI on a small learnable set, single process: in this
+process where nothing depends on the process boundary, in a subprocess where a process is
+killed."""
 
 import json
 
@@ -7,7 +9,7 @@ import torch
 
 from resnetdist import checkpoint
 
-from .conftest import TINY, run_cli
+from .conftest import TINY, cli_in_process, run_cli
 
 
 def read_jsonl(path):
@@ -27,8 +29,8 @@ def assert_bitwise_equal(a, b):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_data):
     out = tmp_path_factory.mktemp("runs") / "learn"
-    run_cli(["train", *TINY, "--iters", "150", "--data-dir", str(tiny_data), "--out", str(out),
-             "--set", "train.eval_every=50", "--set", "optim.lr=0.05"], timeout=300)
+    cli_in_process(["train", *TINY, "--iters", "150", "--data-dir", str(tiny_data), "--out", str(out),
+                    "--set", "train.eval_every=50", "--set", "optim.lr=0.05"])
     return out
 
 
@@ -53,7 +55,7 @@ def test_training_learns_and_writes_the_run_directory(trained_run):
 def test_eval_command_agrees_with_the_run(trained_run, tiny_data):
     summary = json.loads((trained_run / "summary.json").read_text())
     for name in ("model.pt", "ckpt_0000150.pt"):
-        proc = run_cli(["eval", str(trained_run / name), "--data-dir", str(tiny_data), "--device", "cpu"])
+        proc = cli_in_process(["eval", str(trained_run / name), "--data-dir", str(tiny_data), "--device", "cpu"])
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         assert result["test_error"] == pytest.approx(summary["test_error"], abs=1e-9)
 
@@ -101,20 +103,20 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_dat
 def test_resume_with_a_different_experiment_is_refused(tmp_path, tiny_data):
     out = tmp_path / "run"
     args = ["train", *TINY, "--iters", "10", "--data-dir", str(tiny_data), "--out", str(out)]
-    run_cli(args)
+    cli_in_process(args)
     before = (out / "config.toml").read_text()
-    proc = run_cli([*args, "--set", "optim.lr=0.2"], check=False)
-    assert proc.returncode == 2 and "optim.lr: 0.1 -> 0.2" in proc.stderr
+    proc = cli_in_process([*args, "--set", "optim.lr=0.2"], check=False)
+    assert proc.exit_code == 2 and "optim.lr: 0.1 -> 0.2" in proc.stderr
     assert (out / "config.toml").read_text() == before
 
 
 @pytest.mark.timeout(120)
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data):
     out = tmp_path / "run"
-    proc = run_cli(["train", *TINY, "--iters", "40", "--data-dir", str(tiny_data), "--out", str(out),
-                    "--set", "optim.lr=1e30", "--set", "train.checkpoint_every=10", "--set", "log.log_every=5"],
-                   check=False)
-    assert proc.returncode == 3, proc.stderr
+    proc = cli_in_process(["train", *TINY, "--iters", "40", "--data-dir", str(tiny_data), "--out", str(out),
+                           "--set", "optim.lr=1e30", "--set", "train.checkpoint_every=10", "--set", "log.log_every=5"],
+                          check=False)
+    assert proc.exit_code == 3, proc.stderr
     assert "NaN or inf at iteration" in proc.stderr
     for ckpt in out.glob("ckpt_*.pt"):
         state = checkpoint.load(ckpt)
@@ -128,8 +130,8 @@ def test_validation_split_is_evaluated(tmp_path):
 
     data = write_dataset(tmp_path / "data", 1200, 100)  # 6000 records: 1000 train + 5000 val
     out = tmp_path / "run"
-    run_cli(["train", *TINY, "--iters", "10", "--data-dir", str(data), "--out", str(out),
-             "--set", "data.val_split=true", "--set", "train.eval_every=5"])
+    cli_in_process(["train", *TINY, "--iters", "10", "--data-dir", str(data), "--out", str(out),
+                    "--set", "data.val_split=true", "--set", "train.eval_every=5"])
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["iter"] for r in records] == [5, 10] and all(0 <= r["val_error"] <= 100 for r in records)
     summary = json.loads((out / "summary.json").read_text())
