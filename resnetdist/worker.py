@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import dist
+from . import dist, rundir
 from .config import RunConfig, check_run_dir, write_run_config
 from .data.cifar import Cifar10, load_cifar10
 from .train import Trainer
@@ -44,10 +44,12 @@ def main(cfg: RunConfig, data: Cifar10 | None = None) -> dict[str, Any]:
         # CUDA graphs notes); it has to be set before the process group exists
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     ctx = dist.setup(cfg.train.device, cfg.dist.timeout_s)
+    run_lock = None
     try:
         if data is None:
             data = load_data(cfg)
         if ctx.is_main:
+            run_lock = rundir.acquire(cfg.run_dir)  # before anything is written there (RunDirBusy if held)
             check_run_dir(cfg)
             write_run_config(cfg)
         betons = ensure_betons(cfg, data)
@@ -55,3 +57,5 @@ def main(cfg: RunConfig, data: Cifar10 | None = None) -> dict[str, Any]:
         return Trainer(cfg, ctx, data, betons).fit()
     finally:
         dist.cleanup()
+        if run_lock is not None:
+            run_lock.release()
