@@ -1,51 +1,140 @@
-"""Checkpoints: written atomically by rank 0, the last K kept, loaded safely.
+"""Checkpoints: written atomically by rank 0, checksummed, the last K kept, loaded safely.
 
 A checkpoint is a dict of tensors and plain values (model and optimizer state, iteration,
 RNG states, resolved config, W&B run id), saved with torch.save and read back with
 torch.load(weights_only=True), which refuses anything but tensors and primitive containers.
+
+Checksums. torch.load reads a zip archive without checking CRCs, so a flipped bit inside a
+tensor's bytes loads "fine" as a different weight. Every file written by `atomic_save` (the
+checkpoints and model.pt) therefore gets a sidecar `NAME.sha256` in `sha256sum` format
+(`sha256sum -c ckpt_0000020.pt.sha256` checks it by hand). A sidecar rather than a trailer or
+a wrapper dict: the checkpoint stays a plain torch.save file that `torch.load`, `resnetdist
+eval` and `export` read as before. The sidecar is written (atomically) *before* the checkpoint
+is renamed into place, so every checkpoint this code makes is visible only once its checksum
+is; a checkpoint without a sidecar can only come from an older version (or a hand-made file)
+and is loaded unverified. A mismatch raises CorruptCheckpoint.
+
+Failed writes. Any OSError while writing (full disk, file-size limit, quota, I/O error)
+becomes one WriteError naming the file and the OS error; the temporary file is removed, so
+the folder holds what it held before.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import re
+import signal
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import torch
 
 PATTERN = re.compile(r"ckpt_(\d+)\.pt$")
+SIDECAR = ".sha256"
+TEMP_GLOB = ".*.tmp-*"  # atomic_write's temporary files: `.NAME.tmp-PID`
+
+
+class WriteError(RuntimeError):
+    """A file of the run could not be written; the message names it and the OS error."""
+
+    exit_code = 4  # `resnetdist train` exits with this (README, "Faults and bad inputs")
+
+    def __init__(self, path: Path, error: OSError):
+        self.path, self.error = Path(path), error
+        reason = f"[Errno {error.errno}] {error.strerror}" if error.errno else str(error)
+        super().__init__(f"could not write {path}: {reason}")
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint's bytes do not match its recorded sha256."""
+
+
+def ignore_file_size_signal() -> None:
+    """Exceeding RLIMIT_FSIZE (`ulimit -f`, set by some batch systems) sends SIGXFSZ, which
+    kills the process with no message; ignored, the write fails with EFBIG instead and
+    surfaces as a WriteError naming the file."""
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
 def checkpoint_path(run_dir: Path, iteration: int) -> Path:
     return run_dir / f"ckpt_{iteration:07d}.pt"
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write to a temporary file in the same folder, fsync, rename, fsync the folder: a crash
-    leaves either the old state or the complete new file, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + SIDECAR)
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write to a temporary file in the same folder, fsync, rename, fsync the folder: a crash
+    leaves either the old state or the complete new file, never a torn one. An OSError on the
+    way raises WriteError(path) after removing the temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise WriteError(path, e) from e
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_save(obj: Any, path: Path) -> str:
+    """torch.save `obj` to `path` with its sha256 sidecar (written first); returns the digest.
+    Serialised in memory first, so a write error is a plain OSError from this process's
+    write(), not an error deep inside torch's zip writer, and the bytes hashed are the bytes
+    written."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getbuffer()
+    digest = hashlib.sha256(data).hexdigest()
+    path, sidecar = Path(path), checksum_path(Path(path))
+    atomic_write_text(sidecar, f"{digest}  {path.name}\n")
+    try:
+        atomic_write(path, lambda f: f.write(data))
+    except WriteError:
+        sidecar.unlink(missing_ok=True)  # it would describe bytes that were never written
+        raise
+    return digest
+
+
+def recorded_digest(path: Path) -> str | None:
+    """The sha256 recorded beside `path`, or None when there is no sidecar (older runs)."""
+    try:
+        text = checksum_path(path).read_text()
+    except FileNotFoundError:
+        return None
+    return text.split()[0] if text.strip() else ""
+
+
+def read_verified(path: Path) -> bytes:
+    """The file's bytes, checked against its sidecar when it has one."""
+    data = Path(path).read_bytes()
+    expected = recorded_digest(path)
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise CorruptCheckpoint(f"{path} does not match its checksum in {checksum_path(path).name} "
+                                f"(the file is damaged)")
+    return data
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -54,20 +143,33 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def save(run_dir: Path, iteration: int, state: dict[str, Any], keep: int) -> Path:
-    path = checkpoint_path(run_dir, iteration)
-    atomic_save(state, path)
+def prune(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, with their sidecars, and sidecars whose
+    checkpoint is gone (left by a writer killed between sidecar and checkpoint)."""
+    kept = list_checkpoints(run_dir)[:keep]
     for old in list_checkpoints(run_dir)[keep:]:
         old.unlink(missing_ok=True)
+    for sidecar in run_dir.glob(f"ckpt_*.pt{SIDECAR}"):
+        if sidecar.with_name(sidecar.name[: -len(SIDECAR)]) not in kept:
+            sidecar.unlink(missing_ok=True)
+
+
+def save(run_dir: Path, iteration: int, state: dict[str, Any], keep: int) -> Path:
+    # prune only after the new checkpoint is safely in place: a failed write keeps every old one
+    path = checkpoint_path(run_dir, iteration)
+    atomic_save(state, path)
+    prune(run_dir, keep)
     return path
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Load a checkpoint or model.pt, verifying its checksum if it has one (CorruptCheckpoint)."""
+    return torch.load(io.BytesIO(read_verified(path)), map_location=map_location, weights_only=True)
 
 
 def load_latest(run_dir: Path, warn=print) -> tuple[Path, dict[str, Any]] | None:
-    """The newest readable checkpoint; an unreadable one is reported and the previous tried."""
+    """The newest readable checkpoint; an unreadable or damaged one is reported and the
+    previous tried."""
     for path in list_checkpoints(run_dir):
         try:
             state = load(path)
@@ -77,3 +179,12 @@ def load_latest(run_dir: Path, warn=print) -> tuple[Path, dict[str, Any]] | None
         except Exception as e:  # a torn or corrupt file: fall back to the one before
             warn(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying the previous one")
     return None
+
+
+def remove_stale_temps(run_dir: Path) -> list[Path]:
+    """Delete temporary files left by a writer that was killed mid-write. Only safe for the
+    folder's sole writer (the holder of the run directory's lock)."""
+    stale = [p for p in Path(run_dir).glob(TEMP_GLOB) if ".tmp-" in p.name]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

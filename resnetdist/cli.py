@@ -81,6 +81,10 @@ def train(
     max_restarts: int = typer.Option(0, help="with --nproc-per-node: elastic restarts after a worker dies"),
 ) -> None:
     """Train a ResNet or plain net with the paper's recipe."""
+    from .checkpoint import WriteError, ignore_file_size_signal
+    from .rundir import RunDirBusy
+
+    ignore_file_size_signal()  # a file-size limit then fails the write (WriteError) instead of killing us
     try:
         cfg = build_config(
             config, overrides, iters,
@@ -93,6 +97,8 @@ def train(
 
         under_torchrun = "LOCAL_RANK" in os.environ
         data = preflight(cfg, nproc_per_node if nproc_per_node and not under_torchrun else world_size_from_env())
+    except RunDirBusy as e:
+        fail(str(e), code=e.exit_code)
     except (ConfigError, DataError, RuntimeError) as e:
         fail(str(e))
     if nproc_per_node and not under_torchrun:
@@ -106,6 +112,8 @@ def train(
         summary = main(cfg, data)
     except NonFiniteLoss as e:
         fail(f"{e} (run directory {cfg.run_dir})", code=3)
+    except (WriteError, RunDirBusy) as e:  # exit 4 / 5, see README "Faults and bad inputs"
+        fail(str(e), code=e.exit_code)
     # every rank prints its view of the result: the all-reduced errors must agree
     keys = ("name", "test_error", "iterations", "train_seconds", "images_per_second")
     typer.echo(json.dumps({"rank": int(os.environ.get("RANK", "0")), **{k: summary[k] for k in keys}}))

@@ -11,10 +11,13 @@ import math
 import os
 import sys
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import WriteError, atomic_write_text
 from .config import LogConfig, resolve_wandb_mode, wandb_logged_in
+
 
 class NullLogger:
     """What ranks other than 0 log to: nothing."""
@@ -46,16 +49,29 @@ class JsonlSink:
                 line for line in path.read_text().splitlines()
                 if line.strip() and _parse_iter(line) is not None and _parse_iter(line) <= resume_iter
             ]
-            path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(path, "a")
+            atomic_write_text(path, "".join(line + "\n" for line in kept))  # WriteError on failure
+        with _write_errors(path):
+            self.file = open(path, "a")
 
     def log(self, record: dict[str, Any], kind: str) -> None:
         if kind == "eval":
-            self.file.write(json.dumps(_clean(record)) + "\n")
-            self.file.flush()
+            with _write_errors(self.path):  # a full disk: one clear WriteError, not a traceback
+                self.file.write(json.dumps(_clean(record)) + "\n")
+                self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # the failed write was already raised as WriteError from log()
+            pass
+
+
+@contextmanager
+def _write_errors(path: Path):
+    try:
+        yield
+    except OSError as e:
+        raise WriteError(path, e) from e
 
 
 def _parse_iter(line: str) -> int | None:

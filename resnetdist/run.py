@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import checkpoint, dist, state
+from . import checkpoint, dist, rundir, state
 from .config import ConfigError, RunConfig, check_run_dir, to_toml
 from .data import Cifar10, Loaders, load_data, open_loaders
 from .data.augment import training_mean
@@ -21,6 +21,7 @@ from .data.order import iters_per_epoch
 from .evaluate import error_rates
 from .loop import Cadence, Feed, Hooks, Progress, train_loop
 from .metrics import NullLogger, open_logger
+from .rundir import check_free
 from .models import build_model, count_parameters
 from .optim import TensorLRSGD
 from .schedule import global_batch, lr_table
@@ -30,6 +31,8 @@ from .step import TrainStep
 def preflight(cfg: RunConfig, world_size: int) -> Cifar10:
     """Everything that can be checked before workers start: batch split, devices, optional
     packages, data files, run directory. Returns the parsed data, so it is read only once."""
+    if int(os.environ.get("RANK", "0")) == 0:  # the launcher or rank 0; rank 0's own lock comes later
+        check_free(cfg.run_dir)  # a run directory held by a live run: RunDirBusy, before torchrun starts
     try:
         global_batch(cfg, world_size)
     except ValueError as e:
@@ -54,10 +57,12 @@ def main(cfg: RunConfig, data: Cifar10 | None = None) -> dict[str, Any]:
         # CUDA graphs notes); it has to be set before the process group exists
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     ctx = dist.setup(cfg.train.device, cfg.dist.timeout_s)
+    run_lock = None
     try:
         if data is None:
             data = preflight(cfg, ctx.world_size)
         if ctx.is_main:
+            run_lock = rundir.acquire(cfg.run_dir)  # before anything is written there (RunDirBusy if held)
             write_run_config(cfg)
         batch = global_batch(cfg, ctx.world_size)
         loaders = open_loaders(cfg.data, data, ctx, batch, cfg.train.seed)
@@ -84,6 +89,8 @@ def main(cfg: RunConfig, data: Cifar10 | None = None) -> dict[str, Any]:
         return summary
     finally:
         dist.cleanup()
+        if run_lock is not None:
+            run_lock.release()
 
 
 def write_run_config(cfg: RunConfig) -> None:

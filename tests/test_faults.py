@@ -1,0 +1,244 @@
+"""What clusters do to jobs, done for real: a file-size limit (RLIMIT_FSIZE) that makes a
+checkpoint write fail, a second launch into a live run's directory, a SIGKILLed holder, and a
+checkpoint with a flipped byte. In-process tests use checkpoint/rundir directly; the
+end-to-end ones run the real CLI (and torchrun) in subprocesses with timeouts."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from resnetdist import checkpoint, rundir
+
+from .conftest import REPO, TINY, cli_env, run_cli
+from .test_train import assert_bitwise_equal, final_weights
+
+ARGS = [*TINY, "--iters", "40", "--set", "train.eval_every=20", "--set", "train.checkpoint_every=10",
+        "--set", "train.keep_checkpoints=2"]
+
+
+def temp_files(folder):
+    return sorted(p.name for p in folder.glob(checkpoint.TEMP_GLOB))
+
+
+def flip_middle_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))  # same size: a bit-rot or bad-disk fault, not a torn write
+
+
+def fake_state(iteration: int) -> dict:
+    # mostly tensor payload, so the middle byte of the file lies inside a tensor's data
+    return {"model": {"w": torch.arange(50_000, dtype=torch.float32) + iteration}, "iteration": iteration}
+
+
+# ----- checksums (in process) ------------------------------------------------------------------
+
+
+def test_flipped_byte_is_caught_by_the_checksum_and_the_previous_checkpoint_used(tmp_path):
+    checkpoint.save(tmp_path, 10, fake_state(10), keep=3)
+    newest = checkpoint.save(tmp_path, 20, fake_state(20), keep=3)
+    flip_middle_byte(newest)
+    # the fault is real: torch.load alone reads the damaged file without complaint
+    silently_wrong = torch.load(newest, weights_only=True)["model"]["w"]
+    assert not torch.equal(silently_wrong, fake_state(20)["model"]["w"])
+
+    warnings = []
+    path, state = checkpoint.load_latest(tmp_path, warn=warnings.append)
+    assert path.name == "ckpt_0000010.pt" and state["iteration"] == 10
+    assert len(warnings) == 1 and str(newest) in warnings[0] and "checksum" in warnings[0]
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="ckpt_0000020.pt"):
+        checkpoint.load(newest)
+
+
+def test_checkpoint_without_a_checksum_from_an_older_version_still_loads(tmp_path):
+    path = checkpoint.save(tmp_path, 10, fake_state(10), keep=3)
+    checkpoint.checksum_path(path).unlink()
+    found_path, state = checkpoint.load_latest(tmp_path, warn=pytest.fail)
+    assert found_path == path and torch.equal(state["model"]["w"], fake_state(10)["model"]["w"])
+
+
+def test_pruning_removes_sidecars_with_their_checkpoints(tmp_path):
+    # a sidecar whose checkpoint never arrived: its writer was killed between the two renames
+    checkpoint.checksum_path(checkpoint.checkpoint_path(tmp_path, 5)).write_text("0" * 64 + "  ckpt_0000005.pt\n")
+    for it in (10, 20, 30):
+        checkpoint.save(tmp_path, it, fake_state(it), keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt_0000020.pt", "ckpt_0000020.pt.sha256", "ckpt_0000030.pt", "ckpt_0000030.pt.sha256"]
+    # the sidecar is in sha256sum's format, so it can be checked by hand
+    check = subprocess.run(["sha256sum", "-c", "ckpt_0000030.pt.sha256"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=30)
+    assert check.returncode == 0 and "OK" in check.stdout
+
+
+def test_a_failed_write_raises_write_error_and_leaves_no_trace(tmp_path):
+    """A real OS error: the destination is a directory, so the final rename fails (EISDIR)
+    after the data and its sidecar were written."""
+    target = checkpoint.checkpoint_path(tmp_path, 10)
+    target.mkdir()
+    with pytest.raises(checkpoint.WriteError) as info:
+        checkpoint.save(tmp_path, 10, fake_state(10), keep=2)
+    assert str(info.value) == f"could not write {target}: [Errno 21] Is a directory"
+    assert info.value.exit_code == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000010.pt"]  # no temp file, no sidecar
+
+
+# ----- the run-directory lock (in process) -------------------------------------------------------
+
+
+def test_run_directory_lock_refuses_a_second_holder_and_is_released(tmp_path):
+    run = tmp_path / "run"
+    stale = run / ".ckpt_0000010.pt.tmp-12345"  # left by a writer killed mid-write
+    run.mkdir()
+    stale.write_bytes(b"partial")
+    # a lock file left by a run that has died holds no lock: only the flock counts
+    (run / rundir.LOCK_NAME).write_text('{"pid": 999999, "host": "elsewhere"}\n')
+    with rundir.acquire(run) as lock:
+        assert lock.held and not stale.exists()
+        for attempt in (rundir.acquire, rundir.check_free):  # flock conflicts across descriptors
+            with pytest.raises(rundir.RunDirBusy) as info:
+                attempt(run)
+            assert str(run) in str(info.value) and f"pid {os.getpid()} on host" in str(info.value)
+    rundir.check_free(run)
+    rundir.acquire(run).release()
+
+
+def test_probing_a_directory_creates_nothing(tmp_path):
+    rundir.check_free(tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+# ----- end to end -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_data):
+    """An uninterrupted 40-iteration run: the weights every resumed run must match bitwise."""
+    ref = tmp_path_factory.mktemp("faults") / "ref"
+    run_cli(["train", *ARGS, "--data-dir", str(tiny_data), "--out", str(ref)])
+    return ref
+
+
+@pytest.fixture(scope="module")
+def killed_at_25(tmp_path_factory, tiny_data):
+    """The same run SIGKILLed after iteration 25: checkpoints at 10 and 20. Tests copy it."""
+    cut = tmp_path_factory.mktemp("faults") / "killed"
+    proc = run_cli(["train", *ARGS, "--data-dir", str(tiny_data), "--out", str(cut)], check=False,
+                   RESNETDIST_TEST_KILL_AT="25")
+    assert proc.returncode == -signal.SIGKILL
+    return cut
+
+
+def run_limited(cmd: list[str], max_file_bytes: int, timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """Run with a real RLIMIT_FSIZE: writing past it fails with EFBIG (SIGXFSZ if not ignored)."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, resource.RLIM_INFINITY))
+
+    # no .pyc writes: they happen before the CLI could ignore SIGXFSZ
+    return subprocess.run(cmd, cwd=REPO, env=cli_env(PYTHONDONTWRITEBYTECODE="1", **env), preexec_fn=limit,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_full_disk_stops_with_one_message_keeps_old_checkpoints_and_resumes_exactly(
+        tmp_path, tiny_data, reference, killed_at_25):
+    cut = tmp_path / "cut"
+    shutil.copytree(killed_at_25, cut)
+    ckpt_20 = checkpoint.checkpoint_path(cut, 20)
+    limit = ckpt_20.stat().st_size // 2  # every checkpoint has this size; config.toml etc. are far smaller
+    args = ["train", *ARGS, "--data-dir", str(tiny_data), "--out", str(cut)]
+    proc = run_limited([sys.executable, "-m", "resnetdist", *args], limit, timeout=240)
+
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    failed = checkpoint.checkpoint_path(cut, 30)
+    assert proc.stderr.strip() == f"error: could not write {failed}: [Errno 27] File too large"
+    assert not failed.exists() and not checkpoint.checksum_path(failed).exists() and temp_files(cut) == []
+    for it in (10, 20):  # pruning to keep 2 must not have run before the failed write
+        assert checkpoint.load(checkpoint.checkpoint_path(cut, it))["iteration"] == it
+
+    resumed = run_cli(args)
+    assert "iteration 20" in resumed.stdout
+    assert_bitwise_equal(final_weights(reference), final_weights(cut))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_flipped_byte_in_newest_checkpoint_resumes_from_the_previous(tmp_path, tiny_data, reference, killed_at_25):
+    cut = tmp_path / "cut"
+    shutil.copytree(killed_at_25, cut)
+    newest = checkpoint.checkpoint_path(cut, 20)
+    size = newest.stat().st_size
+    flip_middle_byte(newest)
+    assert newest.stat().st_size == size
+    resumed = run_cli(["train", *ARGS, "--data-dir", str(tiny_data), "--out", str(cut)])
+    assert f"warning: checkpoint {newest} is unreadable (CorruptCheckpoint" in resumed.stdout
+    assert "resuming from" in resumed.stdout and "(iteration 10)" in resumed.stdout
+    assert_bitwise_equal(final_weights(reference), final_weights(cut))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_rank0_write_failure_under_torchrun_ends_the_whole_job(tmp_path, tiny_data, reference):
+    """Rank 0 cannot write its first checkpoint; rank 1 waits at the barrier after it. The job
+    must end promptly (torchrun sees rank 0 exit 4 and stops rank 1), not after dist.timeout_s
+    (600 s, far beyond this subprocess's 150 s timeout)."""
+    out = tmp_path / "run"
+    limit = checkpoint.checkpoint_path(reference, 40).stat().st_size // 2
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--tee=3",
+           "-m", "resnetdist", "train", *ARGS, "--data-dir", str(tiny_data), "--out", str(out)]
+    proc = run_limited(cmd, limit, timeout=150)
+    assert proc.returncode != 0
+    assert f"[default0]:error: could not write {checkpoint.checkpoint_path(out, 10)}: [Errno 27]" in proc.stderr
+    assert "exitcode  : 4" in proc.stderr  # torchrun's summary names rank 0's exit code as the root cause
+    assert checkpoint.list_checkpoints(out) == [] and temp_files(out) == []
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the first run exited ({proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_live_run_directory_refuses_a_second_launch_and_a_killed_one_does_not(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    args = ["train", *TINY, "--iters", "5000", "--set", "train.eval_every=5000", "--set", "train.checkpoint_every=10",
+            "--data-dir", str(tiny_data), "--out", str(out)]
+    first = subprocess.Popen([sys.executable, "-m", "resnetdist", *args], cwd=REPO, env=cli_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: checkpoint.list_checkpoints(out), 120, "its first checkpoint", first)
+        config_before = (out / "config.toml").read_bytes()
+        for launch in ([], ["--nproc-per-node", "2"]):  # the torchrun launcher refuses before starting it
+            t0 = time.monotonic()
+            second = run_cli([*args, *launch], check=False, timeout=60)
+            assert second.returncode == 5, second.stderr[-3000:]
+            assert f"run directory {out} is in use" in second.stderr and f"pid {first.pid} on host" in second.stderr
+            assert "torch.distributed" not in second.stderr
+            print(f"refused in {time.monotonic() - t0:.1f} s")
+        assert first.poll() is None and (out / "config.toml").read_bytes() == config_before
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+
+    # the dead run's lock went with it: the next launch resumes from its newest checkpoint
+    newest = checkpoint.list_checkpoints(out)[0]
+    it = int(checkpoint.PATTERN.search(newest.name).group(1))
+    third = run_cli(args, check=False, timeout=120, RESNETDIST_TEST_KILL_AT=str(it + 1))
+    assert third.returncode == -signal.SIGKILL, third.stderr[-3000:]
+    assert f"resuming from {newest} (iteration {it})" in third.stdout
+    assert temp_files(out) == []  # a write the SIGKILL cut short left nothing behind either
