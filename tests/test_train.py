@@ -46,9 +46,20 @@ def test_training_learns_and_writes_the_run_directory(trained_run):
     assert records[0]["lr"] == pytest.approx(0.05) and records[-1]["lr"] == pytest.approx(0.0005)
     summary = json.loads((trained_run / "summary.json").read_text())
     assert summary["iterations"] == 150 and summary["train_seconds"] > 0 and summary["images_per_second"] > 0
+    assert (summary["step"], summary["precision"], summary["loader"]) == ("eager", "fp32", "resident")
     assert summary["test_error"] == records[-1]["test_error"]
     assert summary["test_error"] < 40, "chance is 90%: the net did not learn"
     assert records[-1]["train_error"] < records[0]["train_error"]
+
+
+def test_config_toml_records_what_ran_not_auto(trained_run):
+    from resnetdist.config import read_toml
+
+    tree = read_toml(trained_run / "config.toml")
+    assert (tree["train"]["device"], tree["train"]["precision"]) == ("cpu", "fp32")
+    assert tree["log"]["wandb_mode"] == "disabled" and tree["data"]["loader"] == "resident"
+    assert tree["optim"]["warmup_iters"] == 0
+    assert "auto" not in json.dumps(tree)
 
 
 @pytest.mark.timeout(120)
