@@ -477,6 +477,7 @@ class Trainer:
             )
             checkpoint.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             self.logger.summary(summary)
+            self.logger.log_model(self.run_dir, self.mean.cpu().numpy(), summary)  # W&B model artifact
         return summary
 
 
