@@ -124,6 +124,7 @@ esac
 
 # USR1 comes {REQUEUE_WARNING_S} s before the time limit (--signal): put this task back in the
 # queue; when it starts again every run resumes from its newest checkpoint.
+# shellcheck disable=SC2317  # called by the trap below
 requeue() {{
     echo "time limit near: requeueing ${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}" >&2
     scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
