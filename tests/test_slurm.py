@@ -41,66 +41,52 @@ def manifest(out) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.slurm
-@pytest.mark.timeout(300)
-def test_four_run_suite_as_a_job_array(slurm_cluster, tiny_data, tmp_path):
+@pytest.mark.timeout(360)
+def test_four_run_array_with_a_cancelled_task_resubmitted_and_resumed(slurm_cluster, tiny_data, tmp_path):
+    """One flow, to keep CI short: 4 runs as one array (--no-wait); task 0 cancelled mid-run;
+    --status from another process; the same command again resubmits that run alone, which
+    resumes from its checkpoint, waits with the live table, and writes the report of all four."""
     out = tmp_path / "suite4"
+    args = [*SUITE, "--iters", "40", "--depths", "8,14", "--plain", "--data-dir", str(tiny_data), "--out", str(out)]
     t0 = time.monotonic()
-    proc = reproduce(slurm_cluster, [*SUITE, "--depths", "8,14", "--plain", "--data-dir", str(tiny_data),
-                                     "--out", str(out)])
-    wall = time.monotonic() - t0
-    text = proc.stdout
-    # one array of four tasks, longest runs first
-    (sub,) = manifest(out)["submissions"]
-    assert sub["tasks"] == {"0": ["resnet14-s0"], "1": ["plain14-s0"], "2": ["resnet8-s0"], "3": ["plain8-s0"]}
-    assert f"submitted job array {sub['job_id']}: 4 run(s) in 4 task(s)" in text
-    # the live table went through running to all four done
-    assert "running" in text and "suite4: 0 queued, 0 running, 4 done, 0 failed" in text
-    for name in ("resnet8-s0", "resnet14-s0", "plain8-s0", "plain14-s0"):
-        assert json.loads((out / name / "summary.json").read_text())["iterations"] == 20
-        assert f"array task {sub['job_id']}_" in (out / name / "train.log").read_text()
-    md = (out / "report.md").read_text()
-    for net in ("ResNet-8", "ResNet-14", "Plain-8", "Plain-14"):
-        assert f"| {net} | 20 | 1 |" in md, net
-    check_png(out / "figure6.png", (1000, 400))
-    states = slurm_cluster.run("squeue", "-h", "-r", "--states=all", "-j", sub["job_id"], "-o", "%i|%T").stdout
-    assert sorted(states.split()) == [f"{sub['job_id']}_{t}|COMPLETED" for t in range(4)]
-    print(f"4-run suite on Slurm: {wall:.1f} s")
-
-
-@pytest.mark.slow
-@pytest.mark.slurm
-@pytest.mark.timeout(300)
-def test_cancelled_task_is_resubmitted_alone_and_resumes(slurm_cluster, tiny_data, tmp_path):
-    out = tmp_path / "suite2"
-    args = [*SUITE, "--iters", "40", "--depths", "8,14", "--no-plain", "--data-dir", str(tiny_data),
-            "--out", str(out)]
     first = reproduce(slurm_cluster, [*args, "--no-wait"])
     assert "not waiting" in first.stdout and f"--status {out}" in first.stdout
     (sub,) = manifest(out)["submissions"]
     job = sub["job_id"]
-    victim = out / "resnet14-s0"  # task 0: the longest run
+    # one array task per run, longest first
+    assert sub["tasks"] == {"0": ["resnet14-s0"], "1": ["plain14-s0"], "2": ["resnet8-s0"], "3": ["plain8-s0"]}
+    assert f"submitted job array {job}: 4 run(s) in 4 task(s)" in first.stdout
+    victim = out / "resnet14-s0"
     deadline = time.monotonic() + 120
     while not any(victim.glob("ckpt_*.pt")):
         assert time.monotonic() < deadline, (victim / "train.log").read_text() if victim.exists() else "no run"
         time.sleep(0.1)
     slurm_cluster.run("scancel", f"{job}_0")
-    slurm_cluster.wait_idle(timeout=120)
+    slurm_cluster.wait_idle(timeout=180)
     assert not (victim / "summary.json").exists(), "the run finished before it was cancelled"
+    states = slurm_cluster.run("squeue", "-h", "-r", "--states=all", "-j", job, "-o", "%i|%T").stdout.split()
+    assert sorted(states) == [f"{job}_0|CANCELLED", *(f"{job}_{t}|COMPLETED" for t in (1, 2, 3))]
 
     status = reproduce(slurm_cluster, ["reproduce", "--status", str(out)]).stdout
-    assert "suite2: 0 queued, 0 running, 1 done, 1 failed" in status
+    assert "suite4: 0 queued, 0 running, 3 done, 1 failed" in status
     assert f"{job}_0 cancelled without a summary" in status
 
     again = reproduce(slurm_cluster, args).stdout
-    assert "skip  resnet8-s0: done" in again
+    wall = time.monotonic() - t0
+    assert again.count(": done (test error") == 3 and "skip  resnet14-s0" not in again
     second = manifest(out)["submissions"][1]
     assert second["tasks"] == {"0": ["resnet14-s0"]}
     assert f"submitted job array {second['job_id']}: 1 run(s) in 1 task(s)" in again
+    assert "suite4: 0 queued, 0 running, 4 done, 0 failed" in again  # the live table's last state
     log = (victim / "train.log").read_text()
     assert "resuming from" in log and f"array task {second['job_id']}_0" in log
-    assert json.loads((victim / "summary.json").read_text())["iterations"] == 40
+    for name in ("resnet8-s0", "resnet14-s0", "plain8-s0", "plain14-s0"):
+        assert json.loads((out / name / "summary.json").read_text())["iterations"] == 40
     md = (out / "report.md").read_text()
-    assert "| ResNet-8 | 40 | 1 |" in md and "| ResNet-14 | 40 | 1 |" in md
+    for net in ("ResNet-8", "ResNet-14", "Plain-8", "Plain-14"):
+        assert f"| {net} | 40 | 1 |" in md, net
+    check_png(out / "figure6.png", (1000, 400))
+    print(f"4-run suite on Slurm, one task cancelled and resubmitted: {wall:.1f} s")
 
 
 @pytest.mark.slurm
