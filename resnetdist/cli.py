@@ -304,19 +304,24 @@ def reproduce(
         except ConfigError as e:
             fail(str(e))
         return
-    slurm = None
+    schedule = None
     if launcher == "slurm":
-        from .slurm import SlurmOptions
+        from functools import partial
 
-        slurm = SlurmOptions(partition, account, time_limit, gpus_per_task, runs_per_task, list(sbatch_args),
-                             wait, dry_run, poll_s)
+        from .slurm import SlurmOptions, run_suite as slurm_suite
+
+        if gpus or runs_per_gpu != 1:
+            fail("--gpus and --runs-per-gpu are for the local launcher; on Slurm use --gpus-per-task and --runs-per-task")
+        opts = SlurmOptions(partition, account, time_limit, gpus_per_task, runs_per_task, list(sbatch_args),
+                            wait, dry_run, poll_s)
+        schedule = partial(slurm_suite, out=out, opts=opts, echo=typer.echo)
     elif launcher != "local":
         fail(f"--launcher must be local or slurm, got {launcher!r}")
     elif dry_run or not wait:
         fail("--dry-run and --no-wait are for --launcher slurm")
     try:
         outcomes, _ = run_suite(parse_ints(depths, "--depths"), plain, seeds, out, gpus, iters, overrides,
-                                config, data_dir, device, runs_per_gpu, slurm, echo=typer.echo)
+                                config, data_dir, device, runs_per_gpu, schedule, echo=typer.echo)
     except ConfigError as e:
         fail(str(e))
     except KeyboardInterrupt:

@@ -43,13 +43,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Optional
 
 from .checkpoint import atomic_write_text
 from .config import ConfigError, RunConfig, load_config, to_toml
-
-if TYPE_CHECKING:
-    from .slurm import SlurmOptions
 
 SUITE_DIR = "suite"  # inside OUT: suite.json, configs/, the Slurm script and its logs, W&B summary run
 MANIFEST = "suite.json"
@@ -146,9 +143,13 @@ def write_plan(jobs: list[Job], out: Path, launcher: str) -> None:
         job.config.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(job.config, to_toml(job.resolved))
     manifest = read_manifest(out) or {}
-    manifest.update(suite=suite_name(out), launcher=launcher, runs=[
-        {"name": j.name, "n": j.n, "plain": j.plain, "seed": j.seed, "iterations": j.iterations,
-         "run_dir": str(j.run_dir), "config": str(j.config)} for j in jobs])
+    # runs an earlier command planned into the same folder (e.g. --depths 110 --no-plain after
+    # the rest) stay listed, so --status shows the whole folder
+    runs = {r["name"]: r for r in manifest.get("runs", [])}
+    runs.update({j.name: {"name": j.name, "n": j.n, "plain": j.plain, "seed": j.seed, "iterations": j.iterations,
+                          "run_dir": str(j.run_dir), "config": str(j.config)} for j in jobs})
+    manifest.update(suite=suite_name(out), launcher=launcher,
+                    runs=sorted(runs.values(), key=lambda r: -r["n"] * r["iterations"]))
     write_manifest(out, manifest)
 
 
@@ -319,24 +320,27 @@ def list_failures(outcomes: list[Outcome], total: int, echo: Callable[[str], Non
             echo(f"  {o.job.name}: {o.detail}")
 
 
+# A launcher other than the local pool (slurm.run_suite): the planned jobs -> their outcomes,
+# or None when it does not wait for them. Passed in by the CLI, so this module imports no launcher.
+Schedule = Callable[[list[Job]], Optional[list[Outcome]]]
+
+
 def reproduce(depths: list[int], plain: bool, seeds: int, out: Path, gpus: str | None = None,
               iters: int | None = None, overrides: list[str] | None = None, config: Path | None = None,
               data_dir: Path | None = None, device: str | None = None, runs_per_gpu: int = 1,
-              slurm: SlurmOptions | None = None, echo: Callable[[str], None] = print) -> tuple[list[Outcome], dict | None]:
-    """Plan, schedule (locally, or on Slurm when `slurm` is given), report. Returns the
-    outcomes and what the report wrote (None if nothing to report, or not waited for)."""
+              schedule: Schedule | None = None, echo: Callable[[str], None] = print) -> tuple[list[Outcome], dict | None]:
+    """Plan, schedule (the local pool, or `schedule`), report. Returns the outcomes and what
+    the report wrote (None if nothing to report, or not waited for)."""
     overrides = list(overrides or [])
     pool = None
-    if slurm is None:
+    if schedule is None:
         pool = slots(device_pool(gpus, device), runs_per_gpu)
         if pool[0] is not None and device is None:
             device = "cuda"
     jobs = plan(depths, plain, seeds, out, iters, overrides, config, data_dir, device)
     base = load_config(config, {}, overrides, iters)  # the suite's logging settings
-    if slurm is not None:
-        from . import slurm as launcher
-
-        outcomes = launcher.run_suite(jobs, out, slurm, echo)
+    if schedule is not None:
+        outcomes = schedule(jobs)
         if outcomes is None:  # --dry-run or --no-wait
             return [], None
     else:

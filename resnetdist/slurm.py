@@ -12,7 +12,7 @@ Submission: the script is written to OUT/suite/array-<n>.sbatch, checked with
 anything is queued) and submitted with `sbatch --parsable`. OUT/suite/suite.json records
 each submission: job id and which runs each array task trains. A run's state comes from its
 files (summary.json: done) and from the scheduler (squeue, then sacct where accounting is
-kept): queued, running, failed (left the queue without a summary), or not submitted.
+kept): queued, running, failed (left the queue without a summary), stopped or not started.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from .reproduce import (SUITE_DIR, Job, Outcome, finished, jobs_from_manifest, r
 QUEUED_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESIZING", "SUSPENDED",
                  "STAGE_OUT", "SIGNALING"}
 RUNNING_STATES = {"RUNNING", "COMPLETING"}
+STATES = ("queued", "running", "done", "failed", "stopped", "not started")
 # what the array script sets itself; a --sbatch-arg may not change them
 RESERVED_OPTIONS = {"--array", "--output", "--error", "--parsable", "--wrap", "--job-name", "--requeue",
                     "--no-requeue", "--signal", "--open-mode", "--chdir", "-a", "-o", "-e", "-J", "-D"}
@@ -215,7 +216,8 @@ def scheduler_states(job_ids: list[str]) -> dict[str, str]:
 
 
 def run_states(out: Path, jobs: list[Job]) -> dict[str, tuple[str, str]]:
-    """Run name -> (state, detail): done, queued, running, failed, or not submitted."""
+    """Run name -> (state, detail): done, queued, running, failed (left the queue without a
+    summary), stopped (never submitted, a checkpoint from an earlier local run) or not started."""
     submissions = (read_manifest(out) or {}).get("submissions", [])
     where: dict[str, str] = {}  # run -> "<job>_<task>" of its latest submission
     for sub in submissions:
@@ -230,7 +232,8 @@ def run_states(out: Path, jobs: list[Job]) -> dict[str, tuple[str, str]]:
         if finished(job):
             result[job.name] = ("done", summary_line(job))
         elif task is None:
-            result[job.name] = ("not submitted", "")
+            ckpt = max(job.run_dir.glob("ckpt_*.pt"), default=None)
+            result[job.name] = ("stopped", f"resumes from {ckpt.name}") if ckpt else ("not started", "")
         elif state in QUEUED_STATES:
             result[job.name] = ("queued", f"{task} {state.lower()}")
         elif state in RUNNING_STATES:
@@ -243,10 +246,10 @@ def run_states(out: Path, jobs: list[Job]) -> dict[str, tuple[str, str]]:
 
 def status_table(out: Path, jobs: list[Job]) -> tuple[str, dict[str, tuple[str, str]]]:
     states = run_states(out, jobs)
-    counts = {s: sum(1 for v in states.values() if v[0] == s) for s in ("queued", "running", "done", "failed")}
+    counts = {s: sum(1 for v in states.values() if v[0] == s) for s in STATES}
     width = max(len(j.name) for j in jobs)
-    lines = [f"{suite_name(out)}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
-             + (f", {len(jobs) - sum(counts.values())} not submitted" if len(jobs) > sum(counts.values()) else "")]
+    # the four main states always, the others when some run is in them
+    lines = [f"{suite_name(out)}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n or s in STATES[:4])]
     lines += [f"  {j.name:<{width}}  {states[j.name][0]:<13} {states[j.name][1]}".rstrip() for j in jobs]
     return "\n".join(lines), states
 
@@ -285,7 +288,7 @@ def run_suite(jobs: list[Job], out: Path, opts: SlurmOptions, echo: Callable[[st
     require("squeue")
     write_plan(jobs, out, "slurm")
     states = run_states(out, jobs)
-    todo = [j for j in jobs if states[j.name][0] in ("failed", "not submitted")]
+    todo = [j for j in jobs if states[j.name][0] in ("failed", "stopped", "not started")]
     for j in jobs:
         if j not in todo:
             echo(f"skip  {j.name}: {states[j.name][0]} ({states[j.name][1]})")
@@ -296,6 +299,10 @@ def run_suite(jobs: list[Job], out: Path, opts: SlurmOptions, echo: Callable[[st
     if not opts.wait:
         echo(f"not waiting; see where it stands with: resnetdist reproduce --status {out}")
         return None
-    final = wait(out, jobs, opts.poll_s, echo)
+    try:
+        final = wait(out, jobs, opts.poll_s, echo)
+    except KeyboardInterrupt:
+        echo(f"stopped waiting; the job array keeps running: resnetdist reproduce --status {out}")
+        raise
     return [Outcome(j, "done" if final[j.name][0] == "done" else "failed", final[j.name][1]) for j in jobs]
 

@@ -89,6 +89,7 @@ def test_four_run_array_with_a_cancelled_task_resubmitted_and_resumed(slurm_clus
     print(f"4-run suite on Slurm, one task cancelled and resubmitted: {wall:.1f} s")
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.timeout(120)
 def test_sbatch_refusal_is_reported_before_anything_is_queued(slurm_cluster, tmp_path):
@@ -133,6 +134,8 @@ def test_bad_slurm_input_is_named_before_submission(tmp_path, monkeypatch):
     assert "--array is set by reproduce itself" in cli([*base, "--sbatch-arg=--array=0-3"], code=2).stderr
     assert "--runs-per-task must be >= 1" in cli([*base, "--runs-per-task", "0"], code=2).stderr
     assert "--launcher must be local or slurm" in cli([*base, "--launcher", "pbs"], code=2).stderr
+    assert "on Slurm use --gpus-per-task and --runs-per-task" in cli([*base, "--runs-per-gpu", "2"], code=2).stderr
+    assert "are for --launcher slurm" in cli([*base, "--launcher", "local", "--no-wait"], code=2).stderr
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
     assert "`sbatch` is not on PATH" in cli(base, code=2).stderr
     assert not (tmp_path / "s").exists()
