@@ -257,20 +257,55 @@ def reproduce(
     depths: str = typer.Option("20,32,44,56", help="comma-separated depths, each 6n+2"),
     plain: bool = typer.Option(True, "--plain/--no-plain", help="also train the plain nets"),
     seeds: int = typer.Option(1, help="seeds 0..K-1 of every net"),
-    gpus: Optional[str] = typer.Option(None, help="GPU ids, e.g. 0,1,2,3: one run per GPU at a time (default: all visible)"),
+    gpus: Optional[str] = typer.Option(None, help="GPU ids, e.g. 0,1,2,3 (default: all visible)"),
+    runs_per_gpu: int = typer.Option(1, help="runs sharing each GPU at a time, as separate processes"),
     out: Path = typer.Option(Path("runs"), help="one folder per run inside, and the report"),
     iters: Optional[int] = typer.Option(None, help="iterations per run (default: the paper's 64k); milestones scale"),
     data_dir: Optional[Path] = typer.Option(None, help="folder holding cifar-10-batches-bin/ or the tarball"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="base TOML for every run"),
     overrides: list[str] = typer.Option([], "--set", help="section.key=value for every run, repeatable"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    launcher: str = typer.Option("local", help="local (this machine) | slurm (one job array)"),
+    partition: str = typer.Option("", help="slurm: partition"),
+    account: str = typer.Option("", help="slurm: account"),
+    time_limit: str = typer.Option("", "--time", help="slurm: time limit per array task, e.g. 04:00:00"),
+    gpus_per_task: int = typer.Option(1, help="slurm: GPUs per array task (0: CPU only)"),
+    runs_per_task: int = typer.Option(1, help="slurm: runs per array task, side by side on its GPUs"),
+    sbatch_args: list[str] = typer.Option([], "--sbatch-arg", help="slurm: one more sbatch option, e.g. --sbatch-arg=--mem=8G"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="slurm: wait for the array and write the report"),
+    dry_run: bool = typer.Option(False, help="slurm: print the job array script, submit nothing"),
+    poll_s: float = typer.Option(10.0, help="slurm: seconds between queue polls while waiting"),
+    status: Optional[Path] = typer.Option(None, help="show where the suite in this folder stands, and exit"),
 ) -> None:
     """Train the whole suite (depths x ResNet/plain x seeds), resumable, then write the report."""
     from .reproduce import parse_ints, reproduce as run_suite
 
+    if status is not None:
+        from .slurm import show_status
+
+        try:
+            show_status(status, echo=typer.echo)
+        except ConfigError as e:
+            fail(str(e))
+        return
+    schedule = None
+    if launcher == "slurm":
+        from functools import partial
+
+        from .slurm import SlurmOptions, run_suite as slurm_suite
+
+        if gpus or runs_per_gpu != 1:
+            fail("--gpus and --runs-per-gpu are for the local launcher; on Slurm use --gpus-per-task and --runs-per-task")
+        opts = SlurmOptions(partition, account, time_limit, gpus_per_task, runs_per_task, list(sbatch_args),
+                            wait, dry_run, poll_s)
+        schedule = partial(slurm_suite, out=out, opts=opts, echo=typer.echo)
+    elif launcher != "local":
+        fail(f"--launcher must be local or slurm, got {launcher!r}")
+    elif dry_run or not wait:
+        fail("--dry-run and --no-wait are for --launcher slurm")
     try:
         outcomes, _ = run_suite(parse_ints(depths, "--depths"), plain, seeds, out, gpus, iters, overrides,
-                                config, data_dir, device, echo=typer.echo)
+                                config, data_dir, device, runs_per_gpu, schedule, echo=typer.echo)
     except ConfigError as e:
         fail(str(e))
     except KeyboardInterrupt:

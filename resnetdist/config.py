@@ -173,7 +173,8 @@ class LogConfig:
     wandb_mode: str = "auto"  # auto: online when logged in or WANDB_API_KEY is set, else offline
     wandb_project: str = ""  # "" = $WANDB_PROJECT or "resnetdist"
     wandb_entity: str = ""  # "" = $WANDB_ENTITY or your default entity
-    wandb_group: str = ""  # "" = the model name, so seeds of one net group together
+    wandb_group: str = ""  # "" = the model name, so seeds of one net group together (reproduce: the suite)
+    wandb_job_type: str = ""  # "" = the model name, so a suite's runs can be told apart by net
     wandb_tags: list[str] = field(default_factory=list)
     wandb_init_timeout_s: int = 60  # online init gives up after this, and the run goes on offline
     wandb_finish_timeout_s: int = 300  # upload wait at the end; the rest stays on disk for `wandb sync`
@@ -291,7 +292,11 @@ def load_config(
     flags: dict[str, dict[str, Any]] | None = None,
     overrides: list[str] | None = None,
     iters: int | None = None,
+    for_this_machine: bool = True,
 ) -> RunConfig:
+    """Defaults < file < flags < --set, checked. for_this_machine=False leaves device,
+    precision, graph and W&B mode as given ("auto" stays "auto"): for configs written here to
+    be trained elsewhere (a Slurm suite's runs resolve them on their own nodes)."""
     cfg = RunConfig()
     if config_file is not None:
         merge(cfg, read_toml(config_file), str(config_file))
@@ -299,9 +304,11 @@ def load_config(
         merge(cfg, flags, "command line")
     for text in overrides or []:
         merge(cfg, parse_override(text), f"--set {text}")
-    for note in resolve(cfg):
-        if os.environ.get("RANK", "0") == "0":  # once per job, not once per rank
-            print(f"note: {note}", file=sys.stderr, flush=True)
+    resolve_recipe(cfg)
+    if for_this_machine:
+        for note in resolve_machine(cfg):
+            if os.environ.get("RANK", "0") == "0":  # once per job, not once per rank
+                print(f"note: {note}", file=sys.stderr, flush=True)
     if iters is not None:
         scale_schedule(cfg, iters)
     cfg.validate()
@@ -311,16 +318,20 @@ def load_config(
 # ----- resolving "auto" ---------------------------------------------------------------------------
 
 
-def resolve(cfg: RunConfig) -> list[str]:
-    """Replace every "auto" and alias by what will run; returns notes for the user about
-    settings that cannot apply here."""
-    import torch
-
-    notes = []
+def resolve_recipe(cfg: RunConfig) -> None:
+    """The values whose default depends on other keys, the same on every machine."""
     if cfg.optim.warmup_iters < 0:
         # The paper warms ResNet-110 up at lr 0.01 for ~400 iterations; shallower nets need none.
         cfg.optim.warmup_iters = 400 if cfg.model.n >= 18 else 0
     cfg.data.loader = LOADER_ALIASES.get(cfg.data.loader, cfg.data.loader)
+
+
+def resolve_machine(cfg: RunConfig) -> list[str]:
+    """Replace every "auto" that depends on this machine by what will run here; returns notes
+    for the user about settings that cannot apply here."""
+    import torch
+
+    notes = []
     if cfg.train.device == "auto":
         cfg.train.device = "cuda" if torch.cuda.is_available() else "cpu"
     on_cuda = cfg.train.device == "cuda"
@@ -383,7 +394,7 @@ def scale_schedule(cfg: RunConfig, iters: int) -> None:
 def from_dict(tree: dict[str, Any], source: str) -> RunConfig:
     cfg = RunConfig()
     merge(cfg, tree, source)
-    cfg.data.loader = LOADER_ALIASES.get(cfg.data.loader, cfg.data.loader)
+    resolve_recipe(cfg)
     return cfg
 
 

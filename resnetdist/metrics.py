@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import uuid
 from contextlib import contextmanager
@@ -28,6 +29,9 @@ class NullLogger:
         pass
 
     def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
         pass
 
     def close(self, exit_code: int = 0) -> None:
@@ -158,7 +162,7 @@ class WandbSink:
             entity=cfg.wandb_entity or os.environ.get("WANDB_ENTITY") or None,
             group=cfg.wandb_group or os.environ.get("WANDB_RUN_GROUP") or group,
             tags=sorted(set(tags) | set(cfg.wandb_tags) | set(_env_tags())),
-            name=name, id=self.id, resume="allow", job_type="train",
+            name=name, id=self.id, resume="allow", job_type=cfg.wandb_job_type or group,
             config=run_config, dir=str(run_dir), reinit="finish_previous",
         )
         settings = _wandb_settings(wandb, init_timeout=float(cfg.wandb_init_timeout_s),
@@ -199,6 +203,22 @@ class WandbSink:
     def summary(self, values: dict[str, Any]) -> None:
         self._call(self.run.summary.update, _clean(values))
 
+    def log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
+        """The final weights as a W&B model artifact `model-<run name>`: model.pt, the mean image
+        the inputs are normalised with (mean.npy, float32 (3, 32, 32), [0, 1] units) and the
+        resolved config.toml, so the artifact alone is enough to run the net."""
+        self._call(self._log_model, run_dir, mean, metadata)
+
+    def _log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
+        import numpy as np
+
+        np.save(run_dir / "mean.npy", np.asarray(mean, dtype=np.float32))
+        artifact = self.wandb.Artifact(f"model-{self.run.name}", type="model", metadata=_clean(metadata))
+        for file in ("model.pt", "mean.npy", "config.toml"):
+            if (run_dir / file).exists():
+                artifact.add_file(str(run_dir / file), name=file)
+        self.run.log_artifact(artifact, aliases=["latest", f"iter{metadata.get('iterations', 0)}"])
+
     def close(self, exit_code: int = 0) -> None:
         # a non-zero exit code marks the W&B run as failed rather than finished
         self._call(self.run.finish, exit_code)
@@ -232,6 +252,10 @@ class MetricLogger:
         if self.wandb:
             self.wandb.summary(values)
 
+    def log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
+        if self.wandb:
+            self.wandb.log_model(run_dir, mean, metadata)
+
     def close(self, exit_code: int = 0) -> None:
         for sink in self.sinks:
             if sink is self.wandb:
@@ -256,3 +280,44 @@ def open_logger(cfg: LogConfig, run_dir: Path, run_config: dict[str, Any], name:
             wandb_sink = WandbSink(cfg, run_dir, run_config, name, group, tags, wandb_id, mode)
             sinks.append(wandb_sink)
     return MetricLogger(sinks, wandb_sink, wandb_id)
+
+
+SUITE_TABLE_KEY = "table6"  # the summary run's history key for the report's table
+
+
+def log_suite_report(cfg: LogConfig, wandb_dir: Path, group: str, run_id: str | None,
+                     rows: list[dict[str, Any]], figure: Path | None, report: Path) -> str | None:
+    """The suite's summary run (job_type "report", in the suite's group): the report's table
+    as a wandb.Table under `table6`, Figure 6 as an image and report.md as a file. `run_id`
+    continues an earlier summary run of the same suite. Returns the run id, None when W&B is
+    disabled or not installed."""
+    mode = resolve_wandb_mode(cfg.wandb_mode)
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        _warn("wandb is not installed (pip install 'resnetdist[wandb]'); the report is not logged to W&B")
+        return None
+    if mode == "offline":
+        _quiet_wandb_telemetry()
+    wandb_dir.mkdir(parents=True, exist_ok=True)
+    settings = _wandb_settings(wandb, init_timeout=float(cfg.wandb_init_timeout_s),
+                               finish_timeout=float(cfg.wandb_finish_timeout_s), silent=True, console="off")
+    run = wandb.init(
+        mode=mode, settings=settings, dir=str(wandb_dir), id=run_id or uuid.uuid4().hex[:12], resume="allow",
+        project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "resnetdist",
+        entity=cfg.wandb_entity or os.environ.get("WANDB_ENTITY") or None,
+        group=group, job_type="report", name=f"{group}-report", reinit="finish_previous",
+        tags=sorted(set(cfg.wandb_tags) | set(_env_tags()) | {"report"}),
+    )
+    columns = list(rows[0]) if rows else []
+    values: dict[str, Any] = {SUITE_TABLE_KEY: wandb.Table(columns=columns, data=[list(r.values()) for r in rows])}
+    if figure is not None and figure.exists():
+        values["figure6"] = wandb.Image(str(figure))
+    run.log(values)
+    # a copy in the run's own files folder travels with it (wandb sync uploads that folder)
+    shutil.copyfile(report, Path(run.dir) / report.name)
+    run.summary.update({"runs": sum(r["runs"] for r in rows), "nets": len(rows)})
+    run.finish()
+    return run.id

@@ -226,26 +226,34 @@ def seed_repo_value(plain: bool, depth: int) -> str:
     return (SEED_REPO_PLAIN if plain else SEED_REPO_RESNET).get(depth, "–")
 
 
-def markdown_table(runs: list[Run]) -> str:
-    head = ("| net | iterations | runs | test error % (mean ± std) | best | final train error % | "
-            "paper (Table 6) | seed repo |\n|---|---|---|---|---|---|---|---|\n")
+def table_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """Table 6 as data, one row per net and iteration count: what report.md prints and what
+    the suite's W&B summary run logs as a table."""
     rows = []
     for (plain, depth, iters), group in group_runs(runs).items():
         done = [r for r in group if r.finished and r.test_error is not None]
         errs = [r.test_error for r in done]
-        if errs:
-            mean, std = mean_std(errs)
-            cell = f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
-            best = f"{min(errs):.2f}"
-            train = [r.train_error for r in done if r.train_error is not None]
-            train_cell = _fmt(statistics.fmean(train)) if train else "–"
-        else:
-            cell, best, train_cell = "–", "–", "–"
-        unfinished = len(group) - len(done)
-        count = f"{len(done)}" + (f" (+{unfinished} unfinished)" if unfinished else "")
-        rows.append(f"| {group[0].net} | {iters:,} | {count} | {cell} | {best} | {train_cell} | "
-                    f"{paper_value(plain, depth)} | {seed_repo_value(plain, depth)} |")
-    return head + "\n".join(rows) + "\n"
+        mean, std = mean_std(errs) if errs else (None, None)
+        train = [r.train_error for r in done if r.train_error is not None]
+        rows.append({"net": group[0].net, "depth": depth, "plain": plain, "iterations": iters,
+                     "runs": len(done), "unfinished": len(group) - len(done), "test_error_mean": mean,
+                     "test_error_std": std, "test_error_best": min(errs) if errs else None,
+                     "train_error_mean": statistics.fmean(train) if train else None,
+                     "paper": paper_value(plain, depth), "seed_repo": seed_repo_value(plain, depth)})
+    return rows
+
+
+def markdown_table(runs: list[Run]) -> str:
+    head = ("| net | iterations | runs | test error % (mean ± std) | best | final train error % | "
+            "paper (Table 6) | seed repo |\n|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for row in table_rows(runs):
+        cell = "–" if row["test_error_mean"] is None else f"{row['test_error_mean']:.2f}" + (
+            f" ± {row['test_error_std']:.2f}" if row["test_error_std"] is not None else "")
+        count = f"{row['runs']}" + (f" (+{row['unfinished']} unfinished)" if row["unfinished"] else "")
+        lines.append(f"| {row['net']} | {row['iterations']:,} | {count} | {cell} | {_fmt(row['test_error_best'])} | "
+                     f"{_fmt(row['train_error_mean'])} | {row['paper']} | {row['seed_repo']} |")
+    return head + "\n".join(lines) + "\n"
 
 
 def runs_table(runs: list[Run]) -> str:
@@ -483,4 +491,4 @@ def write_report(paths: list[Path], out: Path | None = None, title: str = "", sk
     md = out / "report.md"
     md.write_text(markdown(runs, figure.name, curves, title, notes))
     return {"report": str(md), "figure": str(figure), "curves": [str(out / c) for c in curves.values()],
-            "runs": len(runs), "skipped": notes}
+            "runs": len(runs), "skipped": notes, "table": table_rows(runs)}

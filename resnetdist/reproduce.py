@@ -1,27 +1,36 @@
 """`resnetdist reproduce`: the whole section 4.2 suite in one command, then the report.
 
-    resnetdist reproduce --depths 20,32,44,56 --plain --seeds 3 --gpus 0,1,2,3 --out runs/
+    resnetdist reproduce --depths 20,32,44,56,110 --plain --seeds 5 --out runs/
+    resnetdist reproduce ... --runs-per-gpu 2                     # two runs share each GPU
+    resnetdist reproduce ... --launcher slurm --partition gpu      # one Slurm job array
+    resnetdist reproduce --status runs/                            # where a suite stands
 
-Every run (ResNet and, with --plain, plain net, at each depth, seeds 0..K-1) is its own
-`python -m resnetdist train` process with its own run folder OUT/<name> (e.g.
-runs/resnet20-s0), its stdout and stderr in OUT/<name>/train.log.
+Four steps:
 
-Scheduling: a pool of devices, one run per device at a time. With --gpus 0,1,... each run
-gets CUDA_VISIBLE_DEVICES=<one id>, so it sees one GPU (cuda:0) and the runs never share a
-GPU; with no --gpus and CUDA present, every visible GPU is in the pool; on CPU the pool is
-one slot, so runs go one after another (two CPU runs at once would only share the same
-cores). One run per GPU, not several: at batch 128 the step is bound by kernel launches, and
-packing 2-4 runs on a GPU bought only 12-23% more throughput in DESIGN.md's measurements,
-while making every run's own timing meaningless. Single independent runs also keep every
-seed bit-for-bit the run `resnetdist train` would give on its own; data-parallel training of
-one run over several GPUs is `train --nproc-per-node`, not this.
+1. plan: every run (ResNet and, with --plain, plain net, at each depth, seeds 0..K-1) gets
+   its resolved configuration written to OUT/suite/configs/<name>.toml, and OUT/suite/suite.json
+   lists the runs. Each run is one `python -m resnetdist train --config <that file>` with its
+   own folder OUT/<name> (e.g. runs/resnet20-s0) and its output in OUT/<name>/train.log. Runs
+   are ordered longest first (depth x iterations: ResNet-110 before ResNet-20), so the last
+   runs to start are the short ones and the suite ends sooner.
+2. schedule, locally: a pool of slots, --runs-per-gpu of them per device. With --gpus 0,1,...
+   each run gets CUDA_VISIBLE_DEVICES=<one id>; with no --gpus and CUDA present, every visible
+   GPU is in the pool; on the CPU the pool is one device. At batch 128 one ResNet-20 run
+   leaves an H100 partly idle (kernel-launch bound); packing 2 or 4 runs as separate
+   processes gained 12% / 23% total throughput in a measurement, at the price of every run's
+   own timing. Each run stays a single independent process, so a seed gives the same weights
+   whether it ran alone or packed.
+   Or on Slurm (slurm.py): one job array, one task per run (or per --runs-per-task runs).
+3. wait / status: a run is done when its summary.json records the planned iterations;
+   otherwise the scheduler's state says whether it is queued, running or failed. All of it
+   is read from files and from squeue/sacct, so `--status OUT` works from any process later.
+4. report: report.md, figure6.png and curves/ in OUT from whatever finished, and, with W&B
+   on, a summary run of the suite holding the table and the figure.
 
-Runs are started in the order seed, then depth, then ResNet before plain, so a first seed of
-every net finishes before any second seed. Restarting the same command is safe: a run whose
-summary.json records the planned iterations is skipped; an interrupted one (no summary)
-is started again and `train` resumes it from its newest checkpoint. A run that fails does not
-stop the others; at the end every failure is listed with its log, and the command exits 1.
-The report (report.md, figure6.png, curves/) is written into --out from whatever finished.
+Restarting the same command is safe: finished runs are skipped; an interrupted or failed one
+is started (submitted) again and `train` resumes it from its newest checkpoint; on Slurm a
+run still queued or running is left alone. A run that fails does not stop the others; at the
+end every failure is listed with its log, and the command exits 1.
 """
 
 from __future__ import annotations
@@ -32,11 +41,15 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
-from .config import ConfigError, depth_to_n, load_config
+from .checkpoint import atomic_write_text
+from .config import ConfigError, RunConfig, depth_to_n, load_config, to_toml
+
+SUITE_DIR = "suite"  # inside OUT: suite.json, configs/, the Slurm script and its logs, W&B summary run
+MANIFEST = "suite.json"
 
 
 @dataclass
@@ -47,11 +60,21 @@ class Job:
     seed: int
     iterations: int
     run_dir: Path
-    argv: list[str] = field(default_factory=list)
+    config: Path  # the resolved configuration file the run trains with
+    resolved: RunConfig | None = None  # None when read back from suite.json
 
     @property
     def log(self) -> Path:
         return self.run_dir / "train.log"
+
+    @property
+    def cost(self) -> int:
+        """Relative length: blocks x iterations (the step time grows with depth)."""
+        return self.n * self.iterations
+
+    @property
+    def argv(self) -> list[str]:
+        return ["train", "--config", str(self.config)]
 
 
 @dataclass
@@ -71,37 +94,79 @@ def parse_ints(text: str, what: str) -> list[int]:
     return values
 
 
+def suite_name(out: Path) -> str:
+    """The suite is named after its folder: the W&B group and the Slurm job name."""
+    return out.resolve().name or "suite"
+
+
 def plan(depths: list[int], plain: bool, seeds: int, out: Path, iters: int | None,
          overrides: list[str], config: Path | None = None, data_dir: Path | None = None,
          device: str | None = None) -> list[Job]:
-    """The runs, in start order, each with its resolved iteration count and train argv."""
+    """The runs, longest first, each with its resolved configuration (nothing is written)."""
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    out = out.resolve()
+    configs = out / SUITE_DIR / "configs"
     jobs = []
-    for seed in range(seeds):
-        for depth in depths:
-            n = depth_to_n(depth)
+    for depth in depths:
+        n = depth_to_n(depth)
+        for seed in range(seeds):
             for is_plain in ((False, True) if plain else (False,)):
-                flags = {"model": {"n": n, "plain": is_plain}, "train": {"seed": seed}}
-                cfg = load_config(config, flags, overrides, iters)  # checks every --set up front
-                run_dir = out / cfg.name
-                argv = ["train", "--n", str(n), "--plain" if is_plain else "--resnet", "--seed", str(seed),
-                        "--out", str(run_dir)]
-                if config:
-                    argv += ["--config", str(config)]
-                if iters is not None:
-                    argv += ["--iters", str(iters)]
+                # the suite's W&B group is a flag, so a --set log.wandb_group still wins
+                flags = {"model": {"n": n, "plain": is_plain}, "train": {"seed": seed},
+                         "log": {"wandb_group": suite_name(out)}}
                 if data_dir:
-                    argv += ["--data-dir", str(data_dir)]
+                    flags["data"] = {"dir": str(data_dir.resolve())}
                 if device:
-                    argv += ["--device", device]
-                for text in overrides:
-                    argv += ["--set", text]
-                jobs.append(Job(cfg.name, n, is_plain, seed, cfg.optim.iters, run_dir, argv))
+                    flags["train"]["device"] = device
+                # checks every --set up front; device, precision and W&B mode stay as given, so each
+                # run resolves them where it trains (a Slurm node may have GPUs the login node lacks)
+                cfg = load_config(config, flags, overrides, iters, for_this_machine=False)
+                cfg.train.out = str(out / cfg.name)
+                jobs.append(Job(cfg.name, n, is_plain, seed, cfg.optim.iters, out / cfg.name,
+                                configs / f"{cfg.name}.toml", cfg))
     names = [j.name for j in jobs]
     if len(set(names)) != len(names):
         raise ConfigError("runs would share a folder (is log.name set with --set? leave it to the default)")
-    return jobs
+    # stable sort: equal lengths keep depth, seed, ResNet-before-plain order
+    return sorted(jobs, key=lambda j: -j.cost)
+
+
+def write_plan(jobs: list[Job], out: Path, launcher: str) -> None:
+    """Each run's resolved config file, and suite.json naming them (kept: earlier Slurm
+    submissions and the W&B summary run id stay in it)."""
+    for job in jobs:
+        job.config.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(job.config, to_toml(job.resolved))
+    manifest = read_manifest(out) or {}
+    # runs an earlier command planned into the same folder (e.g. --depths 110 --no-plain after
+    # the rest) stay listed, so --status shows the whole folder
+    runs = {r["name"]: r for r in manifest.get("runs", [])}
+    runs.update({j.name: {"name": j.name, "n": j.n, "plain": j.plain, "seed": j.seed, "iterations": j.iterations,
+                          "run_dir": str(j.run_dir), "config": str(j.config)} for j in jobs})
+    manifest.update(suite=suite_name(out), launcher=launcher,
+                    runs=sorted(runs.values(), key=lambda r: -r["n"] * r["iterations"]))
+    write_manifest(out, manifest)
+
+
+def read_manifest(out: Path) -> dict | None:
+    try:
+        return json.loads((out / SUITE_DIR / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    (out / SUITE_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / SUITE_DIR / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+def jobs_from_manifest(out: Path) -> list[Job]:
+    manifest = read_manifest(out)
+    if not manifest or not manifest.get("runs"):
+        raise ConfigError(f"{out}: no suite here ({out / SUITE_DIR / MANIFEST} is missing or unreadable)")
+    return [Job(r["name"], r["n"], r["plain"], r["seed"], r["iterations"], Path(r["run_dir"]), Path(r["config"]))
+            for r in manifest["runs"]]
 
 
 def finished(job: Job) -> bool:
@@ -112,8 +177,19 @@ def finished(job: Job) -> bool:
     return isinstance(summary, dict) and summary.get("iterations") == job.iterations
 
 
+def summary_line(job: Job) -> str:
+    try:
+        s = json.loads((job.run_dir / "summary.json").read_text())
+        return f"test error {s['test_error']:.2f}% after {s['iterations']} iterations"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "finished"
+
+
+# ----- local schedule ----------------------------------------------------------------------------
+
+
 def device_pool(gpus: str | None, device: str | None) -> list[str | None]:
-    """GPU ids to hand out one per run; [None] = one slot with the environment as it is."""
+    """GPU ids to hand out; [None] = one device with the environment as it is."""
     if gpus:
         return [str(g) for g in parse_ints(gpus, "--gpus")]
     if device != "cpu":
@@ -126,12 +202,11 @@ def device_pool(gpus: str | None, device: str | None) -> list[str | None]:
     return [None]
 
 
-def _summary_line(job: Job) -> str:
-    try:
-        s = json.loads((job.run_dir / "summary.json").read_text())
-        return f"test error {s['test_error']:.2f}% after {s['iterations']} iterations"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "finished"
+def slots(pool: list[str | None], runs_per_gpu: int) -> list[str | None]:
+    """K slots per device, interleaved (0,1,0,1), so the first runs spread over all devices."""
+    if runs_per_gpu < 1:
+        raise ConfigError(f"--runs-per-gpu must be >= 1, got {runs_per_gpu}")
+    return [device for _ in range(runs_per_gpu) for device in pool]
 
 
 def start(job: Job, gpu: str | None) -> subprocess.Popen:
@@ -151,28 +226,41 @@ def start(job: Job, gpu: str | None) -> subprocess.Popen:
         log.close()
 
 
+def _stop(running: dict) -> None:
+    for proc in running:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in running:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _collect(proc: subprocess.Popen, job: Job, secs: float, echo: Callable[[str], None]) -> Outcome:
+    if proc.returncode == 0 and finished(job):
+        echo(f"done  {job.name}: {summary_line(job)} ({secs:.0f} s)")
+        return Outcome(job, "done")
+    why = f"exit code {proc.returncode}" if proc.returncode else "no summary.json written"
+    echo(f"FAIL  {job.name}: {why} ({secs:.0f} s); log {job.log}")
+    return Outcome(job, "failed", f"{why}; log {job.log}")
+
+
 def run_all(jobs: list[Job], pool: list[str | None], echo: Callable[[str], None] = print,
             poll_s: float = 0.5) -> list[Outcome]:
-    """Run the jobs over the device pool, one per device at a time; return every outcome."""
-    outcomes: list[Outcome] = []
-    pending = []
-    for job in jobs:
-        if finished(job):
-            echo(f"skip  {job.name}: already finished ({_summary_line(job)})")
-            outcomes.append(Outcome(job, "skipped"))
-        else:
-            pending.append(job)
+    """Run the jobs in order over the slots (a device listed K times takes K runs at once)."""
+    outcomes = [Outcome(j, "skipped") for j in jobs if finished(j)]
+    for o in outcomes:
+        echo(f"skip  {o.job.name}: already finished ({summary_line(o.job)})")
+    pending = [j for j in jobs if not finished(j)]
     free = list(pool)
     running: dict[subprocess.Popen, tuple[Job, str | None, float]] = {}
     total, started = len(pending), 0
 
-    def stop_all(signum, frame):  # noqa: ARG001
-        for proc in running:
-            if proc.poll() is None:
-                proc.terminate()
+    def stop_on_sigterm(signum, frame):  # noqa: ARG001
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, stop_all)
+    old = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         while pending or running:
             while pending and free:
@@ -186,55 +274,78 @@ def run_all(jobs: list[Job], pool: list[str | None], echo: Callable[[str], None]
             for proc in [p for p in running if p.poll() is not None]:
                 job, gpu, t0 = running.pop(proc)
                 free.append(gpu)
-                secs = time.monotonic() - t0
-                if proc.returncode == 0 and finished(job):
-                    echo(f"done  {job.name}: {_summary_line(job)} ({secs:.0f} s)")
-                    outcomes.append(Outcome(job, "done"))
-                else:
-                    why = f"exit code {proc.returncode}" if proc.returncode else "no summary.json written"
-                    echo(f"FAIL  {job.name}: {why} ({secs:.0f} s); log {job.log}")
-                    outcomes.append(Outcome(job, "failed", f"{why}; log {job.log}"))
+                outcomes.append(_collect(proc, job, time.monotonic() - t0, echo))
     except KeyboardInterrupt:
-        for proc in running:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in running:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop(running)
         raise
     finally:
         signal.signal(signal.SIGTERM, old)
     return outcomes
 
 
-def reproduce(depths: list[int], plain: bool, seeds: int, out: Path, gpus: str | None = None,
-              iters: int | None = None, overrides: list[str] | None = None, config: Path | None = None,
-              data_dir: Path | None = None, device: str | None = None,
-              echo: Callable[[str], None] = print) -> tuple[list[Outcome], dict | None]:
-    """Plan, run, report. Returns the outcomes and what the report wrote (None if nothing to
-    report)."""
+# ----- report --------------------------------------------------------------------------------------
+
+
+def report(jobs: list[Job], out: Path, base: RunConfig, echo: Callable[[str], None]) -> dict | None:
+    """report.md / figure6.png from whatever finished, then the suite's W&B summary run."""
+    from .metrics import log_suite_report
     from .report import ReportError, write_report
 
-    overrides = list(overrides or [])
-    pool = device_pool(gpus, device)
-    if pool != [None] and device is None:
-        device = "cuda"
-    jobs = plan(depths, plain, seeds, out, iters, overrides, config, data_dir, device)
-    out.mkdir(parents=True, exist_ok=True)
-    where = f"GPUs {','.join(pool)}" if pool != [None] else "one run at a time on this machine"
-    echo(f"{len(jobs)} runs into {out}: {', '.join(j.name for j in jobs)}; {where}")
-    outcomes = run_all(jobs, pool, echo)
-    written = None
     try:
         written = write_report([out], out)
-        echo(f"report: {written['report']} (figure {written['figure']})")
     except ReportError as e:
         echo(f"no report: {e}")
+        return None
+    echo(f"report: {written['report']} (figure {written['figure']})")
+    manifest = read_manifest(out) or {}
+    group = base.log.wandb_group or suite_name(out)
+    run_id = log_suite_report(base.log, out / SUITE_DIR, group, manifest.get("wandb_report_id"),
+                              written["table"], Path(written["figure"]), Path(written["report"]))
+    if run_id:
+        manifest["wandb_report_id"] = run_id
+        write_manifest(out, manifest)
+        echo(f"W&B: report logged to the summary run {group}-report ({run_id}) in group {group}")
+    return written
+
+
+def list_failures(outcomes: list[Outcome], total: int, echo: Callable[[str], None]) -> None:
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
-        echo(f"{len(failed)} of {len(jobs)} runs failed:")
+        echo(f"{len(failed)} of {total} runs failed:")
         for o in failed:
             echo(f"  {o.job.name}: {o.detail}")
+
+
+# A launcher other than the local pool (slurm.run_suite): the planned jobs -> their outcomes,
+# or None when it does not wait for them. Passed in by the CLI, so this module imports no launcher.
+Schedule = Callable[[list[Job]], Optional[list[Outcome]]]
+
+
+def reproduce(depths: list[int], plain: bool, seeds: int, out: Path, gpus: str | None = None,
+              iters: int | None = None, overrides: list[str] | None = None, config: Path | None = None,
+              data_dir: Path | None = None, device: str | None = None, runs_per_gpu: int = 1,
+              schedule: Schedule | None = None, echo: Callable[[str], None] = print) -> tuple[list[Outcome], dict | None]:
+    """Plan, schedule (the local pool, or `schedule`), report. Returns the outcomes and what
+    the report wrote (None if nothing to report, or not waited for)."""
+    overrides = list(overrides or [])
+    pool = None
+    if schedule is None:
+        pool = slots(device_pool(gpus, device), runs_per_gpu)
+        if pool[0] is not None and device is None:
+            device = "cuda"
+    jobs = plan(depths, plain, seeds, out, iters, overrides, config, data_dir, device)
+    base = load_config(config, {}, overrides, iters)  # the suite's logging settings
+    if schedule is not None:
+        outcomes = schedule(jobs)
+        if outcomes is None:  # --dry-run or --no-wait
+            return [], None
+    else:
+        write_plan(jobs, out, "local")
+        per = f", {runs_per_gpu} at a time on each" if runs_per_gpu > 1 else ""
+        where = (f"GPUs {','.join(p for p in dict.fromkeys(pool))}{per}" if pool[0] is not None
+                 else f"{len(pool)} at a time on this machine")
+        echo(f"{len(jobs)} runs into {out}, longest first: {', '.join(j.name for j in jobs)}; {where}")
+        outcomes = run_all(jobs, pool, echo)
+    written = report(jobs, out, base, echo)
+    list_failures(outcomes, len(jobs), echo)
     return outcomes, written

@@ -82,6 +82,7 @@ def main(cfg: RunConfig, data: Cifar10 | None = None) -> dict[str, Any]:
             if ctx.is_main:
                 save_results(cfg, step, summary)
             logger.summary(summary)
+            logger.log_model(cfg.run_dir, step.mean.cpu().numpy(), summary)  # W&B model artifact (rank 0)
         except BaseException:
             logger.close(exit_code=1)
             raise

@@ -104,3 +104,13 @@ def test_cli_refuses_bad_input_before_anything_runs(tmp_path, tiny_data):
     proc = cli_in_process(["train", "--data-dir", str(tmp_path / "nope"), "--out", str(out)], check=False)
     assert proc.exit_code == 2 and "nope: no such folder" in proc.stderr
     assert not out.exists()
+
+
+def test_configs_for_other_machines_keep_auto():
+    """A Slurm suite writes its runs' configs on the login node; the nodes resolve device,
+    precision and W&B mode themselves."""
+    cfg = load_config(flags={"model": {"n": 18}, "data": {"loader": "gpu"}}, for_this_machine=False)
+    assert (cfg.train.device, cfg.train.precision, cfg.log.wandb_mode) == ("auto", "auto", "auto")
+    assert cfg.optim.warmup_iters == 400 and cfg.data.loader == "resident"  # the recipe is resolved
+    here = load_config(flags={"model": {"n": 18}})
+    assert here.train.device in ("cpu", "cuda") and here.train.precision != "auto" and here.log.wandb_mode != "auto"

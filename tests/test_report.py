@@ -307,8 +307,9 @@ def test_reproduce_interrupted_then_resumed(tmp_path, tiny_data):
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(args, cwd=REPO, env=cli_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    first_done = out / "resnet8-s0" / "summary.json"
-    second = out / "resnet14-s0"
+    # longest first: resnet14 runs before resnet8
+    first_done = out / "resnet14-s0" / "summary.json"
+    second = out / "resnet8-s0"
     try:
         deadline = time.monotonic() + 300
         # kill the whole process group once the first run finished and the second has a checkpoint
@@ -325,8 +326,8 @@ def test_reproduce_interrupted_then_resumed(tmp_path, tiny_data):
 
     again = run_cli([*REPRO, "--data-dir", str(tiny_data), "--out", str(out)], timeout=300)
     text = again.stdout
-    assert "skip  resnet8-s0: already finished" in text
-    assert "start resnet14-s0" in text and "(resuming)" in text and "done  resnet14-s0" in text
+    assert "skip  resnet14-s0: already finished" in text
+    assert "start resnet8-s0" in text and "(resuming)" in text and "done  resnet8-s0" in text
     assert "resuming from" in (second / "train.log").read_text()
     for name in ("resnet8-s0", "resnet14-s0"):
         summary = json.loads((out / name / "summary.json").read_text())

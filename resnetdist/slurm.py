@@ -1,0 +1,308 @@
+"""`reproduce --launcher slurm`: the suite as one Slurm job array.
+
+One array task per run (or per --runs-per-task runs, started side by side and spread over the
+task's GPUs). Each task runs `python -m resnetdist train --config OUT/suite/configs/<run>.toml`,
+the run's resolved configuration written before submission, with its output appended to
+OUT/<run>/train.log. The script asks for `--requeue` and for USR1 shortly before the time
+limit, on which it requeues its own task; `train` resumes a run from its newest checkpoint
+whenever it starts, so a requeued or resubmitted task continues where it stopped.
+
+Submission: the script is written to OUT/suite/array-<n>.sbatch, checked with
+`sbatch --test-only` (a bad partition, account, time or --sbatch-arg is refused before
+anything is queued) and submitted with `sbatch --parsable`. OUT/suite/suite.json records
+each submission: job id and which runs each array task trains. A run's state comes from its
+files (summary.json: done) and from the scheduler (squeue, then sacct where accounting is
+kept): queued, running, failed (left the queue without a summary), stopped or not started.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .config import ConfigError
+from .reproduce import (SUITE_DIR, Job, Outcome, finished, jobs_from_manifest, read_manifest, suite_name,
+                        summary_line, write_manifest, write_plan)
+
+QUEUED_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESIZING", "SUSPENDED",
+                 "STAGE_OUT", "SIGNALING"}
+RUNNING_STATES = {"RUNNING", "COMPLETING"}
+STATES = ("queued", "running", "done", "failed", "stopped", "not started")
+# what the array script sets itself; a --sbatch-arg may not change them
+RESERVED_OPTIONS = {"--array", "--output", "--error", "--parsable", "--wrap", "--job-name", "--requeue",
+                    "--no-requeue", "--signal", "--open-mode", "--chdir", "-a", "-o", "-e", "-J", "-D"}
+SBATCH_ARG = re.compile(r"^(--[a-z][a-z0-9-]*(=\S+)?|-[a-zA-Z](\S+)?)$")
+# seconds before the time limit at which Slurm sends USR1 and the task requeues itself
+REQUEUE_WARNING_S = 180
+
+
+@dataclass
+class SlurmOptions:
+    partition: str = ""
+    account: str = ""
+    time: str = ""  # Slurm time limit, e.g. 04:00:00
+    gpus_per_task: int = 1
+    runs_per_task: int = 1
+    sbatch_args: list[str] = field(default_factory=list)
+    wait: bool = True
+    dry_run: bool = False
+    poll_s: float = 10.0
+
+    def validate(self) -> None:
+        if self.gpus_per_task < 0:
+            raise ConfigError(f"--gpus-per-task must be >= 0, got {self.gpus_per_task}")
+        if self.runs_per_task < 1:
+            raise ConfigError(f"--runs-per-task must be >= 1, got {self.runs_per_task}")
+        for arg in self.sbatch_args:
+            name = arg.split("=", 1)[0]
+            if not SBATCH_ARG.match(arg):
+                raise ConfigError(f"--sbatch-arg {arg!r}: expected one sbatch option as --name=value or --name "
+                                  f"(no spaces, e.g. --sbatch-arg=--mem=8G)")
+            if name in RESERVED_OPTIONS or (not name.startswith("--") and name[:2] in RESERVED_OPTIONS):
+                raise ConfigError(f"--sbatch-arg {arg!r}: {name} is set by reproduce itself")
+        for what, value in (("--partition", self.partition), ("--account", self.account), ("--time", self.time)):
+            if value and not re.fullmatch(r"[\w.:,+-]+", value):
+                raise ConfigError(f"{what} {value!r}: not a valid Slurm value")
+
+
+def require(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise ConfigError(f"--launcher slurm: `{tool}` is not on PATH (run this on a Slurm login node, "
+                          f"or use the local launcher)")
+    return path
+
+
+# ----- the array script ------------------------------------------------------------------------------
+
+
+def pack(jobs: list[Job], runs_per_task: int) -> dict[int, list[str]]:
+    """Array task id -> the runs it trains, in order (longest first stays first)."""
+    names = [j.name for j in jobs]
+    return {t: names[i : i + runs_per_task] for t, i in enumerate(range(0, len(names), runs_per_task))}
+
+
+def sbatch_lines(out: Path, tasks: dict[int, list[str]], opts: SlurmOptions) -> list[str]:
+    suite = out / SUITE_DIR
+    lines = [f"--job-name=resnetdist-{suite_name(out)}", f"--array=0-{len(tasks) - 1}",
+             f"--output={suite / 'slurm'}/%A_%a.out", "--open-mode=append", "--ntasks=1",
+             f"--chdir={Path.cwd()}", "--requeue", f"--signal=B:USR1@{REQUEUE_WARNING_S}"]
+    if opts.gpus_per_task:
+        lines.append(f"--gpus-per-task={opts.gpus_per_task}")
+    for option, value in (("partition", opts.partition), ("account", opts.account), ("time", opts.time)):
+        if value:
+            lines.append(f"--{option}={value}")
+    return lines + list(opts.sbatch_args)
+
+
+def array_script(out: Path, tasks: dict[int, list[str]], opts: SlurmOptions) -> str:
+    """The job array's batch script: task id -> runs, then one `train` per run, side by side."""
+    out = out.resolve()
+    q = shlex.quote
+    cases = "\n".join(f"    {t}) runs=({' '.join(q(n) for n in names)}) ;;" for t, names in tasks.items())
+    header = "\n".join(f"#SBATCH {line}" for line in sbatch_lines(out, tasks, opts))
+    return f"""#!/usr/bin/env bash
+# resnetdist suite {suite_name(out)}: {sum(map(len, tasks.values()))} run(s) in {len(tasks)} array task(s).
+# Written by `resnetdist reproduce --launcher slurm`; each run trains with its resolved config
+# {out / SUITE_DIR}/configs/<run>.toml and resumes from its newest checkpoint when restarted.
+{header}
+set -euo pipefail
+
+out={q(str(out))}
+python="${{RESNETDIST_PYTHON:-{q(sys.executable)}}}"
+
+case "${{SLURM_ARRAY_TASK_ID:?submit this with sbatch: it is a job array}}" in
+{cases}
+    *) echo "array task $SLURM_ARRAY_TASK_ID has no runs" >&2; exit 2 ;;
+esac
+
+# USR1 comes {REQUEUE_WARNING_S} s before the time limit (--signal): put this task back in the
+# queue; when it starts again every run resumes from its newest checkpoint.
+# shellcheck disable=SC2317  # called by the trap below
+requeue() {{
+    echo "time limit near: requeueing ${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}" >&2
+    scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
+}}
+trap requeue USR1
+
+# Slurm's CUDA_VISIBLE_DEVICES for this task; its runs take the GPUs in turn.
+IFS=, read -r -a gpus <<< "${{CUDA_VISIBLE_DEVICES:-}}"
+pids=()
+for i in "${{!runs[@]}}"; do
+    run="${{runs[$i]}}"
+    mkdir -p "$out/$run"
+    echo "=== $(date '+%F %T') array task ${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}} on $(hostname): $run" >> "$out/$run/train.log"
+    (
+        if (( ${{#gpus[@]}} )); then
+            export CUDA_VISIBLE_DEVICES="${{gpus[i % ${{#gpus[@]}}]}}"
+        fi
+        exec "$python" -m resnetdist train --config "$out/{SUITE_DIR}/configs/$run.toml"
+    ) >> "$out/$run/train.log" 2>&1 &
+    pids+=("$!")
+done
+
+# bash runs a trap only between commands: waiting on background runs, not a foreground
+# one, lets the USR1 trap run at once
+status=0
+for pid in "${{pids[@]}}"; do
+    wait "$pid" || status=$?
+done
+exit "$status"
+"""
+
+
+# ----- submitting -----------------------------------------------------------------------------------
+
+
+def _sbatch(args: list[str], script: Path) -> str:
+    proc = subprocess.run([require("sbatch"), *args, str(script)], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise ConfigError(f"sbatch refused the job array ({script}): {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout.strip()
+
+
+def submit(out: Path, jobs: list[Job], opts: SlurmOptions) -> tuple[str, dict[int, list[str]]]:
+    """Write, check (sbatch --test-only) and submit the array for `jobs`; record it in suite.json."""
+    tasks = pack(jobs, opts.runs_per_task)
+    manifest = read_manifest(out) or {}
+    submissions = manifest.setdefault("submissions", [])
+    script = out / SUITE_DIR / f"array-{len(submissions) + 1}.sbatch"
+    (out / SUITE_DIR / "slurm").mkdir(parents=True, exist_ok=True)
+    script.write_text(array_script(out, tasks, opts))
+    _sbatch(["--test-only"], script)
+    job_id = _sbatch(["--parsable"], script).split(";")[0]
+    submissions.append({"job_id": job_id, "script": str(script), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                        "tasks": {str(t): names for t, names in tasks.items()}})
+    write_manifest(out, manifest)
+    return job_id, tasks
+
+
+# ----- states ------------------------------------------------------------------------------------------
+
+
+def _query(cmd: list[str]) -> dict[str, str]:
+    """'<job>_<task>|STATE' lines -> {job_task: STATE}; a tool that fails gives nothing."""
+    if shutil.which(cmd[0]) is None:
+        return {}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return {}
+    states = {}
+    for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
+        key, _, state = line.strip().partition("|")
+        if key and state:
+            states[key] = state.split()[0].rstrip("+")  # "CANCELLED by 0" -> CANCELLED
+    return states
+
+
+def scheduler_states(job_ids: list[str]) -> dict[str, str]:
+    """State of every array task of these jobs: squeue (kept MinJobAge after they end),
+    then sacct for what squeue no longer knows, where the cluster keeps accounting."""
+    if not job_ids:
+        return {}
+    ids = ",".join(job_ids)
+    states = _query(["sacct", "-n", "-X", "-P", "-j", ids, "-o", "JobID,State"])
+    # squeue is the live view: it wins where both know a task
+    states.update(_query(["squeue", "-h", "-r", "--states=all", "--me", "-o", "%i|%T"]))
+    return states
+
+
+def run_states(out: Path, jobs: list[Job]) -> dict[str, tuple[str, str]]:
+    """Run name -> (state, detail): done, queued, running, failed (left the queue without a
+    summary), stopped (never submitted, a checkpoint from an earlier local run) or not started."""
+    submissions = (read_manifest(out) or {}).get("submissions", [])
+    where: dict[str, str] = {}  # run -> "<job>_<task>" of its latest submission
+    for sub in submissions:
+        for task, names in sub["tasks"].items():
+            for name in names:
+                where[name] = f"{sub['job_id']}_{task}"
+    states = scheduler_states(sorted({w.split("_")[0] for w in where.values()}))
+    result = {}
+    for job in jobs:
+        task = where.get(job.name)
+        state = states.get(task, "") if task else ""
+        if finished(job):
+            result[job.name] = ("done", summary_line(job))
+        elif task is None:
+            ckpt = max(job.run_dir.glob("ckpt_*.pt"), default=None)
+            result[job.name] = ("stopped", f"resumes from {ckpt.name}") if ckpt else ("not started", "")
+        elif state in QUEUED_STATES:
+            result[job.name] = ("queued", f"{task} {state.lower()}")
+        elif state in RUNNING_STATES:
+            result[job.name] = ("running", f"{task}")
+        else:
+            why = state.lower() if state else "left the queue"
+            result[job.name] = ("failed", f"{task} {why} without a summary; log {job.log}")
+    return result
+
+
+def status_table(out: Path, jobs: list[Job]) -> tuple[str, dict[str, tuple[str, str]]]:
+    states = run_states(out, jobs)
+    counts = {s: sum(1 for v in states.values() if v[0] == s) for s in STATES}
+    width = max(len(j.name) for j in jobs)
+    # the four main states always, the others when some run is in them
+    lines = [f"{suite_name(out)}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n or s in STATES[:4])]
+    lines += [f"  {j.name:<{width}}  {states[j.name][0]:<13} {states[j.name][1]}".rstrip() for j in jobs]
+    return "\n".join(lines), states
+
+
+def show_status(out: Path, echo: Callable[[str], None] = print) -> dict[str, tuple[str, str]]:
+    """`reproduce --status OUT`: the table, from files and the scheduler, in any process."""
+    table, states = status_table(out, jobs_from_manifest(out))
+    echo(table)
+    return states
+
+
+# ----- the suite ------------------------------------------------------------------------------------
+
+
+def wait(out: Path, jobs: list[Job], poll_s: float, echo: Callable[[str], None]) -> dict[str, tuple[str, str]]:
+    """Poll until no run is queued or running, printing the table whenever it changes."""
+    last = None
+    while True:
+        table, states = status_table(out, jobs)
+        if table != last:
+            echo(f"--- {time.strftime('%H:%M:%S')}\n{table}")
+            last = table
+        if not any(s in ("queued", "running") for s, _ in states.values()):
+            return states
+        time.sleep(poll_s)
+
+
+def run_suite(jobs: list[Job], out: Path, opts: SlurmOptions, echo: Callable[[str], None]) -> list[Outcome] | None:
+    """Submit the runs that are neither done nor in the queue; wait (unless --no-wait) and
+    return the outcomes; None when nothing is waited for (--dry-run, --no-wait)."""
+    opts.validate()
+    if opts.dry_run:
+        echo(array_script(out, pack(jobs, opts.runs_per_task), opts))
+        return None
+    require("sbatch")
+    require("squeue")
+    write_plan(jobs, out, "slurm")
+    states = run_states(out, jobs)
+    todo = [j for j in jobs if states[j.name][0] in ("failed", "stopped", "not started")]
+    for j in jobs:
+        if j not in todo:
+            echo(f"skip  {j.name}: {states[j.name][0]} ({states[j.name][1]})")
+    if todo:
+        job_id, tasks = submit(out, todo, opts)
+        echo(f"submitted job array {job_id}: {len(todo)} run(s) in {len(tasks)} task(s), longest first: "
+             f"{', '.join(j.name for j in todo)}; script {out / SUITE_DIR}/array-*.sbatch")
+    if not opts.wait:
+        echo(f"not waiting; see where it stands with: resnetdist reproduce --status {out}")
+        return None
+    try:
+        final = wait(out, jobs, opts.poll_s, echo)
+    except KeyboardInterrupt:
+        echo(f"stopped waiting; the job array keeps running: resnetdist reproduce --status {out}")
+        raise
+    return [Outcome(j, "done" if final[j.name][0] == "done" else "failed", final[j.name][1]) for j in jobs]
+
