@@ -21,6 +21,7 @@ def rank_results(proc):
     return results
 
 
+@pytest.mark.slow  # a multi-process run: in CI's whole suite, not the fast one
 @pytest.mark.timeout(600)
 def test_two_ranks_train_and_agree_and_restart_exactly(tmp_path, tiny_data):
     ref = tmp_path / "ref"

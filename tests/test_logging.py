@@ -198,6 +198,7 @@ def test_disabled_writes_no_wandb_folder(tmp_path, tiny_data):
     assert not list(out.rglob("*.wandb"))
 
 
+@pytest.mark.slow  # a multi-process run: in CI's whole suite, not the fast one
 @pytest.mark.timeout(300)
 def test_resumed_run_continues_the_same_wandb_run(tmp_path, tiny_data):
     out = tmp_path / "run"
@@ -276,6 +277,7 @@ print("wandb_id", logger.wandb_id, flush=True)
 """
 
 
+@pytest.mark.slow  # a multi-process run: in CI's whole suite, not the fast one
 @pytest.mark.timeout(180)
 def test_unreachable_wandb_server_falls_back_to_offline(tmp_path):
     hole = _Blackhole()

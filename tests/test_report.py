@@ -300,6 +300,7 @@ REPRO = ["reproduce", "--depths", "8,14", "--no-plain", "--seeds", "1", "--iters
          "--set", "log.wandb_mode=disabled"]
 
 
+@pytest.mark.slow  # a multi-process run: in CI's whole suite, not the fast one
 @pytest.mark.timeout(420)
 def test_reproduce_interrupted_then_resumed(tmp_path, tiny_data):
     out = tmp_path / "suite"
@@ -342,6 +343,7 @@ def test_reproduce_interrupted_then_resumed(tmp_path, tiny_data):
     assert third.stdout.count("already finished") == 2 and "] start" not in third.stdout
 
 
+@pytest.mark.slow  # a multi-process run: in CI's whole suite, not the fast one
 @pytest.mark.timeout(180)
 def test_reproduce_reports_failed_runs_and_exits_nonzero(tmp_path, tiny_data):
     out = tmp_path / "suite"

@@ -95,6 +95,7 @@ def test_the_step_follows_the_lr_table_across_a_milestone(tiny_data):
     assert d.step.lr.item() == pytest.approx(0.01) and d.step.lr_of(5) == pytest.approx(0.01)
 
 
+@pytest.mark.slow  # a multi-process run: in CI's whole suite, not the fast one
 @pytest.mark.timeout(300)
 def test_bench_runs_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"

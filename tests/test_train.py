@@ -71,6 +71,7 @@ def test_eval_command_agrees_with_the_run(trained_run, tiny_data):
         assert result["test_error"] == pytest.approx(summary["test_error"], abs=1e-9)
 
 
+@pytest.mark.slow  # a multi-process run: in CI's whole suite, not the fast one
 @pytest.mark.timeout(300)
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tiny_data):
     """A run killed (SIGKILL) after iteration 25 and started again resumes from the checkpoint
@@ -92,6 +93,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tiny_data):
     ]
 
 
+@pytest.mark.slow  # a multi-process run: in CI's whole suite, not the fast one
 @pytest.mark.timeout(300)
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_data):
     args = ["train", *TINY, "--iters", "30", "--data-dir", str(tiny_data), "--set", "train.eval_every=30",
