@@ -40,6 +40,20 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     return found
 
 
+def unresolved_relative_imports(name: str, path: Path, known: set[str]) -> list[str]:
+    """`from .x import y` where .x is no module of the package (a file left behind by a move)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    missing = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            anchor = package.split(".")
+            anchor = anchor[: len(anchor) - (node.level - 1)]
+            base = ".".join(anchor + ([node.module] if node.module else []))
+            if base not in known:
+                missing.append(f"{name}: from {'.' * node.level}{node.module or ''} import ...")
+    return missing
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 
@@ -70,6 +84,12 @@ def test_no_import_cycle_in_the_package():
     assert "resnetdist.config" in graph and graph["resnetdist.config"] == set(), "config imports nothing of ours"
     assert graph["resnetdist.run"] >= {"resnetdist.step", "resnetdist.loop", "resnetdist.state"}
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+def test_every_relative_import_names_a_module_of_the_package():
+    mods = modules()
+    missing = [m for name, path in mods.items() for m in unresolved_relative_imports(name, path, set(mods))]
+    assert not missing, missing
 
 
 def test_no_function_longer_than_a_screen():
