@@ -35,13 +35,18 @@ def build_config(
     return load_config(config, _flags(**flags), overrides, iters)
 
 
-def _torchrun(nproc: int, max_restarts: int, argv: list[str]) -> None:
+def _torchrun(nproc: int, max_restarts: int, argv: list[str], graph: bool = False) -> None:
     """Run torchrun's own entry point (torch.distributed.run), so that this and
     `torchrun --nproc_per_node=N -m resnetdist train ...` are the same run."""
     from torch.distributed.run import main as torchrun_main
 
     # torchrun restarts with gloo hang unless each attempt gets its own store (pytorch#135712)
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    if graph:
+        # DDP inside a captured graph wants NCCL's async error handling off (PyTorch's CUDA-graph
+        # notes). torchrun's agent writes this variable into every worker's environment (its
+        # own value, else 1), so it is set here, in the launcher, where it takes effect
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     # "--" keeps torchrun's parser off our flags (it would take --n for an abbreviation of its own)
     torchrun_main(["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
                    "-m", "resnetdist", "--", "train", *argv])
@@ -102,7 +107,8 @@ def train(
     except (ConfigError, DataError, RuntimeError) as e:
         fail(str(e))
     if nproc_per_node and not under_torchrun:
-        _torchrun(nproc_per_node, max_restarts, _strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]))
+        _torchrun(nproc_per_node, max_restarts, _strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]),
+                  graph=cfg.train.step == "graph")
         return
 
     from .loop import NonFiniteLoss
