@@ -285,5 +285,28 @@ def reproduce(
         raise typer.Exit(1)
 
 
+@app.command()
+def doctor(
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    data_dir: Optional[Path] = typer.Option(None, help="CIFAR-10 folder to look for (default: the download cache)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    steps: int = typer.Option(6, help="K: steps per comparison"),
+    skip: str = typer.Option("", help="comma-separated checks (or their first word) to leave out, e.g. compile"),
+) -> None:
+    """Will this machine run resnetdist correctly and fast? Versions, GPUs, packages, data, then
+    checks on the device (graph vs eager, compile, evaluation, checkpoints, speed), and under
+    torchrun the distributed ones. Exit 1 on any failure."""
+    from .doctor import format_table, run_doctor
+
+    try:
+        report = run_doctor(device, data_dir, steps, set(_split(skip)))
+    except RuntimeError as e:  # e.g. --device cuda without a GPU
+        fail(str(e))
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(json.dumps(report, indent=2) if as_json else format_table(report))
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
