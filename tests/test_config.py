@@ -104,3 +104,35 @@ def test_cli_refuses_bad_input_before_anything_runs(tmp_path, tiny_data):
     proc = cli_in_process(["train", "--data-dir", str(tmp_path / "nope"), "--out", str(out)], check=False)
     assert proc.exit_code == 2 and "nope: no such folder" in proc.stderr
     assert not out.exists()
+
+
+def test_train_step_resolution(monkeypatch):
+    from resnetdist.config import TrainConfig, resolve_step
+
+    def resolved(on_cuda, **kw):
+        t = TrainConfig(**{"precision": "bf16", **kw})
+        notes = resolve_step(t, on_cuda)
+        return t.step, t.cuda_graph, t.compile, notes
+
+    assert resolved(True)[:3] == ("graph", True, "none")  # the fast path by default on a GPU
+    assert resolved(True, precision="fp16")[:3] == ("eager", False, "none")
+    assert resolved(False, precision="fp32")[:3] == ("eager", False, "none")
+    assert resolved(True, cuda_graph=True)[0] == "graph"  # old configs
+    assert resolved(True, compile="max-autotune")[:3] == ("compile", False, "max-autotune")
+    assert resolved(True, step="compile")[:3] == ("compile", False, "default")
+    assert resolved(True, step="eager", compile="default")[:3] == ("eager", False, "none")
+    step, graph, _, notes = resolved(False, step="graph")
+    assert (step, graph) == ("eager", False) and "needs CUDA" in notes[0]
+    with pytest.raises(ConfigError, match="train.step must be one of"):
+        load_config(overrides=["train.step=fast"])
+    with pytest.raises(ConfigError, match="does not support fp16"):
+        load_config(overrides=["train.step=graph", "train.precision=fp16", "train.device=cuda"])
+
+
+def test_config_toml_without_tomli_w_round_trips(monkeypatch):
+    from resnetdist import config
+
+    cfg = load_config(overrides=['log.name="a \\"quoted\\" name"', "log.wandb_tags=[\"x\", \"y\"]"])
+    monkeypatch.setattr(config, "tomli_w", None)
+    text = config.to_toml(cfg)
+    assert config.tomllib.loads(text) == cfg.to_dict()
