@@ -255,7 +255,8 @@ def test_nccl_async_error_handling_is_set_in_the_launcher_not_the_worker(monkeyp
 def test_two_ranks_evaluate_rank0s_bn_statistics(tiny_data):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            "--tee=3", str(REPO / "tests" / "_bn_worker.py"), str(tiny_data)],
-                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=240)
+                          cwd=REPO, env=cli_env(PYTHONPATH=str(REPO)),  # a script's own folder is sys.path[0]
+                          capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = [json.loads(line[line.index("{"):]) for line in proc.stdout.splitlines() if '"same_as_rank0"' in line]
     assert len(results) == 2 and all(r["same_as_rank0"] for r in results)
