@@ -35,13 +35,18 @@ def build_config(
     return load_config(config, _flags(**flags), overrides, iters)
 
 
-def _torchrun(nproc: int, max_restarts: int, argv: list[str]) -> None:
+def _torchrun(nproc: int, max_restarts: int, argv: list[str], graph: bool = False) -> None:
     """Run torchrun's own entry point (torch.distributed.run), so that this and
     `torchrun --nproc_per_node=N -m resnetdist train ...` are the same run."""
     from torch.distributed.run import main as torchrun_main
 
     # torchrun restarts with gloo hang unless each attempt gets its own store (pytorch#135712)
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    if graph:
+        # DDP inside a captured graph wants NCCL's async error handling off (PyTorch's CUDA-graph
+        # notes). torchrun's agent writes this variable into every worker's environment (its
+        # own value, else 1), so it is set here, in the launcher, where it takes effect
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     # "--" keeps torchrun's parser off our flags (it would take --n for an abbreviation of its own)
     torchrun_main(["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
                    "-m", "resnetdist", "--", "train", *argv])
@@ -102,7 +107,8 @@ def train(
     except (ConfigError, DataError, RuntimeError) as e:
         fail(str(e))
     if nproc_per_node and not under_torchrun:
-        _torchrun(nproc_per_node, max_restarts, _strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]))
+        _torchrun(nproc_per_node, max_restarts, _strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]),
+                  graph=cfg.train.step == "graph")
         return
 
     from .loop import NonFiniteLoss
@@ -311,6 +317,29 @@ def reproduce(
     except KeyboardInterrupt:
         fail("interrupted; run the same command again to resume", code=130)
     if any(o.status == "failed" for o in outcomes):
+        raise typer.Exit(1)
+
+
+@app.command()
+def doctor(
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    data_dir: Optional[Path] = typer.Option(None, help="CIFAR-10 folder to look for (default: the download cache)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    steps: int = typer.Option(6, help="K: steps per comparison"),
+    skip: str = typer.Option("", help="comma-separated checks (or their first word) to leave out, e.g. compile"),
+) -> None:
+    """Will this machine run resnetdist correctly and fast? Versions, GPUs, packages, data, then
+    checks on the device (graph vs eager, compile, evaluation, checkpoints, speed), and under
+    torchrun the distributed ones. Exit 1 on any failure."""
+    from .doctor import format_table, run_doctor
+
+    try:
+        report = run_doctor(device, data_dir, steps, set(_split(skip)))
+    except RuntimeError as e:  # e.g. --device cuda without a GPU
+        fail(str(e))
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(json.dumps(report, indent=2) if as_json else format_table(report))
+    if not report["ok"]:
         raise typer.Exit(1)
 
 

@@ -12,6 +12,7 @@ This module imports nothing from the package: every other module may import it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import typing
@@ -19,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomli_w
+try:  # tomli-w is small but absent from stock PyTorch images: a fallback writer is below
+    import tomli_w
+except ModuleNotFoundError:
+    tomli_w = None
 
 try:
     import tomllib
@@ -29,6 +33,7 @@ except ModuleNotFoundError:  # Python 3.10
 PAPER_ITERS = 64_000  # the paper's schedule: 64k iterations, lr /10 at 32k and 48k
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("none", "default", "max-autotune")
+STEPS = ("auto", "graph", "compile", "eager")  # train.step; auto: graph on CUDA (bf16/fp32), else eager
 LOADERS = ("resident", "ffcv")
 LOADER_ALIASES = {"gpu": "resident"}  # the resident loader's old name; configs that say "gpu" still run
 BATCH_SCALING = ("split", "per_rank")
@@ -132,8 +137,12 @@ class TrainConfig:
     keep_checkpoints: int = 3
     precision: str = "auto"  # auto: bf16 on a GPU that supports it, else fp32
     channels_last: bool = True  # used on CUDA only
-    compile: str = "none"  # none | default | max-autotune (torch.compile of the model)
-    cuda_graph: bool = False  # capture the whole step once, replay it (CUDA only)
+    # auto: the fastest verified step here (graph on CUDA with bf16/fp32; eager on the CPU and for
+    # fp16, whose loss scaler syncs with the host) | graph: the whole step captured once as a CUDA
+    # graph and replayed | compile: torch.compile of the model, eager step | eager
+    step: str = "auto"
+    compile: str = "none"  # none | default | max-autotune: torch.compile mode (step = compile: default)
+    cuda_graph: bool = False  # old spelling of step = "graph"; kept equal to it once resolved
 
     def validate(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -144,8 +153,10 @@ class TrainConfig:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"train.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
-        if self.cuda_graph and self.precision == "fp16":
-            raise ValueError("train.cuda_graph does not support fp16 (its loss scaler syncs with the host); use bf16")
+        if self.step not in STEPS:
+            raise ValueError(f"train.step must be one of {STEPS}, got {self.step!r}")
+        if (self.cuda_graph or self.step == "graph") and self.precision == "fp16":
+            raise ValueError("train.step = graph does not support fp16 (its loss scaler syncs with the host); use bf16")
 
 
 @dataclass
@@ -337,10 +348,31 @@ def resolve_machine(cfg: RunConfig) -> list[str]:
     on_cuda = cfg.train.device == "cuda"
     if cfg.train.precision == "auto":
         cfg.train.precision = "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "fp32"
-    if cfg.train.cuda_graph and not on_cuda:
-        notes.append(f"train.cuda_graph needs CUDA; the step runs without a graph on {cfg.train.device}")
-        cfg.train.cuda_graph = False
+    notes += resolve_step(cfg.train, on_cuda)
     cfg.log.wandb_mode = resolve_wandb_mode(cfg.log.wandb_mode)
+    return notes
+
+
+def resolve_step(train: TrainConfig, on_cuda: bool) -> list[str]:
+    """train.step "auto" (and the old train.cuda_graph / train.compile spellings) -> the step
+    that will run; train.cuda_graph and train.compile are set to agree with it."""
+    notes = []
+    if train.step == "auto" and train.cuda_graph:
+        train.step = "graph"
+    elif train.step == "auto" and train.compile != "none":
+        train.step = "compile"
+    elif train.step == "auto":
+        # measured on an H100 (DESIGN.md): the whole-step graph is 4x the eager step at batch 128;
+        # fp16 stays eager (validate refuses graph + fp16)
+        train.step = "graph" if on_cuda and train.precision in ("bf16", "fp32") else "eager"
+    if train.step == "graph" and not on_cuda:
+        notes.append(f"train.step = graph needs CUDA; the step runs eagerly on {train.device}")
+        train.step = "eager"
+    if train.step == "compile" and train.compile == "none":
+        train.compile = "default"
+    if train.step == "eager":
+        train.compile = "none"
+    train.cuda_graph = train.step == "graph"
     return notes
 
 
@@ -399,7 +431,30 @@ def from_dict(tree: dict[str, Any], source: str) -> RunConfig:
 
 
 def to_toml(cfg: RunConfig) -> str:
-    return tomli_w.dumps(cfg.to_dict())
+    return tomli_w.dumps(cfg.to_dict()) if tomli_w is not None else dumps_toml(cfg.to_dict())
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)  # inf / nan are spelt the same in TOML
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def dumps_toml(tree: dict[str, dict[str, Any]]) -> str:
+    """A {section: {key: scalar or list}} tree as TOML, for machines without tomli-w (the
+    config has no deeper nesting)."""
+    out = []
+    for section, values in tree.items():
+        out.append(f"[{section}]")
+        out += [f"{key} = {_toml_value(v)}" for key, v in values.items()]
+        out.append("")
+    return "\n".join(out)
 
 
 def diff(a: RunConfig, b: RunConfig) -> list[tuple[str, Any, Any]]:

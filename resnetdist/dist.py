@@ -78,6 +78,18 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics and counters) copied in place into every
+    rank's model. Each rank's BN statistics drift apart between DDP's per-forward broadcasts;
+    evaluating after this, every rank evaluates rank 0's model, the one model.pt saves. In
+    place, so a captured graph still points at them (and DDP broadcasts from rank 0 at the next
+    forward anyway, so training is unchanged)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for buf in model.buffers():
+        dist.broadcast(buf, src=0)
+
+
 def broadcast_object(obj):
     """Rank 0's value on every rank."""
     if not dist.is_initialized():

@@ -20,15 +20,19 @@ from .models import build_model
 def error_rates(model: nn.Module, loaders: dict[str, Iterable], mean: torch.Tensor,
                 memory_format=torch.contiguous_format) -> dict[str, float]:
     """Error (%) on each evaluation set, single view (mean subtraction only), in fp32 whatever
-    the training precision: the paper's errors are fp32, and 10k images cost little. Every
-    rank counts its shard; the counts are all-reduced, so the figure is exact under DDP."""
+    the training precision: the paper's errors are fp32, and 10k images cost little (autocast
+    is switched off, in case a caller runs inside it). Every rank counts its shard of rank 0's
+    model (BN statistics broadcast first); the counts are all-reduced, so the figure is exact
+    under DDP and equals `resnetdist eval model.pt`."""
+    dist.broadcast_buffers(model)
     model.eval()
     out = {}
     for name, loader in loaders.items():
         counts = torch.zeros(2, dtype=torch.float64, device=mean.device)
         for images, labels in loader:
             x = normalize(images, mean).contiguous(memory_format=memory_format)
-            logits = model(x)
+            with torch.autocast(mean.device.type, enabled=False):
+                logits = model(x)
             counts[0] += (logits.argmax(1) != labels).sum()
             counts[1] += labels.numel()
         dist.all_reduce_sum(counts)

@@ -71,17 +71,19 @@ class Cadence:
 @dataclass
 class Feed:
     """Where each iteration's batch and augmentation numbers come from: the loader's batches
-    and draw_params(seed, iteration), this rank's slice of both."""
+    and draw_params(seed, iteration), this rank's slice of both. With `out`, the loader
+    gathers each batch straight into those buffers (a graphed step's inputs: one copy, not two)."""
 
     loader: TrainLoader
     seed: int
     global_batch: int
     rank: int = 0
     world_size: int = 1
+    out: tuple[torch.Tensor, torch.Tensor] | None = None  # a graphed step's input buffers (step.inputs.out)
 
     def batches(self, start_iter: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         it = start_iter
-        for images, labels in self.loader.batches(start_iter):
+        for images, labels in self.loader.batches(start_iter, out=self.out):
             yield images, labels, draw_params(self.seed, it, self.global_batch, self.rank, self.world_size)
             it += 1
 

@@ -21,6 +21,20 @@ class TensorLRSGD(torch.optim.Optimizer):
             for p in group["params"]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
+    def load_state_dict(self, state_dict) -> None:
+        """torch's Optimizer.load_state_dict puts new tensors in the state; a CUDA graph captured
+        on this optimizer would go on reading the old ones. Here the loaded values are copied
+        into the existing momentum buffers, so a graph stays valid (and a missing buffer in an
+        old checkpoint keeps its zeros)."""
+        buffers = {p: self.state[p]["momentum_buffer"] for group in self.param_groups for p in group["params"]}
+        super().load_state_dict(state_dict)
+        with torch.no_grad():
+            for p, buf in buffers.items():
+                loaded = self.state[p].get("momentum_buffer")
+                if loaded is not None and loaded is not buf:
+                    buf.copy_(loaded)
+                self.state[p]["momentum_buffer"] = buf
+
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:

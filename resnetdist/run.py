@@ -52,10 +52,9 @@ def preflight(cfg: RunConfig, world_size: int) -> Cifar10:
 
 def main(cfg: RunConfig, data: Cifar10 | None = None) -> dict[str, Any]:
     """Train on this rank; `data` is what preflight already parsed, if it ran."""
-    if cfg.train.cuda_graph:
-        # NCCL's async error handling must be off for DDP inside a captured graph (PyTorch's
-        # CUDA graphs notes); it has to be set before the process group exists
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+    # TORCH_NCCL_ASYNC_ERROR_HANDLING is not set here: torchrun's agent sets it in every
+    # worker's environment, so a default set here would never apply (cli._torchrun and
+    # launch/common.sh set it in the launcher, where it does)
     ctx = dist.setup(cfg.train.device, cfg.dist.timeout_s)
     run_lock = None
     try:
@@ -69,13 +68,18 @@ def main(cfg: RunConfig, data: Cifar10 | None = None) -> dict[str, Any]:
         model, optimizer = make_model(cfg, ctx)
         progress, wandb_id = state.resume(cfg.run_dir, model, optimizer, ctx.device, ctx.is_main)
         step = make_step(cfg, ctx, model, optimizer, data, progress.iteration)
+        if step.kind != cfg.train.step:  # graph capture failed: record the step that runs
+            cfg.train.step, cfg.train.cuda_graph = step.kind, False
+            if ctx.is_main:
+                write_run_config(cfg)
         logger = open_logger(cfg.log, cfg.run_dir, cfg.to_dict(), cfg.name, cfg.model.name, cfg.tags,
                              progress.iteration, wandb_id) if ctx.is_main else NullLogger()
         try:
             hooks = Hooks(evaluate=lambda: evaluate(step, loaders), log=logger.log,
                           checkpoint=checkpointer(cfg, ctx, step, lambda: logger.wandb_id),
                           at_iteration=test_faults())
-            feed = Feed(loaders.train, cfg.train.seed, batch, ctx.rank, ctx.world_size)
+            feed = Feed(loaders.train, cfg.train.seed, batch, ctx.rank, ctx.world_size,
+                        out=step.inputs.out if step.inputs else None)
             progress = train_loop(step, feed, progress, Cadence.of(cfg), hooks,
                                   iters_per_epoch(len(data.train), batch), cfg.name)
             summary = summarize(cfg, ctx, step, progress, loaders, batch)
@@ -117,11 +121,13 @@ def make_model(cfg: RunConfig, ctx: dist.DistContext) -> tuple[nn.Module, Tensor
 
 def make_step(cfg: RunConfig, ctx: dist.DistContext, model: nn.Module, optimizer: TensorLRSGD, data: Cifar10,
               start_iter: int = 0) -> TrainStep:
-    """The step as the config asks for it (precision, memory format, DDP, compile, graph)."""
+    """The step as the config asks for it (precision, memory format, DDP, train.step); a
+    graph whose capture fails becomes the eager step (step.kind says which runs)."""
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
     return TrainStep(model, optimizer, mean, lr_table(cfg, ctx.world_size), precision=cfg.train.precision,
                      memory_format=memory_format(cfg, ctx.device), start_iter=start_iter, ddp=ctx.distributed,
-                     compile_mode=cfg.train.compile, graph=cfg.train.cuda_graph,
+                     compile_mode=cfg.train.compile if cfg.train.step != "eager" else "none",
+                     graph=cfg.train.step == "graph",
                      batch_per_rank=global_batch(cfg, ctx.world_size) // ctx.world_size)
 
 
@@ -156,7 +162,8 @@ def summarize(cfg: RunConfig, ctx: dist.DistContext, step: TrainStep, progress: 
         "train_seconds": progress.train_seconds, "images_per_second": record["images_per_second"],
         "parameters": count_parameters(step.model), "world_size": ctx.world_size, "global_batch": batch,
         "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
-        "precision": cfg.train.precision, "step": step.kind, "loader": cfg.data.loader,
+        "precision": cfg.train.precision, "step": step.kind, "capture_error": step.capture_error,
+        "loader": cfg.data.loader,
     }
 
 

@@ -10,7 +10,9 @@ per step. bench, the trainer and the tests all drive this one object.
 
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
+from typing import Callable
 
 import numpy as np
 import torch
@@ -39,15 +41,69 @@ def step_kind(compile_mode: str, graph: bool) -> str:
     return "graph" if graph else "compile" if compile_mode != "none" else "eager"
 
 
+class CudaOps:
+    """The torch.cuda calls that graph capture makes, in one place, so that a test can pass a
+    stand-in and check on a CPU which stream each phase runs on."""
+
+    def side_stream(self):
+        """A new stream that first waits for the work already queued on the current one."""
+        side = torch.cuda.Stream()
+        self.wait_for_current(side)
+        return side
+
+    def wait_for_current(self, stream) -> None:
+        stream.wait_stream(torch.cuda.current_stream())
+
+    def use(self, stream):
+        return torch.cuda.stream(stream)
+
+    def join(self, stream) -> None:
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def new_graph(self):
+        return torch.cuda.CUDAGraph()
+
+    def record(self, graph, stream, body: Callable[[], None]) -> None:
+        # stream=: capture on our side stream, not on a fresh one of torch.cuda.graph's own
+        with torch.cuda.graph(graph, stream=stream):
+            body()
+
+
+class StaticInputs:
+    """The graphed step's input buffers. A loader that gathers straight into `out` (images,
+    labels) spares the copy into them; a batch from anywhere else is copied (`copies` counts
+    those, so a test or the doctor can see which path ran)."""
+
+    def __init__(self, b: int, device: torch.device):
+        self.x = torch.zeros((b, 3, 32, 32), dtype=torch.uint8, device=device)
+        self.y = torch.zeros(b, dtype=torch.long, device=device)
+        self.aug = torch.zeros((3, b), dtype=torch.long, device=device)
+        self.copies = 0
+
+    @property
+    def out(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x, self.y
+
+    def load(self, images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
+        if images_u8 is not self.x:
+            self.x.copy_(images_u8, non_blocking=True)
+            self.y.copy_(labels, non_blocking=True)
+            self.copies += 1
+        self.aug.copy_(aug, non_blocking=True)
+
+
 class TrainStep:
     """The step of one rank. `model` is the plain module (what checkpoints save); the step
     wraps it in DDP and torch.compile as asked, and with graph=True captures the whole step
-    once (CUDA only) and replays it. Counters start at `start_iter`: build the step after
-    loading a checkpoint, so a captured graph points at the loaded tensors."""
+    once (CUDA only) and replays it; if capture fails, it says so in one line and runs eagerly
+    (`kind` says what runs). Counters start at `start_iter`. A graph points at the model's and
+    optimizer's tensors: load a checkpoint into a built step only with `load_state`, which
+    copies in place."""
 
     def __init__(self, model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor, lrs: torch.Tensor, *,
                  precision: str, memory_format=torch.contiguous_format, start_iter: int = 0, ddp: bool = False,
-                 compile_mode: str = "none", graph: bool = False, batch_per_rank: int = 0):
+                 compile_mode: str = "none", graph: bool = False, batch_per_rank: int = 0,
+                 ops: CudaOps | None = None):
         self.model, self.optimizer, self.mean = model, optimizer, mean
         self.device = mean.device
         self.precision, self.memory_format = precision, memory_format
@@ -60,8 +116,16 @@ class TrainStep:
         self.stats = torch.zeros(3, device=self.device)  # loss sum, wrong count, sample count
         self.bad_iter = torch.full((), -1, dtype=torch.long, device=self.device)
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        self.train_model = self._wrap(model, ddp, compile_mode, graph)
-        self._run = self._capture(batch_per_rank) if graph else self._eager
+        self.inputs: StaticInputs | None = None  # the graph's input buffers
+        self.capture_error: str | None = None  # why capture failed, when it did
+        self.ops = ops or CudaOps()
+        # one side stream for DDP construction, warm-up and capture: DDP's reducer keeps the
+        # gradient-accumulator nodes made on the stream it was built on, and a capture on any
+        # other stream fails (PyTorch's CUDA-graph notes; Megatron-LM met it on H100s)
+        self.side = self.ops.side_stream() if graph else None
+        with self._on_side():
+            self.train_model = self._wrap(model, ddp, compile_mode, graph)
+        self._run = self._capture_or_eager(batch_per_rank) if graph else self._eager
 
     def __call__(self, images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
         self._run(images_u8, labels, aug)
@@ -77,15 +141,25 @@ class TrainStep:
         self.stats.zero_()
         return stats, int(self.bad_iter.item())
 
+    def load_state(self, model_state: dict, optimizer_state: dict, iteration: int) -> None:
+        """Load weights, optimizer state and the iteration into this step, in place: every
+        tensor a captured graph reads keeps its address (TensorLRSGD.load_state_dict copies
+        momentum into the existing buffers; Module.load_state_dict copies into parameters)."""
+        self.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(optimizer_state)
+        self.it.fill_(iteration)
+        self.stats.zero_()
+        self.bad_iter.fill_(-1)
+
     # ----- building ------------------------------------------------------------------------
+
+    def _on_side(self):
+        return self.ops.use(self.side) if self.side is not None else nullcontext()
 
     def _wrap(self, model: nn.Module, ddp: bool, compile_mode: str, graph: bool) -> nn.Module:
         if ddp:
-            # a backward captured in a graph needs DDP built on a side stream (PyTorch's CUDA
-            # graphs notes, "Usage with DistributedDataParallel")
-            with torch.cuda.stream(torch.cuda.Stream()) if graph else nullcontext():
-                on_cuda = self.device.type == "cuda"
-                model = DDP(model, device_ids=[self.device.index] if on_cuda else None)
+            on_cuda = self.device.type == "cuda"
+            model = DDP(model, device_ids=[self.device.index] if on_cuda else None)
         if compile_mode != "none":
             mode = None if compile_mode == "default" else "max-autotune"
             if mode and graph:
@@ -120,37 +194,55 @@ class TrainStep:
         self._step(images_u8, labels, aug.to(self.device, non_blocking=True))
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _graph_body(self, inputs: StaticInputs) -> None:
+        # grads set to None first: during capture the backward then allocates them from the
+        # graph's pool, and each replay overwrites them instead of accumulating
+        self.optimizer.zero_grad(set_to_none=True)
+        self._step(inputs.x, inputs.y, inputs.aug)
+
+    def _capture_or_eager(self, b: int):
+        """The graphed step, or the eager one (with one line saying why) if capture fails on any
+        rank: the ranks agree, so none waits in a collective that the others skip."""
+        try:
+            run, error = self._capture(b), None
+        except Exception as e:  # noqa: BLE001 - any capture failure falls back to the eager step
+            run, error = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        failed = dist.all_reduce_sum(torch.tensor([float(error is not None)], device=self.device))
+        if error is None and failed.item() == 0:
+            return run
+        self.kind, self.inputs = "eager", None
+        self.optimizer.zero_grad(set_to_none=True)  # the warm-up's last gradients
+        self.capture_error = error or "capture failed on another rank"
+        print(f"warning: CUDA-graph capture failed ({self.capture_error}); training continues with "
+              f"the eager step", file=sys.stderr, flush=True)
+        return self._eager
+
     def _capture(self, b: int):
         """Record the whole step as one CUDA graph. Warm-up steps (needed before capture, and
         by DDP) change weights, optimizer state and BN statistics, so those are restored in
-        place afterwards: the graph keeps pointing at the same tensors."""
-        static_x = torch.zeros((b, 3, 32, 32), dtype=torch.uint8, device=self.device)
-        static_y = torch.zeros(b, dtype=torch.long, device=self.device)
-        static_aug = torch.zeros((3, b), dtype=torch.long, device=self.device)
+        place afterwards, whether capture worked or not: the graph keeps pointing at the same
+        tensors, and an eager fall-back starts from the same state."""
+        inputs = StaticInputs(b, self.device)
         keep = list(self.model.state_dict().values()) + [
             s["momentum_buffer"] for s in self.optimizer.state.values()
         ] + [self.it, self.stats, self.bad_iter]
         saved = [t.detach().clone() for t in keep]
-
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(GRAPH_WARMUP):
-                self.optimizer.zero_grad(set_to_none=True)
-                self._step(static_x, static_y, static_aug)
-        torch.cuda.current_stream().wait_stream(side)
-        self.optimizer.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step(static_x, static_y, static_aug)
-        with torch.no_grad():
-            for t, s in zip(keep, saved):
-                t.copy_(s)
+        graph = self.ops.new_graph()
+        self.ops.wait_for_current(self.side)  # the buffers and copies above come first
+        try:
+            with self._on_side():
+                for _ in range(GRAPH_WARMUP):
+                    self._graph_body(inputs)
+                self.ops.record(graph, self.side, lambda: self._graph_body(inputs))
+        finally:
+            self.ops.join(self.side)
+            with torch.no_grad():
+                for t, s in zip(keep, saved):
+                    t.copy_(s)
+        self.inputs = inputs
 
         def replay(images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
-            static_x.copy_(images_u8, non_blocking=True)
-            static_y.copy_(labels, non_blocking=True)
-            static_aug.copy_(aug, non_blocking=True)
+            inputs.load(images_u8, labels, aug)
             graph.replay()
 
         return replay

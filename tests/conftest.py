@@ -68,9 +68,9 @@ def cli_in_process(args: list[str], check: bool = True, **env: str):
 
 
 def run_torchrun(nproc: int, args: list[str], timeout: float = 300, check: bool = True, extra: list[str] = (),
-                 **env: str) -> subprocess.CompletedProcess:
+                 command: str = "train", **env: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "--tee=3", *extra, "-m", "resnetdist", "train", *args]
+           "--tee=3", *extra, "-m", "resnetdist", command, *args]
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(**env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")

@@ -114,3 +114,35 @@ def test_configs_for_other_machines_keep_auto():
     assert cfg.optim.warmup_iters == 400 and cfg.data.loader == "resident"  # the recipe is resolved
     here = load_config(flags={"model": {"n": 18}})
     assert here.train.device in ("cpu", "cuda") and here.train.precision != "auto" and here.log.wandb_mode != "auto"
+
+
+def test_train_step_resolution(monkeypatch):
+    from resnetdist.config import TrainConfig, resolve_step
+
+    def resolved(on_cuda, **kw):
+        t = TrainConfig(**{"precision": "bf16", **kw})
+        notes = resolve_step(t, on_cuda)
+        return t.step, t.cuda_graph, t.compile, notes
+
+    assert resolved(True)[:3] == ("graph", True, "none")  # the fast path by default on a GPU
+    assert resolved(True, precision="fp16")[:3] == ("eager", False, "none")
+    assert resolved(False, precision="fp32")[:3] == ("eager", False, "none")
+    assert resolved(True, cuda_graph=True)[0] == "graph"  # old configs
+    assert resolved(True, compile="max-autotune")[:3] == ("compile", False, "max-autotune")
+    assert resolved(True, step="compile")[:3] == ("compile", False, "default")
+    assert resolved(True, step="eager", compile="default")[:3] == ("eager", False, "none")
+    step, graph, _, notes = resolved(False, step="graph")
+    assert (step, graph) == ("eager", False) and "needs CUDA" in notes[0]
+    with pytest.raises(ConfigError, match="train.step must be one of"):
+        load_config(overrides=["train.step=fast"])
+    with pytest.raises(ConfigError, match="does not support fp16"):
+        load_config(overrides=["train.step=graph", "train.precision=fp16", "train.device=cuda"])
+
+
+def test_config_toml_without_tomli_w_round_trips(monkeypatch):
+    from resnetdist import config
+
+    cfg = load_config(overrides=['log.name="a \\"quoted\\" name"', "log.wandb_tags=[\"x\", \"y\"]"])
+    monkeypatch.setattr(config, "tomli_w", None)
+    text = config.to_toml(cfg)
+    assert config.tomllib.loads(text) == cfg.to_dict()

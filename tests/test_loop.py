@@ -18,7 +18,7 @@ class FakeLoader:
     def __init__(self):
         self.starts = []
 
-    def batches(self, start_iter: int):
+    def batches(self, start_iter: int, out=None):
         self.starts.append(start_iter)
         it = start_iter
         while True:

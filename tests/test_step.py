@@ -25,8 +25,7 @@ class Driven:
                  state: dict | None = None, **optim):
         self.cfg = load_config(flags={
             "model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": optim,
-            "train": {"device": device, "precision": precision, "cuda_graph": mode == "graph",
-                      "compile": "default" if mode == "compile" else "none"},
+            "train": {"device": device, "precision": precision, "step": mode},
             "log": {"wandb_mode": "disabled"},
         })
         self.ctx = DistContext(0, 0, 1, torch.device(device))
@@ -39,7 +38,9 @@ class Driven:
         self.loaders = open_loaders(self.cfg.data, data, self.ctx, self.cfg.optim.batch_size, self.cfg.train.seed)
 
     def run(self, count: int, first: int = 0) -> None:
-        feed = Feed(self.loaders.train, self.cfg.train.seed, self.cfg.optim.batch_size)
+        inputs = self.step.inputs
+        feed = Feed(self.loaders.train, self.cfg.train.seed, self.cfg.optim.batch_size,
+                    out=inputs.out if inputs else None)
         run_steps(self.step, feed.batches(first), count)
 
     def weights(self) -> dict[str, torch.Tensor]:
@@ -165,8 +166,11 @@ def test_graph_evaluation_between_replays_and_resume(tiny_data):
 @pytest.mark.timeout(900)
 def test_graph_run_end_to_end(tmp_path, tiny_data):
     out = tmp_path / "run"
+    # no step flag: the graph is the default on CUDA
     run_cli(["train", "-n", "1", "--iters", "60", "--device", "cuda", "--data-dir", str(tiny_data), "--out", str(out),
-             "--set", "optim.batch_size=32", "--set", "train.cuda_graph=true", "--set", "train.eval_every=30",
-             "--set", "log.wandb_mode=disabled"])
+             "--set", "optim.batch_size=32", "--set", "train.eval_every=30", "--set", "log.wandb_mode=disabled"])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["test_error"] < 60 and summary["step"] == "graph"
+    assert summary["test_error"] < 60 and summary["step"] == "graph" and summary["capture_error"] is None
+    assert 'step = "graph"' in (out / "config.toml").read_text()
+    evaluated = json.loads(run_cli(["eval", str(out / "model.pt"), "--data-dir", str(tiny_data)]).stdout)
+    assert evaluated["test_error"] == summary["test_error"]

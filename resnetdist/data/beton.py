@@ -24,7 +24,8 @@ writer that dies hangs the parent forever, and it prints its own progress bar.
 Loading. Both loaders follow data/order.py exactly, via a custom FFCV TraversalOrder; the
 Loader itself never shards (distributed=False), and its seed is unused by our orders.
 Batches are cloned before they are yielded because FFCV reuses its output buffers
-(batches_ahead + 2 slots per pipeline). Two FFCV 1.0.2 failure modes are handled here: an
+(batches_ahead + 2 slots per pipeline), or copied into a graphed step's input buffers.
+FFCV's epoch thread is made to set the rank's CUDA device (see _install_device_hook). Two FFCV 1.0.2 failure modes are handled here: an
 exception in its epoch thread left the consumer waiting forever (now a RuntimeError), and an
 epoch thread still running at interpreter exit could abort the process (threads are joined
 when a stream is closed and at exit). FFCV's num_workers is capped at numba's thread count.
@@ -336,13 +337,16 @@ def _make_loader(
         # (b,1) int64 -> (b,); Squeeze(1), not Squeeze(): a batch of one keeps its dim.
         "label": [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)],
     }
+    _install_device_hook()
     with _keep_torch_threads():
-        return Loader(
+        loader = Loader(
             str(beton), batch_size=batch, num_workers=workers, order=order,
             distributed=False,  # our order does the sharding
             seed=0,  # unused by our orders; given so FFCV does not draw one from np.random
             drop_last=drop_last, pipelines=pipelines,
         )
+    loader._device = device  # read by the epoch thread (see _install_device_hook)
+    return loader
 
 
 def _wait_for_batch(it) -> None:
@@ -359,6 +363,34 @@ def _wait_for_batch(it) -> None:
                     "epoch (its exception is printed above)"
                 )
             q.not_empty.wait(0.5)
+
+
+def bind_thread(device: torch.device) -> None:
+    """Make `device` the current CUDA device of the calling thread (a no-op off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def _install_device_hook() -> None:
+    """FFCV 1.0.2's epoch thread never sets the CUDA device, so entering its CUDA streams
+    there creates a context on GPU 0 in every rank (~0.5 GB each under DDP; FFCV PR #190,
+    never merged). EpochIterator.run is wrapped, once per process, to first make the
+    loader's device current in that thread (`_device`, set by _make_loader; FFCV loaders
+    made elsewhere are left alone)."""
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    if getattr(EpochIterator.run, "_binds_device", False):
+        return
+    original = EpochIterator.run
+
+    def run(self):
+        device = getattr(self.loader, "_device", None)
+        if device is not None:
+            bind_thread(device)
+        return original(self)
+
+    run._binds_device = True
+    EpochIterator.run = run
 
 
 _live_epochs: "weakref.WeakSet" = weakref.WeakSet()  # FFCV epoch threads we started
@@ -381,8 +413,9 @@ def _stop_all() -> None:  # epochs whose generator was never closed (e.g. traini
         _stop(it)
 
 
-def _epoch(loader) -> Iterator[Batch]:
-    """One pass of an FFCV Loader, yielding clones; stops its thread if abandoned."""
+def _epoch(loader, out: Batch | None = None) -> Iterator[Batch]:
+    """One pass of an FFCV Loader, yielding clones (or `out`, copied into); stops its thread
+    if abandoned."""
     with _keep_torch_threads():
         it = iter(loader)
     _live_epochs.add(it)
@@ -393,7 +426,10 @@ def _epoch(loader) -> Iterator[Batch]:
                 images, labels = next(it)
             except StopIteration:
                 return
-            yield images.clone(), labels.clone()  # FFCV will overwrite its buffers
+            if out is None:
+                yield images.clone(), labels.clone()  # FFCV will overwrite its buffers
+            else:  # straight into a graphed step's input buffers: one copy, not two
+                yield out[0].copy_(images, non_blocking=True), out[1].copy_(labels, non_blocking=True)
     finally:
         _stop(it)
 
@@ -436,11 +472,11 @@ class FfcvTrainLoader:
             order = np.concatenate([order, self._rank_order(epoch + 1)[: pos * self.b]])
         return self.idx[order]
 
-    def batches(self, start_iter: int) -> Iterator[Batch]:
+    def batches(self, start_iter: int, out: Batch | None = None) -> Iterator[Batch]:
         self.start_iter = start_iter
         self.loader.next_epoch = 0
         while True:
-            yield from _epoch(self.loader)
+            yield from _epoch(self.loader, out)
 
 
 class FfcvEvalLoader:

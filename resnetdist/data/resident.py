@@ -20,8 +20,9 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class TrainLoader(Protocol):
-    def batches(self, start_iter: int) -> Iterator[Batch]:
-        """Endless batches for iterations start_iter, start_iter+1, ..."""
+    def batches(self, start_iter: int, out: Batch | None = None) -> Iterator[Batch]:
+        """Endless batches for iterations start_iter, start_iter+1, ...; with `out` (images,
+        labels buffers of one batch), each batch is written there and `out` is yielded."""
 
 
 class ResidentTrainLoader:
@@ -35,7 +36,7 @@ class ResidentTrainLoader:
         self.rank, self.world_size = rank, world_size
         self.steps = iters_per_epoch(len(split), global_batch)
 
-    def batches(self, start_iter: int) -> Iterator[Batch]:
+    def batches(self, start_iter: int, out: Batch | None = None) -> Iterator[Batch]:
         b = self.global_batch // self.world_size
         epoch, pos = divmod(start_iter, self.steps)
         while True:
@@ -45,7 +46,11 @@ class ResidentTrainLoader:
             order = torch.from_numpy(order).to(self.images.device)
             for p in range(pos, self.steps):
                 idx = order[p * b : (p + 1) * b]
-                yield self.images[idx], self.labels[idx]
+                if out is None:
+                    yield self.images[idx], self.labels[idx]
+                else:  # gathered into the graph's input buffers: no second copy
+                    yield (torch.index_select(self.images, 0, idx, out=out[0]),
+                           torch.index_select(self.labels, 0, idx, out=out[1]))
             epoch, pos = epoch + 1, 0
 
 

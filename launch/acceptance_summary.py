@@ -1,0 +1,106 @@
+"""The summary of launch/gpu-acceptance.sh: reads OUT_DIR/stages.tsv and what the stages wrote,
+writes OUT_DIR/summary.json, prints one table, exits 1 when a stage failed or timed out.
+Standard library only (it runs where resnetdist's own imports might be what failed).
+
+usage: python launch/acceptance_summary.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+# the issue's targets (benchmarks on one H100, not tests)
+TARGETS = {"resnet20_train_seconds_max": 100.0, "resnet20_speedup_min": 6.7, "resnet20_standin_error_max": 12.4,
+           "resnet56_projected_seconds_max": 300.0}
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def last_json_line(path: Path):
+    """The last line of a log that is a JSON object (e.g. `resnetdist eval`'s result)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    return None
+
+
+def first_json_object(path: Path):
+    """The JSON object a log holds after any note lines (doctor --json)."""
+    try:
+        text = path.read_text(errors="replace")
+        return json.JSONDecoder().raw_decode(text[text.index("{"):])[0]
+    except (OSError, ValueError):
+        return None
+
+
+def bench_metrics(report) -> dict:
+    if not report:
+        return {}
+    rows = {r["setting"]: r for r in report["results"]}
+    out = {"baseline_ms": report["results"][0]["ms_per_iter"]}
+    for r in report["results"][1:]:
+        out[f"{r['mode']}_{r['precision']}_ms"] = r["ms_per_iter"]
+        out[f"{r['mode']}_{r['precision']}_speedup"] = r["speedup_vs_baseline"]
+        out[f"{r['mode']}_{r['precision']}_projected_64k_s"] = r["projected_64k_s"]
+        out[f"{r['mode']}_{r['precision']}_step"] = r.get("step")
+    out["settings"] = list(rows)
+    return out
+
+
+def targets(metrics: dict) -> dict:
+    train, n3, n9 = metrics.get("train") or {}, metrics.get("bench_n3") or {}, metrics.get("bench_n9") or {}
+    speedup = max([v for k, v in n3.items() if k.endswith("_speedup")], default=None)
+    r56 = min([v for k, v in n9.items() if k.endswith("_projected_64k_s")], default=None)
+    checks = {
+        "resnet20_train_seconds": (train.get("train_seconds"), lambda v: v <= TARGETS["resnet20_train_seconds_max"]),
+        "resnet20_best_speedup_vs_baseline": (speedup, lambda v: v >= TARGETS["resnet20_speedup_min"]),
+        "resnet20_standin_test_error": (train.get("test_error"), lambda v: v <= TARGETS["resnet20_standin_error_max"]),
+        "resnet56_best_projected_64k_s": (r56, lambda v: v <= TARGETS["resnet56_projected_seconds_max"]),
+    }
+    return {name: {"value": v, "met": (ok(v) if v is not None else None)} for name, (v, ok) in checks.items()}
+
+
+def main(out: Path) -> int:
+    stages = []
+    for line in (out / "stages.tsv").read_text().splitlines():
+        name, status, seconds, rc = line.split("\t")
+        stages.append({"stage": name, "status": status, "seconds": int(seconds), "exit_code": int(rc),
+                       "log": str(out / "logs" / f"{name}.log")})
+    train = read_json(out / "resnet20" / "summary.json")
+    evaluated = last_json_line(out / "logs" / "eval-resnet20.log")
+    doctor = first_json_object(out / "logs" / "doctor.log")
+    metrics = {"train": train, "eval": evaluated,
+               "eval_matches_summary": (evaluated["test_error"] == train["test_error"]) if train and evaluated else None,
+               "bench_n3": bench_metrics(read_json(out / "bench-n3.json")),
+               "bench_n9": bench_metrics(read_json(out / "bench-n9.json")),
+               "doctor_failed": [c["name"] for c in doctor["checks"] if c["status"] == "fail"] if doctor else None}
+    ok = all(s["status"] == "ok" or s["status"].startswith("skipped") for s in stages)
+    summary = {"ok": ok, "stages": stages, "total_seconds": sum(s["seconds"] for s in stages), "metrics": metrics,
+               "targets": targets(metrics)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("\n| stage | status | s |\n|---|---|---|")
+    for s in stages:
+        print(f"| {s['stage']} | {s['status']} | {s['seconds']} |")
+    print(f"| total | {'ok' if ok else 'FAILED'} | {summary['total_seconds']} |\n\n| target | value | met |\n|---|---|---|")
+    for name, t in summary["targets"].items():
+        print(f"| {name} | {t['value'] if t['value'] is None else round(t['value'], 3)} | {t['met']} |")
+    print(f"\neval of model.pt equals summary.json: {metrics['eval_matches_summary']}\nwrote {out / 'summary.json'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))

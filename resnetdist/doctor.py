@@ -1,0 +1,365 @@
+"""`resnetdist doctor`: will this machine run resnetdist correctly, and fast?
+
+Three parts, each a list of rows (name, status ok / fail / skip / info, detail, seconds):
+* environment: Python, torch, CUDA, cuDNN, NCCL and driver versions, GPUs and memory, bf16,
+  FFCV / W&B / TensorBoard present or not, data found or not;
+* device checks, on this rank's device, one process (before any process group exists, so
+  nothing in them waits for another rank): graphed steps against eager steps across an lr
+  milestone, compile against eager, evaluation between steps, a checkpoint loaded into a built
+  (graphed) step, a short speed sample. The graph checks need CUDA and say so on a CPU;
+* under torchrun with N ranks: all-reduce correctness, weights identical on every rank after
+  K DDP steps, all-reduce bandwidth.
+The steps run on a small synthetic set in the official layout (written to a temporary folder),
+through the trainer's own make_model / make_step, so what passes here is what trains.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import dist
+from .config import load_config
+from .data import load_data, open_loaders
+from .data.cifar import DataError, locate, write_synthetic
+from .evaluate import error_rates
+from .loop import Feed, run_steps
+from .run import make_model, make_step
+
+NEEDS_CUDA = "skipped: needs CUDA"
+
+
+@dataclass
+class Row:
+    section: str
+    name: str
+    status: str  # ok | fail | skip | info
+    detail: str
+    seconds: float = 0.0
+
+
+def check(section: str, name: str, fn: Callable[[], tuple[str, str]]) -> Row:
+    """Run one check; an exception is a failure naming it, not a crash of the doctor."""
+    t0 = time.perf_counter()
+    try:
+        status, detail = fn()
+    except Exception as e:  # noqa: BLE001 - every failure becomes a row
+        status, detail = "fail", f"{type(e).__name__}: {str(e).strip()[:300]}"
+    return Row(section, name, status, detail, time.perf_counter() - t0)
+
+
+# ----- environment ------------------------------------------------------------------------------
+
+
+def _present(module: str) -> str:
+    return "present" if importlib.util.find_spec(module) is not None else "absent"
+
+
+def _ffcv() -> str:
+    from .data.beton import require_ffcv  # FFCV imports its native libraries: find_spec is not enough
+
+    try:
+        require_ffcv()
+        return "present"
+    except RuntimeError as e:
+        return f"absent or broken ({type(e.__cause__).__name__ if e.__cause__ else 'import failed'})"
+
+
+def _driver() -> str:
+    if shutil.which("nvidia-smi") is None:
+        return "no nvidia-smi"
+    out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=30)
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def _gpus() -> str:
+    props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+    return "; ".join(f"{i}: {p.name}, {p.total_memory / 2**30:.0f} GiB" for i, p in enumerate(props))
+
+
+def _data(data_dir: Path | None) -> tuple[str, str]:
+    try:
+        return "ok", str(locate(data_dir, download_ok=False))
+    except DataError as e:
+        return "info", f"not found ({e}); `resnetdist train` downloads it, or pass --data-dir"
+
+
+def environment_rows(data_dir: Path | None) -> list[Row]:
+    cuda = torch.cuda.is_available()
+    facts: list[tuple[str, Callable[[], str]]] = [
+        ("python", lambda: f"{platform.python_version()} ({sys.executable})"),
+        ("torch", lambda: torch.__version__),
+        ("CUDA", lambda: f"{torch.version.cuda} (available: {cuda})"),
+        ("cuDNN", lambda: str(torch.backends.cudnn.version()) if cuda else "n/a"),
+        ("NCCL", lambda: ".".join(map(str, torch.cuda.nccl.version())) if cuda else "n/a"),
+        ("driver", _driver),
+        ("GPUs", lambda: _gpus() if cuda else "none"),
+        ("bf16", lambda: str(torch.cuda.is_bf16_supported()) if cuda else "n/a (CPU runs fp32)"),
+        ("FFCV", _ffcv),
+        ("W&B", lambda: _present("wandb")),
+        ("TensorBoard", lambda: _present("torch.utils.tensorboard") if _present("tensorboard") == "present" else "absent"),
+        ("tomli-w", lambda: "present" if _present("tomli_w") == "present" else "absent (a built-in writer stands in)"),
+    ]
+    rows = [check("environment", name, lambda fn=fn: ("info", fn())) for name, fn in facts]
+    rows.append(check("environment", "data", lambda: _data(data_dir)))
+    return rows
+
+
+# ----- one step, driven -------------------------------------------------------------------------
+
+
+class Trial:
+    """A trainer's step on the synthetic set: `run(count, first)` feeds it iterations
+    first .. first+count-1, as the training loop does."""
+
+    def __init__(self, data_dir: Path, device: torch.device, kind: str, precision: str = "fp32", n: int = 1,
+                 batch: int = 32, ctx: dist.DistContext | None = None, **optim: Any):
+        self.cfg = load_config(flags={
+            "model": {"n": n}, "data": {"dir": str(data_dir), "eval_batch": 200},
+            "optim": {"batch_size": batch, **optim},
+            "train": {"device": device.type, "precision": precision, "step": kind},
+            "log": {"wandb_mode": "disabled", "tensorboard": False},
+        })
+        self.ctx = ctx or dist.DistContext(0, 0, 1, device)
+        data = load_data(self.cfg.data)
+        self.model, self.optimizer = make_model(self.cfg, self.ctx)
+        self.step = make_step(self.cfg, self.ctx, self.model, self.optimizer, data)
+        self.loaders = open_loaders(self.cfg.data, data, self.ctx, batch, self.cfg.train.seed)
+
+    def run(self, count: int, first: int = 0) -> None:
+        feed = Feed(self.loaders.train, self.cfg.train.seed, self.cfg.optim.batch_size, self.ctx.rank,
+                    self.ctx.world_size, out=self.step.inputs.out if self.step.inputs else None)
+        run_steps(self.step, feed.batches(first), count)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+
+def max_difference(a: Trial, b: Trial) -> float:
+    diffs = [(x.double() - y.double()).abs().max().item()
+             for x, y in zip(a.weights().values(), b.weights().values()) if x.is_floating_point()]
+    return max(diffs)
+
+
+def default_kind(device: torch.device) -> str:
+    return "graph" if device.type == "cuda" else "eager"
+
+
+def _same(a: Trial, b: Trial, device: torch.device) -> tuple[bool, float]:
+    """Bitwise on the CPU; on CUDA within 1e-4 (some cuDNN backward kernels accumulate with
+    atomics, so two runs of the same kernels may differ in the last bits)."""
+    diff = max_difference(a, b)
+    return (diff == 0.0 if device.type == "cpu" else diff <= 1e-4), diff
+
+
+# ----- device checks ----------------------------------------------------------------------------
+
+
+def graph_vs_eager(data_dir: Path, device: torch.device, steps: int) -> tuple[str, str]:
+    """K graphed steps against K eager steps, fp32, the lr crossing a milestone mid-way: the
+    lr inside the graph must change with no re-capture."""
+    if device.type != "cuda":
+        return "skip", NEEDS_CUDA
+    milestone = max(1, steps // 2)
+    eager, graph = (Trial(data_dir, device, kind, iters=64, milestones=[milestone]) for kind in ("eager", "graph"))
+    if graph.step.kind != "graph":
+        return "fail", f"capture failed: {graph.step.capture_error}"
+    for t in (eager, graph):
+        t.run(steps)
+    lr, diff = graph.step.lr.item(), max_difference(eager, graph)
+    ok = abs(lr - 0.01) < 1e-9 and diff <= 1e-3
+    return ("ok" if ok else "fail"), f"{steps} steps, milestone at {milestone}: lr {lr:g}, max abs weight diff {diff:.2e}"
+
+
+def compile_vs_eager(data_dir: Path, device: torch.device, steps: int) -> tuple[str, str]:
+    """One compiled step against one eager step (float reordering only)."""
+    eager, compiled = Trial(data_dir, device, "eager"), Trial(data_dir, device, "compile")
+    for t in (eager, compiled):
+        t.run(1)
+    diff = max_difference(eager, compiled)
+    return ("ok" if diff <= 1e-4 else "fail"), f"1 step: max abs weight diff {diff:.2e}"
+
+
+def evaluation_between_steps(data_dir: Path, device: torch.device, steps: int) -> tuple[str, str]:
+    """An evaluation between steps (replays, on CUDA) changes nothing the step trains with."""
+    kind = default_kind(device)
+    plain, evaluated = Trial(data_dir, device, kind), Trial(data_dir, device, kind)
+    for t in (plain, evaluated):
+        t.run(steps)
+    errors = error_rates(evaluated.model, evaluated.loaders.evals, evaluated.step.mean, evaluated.step.memory_format)
+    for t in (plain, evaluated):
+        t.run(steps, first=steps)
+    same, diff = _same(plain, evaluated, device)
+    ok = same and evaluated.model.training and evaluated.step.kind == kind
+    return ("ok" if ok else "fail"), (f"{evaluated.step.kind}: test error {errors['test_error']:.1f}% between "
+                                      f"steps; max abs weight diff {diff:.2e}")
+
+
+def checkpoint_round_trip(data_dir: Path, device: torch.device, steps: int) -> tuple[str, str]:
+    """A checkpoint (through torch.save / torch.load) loaded into a step already built (a
+    captured graph, on CUDA) continues as the run it came from, and every momentum buffer
+    keeps its address."""
+    kind = default_kind(device)
+    source, target = Trial(data_dir, device, kind), Trial(data_dir, device, kind)
+    source.run(steps)
+    buf = io.BytesIO()
+    torch.save({"model": source.weights(), "optimizer": source.optimizer.state_dict()}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    ptrs = [s["momentum_buffer"].data_ptr() for s in target.optimizer.state.values()]
+    target.step.load_state(state["model"], state["optimizer"], steps)
+    kept = ptrs == [s["momentum_buffer"].data_ptr() for s in target.optimizer.state.values()]
+    for t in (source, target):
+        t.run(steps, first=steps)
+    same, diff = _same(source, target, device)
+    ok = kept and same and int(target.step.it) == 2 * steps
+    return ("ok" if ok else "fail"), (f"{target.step.kind}: buffers kept in place: {kept}; after {steps} more "
+                                      f"steps max abs weight diff {diff:.2e}")
+
+
+def ms_per_iter(trial: Trial, iters: int, warmup: int) -> float:
+    trial.run(warmup)
+    _sync(trial.step.device)
+    t0 = time.perf_counter()
+    trial.run(iters, first=warmup)
+    _sync(trial.step.device)
+    return 1000 * (time.perf_counter() - t0) / iters
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def speed_sample(data_dir: Path, device: torch.device, steps: int) -> tuple[str, str]:
+    """ms/iter of ResNet-20 at batch 128: eager against graph (bf16) on CUDA; eager (n=1,
+    batch 32) on a CPU. A sample, not a benchmark: `resnetdist bench` is that."""
+    if device.type != "cuda":
+        return "info", f"eager fp32, ResNet-8, batch 32: {ms_per_iter(Trial(data_dir, device, 'eager'), 5, 1):.1f} ms/iter"
+    precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    times = {kind: ms_per_iter(Trial(data_dir, device, kind, precision, n=3, batch=128), 100, 15)
+             for kind in ("eager", "graph")}
+    return "info", (f"ResNet-20 {precision} batch 128: eager {times['eager']:.2f} ms/iter, graph "
+                    f"{times['graph']:.2f} ms/iter ({times['eager'] / times['graph']:.1f}x)")
+
+
+DEVICE_CHECKS = {
+    "graph_vs_eager": graph_vs_eager,
+    "compile_vs_eager": compile_vs_eager,
+    "evaluation_between_steps": evaluation_between_steps,
+    "checkpoint_into_built_step": checkpoint_round_trip,
+    "speed_sample": speed_sample,
+}
+
+
+def device_rows(data_dir: Path, device: torch.device, steps: int, skip: set[str]) -> list[Row]:
+    rows = []
+    for name, fn in DEVICE_CHECKS.items():
+        if name in skip or name.split("_")[0] in skip:
+            rows.append(Row("device", name, "skip", "skipped: --skip"))
+        else:
+            rows.append(check("device", name, lambda fn=fn: fn(data_dir, device, steps)))
+    return rows
+
+
+# ----- distributed checks (under torchrun) ------------------------------------------------------
+
+
+def all_reduce_correct(ctx: dist.DistContext) -> tuple[str, str]:
+    t = torch.full((1024,), float(ctx.rank + 1), device=ctx.device)
+    dist.all_reduce_sum(t)
+    want = ctx.world_size * (ctx.world_size + 1) / 2
+    ok = bool((t == want).all())
+    return ("ok" if ok else "fail"), f"{ctx.world_size} ranks: sum {t[0].item():g}, expected {want:g}"
+
+
+def ddp_weights_identical(ctx: dist.DistContext, data_dir: Path, steps: int) -> tuple[str, str]:
+    """K DDP steps of the default step (graph on CUDA: DDP captured inside it), then rank 0's
+    parameters broadcast and compared bitwise on every rank. (BN running statistics are left
+    out: each rank updates them from its own shard of the batch, by design; evaluation
+    broadcasts rank 0's.)"""
+    trial = Trial(data_dir, ctx.device, default_kind(ctx.device), ctx=ctx, batch=32 * ctx.world_size)
+    trial.run(steps)
+    _sync(ctx.device)
+    mismatched = 0
+    for w in trial.model.parameters():
+        ref = w.detach().clone()
+        torch.distributed.broadcast(ref, src=0)
+        mismatched += int(not torch.equal(ref, w))
+    total = dist.all_reduce_sum(torch.tensor([float(mismatched)], device=ctx.device)).item()
+    return ("ok" if total == 0 else "fail"), (f"{trial.step.kind}, {steps} steps: {int(total)} parameter(s) "
+                                              f"differ from rank 0's")
+
+
+def all_reduce_bandwidth(ctx: dist.DistContext) -> tuple[str, str]:
+    """Bus bandwidth of an fp32 all-reduce (nccl-tests' definition: 2(n-1)/n x bytes / time)."""
+    numel = (64 if ctx.device.type == "cuda" else 4) * 2**20 // 4
+    t = torch.ones(numel, device=ctx.device)
+    for _ in range(3):
+        dist.all_reduce_sum(t)
+    _sync(ctx.device)
+    iters, t0 = 10, time.perf_counter()
+    for _ in range(iters):
+        dist.all_reduce_sum(t)
+    _sync(ctx.device)
+    seconds = (time.perf_counter() - t0) / iters
+    bus = 2 * (ctx.world_size - 1) / ctx.world_size * numel * 4 / seconds / 1e9
+    return "info", f"{numel * 4 / 2**20:.0f} MiB: {1000 * seconds:.2f} ms, bus bandwidth {bus:.2f} GB/s"
+
+
+def distributed_rows(ctx: dist.DistContext, data_dir: Path, steps: int, local_failures: int) -> list[Row]:
+    failed_ranks = dist.all_reduce_sum(torch.tensor([float(local_failures > 0)], device=ctx.device)).item()
+    rows = [Row("distributed", "device_checks_on_every_rank", "ok" if failed_ranks == 0 else "fail",
+                f"{int(failed_ranks)} of {ctx.world_size} rank(s) failed a device check")]
+    rows.append(check("distributed", "all_reduce", lambda: all_reduce_correct(ctx)))
+    rows.append(check("distributed", "ddp_weights_identical", lambda: ddp_weights_identical(ctx, data_dir, steps)))
+    rows.append(check("distributed", "all_reduce_bandwidth", lambda: all_reduce_bandwidth(ctx)))
+    return rows
+
+
+# ----- the command ------------------------------------------------------------------------------
+
+
+def run_doctor(device_pref: str = "auto", data_dir: Path | None = None, steps: int = 6,
+               skip: set[str] = frozenset()) -> dict[str, Any]:
+    """Every check on this rank; under torchrun the distributed ones too. The device checks run
+    before the process group exists, so a rank's own checks never wait for another rank."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rows = environment_rows(data_dir)
+    device = dist.resolve_device(device_pref, local_rank)
+    with tempfile.TemporaryDirectory(prefix="resnetdist-doctor-") as scratch:
+        synthetic = write_synthetic(Path(scratch), 128, 200)
+        rows += device_rows(synthetic, device, steps, set(skip))
+        if dist.world_size_from_env() > 1:
+            ctx = dist.setup(device_pref, timeout_s=300)
+            try:
+                failures = sum(r.status == "fail" for r in rows)
+                rows += distributed_rows(ctx, synthetic, steps, failures)
+            finally:
+                dist.cleanup()
+    return {"device": str(device), "world_size": dist.world_size_from_env(), "ok": not any(r.status == "fail" for r in rows),
+            "checks": [asdict(r) for r in rows]}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"resnetdist doctor on {report['device']} ({report['world_size']} rank(s))", "",
+             "| section | check | status | detail | s |", "|---|---|---|---|---|"]
+    for r in report["checks"]:
+        status = r["status"].upper() if r["status"] == "fail" else r["status"]
+        detail = r["detail"].replace("|", "/")
+        lines.append(f"| {r['section']} | {r['name']} | {status} | {detail} | {r['seconds']:.1f} |")
+    lines += ["", "all checks passed" if report["ok"] else "FAILED: see the rows marked FAIL"]
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""`resnetdist doctor` (its CPU subset, as CI runs it) and launch/gpu-acceptance.sh in DRY_RUN mode,
+plus the acceptance summary read from stage outputs written here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO, cli_in_process, run_torchrun
+
+
+def statuses(report):
+    return {c["name"]: c["status"] for c in report["checks"]}
+
+
+@pytest.mark.timeout(300)
+def test_doctor_cpu_json(tiny_data):
+    result = cli_in_process(["doctor", "--device", "cpu", "--json", "--steps", "2", "--skip", "compile,speed",
+                             "--data-dir", str(tiny_data)])
+    report = json.loads(result.stdout)
+    got = statuses(report)
+    assert report["ok"] and report["world_size"] == 1 and report["device"] == "cpu"
+    assert got["graph_vs_eager"] == "skip" and got["compile_vs_eager"] == "skip"
+    assert got["evaluation_between_steps"] == "ok" and got["checkpoint_into_built_step"] == "ok"
+    assert got["data"] == "ok" and {"torch", "CUDA", "cuDNN", "NCCL", "GPUs", "bf16", "FFCV", "W&B"} <= set(got)
+    skipped = {c["name"]: c["detail"] for c in report["checks"] if c["status"] == "skip"}
+    assert skipped["graph_vs_eager"] == "skipped: needs CUDA"
+
+
+def test_doctor_exits_1_on_a_failure(monkeypatch):
+    from resnetdist import doctor
+
+    monkeypatch.setattr(doctor, "DEVICE_CHECKS", {"broken": lambda *a: (_ for _ in ()).throw(ValueError("boom"))})
+    result = cli_in_process(["doctor", "--device", "cpu", "--json"], check=False)
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert not report["ok"] and statuses(report)["broken"] == "fail"
+    assert [c["detail"] for c in report["checks"] if c["name"] == "broken"] == ["ValueError: boom"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_doctor_full_cpu_including_compile():
+    result = cli_in_process(["doctor", "--device", "cpu", "--json", "--steps", "2"])
+    got = statuses(json.loads(result.stdout))
+    assert got["compile_vs_eager"] == "ok" and got["speed_sample"] == "info"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_doctor_two_ranks_on_gloo():
+    proc = run_torchrun(2, ["--device", "cpu", "--json", "--steps", "2", "--skip", "compile,speed,evaluation"],
+                        command="doctor", timeout=500)
+    report = json.loads(proc.stdout[proc.stdout.index("{"):].replace("[default0]:", ""))
+    got = statuses(report)
+    assert report["world_size"] == 2
+    assert got["all_reduce"] == "ok" and got["ddp_weights_identical"] == "ok"
+    assert got["device_checks_on_every_rank"] == "ok" and got["all_reduce_bandwidth"] == "info"
+
+
+# ----- launch/gpu-acceptance.sh ------------------------------------------------------------------
+
+
+def test_acceptance_dry_run_prints_every_stage(tmp_path):
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": "python3"}
+    proc = subprocess.run(["bash", str(REPO / "launch" / "gpu-acceptance.sh"), str(tmp_path / "out"), "/data/c10",
+                           "/wheels"], capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    stages = [line.split()[1] for line in lines if line.startswith("stage ")]
+    assert stages == ["doctor", "pytest-cuda", "bench-n3", "bench-n9", "bench-loader", "train-resnet20",
+                      "eval-resnet20"]
+    limits = sum(int(line.split("(limit ")[1].split()[0]) for line in lines if "(limit " in line)
+    assert limits <= 540  # 9 minutes
+    text = "\n".join(lines)
+    assert "pip install --no-index --no-deps --target" in text and "/wheels/*.whl" in text
+    assert "-m pytest -q -m cuda" in text and "bench -n 9" in text and "--modes eager\\,graph\\,compile" in text
+    train = next(line for line in lines if line.startswith("stage train-resnet20"))
+    assert "train --n 3 --data-dir /data/c10" in train and "--iters" not in train  # the paper's 64k, defaults
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_acceptance_usage():
+    proc = subprocess.run(["bash", str(REPO / "launch" / "gpu-acceptance.sh")], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def test_acceptance_summary_reads_the_stage_outputs(tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "resnet20").mkdir()
+    (tmp_path / "stages.tsv").write_text("doctor\tok\t20\t0\nbench-n3\tok\t60\t0\nbench-loader\tskipped: no FFCV\t0\t0\n"
+                                         "train-resnet20\tok\t120\t0\neval-resnet20\tfailed\t3\t2\n")
+    (tmp_path / "logs" / "doctor.log").write_text('note: x\n{"ok": true, "checks": [{"name": "a", "status": "ok"}]}\n')
+    (tmp_path / "resnet20" / "summary.json").write_text(json.dumps({"test_error": 12.3, "train_seconds": 95.0}))
+    (tmp_path / "bench-n3.json").write_text(json.dumps({"results": [
+        {"setting": "baseline", "mode": "eager", "precision": "fp32", "ms_per_iter": 10.0, "speedup_vs_baseline": 1.0,
+         "projected_64k_s": 640.0},
+        {"setting": "graph", "mode": "graph", "precision": "bf16", "ms_per_iter": 1.25, "speedup_vs_baseline": 8.0,
+         "projected_64k_s": 80.0, "step": "graph"}]}))
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "acceptance_summary.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1  # the eval stage failed
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert not summary["ok"] and summary["total_seconds"] == 203
+    assert summary["targets"]["resnet20_train_seconds"] == {"value": 95.0, "met": True}
+    assert summary["targets"]["resnet20_best_speedup_vs_baseline"] == {"value": 8.0, "met": True}
+    assert summary["targets"]["resnet56_best_projected_64k_s"]["met"] is None  # no bench-n9 output
+    assert summary["metrics"]["doctor_failed"] == [] and "| eval-resnet20 | failed | 3 |" in proc.stdout

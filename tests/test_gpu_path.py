@@ -1,0 +1,335 @@
+"""The GPU-path defects of issue 11, checked on the CPU where the logic allows it (the graph
+capture through a stand-in for torch.cuda's streams and graphs), and on CUDA where it does not
+(skipped without a GPU)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from resnetdist import step as step_mod
+from resnetdist.config import load_config
+from resnetdist.data import load_data, open_loaders
+from resnetdist.data.augment import training_mean
+from resnetdist.dist import DistContext
+from resnetdist.loop import Feed, run_steps
+from resnetdist.run import evaluate, make_model
+from resnetdist.schedule import lr_table
+from resnetdist.step import TrainStep
+
+from .conftest import REPO, TINY, cli_env, cli_in_process, run_torchrun
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CPU = torch.device("cpu")
+B = 32
+
+
+# ----- a stand-in for torch.cuda's streams and graphs ----------------------------------------------
+
+
+class FakeStream:
+    def __init__(self, name: str):
+        self.name = name
+
+    def wait_stream(self, other) -> None:
+        pass
+
+
+class FakeGraph:
+    body = None
+
+    def replay(self) -> None:
+        self.body()  # what a replay does: the captured body, again
+
+
+class FakeOps:
+    """step.CudaOps on a CPU: records which stream is current when things happen."""
+
+    def __init__(self, fail: bool = False):
+        self.current, self.captures, self.fail, self.made = "default", [], fail, []
+
+    def side_stream(self):
+        self.made.append(FakeStream(f"side{len(self.made)}"))
+        return self.made[-1]
+
+    def wait_for_current(self, stream) -> None:
+        pass
+
+    @contextmanager
+    def use(self, stream):
+        before, self.current = self.current, stream
+        try:
+            yield
+        finally:
+            self.current = before
+
+    def join(self, stream) -> None:
+        pass
+
+    def new_graph(self):
+        return FakeGraph()
+
+    def record(self, graph, stream, body) -> None:
+        self.captures.append((stream, self.current))
+        if self.fail:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+        graph.body = body
+        body()
+
+
+def parts(tiny_data):
+    cfg = load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
+                             "train": {"device": "cpu"}, "log": {"wandb_mode": "disabled"}})
+    ctx = DistContext(0, 0, 1, CPU)
+    data = load_data(cfg.data)
+    model, optimizer = make_model(cfg, ctx)
+    mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
+    loaders = open_loaders(cfg.data, data, ctx, B, cfg.train.seed)
+    return cfg, model, optimizer, mean, lr_table(cfg, 1), loaders
+
+
+def build(tiny_data, **kw):
+    cfg, model, optimizer, mean, lrs, loaders = parts(tiny_data)
+    step = TrainStep(model, optimizer, mean, lrs, precision="fp32", batch_per_rank=B, **kw)
+    return step, loaders
+
+
+def drive(step, loaders, count, first=0):
+    feed = Feed(loaders.train, 0, B, out=step.inputs.out if step.inputs else None)
+    run_steps(step, feed.batches(first), count)
+
+
+def assert_same_weights(a, b):
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+# ----- defect 1 (one side stream) and 8 (inputs gathered in place), on the CPU ---------------------
+
+
+def test_ddp_warmup_and_capture_share_one_side_stream_and_replays_train_as_eager(tiny_data, monkeypatch):
+    ops, seen = FakeOps(), {"ddp": [], "steps": []}
+    real_augment = step_mod.augment
+    monkeypatch.setattr(step_mod, "DDP", lambda model, device_ids=None: seen["ddp"].append(ops.current) or model)
+    monkeypatch.setattr(step_mod, "augment", lambda *a: seen["steps"].append(ops.current) or real_augment(*a))
+    graphed, loaders = build(tiny_data, graph=True, ddp=True, ops=ops)
+    (side,) = ops.made
+    assert graphed.kind == "graph" and graphed.capture_error is None
+    assert seen["ddp"] == [side]  # DDP built on the side stream ...
+    assert seen["steps"] == [side] * (step_mod.GRAPH_WARMUP + 1)  # ... warm-up and capture too
+    assert ops.captures == [(side, side)]  # torch.cuda.graph(g, stream=side), entered on side
+    assert int(graphed.it) == 0  # warm-up and capture left no trace in the state
+    monkeypatch.setattr(step_mod, "augment", real_augment)
+    eager, _ = build(tiny_data)
+    drive(graphed, loaders, 5)
+    drive(eager, loaders, 5)
+    assert_same_weights(graphed, eager)
+    assert graphed.inputs.copies == 0  # the loader gathered into the graph's inputs: one copy per batch
+
+
+def test_resident_loader_gathers_into_given_buffers(tiny_data):
+    *_, loaders = parts(tiny_data)
+    out = (torch.zeros(B, 3, 32, 32, dtype=torch.uint8), torch.zeros(B, dtype=torch.long))
+    plain, into = loaders.train.batches(3), loaders.train.batches(3, out=out)
+    for _ in range(3):
+        (x, y), (xo, yo) = next(plain), next(into)
+        assert xo.data_ptr() == out[0].data_ptr() and yo.data_ptr() == out[1].data_ptr()
+        assert torch.equal(x, xo) and torch.equal(y, yo)
+
+
+def test_a_failed_capture_says_so_once_and_trains_eagerly_from_the_same_state(tiny_data, capsys):
+    failed, loaders = build(tiny_data, graph=True, ops=FakeOps(fail=True))
+    eager, _ = build(tiny_data)
+    assert failed.kind == "eager" and failed.inputs is None
+    assert failed.capture_error == "RuntimeError: CUDA error: operation not permitted when stream is capturing"
+    assert capsys.readouterr().err.count("CUDA-graph capture failed") == 1
+    assert_same_weights(failed, eager)  # the warm-up steps were undone
+    drive(failed, loaders, 3)
+    drive(eager, loaders, 3)
+    assert_same_weights(failed, eager)
+
+
+# ----- defect 7: loading into a built step keeps every address -------------------------------------
+
+
+def test_loading_state_into_a_built_step_copies_in_place(tiny_data):
+    source, loaders = build(tiny_data)
+    drive(source, loaders, 4)
+    state = copy.deepcopy({"model": source.model.state_dict(), "optimizer": source.optimizer.state_dict()})
+    target, _ = build(tiny_data, graph=True, ops=FakeOps())  # "captured" before the load
+    momentum = [s["momentum_buffer"] for s in target.optimizer.state.values()]
+    ptrs = [t.data_ptr() for t in [*target.model.state_dict().values(), *momentum]]
+    target.load_state(state["model"], state["optimizer"], 4)
+    now = [s["momentum_buffer"] for s in target.optimizer.state.values()]
+    assert [t.data_ptr() for t in [*target.model.state_dict().values(), *now]] == ptrs
+    assert all(a is b for a, b in zip(now, momentum))
+    assert int(target.it) == 4
+    for a, b in zip(source.optimizer.state.values(), target.optimizer.state.values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    drive(source, loaders, 3, first=4)
+    drive(target, loaders, 3, first=4)  # the fake graph replays what was captured before the load
+    assert_same_weights(source, target)
+
+
+# ----- defect 2: FFCV's loader thread sets the rank's device ---------------------------------------
+
+
+@pytest.mark.slow  # FFCV's import and numba compilation: ~15 s here
+@pytest.mark.timeout(240)
+def test_ffcv_loader_thread_binds_the_loaders_device(tmp_path, tiny_data, monkeypatch):
+    beton = pytest.importorskip("resnetdist.data.beton")
+    try:
+        beton.require_ffcv()
+    except RuntimeError:
+        pytest.skip("FFCV not installed")
+    import threading
+
+    from resnetdist.data.cifar import load_cifar10
+
+    betons = tmp_path / "beton"
+    beton.prepare_betons(load_cifar10(tiny_data).folder, betons)
+    calls = []
+    monkeypatch.setattr(beton, "bind_thread", lambda device: calls.append((device, threading.current_thread())))
+    loader = beton.FfcvEvalLoader(betons / "test.beton", None, 100, 0, 1, CPU, 1)
+    assert sum(len(y) for _, y in loader) == 200
+    assert [c[0] for c in calls] == [CPU] and calls[0][1] is not threading.main_thread()
+
+
+# ----- defect 5: evaluation in fp32 whatever the training precision --------------------------------
+
+
+def test_evaluation_runs_in_fp32_even_inside_autocast(tiny_data):
+    step, loaders = build(tiny_data)
+    dtypes = []
+    handle = step.model.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        evaluate(step, loaders)
+    handle.remove()
+    assert dtypes and set(dtypes) == {torch.float32}
+
+
+# ----- defect 3: the bench baseline at its best ----------------------------------------------------
+
+
+def test_bench_baseline_turns_cudnn_benchmark_on_and_records_its_settings(monkeypatch):
+    from resnetdist.bench import baseline_settings
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    settings = baseline_settings(torch.device("cuda"), 8)  # only flags: runs without a GPU
+    assert torch.backends.cudnn.benchmark is True
+    assert settings["cudnn_benchmark"] is True and settings["pin_memory"] and settings["non_blocking"]
+    assert settings["dataloader_workers"] == 8 and settings["precision"] == "fp32"
+
+
+# ----- defect 6: NCCL's async error handling set where it takes effect -----------------------------
+
+
+def test_nccl_async_error_handling_is_set_in_the_launcher_not_the_worker(monkeypatch):
+    import torch.distributed.run
+
+    from resnetdist import cli
+
+    seen = {}
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    monkeypatch.setattr(torch.distributed.run, "main", lambda argv: seen.update(
+        env=os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")))
+    cli._torchrun(2, 0, ["-n", "1"], graph=True)
+    assert seen["env"] == "0"
+    assert 'TORCH_NCCL_ASYNC_ERROR_HANDLING", "0"' not in (REPO / "resnetdist" / "run.py").read_text()
+    common = (REPO / "launch" / "common.sh").read_text()
+    assert 'export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-0}"' in common
+
+
+# ----- defect 4: every rank evaluates rank 0's model -----------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_ranks_evaluate_rank0s_bn_statistics(tiny_data):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "--tee=3", str(REPO / "tests" / "_bn_worker.py"), str(tiny_data)],
+                          cwd=REPO, env=cli_env(PYTHONPATH=str(REPO)),  # a script's own folder is sys.path[0]
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [json.loads(line[line.index("{"):]) for line in proc.stdout.splitlines() if '"same_as_rank0"' in line]
+    assert len(results) == 2 and all(r["same_as_rank0"] for r in results)
+    assert results[0]["test_error"] == results[1]["test_error"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_rank_run_and_eval_of_its_model_agree(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    proc = run_torchrun(2, [*TINY, "--iters", "30", "--set", "train.eval_every=30", "--data-dir", str(tiny_data),
+                            "--out", str(out)], timeout=300)
+    ranks = [json.loads(line[line.index("{"):]) for line in proc.stdout.splitlines() if '{"rank"' in line]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(ranks) == 2 and ranks[0]["test_error"] == ranks[1]["test_error"] == summary["test_error"]
+    evaluated = json.loads(cli_in_process(["eval", str(out / "model.pt"), "--device", "cpu"]).stdout)
+    assert evaluated["test_error"] == summary["test_error"]
+
+
+# ----- CUDA (skipped here) ---------------------------------------------------------------------------
+
+
+def cuda_parts(tiny_data):
+    cfg = load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
+                             "train": {"device": "cuda", "precision": "bf16"}, "log": {"wandb_mode": "disabled"}})
+    ctx = DistContext(0, 0, 1, torch.device("cuda", 0))
+    data = load_data(cfg.data)
+    model, optimizer = make_model(cfg, ctx)
+    return cfg, ctx, data, model, optimizer
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.timeout(600)
+def test_cuda_graph_is_the_default_and_gathers_in_place_and_loads_in_place(tiny_data):
+    from resnetdist.run import make_step
+
+    cfg, ctx, data, model, optimizer = cuda_parts(tiny_data)
+    assert cfg.train.step == "graph"
+    step = make_step(cfg, ctx, model, optimizer, data)
+    assert step.kind == "graph", step.capture_error
+    loaders = open_loaders(cfg.data, data, ctx, B, 0)
+    drive(step, loaders, 5)
+    assert step.inputs.copies == 0
+    ptrs = [s["momentum_buffer"].data_ptr() for s in optimizer.state.values()]
+    state = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    step.load_state(state["model"], state["optimizer"], 5)
+    assert ptrs == [s["momentum_buffer"].data_ptr() for s in optimizer.state.values()]
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.timeout(300)
+def test_cuda_ffcv_thread_uses_the_loaders_device(tmp_path, tiny_data, monkeypatch):
+    beton = pytest.importorskip("resnetdist.data.beton")
+    try:
+        beton.require_ffcv()
+    except RuntimeError:
+        pytest.skip("FFCV not installed")
+    from resnetdist.data.cifar import load_cifar10
+
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    beton.prepare_betons(load_cifar10(tiny_data).folder, tmp_path)
+    real, seen = beton.bind_thread, []
+    monkeypatch.setattr(beton, "bind_thread", lambda d: (real(d), seen.append(torch.cuda.current_device())))
+    loader = beton.FfcvEvalLoader(tmp_path / "test.beton", None, 100, 0, 1, device, 1)
+    assert sum(len(y) for _, y in loader) == 200 and seen == [device.index]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.cuda
+@pytest.mark.timeout(600)
+def test_cuda_two_rank_ddp_graph_doctor():
+    proc = run_torchrun(2, ["--device", "cuda", "--json", "--skip", "compile,speed"], command="doctor",
+                        timeout=500, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
