@@ -67,12 +67,13 @@ def checksum_path(path: Path) -> Path:
     return path.with_name(path.name + SIDECAR)
 
 
-def _fsync_dir(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by name (a folder's fsync makes a rename in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -90,7 +91,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     except OSError as e:
         raise WriteError(path, e) from e
 

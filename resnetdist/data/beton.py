@@ -47,6 +47,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from ..checkpoint import fsync_path
 from . import cifar
 from .cifar import DataError, Split
 from .resident import Batch
@@ -157,14 +158,6 @@ def _up_to_date(out_dir: Path, sources: dict[str, str] | None) -> bool:
     return True
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _Records:
     """An indexable dataset of (image uint8 (3,32,32), label int) for the writer."""
 
@@ -213,7 +206,7 @@ def _write_beton(path: Path, split: Split, desc: str) -> None:
                     handle_sample(dataset[i], i, names, metadata, allocator, fields)
                 bar.update(stop - start)
     writer.finalize(allocator.allocations)
-    _fsync(path)
+    fsync_path(path)
 
 
 def _remove_outputs(out_dir: Path) -> None:
@@ -261,7 +254,7 @@ def prepare_betons(bin_folder: Path, out_dir: Path, force: bool = False) -> tupl
                 }
             os.replace(train_path.with_name(TRAIN_BETON + PARTIAL), train_path)
             os.replace(test_path.with_name(TEST_BETON + PARTIAL), test_path)
-            _fsync(out_dir)
+            fsync_path(out_dir)
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "layout": LAYOUT,
@@ -270,9 +263,9 @@ def prepare_betons(bin_folder: Path, out_dir: Path, force: bool = False) -> tupl
             }
             tmp = out_dir / (MANIFEST + PARTIAL)
             tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            _fsync(tmp)
+            fsync_path(tmp)
             os.replace(tmp, out_dir / MANIFEST)
-            _fsync(out_dir)
+            fsync_path(out_dir)
         except BaseException:
             _remove_outputs(out_dir)
             raise
