@@ -245,7 +245,8 @@ def test_a_signal_stops_a_single_process_run_at_a_checkpoint_and_it_resumes_exac
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("sig, target", [(signal.SIGTERM, "torchrun"), (signal.SIGUSR1, "rank 1")])
+@pytest.mark.parametrize("sig, target", [(signal.SIGTERM, "torchrun"), (signal.SIGUSR1, "rank 1")],
+                         ids=["SIGTERM-to-torchrun", "SIGUSR1-to-rank1"])
 def test_a_signal_stops_every_rank_of_a_torchrun_job_at_one_iteration_and_it_resumes_exactly(
         tmp_path, tiny_data, reference2, sig, target):
     """SIGTERM to torchrun, which passes it on to both workers; SIGUSR1 to rank 1 alone, which
