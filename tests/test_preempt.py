@@ -343,6 +343,7 @@ def test_slurm_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm_clu
     assert "requeueing job" in text and "(restart 1)" in text
     check_same_as(reference, out, text, it)
     print(f"Slurm USR1: stopped at {it}, requeued, resumed; {time.monotonic() - t0:.1f} s from submission")
+    print("\n".join(line for line in text.splitlines() if line.startswith(("resnetdist:", "preempted:", "srun:"))))
 
 
 def _warn_and_release(cluster, job: str, out: Path, log: Path) -> None:
