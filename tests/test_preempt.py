@@ -352,8 +352,12 @@ def _warn_and_release(cluster, job: str, out: Path, log: Path) -> None:
         assert time.monotonic() < deadline, (job_state(cluster, job), log.read_text() if log.exists() else "", cluster.logs())
         time.sleep(0.2)
     cluster.run("scancel", "--signal=USR1", "--batch", job)
-    # requeued: pending until its begin time; release it at once
-    while not job_state(cluster, job).startswith("PENDING"):
+    # requeued: pending until its begin time. Release it once the node has torn the first attempt
+    # down, and a clear second after: slurmd revoked the job's credential when it killed the
+    # first attempt, and refuses a launch stamped within the same second ("Job N already killed,
+    # do not launch batch job"), failing the job. (The begin time Slurm sets is never that early.)
+    while not (job_state(cluster, job).startswith("PENDING") and cluster.node_state() == "idle"):
         assert time.monotonic() < deadline + 60, (job_state(cluster, job), log.read_text(), cluster.logs())
         time.sleep(0.2)
+    time.sleep(2)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
