@@ -19,6 +19,11 @@ app = typer.Typer(
 )
 
 
+# what torchrun passes on to its workers: its defaults and Slurm's SIGUSR1 warning, which
+# otherwise kills torchrun itself (the default action) and orphans the workers
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+
 def fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -47,9 +52,10 @@ def _torchrun(nproc: int, max_restarts: int, argv: list[str], graph: bool = Fals
         # notes). torchrun's agent writes this variable into every worker's environment (its
         # own value, else 1), so it is set here, in the launcher, where it takes effect
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
-    # "--" keeps torchrun's parser off our flags (it would take --n for an abbreviation of its own)
+    # "--" keeps torchrun's parser off our flags (it would take --n for an abbreviation of its own);
+    # SIGUSR1 (Slurm's warning) added to the signals torchrun passes on to the workers
     torchrun_main(["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
-                   "-m", "resnetdist", "--", "train", *argv])
+                   f"--signals-to-handle={TORCHRUN_SIGNALS}", "-m", "resnetdist", "--", "train", *argv])
 
 
 def _strip_launch_args(argv: list[str]) -> list[str]:
@@ -111,15 +117,20 @@ def train(
                   graph=cfg.train.step == "graph")
         return
 
+    from .dist import PeerLost
     from .loop import NonFiniteLoss
+    from .preempt import Preempted
     from .run import main
 
     try:
         summary = main(cfg, data)
     except NonFiniteLoss as e:
         fail(f"{e} (run directory {cfg.run_dir})", code=3)
-    except (WriteError, RunDirBusy) as e:  # exit 4 / 5, see README "Faults and bad inputs"
+    except (WriteError, RunDirBusy, PeerLost) as e:  # exit 4 / 5 / 7, see README "Faults and bad inputs"
         fail(str(e), code=e.exit_code)
+    except Preempted as e:  # exit 6: not a failure, the scheduler's notice was obeyed
+        typer.echo(f"preempted: {e} (run directory {cfg.run_dir})", err=True)
+        raise typer.Exit(e.exit_code)
     # every rank prints its view of the result: the all-reduced errors must agree
     keys = ("name", "test_error", "iterations", "train_seconds", "images_per_second")
     typer.echo(json.dumps({"rank": int(os.environ.get("RANK", "0")), **{k: summary[k] for k in keys}}))

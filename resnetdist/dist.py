@@ -1,16 +1,39 @@
 """torch.distributed under torchrun, in the nanoGPT manner: read RANK / LOCAL_RANK /
 WORLD_SIZE, pick the device, init the process group (NCCL on CUDA, gloo on CPU). Without
 torchrun the same code runs as one process with world size 1.
+
+A rank that stops answering (hung, SIGSTOPped, dead) makes the others' next collective fail
+after the process group's timeout (`dist.timeout_s`; gloo raises in the waiting rank). The
+collectives run inside `stage("what")`, which turns that failure into one PeerLost naming the
+stage and the timeout; the CLI exits with its code, so torchrun (`--max-restarts`) restarts
+the job from the newest checkpoint. On NCCL the watchdog aborts the process after the same
+timeout (TORCH_NCCL_ASYNC_ERROR_HANDLING's default) before any exception reaches Python: the
+stage is not named there, but the exit and the restart are the same.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+
+# what gloo (and torch's c10d) say when a peer is gone or silent; NCCL names itself
+PEER_FAILURE_MARKERS = ("Timed out", "timed out", "timeout", "Connection closed", "Connection reset",
+                        "pair closure", "Broken pipe", "NCCL", "gloo")
+
+_timeout_s: int | None = None  # the process group's, for messages
+
+
+class PeerLost(RuntimeError):
+    """A collective failed or timed out: another rank hung, was stopped or died."""
+
+    exit_code = 7  # `resnetdist train` exits with this (README, "Faults and bad inputs")
 
 
 @dataclass(frozen=True)
@@ -45,11 +68,13 @@ def resolve_device(pref: str, local_rank: int) -> torch.device:
 
 
 def setup(device_pref: str, timeout_s: int) -> DistContext:
+    global _timeout_s
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = world_size_from_env()
     device = resolve_device(device_pref, local_rank)
     if world_size > 1 and not dist.is_initialized():
+        _timeout_s = timeout_s
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
             timeout=timedelta(seconds=timeout_s),
@@ -70,6 +95,38 @@ def is_main_process() -> bool:
 def print0(*args, **kwargs) -> None:
     if is_main_process():
         print(*args, **kwargs, flush=True)
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in PEER_FAILURE_MARKERS)
+
+
+@contextmanager
+def stage(what: str) -> Iterator[None]:
+    """Collectives of one stage of the run; a failure of theirs becomes a PeerLost naming it.
+    Cheap (a try block): it wraps whole chunks of steps, not each step."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not dist.is_initialized() or isinstance(e, PeerLost) or not is_peer_failure(e):
+            raise
+        raise PeerLost(
+            f"rank {dist.get_rank()}: the {what} failed: another rank stopped answering within "
+            f"dist.timeout_s={_timeout_s} s or died (hung, stopped or killed); under torchrun with "
+            f"--max-restarts the job restarts from the newest checkpoint. "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest of the ranks' values (this one's alone when not distributed)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

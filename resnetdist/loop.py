@@ -19,6 +19,7 @@ from . import dist
 from .config import RunConfig
 from .data.augment import draw_params
 from .data.resident import TrainLoader
+from .preempt import Preempted
 from .progress import progress_bar
 
 
@@ -100,11 +101,15 @@ class Hooks:
     log: Callable[[dict, str], None]  # a record, "train" or "eval"
     checkpoint: Callable[[Progress], None]
     at_iteration: dict[int, Callable[[int], None]] = field(default_factory=dict)  # e.g. faults in tests
+    # asked at every drain point, the same iterations on every rank: why to stop there ("" = go on);
+    # a collective (preempt.Notice.agreed), so the answer is the same on every rank
+    stop_reason: Callable[[int], str] = lambda it: ""
 
 
 def train_loop(step: Step, feed: Feed, progress: Progress, cadence: Cadence, hooks: Hooks,
                steps_per_epoch: int, name: str = "") -> Progress:
-    """Train from progress.iteration to cadence.total; returns the progress at the end."""
+    """Train from progress.iteration to cadence.total; returns the progress at the end. A stop
+    asked for (hooks.stop_reason) checkpoints at the next drain point and raises Preempted."""
     it = start = progress.iteration
     bar = progress_bar(name, total=cadence.total, enabled=dist.is_main_process())
     bar.update(it)
@@ -114,7 +119,8 @@ def train_loop(step: Step, feed: Feed, progress: Progress, cadence: Cadence, hoo
     t0 = time.perf_counter()
     while it < cadence.total:
         stop = cadence.next_stop(it, extra)
-        run_steps(step, batches, stop - it)
+        with dist.stage(f"training step (gradient all-reduce) in iterations {it + 1}-{stop}"):
+            run_steps(step, batches, stop - it)
         bar.update(stop - it)
         it = stop
         if it in hooks.at_iteration:
@@ -122,17 +128,24 @@ def train_loop(step: Step, feed: Feed, progress: Progress, cadence: Cadence, hoo
         log_now, eval_now, ckpt_now = cadence.due(it)
         if not (log_now or eval_now or ckpt_now):
             continue
-        record = drain(step, progress, it)  # syncs with the device, so the time below is real
+        with dist.stage(f"metrics all-reduce at iteration {it}"):
+            record = drain(step, progress, it)  # syncs with the device, so the time below is real
         progress.train_seconds += time.perf_counter() - t0
         progress.iteration = it
         hooks.log(record, "train")
         img_s = (it - start) * feed.global_batch / max(progress.train_seconds - seconds_before, 1e-9)
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", err=f"{record['train_error']:.1f}%", img_s=f"{img_s:.0f}")
+        reason = hooks.stop_reason(it) if it < cadence.total else ""  # the last iteration just finishes
         if eval_now:
-            progress.last_eval = evaluation_record(step, progress, hooks.evaluate(), it, steps_per_epoch, feed.global_batch)
+            with dist.stage(f"evaluation at iteration {it}"):
+                errors = hooks.evaluate()
+            progress.last_eval = evaluation_record(step, progress, errors, it, steps_per_epoch, feed.global_batch)
             hooks.log(progress.last_eval, "eval")
-        if ckpt_now:
+        if ckpt_now or reason:
             hooks.checkpoint(progress)
+        if reason:
+            bar.close()
+            raise Preempted(it, reason)
         t0 = time.perf_counter()
     bar.close()
     return progress

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import checkpoint, dist, rundir, state
+from . import checkpoint, dist, preempt, rundir, state
 from .config import ConfigError, RunConfig, check_run_dir, to_toml
 from .data import Cifar10, Loaders, load_data, open_loaders
 from .data.augment import training_mean
@@ -51,7 +51,13 @@ def preflight(cfg: RunConfig, world_size: int) -> Cifar10:
 
 
 def main(cfg: RunConfig, data: Cifar10 | None = None) -> dict[str, Any]:
-    """Train on this rank; `data` is what preflight already parsed, if it ran."""
+    """Train on this rank; `data` is what preflight already parsed, if it ran. From here on a
+    SIGTERM or SIGUSR1 stops the run at the next log point with a checkpoint (Preempted)."""
+    with preempt.notice() as notice:
+        return train_rank(cfg, data, notice)
+
+
+def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice) -> dict[str, Any]:
     # TORCH_NCCL_ASYNC_ERROR_HANDLING is not set here: torchrun's agent sets it in every
     # worker's environment, so a default set here would never apply (cli._torchrun and
     # launch/common.sh set it in the launcher, where it does)
@@ -77,7 +83,7 @@ def main(cfg: RunConfig, data: Cifar10 | None = None) -> dict[str, Any]:
         try:
             hooks = Hooks(evaluate=lambda: evaluate(step, loaders), log=logger.log,
                           checkpoint=checkpointer(cfg, ctx, step, lambda: logger.wandb_id),
-                          at_iteration=test_faults())
+                          at_iteration=test_faults(), stop_reason=notice.agreed)
             feed = Feed(loaders.train, cfg.train.seed, batch, ctx.rank, ctx.world_size,
                         out=step.inputs.out if step.inputs else None)
             progress = train_loop(step, feed, progress, Cadence.of(cfg), hooks,
@@ -124,11 +130,12 @@ def make_step(cfg: RunConfig, ctx: dist.DistContext, model: nn.Module, optimizer
     """The step as the config asks for it (precision, memory format, DDP, train.step); a
     graph whose capture fails becomes the eager step (step.kind says which runs)."""
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
-    return TrainStep(model, optimizer, mean, lr_table(cfg, ctx.world_size), precision=cfg.train.precision,
-                     memory_format=memory_format(cfg, ctx.device), start_iter=start_iter, ddp=ctx.distributed,
-                     compile_mode=cfg.train.compile if cfg.train.step != "eager" else "none",
-                     graph=cfg.train.step == "graph",
-                     batch_per_rank=global_batch(cfg, ctx.world_size) // ctx.world_size)
+    with dist.stage("model broadcast (DDP set-up)"):
+        return TrainStep(model, optimizer, mean, lr_table(cfg, ctx.world_size), precision=cfg.train.precision,
+                         memory_format=memory_format(cfg, ctx.device), start_iter=start_iter,
+                         ddp=ctx.distributed, compile_mode=cfg.train.compile if cfg.train.step != "eager" else "none",
+                         graph=cfg.train.step == "graph",
+                         batch_per_rank=global_batch(cfg, ctx.world_size) // ctx.world_size)
 
 
 def evaluate(step: TrainStep, loaders: Loaders) -> dict[str, float]:
@@ -142,7 +149,8 @@ def checkpointer(cfg: RunConfig, ctx: dist.DistContext, step: TrainStep,
         if ctx.is_main:
             snap = state.snapshot(step.model, step.optimizer, progress, cfg, step.mean, ctx.world_size, wandb_id())
             checkpoint.save(cfg.run_dir, progress.iteration, snap, cfg.train.keep_checkpoints)
-        dist.barrier()
+        with dist.stage(f"checkpoint barrier at iteration {progress.iteration}"):
+            dist.barrier()
 
     return save
 
@@ -152,7 +160,9 @@ def summarize(cfg: RunConfig, ctx: dist.DistContext, step: TrainStep, progress: 
     total = cfg.optim.iters
     record = progress.last_eval
     if record is None or record["iter"] != total:  # resumed at the very end: evaluate again
-        record = {"iter": total, **evaluate(step, loaders),
+        with dist.stage("final evaluation"):
+            errors = evaluate(step, loaders)
+        record = {"iter": total, **errors,
                   "images_per_second": total * batch / max(progress.train_seconds, 1e-9)}
     return {
         "name": cfg.name, "model": cfg.model.name, "depth": cfg.model.depth, "plain": cfg.model.plain,

@@ -59,7 +59,8 @@ def resume(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, de
     """Continue from the newest readable checkpoint in the run directory, if any (else start
     at 0). Rank 0 picks it, so every rank resumes from the same file."""
     found = checkpoint.load_latest(run_dir, warn=dist.print0) if is_main else None
-    path = dist.broadcast_object(str(found[0]) if found else None)
+    with dist.stage("resume broadcast (which checkpoint)"):
+        path = dist.broadcast_object(str(found[0]) if found else None)
     if path is None:
         return Progress(), None
     progress, wandb_id = restore(found[1] if found else checkpoint.load(Path(path)), model, optimizer, device)

@@ -1,0 +1,363 @@
+"""What clusters do to running jobs, done for real: a preemption notice (SIGTERM, SIGUSR1) sent
+to a single-process run, to torchrun, to one torchrun worker, and by Slurm to a batch job that
+requeues itself; a burst of signals while the stop checkpoint is written; a rank frozen with
+SIGSTOP under torchrun --max-restarts. Every interrupted run is started again and must end with
+the weights of an uninterrupted run, bitwise. Every process has a timeout, and processes a test
+stopped or started are killed by pid when it ends, so a hang fails the test, not CI.
+
+In-process tests (fast) cover the pieces: the signal handler only notes, a signal in the middle
+of a checkpoint write does not tear it, the loop's stop, and the stage that names a lost peer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import torch.distributed as tdist
+
+from resnetdist import checkpoint, dist, preempt
+from resnetdist.loop import Progress
+from resnetdist.preempt import Preempted
+
+from .conftest import REPO, TINY, cli_env, run_cli, run_torchrun
+from .slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
+from .test_faults import temp_files, wait_for
+from .test_loop import FakeStep, Recorder, run
+from .test_loop import CADENCE as LOOP_CADENCE
+from .test_train import assert_bitwise_equal, final_weights, read_jsonl
+
+# log every 5 iterations: a stop lands at most 5 iterations after the signal
+ARGS = [*TINY, "--iters", "30", "--set", "train.eval_every=15", "--set", "train.checkpoint_every=10",
+        "--set", "log.log_every=5", "--set", "dist.timeout_s=20"]
+STOPPED = re.compile(r"preempted: stopped on (SIG\w+) at iteration (\d+), after writing its checkpoint")
+
+
+@pytest.fixture
+def restore_handlers():
+    """A noted signal leaves the note handler installed (the process is meant to exit): put the
+    previous handlers back after in-process tests."""
+    before = {s: signal.getsignal(s) for s in preempt.SIGNALS}
+    yield
+    for s, handler in before.items():
+        signal.signal(s, handler)
+
+
+# ----- in process ---------------------------------------------------------------------------------
+
+
+def test_signals_are_only_noted_and_the_first_names_the_stop(restore_handlers):
+    with preempt.notice() as notice:
+        assert notice.agreed(5) == ""
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)  # would end this process, were it not only noted
+        assert notice.signum == signal.SIGUSR1 and notice.agreed(10) == "SIGUSR1"
+    os.kill(os.getpid(), signal.SIGTERM)  # after a stop the handler stays: the process is on its way out
+    assert signal.getsignal(signal.SIGTERM) == notice.note
+
+
+def test_without_a_signal_the_previous_handlers_come_back():
+    before = signal.getsignal(signal.SIGTERM)
+    with preempt.notice():
+        assert signal.getsignal(signal.SIGTERM) != before
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_signals_in_the_middle_of_a_checkpoint_write_do_not_tear_it(tmp_path, monkeypatch, restore_handlers):
+    """Two real SIGTERMs arrive while the checkpoint's bytes are being fsynced (between write
+    and rename): the write completes, the file and its checksum are whole."""
+    real_fsync, sent = os.fsync, []
+
+    def fsync_under_fire(fd):
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGTERM)
+            sent.append(fd)
+        return real_fsync(fd)
+
+    state = {"model": {"w": torch.arange(100_000, dtype=torch.float32)}, "iteration": 10}
+    with preempt.notice() as notice:
+        monkeypatch.setattr(checkpoint.os, "fsync", fsync_under_fire)
+        path = checkpoint.save(tmp_path, 10, state, keep=2)
+        monkeypatch.undo()
+    assert sent and notice.signum == signal.SIGTERM
+    assert torch.equal(checkpoint.load(path)["model"]["w"], state["model"]["w"])  # the sha256 sidecar matches
+    assert temp_files(tmp_path) == []
+
+
+def test_the_loop_checkpoints_where_the_ranks_agreed_to_stop_and_raises_preempted():
+    rec = Recorder()
+    rec.hooks.stop_reason = lambda it: "SIGTERM" if it >= 15 else ""
+    with pytest.raises(Preempted) as info:
+        run(FakeStep(), Progress(), rec)
+    assert info.value.iteration == 15 and info.value.reason == "SIGTERM" and info.value.exit_code == 6
+    # 15 is no multiple of checkpoint_every (20): the stop makes its own checkpoint, after the log
+    assert [c.iteration for c in rec.checkpoints] == [15] and rec.logs[-1]["iter"] == 15
+    assert [e["iter"] for e in rec.evals] == [10]
+
+
+def test_a_stop_asked_at_the_last_iteration_just_finishes():
+    rec, asked = Recorder(), []
+
+    def stop_reason(it: int) -> str:
+        asked.append(it)
+        return "SIGUSR1" if it == 45 else ""  # a signal noted during the last 5 iterations
+
+    rec.hooks.stop_reason = stop_reason
+    progress = run(FakeStep(), Progress(), rec)  # 45 iterations; log points 5, 10, ..., 40, 45
+    assert progress.iteration == LOOP_CADENCE.total == 45 and rec.checkpoints[-1].iteration == 45
+    assert asked == list(range(5, 45, 5))  # not asked at the end: the run is complete, not stopped
+
+
+def test_a_failed_collective_becomes_one_error_naming_the_stage():
+    """A one-rank gloo group, so that stage() sees an initialized process group; the failure is
+    gloo's own message for a peer that did not answer."""
+    store = tdist.HashStore()
+    tdist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with pytest.raises(dist.PeerLost) as info:
+            with dist.stage("metrics all-reduce at iteration 30"):
+                raise RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 20000ms for recv")
+        assert "the metrics all-reduce at iteration 30 failed" in str(info.value)
+        assert info.value.exit_code == 7
+        with pytest.raises(ValueError):  # anything else passes through untouched
+            with dist.stage("evaluation"):
+                raise ValueError("not a peer")
+        assert dist.all_reduce_max(6) == 6
+    finally:
+        tdist.destroy_process_group()
+    with pytest.raises(RuntimeError, match="Timed out"):  # no process group: nothing to blame on a peer
+        with dist.stage("x"):
+            raise RuntimeError("Timed out")
+
+
+# ----- end to end: signals to real processes --------------------------------------------------------
+
+
+def popen(cmd: list[str], logs: Path, **env: str) -> subprocess.Popen:
+    """A run in the background, its output in files (a pipe nobody reads would fill and stall it)."""
+    return subprocess.Popen(cmd, cwd=REPO, env=cli_env(**env), stdout=open(logs / "stdout", "w"),
+                            stderr=open(logs / "stderr", "w"))
+
+
+def finish(proc: subprocess.Popen, logs: Path, timeout: float) -> tuple[int, str, str]:
+    try:
+        code = proc.wait(timeout=timeout)
+    finally:
+        kill_tree(proc)
+    return code, (logs / "stdout").read_text(), (logs / "stderr").read_text()
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL what the test started and is still alive (stopped ones too), by pid."""
+    try:
+        family = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+
+
+def worker(proc: subprocess.Popen, rank: int) -> psutil.Process:
+    for child in psutil.Process(proc.pid).children():
+        if child.environ().get("RANK") == str(rank):
+            return child
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+def started(out: Path, proc: subprocess.Popen) -> None:
+    """Mid-run: its first checkpoint (iteration 10) is written; 20 iterations are left."""
+    wait_for(lambda: checkpoint.checkpoint_path(out, 10).exists(), 150, "the first checkpoint", proc)
+
+
+def check_stopped_at_a_checkpoint(out: Path, stderr: str, sig: signal.Signals, ranks: int = 1) -> int:
+    stops = STOPPED.findall(stderr)
+    assert len(stops) == ranks and {s for s, _ in stops} == {sig.name}, stderr[-3000:]
+    (it,) = {int(i) for _, i in stops}  # every rank stopped at the same iteration
+    assert it % 5 == 0 and 15 <= it < 30, it  # a log point after the signal, before the end
+    assert checkpoint.list_checkpoints(out)[0] == checkpoint.checkpoint_path(out, it)
+    assert checkpoint.load(checkpoint.checkpoint_path(out, it))["iteration"] == it  # whole, checksum matches
+    assert temp_files(out) == [] and not (out / "summary.json").exists()
+    return it
+
+
+def check_same_as(ref: Path, out: Path, resumed_stdout: str, it: int) -> None:
+    assert f"resuming from {checkpoint.checkpoint_path(out, it)} (iteration {it})" in resumed_stdout
+    assert_bitwise_equal(final_weights(ref), final_weights(out))
+    timing = ("images_per_second", "train_seconds")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in read_jsonl(out / "metrics.jsonl")] == [
+        {k: v for k, v in r.items() if k not in timing} for r in read_jsonl(ref / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_data):
+    """An uninterrupted single-process run (also the Slurm job's: torchrun with one worker
+    makes no process group, so it is the same computation)."""
+    ref = tmp_path_factory.mktemp("preempt") / "ref"
+    run_cli(["train", *ARGS, "--data-dir", str(tiny_data), "--out", str(ref)])
+    return ref
+
+
+@pytest.fixture(scope="module")
+def reference2(tmp_path_factory, tiny_data):
+    """An uninterrupted 2-rank torchrun run."""
+    ref = tmp_path_factory.mktemp("preempt") / "ref2"
+    run_torchrun(2, [*ARGS, "--data-dir", str(tiny_data), "--out", str(ref)], timeout=240)
+    return ref
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig, burst", [(signal.SIGTERM, 20), (signal.SIGUSR1, 0)], ids=["SIGTERM-x21", "SIGUSR1"])
+def test_a_signal_stops_a_single_process_run_at_a_checkpoint_and_it_resumes_exactly(
+        tmp_path, tiny_data, reference, sig, burst):
+    """SIGTERM comes with 20 more right behind it (schedulers and people repeat themselves): they
+    land while the stop checkpoint is written and must neither tear it nor kill the process."""
+    out = tmp_path / "run"
+    args = ["train", *ARGS, "--data-dir", str(tiny_data), "--out", str(out)]
+    proc = popen([sys.executable, "-m", "resnetdist", *args], tmp_path)
+    started(out, proc)
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    for _ in range(burst):
+        time.sleep(0.01)
+        proc.send_signal(sig)
+    code, _, stderr = finish(proc, tmp_path, timeout=120)
+    stop_s = time.monotonic() - t0
+    assert code == 6, stderr[-3000:]
+    it = check_stopped_at_a_checkpoint(out, stderr, sig)
+    t1 = time.monotonic()
+    resumed = run_cli(args)
+    check_same_as(reference, out, resumed.stdout, it)
+    print(f"{sig.name} x{burst + 1}: stopped at {it} in {stop_s:.1f} s, resumed run {time.monotonic() - t1:.1f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("sig, target", [(signal.SIGTERM, "torchrun"), (signal.SIGUSR1, "rank 1")],
+                         ids=["SIGTERM-to-torchrun", "SIGUSR1-to-rank1"])
+def test_a_signal_stops_every_rank_of_a_torchrun_job_at_one_iteration_and_it_resumes_exactly(
+        tmp_path, tiny_data, reference2, sig, target):
+    """SIGTERM to torchrun, which passes it on to both workers; SIGUSR1 to rank 1 alone, which
+    the all-reduce at the next log point makes rank 0's stop too."""
+    out = tmp_path / "run"
+    args = [*ARGS, "--data-dir", str(tiny_data), "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--tee=3",
+           "-m", "resnetdist", "train", *args]
+    proc = popen(cmd, tmp_path)
+    started(out, proc)
+    t0 = time.monotonic()
+    (proc if target == "torchrun" else worker(proc, 1)).send_signal(sig)
+    code, _, stderr = finish(proc, tmp_path, timeout=120)
+    stop_s = time.monotonic() - t0
+    assert code != 0
+    assert "exitcode  : 6" in stderr or "SignalException" in stderr, stderr[-3000:]
+    it = check_stopped_at_a_checkpoint(out, stderr, sig, ranks=2)
+    t1 = time.monotonic()
+    resumed = run_torchrun(2, args, timeout=240)
+    check_same_as(reference2, out, resumed.stdout, it)
+    print(f"{sig.name} to {target}: both ranks stopped at {it} in {stop_s:.1f} s, "
+          f"resumed run {time.monotonic() - t1:.1f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_stopped_rank_fails_the_job_within_the_timeout_and_torchrun_restarts_it_exactly(
+        tmp_path, tiny_data, reference2):
+    """SIGSTOP freezes rank 1 mid-run. Rank 0 waits in the gradient all-reduce until
+    dist.timeout_s (20 s), then exits 7 naming the stage; torchrun (--max-restarts 1) stops the
+    workers (the frozen one only goes with SIGKILL, after torchrun's 30 s grace: its SIGTERM
+    handler cannot run while it is stopped), restarts both, and they resume from iteration 10."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--tee=3",
+           "--max-restarts=1", "-m", "resnetdist", "train", *ARGS, "--data-dir", str(tiny_data), "--out", str(out)]
+    proc = popen(cmd, tmp_path)
+    started(out, proc)
+    frozen = worker(proc, 1)
+    frozen.send_signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    resumed_line = "resuming from"
+    wait_for(lambda: resumed_line in (tmp_path / "stdout").read_text(), 150, "the restarted job to resume", proc)
+    recover_s = time.monotonic() - t0
+    code, stdout, stderr = finish(proc, tmp_path, timeout=150)
+    assert code == 0, stderr[-3000:]
+    assert not frozen.is_running() or frozen.status() == psutil.STATUS_ZOMBIE
+    assert ("[default0]:error: rank 0: the training step (gradient all-reduce) in iterations 11-" in stderr
+            and "within dist.timeout_s=20 s" in stderr and "Timed out waiting 20000ms" in stderr), stderr[-3000:]
+    assert "exitcode: 7" in stderr  # torchrun names rank 0's exit code
+    assert recover_s < 20 + 30 + 60, recover_s  # timeout + torchrun's grace + a restart, with slack
+    check_same_as(reference2, out, stdout, 10)
+    print(f"SIGSTOP of rank 1: job resumed {recover_s:.1f} s later, finished {time.monotonic() - t0:.1f} s later")
+
+
+# ----- Slurm: the warning signal, a checkpoint, a requeue, a resume --------------------------------------
+
+
+def job_state(cluster, job: str) -> str:
+    return cluster.run("squeue", "-h", "--states=all", "-j", job, "-o", "%T|%r", check=False).stdout.strip()
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.timeout(400)
+def test_slurm_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm_cluster, tmp_path, tiny_data, reference):
+    """launch/slurm.sbatch as a user submits it, on one CPU (one torchrun worker). The test sends
+    the warning Slurm sends before the time limit, `scancel --signal=USR1 --batch`: the batch
+    shell passes it on (srun -> torchrun -> the worker), the worker checkpoints and stops, the
+    script requeues the job; released, it resumes and finishes with the reference weights."""
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    env = cli_env(SLURM_CONF=slurm_cluster.env["SLURM_CONF"], GPUS_PER_NODE="1", RDZV_HOST="127.0.0.1",
+                  PYTHON=sys.executable, MAX_RESTARTS="0")
+    submit = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+         f"--output={log}", "--job-name=preempt", str(REPO / "launch" / "slurm.sbatch"),
+         *ARGS, "--data-dir", str(tiny_data), "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert submit.returncode == 0, submit.stderr + slurm_cluster.logs()
+    job = submit.stdout.strip().split(";")[0]
+    t0 = time.monotonic()
+    try:
+        _warn_and_release(slurm_cluster, job, out, log)
+        deadline = time.monotonic() + 180
+        while "COMPLETED" not in job_state(slurm_cluster, job):
+            assert time.monotonic() < deadline and "FAILED" not in job_state(slurm_cluster, job), (
+                job_state(slurm_cluster, job), log.read_text(), slurm_cluster.logs())
+            time.sleep(0.5)
+    finally:
+        slurm_cluster.cancel_all()
+    text = log.read_text()
+    (stop,) = STOPPED.findall(text)
+    it = int(stop[1])
+    assert stop[0] == "SIGUSR1" and f"resuming from {checkpoint.checkpoint_path(out, it)} (iteration {it})" in text
+    assert "requeueing job" in text and "(restart 1)" in text
+    check_same_as(reference, out, text, it)
+    print(f"Slurm USR1: stopped at {it}, requeued, resumed; {time.monotonic() - t0:.1f} s from submission")
+    print("\n".join(line for line in text.splitlines() if line.startswith(("resnetdist:", "preempted:", "srun:"))))
+
+
+def _warn_and_release(cluster, job: str, out: Path, log: Path) -> None:
+    deadline = time.monotonic() + 150
+    while not checkpoint.checkpoint_path(out, 10).exists():
+        assert time.monotonic() < deadline, (job_state(cluster, job), log.read_text() if log.exists() else "", cluster.logs())
+        time.sleep(0.2)
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    # requeued: pending until its begin time. Release it once the node has torn the first attempt
+    # down, and a clear second after: slurmd revoked the job's credential when it killed the
+    # first attempt, and refuses a launch stamped within the same second ("Job N already killed,
+    # do not launch batch job"), failing the job. (The begin time Slurm sets is never that early.)
+    while not (job_state(cluster, job).startswith("PENDING") and cluster.node_state() == "idle"):
+        assert time.monotonic() < deadline + 60, (job_state(cluster, job), log.read_text(), cluster.logs())
+        time.sleep(0.2)
+    time.sleep(2)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
