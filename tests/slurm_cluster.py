@@ -23,7 +23,9 @@ API (import the fixture into a test module: `from .slurm_cluster import slurm_cl
     SlurmCluster.cancel_all()           scancel every job, then wait_idle
 
 A requeued job is held until its begin time: `scontrol update JobId=J StartTime=now`
-(cluster.run("scontrol", "update", f"JobId={j}", "StartTime=now")) releases it.
+(cluster.run("scontrol", "update", f"JobId={j}", "StartTime=now")) releases it. Release it only
+once the node is idle again (plus a second or two): released at once after its first attempt
+was killed, slurmd may refuse the batch step ("already killed, do not launch") and fail the job.
 """
 
 from __future__ import annotations
