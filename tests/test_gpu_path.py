@@ -178,17 +178,23 @@ def test_loading_state_into_a_built_step_copies_in_place(tiny_data):
     assert_same_weights(source, target)
 
 
+def beton_or_skip():
+    """resnetdist.data.beton with FFCV importable, else skip the test."""
+    beton = pytest.importorskip("resnetdist.data.beton")
+    try:
+        beton.require_ffcv()
+    except RuntimeError:
+        pytest.skip("FFCV not installed")
+    return beton
+
+
 # ----- defect 2: FFCV's loader thread sets the rank's device ---------------------------------------
 
 
 @pytest.mark.slow  # FFCV's import and numba compilation: ~15 s here
 @pytest.mark.timeout(240)
 def test_ffcv_loader_thread_binds_the_loaders_device(tmp_path, tiny_data, monkeypatch):
-    beton = pytest.importorskip("resnetdist.data.beton")
-    try:
-        beton.require_ffcv()
-    except RuntimeError:
-        pytest.skip("FFCV not installed")
+    beton = beton_or_skip()
     import threading
 
     from resnetdist.data.cifar import load_cifar10
@@ -311,11 +317,7 @@ def test_cuda_graph_is_the_default_and_gathers_in_place_and_loads_in_place(tiny_
 @pytest.mark.cuda
 @pytest.mark.timeout(300)
 def test_cuda_ffcv_thread_uses_the_loaders_device(tmp_path, tiny_data, monkeypatch):
-    beton = pytest.importorskip("resnetdist.data.beton")
-    try:
-        beton.require_ffcv()
-    except RuntimeError:
-        pytest.skip("FFCV not installed")
+    beton = beton_or_skip()
     from resnetdist.data.cifar import load_cifar10
 
     device = torch.device("cuda", torch.cuda.device_count() - 1)
