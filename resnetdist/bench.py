@@ -97,7 +97,7 @@ class TorchvisionStyle(torch.utils.data.Dataset):
         return (img.float() / 255 - self.MEAN) / self.STD, int(self.labels[i])
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -168,10 +168,10 @@ def timed(run, warmup: int, iters: int, device: torch.device) -> tuple[float, fl
     """(seconds of the warm-up, seconds of `iters` timed iterations); run(count) does count."""
     t0 = time.perf_counter()
     run(warmup)
-    _sync(device)
+    sync(device)
     t1 = time.perf_counter()
     run(iters)
-    _sync(device)
+    sync(device)
     return t1 - t0, time.perf_counter() - t1
 
 

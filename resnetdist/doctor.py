@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from . import dist
+from .bench import sync, timed
 from .config import load_config
 from .data import load_data, open_loaders
 from .data.cifar import DataError, locate, write_synthetic
@@ -139,10 +140,14 @@ class Trial:
         self.step = make_step(self.cfg, self.ctx, self.model, self.optimizer, data)
         self.loaders = open_loaders(self.cfg.data, data, self.ctx, batch, self.cfg.train.seed)
 
-    def run(self, count: int, first: int = 0) -> None:
+    def batches(self, first: int):
+        """The training loop's batches from iteration `first` on."""
         feed = Feed(self.loaders.train, self.cfg.train.seed, self.cfg.optim.batch_size, self.ctx.rank,
                     self.ctx.world_size, out=self.step.inputs.out if self.step.inputs else None)
-        run_steps(self.step, feed.batches(first), count)
+        return feed.batches(first)
+
+    def run(self, count: int, first: int = 0) -> None:
+        run_steps(self.step, self.batches(first), count)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
@@ -231,17 +236,9 @@ def checkpoint_round_trip(data_dir: Path, device: torch.device, steps: int) -> t
 
 
 def ms_per_iter(trial: Trial, iters: int, warmup: int) -> float:
-    trial.run(warmup)
-    _sync(trial.step.device)
-    t0 = time.perf_counter()
-    trial.run(iters, first=warmup)
-    _sync(trial.step.device)
-    return 1000 * (time.perf_counter() - t0) / iters
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    batches = trial.batches(0)
+    _, seconds = timed(lambda count: run_steps(trial.step, batches, count), warmup, iters, trial.step.device)
+    return 1000 * seconds / iters
 
 
 def speed_sample(data_dir: Path, device: torch.device, steps: int) -> tuple[str, str]:
@@ -293,7 +290,7 @@ def ddp_weights_identical(ctx: dist.DistContext, data_dir: Path, steps: int) -> 
     broadcasts rank 0's.)"""
     trial = Trial(data_dir, ctx.device, default_kind(ctx.device), ctx=ctx, batch=32 * ctx.world_size)
     trial.run(steps)
-    _sync(ctx.device)
+    sync(ctx.device)
     mismatched = 0
     for w in trial.model.parameters():
         ref = w.detach().clone()
@@ -310,11 +307,11 @@ def all_reduce_bandwidth(ctx: dist.DistContext) -> tuple[str, str]:
     t = torch.ones(numel, device=ctx.device)
     for _ in range(3):
         dist.all_reduce_sum(t)
-    _sync(ctx.device)
+    sync(ctx.device)
     iters, t0 = 10, time.perf_counter()
     for _ in range(iters):
         dist.all_reduce_sum(t)
-    _sync(ctx.device)
+    sync(ctx.device)
     seconds = (time.perf_counter() - t0) / iters
     bus = 2 * (ctx.world_size - 1) / ctx.world_size * numel * 4 / seconds / 1e9
     return "info", f"{numel * 4 / 2**20:.0f} MiB: {1000 * seconds:.2f} ms, bus bandwidth {bus:.2f} GB/s"

@@ -21,7 +21,6 @@ from .data.order import iters_per_epoch
 from .evaluate import error_rates
 from .loop import Cadence, Feed, Hooks, Progress, train_loop
 from .metrics import NullLogger, open_logger
-from .rundir import check_free
 from .models import build_model, count_parameters
 from .optim import TensorLRSGD
 from .schedule import global_batch, lr_table
@@ -32,7 +31,7 @@ def preflight(cfg: RunConfig, world_size: int) -> Cifar10:
     """Everything that can be checked before workers start: batch split, devices, optional
     packages, data files, run directory. Returns the parsed data, so it is read only once."""
     if int(os.environ.get("RANK", "0")) == 0:  # the launcher or rank 0; rank 0's own lock comes later
-        check_free(cfg.run_dir)  # a run directory held by a live run: RunDirBusy, before torchrun starts
+        rundir.check_free(cfg.run_dir)  # a run directory held by a live run: RunDirBusy, before torchrun starts
     try:
         global_batch(cfg, world_size)
     except ValueError as e:
@@ -133,8 +132,7 @@ def make_step(cfg: RunConfig, ctx: dist.DistContext, model: nn.Module, optimizer
     with dist.stage("model broadcast (DDP set-up)"):
         return TrainStep(model, optimizer, mean, lr_table(cfg, ctx.world_size), precision=cfg.train.precision,
                          memory_format=memory_format(cfg, ctx.device), start_iter=start_iter,
-                         ddp=ctx.distributed, compile_mode=cfg.train.compile if cfg.train.step != "eager" else "none",
-                         graph=cfg.train.step == "graph",
+                         ddp=ctx.distributed, compile_mode=cfg.train.compile, graph=cfg.train.step == "graph",
                          batch_per_rank=global_batch(cfg, ctx.world_size) // ctx.world_size)
 
 
