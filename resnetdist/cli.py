@@ -93,7 +93,7 @@ def train(
 ) -> None:
     """Train a ResNet or plain net with the paper's recipe."""
     from .checkpoint import WriteError, ignore_file_size_signal
-    from .rundir import RunDirBusy
+    from .train.rundir import RunDirBusy
 
     ignore_file_size_signal()  # a file-size limit then fails the write (WriteError) instead of killing us
     try:
@@ -104,7 +104,7 @@ def train(
             train={"out": str(out) if out else None, "device": device, "seed": seed},
         )
         from .dist import world_size_from_env
-        from .run import preflight
+        from .train.run import preflight
 
         under_torchrun = "LOCAL_RANK" in os.environ
         data = preflight(cfg, nproc_per_node if nproc_per_node and not under_torchrun else world_size_from_env())
@@ -118,9 +118,9 @@ def train(
         return
 
     from .dist import PeerLost
-    from .loop import NonFiniteLoss
-    from .preempt import Preempted
-    from .run import main
+    from .train.loop import NonFiniteLoss
+    from .train.preempt import Preempted
+    from .train.run import main
 
     try:
         summary = main(cfg, data)
@@ -143,7 +143,7 @@ def eval_(
     device: str = typer.Option("auto"),
 ) -> None:
     """Test error of a saved checkpoint."""
-    from .evaluate import evaluate_checkpoint
+    from .train.evaluate import evaluate_checkpoint
 
     if not checkpoint.exists():
         fail(f"{checkpoint}: no such checkpoint")
@@ -198,7 +198,7 @@ def bench(
     """Time one training step: the baseline and each loader x mode x precision."""
     if ctx.invoked_subcommand is not None:
         return
-    from .bench import format_table, run_step_bench, write_report
+    from .tools.bench import format_table, run_step_bench, write_report
 
     try:
         report = run_step_bench(n, iters, warmup, device, _split(loaders), _split(modes), _split(precisions),
@@ -220,7 +220,7 @@ def bench_loader(
     out: Path = typer.Option(Path("bench/loader.json")),
 ) -> None:
     """Images/s each loader delivers, augmented, on the device."""
-    from .bench import format_table, run_loader_bench, write_report
+    from .tools.bench import format_table, run_loader_bench, write_report
 
     try:
         report = run_loader_bench(iters, warmup, device, _split(loaders), data_dir)
@@ -238,7 +238,7 @@ def report(
     title: str = typer.Option("", help="heading of report.md and the figure (say which data the runs used)"),
 ) -> None:
     """Error table vs the paper's Table 6, Figure 6-style curves, one curve figure per run."""
-    from .report import ReportError, write_report
+    from .suite.report import ReportError, write_report
 
     try:
         written = write_report(run_dirs, out, title)
@@ -258,7 +258,7 @@ def export_(
     data_dir: Optional[Path] = typer.Option(None, help="only for old checkpoints without a stored mean image"),
 ) -> None:
     """Weights for use without this package: safetensors or ONNX (checked with onnxruntime), plus <name>.mean.npy."""
-    from .export import ExportError, export
+    from .tools.export import ExportError, export
 
     if not checkpoint.exists():
         fail(f"{checkpoint}: no such checkpoint")
@@ -295,10 +295,10 @@ def reproduce(
     status: Optional[Path] = typer.Option(None, help="show where the suite in this folder stands, and exit"),
 ) -> None:
     """Train the whole suite (depths x ResNet/plain x seeds), resumable, then write the report."""
-    from .reproduce import parse_ints, reproduce as run_suite
+    from .suite.reproduce import parse_ints, reproduce as run_suite
 
     if status is not None:
-        from .slurm import show_status
+        from .suite.slurm import show_status
 
         try:
             show_status(status, echo=typer.echo)
@@ -309,7 +309,7 @@ def reproduce(
     if launcher == "slurm":
         from functools import partial
 
-        from .slurm import SlurmOptions, run_suite as slurm_suite
+        from .suite.slurm import SlurmOptions, run_suite as slurm_suite
 
         if gpus or runs_per_gpu != 1:
             fail("--gpus and --runs-per-gpu are for the local launcher; on Slurm use --gpus-per-task and --runs-per-task")
@@ -342,7 +342,7 @@ def doctor(
     """Will this machine run resnetdist correctly and fast? Versions, GPUs, packages, data, then
     checks on the device (graph vs eager, compile, evaluation, checkpoints, speed), and under
     torchrun the distributed ones. Exit 1 on any failure."""
-    from .doctor import format_table, run_doctor
+    from .tools.doctor import format_table, run_doctor
 
     try:
         report = run_doctor(device, data_dir, steps, set(_split(skip)))

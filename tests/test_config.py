@@ -3,7 +3,7 @@ import pytest
 
 from resnetdist.config import ConfigError, load_config, parse_override, read_toml
 from resnetdist.config import OptimConfig
-from resnetdist.schedule import lr_at
+from resnetdist.train.schedule import lr_at
 
 from .conftest import REPO, cli_in_process
 

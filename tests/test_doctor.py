@@ -32,7 +32,7 @@ def test_doctor_cpu_json(tiny_data):
 
 
 def test_doctor_exits_1_on_a_failure(monkeypatch):
-    from resnetdist import doctor
+    from resnetdist.tools import doctor
 
     monkeypatch.setattr(doctor, "DEVICE_CHECKS", {"broken": lambda *a: (_ for _ in ()).throw(ValueError("boom"))})
     result = cli_in_process(["doctor", "--device", "cpu", "--json"], check=False)

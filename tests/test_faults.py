@@ -16,7 +16,8 @@ import time
 import pytest
 import torch
 
-from resnetdist import checkpoint, rundir
+from resnetdist import checkpoint
+from resnetdist.train import rundir
 
 from .conftest import REPO, TINY, cli_env, run_cli
 from .test_train import assert_bitwise_equal, final_weights

@@ -14,15 +14,15 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from resnetdist import step as step_mod
+from resnetdist.train import step as step_mod
 from resnetdist.config import load_config
 from resnetdist.data import load_data, open_loaders
 from resnetdist.data.augment import training_mean
 from resnetdist.dist import DistContext
-from resnetdist.loop import Feed, run_steps
-from resnetdist.run import evaluate, make_model
-from resnetdist.schedule import lr_table
-from resnetdist.step import TrainStep
+from resnetdist.train.loop import Feed, run_steps
+from resnetdist.train.run import evaluate, make_model
+from resnetdist.train.schedule import lr_table
+from resnetdist.train.step import TrainStep
 
 from .conftest import REPO, TINY, cli_env, cli_in_process, run_torchrun
 
@@ -225,7 +225,7 @@ def test_evaluation_runs_in_fp32_even_inside_autocast(tiny_data):
 
 
 def test_bench_baseline_turns_cudnn_benchmark_on_and_records_its_settings(monkeypatch):
-    from resnetdist.bench import baseline_settings
+    from resnetdist.tools.bench import baseline_settings
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     settings = baseline_settings(torch.device("cuda"), 8)  # only flags: runs without a GPU
@@ -248,7 +248,7 @@ def test_nccl_async_error_handling_is_set_in_the_launcher_not_the_worker(monkeyp
         env=os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")))
     cli._torchrun(2, 0, ["-n", "1"], graph=True)
     assert seen["env"] == "0"
-    assert 'TORCH_NCCL_ASYNC_ERROR_HANDLING", "0"' not in (REPO / "resnetdist" / "run.py").read_text()
+    assert 'TORCH_NCCL_ASYNC_ERROR_HANDLING", "0"' not in (REPO / "resnetdist" / "train" / "run.py").read_text()
     common = (REPO / "launch" / "common.sh").read_text()
     assert 'export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-0}"' in common
 
@@ -298,7 +298,7 @@ def cuda_parts(tiny_data):
 @pytest.mark.cuda
 @pytest.mark.timeout(600)
 def test_cuda_graph_is_the_default_and_gathers_in_place_and_loads_in_place(tiny_data):
-    from resnetdist.run import make_step
+    from resnetdist.train.run import make_step
 
     cfg, ctx, data, model, optimizer = cuda_parts(tiny_data)
     assert cfg.train.step == "graph"

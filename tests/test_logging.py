@@ -265,7 +265,7 @@ class _Blackhole:
 OPEN_LOGGER = """
 import sys, time
 from pathlib import Path
-from resnetdist.metrics import LogConfig, open_logger
+from resnetdist.train.metrics import LogConfig, open_logger
 cfg = LogConfig(wandb_mode="online", wandb_init_timeout_s=3, tensorboard=False)
 t = time.monotonic()
 logger = open_logger(cfg, Path(sys.argv[1]), {"model": {"n": 1}}, "resnet8-s0", "resnet8", ["resnet8"], 0, None)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from resnetdist.loop import Cadence, Feed, Hooks, NonFiniteLoss, Progress, train_loop
+from resnetdist.train.loop import Cadence, Feed, Hooks, NonFiniteLoss, Progress, train_loop
 
 BATCH = 4
 

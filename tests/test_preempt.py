@@ -24,9 +24,10 @@ import pytest
 import torch
 import torch.distributed as tdist
 
-from resnetdist import checkpoint, dist, preempt
-from resnetdist.loop import Progress
-from resnetdist.preempt import Preempted
+from resnetdist import checkpoint, dist
+from resnetdist.train import preempt
+from resnetdist.train.loop import Progress
+from resnetdist.train.preempt import Preempted
 
 from .conftest import REPO, TINY, cli_env, run_cli, run_torchrun
 from .slurm_cluster import slurm_cluster  # noqa: F401 - the fixture

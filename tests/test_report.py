@@ -276,7 +276,7 @@ def test_export_onnx_runs_in_onnxruntime(tiny_model, tiny_data, onnx_export):
 
 @pytest.mark.timeout(60)
 def test_export_check_fails_loudly(tiny_model, onnx_export, tmp_path):
-    from resnetdist.export import ExportError, check_onnx
+    from resnetdist.tools.export import ExportError, check_onnx
 
     model, _ = load_reference(tiny_model)
     assert check_onnx(model, Path(onnx_export["out"])) <= 1e-4

@@ -10,8 +10,8 @@ import torch
 from resnetdist.config import load_config
 from resnetdist.data import load_data, open_loaders
 from resnetdist.dist import DistContext
-from resnetdist.loop import Feed, run_steps
-from resnetdist.run import evaluate, make_model, make_step
+from resnetdist.train.loop import Feed, run_steps
+from resnetdist.train.run import evaluate, make_model, make_step
 
 from .conftest import run_cli
 

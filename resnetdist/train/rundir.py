@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from .checkpoint import WriteError, remove_stale_temps
+from ..checkpoint import WriteError, remove_stale_temps
 
 LOCK_NAME = ".lock"
 

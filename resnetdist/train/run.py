@@ -13,15 +13,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import checkpoint, dist, preempt, rundir, state
-from .config import ConfigError, RunConfig, check_run_dir, to_toml
-from .data import Cifar10, Loaders, load_data, open_loaders
-from .data.augment import training_mean
-from .data.order import iters_per_epoch
+from .. import checkpoint, dist
+from . import preempt, rundir, state
+from ..config import ConfigError, RunConfig, check_run_dir, to_toml
+from ..data import Cifar10, Loaders, load_data, open_loaders
+from ..data.augment import training_mean
+from ..data.order import iters_per_epoch
 from .evaluate import error_rates
 from .loop import Cadence, Feed, Hooks, Progress, train_loop
 from .metrics import NullLogger, open_logger
-from .models import build_model, count_parameters
+from ..models import build_model, count_parameters
 from .optim import TensorLRSGD
 from .schedule import global_batch, lr_table
 from .step import TrainStep
@@ -41,7 +42,7 @@ def preflight(cfg: RunConfig, world_size: int) -> Cifar10:
     if cfg.dist.sync_bn and world_size > 1 and cfg.train.device != "cuda":
         raise ConfigError("dist.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
     if cfg.data.loader == "ffcv":
-        from .data.beton import require_ffcv
+        from ..data.beton import require_ffcv
 
         require_ffcv()
     data = load_data(cfg.data)  # parses and checks every file; a bad one is named

@@ -45,8 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .checkpoint import atomic_write_text
-from .config import ConfigError, RunConfig, depth_to_n, load_config, to_toml
+from ..checkpoint import atomic_write_text
+from ..config import ConfigError, RunConfig, depth_to_n, load_config, to_toml
 
 SUITE_DIR = "suite"  # inside OUT: suite.json, configs/, the Slurm script and its logs, W&B summary run
 MANIFEST = "suite.json"
@@ -288,7 +288,7 @@ def run_all(jobs: list[Job], pool: list[str | None], echo: Callable[[str], None]
 
 def report(jobs: list[Job], out: Path, base: RunConfig, echo: Callable[[str], None]) -> dict | None:
     """report.md / figure6.png from whatever finished, then the suite's W&B summary run."""
-    from .metrics import log_suite_report
+    from ..train.metrics import log_suite_report
     from .report import ReportError, write_report
 
     try:

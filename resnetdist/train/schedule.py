@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import OptimConfig, RunConfig
+from ..config import OptimConfig, RunConfig
 
 
 def lr_at(optim: OptimConfig, it: int, world_scale: float = 1.0, scale_warmup: int = 0) -> float:

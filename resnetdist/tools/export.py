@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint
-from .config import RunConfig, from_dict
-from .models import CifarResNet, build_model
+from .. import checkpoint
+from ..config import RunConfig, from_dict
+from ..models import CifarResNet, build_model
 
 FORMATS = ("safetensors", "onnx")
 ONNX_TOLERANCE = 1e-4
@@ -65,13 +65,13 @@ def load_for_export(path: Path, data_dir: Path | None = None) -> tuple[CifarResN
 def mean_of(state: dict[str, Any], cfg: RunConfig, path: Path, data_dir: Path | None) -> torch.Tensor:
     """The mean image the run trained with: stored in the checkpoint by newer runs; else the
     channel preset, else recomputed from the training data (which must then be reachable)."""
-    from .data.augment import training_mean
+    from ..data.augment import training_mean
 
     if "mean" in state:
         return state["mean"].float().cpu()
     if cfg.data.mean == "channel":
         return training_mean(cfg.data.mean, cfg.data.channel_mean, None)
-    from .data.cifar import DataError, load_cifar10
+    from ..data.cifar import DataError, load_cifar10
 
     folder = data_dir or (Path(cfg.data.dir) if cfg.data.dir else None)
     try:

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import WriteError, atomic_write_text
-from .config import LogConfig, resolve_wandb_mode, wandb_logged_in
+from ..checkpoint import WriteError, atomic_write_text
+from ..config import LogConfig, resolve_wandb_mode, wandb_logged_in
 
 
 class NullLogger:

@@ -28,15 +28,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import dist
-from .checkpoint import atomic_write_text
-from .config import LOADER_ALIASES, PAPER_ITERS, ModelConfig, RunConfig, load_config, model_name
-from .data import open_loaders
-from .data.augment import augment
-from .data.cifar import Cifar10, Split, load_cifar10, write_synthetic
-from .loop import Feed, run_steps
-from .models import build_model
-from .run import make_model, make_step
+from .. import dist
+from ..checkpoint import atomic_write_text
+from ..config import LOADER_ALIASES, PAPER_ITERS, ModelConfig, RunConfig, load_config, model_name
+from ..data import open_loaders
+from ..data.augment import augment
+from ..data.cifar import Cifar10, Split, load_cifar10, write_synthetic
+from ..train.loop import Feed, run_steps
+from ..models import build_model
+from ..train.run import make_model, make_step
 
 BATCH = 128
 LOSS_READ_EVERY = 100  # the baseline's progress-meter read-back (a host sync), as public loops log
@@ -217,7 +217,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def ffcv_available() -> bool:
     try:
-        from .data.beton import require_ffcv
+        from ..data.beton import require_ffcv
 
         require_ffcv()
         return True

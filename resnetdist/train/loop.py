@@ -15,12 +15,12 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 import torch
 
-from . import dist
-from .config import RunConfig
-from .data.augment import draw_params
-from .data.resident import TrainLoader
+from .. import dist
+from ..config import RunConfig
+from ..data.augment import draw_params
+from ..data.resident import TrainLoader
 from .preempt import Preempted
-from .progress import progress_bar
+from ..progress import progress_bar
 
 
 class NonFiniteLoss(RuntimeError):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import PAPER_ITERS, from_dict, read_toml
+from ..config import PAPER_ITERS, from_dict, read_toml
 
 # He et al. 2015, Table 6 (test error %, CIFAR-10), and the plain nets' values read off Fig. 6.
 PAPER_RESNET: dict[int, str] = {

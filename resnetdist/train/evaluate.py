@@ -9,11 +9,11 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from . import checkpoint, dist
-from .config import from_dict
-from .data import load_data, open_eval_loaders
-from .data.augment import normalize, training_mean
-from .models import build_model
+from .. import checkpoint, dist
+from ..config import from_dict
+from ..data import load_data, open_eval_loaders
+from ..data.augment import normalize, training_mean
+from ..models import build_model
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-from . import dist
+from .. import dist
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

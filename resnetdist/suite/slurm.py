@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .config import ConfigError
+from ..config import ConfigError
 from .reproduce import (SUITE_DIR, Job, Outcome, finished, jobs_from_manifest, read_manifest, suite_name,
                         summary_line, write_manifest, write_plan)
 

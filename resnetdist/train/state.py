@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint, dist
-from .config import RunConfig
+from .. import checkpoint, dist
+from ..config import RunConfig
 from .loop import Progress
 
 

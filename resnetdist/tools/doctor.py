@@ -30,14 +30,14 @@ from typing import Any, Callable
 
 import torch
 
-from . import dist
+from .. import dist
 from .bench import sync, timed
-from .config import load_config
-from .data import load_data, open_loaders
-from .data.cifar import DataError, locate, write_synthetic
-from .evaluate import error_rates
-from .loop import Feed, run_steps
-from .run import make_model, make_step
+from ..config import load_config
+from ..data import load_data, open_loaders
+from ..data.cifar import DataError, locate, write_synthetic
+from ..train.evaluate import error_rates
+from ..train.loop import Feed, run_steps
+from ..train.run import make_model, make_step
 
 NEEDS_CUDA = "skipped: needs CUDA"
 
@@ -69,7 +69,7 @@ def _present(module: str) -> str:
 
 
 def _ffcv() -> str:
-    from .data.beton import require_ffcv  # FFCV imports its native libraries: find_spec is not enough
+    from ..data.beton import require_ffcv  # FFCV imports its native libraries: find_spec is not enough
 
     try:
         require_ffcv()
