@@ -82,7 +82,7 @@ def train(
     shortcut: Optional[str] = typer.Option(None, help="A: identity/zero-pad (paper), B: 1x1 projection"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file, e.g. configs/resnet20.toml"),
     overrides: list[str] = typer.Option([], "--set", help="section.key=value, repeatable"),
-    iters: Optional[int] = typer.Option(None, help="run N iterations; lr milestones move in proportion"),
+    iters: Optional[int] = typer.Option(None, help="run N iterations (sets optim.iters); the default milestones, warm-up and evaluation/checkpoint cadence move in proportion, values given with --set are kept"),
     data_dir: Optional[Path] = typer.Option(None, help="folder holding cifar-10-batches-bin/ or the tarball"),
     out: Optional[Path] = typer.Option(None, help="run directory (default runs/<name>)"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
