@@ -52,10 +52,61 @@ def _torchrun(nproc: int, max_restarts: int, argv: list[str], graph: bool = Fals
         # notes). torchrun's agent writes this variable into every worker's environment (its
         # own value, else 1), so it is set here, in the launcher, where it takes effect
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
-    # "--" keeps torchrun's parser off our flags (it would take --n for an abbreviation of its own);
-    # SIGUSR1 (Slurm's warning) added to the signals torchrun passes on to the workers
-    torchrun_main(["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
-                   f"--signals-to-handle={TORCHRUN_SIGNALS}", "-m", "resnetdist", "--", "train", *argv])
+    # a stop (Ctrl-C, SIGTERM) lets the workers reach their next log point and write a checkpoint
+    # before torchrun's SIGKILL: its default grace of 30 s is less than a log interval of a slow run
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    try:
+        # "--" keeps torchrun's parser off our flags (it would take --n for an abbreviation of its
+        # own); SIGUSR1 (Slurm's warning) added to the signals torchrun passes on to the workers
+        torchrun_main(["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+                       f"--signals-to-handle={TORCHRUN_SIGNALS}", "-m", "resnetdist", "--", "train", *argv])
+    except SignalException as e:
+        # The workers run in sessions of their own, so a terminal's Ctrl-C reaches torchrun alone,
+        # which passes it on once. A second one interrupts torchrun's wait for them: pass it on
+        # too, so that they stop at once rather than at their checkpoint (preempt.Notice)
+        stop_workers(e.sigval)
+        raise typer.Exit(128 + int(e.sigval)) from None
+
+
+def stop_workers(sig: int, grace_s: float = 30.0) -> None:
+    """Send `sig` to this process's children still running (torchrun's workers), then wait for
+    them; each has already had the signal once, so a second SIGINT ends it at once."""
+    import signal
+    import time
+
+    children = [int(p) for p in _children(os.getpid())]
+    for pid in children:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+        time.sleep(0.1)
+    for pid in children:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _strip_launch_args(argv: list[str]) -> list[str]:
@@ -112,6 +163,8 @@ def train(
         fail(str(e), code=e.exit_code)
     except (ConfigError, DataError, RuntimeError) as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted before training started; nothing was written", code=130)
     if nproc_per_node and not under_torchrun:
         _torchrun(nproc_per_node, max_restarts, _strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]),
                   graph=cfg.train.step == "graph")
@@ -128,9 +181,14 @@ def train(
         fail(f"{e} (run directory {cfg.run_dir})", code=3)
     except (WriteError, RunDirBusy, PeerLost) as e:  # exit 4 / 5 / 7, see README "Faults and bad inputs"
         fail(str(e), code=e.exit_code)
-    except Preempted as e:  # exit 6: not a failure, the scheduler's notice was obeyed
-        typer.echo(f"preempted: {e} (run directory {cfg.run_dir})", err=True)
+    except Preempted as e:  # exit 6: not a failure, the scheduler's notice was obeyed (130: Ctrl-C)
+        interrupted = e.reason == "SIGINT"
+        if not interrupted or int(os.environ.get("RANK", "0")) == 0:  # a person reads one line
+            typer.echo(f"{'interrupted' if interrupted else 'preempted'}: {e} (run directory {cfg.run_dir})", err=True)
         raise typer.Exit(e.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        fail(f"interrupted at once, without a checkpoint of this moment; run the same command again to "
+             f"resume from the newest checkpoint in {cfg.run_dir}, if any", code=130)
     # every rank prints its view of the result: the all-reduced errors must agree
     keys = ("name", "test_error", "iterations", "train_seconds", "images_per_second")
     typer.echo(json.dumps({"rank": int(os.environ.get("RANK", "0")), **{k: summary[k] for k in keys}}))
