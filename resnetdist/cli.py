@@ -141,6 +141,7 @@ def train(
     loader: Optional[str] = typer.Option(None, help="resident (the dataset kept on the training device; 'gpu' is its old name) | ffcv"),
     nproc_per_node: int = typer.Option(0, help="launch N workers with torchrun (0: this process only)"),
     max_restarts: int = typer.Option(0, help="with --nproc-per-node: elastic restarts after a worker dies"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved configuration (TOML) and what would run; start and write nothing"),
 ) -> None:
     """Train a ResNet or plain net with the paper's recipe."""
     from .checkpoint import WriteError, ignore_file_size_signal
@@ -158,7 +159,11 @@ def train(
         from .train.run import preflight
 
         under_torchrun = "LOCAL_RANK" in os.environ
-        data = preflight(cfg, nproc_per_node if nproc_per_node and not under_torchrun else world_size_from_env())
+        world_size = nproc_per_node if nproc_per_node and not under_torchrun else world_size_from_env()
+        if dry_run:
+            show_dry_run(cfg, world_size)
+            return
+        data = preflight(cfg, world_size)
     except RunDirBusy as e:
         fail(str(e), code=e.exit_code)
     except (ConfigError, DataError, RuntimeError) as e:
@@ -192,6 +197,25 @@ def train(
     # every rank prints its view of the result: the all-reduced errors must agree
     keys = ("name", "test_error", "iterations", "train_seconds", "images_per_second")
     typer.echo(json.dumps({"rank": int(os.environ.get("RANK", "0")), **{k: summary[k] for k in keys}}))
+
+
+def show_dry_run(cfg: RunConfig, world_size: int) -> None:
+    """The checks a run makes before it starts (the data read, not downloaded), then the
+    resolved configuration and what would run; nothing is written."""
+    from .data.cifar import locate
+    from .train.announce import dry_run
+    from .train.run import preflight
+
+    notes = []
+    try:
+        cached = bool(cfg.data.dir) or bool(locate(None, download_ok=False))
+    except DataError:
+        cached = False
+        notes.append("CIFAR-10 is not in the download cache: the run would download it first (163 MB)")
+    if cached:
+        preflight(cfg, world_size)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(dry_run(cfg, world_size, notes))
 
 
 @app.command("eval")

@@ -219,3 +219,31 @@ def test_config_toml_without_tomli_w_round_trips(monkeypatch):
     monkeypatch.setattr(config, "tomli_w", None)
     text = config.to_toml(cfg)
     assert config.tomllib.loads(text) == cfg.to_dict()
+
+
+# ----- train --dry-run ---------------------------------------------------------------------------
+
+
+def test_dry_run_prints_the_resolved_config_and_what_would_run_and_writes_nothing(tmp_path, tiny_data, monkeypatch):
+    from resnetdist.config import tomllib
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # as cli_in_process runs it
+    out = tmp_path / "run"
+    proc = cli_in_process(["train", "-n", "1", "--device", "cpu", "--iters", "2000", "--data-dir", str(tiny_data),
+                           "--out", str(out), "--set", "optim.milestones=[500,1500]", "--dry-run"])
+    assert proc.exit_code == 0 and not out.exists()
+    toml_text, _, plan = proc.stdout.partition("would run")
+    resolved = tomllib.loads(toml_text)
+    expected = load_config(flags={"model": {"n": 1}, "train": {"device": "cpu", "out": str(out)},
+                                  "data": {"dir": str(tiny_data)}},
+                           overrides=["optim.milestones=[500,1500]"], iters=2000).to_dict()
+    assert resolved == expected and resolved["optim"]["milestones"] == [500, 1500]
+    for fact in ("net             resnet8 (75,290 parameters)", "device          cpu, 1 rank", "precision       fp32",
+                 "step            eager", "loader          resident", "iterations      2,000",
+                 "batch per rank  128", f"run directory   {out}", "start           fresh start"):
+        assert fact in plan, plan
+    # bad input is refused as a real run refuses it: exit 2, one line, nothing written
+    proc = cli_in_process(["train", "--iters", "100", "--set", "optim.milestones=[50,100]", "--out", str(out),
+                           "--dry-run"], check=False)
+    assert proc.exit_code == 2 and "optim.milestones [50, 100]: 100 is at or past the end" in proc.stderr
+    assert not out.exists()
