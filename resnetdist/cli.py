@@ -144,7 +144,7 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved configuration (TOML) and what would run; start and write nothing"),
 ) -> None:
     """Train a ResNet or plain net with the paper's recipe."""
-    from .checkpoint import WriteError, ignore_file_size_signal
+    from .checkpoint import ignore_file_size_signal
     from .train.rundir import RunDirBusy
 
     ignore_file_size_signal()  # a file-size limit then fails the write (WriteError) instead of killing us
@@ -174,10 +174,16 @@ def train(
         _torchrun(nproc_per_node, max_restarts, _strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]),
                   graph=cfg.train.step == "graph")
         return
+    train_here(cfg, data)
 
+
+def train_here(cfg: RunConfig, data) -> None:
+    """This process's rank of the run, its faults turned into one line and an exit code."""
+    from .checkpoint import WriteError
     from .dist import PeerLost
     from .train.loop import NonFiniteLoss
     from .train.preempt import Preempted
+    from .train.rundir import RunDirBusy
     from .train.run import main
 
     try:
