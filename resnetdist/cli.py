@@ -142,6 +142,7 @@ def train(
     nproc_per_node: int = typer.Option(0, help="launch N workers with torchrun (0: this process only)"),
     max_restarts: int = typer.Option(0, help="with --nproc-per-node: elastic restarts after a worker dies"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved configuration (TOML) and what would run; start and write nothing"),
+    as_json: bool = typer.Option(False, "--json", help="end with one JSON line per rank (the result) instead of the summary in words"),
 ) -> None:
     """Train a ResNet or plain net with the paper's recipe."""
     from .checkpoint import ignore_file_size_signal
@@ -156,6 +157,7 @@ def train(
             train={"out": str(out) if out else None, "device": device, "seed": seed},
         )
         from .dist import world_size_from_env
+        from .train.announce import finished, finished_summary
         from .train.run import preflight
 
         under_torchrun = "LOCAL_RANK" in os.environ
@@ -164,20 +166,25 @@ def train(
             show_dry_run(cfg, world_size)
             return
         data = preflight(cfg, world_size)
+        done = finished_summary(cfg.run_dir, cfg)
     except RunDirBusy as e:
         fail(str(e), code=e.exit_code)
     except (ConfigError, DataError, RuntimeError) as e:
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted before training started; nothing was written", code=130)
+    if done is not None:  # a rerun of a finished run: its result, and nothing else (no W&B run, no evaluation)
+        if int(os.environ.get("RANK", "0")) == 0:
+            typer.echo(json.dumps(done) if as_json else finished(done, cfg))
+        return
     if nproc_per_node and not under_torchrun:
         _torchrun(nproc_per_node, max_restarts, _strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]),
                   graph=cfg.train.step == "graph")
         return
-    train_here(cfg, data)
+    train_here(cfg, data, as_json)
 
 
-def train_here(cfg: RunConfig, data) -> None:
+def train_here(cfg: RunConfig, data, as_json: bool = False) -> None:
     """This process's rank of the run, its faults turned into one line and an exit code."""
     from .checkpoint import WriteError
     from .dist import PeerLost
@@ -200,9 +207,14 @@ def train_here(cfg: RunConfig, data) -> None:
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         fail(f"interrupted at once, without a checkpoint of this moment; run the same command again to "
              f"resume from the newest checkpoint in {cfg.run_dir}, if any", code=130)
-    # every rank prints its view of the result: the all-reduced errors must agree
-    keys = ("name", "test_error", "iterations", "train_seconds", "images_per_second")
-    typer.echo(json.dumps({"rank": int(os.environ.get("RANK", "0")), **{k: summary[k] for k in keys}}))
+    rank = int(os.environ.get("RANK", "0"))
+    if as_json:  # every rank prints its view of the result: the all-reduced errors must agree
+        keys = ("name", "test_error", "iterations", "train_seconds", "images_per_second")
+        typer.echo(json.dumps({"rank": rank, **{k: summary[k] for k in keys}}))
+    elif rank == 0:
+        from .train.announce import closing
+
+        typer.echo(closing(summary, cfg))
 
 
 def show_dry_run(cfg: RunConfig, world_size: int) -> None:

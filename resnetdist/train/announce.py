@@ -90,3 +90,54 @@ def dry_run(cfg: RunConfig, world_size: int, notes: list[str] = ()) -> str:
              "would run (--dry-run: nothing was started or written):",
              format_facts(facts(cfg, world_size, where_it_starts(cfg)))]
     return "\n".join([*lines, *(f"  note: {n}" for n in notes)])
+
+
+# ResNet-20, batch 128, fp32 eager with the resident loader on the 2-core CPU of
+# docs/bench/step-cpu-resnet20.json (`resnetdist bench --device cpu`): 0.27 s per iteration.
+# The cost of a step grows with the blocks per stage (n) and the images per rank.
+CPU_S_PER_ITER_RESNET20 = 0.27
+
+
+def cpu_estimate(cfg: RunConfig, world_size: int, start_iter: int) -> str:
+    """How long the rest of a CPU run may take, from the measured constant above."""
+    per_iter = CPU_S_PER_ITER_RESNET20 * (cfg.model.n / 3) * (global_batch(cfg, world_size) / world_size / 128)
+    return (f"about {duration(per_iter * (cfg.optim.iters - start_iter))} (resnet20's {CPU_S_PER_ITER_RESNET20} "
+            f"s/iteration at batch 128 on the 2-core CPU of docs/bench/step-cpu-resnet20.json, scaled by depth "
+            f"and batch; the bar shows this machine's rate)")
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    hours, minutes = divmod(seconds // 60, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min"
+
+
+def header(cfg: RunConfig, world_size: int, start: Start) -> str:
+    """What opens a run on rank 0: what will run, where, from where (and on a CPU, how long)."""
+    rows = facts(cfg, world_size, start)
+    if cfg.train.device == "cpu":
+        rows.append(("estimate", cpu_estimate(cfg, world_size, start.iteration)))
+    return f"{cfg.name}:\n{format_facts(rows)}"
+
+
+def closing(summary: dict[str, Any], cfg: RunConfig) -> str:
+    """What closes a run on rank 0: the result in words, and where its files are."""
+    run_dir = cfg.run_dir
+    rows = [("model.pt", str(run_dir / "model.pt")), ("summary.json", str(run_dir / "summary.json"))]
+    if cfg.log.tensorboard:
+        rows.append(("TensorBoard", f"tensorboard --logdir {run_dir / 'tb'}"))
+    rows.append(("report", f"resnetdist report {run_dir}"))
+    return f"{result_line(summary)}\n{format_facts(rows)}"
+
+
+def result_line(summary: dict[str, Any]) -> str:
+    return (f"{summary['name']}: test error {summary['test_error']:.2f}% after {summary['iterations']:,} iterations, "
+            f"{duration(summary['train_seconds'])} of training ({summary['images_per_second']:,.0f} img/s)")
+
+
+def finished(summary: dict[str, Any], cfg: RunConfig) -> str:
+    """A rerun of a finished run: its result, and that nothing was done."""
+    return (f"{cfg.run_dir} holds a finished run (summary.json): nothing to do. To train it again, delete "
+            f"that folder or pass another --out.\n{closing(summary, cfg)}")

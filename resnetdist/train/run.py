@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import checkpoint, dist
-from . import preempt, rundir, state
+from . import announce, preempt, rundir, state
 from ..config import ConfigError, RunConfig, check_run_dir, to_toml
 from ..data import Cifar10, Loaders, load_data, open_loaders
 from ..data.augment import training_mean
@@ -68,6 +68,7 @@ def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice) -> 
             data = preflight(cfg, ctx.world_size)
         if ctx.is_main:
             run_lock = rundir.acquire(cfg.run_dir)  # before anything is written there (RunDirBusy if held)
+            print(announce.header(cfg, ctx.world_size, announce.where_it_starts(cfg)), flush=True)
             write_run_config(cfg)
         batch = global_batch(cfg, ctx.world_size)
         loaders = open_loaders(cfg.data, data, ctx, batch, cfg.train.seed)

@@ -63,6 +63,5 @@ def resume(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, de
         path = dist.broadcast_object(str(found[0]) if found else None)
     if path is None:
         return Progress(), None
-    progress, wandb_id = restore(found[1] if found else checkpoint.load(Path(path)), model, optimizer, device)
-    dist.print0(f"resuming from {path} (iteration {progress.iteration})")
-    return progress, wandb_id
+    # the run's header has said where it resumes from (announce.where_it_starts: the same choice)
+    return restore(found[1] if found else checkpoint.load(Path(path)), model, optimizer, device)
