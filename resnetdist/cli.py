@@ -188,7 +188,7 @@ def bench(
     iters: int = typer.Option(500, help="timed iterations per setting"),
     warmup: int = typer.Option(30, help="untimed iterations first (compile and graph capture happen here)"),
     device: str = typer.Option("auto"),
-    loaders: str = typer.Option("gpu,ffcv", help="comma-separated: gpu, ffcv"),
+    loaders: str = typer.Option("resident,ffcv", help="comma-separated: resident, ffcv (gpu: resident's old name)"),
     modes: str = typer.Option("eager,compile,graph", help="comma-separated: eager, compile, graph"),
     precisions: str = typer.Option("fp32,bf16,fp16", help="comma-separated: fp32, bf16, fp16"),
     data_dir: Optional[Path] = typer.Option(None, help="CIFAR-10 folder (default: synthetic data of the same size)"),
@@ -215,7 +215,7 @@ def bench_loader(
     iters: int = typer.Option(200),
     warmup: int = typer.Option(20),
     device: str = typer.Option("auto"),
-    loaders: str = typer.Option("gpu,ffcv", help="comma-separated: gpu, ffcv"),
+    loaders: str = typer.Option("resident,ffcv", help="comma-separated: resident, ffcv (gpu: resident's old name)"),
     data_dir: Optional[Path] = typer.Option(None, help="CIFAR-10 folder (default: synthetic data of the same size)"),
     out: Path = typer.Option(Path("bench/loader.json")),
 ) -> None:

@@ -21,6 +21,7 @@ from resnetdist.data.augment import training_mean
 from resnetdist.dist import DistContext
 from resnetdist.train import wrap as wrap_mod
 from resnetdist.train.loop import run_steps
+from resnetdist.train.resolve import resolve
 from resnetdist.train.schedule import lr_table
 from resnetdist.train.step import build_step
 from resnetdist.train.trainer import evaluate, feed_of, make_model
@@ -86,8 +87,8 @@ class FakeOps:
 
 
 def parts(tiny_data):
-    cfg = load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
-                             "train": {"device": "cpu"}, "log": {"wandb_mode": "disabled"}})
+    cfg = resolve(load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
+                                     "train": {"device": "cpu"}, "log": {"wandb_mode": "disabled"}}))
     ctx = DistContext(0, 0, 1, CPU)
     data = load_data(cfg.data)
     model, optimizer = make_model(cfg, ctx)
@@ -286,8 +287,9 @@ def test_two_rank_run_and_eval_of_its_model_agree(tmp_path, tiny_data):
 
 
 def cuda_parts(tiny_data):
-    cfg = load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
-                             "train": {"device": "cuda", "precision": "bf16"}, "log": {"wandb_mode": "disabled"}})
+    cfg = resolve(load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
+                                     "train": {"device": "cuda", "precision": "bf16"},
+                                     "log": {"wandb_mode": "disabled"}}))
     ctx = DistContext(0, 0, 1, torch.device("cuda", 0))
     data = load_data(cfg.data)
     model, optimizer = make_model(cfg, ctx)

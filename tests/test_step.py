@@ -10,6 +10,7 @@ import torch
 from resnetdist.config import load_config
 from resnetdist.data import load_data
 from resnetdist.dist import DistContext
+from resnetdist.train.resolve import resolve
 from resnetdist.train.trainer import build, evaluate
 
 from .conftest import run_cli
@@ -22,11 +23,11 @@ class Driven:
 
     def __init__(self, tiny_data, mode: str, device: str = "cpu", precision: str = "fp32", start_iter: int = 0,
                  state: dict | None = None, **optim):
-        self.cfg = load_config(flags={
+        self.cfg = resolve(load_config(flags={
             "model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": optim,
             "train": {"device": device, "precision": precision, "step": mode},
             "log": {"wandb_mode": "disabled"},
-        })
+        }))
         self.ctx = DistContext(0, 0, 1, torch.device(device))
         def restore(model, optimizer) -> int:
             if state is not None:

@@ -101,3 +101,34 @@ def test_no_function_longer_than_a_screen():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{name}.{node.name}: {lines} lines")
     assert not long, long
+
+
+MAX_CLASS_LINES = 120
+
+
+def test_no_class_longer_than_120_lines():
+    """No god classes: a class that long does several jobs (TrainStep once held the step,
+    DDP/compile wrapping and graph capture)."""
+    long = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
+                long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not long, long
+
+
+def test_the_run_is_wired_in_one_place():
+    """The step's inputs are handed to the loader (the feed) in one place only: trainer.build's
+    feed_of, which run, bench, doctor and the tests all go through."""
+    wiring = [name for name, path in modules().items() for _ in range(path.read_text().count("inputs.out if"))]
+    assert wiring == ["resnetdist.train.trainer"], wiring
+    builders = {name for name, path in modules().items()
+                if "def make_step" in path.read_text() or "def make_model" in path.read_text()}
+    assert builders == {"resnetdist.train.trainer"}, builders
+
+
+def test_tools_do_not_import_the_run():
+    """bench and doctor build through the trainer, not through run.py (one rank's whole run)."""
+    mods = modules()
+    for tool in ("resnetdist.tools.bench", "resnetdist.tools.doctor"):
+        assert "resnetdist.train.run" not in imports_of(tool, mods[tool], set(mods)), tool

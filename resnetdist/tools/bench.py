@@ -36,6 +36,7 @@ from ..data.augment import augment
 from ..data.cifar import Cifar10, Split, load_cifar10, write_synthetic
 from ..train.loop import Feed, run_steps
 from ..models import build_model
+from ..train.resolve import resolve
 from ..train.trainer import build
 
 BATCH = 128
@@ -157,11 +158,11 @@ def bench_baseline(data: Cifar10, n: int, iters: int, warmup: int, device: torch
 
 
 def bench_config(setting: Setting, n: int, device: torch.device, beton_dir: Path) -> RunConfig:
-    return load_config(flags={
+    return resolve(load_config(flags={
         "model": {"n": n}, "data": {"loader": setting.loader, "beton_dir": str(beton_dir)},
         "train": {"device": device.type, "precision": setting.precision, "step": setting.mode},
         "log": {"wandb_mode": "disabled"},
-    })
+    }))
 
 
 def timed(run, warmup: int, iters: int, device: torch.device) -> tuple[float, float]:

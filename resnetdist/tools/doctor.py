@@ -37,6 +37,7 @@ from ..data import load_data
 from ..data.cifar import DataError, locate, write_synthetic
 from ..train.evaluate import error_rates
 from ..train.loop import run_steps
+from ..train.resolve import resolve
 from ..train.trainer import build
 
 NEEDS_CUDA = "skipped: needs CUDA"
@@ -128,12 +129,12 @@ class Trial:
 
     def __init__(self, data_dir: Path, device: torch.device, kind: str, precision: str = "fp32", n: int = 1,
                  batch: int = 32, ctx: dist.DistContext | None = None, **optim: Any):
-        self.cfg = load_config(flags={
+        self.cfg = resolve(load_config(flags={
             "model": {"n": n}, "data": {"dir": str(data_dir), "eval_batch": 200},
             "optim": {"batch_size": batch, **optim},
             "train": {"device": device.type, "precision": precision, "step": kind},
             "log": {"wandb_mode": "disabled", "tensorboard": False},
-        })
+        }))
         self.ctx = ctx or dist.DistContext(0, 0, 1, device)
         self.trainer = build(self.cfg, self.ctx, load_data(self.cfg.data))
         self.model, self.optimizer = self.trainer.model, self.trainer.optimizer

@@ -15,11 +15,12 @@ from torch import nn
 
 from .. import checkpoint, dist
 from . import preempt, rundir, state
-from ..config import ConfigError, RunConfig, check_run_dir, to_toml
+from ..config import ConfigError, RunConfig, to_toml
 from ..data import Cifar10, load_data
 from .metrics import NullLogger, open_logger
 from .loop import Progress
 from .optim import TensorLRSGD
+from .resolve import resolve
 from .schedule import global_batch
 from .step import TrainStep
 from .trainer import build
@@ -27,7 +28,9 @@ from .trainer import build
 
 def preflight(cfg: RunConfig, world_size: int) -> Cifar10:
     """Everything that can be checked before workers start: batch split, devices, optional
-    packages, data files, run directory. Returns the parsed data, so it is read only once."""
+    packages, data files, run directory. Resolves cfg's "auto" settings for this machine
+    first (resolve.resolve). Returns the parsed data, so it is read only once."""
+    resolve(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # the launcher or rank 0; rank 0's own lock comes later
         rundir.check_free(cfg.run_dir)  # a run directory held by a live run: RunDirBusy, before torchrun starts
     try:
@@ -43,7 +46,7 @@ def preflight(cfg: RunConfig, world_size: int) -> Cifar10:
 
         require_ffcv()
     data = load_data(cfg.data)  # parses and checks every file; a bad one is named
-    check_run_dir(cfg)
+    rundir.check_run_dir(cfg)
     return data
 
 

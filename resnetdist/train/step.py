@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import dist
+from ..config import TrainConfig
 from ..data.augment import augment
 from .graph import GRAPH_WARMUP, CudaOps, GraphCapture, StaticInputs  # noqa: F401 - GRAPH_WARMUP for tests
 from .optim import TensorLRSGD
@@ -32,6 +33,34 @@ def autocast(precision: str, device: torch.device):
     # no cast cache: a cache filled during CUDA-graph capture would hold stale casts on replay
     # (PyTorch's graph notes), and each weight is cast once per step here anyway
     return torch.autocast(device.type, dtype=DTYPES[precision], cache_enabled=False)
+
+
+def default_precision(on_cuda: bool) -> str:
+    """train.precision "auto": bf16 on a GPU that supports it, else fp32."""
+    return "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def resolve_step(train: TrainConfig, on_cuda: bool) -> list[str]:
+    """train.step "auto" (and the old train.cuda_graph / train.compile spellings) -> the step
+    that will run; train.cuda_graph and train.compile are set to agree with it."""
+    notes = []
+    if train.step == "auto" and train.cuda_graph:
+        train.step = "graph"
+    elif train.step == "auto" and train.compile != "none":
+        train.step = "compile"
+    elif train.step == "auto":
+        # measured on an H100 (DESIGN.md): the whole-step graph is 4x the eager step at batch 128;
+        # fp16 stays eager (validate refuses graph + fp16)
+        train.step = "graph" if on_cuda and train.precision in ("bf16", "fp32") else "eager"
+    if train.step == "graph" and not on_cuda:
+        notes.append(f"train.step = graph needs CUDA; the step runs eagerly on {train.device}")
+        train.step = "eager"
+    if train.step == "compile" and train.compile == "none":
+        train.compile = "default"
+    if train.step == "eager":
+        train.compile = "none"
+    train.cuda_graph = train.step == "graph"
+    return notes
 
 
 def step_kind(compile_mode: str, graph: bool) -> str:
