@@ -43,6 +43,8 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 class ConfigError(ValueError):
     """A configuration file, key or value is wrong; the message names it."""
 
+    exit_code = 2  # errors.BAD_INPUT (config imports nothing of the package; errors.py lists it)
+
 
 def model_name(n: int, plain: bool) -> str:
     """resnet20, plain56, ...: the name of the (6n+2)-layer net."""

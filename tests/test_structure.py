@@ -132,3 +132,24 @@ def test_tools_do_not_import_the_run():
     mods = modules()
     for tool in ("resnetdist.tools.bench", "resnetdist.tools.doctor"):
         assert "resnetdist.train.run" not in imports_of(tool, mods[tool], set(mods)), tool
+
+
+def test_exit_codes_come_from_one_table():
+    """cli.py writes no exit code as a number; every error it exits with has its code in
+    errors.EXIT_CODES, and that is the code the class carries."""
+    from resnetdist import errors
+
+    literal = []
+    for node in ast.walk(ast.parse((PACKAGE / "cli.py").read_text())):
+        if not isinstance(node, ast.Call):
+            continue
+        name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+        codes = node.args[1:] if name == "fail" else node.args if name == "Exit" else []
+        codes += [k.value for k in node.keywords if k.arg == "code"] if name in ("fail", "Exit") else []
+        if any(isinstance(c, ast.Constant) and isinstance(c.value, int) for c in codes):
+            literal.append(f"line {node.lineno}")
+    assert not literal, f"exit codes written as numbers in cli.py: {literal}"
+    assert {cls.__name__: code for cls, code in errors.EXIT_CODES.items()} == {
+        "ConfigError": 2, "DataError": 2, "NonFiniteLoss": 3, "WriteError": 4, "RunDirBusy": 5, "Preempted": 6,
+        "PeerLost": 7}
+    assert all(cls.exit_code == code for cls, code in errors.EXIT_CODES.items())

@@ -35,14 +35,9 @@ from pathlib import Path
 
 from ..checkpoint import WriteError, remove_stale_temps
 from ..config import ConfigError, RunConfig, diff, from_dict, read_toml
+from ..errors import RunDirBusy
 
 LOCK_NAME = ".lock"
-
-
-class RunDirBusy(RuntimeError):
-    """Another live process holds the run directory; the message names it."""
-
-    exit_code = 5  # `resnetdist train` exits with this (README, "Faults and bad inputs")
 
 
 class RunLock:
