@@ -141,17 +141,16 @@ def eval_(
     checkpoint: Path = typer.Argument(..., help="ckpt_*.pt or model.pt from a run directory"),
     data_dir: Optional[Path] = typer.Option(None, help="override the run's data folder"),
     device: str = typer.Option("auto"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
 ) -> None:
     """Test error of a saved checkpoint."""
-    from .train.evaluate import evaluate_checkpoint
+    from .train.evaluate import describe, evaluate_checkpoint
 
-    if not checkpoint.exists():
-        fail(f"{checkpoint}: no such checkpoint")
     try:
         result = evaluate_checkpoint(checkpoint, data_dir, device)
-    except (ConfigError, DataError, RuntimeError) as e:
+    except (ConfigError, DataError, RuntimeError) as e:  # CheckpointError is a RuntimeError
         fail(str(e))
-    typer.echo(json.dumps(result))
+    typer.echo(json.dumps(result) if as_json else describe(result))
 
 
 @app.command()
@@ -260,8 +259,6 @@ def export_(
     """Weights for use without this package: safetensors or ONNX (checked with onnxruntime), plus <name>.mean.npy."""
     from .tools.export import ExportError, export
 
-    if not checkpoint.exists():
-        fail(f"{checkpoint}: no such checkpoint")
     try:
         result = export(checkpoint, format, out, data_dir)
     except (ExportError, ConfigError) as e:

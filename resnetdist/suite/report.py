@@ -108,6 +108,8 @@ def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
         p = Path(p)
         if not p.exists():
             raise ReportError(f"{p}: no such folder")
+        if not p.is_dir():
+            raise ReportError(f"{p}: not a folder (give run folders, or folders holding runs)")
         if is_run_dir(p):
             runs.append(p)
             continue
@@ -480,6 +482,9 @@ def write_report(paths: list[Path], out: Path | None = None, title: str = "", sk
     first path given). Returns what was written."""
     runs, notes = load_runs([Path(p) for p in paths], skip_empty=skip_empty)
     out = Path(out) if out else Path(paths[0])
+    taken = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if taken is not None:
+        raise ReportError(f"--out {out}" + ("" if taken == out else f": {taken}") + " is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     title = title or "ResNets and plain nets on CIFAR-10: reproduction of He et al. 2015, section 4.2"
     figure = figure6(runs, out / "figure6.png", title)

@@ -50,11 +50,9 @@ class ExportError(RuntimeError):
 def load_for_export(path: Path, data_dir: Path | None = None) -> tuple[CifarResNet, RunConfig, torch.Tensor, dict[str, Any]]:
     """(eval-mode model on the CPU, its config, its mean image, the checkpoint dict)."""
     try:
-        state = checkpoint.load(Path(path))
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets one clear message
-        raise ExportError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ExportError(f"{path}: not a resnetdist checkpoint (needs 'model' and 'config')")
+        state = checkpoint.load_model_file(Path(path))
+    except checkpoint.CheckpointError as e:
+        raise ExportError(str(e)) from None
     cfg = from_dict(state["config"], f"{path} (config)")
     model = build_model(cfg.model)
     model.load_state_dict(state["model"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -31,6 +32,7 @@ from .step import TrainStep
 def preflight(cfg: RunConfig, world_size: int) -> Cifar10:
     """Everything that can be checked before workers start: batch split, devices, optional
     packages, data files, run directory. Returns the parsed data, so it is read only once."""
+    check_out_folder(cfg.run_dir)
     if int(os.environ.get("RANK", "0")) == 0:  # the launcher or rank 0; rank 0's own lock comes later
         rundir.check_free(cfg.run_dir)  # a run directory held by a live run: RunDirBusy, before torchrun starts
     try:
@@ -48,6 +50,19 @@ def preflight(cfg: RunConfig, world_size: int) -> Cifar10:
     data = load_data(cfg.data)  # parses and checks every file; a bad one is named
     check_run_dir(cfg)
     return data
+
+
+def check_out_folder(run_dir: Path) -> None:
+    """The run directory must be a folder, or creatable: a file in its place (or in its path)
+    or a read-only parent is named now, before anything is written."""
+    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if existing is None:
+        return
+    label = f"--out {run_dir}" + ("" if existing == run_dir else f": {existing}")
+    if not existing.is_dir():
+        raise ConfigError(f"{label} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{label} is not writable")
 
 
 def main(cfg: RunConfig, data: Cifar10 | None = None) -> dict[str, Any]:

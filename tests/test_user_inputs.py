@@ -1,0 +1,108 @@
+"""Every path a user can type into `eval`, `export`, `train --out` and `report`: a bad one is
+answered in one line naming it, exit 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from resnetdist import checkpoint
+from resnetdist.config import load_config
+from resnetdist.models import build_model
+from resnetdist.train.state import final_weights
+
+from .conftest import TINY, cli_in_process
+
+
+@pytest.fixture(scope="module")
+def model_pt(tmp_path_factory):
+    """A real model.pt (untrained weights, as `train` writes it), without training."""
+    cfg = load_config(None, {"model": {"n": 1}, "train": {"device": "cpu"}})
+    path = tmp_path_factory.mktemp("run") / "model.pt"
+    checkpoint.atomic_save(final_weights(build_model(cfg.model), cfg, 0, torch.zeros(3, 32, 32)), path)
+    return path
+
+
+def foreign_files(tmp, model_pt):
+    """(path, words the message must hold) for each kind of file that is not a checkpoint."""
+    other = tmp / "other.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, other)  # someone else's checkpoint
+    text = tmp / "notes.txt"
+    text.write_text("hello\n")
+    folder = tmp / "a_run"
+    folder.mkdir()
+    truncated = tmp / "model_cut.pt"
+    truncated.write_bytes(model_pt.read_bytes()[: model_pt.stat().st_size // 2])
+    pickled = tmp / "pickled.pt"
+    pickled.write_bytes(pickle.dumps(object()))
+    return [(other, "not a resnetdist checkpoint"), (text, "not a readable checkpoint"),
+            (folder, "is a folder"), (tmp / "missing.pt", "no such file"),
+            (truncated, "not a readable checkpoint"), (pickled, "not a readable checkpoint")]
+
+
+def assert_one_line(result, path, words):
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
+    assert str(path) in err and words in err, err
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_eval_answers_every_foreign_file_in_one_line(tmp_path, model_pt, tiny_data):
+    for path, words in foreign_files(tmp_path, model_pt):
+        result = cli_in_process(["eval", str(path), "--data-dir", str(tiny_data), "--device", "cpu"], check=False)
+        assert_one_line(result, path, words)
+
+
+@pytest.mark.timeout(120)
+def test_export_answers_every_foreign_file_in_one_line(tmp_path, model_pt):
+    for path, words in foreign_files(tmp_path, model_pt):
+        result = cli_in_process(["export", str(path), "--format", "safetensors"], check=False)
+        assert_one_line(result, path, words)
+    assert not list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob("*.npy"))
+
+
+@pytest.mark.timeout(120)
+def test_eval_prints_a_line_for_people_and_json_on_request(model_pt, tiny_data):
+    import json
+
+    args = ["eval", str(model_pt), "--data-dir", str(tiny_data), "--device", "cpu"]
+    line = cli_in_process(args).stdout.strip()
+    assert len(line.splitlines()) == 1 and line.startswith("test error ") and "% on 200 images" in line, line
+    assert "(model.pt, ResNet-8, iteration 0)" in line, line
+    result = json.loads(cli_in_process([*args, "--json"]).stdout)
+    assert result["test_images"] == 200 and result["model"] == "resnet8"
+    assert f"{result['test_error']:.2f}%" in line
+
+
+@pytest.mark.timeout(120)
+def test_train_out_pointing_at_a_file_is_refused_before_writing(tmp_path, tiny_data):
+    target = tmp_path / "results.txt"
+    target.write_text("keep me\n")
+    for out in (target, target / "run1"):
+        result = cli_in_process(["train", *TINY, "--iters", "2", "--data-dir", str(tiny_data), "--out", str(out)],
+                                check=False)
+        assert_one_line(result, out, "is a file, not a folder")
+        assert str(target) in result.stderr
+    assert target.read_text() == "keep me\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.txt"]
+
+
+@pytest.mark.timeout(60)
+def test_report_answers_bad_paths_in_one_line(tmp_path):
+    from .test_report import write_fixture_run
+
+    missing = tmp_path / "no_such_runs"
+    afile = tmp_path / "summary.txt"
+    afile.write_text("x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for path, words in ((missing, "no such folder"), (afile, "not a folder"), (empty, "no runs")):
+        assert_one_line(cli_in_process(["report", str(path)], check=False), path, words)
+    run = write_fixture_run(tmp_path / "runs", "resnet8", 8, False, 0, 30.0, iters=100)
+    assert_one_line(cli_in_process(["report", str(run), "--out", str(afile)], check=False), afile,
+                    "is a file, not a folder")
+    assert afile.read_text() == "x"
