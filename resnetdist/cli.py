@@ -245,6 +245,9 @@ def report(
         fail(str(e))
     for note in written["skipped"]:
         typer.echo(f"skipped: {note}", err=True)
+    for note in written["warnings"]:
+        typer.echo(f"warning: {note}", err=True)
+    typer.echo(written["markdown"])
     typer.echo(f"wrote {written['report']}, {written['figure']} and {len(written['curves'])} curve figure(s) "
                f"from {written['runs']} run(s)")
 
