@@ -106,3 +106,43 @@ def test_report_answers_bad_paths_in_one_line(tmp_path):
     assert_one_line(cli_in_process(["report", str(run), "--out", str(afile)], check=False), afile,
                     "is a file, not a folder")
     assert afile.read_text() == "x"
+
+
+# ----- data files that are not CIFAR-10's size ---------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_short_data_file_runs_and_says_so(tmp_path):
+    """data_batch_3.bin cut at a record boundary (150 of 200 records) trains, but the run says
+    so in one line naming each short file, and summary.json counts the images used."""
+    import json
+
+    from resnetdist.data.cifar import FOLDER, RECORD_BYTES
+
+    from .conftest import write_dataset
+
+    root = write_dataset(tmp_path / "data", 200, 200)
+    cut = root / FOLDER / "data_batch_3.bin"
+    cut.write_bytes(cut.read_bytes()[: 150 * RECORD_BYTES])
+    out = tmp_path / "run"
+    result = cli_in_process(["train", *TINY, "--iters", "2", "--data-dir", str(root), "--out", str(out),
+                             "--set", "train.eval_every=2"])
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1, result.stderr
+    assert "data_batch_3.bin holds 150 records" in notes[0] and "data_batch_1.bin holds 200 records" in notes[0]
+    assert "test_batch.bin holds 200 records" in notes[0] and "CIFAR-10's files hold 10,000 each" in notes[0]
+    assert "training on 950 images" in notes[0] and "testing on 200" in notes[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["train_images"], summary["test_images"], summary["val_images"]) == (950, 200, 0)
+
+
+def test_full_size_files_get_no_note():
+    import numpy as np
+
+    from resnetdist.data.cifar import Cifar10, Split, TEST_FILES, TRAIN_FILES
+
+    empty = Split(np.zeros((0, 3, 32, 32), np.uint8), np.zeros(0, np.int64))
+    data = Cifar10(empty, empty, file_records={name: 10_000 for name in TRAIN_FILES + TEST_FILES})
+    assert data.record_count_note() is None
+    data.file_records["data_batch_2.bin"] = 9_000
+    assert data.record_count_note().startswith("note: data_batch_2.bin holds 9,000 records (")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -81,6 +82,8 @@ def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice) -> 
     try:
         if data is None:
             data = preflight(cfg, ctx.world_size)
+        if ctx.is_main and data.record_count_note():  # a stand-in or a cut file: say what trains
+            print(data.record_count_note(), file=sys.stderr, flush=True)
         if ctx.is_main:
             run_lock = rundir.acquire(cfg.run_dir)  # before anything is written there (RunDirBusy if held)
             write_run_config(cfg)
@@ -103,7 +106,7 @@ def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice) -> 
                         out=step.inputs.out if step.inputs else None)
             progress = train_loop(step, feed, progress, Cadence.of(cfg), hooks,
                                   iters_per_epoch(len(data.train), batch), cfg.name)
-            summary = summarize(cfg, ctx, step, progress, loaders, batch)
+            summary = summarize(cfg, ctx, step, progress, loaders, batch, data)
             if ctx.is_main:
                 save_results(cfg, step, summary)
             logger.summary(summary)
@@ -170,7 +173,7 @@ def checkpointer(cfg: RunConfig, ctx: dist.DistContext, step: TrainStep,
 
 
 def summarize(cfg: RunConfig, ctx: dist.DistContext, step: TrainStep, progress: Progress, loaders: Loaders,
-              batch: int) -> dict[str, Any]:
+              batch: int, data: Cifar10 | None = None) -> dict[str, Any]:
     total = cfg.optim.iters
     record = progress.last_eval
     if record is None or record["iter"] != total:  # resumed at the very end: evaluate again
@@ -188,6 +191,8 @@ def summarize(cfg: RunConfig, ctx: dist.DistContext, step: TrainStep, progress: 
         "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
         "precision": cfg.train.precision, "step": step.kind, "capture_error": step.capture_error,
         "loader": cfg.data.loader,
+        **({"train_images": len(data.train), "test_images": len(data.test),
+            "val_images": len(data.val) if data.val is not None else 0} if data is not None else {}),
     }
 
 
