@@ -167,7 +167,8 @@ def prepare(
         require_ffcv()
         folder = locate(data_dir)
         target = out or folder.parent / "beton"
-        train_path, test_path, rebuilt = prepare_betons(folder, target, force=force)
+        train_path, test_path, rebuilt = prepare_betons(folder, target, force=force,
+                                                        announce=lambda what: typer.echo(what, err=True))
     except (DataError, RuntimeError) as e:
         fail(str(e))
     typer.echo(f"{'wrote' if rebuilt else 'up to date, nothing to do:'} {train_path} {test_path}")
