@@ -107,6 +107,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def not_a_folder(folder: Path) -> Path | None:
+    """The file standing where `folder` or one of its parents should be a folder (the
+    first existing one of them, when it is not a folder), else None: an output folder a
+    user names is checked with this before anything is written."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
 def atomic_save(obj: Any, path: Path) -> str:
     """torch.save `obj` to `path` with its sha256 sidecar (written first); returns the digest.
     Serialised in memory first, so a write error is a plain OSError from this process's
@@ -195,6 +203,16 @@ def load_model_file(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{path}: a torch file, but not a resnetdist checkpoint (it holds no 'model' and 'config')")
     return state
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
+    """state["model"] into `model`; weights of another shape or name are a CheckpointError
+    (torch's own message lists every tensor, over many lines)."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{path}: its weights do not fit the net its config describes ({detail})") from None
 
 
 def _load_failure(e: Exception) -> str:

@@ -261,11 +261,12 @@ def export_(
     data_dir: Optional[Path] = typer.Option(None, help="only for old checkpoints without a stored mean image"),
 ) -> None:
     """Weights for use without this package: safetensors or ONNX (checked with onnxruntime), plus <name>.mean.npy."""
+    from .checkpoint import CheckpointError
     from .tools.export import ExportError, export
 
     try:
         result = export(checkpoint, format, out, data_dir)
-    except (ExportError, ConfigError) as e:
+    except (ExportError, CheckpointError, ConfigError) as e:
         fail(str(e))
     typer.echo(json.dumps(result))
 

@@ -37,7 +37,11 @@ def foreign_files(tmp, model_pt):
     truncated.write_bytes(model_pt.read_bytes()[: model_pt.stat().st_size // 2])
     pickled = tmp / "pickled.pt"
     pickled.write_bytes(pickle.dumps(object()))
-    return [(other, "not a resnetdist checkpoint"), (text, "not a readable checkpoint"),
+    mismatched = tmp / "mismatched.pt"  # a config that says n=2 beside weights of n=1
+    state = checkpoint.load(model_pt)
+    state["config"]["model"]["n"] = 2
+    checkpoint.atomic_save(state, mismatched)
+    return [(other, "not a resnetdist checkpoint"), (mismatched, "do not fit the net its config describes"), (text, "not a readable checkpoint"),
             (folder, "is a folder"), (tmp / "missing.pt", "no such file"),
             (truncated, "not a readable checkpoint"), (pickled, "not a readable checkpoint")]
 
@@ -63,6 +67,12 @@ def test_export_answers_every_foreign_file_in_one_line(tmp_path, model_pt):
         result = cli_in_process(["export", str(path), "--format", "safetensors"], check=False)
         assert_one_line(result, path, words)
     assert not list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob("*.npy"))
+    afile = tmp_path / "notes.txt"
+    for fmt in ("safetensors", "onnx"):
+        out = afile / f"model.{fmt}"
+        result = cli_in_process(["export", str(model_pt), "--format", fmt, "--out", str(out)], check=False)
+        assert_one_line(result, out, f"{afile} is a file, not a folder")
+    assert afile.read_text() == "hello\n"
 
 
 @pytest.mark.timeout(120)

@@ -555,8 +555,9 @@ def write_report(paths: list[Path], out: Path | None = None, title: str = "", sk
     first path given). Returns what was written."""
     runs, notes = load_runs([Path(p) for p in paths], skip_empty=skip_empty)
     out = Path(out) if out else Path(paths[0])
-    taken = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
-    if taken is not None:
+    from ..checkpoint import not_a_folder  # (torch: loaded only when a report is written)
+
+    if (taken := not_a_folder(out)) is not None:
         raise ReportError(f"--out {out}" + ("" if taken == out else f": {taken}") + " is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     title = title or "ResNets and plain nets on CIFAR-10: reproduction of He et al. 2015, section 4.2"

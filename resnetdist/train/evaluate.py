@@ -51,7 +51,7 @@ def evaluate_checkpoint(path: Path, data_dir: Path | None, device: str = "auto")
     cfg.data.loader = "resident"  # one process reads the whole set: no .beton files needed
     dev = dist.resolve_device(device, 0)
     model = build_model(cfg.model).to(dev)
-    model.load_state_dict(state["model"])
+    checkpoint.load_weights(model, state, path)
     data = load_data(cfg.data)
     # the exact mean image the run trained with; older checkpoints lack it
     mean = state["mean"] if "mean" in state else training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)

@@ -56,14 +56,12 @@ def preflight(cfg: RunConfig, world_size: int) -> Cifar10:
 def check_out_folder(run_dir: Path) -> None:
     """The run directory must be a folder, or creatable: a file in its place (or in its path)
     or a read-only parent is named now, before anything is written."""
+    label = f"--out {run_dir}"
+    if (blocker := checkpoint.not_a_folder(run_dir)) is not None:
+        raise ConfigError(label + ("" if blocker == run_dir else f": {blocker}") + " is a file, not a folder")
     existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
-    if existing is None:
-        return
-    label = f"--out {run_dir}" + ("" if existing == run_dir else f": {existing}")
-    if not existing.is_dir():
-        raise ConfigError(f"{label} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{label} is not writable")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{label}: {existing} is not writable")
 
 
 def main(cfg: RunConfig, data: Cifar10 | None = None) -> dict[str, Any]:
