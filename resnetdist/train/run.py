@@ -171,7 +171,7 @@ def checkpointer(cfg: RunConfig, ctx: dist.DistContext, step: TrainStep,
 
 
 def summarize(cfg: RunConfig, ctx: dist.DistContext, step: TrainStep, progress: Progress, loaders: Loaders,
-              batch: int, data: Cifar10 | None = None) -> dict[str, Any]:
+              batch: int, data: Cifar10) -> dict[str, Any]:
     total = cfg.optim.iters
     record = progress.last_eval
     if record is None or record["iter"] != total:  # resumed at the very end: evaluate again
@@ -189,8 +189,8 @@ def summarize(cfg: RunConfig, ctx: dist.DistContext, step: TrainStep, progress: 
         "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
         "precision": cfg.train.precision, "step": step.kind, "capture_error": step.capture_error,
         "loader": cfg.data.loader,
-        **({"train_images": len(data.train), "test_images": len(data.test),
-            "val_images": len(data.val) if data.val is not None else 0} if data is not None else {}),
+        "train_images": len(data.train), "test_images": len(data.test),
+        "val_images": len(data.val) if data.val is not None else 0,
     }
 
 
