@@ -146,6 +146,8 @@ def eval_(
     """Test error of a saved checkpoint."""
     from .train.evaluate import describe, evaluate_checkpoint
 
+    if device not in ("auto", "cpu", "cuda"):
+        fail(f"--device must be auto, cpu or cuda, got {device!r}")
     try:
         result = evaluate_checkpoint(checkpoint, data_dir, device)
     except (ConfigError, DataError, RuntimeError) as e:  # CheckpointError is a RuntimeError

@@ -83,6 +83,7 @@ def test_eval_prints_a_line_for_people_and_json_on_request(model_pt, tiny_data):
     line = cli_in_process(args).stdout.strip()
     assert len(line.splitlines()) == 1 and line.startswith("test error ") and "% on 200 images" in line, line
     assert "(model.pt, ResNet-8, iteration 0)" in line, line
+    assert_one_line(cli_in_process([*args, "--device", "gpu0"], check=False), "gpu0", "--device must be")
     result = json.loads(cli_in_process([*args, "--json"]).stdout)
     assert result["test_images"] == 200 and result["model"] == "resnet8"
     assert f"{result['test_error']:.2f}%" in line
