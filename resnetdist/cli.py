@@ -139,17 +139,18 @@ def eval_(
     checkpoint: Path = typer.Argument(..., help="ckpt_*.pt or model.pt from a run directory"),
     data_dir: Optional[Path] = typer.Option(None, help="override the run's data folder"),
     device: str = typer.Option("auto"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
 ) -> None:
     """Test error of a saved checkpoint."""
-    from .train.evaluate import evaluate_checkpoint
+    from .train.evaluate import describe, evaluate_checkpoint
 
-    if not checkpoint.exists():
-        fail(f"{checkpoint}: no such checkpoint")
+    if device not in ("auto", "cpu", "cuda"):
+        fail(f"--device must be auto, cpu or cuda, got {device!r}")
     try:
         result = evaluate_checkpoint(checkpoint, data_dir, device)
-    except (ConfigError, DataError, RuntimeError) as e:
+    except (ConfigError, DataError, RuntimeError) as e:  # CheckpointError is a RuntimeError
         fail(str(e))
-    typer.echo(json.dumps(result))
+    typer.echo(json.dumps(result) if as_json else describe(result))
 
 
 @app.command()
@@ -166,7 +167,8 @@ def prepare(
         require_ffcv()
         folder = locate(data_dir)
         target = out or folder.parent / "beton"
-        train_path, test_path, rebuilt = prepare_betons(folder, target, force=force)
+        train_path, test_path, rebuilt = prepare_betons(folder, target, force=force,
+                                                        announce=lambda what: typer.echo(what, err=True))
     except (DataError, RuntimeError) as e:
         fail(str(e))
     typer.echo(f"{'wrote' if rebuilt else 'up to date, nothing to do:'} {train_path} {test_path}")
@@ -244,6 +246,9 @@ def report(
         fail(str(e))
     for note in written["skipped"]:
         typer.echo(f"skipped: {note}", err=True)
+    for note in written["warnings"]:
+        typer.echo(f"warning: {note}", err=True)
+    typer.echo(written["markdown"])
     typer.echo(f"wrote {written['report']}, {written['figure']} and {len(written['curves'])} curve figure(s) "
                f"from {written['runs']} run(s)")
 
@@ -256,13 +261,12 @@ def export_(
     data_dir: Optional[Path] = typer.Option(None, help="only for old checkpoints without a stored mean image"),
 ) -> None:
     """Weights for use without this package: safetensors or ONNX (checked with onnxruntime), plus <name>.mean.npy."""
+    from .checkpoint import CheckpointError
     from .tools.export import ExportError, export
 
-    if not checkpoint.exists():
-        fail(f"{checkpoint}: no such checkpoint")
     try:
         result = export(checkpoint, format, out, data_dir)
-    except (ExportError, ConfigError) as e:
+    except (ExportError, CheckpointError, ConfigError) as e:
         fail(str(e))
     typer.echo(json.dumps(result))
 

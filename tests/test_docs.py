@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 MAX_README_LINES = 150
-FIRST_COMMANDS = ("bash launch/setup.sh && resnetdist train --n 3", "bash .ci/run")
+FIRST_COMMANDS = ("bash launch/setup.sh && .venv/bin/resnetdist train --n 3", "bash .ci/run")
 
 # Pages other branches write (docs/configuration.md is generated from the config dataclasses,
 # docs/multi-node.md comes with the multi-node work). Links to them are allowed to dangle

@@ -4,6 +4,7 @@ the step: the dataset resident on the training device (resident.py) or FFCV's re
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -33,7 +34,9 @@ def ensure_betons(cfg: DataConfig, data: Cifar10) -> Path | None:
     require_ffcv()
     out = beton_dir(cfg, data)
     if dist.is_main_process():
-        prepare_betons(data.folder, out)
+        prepare_betons(data.folder, out, announce=lambda what: print(
+            f"note: --loader ffcv: first use, {what} (set data.beton_dir to put them elsewhere)",
+            file=sys.stderr, flush=True))
     dist.barrier()
     return out
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -31,6 +33,7 @@ def preflight(cfg: RunConfig, world_size: int) -> Cifar10:
     packages, data files, run directory. Resolves cfg's "auto" settings for this machine
     first (resolve.resolve). Returns the parsed data, so it is read only once."""
     resolve(cfg)
+    check_out_folder(cfg.run_dir)
     if int(os.environ.get("RANK", "0")) == 0:  # the launcher or rank 0; rank 0's own lock comes later
         rundir.check_free(cfg.run_dir)  # a run directory held by a live run: RunDirBusy, before torchrun starts
     try:
@@ -50,6 +53,17 @@ def preflight(cfg: RunConfig, world_size: int) -> Cifar10:
     return data
 
 
+def check_out_folder(run_dir: Path) -> None:
+    """The run directory must be a folder, or creatable: a file in its place (or in its path)
+    or a read-only parent is named now, before anything is written."""
+    label = f"--out {run_dir}"
+    if (blocker := checkpoint.not_a_folder(run_dir)) is not None:
+        raise ConfigError(label + ("" if blocker == run_dir else f": {blocker}") + " is a file, not a folder")
+    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{label}: {existing} is not writable")
+
+
 def main(cfg: RunConfig, data: Cifar10 | None = None) -> dict[str, Any]:
     """Train on this rank; `data` is what preflight already parsed, if it ran. From here on a
     SIGTERM or SIGUSR1 stops the run at the next log point with a checkpoint (Preempted)."""
@@ -66,6 +80,8 @@ def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice) -> 
     try:
         if data is None:
             data = preflight(cfg, ctx.world_size)
+        if ctx.is_main and data.record_count_note():  # a stand-in or a cut file: say what trains
+            print(data.record_count_note(), file=sys.stderr, flush=True)
         if ctx.is_main:
             run_lock = rundir.acquire(cfg.run_dir)  # before anything is written there (RunDirBusy if held)
             write_run_config(cfg)
