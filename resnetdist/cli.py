@@ -142,13 +142,14 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
 ) -> None:
     """Test error of a saved checkpoint."""
+    from .errors import CheckpointError
     from .train.evaluate import describe, evaluate_checkpoint
 
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device must be auto, cpu or cuda, got {device!r}")
     try:
         result = evaluate_checkpoint(checkpoint, data_dir, device)
-    except (ConfigError, DataError, RuntimeError) as e:  # CheckpointError is a RuntimeError
+    except (ConfigError, DataError, CheckpointError) as e:
         fail(str(e))
     typer.echo(json.dumps(result) if as_json else describe(result))
 
