@@ -16,7 +16,7 @@ from torch import nn
 from .. import checkpoint, dist
 from . import preempt, rundir, state
 from ..config import ConfigError, RunConfig, check_run_dir, to_toml
-from ..data import Cifar10, Loaders, load_data, open_loaders
+from ..data import Cifar10, Loaders, load_data, load_data_on_every_rank, open_loaders
 from ..data.augment import training_mean
 from ..data.order import iters_per_epoch
 from .evaluate import error_rates
@@ -45,9 +45,19 @@ def preflight(cfg: RunConfig, world_size: int) -> Cifar10:
         from ..data.beton import require_ffcv
 
         require_ffcv()
-    data = load_data(cfg.data)  # parses and checks every file; a bad one is named
+    data = load_checked_data(cfg)  # parses and checks every file; a bad one is named
     check_run_dir(cfg)
     return data
+
+
+def load_checked_data(cfg: RunConfig) -> Cifar10:
+    """The data, read by this process. Under torchrun with several ranks (workers, possibly on
+    other nodes with their own disks) every rank checks its node and all agree before any
+    trains, so a node without the data stops the job with one line naming the host and path."""
+    if "LOCAL_RANK" not in os.environ or dist.world_size_from_env() <= 1:
+        return load_data(cfg.data)
+    dist.setup(cfg.train.device, cfg.dist.timeout_s)
+    return load_data_on_every_rank(cfg.data)
 
 
 def main(cfg: RunConfig, data: Cifar10 | None = None) -> dict[str, Any]:
