@@ -4,8 +4,9 @@
 folders at given paths (so the nodes share the filesystem except there: e.g. the run
 directory's parent) and its own PID namespace (so "the node is lost" is one SIGKILL).
 
-A node is held by one process: `ip netns exec NS unshare --uts --mount --pid --kill-child ...`
-whose child (PID 1 of the node) sets the hostname and the mounts, then sleeps. Commands run
+A node is held by one process: `unshare --uts --mount --pid --kill-child -- nsenter --net=NS ...`
+whose child (PID 1 of the node) sets the hostname and the mounts, then sleeps. (Not `ip netns
+exec`: it remounts /sys, hiding /sys/fs/cgroup, which slurmd needs.) Commands run
 on the node with `nsenter --target <that child> --net --uts --mount --pid`. Ending the holder
 (by pid) kills PID 1 of the node, which takes every process of the node with it and drops its
 mounts; then the network namespaces (and with them the veth pair) are deleted.
@@ -126,8 +127,8 @@ def _start(node: Node, hosts: Path, private: list[Path]) -> None:
     script = (f"hostname {node.name} && mount --bind '{hosts}' /etc/hosts && {mounts} "
               f"&& touch '{ready}' && exec sleep infinity")
     node.holder = subprocess.Popen(
-        ["ip", "netns", "exec", node.netns, "unshare", "--uts", "--mount", "--pid", "--mount-proc",
-         "--propagation", "private", "--kill-child", "--", "sh", "-c", script],
+        ["unshare", "--uts", "--mount", "--pid", "--mount-proc", "--propagation", "private", "--kill-child", "--",
+         "nsenter", f"--net=/run/netns/{node.netns}", "--", "sh", "-c", script],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     node.pid1 = _child_of(node.holder.pid)
     deadline = time.monotonic() + 20

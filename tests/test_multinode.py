@@ -206,3 +206,82 @@ def test_a_node_without_the_data_folder_stops_the_job_with_one_line(make_nodes, 
         assert f'File "{REPO / "resnetdist"}' not in output  # no worker traceback (torchrun's own may follow)
     assert not make_nodes[0].path(out).exists()  # stopped before anything was written
     print(f"node1 without the data folder: both nodes stopped in {wall:.1f} s")
+
+
+# ----- Slurm across the two nodes -------------------------------------------------------------------
+
+
+@pytest.fixture
+def slurm_two_nodes(namespaces_possible, tmp_path):
+    """slurmctld + slurmd on node0, a second slurmd on node1 (tests/slurm_cluster.py)."""
+    from .slurm_cluster import BINARIES, _which, start_two_node_cluster
+
+    missing = [b for b in BINARIES if _which(b) is None]
+    if missing:
+        pytest.skip(f"Slurm: {', '.join(missing)} not installed (apt-get install slurmctld slurmd slurm-client munge)")
+    (tmp_path / "slurm").mkdir()
+    with two_nodes(tmp_path, private=[tmp_path / "runs"]) as nodes:
+        cluster = start_two_node_cluster(tmp_path / "slurm", nodes)
+        try:
+            yield nodes, cluster
+        finally:
+            try:
+                cluster.cancel_all()
+            finally:
+                cluster.stop()
+
+
+def job_state(cluster, job: str) -> str:
+    return cluster.run("squeue", "-h", "--states=all", "-j", job, "-o", "%T|%r", check=False).stdout.strip()
+
+
+def warn_and_release(cluster, node0, job: str, out: Path, log: Path) -> None:
+    """`scancel --signal=USR1 --batch` once node0 has a checkpoint; release the requeued job
+    once both nodes are idle again (see tests/slurm_cluster.py on releasing too early)."""
+    deadline = time.monotonic() + 150
+    while not list(node0.path(out).glob("ckpt_*.pt")):
+        assert time.monotonic() < deadline, (job_state(cluster, job), log.read_text() if log.exists() else "",
+                                             cluster.logs())
+        time.sleep(0.2)
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    while not (job_state(cluster, job).startswith("PENDING") and cluster.node_state().split() == ["idle", "idle"]):
+        assert time.monotonic() < deadline + 60, (job_state(cluster, job), log.read_text(), cluster.logs())
+        time.sleep(0.2)
+    time.sleep(2)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(2 * RUN_TIMEOUT)
+def test_slurm_job_on_two_nodes_checkpoints_requeues_and_resumes_exactly(slurm_two_nodes, two_node, tmp_path,
+                                                                          tiny_data):
+    """`sbatch -N 2 launch/slurm.sbatch`: srun starts torchrun on node0 and node1 (one worker
+    each, rendezvous on node0); the warning signal stops both at an agreed iteration with a
+    checkpoint on node0's disk; the requeued job resumes and ends bitwise equal to (a)."""
+    nodes, cluster = slurm_two_nodes
+    out, log = tmp_path / "runs" / "run", tmp_path / "job.out"
+    env = cli_env(SLURM_CONF=cluster.env["SLURM_CONF"], GPUS_PER_NODE="1", PYTHON=sys.executable, MAX_RESTARTS="0")
+    submit = subprocess.run(nodes[0].command(
+        ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+         f"--output={log}", "--job-name=twonode", str(REPO / "launch" / "slurm.sbatch"),
+         *ARGS, "--data-dir", str(tiny_data), "--out", str(out)]),
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert submit.returncode == 0, submit.stderr + cluster.logs()
+    job = submit.stdout.strip().split(";")[0]
+    t0 = time.monotonic()
+    warn_and_release(cluster, nodes[0], job, out, log)
+    deadline = time.monotonic() + 240
+    while "COMPLETED" not in job_state(cluster, job):
+        assert time.monotonic() < deadline and "FAILED" not in job_state(cluster, job), (
+            job_state(cluster, job), log.read_text(), cluster.logs())
+        time.sleep(0.5)
+    text = log.read_text()
+    assert "resnetdist: 2 node(s) x 1 GPU(s), rendezvous node0:" in text, text
+    assert "requeueing job" in text and "(restart 1)" in text and "resuming from" in text, text
+    assert text.count('{"rank": 1') == 1  # rank 1 (node1) finished the resumed attempt
+    assert not nodes[1].path(out).exists()
+    summary = json.loads(nodes[0].path(out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert_bitwise_equal(two_node[0], load_weights(nodes[0].path(out / "model.pt")))
+    print(f"Slurm, 2 nodes: USR1, checkpoint, requeue, resume: {time.monotonic() - t0:.1f} s from submission")
+    print("\n".join(line for line in text.splitlines() if line.startswith(("resnetdist:", "preempted:", "resuming"))))
