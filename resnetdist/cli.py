@@ -128,10 +128,8 @@ def train(
         summary = main(cfg, data)
     except NonFiniteLoss as e:
         fail(f"{e} (run directory {cfg.run_dir})", code=3)
-    except (WriteError, RunDirBusy, PeerLost) as e:  # exit 4 / 5 / 7, see README "Faults and bad inputs"
+    except (WriteError, RunDirBusy, PeerLost, DataError) as e:  # exit 4 / 5 / 7 / 2 (a node without betons)
         fail(str(e), code=e.exit_code)
-    except DataError as e:  # a node without the .beton files (data/presence.py)
-        fail(str(e))
     except Preempted as e:  # exit 6: not a failure, the scheduler's notice was obeyed
         typer.echo(f"preempted: {e} (run directory {cfg.run_dir})", err=True)
         raise typer.Exit(e.exit_code)

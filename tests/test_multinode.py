@@ -208,6 +208,24 @@ def test_a_node_without_the_data_folder_stops_the_job_with_one_line(make_nodes, 
     print(f"node1 without the data folder: both nodes stopped in {wall:.1f} s")
 
 
+
+@pytest.mark.timeout(RUN_TIMEOUT)
+def test_a_node_without_the_beton_files_stops_the_job_with_one_line(make_nodes, tmp_path, tiny_data):
+    pytest.importorskip("ffcv")
+    betons = tmp_path / "local" / "beton"  # node-local: rank 0 converts on node0's private disk only
+    out = tmp_path / "runs" / "run"
+    args = [*ARGS, "--set", "data.loader=ffcv", "--set", f"data.beton_dir={betons}", "--set", "data.ffcv_workers=1",
+            "--data-dir", str(tiny_data), "--out", str(out)]
+    t0 = time.monotonic()
+    results = run_on_nodes(make_nodes, args, tmp_path / "logs")
+    log = outputs(tmp_path / "logs", make_nodes)
+    line = f"error: host node1: beton file {betons}/train.beton not found"
+    for code, output in results:
+        assert code != 0 and output.count(line) == 1, log
+        assert f'File "{REPO / "resnetdist"}' not in output
+    assert make_nodes[0].path(betons / "train.beton").exists() and not list(make_nodes[0].path(out).glob("ckpt_*"))
+    print(f"node1 without the .beton files: both nodes stopped in {time.monotonic() - t0:.1f} s")
+
 # ----- Slurm across the two nodes -------------------------------------------------------------------
 
 

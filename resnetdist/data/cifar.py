@@ -31,6 +31,8 @@ VAL_SPLIT_SEED = 20151210  # fixed, so every run holds out the same 5k images
 class DataError(Exception):
     """A data file is missing, truncated or corrupt; the message names it."""
 
+    exit_code = 2  # bad input
+
 
 @dataclass
 class Split:
