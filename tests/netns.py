@@ -49,7 +49,13 @@ def unavailable() -> str | None:
         _run("ip", "netns", "add", probe)
     except (subprocess.CalledProcessError, OSError) as e:
         return f"`ip netns add` failed here: {getattr(e, 'stderr', '') or e}".strip()
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=30)
+    try:
+        _run("unshare", "--uts", "--mount", "--pid", "--mount-proc", "--propagation", "private", "--kill-child",
+             "--", "nsenter", f"--net=/run/netns/{probe}", "--", "true")
+    except (subprocess.CalledProcessError, OSError) as e:
+        return f"`unshare --uts --mount --pid` failed here: {getattr(e, 'stderr', '') or e}".strip()
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=30)
     return None
 
 
