@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,7 +15,7 @@ from .config import ConfigError, RunConfig, load_config
 from .errors import BAD_INPUT, FAILED, INTERRUPTED, DataError
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True,
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,  # see main()
     help="Reproduce He et al. 2015 (section 4.2): ResNets and plain nets on CIFAR-10, on one GPU or many.",
 )
 
@@ -25,7 +26,8 @@ TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
 def fail(message: str, code: int = BAD_INPUT) -> None:
-    typer.echo(f"error: {message}", err=True)
+    if message:  # empty: another rank prints the line (data/presence.py)
+        typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
@@ -124,7 +126,7 @@ def train(
         summary = main(cfg, data)
     except NonFiniteLoss as e:
         fail(f"{e} (run directory {cfg.run_dir})", code=e.exit_code)
-    except (WriteError, RunDirBusy, PeerLost) as e:  # errors.py: their exit codes
+    except (WriteError, RunDirBusy, PeerLost, DataError) as e:  # errors.py: their exit codes (DataError: a node without betons)
         fail(str(e), code=e.exit_code)
     except Preempted as e:  # exit 6: not a failure, the scheduler's notice was obeyed
         typer.echo(f"preempted: {e} (run directory {cfg.run_dir})", err=True)
@@ -358,4 +360,15 @@ def doctor(
 
 
 def main() -> None:
-    app()
+    """Errors nobody anticipated (bugs) end as one line too, as in a torchrun log with one
+    line per worker; RESNETDIST_DEBUG=1 prints the plain traceback instead."""
+    try:
+        app()
+    except Exception as e:
+        if os.environ.get("RESNETDIST_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        else:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            typer.echo(f"error: {type(e).__name__}: {first} (unexpected; RESNETDIST_DEBUG=1 shows the traceback)",
+                       err=True)
+        sys.exit(1)

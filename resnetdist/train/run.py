@@ -18,7 +18,7 @@ from torch import nn
 from .. import checkpoint, dist
 from . import preempt, rundir, state
 from ..config import ConfigError, RunConfig, to_toml
-from ..data import Cifar10, load_data
+from ..data import Cifar10, load_data, load_data_on_every_rank
 from .metrics import NullLogger, open_logger
 from .loop import Progress
 from .optim import TensorLRSGD
@@ -48,7 +48,7 @@ def preflight(cfg: RunConfig, world_size: int) -> Cifar10:
         from ..data.beton import require_ffcv
 
         require_ffcv()
-    data = load_data(cfg.data)  # parses and checks every file; a bad one is named
+    data = load_checked_data(cfg)  # parses and checks every file; a bad one is named
     rundir.check_run_dir(cfg)
     return data
 
@@ -62,6 +62,16 @@ def check_out_folder(run_dir: Path) -> None:
     existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{label}: {existing} is not writable")
+
+
+def load_checked_data(cfg: RunConfig) -> Cifar10:
+    """The data, read by this process. Under torchrun with several ranks (workers, possibly on
+    other nodes with their own disks) every rank checks its node and all agree before any
+    trains, so a node without the data stops the job with one line naming the host and path."""
+    if "LOCAL_RANK" not in os.environ or dist.world_size_from_env() <= 1:
+        return load_data(cfg.data)
+    dist.setup(cfg.train.device, cfg.dist.timeout_s)
+    return load_data_on_every_rank(cfg.data)
 
 
 def main(cfg: RunConfig, data: Cifar10 | None = None) -> dict[str, Any]:
