@@ -108,7 +108,7 @@ if [[ "$DRY_RUN" != 1 ]] && ! has_module wandb; then
     echo "[acceptance] W&B is not installed: the training run logs to JSONL and TensorBoard only"
 fi
 run_stage train-resnet20 170 "${RD[@]}" train --n 3 --data-dir "$DATA" --out "$RUN" "${WANDB_SET[@]}"
-run_stage eval-resnet20 20 "${RD[@]}" eval "$RUN/model.pt" --data-dir "$DATA"
+run_stage eval-resnet20 20 "${RD[@]}" eval "$RUN/model.pt" --data-dir "$DATA" --json
 
 if [[ "$DRY_RUN" == 1 ]]; then
     exit 0

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
 from .config import ConfigError, RunConfig, load_config
-from .data.cifar import DataError
+from .errors import BAD_INPUT, FAILED, INTERRUPTED, PREEMPTED, DataError
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True,
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,  # see main()
     help="Reproduce He et al. 2015 (section 4.2): ResNets and plain nets on CIFAR-10, on one GPU or many.",
 )
 
@@ -24,8 +26,9 @@ app = typer.Typer(
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
-def fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
+def fail(message: str, code: int = BAD_INPUT) -> None:
+    if message:  # empty: another rank prints the line (data/presence.py)
+        typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
@@ -65,15 +68,17 @@ def _torchrun(nproc: int, max_restarts: int, argv: list[str], graph: bool = Fals
     except SignalException as e:
         # The workers run in sessions of their own, so a terminal's Ctrl-C reaches torchrun alone,
         # which passes it on once. A second one interrupts torchrun's wait for them: pass it on
-        # too, so that they stop at once rather than at their checkpoint (preempt.Notice)
+        # too, so that they stop at once rather than at their checkpoint (preempt.Notice). The
+        # workers have said how they stopped; the launcher exits with the code of that stop
         stop_workers(e.sigval)
-        raise typer.Exit(128 + int(e.sigval)) from None
+        if e.sigval not in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            raise
+        raise typer.Exit(INTERRUPTED if e.sigval == signal.SIGINT else PREEMPTED) from None
 
 
 def stop_workers(sig: int, grace_s: float = 30.0) -> None:
     """Send `sig` to this process's children still running (torchrun's workers), then wait for
     them; each has already had the signal once, so a second SIGINT ends it at once."""
-    import signal
     import time
 
     children = [int(p) for p in _children(os.getpid())]
@@ -99,7 +104,7 @@ def _children(pid: int) -> list[str]:
 
 def _alive(pid: int) -> bool:
     try:
-        os.waitpid(pid, os.WNOHANG)
+        os.waitpid(pid, os.WNOHANG)  # reap it if it has exited
     except ChildProcessError:
         pass
     try:
@@ -146,7 +151,7 @@ def train(
 ) -> None:
     """Train a ResNet or plain net with the paper's recipe."""
     from .checkpoint import ignore_file_size_signal
-    from .train.rundir import RunDirBusy
+    from .errors import RunDirBusy
 
     ignore_file_size_signal()  # a file-size limit then fails the write (WriteError) instead of killing us
     try:
@@ -157,26 +162,24 @@ def train(
             train={"out": str(out) if out else None, "device": device, "seed": seed},
         )
         from .dist import world_size_from_env
-        from .train.announce import finished, finished_summary
+        from .train.announce import finished_summary
         from .train.run import preflight
 
         under_torchrun = "LOCAL_RANK" in os.environ
         world_size = nproc_per_node if nproc_per_node and not under_torchrun else world_size_from_env()
         if dry_run:
-            show_dry_run(cfg, world_size)
-            return
+            return show_dry_run(cfg, world_size)
         data = preflight(cfg, world_size)
-        done = finished_summary(cfg.run_dir, cfg)
+        # here, on rank 0's node, before any worker starts (under torchrun the run asks rank 0)
+        done = None if under_torchrun else finished_summary(cfg.run_dir, cfg)
     except RunDirBusy as e:
         fail(str(e), code=e.exit_code)
     except (ConfigError, DataError, RuntimeError) as e:
         fail(str(e))
     except KeyboardInterrupt:
-        fail("interrupted before training started; nothing was written", code=130)
-    if done is not None:  # a rerun of a finished run: its result, and nothing else (no W&B run, no evaluation)
-        if int(os.environ.get("RANK", "0")) == 0:
-            typer.echo(json.dumps(done) if as_json else finished(done, cfg))
-        return
+        fail("interrupted before training started; nothing was written", code=INTERRUPTED)
+    if done is not None:
+        return show_finished(done, cfg, as_json)
     if nproc_per_node and not under_torchrun:
         _torchrun(nproc_per_node, max_restarts, _strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]),
                   graph=cfg.train.step == "graph")
@@ -185,36 +188,42 @@ def train(
 
 
 def train_here(cfg: RunConfig, data, as_json: bool = False) -> None:
-    """This process's rank of the run, its faults turned into one line and an exit code."""
-    from .checkpoint import WriteError
-    from .dist import PeerLost
-    from .train.loop import NonFiniteLoss
-    from .train.preempt import Preempted
-    from .train.rundir import RunDirBusy
+    """This process's rank of the run: its faults turned into one line and an exit code, its
+    result into a summary in words (rank 0) or a JSON line per rank (--json)."""
+    from .errors import NonFiniteLoss, PeerLost, Preempted, RunDirBusy, WriteError
+    from .train.announce import AlreadyFinished, closing
     from .train.run import main
 
     try:
         summary = main(cfg, data)
+    except AlreadyFinished as e:  # under torchrun: rank 0's run directory holds the result
+        return show_finished(e.summary, cfg, as_json)
     except NonFiniteLoss as e:
-        fail(f"{e} (run directory {cfg.run_dir})", code=3)
-    except (WriteError, RunDirBusy, PeerLost) as e:  # exit 4 / 5 / 7, see README "Faults and bad inputs"
+        fail(f"{e} (run directory {cfg.run_dir})", code=e.exit_code)
+    except (WriteError, RunDirBusy, PeerLost, DataError) as e:  # errors.py: their exit codes (DataError: a node without betons)
         fail(str(e), code=e.exit_code)
     except Preempted as e:  # exit 6: not a failure, the scheduler's notice was obeyed (130: Ctrl-C)
         interrupted = e.reason == "SIGINT"
         if not interrupted or int(os.environ.get("RANK", "0")) == 0:  # a person reads one line
             typer.echo(f"{'interrupted' if interrupted else 'preempted'}: {e} (run directory {cfg.run_dir})", err=True)
         raise typer.Exit(e.exit_code)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+    except KeyboardInterrupt:  # a second Ctrl-C
         fail(f"interrupted at once, without a checkpoint of this moment; run the same command again to "
-             f"resume from the newest checkpoint in {cfg.run_dir}, if any", code=130)
+             f"resume from the newest checkpoint in {cfg.run_dir}, if any", code=INTERRUPTED)
     rank = int(os.environ.get("RANK", "0"))
     if as_json:  # every rank prints its view of the result: the all-reduced errors must agree
         keys = ("name", "test_error", "iterations", "train_seconds", "images_per_second")
         typer.echo(json.dumps({"rank": rank, **{k: summary[k] for k in keys}}))
     elif rank == 0:
-        from .train.announce import closing
-
         typer.echo(closing(summary, cfg))
+
+
+def show_finished(summary: dict[str, Any], cfg: RunConfig, as_json: bool) -> None:
+    """A rerun of a finished run: its result (rank 0), and nothing else."""
+    from .train.announce import finished
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(json.dumps(summary) if as_json else finished(summary, cfg))
 
 
 def show_dry_run(cfg: RunConfig, world_size: int) -> None:
@@ -222,6 +231,7 @@ def show_dry_run(cfg: RunConfig, world_size: int) -> None:
     resolved configuration and what would run; nothing is written."""
     from .data.cifar import locate
     from .train.announce import dry_run
+    from .train.resolve import resolve
     from .train.run import preflight
 
     notes = []
@@ -232,6 +242,8 @@ def show_dry_run(cfg: RunConfig, world_size: int) -> None:
         notes.append("CIFAR-10 is not in the download cache: the run would download it first (163 MB)")
     if cached:
         preflight(cfg, world_size)
+    else:
+        resolve(cfg)  # what preflight resolves for this machine (device, precision, step, W&B mode)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(dry_run(cfg, world_size, notes))
 
@@ -241,17 +253,19 @@ def eval_(
     checkpoint: Path = typer.Argument(..., help="ckpt_*.pt or model.pt from a run directory"),
     data_dir: Optional[Path] = typer.Option(None, help="override the run's data folder"),
     device: str = typer.Option("auto"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
 ) -> None:
     """Test error of a saved checkpoint."""
-    from .train.evaluate import evaluate_checkpoint
+    from .errors import CheckpointError
+    from .train.evaluate import describe, evaluate_checkpoint
 
-    if not checkpoint.exists():
-        fail(f"{checkpoint}: no such checkpoint")
+    if device not in ("auto", "cpu", "cuda"):
+        fail(f"--device must be auto, cpu or cuda, got {device!r}")
     try:
         result = evaluate_checkpoint(checkpoint, data_dir, device)
-    except (ConfigError, DataError, RuntimeError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         fail(str(e))
-    typer.echo(json.dumps(result))
+    typer.echo(json.dumps(result) if as_json else describe(result))
 
 
 @app.command()
@@ -268,7 +282,8 @@ def prepare(
         require_ffcv()
         folder = locate(data_dir)
         target = out or folder.parent / "beton"
-        train_path, test_path, rebuilt = prepare_betons(folder, target, force=force)
+        train_path, test_path, rebuilt = prepare_betons(folder, target, force=force,
+                                                        announce=lambda what: typer.echo(what, err=True))
     except (DataError, RuntimeError) as e:
         fail(str(e))
     typer.echo(f"{'wrote' if rebuilt else 'up to date, nothing to do:'} {train_path} {test_path}")
@@ -288,7 +303,7 @@ def bench(
     iters: int = typer.Option(500, help="timed iterations per setting"),
     warmup: int = typer.Option(30, help="untimed iterations first (compile and graph capture happen here)"),
     device: str = typer.Option("auto"),
-    loaders: str = typer.Option("gpu,ffcv", help="comma-separated: gpu, ffcv"),
+    loaders: str = typer.Option("resident,ffcv", help="comma-separated: resident, ffcv (gpu: resident's old name)"),
     modes: str = typer.Option("eager,compile,graph", help="comma-separated: eager, compile, graph"),
     precisions: str = typer.Option("fp32,bf16,fp16", help="comma-separated: fp32, bf16, fp16"),
     data_dir: Optional[Path] = typer.Option(None, help="CIFAR-10 folder (default: synthetic data of the same size)"),
@@ -315,7 +330,7 @@ def bench_loader(
     iters: int = typer.Option(200),
     warmup: int = typer.Option(20),
     device: str = typer.Option("auto"),
-    loaders: str = typer.Option("gpu,ffcv", help="comma-separated: gpu, ffcv"),
+    loaders: str = typer.Option("resident,ffcv", help="comma-separated: resident, ffcv (gpu: resident's old name)"),
     data_dir: Optional[Path] = typer.Option(None, help="CIFAR-10 folder (default: synthetic data of the same size)"),
     out: Path = typer.Option(Path("bench/loader.json")),
 ) -> None:
@@ -346,6 +361,9 @@ def report(
         fail(str(e))
     for note in written["skipped"]:
         typer.echo(f"skipped: {note}", err=True)
+    for note in written["warnings"]:
+        typer.echo(f"warning: {note}", err=True)
+    typer.echo(written["markdown"])
     typer.echo(f"wrote {written['report']}, {written['figure']} and {len(written['curves'])} curve figure(s) "
                f"from {written['runs']} run(s)")
 
@@ -358,13 +376,12 @@ def export_(
     data_dir: Optional[Path] = typer.Option(None, help="only for old checkpoints without a stored mean image"),
 ) -> None:
     """Weights for use without this package: safetensors or ONNX (checked with onnxruntime), plus <name>.mean.npy."""
+    from .checkpoint import CheckpointError
     from .tools.export import ExportError, export
 
-    if not checkpoint.exists():
-        fail(f"{checkpoint}: no such checkpoint")
     try:
         result = export(checkpoint, format, out, data_dir)
-    except (ExportError, ConfigError) as e:
+    except (ExportError, CheckpointError, ConfigError) as e:
         fail(str(e))
     typer.echo(json.dumps(result))
 
@@ -426,9 +443,9 @@ def reproduce(
     except ConfigError as e:
         fail(str(e))
     except KeyboardInterrupt:
-        fail("interrupted; run the same command again to resume", code=130)
+        fail("interrupted; run the same command again to resume", code=INTERRUPTED)
     if any(o.status == "failed" for o in outcomes):
-        raise typer.Exit(1)
+        raise typer.Exit(FAILED)
 
 
 @app.command()
@@ -451,8 +468,19 @@ def doctor(
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(json.dumps(report, indent=2) if as_json else format_table(report))
     if not report["ok"]:
-        raise typer.Exit(1)
+        raise typer.Exit(FAILED)
 
 
 def main() -> None:
-    app()
+    """Errors nobody anticipated (bugs) end as one line too, as in a torchrun log with one
+    line per worker; RESNETDIST_DEBUG=1 prints the plain traceback instead."""
+    try:
+        app()
+    except Exception as e:
+        if os.environ.get("RESNETDIST_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        else:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            typer.echo(f"error: {type(e).__name__}: {first} (unexpected; RESNETDIST_DEBUG=1 shows the traceback)",
+                       err=True)
+        sys.exit(1)

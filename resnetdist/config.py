@@ -3,8 +3,10 @@ from TOML (configs/*.toml) plus `--set section.key=value` overrides.
 
 Order of precedence: dataclass defaults < --config file < CLI flags < --set. Everything is
 checked (unknown section or key, wrong type, impossible value) before any worker starts, and
-the error names the key at fault. Every "auto" (device, precision, CUDA graph, W&B mode,
-warm-up) is resolved here, once, so config.toml in the run directory records what ran.
+the error names the key at fault. The recipe's "auto" (warm-up) and the old spellings
+(data.loader = "gpu") are resolved here; what depends on the machine (device, precision,
+step, W&B mode) by its owner, in train/resolve.py, so config.toml in the run directory
+records what ran.
 
 This module imports nothing from the package: every other module may import it.
 """
@@ -13,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +43,8 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 class ConfigError(ValueError):
     """A configuration file, key or value is wrong; the message names it."""
 
+    exit_code = 2  # errors.BAD_INPUT (config imports nothing of the package; errors.py lists it)
+
 
 def model_name(n: int, plain: bool) -> str:
     """resnet20, plain56, ...: the name of the (6n+2)-layer net."""
@@ -58,12 +60,20 @@ def depth_to_n(depth: int) -> int:
 # ----- the sections -----------------------------------------------------------------------------
 
 
+def doc(text: str) -> dict[str, str]:
+    """A field's one-line description, as field metadata: docs/configuration.md is generated
+    from it (python -m resnetdist.configdoc)."""
+    return {"doc": text}
+
+
 @dataclass
 class ModelConfig:
-    n: int = 3  # blocks per stage; depth = 6n + 2
-    plain: bool = False  # True: no shortcuts (the paper's "plain" baselines)
-    shortcut: str = "A"  # A: identity + zero-padded channels (paper's CIFAR choice); B: 1x1 projection
-    num_classes: int = 10
+    n: int = field(default=3, metadata=doc(
+        "blocks per stage; depth 6n+2 (3 -> 20, 5 -> 32, 7 -> 44, 9 -> 56, 18 -> 110)"))
+    plain: bool = field(default=False, metadata=doc("no shortcuts (the paper's plain baselines)"))
+    shortcut: str = field(default="A", metadata=doc(
+        "A: identity, zero-padded channels where width doubles (paper); B: 1x1 projection there"))
+    num_classes: int = field(default=10, metadata=doc("classes of the last layer"))
 
     def validate(self) -> None:
         if self.n < 1:
@@ -84,14 +94,21 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dir: str = ""  # folder with cifar-10-batches-bin/ or the tarball; "" = download to the cache
-    loader: str = "resident"  # resident: the dataset on the training device | ffcv: .beton files
-    beton_dir: str = ""  # where the .beton files live; "" = <data dir>/beton
-    ffcv_workers: int = 4
-    val_split: bool = False  # hold out 5k training images (the paper's 45k/5k protocol)
-    mean: str = "pixel"  # pixel: per-pixel mean image of the training set; channel: channel_mean
-    channel_mean: list[float] = field(default_factory=lambda: [125.3, 123.0, 113.9])
-    eval_batch: int = 1000
+    dir: str = field(default="", metadata=doc(
+        "folder with cifar-10-batches-bin/ or the tarball; \"\" downloads to the cache"))
+    loader: str = field(default="resident", metadata=doc(
+        "resident: the whole dataset on the training device (gpu, its old name, still works); ffcv: "
+        ".beton files through FFCV's Loader"))
+    beton_dir: str = field(default="", metadata=doc(
+        "where the .beton files live (\"\" = beton/ beside cifar-10-batches-bin/)"))
+    ffcv_workers: int = field(default=4, metadata=doc("FFCV decoding threads"))
+    val_split: bool = field(default=False, metadata=doc(
+        "hold out 5k of the 50k training images (the paper's 45k/5k protocol)"))
+    mean: str = field(default="pixel", metadata=doc(
+        "pixel: subtract the per-pixel mean image of the training set; channel: data.channel_mean"))
+    channel_mean: list[float] = field(default_factory=lambda: [125.3, 123.0, 113.9], metadata=doc(
+        "per-channel means, 0-255 units"))
+    eval_batch: int = field(default=1000, metadata=doc("evaluation batch"))
 
     def validate(self) -> None:
         if self.loader not in LOADERS and self.loader not in LOADER_ALIASES:
@@ -106,20 +123,22 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    batch_size: int = 128  # global batch (see dist.batch_scaling)
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    # length of the run; --iters N sets it. Milestones, warm-up and the evaluation and checkpoint
-    # cadence written for another length (the defaults, a config file's values given with its
-    # optim.iters) move in proportion; values given without a length (--set) are kept as written
-    iters: int = PAPER_ITERS
-    # lr steps (iterations); each must fall before optim.iters (one at or past the end is refused)
-    milestones: list[int] = field(default_factory=lambda: [32_000, 48_000])
-    gamma: float = 0.1  # lr factor at each milestone
-    # lr = warmup_lr for the first warmup_iters; -1: 400 of 64k iterations (in proportion) for n >= 18, else 0
-    warmup_iters: int = -1
-    warmup_lr: float = 0.01
+    batch_size: int = field(default=128, metadata=doc("global batch (see dist.batch_scaling)"))
+    lr: float = field(default=0.1, metadata=doc("SGD learning rate"))
+    momentum: float = field(default=0.9, metadata=doc("SGD momentum"))
+    weight_decay: float = field(default=1e-4, metadata=doc("SGD weight decay"))
+    iters: int = field(default=PAPER_ITERS, metadata=doc(
+        "length of the run; --iters N (or this key) sets it. Milestones, warm-up and the evaluation and "
+        "checkpoint cadence written for another length (the defaults, a config file's values given with "
+        "its optim.iters) move in proportion; values given without a length (--set) are kept as written"))
+    milestones: list[int] = field(default_factory=lambda: [32_000, 48_000], metadata=doc(
+        "iterations at which the lr is multiplied by gamma; each before optim.iters (one at or past "
+        "the end is refused)"))
+    gamma: float = field(default=0.1, metadata=doc("lr factor at each milestone"))
+    warmup_iters: int = field(default=-1, metadata=doc(
+        "iterations at the constant warm-up lr; -1 = 400 of 64k for n >= 18 (ResNet-110; in proportion "
+        "for other lengths), else none"))
+    warmup_lr: float = field(default=0.01, metadata=doc("the warm-up lr"))
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.iters < 1:
@@ -140,22 +159,29 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    out: str = ""  # run directory; "" = runs/<name>
-    # iterations between evaluations / checkpoints: 2000 / 4000 of the paper's 64k, in proportion
-    # for other lengths (multiples of log.log_every: 100 / 100 for a 2,000-iteration run)
-    eval_every: int = 2_000
-    checkpoint_every: int = 4_000
-    keep_checkpoints: int = 3
-    precision: str = "auto"  # auto: bf16 on a GPU that supports it, else fp32
-    channels_last: bool = True  # used on CUDA only
+    seed: int = field(default=0, metadata=doc("weights, data order and augmentation all derive from it"))
+    device: str = field(default="auto", metadata=doc("auto, cpu, cuda"))
+    out: str = field(default="", metadata=doc("run directory (\"\" = runs/<name>)"))
+    eval_every: int = field(default=2_000, metadata=doc(
+        "iterations between evaluations; the default moves with optim.iters (multiples of log.log_every: "
+        "100 for a 2,000-iteration run)"))
+    checkpoint_every: int = field(default=4_000, metadata=doc(
+        "iterations between checkpoints; the default moves with optim.iters like eval_every"))
+    keep_checkpoints: int = field(default=3, metadata=doc("checkpoints kept in the run directory"))
+    precision: str = field(default="auto", metadata=doc(
+        "fp32, bf16, fp16; auto = bf16 on a GPU that has it, else fp32"))
+    channels_last: bool = field(default=True, metadata=doc("NHWC memory format (CUDA only)"))
     # auto: the fastest verified step here (graph on CUDA with bf16/fp32; eager on the CPU and for
     # fp16, whose loss scaler syncs with the host) | graph: the whole step captured once as a CUDA
     # graph and replayed | compile: torch.compile of the model, eager step | eager
-    step: str = "auto"
-    compile: str = "none"  # none | default | max-autotune: torch.compile mode (step = compile: default)
-    cuda_graph: bool = False  # old spelling of step = "graph"; kept equal to it once resolved
+    step: str = field(default="auto", metadata=doc(
+        "graph: the whole step captured once as a CUDA graph and replayed; compile: torch.compile of the "
+        "model, eager step; eager. auto = graph on CUDA with bf16/fp32, else eager; a failed capture "
+        "trains eagerly and config.toml / summary.json record what ran"))
+    compile: str = field(default="none", metadata=doc(
+        "torch.compile mode: none, default, max-autotune (step = compile with none means default)"))
+    cuda_graph: bool = field(default=False, metadata=doc(
+        "old spelling of train.step = \"graph\", still accepted; once resolved, whether the graph runs"))
 
     def validate(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -177,10 +203,12 @@ class DistConfig:
     # split: optim.batch_size is the global batch, divided across ranks (the paper's 128 on
     # any number of GPUs). per_rank: every rank takes optim.batch_size, the global batch grows
     # with the world size and the lr is scaled linearly with a warm-up (Goyal et al. 2017).
-    batch_scaling: str = "split"
-    scale_warmup_iters: int = 500
-    sync_bn: bool = False
-    timeout_s: int = 600  # process-group init and every collective
+    batch_scaling: str = field(default="split", metadata=doc(
+        "split: the global batch is divided across ranks; per_rank: every rank takes optim.batch_size, lr"
+        " scaled by the world size after a linear warm-up (Goyal et al. 2017)"))
+    scale_warmup_iters: int = field(default=500, metadata=doc("the per_rank lr warm-up, in iterations"))
+    sync_bn: bool = field(default=False, metadata=doc("SyncBatchNorm across ranks (CUDA)"))
+    timeout_s: int = field(default=600, metadata=doc("process-group init and every collective"))
 
     def validate(self) -> None:
         if self.batch_scaling not in BATCH_SCALING:
@@ -191,17 +219,23 @@ class DistConfig:
 
 @dataclass
 class LogConfig:
-    name: str = ""  # run name; "" = <model>-s<seed>, e.g. resnet20-s0
-    log_every: int = 100  # iterations between train-loss records (TensorBoard / W&B, progress)
-    tensorboard: bool = True
-    wandb_mode: str = "auto"  # auto: online when logged in or WANDB_API_KEY is set, else offline
-    wandb_project: str = ""  # "" = $WANDB_PROJECT or "resnetdist"
-    wandb_entity: str = ""  # "" = $WANDB_ENTITY or your default entity
-    wandb_group: str = ""  # "" = the model name, so seeds of one net group together (reproduce: the suite)
-    wandb_job_type: str = ""  # "" = the model name, so a suite's runs can be told apart by net
-    wandb_tags: list[str] = field(default_factory=list)
-    wandb_init_timeout_s: int = 60  # online init gives up after this, and the run goes on offline
-    wandb_finish_timeout_s: int = 300  # upload wait at the end; the rest stays on disk for `wandb sync`
+    name: str = field(default="", metadata=doc("run name (\"\" = <net>-s<seed>, e.g. resnet20-s0)"))
+    log_every: int = field(default=100, metadata=doc(
+        "iterations between train-loss records (TensorBoard, W&B, progress bar) and NaN checks"))
+    tensorboard: bool = field(default=True, metadata=doc("event files in <run>/tb"))
+    wandb_mode: str = field(default="auto", metadata=doc(
+        "auto (online when logged in or WANDB_API_KEY is set, else offline), online, offline, disabled"))
+    wandb_project: str = field(default="", metadata=doc("\"\" = $WANDB_PROJECT or resnetdist"))
+    wandb_entity: str = field(default="", metadata=doc("\"\" = $WANDB_ENTITY or your default entity"))
+    wandb_group: str = field(default="", metadata=doc(
+        "\"\" = the net name, so seeds of one net group together (reproduce: the suite)"))
+    wandb_job_type: str = field(default="", metadata=doc(
+        "\"\" = the net name, so a suite's runs can be told apart by net"))
+    wandb_tags: list[str] = field(default_factory=list, metadata=doc("extra W&B tags"))
+    wandb_init_timeout_s: int = field(default=60, metadata=doc(
+        "online init gives up after this, and the run goes on offline"))
+    wandb_finish_timeout_s: int = field(default=300, metadata=doc(
+        "upload wait at the end; the rest stays on disk for wandb sync"))
 
     def validate(self) -> None:
         if self.wandb_mode not in WANDB_MODES:
@@ -316,14 +350,13 @@ def load_config(
     flags: dict[str, dict[str, Any]] | None = None,
     overrides: list[str] | None = None,
     iters: int | None = None,
-    for_this_machine: bool = True,
 ) -> RunConfig:
     """Defaults < file < flags (--iters among them: it sets optim.iters) < --set, checked on the
     final values. The schedule (milestones, warm-up, evaluation and checkpoint cadence) moves
     with the run length only where it was written for another length (scale_schedule); a value
-    given on its own is kept as written. for_this_machine=False leaves device, precision, graph
-    and W&B mode as given ("auto" stays "auto"): for configs written here to be trained
-    elsewhere (a Slurm suite's runs resolve them on their own nodes)."""
+    given on its own is kept as written. Device, precision, step and W&B mode stay as given
+    ("auto" stays "auto") until train/resolve.resolve, once, on the machine that trains (a
+    Slurm suite's runs resolve them on their own nodes)."""
     if iters is not None and iters < 1:
         raise ConfigError(f"--iters must be >= 1, got {iters}")
     cfg = RunConfig()
@@ -340,10 +373,6 @@ def load_config(
         merge(cfg, tree, source)
     scale_schedule(cfg, schedule_lengths(sources))
     resolve_recipe(cfg)
-    if for_this_machine:
-        for note in resolve_machine(cfg):
-            if os.environ.get("RANK", "0") == "0":  # once per job, not once per rank
-                print(f"note: {note}", file=sys.stderr, flush=True)
     cfg.validate()
     return cfg
 
@@ -359,79 +388,6 @@ def resolve_recipe(cfg: RunConfig) -> None:
         warmup = max(1, round(400 * cfg.optim.iters / PAPER_ITERS))
         cfg.optim.warmup_iters = min(warmup, cfg.optim.iters) if cfg.model.n >= 18 else 0
     cfg.data.loader = LOADER_ALIASES.get(cfg.data.loader, cfg.data.loader)
-
-
-def resolve_machine(cfg: RunConfig) -> list[str]:
-    """Replace every "auto" that depends on this machine by what will run here; returns notes
-    for the user about settings that cannot apply here."""
-    import torch
-
-    notes = []
-    if cfg.train.device == "auto":
-        cfg.train.device = "cuda" if torch.cuda.is_available() else "cpu"
-    on_cuda = cfg.train.device == "cuda"
-    if cfg.train.precision == "auto":
-        cfg.train.precision = "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "fp32"
-    notes += resolve_step(cfg.train, on_cuda)
-    cfg.log.wandb_mode = resolve_wandb_mode(cfg.log.wandb_mode)
-    return notes
-
-
-def resolve_step(train: TrainConfig, on_cuda: bool) -> list[str]:
-    """train.step "auto" (and the old train.cuda_graph / train.compile spellings) -> the step
-    that will run; train.cuda_graph and train.compile are set to agree with it."""
-    notes = []
-    if train.step == "auto" and train.cuda_graph:
-        train.step = "graph"
-    elif train.step == "auto" and train.compile != "none":
-        train.step = "compile"
-    elif train.step == "auto":
-        # measured on an H100 (DESIGN.md): the whole-step graph is 4x the eager step at batch 128;
-        # fp16 stays eager (validate refuses graph + fp16)
-        train.step = "graph" if on_cuda and train.precision in ("bf16", "fp32") else "eager"
-    if train.step == "graph" and not on_cuda:
-        notes.append(f"train.step = graph needs CUDA; the step runs eagerly on {train.device}")
-        train.step = "eager"
-    if train.step == "compile" and train.compile == "none":
-        train.compile = "default"
-    if train.step == "eager":
-        train.compile = "none"
-    train.cuda_graph = train.step == "graph"
-    return notes
-
-
-def resolve_wandb_mode(mode: str) -> str:
-    """auto -> $WANDB_MODE when set, else online when logged in, else offline. An explicit
-    log.wandb_mode (online/offline/disabled) wins over the environment."""
-    if mode != "auto":
-        return mode
-    env = wandb_env_mode()
-    if env in ("online", "offline", "disabled", "shared"):
-        return "online" if env == "shared" else env
-    return "online" if wandb_logged_in() else "offline"
-
-
-def wandb_env_mode() -> str | None:
-    """The mode asked for by WANDB_MODE / WANDB_DISABLED, normalised; None when unset."""
-    if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
-        return "disabled"
-    mode = os.environ.get("WANDB_MODE", "").strip().lower()
-    return {"dryrun": "offline", "run": "online"}.get(mode, mode) if mode else None
-
-
-def wandb_logged_in() -> bool:
-    """An API key in the environment, or `wandb login` having stored one in ~/.netrc for the
-    server in use. Decided locally: nothing is sent over the network."""
-    from urllib.parse import urlparse
-
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return netrc.is_file() and host in netrc.read_text(errors="ignore")
-    except OSError:
-        return False
 
 
 # Values counted in iterations of a run: written for one run length (the defaults and the
@@ -520,28 +476,3 @@ def diff(a: RunConfig, b: RunConfig) -> list[tuple[str, Any, Any]]:
         for key in da[section]
         if da[section][key] != db[section][key]
     ]
-
-
-# What a run directory's results depend on: resuming with any of these changed would splice
-# two different experiments into one curve, so it is refused. Everything else (logging,
-# devices, loader, speed settings, world size) may change between restarts.
-RESUME_KEYS = ("model", "optim", "train.seed", "data.val_split", "data.mean", "data.channel_mean",
-               "dist.batch_scaling")
-
-
-def check_run_dir(cfg: RunConfig) -> None:
-    """Refuse to continue a run directory that holds a different experiment."""
-    path = cfg.run_dir / "config.toml"
-    if not path.exists():
-        return
-    old = from_dict(read_toml(path), str(path))
-    changed = [
-        f"{key}: {was!r} -> {now!r}"
-        for key, was, now in diff(old, cfg)
-        if key in RESUME_KEYS or key.split(".")[0] in RESUME_KEYS
-    ]
-    if changed:
-        raise ConfigError(
-            f"{cfg.run_dir} holds a run with a different configuration ({'; '.join(changed)}); "
-            f"pass another --out, or delete that folder to start over"
-        )

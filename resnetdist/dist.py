@@ -22,18 +22,14 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from .errors import PeerLost
+
 
 # what gloo (and torch's c10d) say when a peer is gone or silent; NCCL names itself
 PEER_FAILURE_MARKERS = ("Timed out", "timed out", "timeout", "Connection closed", "Connection reset",
                         "pair closure", "Broken pipe", "NCCL", "gloo")
 
 _timeout_s: int | None = None  # the process group's, for messages
-
-
-class PeerLost(RuntimeError):
-    """A collective failed or timed out: another rank hung, was stopped or died."""
-
-    exit_code = 7  # `resnetdist train` exits with this (README, "Faults and bad inputs")
 
 
 @dataclass(frozen=True)
@@ -90,6 +86,15 @@ def cleanup() -> None:
 
 def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def distributed() -> bool:
+    """A process group of more than one rank is up."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def print0(*args, **kwargs) -> None:
@@ -154,6 +159,19 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's value, in rank order ([obj] when not distributed)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def barrier() -> None:

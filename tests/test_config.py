@@ -2,6 +2,7 @@
 import pytest
 
 from resnetdist.config import ConfigError, load_config, parse_override, read_toml
+from resnetdist.train.resolve import resolve
 from resnetdist.config import OptimConfig
 from resnetdist.train.schedule import lr_at
 
@@ -182,15 +183,16 @@ def test_cli_refuses_bad_input_before_anything_runs(tmp_path, tiny_data):
 def test_configs_for_other_machines_keep_auto():
     """A Slurm suite writes its runs' configs on the login node; the nodes resolve device,
     precision and W&B mode themselves."""
-    cfg = load_config(flags={"model": {"n": 18}, "data": {"loader": "gpu"}}, for_this_machine=False)
+    cfg = load_config(flags={"model": {"n": 18}, "data": {"loader": "gpu"}})
     assert (cfg.train.device, cfg.train.precision, cfg.log.wandb_mode) == ("auto", "auto", "auto")
     assert cfg.optim.warmup_iters == 400 and cfg.data.loader == "resident"  # the recipe is resolved
-    here = load_config(flags={"model": {"n": 18}})
+    here = resolve(load_config(flags={"model": {"n": 18}}))
     assert here.train.device in ("cpu", "cuda") and here.train.precision != "auto" and here.log.wandb_mode != "auto"
 
 
 def test_train_step_resolution(monkeypatch):
-    from resnetdist.config import TrainConfig, resolve_step
+    from resnetdist.config import TrainConfig
+    from resnetdist.train.step import resolve_step
 
     def resolved(on_cuda, **kw):
         t = TrainConfig(**{"precision": "bf16", **kw})
@@ -221,6 +223,23 @@ def test_config_toml_without_tomli_w_round_trips(monkeypatch):
     assert config.tomllib.loads(text) == cfg.to_dict()
 
 
+def test_the_configuration_page_is_generated_from_the_dataclasses():
+    """docs/configuration.md is what `python -m resnetdist.configdoc` prints: every key, its
+    default and its description, so the page cannot drift from config.py."""
+    import dataclasses
+
+    from resnetdist.config import RunConfig
+    from resnetdist.configdoc import render
+
+    cfg = RunConfig()
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            assert f.metadata.get("doc"), f"{section.name}.{f.name} has no description (config.doc)"
+    page = (REPO / "docs" / "configuration.md").read_text()
+    assert page == render(), "docs/configuration.md is stale: python -m resnetdist.configdoc > docs/configuration.md"
+    assert "| `train.step` | `\"auto\"` |" in page and "| `log.wandb_finish_timeout_s` | `300` |" in page
+
+
 # ----- train --dry-run ---------------------------------------------------------------------------
 
 
@@ -234,9 +253,11 @@ def test_dry_run_prints_the_resolved_config_and_what_would_run_and_writes_nothin
     assert proc.exit_code == 0 and not out.exists()
     toml_text, _, plan = proc.stdout.partition("would run")
     resolved = tomllib.loads(toml_text)
-    expected = load_config(flags={"model": {"n": 1}, "train": {"device": "cpu", "out": str(out)},
-                                  "data": {"dir": str(tiny_data)}},
-                           overrides=["optim.milestones=[500,1500]"], iters=2000).to_dict()
+    from resnetdist.train.resolve import resolve
+
+    expected = resolve(load_config(flags={"model": {"n": 1}, "train": {"device": "cpu", "out": str(out)},
+                                          "data": {"dir": str(tiny_data)}},
+                                   overrides=["optim.milestones=[500,1500]"], iters=2000)).to_dict()
     assert resolved == expected and resolved["optim"]["milestones"] == [500, 1500]
     for fact in ("net             resnet8 (75,290 parameters)", "device          cpu, 1 rank", "precision       fp32",
                  "step            eager", "loader          resident", "iterations      2,000",

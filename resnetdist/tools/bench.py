@@ -36,7 +36,8 @@ from ..data.augment import augment
 from ..data.cifar import Cifar10, Split, load_cifar10, write_synthetic
 from ..train.loop import Feed, run_steps
 from ..models import build_model
-from ..train.run import make_model, make_step
+from ..train.resolve import resolve
+from ..train.trainer import build
 
 BATCH = 128
 LOSS_READ_EVERY = 100  # the baseline's progress-meter read-back (a host sync), as public loops log
@@ -111,7 +112,7 @@ def _result(setting: Setting, iters: int, seconds: float, setup: float) -> dict[
 
 def baseline_settings(device: torch.device, workers: int) -> dict[str, Any]:
     """Put the baseline at its best on this device, and say how it ran. cudnn.benchmark is set
-    here, before the baseline, because every project setting gets it (run.make_model): a
+    here, before the baseline, because every project setting gets it (trainer.make_model): a
     baseline without it would inflate the speed-ups."""
     on_cuda = device.type == "cuda"
     if on_cuda:
@@ -157,11 +158,11 @@ def bench_baseline(data: Cifar10, n: int, iters: int, warmup: int, device: torch
 
 
 def bench_config(setting: Setting, n: int, device: torch.device, beton_dir: Path) -> RunConfig:
-    return load_config(flags={
+    return resolve(load_config(flags={
         "model": {"n": n}, "data": {"loader": setting.loader, "beton_dir": str(beton_dir)},
         "train": {"device": device.type, "precision": setting.precision, "step": setting.mode},
         "log": {"wandb_mode": "disabled"},
-    })
+    }))
 
 
 def timed(run, warmup: int, iters: int, device: torch.device) -> tuple[float, float]:
@@ -179,11 +180,8 @@ def bench_setting(setting: Setting, data: Cifar10, n: int, iters: int, warmup: i
                   beton_dir: Path) -> dict:
     t_setup = time.perf_counter()
     cfg = bench_config(setting, n, device, beton_dir)
-    ctx = dist.DistContext(0, 0, 1, device)
-    model, optimizer = make_model(cfg, ctx)
-    step = make_step(cfg, ctx, model, optimizer, data)
-    batches = Feed(open_loaders(cfg.data, data, ctx, BATCH, cfg.train.seed).train, cfg.train.seed, BATCH,
-                   out=step.inputs.out if step.inputs else None).batches(0)
+    trainer = build(cfg, dist.DistContext(0, 0, 1, device), data)
+    step, batches = trainer.step, trainer.feed.batches(0)
     setup = time.perf_counter() - t_setup
     warm_s, seconds = timed(lambda count: run_steps(step, batches, count), warmup, iters, device)
     # step: what ran (a failed capture runs eagerly, and says so in capture_error)

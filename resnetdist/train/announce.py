@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import checkpoint
+from .. import checkpoint, dist
 from ..config import RunConfig, dumps_toml
 from .schedule import global_batch
 
@@ -44,6 +44,23 @@ def finished_summary(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
         return None
     same = summary.get("iterations") == cfg.optim.iters and summary.get("name") == cfg.name
     return summary if same and "test_error" in summary else None
+
+
+class AlreadyFinished(Exception):
+    """The run directory holds this run's summary.json: nothing to train (not an error)."""
+
+    def __init__(self, summary: dict[str, Any]):
+        self.summary = summary
+        super().__init__(f"{summary.get('name')} is finished")
+
+
+def stop_if_finished(cfg: RunConfig) -> None:
+    """Raise AlreadyFinished on every rank when rank 0's run directory holds this run's result
+    (the run directory need only be on rank 0's disk): a collective, asked once at the start."""
+    with dist.stage("start agreement (is the run finished)"):
+        summary = dist.broadcast_object(finished_summary(cfg.run_dir, cfg) if dist.is_main_process() else None)
+    if summary is not None:
+        raise AlreadyFinished(summary)
 
 
 def where_it_starts(cfg: RunConfig) -> Start:
