@@ -370,14 +370,16 @@ def test_ctrl_c_under_the_torchrun_launcher(tmp_path, tiny_data, reference2, pre
     their own), which passes it on; once: both ranks stop at one iteration with a checkpoint and
     the rerun resumes exactly; twice: the workers stop at once."""
     out = tmp_path / "run"
-    extra = [] if presses == 1 else ["--set", "log.log_every=30", "--set", "train.checkpoint_every=30",
-                                     "--set", "train.eval_every=30", "--iters", "30000"]
+    # twice: no stop point for 10,000 iterations, so only the second Ctrl-C can end the run soon
+    extra = [] if presses == 1 else ["--set", "log.log_every=10000", "--set", "train.checkpoint_every=30000",
+                                     "--set", "train.eval_every=30000", "--iters", "30000"]
     args = ["train", *ARGS, *extra, "--data-dir", str(tiny_data), "--out", str(out)]
     proc = popen([sys.executable, "-m", "resnetdist", *args, "--nproc-per-node", "2"], tmp_path, session=True)
     if presses == 1:
         started(out, proc)
-    else:
-        wait_for(lambda: checkpoint.checkpoint_path(out, 30).exists(), 150, "the first checkpoint", proc)
+    else:  # rank 0 writes config.toml once its signal handlers are in place
+        wait_for(lambda: (out / "config.toml").exists(), 150, "the run to start", proc)
+        time.sleep(2)
     ctrl_c(proc)
     if presses == 2:
         time.sleep(1)
