@@ -111,6 +111,10 @@ def test_a_run_says_where_it_starts_and_a_finished_run_only_says_it_is_finished(
             "--set", "train.eval_every=20", "--set", "train.checkpoint_every=10", "--set", "log.wandb_mode=offline"]
     first = run_cli(args, check=False, RESNETDIST_TEST_KILL_AT="25")
     assert first.returncode == -9 and "start           fresh start" in first.stdout
+    files = sorted(p for p in out.rglob("*"))
+    planned = run_cli([*args, "--dry-run"])  # says where the run would resume, and touches nothing
+    assert "start           resuming from ckpt_0000020.pt (iteration 20 of 40)" in planned.stdout
+    assert sorted(p for p in out.rglob("*")) == files
     second = run_cli(args)
     assert "resuming from ckpt_0000020.pt (iteration 20 of 40)" in second.stdout
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
