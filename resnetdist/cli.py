@@ -198,14 +198,13 @@ def bench(
     """Time one training step: the baseline and each loader x mode x precision."""
     if ctx.invoked_subcommand is not None:
         return
-    from .tools.bench import format_table, run_step_bench, write_report
+    from .tools.bench import format_table, run_step_bench
 
     try:
         report = run_step_bench(n, iters, warmup, device, _split(loaders), _split(modes), _split(precisions),
-                                data_dir, workers)
+                                data_dir, workers, out)  # written after every setting
     except (DataError, RuntimeError, ValueError) as e:
         fail(str(e))
-    write_report(report, out)
     typer.echo(format_table(report))
     typer.echo(f"\nwrote {out}")
 

@@ -237,7 +237,7 @@ def checkpoint_round_trip(data_dir: Path, device: torch.device, steps: int) -> t
 
 def ms_per_iter(trial: Trial, iters: int, warmup: int) -> float:
     batches = trial.batches(0)
-    _, seconds = timed(lambda count: run_steps(trial.step, batches, count), warmup, iters, trial.step.device)
+    _, seconds, _ = timed(lambda count: run_steps(trial.step, batches, count), warmup, iters, trial.step.device)
     return 1000 * seconds / iters
 
 
