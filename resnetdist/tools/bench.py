@@ -160,9 +160,11 @@ def _peer_transform_written_out(img, mean: torch.Tensor, std: torch.Tensor) -> t
     """RandomCrop(32, padding=4): zero-pad 4, a uniform 32x32 window; RandomHorizontalFlip(0.5);
     ToTensor: HWC uint8 -> CHW float in [0, 1]; Normalize: (x - mean) / std."""
     a = np.pad(np.asarray(img), ((4, 4), (4, 4), (0, 0)))
-    y, x = torch.randint(0, 9, (2,)).tolist()
+    # the random numbers drawn as torchvision draws them: row, column, then the flip
+    y = int(torch.randint(0, 9, size=(1,)).item())
+    x = int(torch.randint(0, 9, size=(1,)).item())
     a = a[y : y + 32, x : x + 32]
-    if torch.rand(1).item() < 0.5:
+    if torch.rand(1) < 0.5:
         a = a[:, ::-1]
     t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float().div(255)
     return (t - mean) / std
