@@ -151,3 +151,25 @@ def test_a_bad_deadline_is_one_line_and_exit_2(tmp_path):
     proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), str(tmp_path)], capture_output=True, text=True,
                           timeout=30, env={**os.environ, "ACCEPTANCE_DEADLINE_S": "9m"})
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "ACCEPTANCE_DEADLINE_S" in proc.stderr
+
+
+# a module finder that refuses what the GPU machine lacks (docs/DESIGN: no tomli-w, ffcv, wandb)
+# and what a stock PyTorch CUDA image need not have
+BLOCKER = '''import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"wandb", "ffcv", "tomli_w", "psutil", "yaml", "onnx", "onnxruntime", "safetensors"}:
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, Block())
+'''
+
+
+@pytest.mark.timeout(300)
+def test_cuda_tests_collect_without_the_packages_a_stock_cuda_image_lacks(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "cuda", "-p",
+                           "no:cacheprovider", "tests"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=280)
+    assert proc.returncode == 0 and "error" not in proc.stdout.lower(), proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "tests/test_step.py::test_graph_evaluation_between_replays_and_resume" in proc.stdout
