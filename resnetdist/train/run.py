@@ -19,7 +19,7 @@ from ..config import ConfigError, RunConfig, check_run_dir, to_toml
 from ..data import Cifar10, Loaders, load_data, open_loaders
 from ..data.augment import training_mean
 from ..data.order import iters_per_epoch
-from .evaluate import error_rates
+from .evaluate import error_rates, model_layout as memory_format  # evaluation uses the same layout
 from .loop import Cadence, Feed, Hooks, Progress, train_loop
 from .metrics import NullLogger, open_logger
 from ..models import build_model, count_parameters
@@ -107,10 +107,6 @@ def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice) -> 
 def write_run_config(cfg: RunConfig) -> None:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write_text(cfg.run_dir / "config.toml", to_toml(cfg))
-
-
-def memory_format(cfg: RunConfig, device: torch.device) -> torch.memory_format:
-    return torch.channels_last if cfg.train.channels_last and device.type == "cuda" else torch.contiguous_format
 
 
 def make_model(cfg: RunConfig, ctx: dist.DistContext) -> tuple[nn.Module, TensorLRSGD]:
