@@ -120,3 +120,36 @@ def test_acceptance_summary_reads_the_stage_outputs(tmp_path):
     assert summary["targets"]["resnet20_best_speedup_vs_baseline"] == {"value": 8.0, "met": True}
     assert summary["targets"]["resnet56_best_projected_64k_s"]["met"] is None  # no bench-n9 output
     assert summary["metrics"]["doctor_failed"] == [] and "| eval-resnet20 | failed | 3 |" in proc.stdout
+
+
+# ----- bounded checks ------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_the_compile_check_is_ended_at_its_time_limit(tmp_path):
+    import multiprocessing
+    import time
+
+    from resnetdist.data.cifar import write_synthetic
+    from resnetdist.tools.doctor import compile_bounded
+
+    import torch
+
+    data = write_synthetic(tmp_path, 128, 200)
+    t0 = time.monotonic()
+    status, detail = compile_bounded(data, torch.device("cpu"), 1, timeout_s=2)
+    assert status == "fail" and "did not finish within 2 s" in detail
+    assert time.monotonic() - t0 < 60 and multiprocessing.active_children() == []
+
+
+def test_a_bad_compile_timeout_is_one_line_and_exit_2():
+    result = cli_in_process(["doctor", "--compile-timeout", "0"], check=False)
+    assert result.exit_code == 2 and "--compile-timeout" in result.stderr
+
+
+def test_the_speed_sample_fits_in_one_epoch():
+    """Every warm-up and timed step in one epoch: no per-epoch order upload inside the timing."""
+    from resnetdist.data.order import iters_per_epoch
+    from resnetdist.tools.doctor import SPEED_ITERS, SPEED_WARMUP, speed_set_per_file
+
+    assert iters_per_epoch(5 * speed_set_per_file(128), 128) > SPEED_WARMUP + SPEED_ITERS
