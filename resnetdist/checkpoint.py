@@ -31,20 +31,11 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
+from .errors import WriteError
+
 PATTERN = re.compile(r"ckpt_(\d+)\.pt$")
 SIDECAR = ".sha256"
 TEMP_GLOB = ".*.tmp-*"  # atomic_write's temporary files: `.NAME.tmp-PID`
-
-
-class WriteError(RuntimeError):
-    """A file of the run could not be written; the message names it and the OS error."""
-
-    exit_code = 4  # `resnetdist train` exits with this (README, "Faults and bad inputs")
-
-    def __init__(self, path: Path, error: OSError):
-        self.path, self.error = Path(path), error
-        reason = f"[Errno {error.errno}] {error.strerror}" if error.errno else str(error)
-        super().__init__(f"could not write {path}: {reason}")
 
 
 class CorruptCheckpoint(RuntimeError):

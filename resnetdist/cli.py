@@ -11,7 +11,7 @@ from typing import Any, Optional
 import typer
 
 from .config import ConfigError, RunConfig, load_config
-from .data.cifar import DataError
+from .errors import BAD_INPUT, FAILED, INTERRUPTED, DataError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True,
@@ -24,7 +24,7 @@ app = typer.Typer(
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = BAD_INPUT) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -92,8 +92,8 @@ def train(
     max_restarts: int = typer.Option(0, help="with --nproc-per-node: elastic restarts after a worker dies"),
 ) -> None:
     """Train a ResNet or plain net with the paper's recipe."""
-    from .checkpoint import WriteError, ignore_file_size_signal
-    from .train.rundir import RunDirBusy
+    from .checkpoint import ignore_file_size_signal
+    from .errors import RunDirBusy
 
     ignore_file_size_signal()  # a file-size limit then fails the write (WriteError) instead of killing us
     try:
@@ -117,16 +117,14 @@ def train(
                   graph=cfg.train.step == "graph")
         return
 
-    from .dist import PeerLost
-    from .train.loop import NonFiniteLoss
-    from .train.preempt import Preempted
+    from .errors import NonFiniteLoss, PeerLost, Preempted, WriteError
     from .train.run import main
 
     try:
         summary = main(cfg, data)
     except NonFiniteLoss as e:
-        fail(f"{e} (run directory {cfg.run_dir})", code=3)
-    except (WriteError, RunDirBusy, PeerLost) as e:  # exit 4 / 5 / 7, see README "Faults and bad inputs"
+        fail(f"{e} (run directory {cfg.run_dir})", code=e.exit_code)
+    except (WriteError, RunDirBusy, PeerLost) as e:  # errors.py: their exit codes
         fail(str(e), code=e.exit_code)
     except Preempted as e:  # exit 6: not a failure, the scheduler's notice was obeyed
         typer.echo(f"preempted: {e} (run directory {cfg.run_dir})", err=True)
@@ -188,7 +186,7 @@ def bench(
     iters: int = typer.Option(500, help="timed iterations per setting"),
     warmup: int = typer.Option(30, help="untimed iterations first (compile and graph capture happen here)"),
     device: str = typer.Option("auto"),
-    loaders: str = typer.Option("gpu,ffcv", help="comma-separated: gpu, ffcv"),
+    loaders: str = typer.Option("resident,ffcv", help="comma-separated: resident, ffcv (gpu: resident's old name)"),
     modes: str = typer.Option("eager,compile,graph", help="comma-separated: eager, compile, graph"),
     precisions: str = typer.Option("fp32,bf16,fp16", help="comma-separated: fp32, bf16, fp16"),
     data_dir: Optional[Path] = typer.Option(None, help="CIFAR-10 folder (default: synthetic data of the same size)"),
@@ -214,7 +212,7 @@ def bench_loader(
     iters: int = typer.Option(200),
     warmup: int = typer.Option(20),
     device: str = typer.Option("auto"),
-    loaders: str = typer.Option("gpu,ffcv", help="comma-separated: gpu, ffcv"),
+    loaders: str = typer.Option("resident,ffcv", help="comma-separated: resident, ffcv (gpu: resident's old name)"),
     data_dir: Optional[Path] = typer.Option(None, help="CIFAR-10 folder (default: synthetic data of the same size)"),
     out: Path = typer.Option(Path("bench/loader.json")),
 ) -> None:
@@ -325,9 +323,9 @@ def reproduce(
     except ConfigError as e:
         fail(str(e))
     except KeyboardInterrupt:
-        fail("interrupted; run the same command again to resume", code=130)
+        fail("interrupted; run the same command again to resume", code=INTERRUPTED)
     if any(o.status == "failed" for o in outcomes):
-        raise typer.Exit(1)
+        raise typer.Exit(FAILED)
 
 
 @app.command()
@@ -353,7 +351,7 @@ def doctor(
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(json.dumps(report, indent=2) if as_json else format_table(report))
     if not report["ok"]:
-        raise typer.Exit(1)
+        raise typer.Exit(FAILED)
 
 
 def main() -> None:

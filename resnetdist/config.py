@@ -3,8 +3,10 @@ from TOML (configs/*.toml) plus `--set section.key=value` overrides.
 
 Order of precedence: dataclass defaults < --config file < CLI flags < --set. Everything is
 checked (unknown section or key, wrong type, impossible value) before any worker starts, and
-the error names the key at fault. Every "auto" (device, precision, CUDA graph, W&B mode,
-warm-up) is resolved here, once, so config.toml in the run directory records what ran.
+the error names the key at fault. The recipe's "auto" (warm-up) and the old spellings
+(data.loader = "gpu") are resolved here; what depends on the machine (device, precision,
+step, W&B mode) by its owner, in train/resolve.py, so config.toml in the run directory
+records what ran.
 
 This module imports nothing from the package: every other module may import it.
 """
@@ -13,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +42,8 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 class ConfigError(ValueError):
     """A configuration file, key or value is wrong; the message names it."""
+
+    exit_code = 2  # errors.BAD_INPUT (config imports nothing of the package; errors.py lists it)
 
 
 def model_name(n: int, plain: bool) -> str:
@@ -303,11 +305,10 @@ def load_config(
     flags: dict[str, dict[str, Any]] | None = None,
     overrides: list[str] | None = None,
     iters: int | None = None,
-    for_this_machine: bool = True,
 ) -> RunConfig:
-    """Defaults < file < flags < --set, checked. for_this_machine=False leaves device,
-    precision, graph and W&B mode as given ("auto" stays "auto"): for configs written here to
-    be trained elsewhere (a Slurm suite's runs resolve them on their own nodes)."""
+    """Defaults < file < flags < --set, checked. Device, precision, step and W&B mode stay as
+    given ("auto" stays "auto") until train/resolve.resolve, once, on the machine that trains
+    (a Slurm suite's runs resolve them on their own nodes)."""
     cfg = RunConfig()
     if config_file is not None:
         merge(cfg, read_toml(config_file), str(config_file))
@@ -316,10 +317,6 @@ def load_config(
     for text in overrides or []:
         merge(cfg, parse_override(text), f"--set {text}")
     resolve_recipe(cfg)
-    if for_this_machine:
-        for note in resolve_machine(cfg):
-            if os.environ.get("RANK", "0") == "0":  # once per job, not once per rank
-                print(f"note: {note}", file=sys.stderr, flush=True)
     if iters is not None:
         scale_schedule(cfg, iters)
     cfg.validate()
@@ -335,79 +332,6 @@ def resolve_recipe(cfg: RunConfig) -> None:
         # The paper warms ResNet-110 up at lr 0.01 for ~400 iterations; shallower nets need none.
         cfg.optim.warmup_iters = 400 if cfg.model.n >= 18 else 0
     cfg.data.loader = LOADER_ALIASES.get(cfg.data.loader, cfg.data.loader)
-
-
-def resolve_machine(cfg: RunConfig) -> list[str]:
-    """Replace every "auto" that depends on this machine by what will run here; returns notes
-    for the user about settings that cannot apply here."""
-    import torch
-
-    notes = []
-    if cfg.train.device == "auto":
-        cfg.train.device = "cuda" if torch.cuda.is_available() else "cpu"
-    on_cuda = cfg.train.device == "cuda"
-    if cfg.train.precision == "auto":
-        cfg.train.precision = "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "fp32"
-    notes += resolve_step(cfg.train, on_cuda)
-    cfg.log.wandb_mode = resolve_wandb_mode(cfg.log.wandb_mode)
-    return notes
-
-
-def resolve_step(train: TrainConfig, on_cuda: bool) -> list[str]:
-    """train.step "auto" (and the old train.cuda_graph / train.compile spellings) -> the step
-    that will run; train.cuda_graph and train.compile are set to agree with it."""
-    notes = []
-    if train.step == "auto" and train.cuda_graph:
-        train.step = "graph"
-    elif train.step == "auto" and train.compile != "none":
-        train.step = "compile"
-    elif train.step == "auto":
-        # measured on an H100 (DESIGN.md): the whole-step graph is 4x the eager step at batch 128;
-        # fp16 stays eager (validate refuses graph + fp16)
-        train.step = "graph" if on_cuda and train.precision in ("bf16", "fp32") else "eager"
-    if train.step == "graph" and not on_cuda:
-        notes.append(f"train.step = graph needs CUDA; the step runs eagerly on {train.device}")
-        train.step = "eager"
-    if train.step == "compile" and train.compile == "none":
-        train.compile = "default"
-    if train.step == "eager":
-        train.compile = "none"
-    train.cuda_graph = train.step == "graph"
-    return notes
-
-
-def resolve_wandb_mode(mode: str) -> str:
-    """auto -> $WANDB_MODE when set, else online when logged in, else offline. An explicit
-    log.wandb_mode (online/offline/disabled) wins over the environment."""
-    if mode != "auto":
-        return mode
-    env = wandb_env_mode()
-    if env in ("online", "offline", "disabled", "shared"):
-        return "online" if env == "shared" else env
-    return "online" if wandb_logged_in() else "offline"
-
-
-def wandb_env_mode() -> str | None:
-    """The mode asked for by WANDB_MODE / WANDB_DISABLED, normalised; None when unset."""
-    if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
-        return "disabled"
-    mode = os.environ.get("WANDB_MODE", "").strip().lower()
-    return {"dryrun": "offline", "run": "online"}.get(mode, mode) if mode else None
-
-
-def wandb_logged_in() -> bool:
-    """An API key in the environment, or `wandb login` having stored one in ~/.netrc for the
-    server in use. Decided locally: nothing is sent over the network."""
-    from urllib.parse import urlparse
-
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return netrc.is_file() and host in netrc.read_text(errors="ignore")
-    except OSError:
-        return False
 
 
 def scale_schedule(cfg: RunConfig, iters: int) -> None:
@@ -466,28 +390,3 @@ def diff(a: RunConfig, b: RunConfig) -> list[tuple[str, Any, Any]]:
         for key in da[section]
         if da[section][key] != db[section][key]
     ]
-
-
-# What a run directory's results depend on: resuming with any of these changed would splice
-# two different experiments into one curve, so it is refused. Everything else (logging,
-# devices, loader, speed settings, world size) may change between restarts.
-RESUME_KEYS = ("model", "optim", "train.seed", "data.val_split", "data.mean", "data.channel_mean",
-               "dist.batch_scaling")
-
-
-def check_run_dir(cfg: RunConfig) -> None:
-    """Refuse to continue a run directory that holds a different experiment."""
-    path = cfg.run_dir / "config.toml"
-    if not path.exists():
-        return
-    old = from_dict(read_toml(path), str(path))
-    changed = [
-        f"{key}: {was!r} -> {now!r}"
-        for key, was, now in diff(old, cfg)
-        if key in RESUME_KEYS or key.split(".")[0] in RESUME_KEYS
-    ]
-    if changed:
-        raise ConfigError(
-            f"{cfg.run_dir} holds a run with a different configuration ({'; '.join(changed)}); "
-            f"pass another --out, or delete that folder to start over"
-        )

@@ -22,18 +22,14 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from .errors import PeerLost
+
 
 # what gloo (and torch's c10d) say when a peer is gone or silent; NCCL names itself
 PEER_FAILURE_MARKERS = ("Timed out", "timed out", "timeout", "Connection closed", "Connection reset",
                         "pair closure", "Broken pipe", "NCCL", "gloo")
 
 _timeout_s: int | None = None  # the process group's, for messages
-
-
-class PeerLost(RuntimeError):
-    """A collective failed or timed out: another rank hung, was stopped or died."""
-
-    exit_code = 7  # `resnetdist train` exits with this (README, "Faults and bad inputs")
 
 
 @dataclass(frozen=True)

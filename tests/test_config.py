@@ -2,6 +2,7 @@
 import pytest
 
 from resnetdist.config import ConfigError, load_config, parse_override, read_toml
+from resnetdist.train.resolve import resolve
 from resnetdist.config import OptimConfig
 from resnetdist.train.schedule import lr_at
 
@@ -109,15 +110,16 @@ def test_cli_refuses_bad_input_before_anything_runs(tmp_path, tiny_data):
 def test_configs_for_other_machines_keep_auto():
     """A Slurm suite writes its runs' configs on the login node; the nodes resolve device,
     precision and W&B mode themselves."""
-    cfg = load_config(flags={"model": {"n": 18}, "data": {"loader": "gpu"}}, for_this_machine=False)
+    cfg = load_config(flags={"model": {"n": 18}, "data": {"loader": "gpu"}})
     assert (cfg.train.device, cfg.train.precision, cfg.log.wandb_mode) == ("auto", "auto", "auto")
     assert cfg.optim.warmup_iters == 400 and cfg.data.loader == "resident"  # the recipe is resolved
-    here = load_config(flags={"model": {"n": 18}})
+    here = resolve(load_config(flags={"model": {"n": 18}}))
     assert here.train.device in ("cpu", "cuda") and here.train.precision != "auto" and here.log.wandb_mode != "auto"
 
 
 def test_train_step_resolution(monkeypatch):
-    from resnetdist.config import TrainConfig, resolve_step
+    from resnetdist.config import TrainConfig
+    from resnetdist.train.step import resolve_step
 
     def resolved(on_cuda, **kw):
         t = TrainConfig(**{"precision": "bf16", **kw})

@@ -19,10 +19,12 @@ from resnetdist.config import load_config
 from resnetdist.data import load_data, open_loaders
 from resnetdist.data.augment import training_mean
 from resnetdist.dist import DistContext
-from resnetdist.train.loop import Feed, run_steps
-from resnetdist.train.run import evaluate, make_model
+from resnetdist.train import wrap as wrap_mod
+from resnetdist.train.loop import run_steps
+from resnetdist.train.resolve import resolve
 from resnetdist.train.schedule import lr_table
-from resnetdist.train.step import TrainStep
+from resnetdist.train.step import build_step
+from resnetdist.train.trainer import evaluate, feed_of, make_model
 
 from .conftest import REPO, TINY, cli_env, cli_in_process, run_torchrun
 
@@ -85,8 +87,8 @@ class FakeOps:
 
 
 def parts(tiny_data):
-    cfg = load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
-                             "train": {"device": "cpu"}, "log": {"wandb_mode": "disabled"}})
+    cfg = resolve(load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
+                                     "train": {"device": "cpu"}, "log": {"wandb_mode": "disabled"}}))
     ctx = DistContext(0, 0, 1, CPU)
     data = load_data(cfg.data)
     model, optimizer = make_model(cfg, ctx)
@@ -97,13 +99,12 @@ def parts(tiny_data):
 
 def build(tiny_data, **kw):
     cfg, model, optimizer, mean, lrs, loaders = parts(tiny_data)
-    step = TrainStep(model, optimizer, mean, lrs, precision="fp32", batch_per_rank=B, **kw)
+    step = build_step(model, optimizer, mean, lrs, precision="fp32", batch_per_rank=B, **kw)
     return step, loaders
 
 
 def drive(step, loaders, count, first=0):
-    feed = Feed(loaders.train, 0, B, out=step.inputs.out if step.inputs else None)
-    run_steps(step, feed.batches(first), count)
+    run_steps(step, feed_of(step, loaders.train, 0, B).batches(first), count)
 
 
 def assert_same_weights(a, b):
@@ -117,7 +118,7 @@ def assert_same_weights(a, b):
 def test_ddp_warmup_and_capture_share_one_side_stream_and_replays_train_as_eager(tiny_data, monkeypatch):
     ops, seen = FakeOps(), {"ddp": [], "steps": []}
     real_augment = step_mod.augment
-    monkeypatch.setattr(step_mod, "DDP", lambda model, device_ids=None: seen["ddp"].append(ops.current) or model)
+    monkeypatch.setattr(wrap_mod, "DDP", lambda model, device_ids=None: seen["ddp"].append(ops.current) or model)
     monkeypatch.setattr(step_mod, "augment", lambda *a: seen["steps"].append(ops.current) or real_augment(*a))
     graphed, loaders = build(tiny_data, graph=True, ddp=True, ops=ops)
     (side,) = ops.made
@@ -286,8 +287,9 @@ def test_two_rank_run_and_eval_of_its_model_agree(tmp_path, tiny_data):
 
 
 def cuda_parts(tiny_data):
-    cfg = load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
-                             "train": {"device": "cuda", "precision": "bf16"}, "log": {"wandb_mode": "disabled"}})
+    cfg = resolve(load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
+                                     "train": {"device": "cuda", "precision": "bf16"},
+                                     "log": {"wandb_mode": "disabled"}}))
     ctx = DistContext(0, 0, 1, torch.device("cuda", 0))
     data = load_data(cfg.data)
     model, optimizer = make_model(cfg, ctx)
@@ -298,7 +300,7 @@ def cuda_parts(tiny_data):
 @pytest.mark.cuda
 @pytest.mark.timeout(600)
 def test_cuda_graph_is_the_default_and_gathers_in_place_and_loads_in_place(tiny_data):
-    from resnetdist.train.run import make_step
+    from resnetdist.train.trainer import make_step
 
     cfg, ctx, data, model, optimizer = cuda_parts(tiny_data)
     assert cfg.train.step == "graph"

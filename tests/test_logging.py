@@ -302,7 +302,7 @@ def test_unreachable_wandb_server_falls_back_to_offline(tmp_path):
 
 @pytest.mark.timeout(30)
 def test_wandb_mode_resolution(monkeypatch, tmp_path):
-    from resnetdist.config import resolve_wandb_mode
+    from resnetdist.train.metrics import resolve_wandb_mode
 
     for var in ("WANDB_MODE", "WANDB_DISABLED", "WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from resnetdist.config import load_config
-from resnetdist.data import load_data, open_loaders
+from resnetdist.data import load_data
 from resnetdist.dist import DistContext
-from resnetdist.train.loop import Feed, run_steps
-from resnetdist.train.run import evaluate, make_model, make_step
+from resnetdist.train.resolve import resolve
+from resnetdist.train.trainer import build, evaluate
 
 from .conftest import run_cli
 
@@ -23,25 +23,24 @@ class Driven:
 
     def __init__(self, tiny_data, mode: str, device: str = "cpu", precision: str = "fp32", start_iter: int = 0,
                  state: dict | None = None, **optim):
-        self.cfg = load_config(flags={
+        self.cfg = resolve(load_config(flags={
             "model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": optim,
             "train": {"device": device, "precision": precision, "step": mode},
             "log": {"wandb_mode": "disabled"},
-        })
+        }))
         self.ctx = DistContext(0, 0, 1, torch.device(device))
-        data = load_data(self.cfg.data)
-        self.model, self.optimizer = make_model(self.cfg, self.ctx)
-        if state is not None:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.step = make_step(self.cfg, self.ctx, self.model, self.optimizer, data, start_iter)
-        self.loaders = open_loaders(self.cfg.data, data, self.ctx, self.cfg.optim.batch_size, self.cfg.train.seed)
+        def restore(model, optimizer) -> int:
+            if state is not None:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+            return start_iter
+
+        self.trainer = build(self.cfg, self.ctx, load_data(self.cfg.data), restore)
+        self.model, self.optimizer = self.trainer.model, self.trainer.optimizer
+        self.step, self.loaders = self.trainer.step, self.trainer.loaders
 
     def run(self, count: int, first: int = 0) -> None:
-        inputs = self.step.inputs
-        feed = Feed(self.loaders.train, self.cfg.train.seed, self.cfg.optim.batch_size,
-                    out=inputs.out if inputs else None)
-        run_steps(self.step, feed.batches(first), count)
+        self.trainer.run(count, first)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()

@@ -101,3 +101,55 @@ def test_no_function_longer_than_a_screen():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{name}.{node.name}: {lines} lines")
     assert not long, long
+
+
+MAX_CLASS_LINES = 120
+
+
+def test_no_class_longer_than_120_lines():
+    """No god classes: a class that long does several jobs (TrainStep once held the step,
+    DDP/compile wrapping and graph capture)."""
+    long = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
+                long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not long, long
+
+
+def test_the_run_is_wired_in_one_place():
+    """The step's inputs are handed to the loader (the feed) in one place only: trainer.build's
+    feed_of, which run, bench, doctor and the tests all go through."""
+    wiring = [name for name, path in modules().items() for _ in range(path.read_text().count("inputs.out if"))]
+    assert wiring == ["resnetdist.train.trainer"], wiring
+    builders = {name for name, path in modules().items()
+                if "def make_step" in path.read_text() or "def make_model" in path.read_text()}
+    assert builders == {"resnetdist.train.trainer"}, builders
+
+
+def test_tools_do_not_import_the_run():
+    """bench and doctor build through the trainer, not through run.py (one rank's whole run)."""
+    mods = modules()
+    for tool in ("resnetdist.tools.bench", "resnetdist.tools.doctor"):
+        assert "resnetdist.train.run" not in imports_of(tool, mods[tool], set(mods)), tool
+
+
+def test_exit_codes_come_from_one_table():
+    """cli.py writes no exit code as a number; every error it exits with has its code in
+    errors.EXIT_CODES, and that is the code the class carries."""
+    from resnetdist import errors
+
+    literal = []
+    for node in ast.walk(ast.parse((PACKAGE / "cli.py").read_text())):
+        if not isinstance(node, ast.Call):
+            continue
+        name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+        codes = node.args[1:] if name == "fail" else node.args if name == "Exit" else []
+        codes += [k.value for k in node.keywords if k.arg == "code"] if name in ("fail", "Exit") else []
+        if any(isinstance(c, ast.Constant) and isinstance(c.value, int) for c in codes):
+            literal.append(f"line {node.lineno}")
+    assert not literal, f"exit codes written as numbers in cli.py: {literal}"
+    assert {cls.__name__: code for cls, code in errors.EXIT_CODES.items()} == {
+        "ConfigError": 2, "DataError": 2, "NonFiniteLoss": 3, "WriteError": 4, "RunDirBusy": 5, "Preempted": 6,
+        "PeerLost": 7}
+    assert all(cls.exit_code == code for cls, code in errors.EXIT_CODES.items())

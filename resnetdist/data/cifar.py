@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError
+
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 TARBALL = "cifar-10-binary.tar.gz"
 MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
@@ -26,10 +28,6 @@ RECORD_BYTES = 1 + 3 * 32 * 32
 RECORDS_PER_FILE = 10_000
 VAL_SIZE = 5_000  # the paper's 45k/5k split
 VAL_SPLIT_SEED = 20151210  # fixed, so every run holds out the same 5k images
-
-
-class DataError(Exception):
-    """A data file is missing, truncated or corrupt; the message names it."""
 
 
 @dataclass

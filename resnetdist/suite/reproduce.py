@@ -121,7 +121,7 @@ def plan(depths: list[int], plain: bool, seeds: int, out: Path, iters: int | Non
                     flags["train"]["device"] = device
                 # checks every --set up front; device, precision and W&B mode stay as given, so each
                 # run resolves them where it trains (a Slurm node may have GPUs the login node lacks)
-                cfg = load_config(config, flags, overrides, iters, for_this_machine=False)
+                cfg = load_config(config, flags, overrides, iters)
                 cfg.train.out = str(out / cfg.name)
                 jobs.append(Job(cfg.name, n, is_plain, seed, cfg.optim.iters, out / cfg.name,
                                 configs / f"{cfg.name}.toml", cfg))

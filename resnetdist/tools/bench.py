@@ -46,7 +46,8 @@ from ..data.augment import augment
 from ..data.cifar import Cifar10, Split, load_cifar10, write_synthetic
 from ..train.loop import Feed, run_steps
 from ..models import build_model
-from ..train.run import make_model, make_step
+from ..train.resolve import resolve
+from ..train.trainer import build
 
 BATCH = 128
 LOSS_READ_EVERY = 100  # the baseline's progress-meter read-back (a host sync), as public loops log
@@ -172,7 +173,7 @@ def _peer_transform_written_out(img, mean: torch.Tensor, std: torch.Tensor) -> t
 
 def baseline_settings(device: torch.device, workers: int, peer: bool = False, source: str = "") -> dict[str, Any]:
     """Put the baselines at their best on this device, and say how each ran. cudnn.benchmark is
-    set here, before them, because every project setting gets it (run.make_model): a baseline
+    set here, before them, because every project setting gets it (trainer.make_model): a baseline
     without it would inflate the speed-ups. The peer loop differs where public scripts do:
     loss.item() every step, torchvision transforms on PIL images, blocking copies."""
     on_cuda = device.type == "cuda"
@@ -224,11 +225,11 @@ def _forever(loader):
 
 
 def bench_config(setting: Setting, n: int, device: torch.device, beton_dir: Path) -> RunConfig:
-    return load_config(flags={
+    return resolve(load_config(flags={
         "model": {"n": n}, "data": {"loader": setting.loader, "beton_dir": str(beton_dir)},
         "train": {"device": device.type, "precision": setting.precision, "step": setting.mode},
         "log": {"wandb_mode": "disabled"},
-    })
+    }))
 
 
 def timed(run, warmup: int, iters: int, device: torch.device) -> tuple[float, float, float]:
@@ -248,11 +249,8 @@ def bench_setting(setting: Setting, data: Cifar10, n: int, iters: int, warmup: i
                   beton_dir: Path) -> dict:
     t_setup = time.perf_counter()
     cfg = bench_config(setting, n, device, beton_dir)
-    ctx = dist.DistContext(0, 0, 1, device)
-    model, optimizer = make_model(cfg, ctx)
-    step = make_step(cfg, ctx, model, optimizer, data)
-    batches = Feed(open_loaders(cfg.data, data, ctx, BATCH, cfg.train.seed).train, cfg.train.seed, BATCH,
-                   out=step.inputs.out if step.inputs else None).batches(0)
+    trainer = build(cfg, dist.DistContext(0, 0, 1, device), data)
+    step, batches = trainer.step, trainer.feed.batches(0)
     setup = time.perf_counter() - t_setup
     warm_s, seconds, host = timed(lambda count: run_steps(step, batches, count), warmup, iters, device)
     # step: what ran (a failed capture runs eagerly, and says so in capture_error)

@@ -10,7 +10,7 @@ Three parts, each a list of rows (name, status ok / fail / skip / info, detail, 
 * under torchrun with N ranks: all-reduce correctness, weights identical on every rank after
   K DDP steps, all-reduce bandwidth.
 The steps run on a small synthetic set in the official layout (written to a temporary folder),
-through the trainer's own make_model / make_step, so what passes here is what trains.
+through the trainer's own build (train/trainer.py), so what passes here is what trains.
 """
 
 from __future__ import annotations
@@ -36,11 +36,12 @@ import torch
 from .. import dist
 from .bench import sync, timed
 from ..config import load_config
-from ..data import load_data, open_loaders
+from ..data import load_data
 from ..data.cifar import DataError, locate, write_synthetic
 from ..train.evaluate import error_rates
-from ..train.loop import Feed, run_steps
-from ..train.run import make_model, make_step
+from ..train.loop import run_steps
+from ..train.resolve import resolve
+from ..train.trainer import build
 
 NEEDS_CUDA = "skipped: needs CUDA"
 
@@ -131,26 +132,23 @@ class Trial:
 
     def __init__(self, data_dir: Path, device: torch.device, kind: str, precision: str = "fp32", n: int = 1,
                  batch: int = 32, ctx: dist.DistContext | None = None, **optim: Any):
-        self.cfg = load_config(flags={
+        self.cfg = resolve(load_config(flags={
             "model": {"n": n}, "data": {"dir": str(data_dir), "eval_batch": 200},
             "optim": {"batch_size": batch, **optim},
             "train": {"device": device.type, "precision": precision, "step": kind},
             "log": {"wandb_mode": "disabled", "tensorboard": False},
-        })
+        }))
         self.ctx = ctx or dist.DistContext(0, 0, 1, device)
-        data = load_data(self.cfg.data)
-        self.model, self.optimizer = make_model(self.cfg, self.ctx)
-        self.step = make_step(self.cfg, self.ctx, self.model, self.optimizer, data)
-        self.loaders = open_loaders(self.cfg.data, data, self.ctx, batch, self.cfg.train.seed)
+        self.trainer = build(self.cfg, self.ctx, load_data(self.cfg.data))
+        self.model, self.optimizer = self.trainer.model, self.trainer.optimizer
+        self.step, self.loaders = self.trainer.step, self.trainer.loaders
 
     def batches(self, first: int):
         """The training loop's batches from iteration `first` on."""
-        feed = Feed(self.loaders.train, self.cfg.train.seed, self.cfg.optim.batch_size, self.ctx.rank,
-                    self.ctx.world_size, out=self.step.inputs.out if self.step.inputs else None)
-        return feed.batches(first)
+        return self.trainer.feed.batches(first)
 
     def run(self, count: int, first: int = 0) -> None:
-        run_steps(self.step, self.batches(first), count)
+        self.trainer.run(count, first)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()

@@ -19,12 +19,9 @@ from .. import dist
 from ..config import RunConfig
 from ..data.augment import draw_params
 from ..data.resident import TrainLoader
+from ..errors import NonFiniteLoss
 from .preempt import Preempted
 from ..progress import progress_bar
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 class Step(Protocol):

@@ -17,7 +17,44 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import WriteError, atomic_write_text
-from ..config import LogConfig, resolve_wandb_mode, wandb_logged_in
+from ..config import LogConfig
+
+
+# ----- the W&B mode: log.wandb_mode "auto" resolved here, where the logger lives ----------------
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """auto -> $WANDB_MODE when set, else online when logged in, else offline. An explicit
+    log.wandb_mode (online/offline/disabled) wins over the environment."""
+    if mode != "auto":
+        return mode
+    env = wandb_env_mode()
+    if env in ("online", "offline", "disabled", "shared"):
+        return "online" if env == "shared" else env
+    return "online" if wandb_logged_in() else "offline"
+
+
+def wandb_env_mode() -> str | None:
+    """The mode asked for by WANDB_MODE / WANDB_DISABLED, normalised; None when unset."""
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
+        return "disabled"
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    return {"dryrun": "offline", "run": "online"}.get(mode, mode) if mode else None
+
+
+def wandb_logged_in() -> bool:
+    """An API key in the environment, or `wandb login` having stored one in ~/.netrc for the
+    server in use. Decided locally: nothing is sent over the network."""
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return netrc.is_file() and host in netrc.read_text(errors="ignore")
+    except OSError:
+        return False
 
 
 class NullLogger:

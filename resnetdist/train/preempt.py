@@ -17,19 +17,9 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from .. import dist
+from ..errors import Preempted
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class Preempted(Exception):
-    """The run stopped on a signal after writing a checkpoint at `iteration`."""
-
-    exit_code = 6  # `resnetdist train` exits with this (README, "Faults and bad inputs")
-
-    def __init__(self, iteration: int, reason: str):
-        self.iteration, self.reason = iteration, reason
-        super().__init__(f"stopped on {reason} at iteration {iteration}, after writing its checkpoint; "
-                         f"run the same command again to resume")
 
 
 class Notice:

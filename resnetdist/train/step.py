@@ -10,22 +10,21 @@ per step. bench, the trainer and the tests all drive this one object.
 
 from __future__ import annotations
 
-import sys
 from contextlib import nullcontext
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import dist
+from ..config import TrainConfig
 from ..data.augment import augment
+from .graph import GRAPH_WARMUP, CudaOps, GraphCapture, StaticInputs  # noqa: F401 - GRAPH_WARMUP for tests
 from .optim import TensorLRSGD
+from .wrap import wrap_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-GRAPH_WARMUP = 11  # DDP needs 11 warm-up iterations before capture (PyTorch's CUDA graph notes)
 
 
 def autocast(precision: str, device: torch.device):
@@ -36,78 +35,53 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=DTYPES[precision], cache_enabled=False)
 
 
+def default_precision(on_cuda: bool) -> str:
+    """train.precision "auto": bf16 on a GPU that supports it, else fp32."""
+    return "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def resolve_step(train: TrainConfig, on_cuda: bool) -> list[str]:
+    """train.step "auto" (and the old train.cuda_graph / train.compile spellings) -> the step
+    that will run; train.cuda_graph and train.compile are set to agree with it."""
+    notes = []
+    if train.step == "auto" and train.cuda_graph:
+        train.step = "graph"
+    elif train.step == "auto" and train.compile != "none":
+        train.step = "compile"
+    elif train.step == "auto":
+        # measured on an H100 (DESIGN.md): the whole-step graph is 4x the eager step at batch 128;
+        # fp16 stays eager (validate refuses graph + fp16)
+        train.step = "graph" if on_cuda and train.precision in ("bf16", "fp32") else "eager"
+    if train.step == "graph" and not on_cuda:
+        notes.append(f"train.step = graph needs CUDA; the step runs eagerly on {train.device}")
+        train.step = "eager"
+    if train.step == "compile" and train.compile == "none":
+        train.compile = "default"
+    if train.step == "eager":
+        train.compile = "none"
+    train.cuda_graph = train.step == "graph"
+    return notes
+
+
 def step_kind(compile_mode: str, graph: bool) -> str:
     """The name of the step that runs: graph, compile or eager."""
     return "graph" if graph else "compile" if compile_mode != "none" else "eager"
 
 
-class CudaOps:
-    """The torch.cuda calls that graph capture makes, in one place, so that a test can pass a
-    stand-in and check on a CPU which stream each phase runs on."""
-
-    def side_stream(self):
-        """A new stream that first waits for the work already queued on the current one."""
-        side = torch.cuda.Stream()
-        self.wait_for_current(side)
-        return side
-
-    def wait_for_current(self, stream) -> None:
-        stream.wait_stream(torch.cuda.current_stream())
-
-    def use(self, stream):
-        return torch.cuda.stream(stream)
-
-    def join(self, stream) -> None:
-        torch.cuda.current_stream().wait_stream(stream)
-
-    def new_graph(self):
-        return torch.cuda.CUDAGraph()
-
-    def record(self, graph, stream, body: Callable[[], None]) -> None:
-        # stream=: capture on our side stream, not on a fresh one of torch.cuda.graph's own
-        with torch.cuda.graph(graph, stream=stream):
-            body()
-
-
-class StaticInputs:
-    """The graphed step's input buffers. A loader that gathers straight into `out` (images,
-    labels) spares the copy into them; a batch from anywhere else is copied (`copies` counts
-    those, so a test or the doctor can see which path ran)."""
-
-    def __init__(self, b: int, device: torch.device):
-        self.x = torch.zeros((b, 3, 32, 32), dtype=torch.uint8, device=device)
-        self.y = torch.zeros(b, dtype=torch.long, device=device)
-        self.aug = torch.zeros((3, b), dtype=torch.long, device=device)
-        self.copies = 0
-
-    @property
-    def out(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x, self.y
-
-    def load(self, images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
-        if images_u8 is not self.x:
-            self.x.copy_(images_u8, non_blocking=True)
-            self.y.copy_(labels, non_blocking=True)
-            self.copies += 1
-        self.aug.copy_(aug, non_blocking=True)
-
-
 class TrainStep:
-    """The step of one rank. `model` is the plain module (what checkpoints save); the step
-    wraps it in DDP and torch.compile as asked, and with graph=True captures the whole step
-    once (CUDA only) and replays it; if capture fails, it says so in one line and runs eagerly
-    (`kind` says what runs). Counters start at `start_iter`. A graph points at the model's and
-    optimizer's tensors: load a checkpoint into a built step only with `load_state`, which
-    copies in place."""
+    """The step of one rank. `model` is the plain module (what checkpoints save); `train_model`
+    is what trains (the model wrapped in DDP / torch.compile, wrap.py). `kind` says which step
+    runs: eager, compile, or graph (a replayed CUDA graph, graph.py). Counters start at
+    `start_iter`. A graph points at the model's and optimizer's tensors: load a checkpoint into
+    a built step only with `load_state`, which copies in place. Build one with `build_step`."""
 
-    def __init__(self, model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor, lrs: torch.Tensor, *,
-                 precision: str, memory_format=torch.contiguous_format, start_iter: int = 0, ddp: bool = False,
-                 compile_mode: str = "none", graph: bool = False, batch_per_rank: int = 0,
-                 ops: CudaOps | None = None):
-        self.model, self.optimizer, self.mean = model, optimizer, mean
+    def __init__(self, model: nn.Module, train_model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor,
+                 lrs: torch.Tensor, *, precision: str, memory_format=torch.contiguous_format, start_iter: int = 0,
+                 kind: str = "eager"):
+        self.model, self.train_model, self.optimizer, self.mean = model, train_model, optimizer, mean
         self.device = mean.device
         self.precision, self.memory_format = precision, memory_format
-        self.kind = step_kind(compile_mode, graph)
+        self.kind = kind
         self.lrs_host = lrs
         # device-side state the step reads and writes (static addresses, for graph capture)
         self.lrs = lrs.to(self.device)
@@ -118,14 +92,7 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         self.inputs: StaticInputs | None = None  # the graph's input buffers
         self.capture_error: str | None = None  # why capture failed, when it did
-        self.ops = ops or CudaOps()
-        # one side stream for DDP construction, warm-up and capture: DDP's reducer keeps the
-        # gradient-accumulator nodes made on the stream it was built on, and a capture on any
-        # other stream fails (PyTorch's CUDA-graph notes; Megatron-LM met it on H100s)
-        self.side = self.ops.side_stream() if graph else None
-        with self._on_side():
-            self.train_model = self._wrap(model, ddp, compile_mode, graph)
-        self._run = self._capture_or_eager(batch_per_rank) if graph else self._eager
+        self._run = self._eager
 
     def __call__(self, images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
         self._run(images_u8, labels, aug)
@@ -151,21 +118,16 @@ class TrainStep:
         self.stats.zero_()
         self.bad_iter.fill_(-1)
 
-    # ----- building ------------------------------------------------------------------------
+    def device_state(self) -> list[torch.Tensor]:
+        """Every tensor a step changes: what graph capture restores after its warm-up."""
+        momentum = [s["momentum_buffer"] for s in self.optimizer.state.values()]
+        return list(self.model.state_dict().values()) + momentum + [self.it, self.stats, self.bad_iter]
 
-    def _on_side(self):
-        return self.ops.use(self.side) if self.side is not None else nullcontext()
+    def use_graph(self, replay, inputs: StaticInputs) -> None:
+        """Run `replay` (a captured graph reading `inputs`) instead of the eager step."""
+        self._run, self.inputs = replay, inputs
 
-    def _wrap(self, model: nn.Module, ddp: bool, compile_mode: str, graph: bool) -> nn.Module:
-        if ddp:
-            on_cuda = self.device.type == "cuda"
-            model = DDP(model, device_ids=[self.device.index] if on_cuda else None)
-        if compile_mode != "none":
-            mode = None if compile_mode == "default" else "max-autotune"
-            if mode and graph:
-                mode = "max-autotune-no-cudagraphs"  # our own graph captures the whole step
-            model = torch.compile(model, mode=mode)
-        return model
+    # ----- the step's math ---------------------------------------------------------------------
 
     def _step(self, images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
         # index_select, not lrs[it]: a 0-d index tensor would be read back to the host
@@ -194,55 +156,30 @@ class TrainStep:
         self._step(images_u8, labels, aug.to(self.device, non_blocking=True))
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _graph_body(self, inputs: StaticInputs) -> None:
-        # grads set to None first: during capture the backward then allocates them from the
-        # graph's pool, and each replay overwrites them instead of accumulating
+    def graph_body(self, inputs: StaticInputs) -> None:
+        """The step as captured: grads set to None first, so that during capture the backward
+        allocates them from the graph's pool, and each replay overwrites them instead of
+        accumulating."""
         self.optimizer.zero_grad(set_to_none=True)
         self._step(inputs.x, inputs.y, inputs.aug)
 
-    def _capture_or_eager(self, b: int):
-        """The graphed step, or the eager one (with one line saying why) if capture fails on any
-        rank: the ranks agree, so none waits in a collective that the others skip."""
-        try:
-            run, error = self._capture(b), None
-        except Exception as e:  # noqa: BLE001 - any capture failure falls back to the eager step
-            run, error = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        failed = dist.all_reduce_sum(torch.tensor([float(error is not None)], device=self.device))
-        if error is None and failed.item() == 0:
-            return run
-        self.kind, self.inputs = "eager", None
-        self.optimizer.zero_grad(set_to_none=True)  # the warm-up's last gradients
-        self.capture_error = error or "capture failed on another rank"
-        print(f"warning: CUDA-graph capture failed ({self.capture_error}); training continues with "
-              f"the eager step", file=sys.stderr, flush=True)
-        return self._eager
 
-    def _capture(self, b: int):
-        """Record the whole step as one CUDA graph. Warm-up steps (needed before capture, and
-        by DDP) change weights, optimizer state and BN statistics, so those are restored in
-        place afterwards, whether capture worked or not: the graph keeps pointing at the same
-        tensors, and an eager fall-back starts from the same state."""
-        inputs = StaticInputs(b, self.device)
-        keep = list(self.model.state_dict().values()) + [
-            s["momentum_buffer"] for s in self.optimizer.state.values()
-        ] + [self.it, self.stats, self.bad_iter]
-        saved = [t.detach().clone() for t in keep]
-        graph = self.ops.new_graph()
-        self.ops.wait_for_current(self.side)  # the buffers and copies above come first
-        try:
-            with self._on_side():
-                for _ in range(GRAPH_WARMUP):
-                    self._graph_body(inputs)
-                self.ops.record(graph, self.side, lambda: self._graph_body(inputs))
-        finally:
-            self.ops.join(self.side)
-            with torch.no_grad():
-                for t, s in zip(keep, saved):
-                    t.copy_(s)
-        self.inputs = inputs
-
-        def replay(images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
-            inputs.load(images_u8, labels, aug)
-            graph.replay()
-
-        return replay
+def build_step(model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor, lrs: torch.Tensor, *,
+               precision: str, memory_format=torch.contiguous_format, start_iter: int = 0, ddp: bool = False,
+               compile_mode: str = "none", graph: bool = False, batch_per_rank: int = 0,
+               ops: CudaOps | None = None) -> TrainStep:
+    """The step as asked: the model wrapped in DDP and torch.compile (wrap.py), and with
+    graph=True the whole step captured once (CUDA only, graph.py) and replayed; if capture
+    fails, it says so in one line and runs eagerly (`kind` and `capture_error` say what runs)."""
+    capture = GraphCapture(ops) if graph else None
+    with capture.on_side() if capture is not None else nullcontext():  # DDP built where capture runs
+        train_model = wrap_model(model, mean.device, ddp, compile_mode, graph)
+    step = TrainStep(model, train_model, optimizer, mean, lrs, precision=precision, memory_format=memory_format,
+                     start_iter=start_iter, kind=step_kind(compile_mode, graph))
+    if capture is not None:
+        replay, inputs, step.capture_error = capture.capture_or_eager(step, batch_per_rank)
+        if replay is not None:
+            step.use_graph(replay, inputs)
+        else:
+            step.kind = "eager"
+    return step

@@ -1,0 +1,74 @@
+"""The failures `resnetdist` reports, and the exit code of each: one table (README, "Faults and
+bad inputs"). cli.py turns an error into one line on stderr and its code; the modules that
+raise these import them from here.
+
+ConfigError is defined in config.py, which imports nothing of the package; it is listed here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import ConfigError
+
+FAILED = 1  # a suite run failed, a doctor check failed, or an unexpected error
+BAD_INPUT = 2  # a configuration, data file or argument is wrong; nothing was started
+NON_FINITE = 3
+WRITE_FAILED = 4
+RUN_DIR_BUSY = 5
+PREEMPTED = 6  # not a failure: the scheduler's notice was obeyed, a checkpoint written
+PEER_LOST = 7
+INTERRUPTED = 130  # Ctrl-C during a suite (128 + SIGINT, the shell's convention)
+
+
+class DataError(Exception):
+    """A data file is missing, truncated or corrupt; the message names it."""
+
+    exit_code = BAD_INPUT
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+    exit_code = NON_FINITE
+
+
+class WriteError(RuntimeError):
+    """A file of the run could not be written; the message names it and the OS error."""
+
+    exit_code = WRITE_FAILED
+
+    def __init__(self, path: Path, error: OSError):
+        self.path, self.error = Path(path), error
+        reason = f"[Errno {error.errno}] {error.strerror}" if error.errno else str(error)
+        super().__init__(f"could not write {path}: {reason}")
+
+
+class RunDirBusy(RuntimeError):
+    """Another live process holds the run directory; the message names it."""
+
+    exit_code = RUN_DIR_BUSY
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after writing a checkpoint at `iteration`."""
+
+    exit_code = PREEMPTED
+
+    def __init__(self, iteration: int, reason: str):
+        self.iteration, self.reason = iteration, reason
+        super().__init__(f"stopped on {reason} at iteration {iteration}, after writing its checkpoint; "
+                         f"run the same command again to resume")
+
+
+class PeerLost(RuntimeError):
+    """A collective failed or timed out: another rank hung, was stopped or died."""
+
+    exit_code = PEER_LOST
+
+
+# every error `resnetdist train` exits with, and its code
+EXIT_CODES: dict[type[BaseException], int] = {
+    ConfigError: BAD_INPUT, DataError: BAD_INPUT, NonFiniteLoss: NON_FINITE, WriteError: WRITE_FAILED,
+    RunDirBusy: RUN_DIR_BUSY, Preempted: PREEMPTED, PeerLost: PEER_LOST,
+}

@@ -1,0 +1,140 @@
+"""CUDA-graph capture of the training step: the torch.cuda calls it makes (CudaOps, a seam a
+test replaces on a CPU), the graph's static input buffers, warm-up -> capture -> restore, and
+capture-or-eager with the ranks agreeing, so that no rank waits in a collective the others skip.
+
+One side stream serves DDP construction, warm-up and capture: DDP's reducer keeps the
+gradient-accumulator nodes made on the stream it was built on, and a capture on any other
+stream fails (PyTorch's CUDA-graph notes; Megatron-LM met it on H100s). So the step's builder
+wraps the model inside `GraphCapture.on_side()`, then calls `capture_or_eager`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Protocol
+
+import torch
+
+from .. import dist
+
+GRAPH_WARMUP = 11  # DDP needs 11 warm-up iterations before capture (PyTorch's CUDA graph notes)
+
+Run = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class CudaOps:
+    """The torch.cuda calls that graph capture makes, in one place, so that a test can pass a
+    stand-in and check on a CPU which stream each phase runs on."""
+
+    def side_stream(self):
+        """A new stream that first waits for the work already queued on the current one."""
+        side = torch.cuda.Stream()
+        self.wait_for_current(side)
+        return side
+
+    def wait_for_current(self, stream) -> None:
+        stream.wait_stream(torch.cuda.current_stream())
+
+    def use(self, stream):
+        return torch.cuda.stream(stream)
+
+    def join(self, stream) -> None:
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def new_graph(self):
+        return torch.cuda.CUDAGraph()
+
+    def record(self, graph, stream, body: Callable[[], None]) -> None:
+        # stream=: capture on our side stream, not on a fresh one of torch.cuda.graph's own
+        with torch.cuda.graph(graph, stream=stream):
+            body()
+
+
+class StaticInputs:
+    """The graphed step's input buffers. A loader that gathers straight into `out` (images,
+    labels) spares the copy into them; a batch from anywhere else is copied (`copies` counts
+    those, so a test or the doctor can see which path ran)."""
+
+    def __init__(self, b: int, device: torch.device):
+        self.x = torch.zeros((b, 3, 32, 32), dtype=torch.uint8, device=device)
+        self.y = torch.zeros(b, dtype=torch.long, device=device)
+        self.aug = torch.zeros((3, b), dtype=torch.long, device=device)
+        self.copies = 0
+
+    @property
+    def out(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x, self.y
+
+    def load(self, images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
+        if images_u8 is not self.x:
+            self.x.copy_(images_u8, non_blocking=True)
+            self.y.copy_(labels, non_blocking=True)
+            self.copies += 1
+        self.aug.copy_(aug, non_blocking=True)
+
+
+class Graphable(Protocol):
+    """What capture needs of a step (step.TrainStep)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+
+    def graph_body(self, inputs: StaticInputs) -> None: ...
+    def device_state(self) -> list[torch.Tensor]: ...
+
+
+class GraphCapture:
+    """One step's capture: the side stream (made at once, so the step's builder can wrap the
+    model in DDP on it), then `capture_or_eager`."""
+
+    def __init__(self, ops: CudaOps | None = None):
+        self.ops = ops or CudaOps()
+        self.side = self.ops.side_stream()
+
+    def on_side(self):
+        return self.ops.use(self.side)
+
+    def capture_or_eager(self, step: Graphable, b: int) -> tuple[Run | None, StaticInputs | None, str | None]:
+        """(replay, its inputs, None) when every rank captured; (None, None, why) when capture
+        failed on any rank (one line on stderr says so), the step's state as before the warm-up."""
+        try:
+            (run, inputs), error = self.capture(step, b), None
+        except Exception as e:  # noqa: BLE001 - any capture failure falls back to the eager step
+            run, inputs = None, None
+            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        failed = dist.all_reduce_sum(torch.tensor([float(error is not None)], device=step.device))
+        if error is None and failed.item() == 0:
+            return run, inputs, None
+        step.optimizer.zero_grad(set_to_none=True)  # the warm-up's last gradients
+        error = error or "capture failed on another rank"
+        print(f"warning: CUDA-graph capture failed ({error}); training continues with "
+              f"the eager step", file=sys.stderr, flush=True)
+        return None, None, error
+
+    def capture(self, step: Graphable, b: int) -> tuple[Run, StaticInputs]:
+        """Record the whole step as one CUDA graph. Warm-up steps (needed before capture, and
+        by DDP) change weights, optimizer state and BN statistics, so those are restored in
+        place afterwards, whether capture worked or not: the graph keeps pointing at the same
+        tensors, and an eager fall-back starts from the same state."""
+        inputs = StaticInputs(b, step.device)
+        keep = step.device_state()
+        saved = [t.detach().clone() for t in keep]
+        graph = self.ops.new_graph()
+        self.ops.wait_for_current(self.side)  # the buffers and copies above come first
+        try:
+            with self.on_side():
+                for _ in range(GRAPH_WARMUP):
+                    step.graph_body(inputs)
+                self.ops.record(graph, self.side, lambda: step.graph_body(inputs))
+        finally:
+            self.ops.join(self.side)
+            with torch.no_grad():
+                for t, s in zip(keep, saved):
+                    t.copy_(s)
+
+        def replay(images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
+            inputs.load(images_u8, labels, aug)
+            graph.replay()
+
+        return replay, inputs
