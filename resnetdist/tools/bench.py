@@ -254,8 +254,9 @@ def bench_setting(setting: Setting, data: Cifar10, n: int, iters: int, warmup: i
     setup = time.perf_counter() - t_setup
     warm_s, seconds, host = timed(lambda count: run_steps(step, batches, count), warmup, iters, device)
     # step: what ran (a failed capture runs eagerly, and says so in capture_error)
+    # feed: "device" when the step gathers its own batches (data/epochs.py), else "per-step"
     return {**_result(setting, iters, seconds, setup + warm_s, host), "step": step.kind,
-            "capture_error": step.capture_error}
+            "feed": "device" if step.source is not None else "per-step", "capture_error": step.capture_error}
 
 
 def bench_loader(loader_name: str, data: Cifar10, device: torch.device, beton_dir: Path, iters: int,
