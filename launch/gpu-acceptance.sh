@@ -124,7 +124,9 @@ run_stage() {
     STAGE_PID=""
     if [[ $rc -eq 124 || $rc -eq 137 ]]; then
         status=timeout
-        ((by_deadline)) && status="timeout: overall deadline (ACCEPTANCE_DEADLINE_S=$DEADLINE)"
+        if ((by_deadline)); then
+            status="timeout: overall deadline (ACCEPTANCE_DEADLINE_S=$DEADLINE)"
+        fi
     elif [[ $rc -ne 0 ]]; then
         status=failed
     fi
