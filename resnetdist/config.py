@@ -60,12 +60,20 @@ def depth_to_n(depth: int) -> int:
 # ----- the sections -----------------------------------------------------------------------------
 
 
+def doc(text: str) -> dict[str, str]:
+    """A field's one-line description, as field metadata: docs/configuration.md is generated
+    from it (python -m resnetdist.configdoc)."""
+    return {"doc": text}
+
+
 @dataclass
 class ModelConfig:
-    n: int = 3  # blocks per stage; depth = 6n + 2
-    plain: bool = False  # True: no shortcuts (the paper's "plain" baselines)
-    shortcut: str = "A"  # A: identity + zero-padded channels (paper's CIFAR choice); B: 1x1 projection
-    num_classes: int = 10
+    n: int = field(default=3, metadata=doc(
+        "blocks per stage; depth 6n+2 (3 -> 20, 5 -> 32, 7 -> 44, 9 -> 56, 18 -> 110)"))
+    plain: bool = field(default=False, metadata=doc("no shortcuts (the paper's plain baselines)"))
+    shortcut: str = field(default="A", metadata=doc(
+        "A: identity, zero-padded channels where width doubles (paper); B: 1x1 projection there"))
+    num_classes: int = field(default=10, metadata=doc("classes of the last layer"))
 
     def validate(self) -> None:
         if self.n < 1:
@@ -86,14 +94,21 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dir: str = ""  # folder with cifar-10-batches-bin/ or the tarball; "" = download to the cache
-    loader: str = "resident"  # resident: the dataset on the training device | ffcv: .beton files
-    beton_dir: str = ""  # where the .beton files live; "" = <data dir>/beton
-    ffcv_workers: int = 4
-    val_split: bool = False  # hold out 5k training images (the paper's 45k/5k protocol)
-    mean: str = "pixel"  # pixel: per-pixel mean image of the training set; channel: channel_mean
-    channel_mean: list[float] = field(default_factory=lambda: [125.3, 123.0, 113.9])
-    eval_batch: int = 1000
+    dir: str = field(default="", metadata=doc(
+        "folder with cifar-10-batches-bin/ or the tarball; \"\" downloads to the cache"))
+    loader: str = field(default="resident", metadata=doc(
+        "resident: the whole dataset on the training device (gpu, its old name, still works); ffcv: "
+        ".beton files through FFCV's Loader"))
+    beton_dir: str = field(default="", metadata=doc(
+        "where the .beton files live (\"\" = beton/ beside cifar-10-batches-bin/)"))
+    ffcv_workers: int = field(default=4, metadata=doc("FFCV decoding threads"))
+    val_split: bool = field(default=False, metadata=doc(
+        "hold out 5k of the 50k training images (the paper's 45k/5k protocol)"))
+    mean: str = field(default="pixel", metadata=doc(
+        "pixel: subtract the per-pixel mean image of the training set; channel: data.channel_mean"))
+    channel_mean: list[float] = field(default_factory=lambda: [125.3, 123.0, 113.9], metadata=doc(
+        "per-channel means, 0-255 units"))
+    eval_batch: int = field(default=1000, metadata=doc("evaluation batch"))
 
     def validate(self) -> None:
         if self.loader not in LOADERS and self.loader not in LOADER_ALIASES:
@@ -108,15 +123,18 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    batch_size: int = 128  # global batch (see dist.batch_scaling)
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    iters: int = PAPER_ITERS
-    milestones: list[int] = field(default_factory=lambda: [32_000, 48_000])
-    gamma: float = 0.1  # lr factor at each milestone
-    warmup_iters: int = -1  # lr = warmup_lr for the first warmup_iters; -1: 400 for n >= 18, else 0
-    warmup_lr: float = 0.01
+    batch_size: int = field(default=128, metadata=doc("global batch (see dist.batch_scaling)"))
+    lr: float = field(default=0.1, metadata=doc("SGD learning rate"))
+    momentum: float = field(default=0.9, metadata=doc("SGD momentum"))
+    weight_decay: float = field(default=1e-4, metadata=doc("SGD weight decay"))
+    iters: int = field(default=PAPER_ITERS, metadata=doc(
+        "length of the run; --iters N sets it and scales the milestones"))
+    milestones: list[int] = field(default_factory=lambda: [32_000, 48_000], metadata=doc(
+        "iterations at which the lr is multiplied by gamma"))
+    gamma: float = field(default=0.1, metadata=doc("lr factor at each milestone"))
+    warmup_iters: int = field(default=-1, metadata=doc(
+        "iterations at the constant warm-up lr; -1 = 400 for n >= 18 (ResNet-110), else none"))
+    warmup_lr: float = field(default=0.01, metadata=doc("the warm-up lr"))
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.iters < 1:
@@ -131,20 +149,26 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    out: str = ""  # run directory; "" = runs/<name>
-    eval_every: int = 2_000
-    checkpoint_every: int = 4_000
-    keep_checkpoints: int = 3
-    precision: str = "auto"  # auto: bf16 on a GPU that supports it, else fp32
-    channels_last: bool = True  # used on CUDA only
+    seed: int = field(default=0, metadata=doc("weights, data order and augmentation all derive from it"))
+    device: str = field(default="auto", metadata=doc("auto, cpu, cuda"))
+    out: str = field(default="", metadata=doc("run directory (\"\" = runs/<name>)"))
+    eval_every: int = field(default=2_000, metadata=doc("iterations between evaluations"))
+    checkpoint_every: int = field(default=4_000, metadata=doc("iterations between checkpoints"))
+    keep_checkpoints: int = field(default=3, metadata=doc("checkpoints kept in the run directory"))
+    precision: str = field(default="auto", metadata=doc(
+        "fp32, bf16, fp16; auto = bf16 on a GPU that has it, else fp32"))
+    channels_last: bool = field(default=True, metadata=doc("NHWC memory format (CUDA only)"))
     # auto: the fastest verified step here (graph on CUDA with bf16/fp32; eager on the CPU and for
     # fp16, whose loss scaler syncs with the host) | graph: the whole step captured once as a CUDA
     # graph and replayed | compile: torch.compile of the model, eager step | eager
-    step: str = "auto"
-    compile: str = "none"  # none | default | max-autotune: torch.compile mode (step = compile: default)
-    cuda_graph: bool = False  # old spelling of step = "graph"; kept equal to it once resolved
+    step: str = field(default="auto", metadata=doc(
+        "graph: the whole step captured once as a CUDA graph and replayed; compile: torch.compile of the "
+        "model, eager step; eager. auto = graph on CUDA with bf16/fp32, else eager; a failed capture "
+        "trains eagerly and config.toml / summary.json record what ran"))
+    compile: str = field(default="none", metadata=doc(
+        "torch.compile mode: none, default, max-autotune (step = compile with none means default)"))
+    cuda_graph: bool = field(default=False, metadata=doc(
+        "old spelling of train.step = \"graph\", still accepted; once resolved, whether the graph runs"))
 
     def validate(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -166,10 +190,12 @@ class DistConfig:
     # split: optim.batch_size is the global batch, divided across ranks (the paper's 128 on
     # any number of GPUs). per_rank: every rank takes optim.batch_size, the global batch grows
     # with the world size and the lr is scaled linearly with a warm-up (Goyal et al. 2017).
-    batch_scaling: str = "split"
-    scale_warmup_iters: int = 500
-    sync_bn: bool = False
-    timeout_s: int = 600  # process-group init and every collective
+    batch_scaling: str = field(default="split", metadata=doc(
+        "split: the global batch is divided across ranks; per_rank: every rank takes optim.batch_size, lr"
+        " scaled by the world size after a linear warm-up (Goyal et al. 2017)"))
+    scale_warmup_iters: int = field(default=500, metadata=doc("the per_rank lr warm-up, in iterations"))
+    sync_bn: bool = field(default=False, metadata=doc("SyncBatchNorm across ranks (CUDA)"))
+    timeout_s: int = field(default=600, metadata=doc("process-group init and every collective"))
 
     def validate(self) -> None:
         if self.batch_scaling not in BATCH_SCALING:
@@ -180,17 +206,23 @@ class DistConfig:
 
 @dataclass
 class LogConfig:
-    name: str = ""  # run name; "" = <model>-s<seed>, e.g. resnet20-s0
-    log_every: int = 100  # iterations between train-loss records (TensorBoard / W&B, progress)
-    tensorboard: bool = True
-    wandb_mode: str = "auto"  # auto: online when logged in or WANDB_API_KEY is set, else offline
-    wandb_project: str = ""  # "" = $WANDB_PROJECT or "resnetdist"
-    wandb_entity: str = ""  # "" = $WANDB_ENTITY or your default entity
-    wandb_group: str = ""  # "" = the model name, so seeds of one net group together (reproduce: the suite)
-    wandb_job_type: str = ""  # "" = the model name, so a suite's runs can be told apart by net
-    wandb_tags: list[str] = field(default_factory=list)
-    wandb_init_timeout_s: int = 60  # online init gives up after this, and the run goes on offline
-    wandb_finish_timeout_s: int = 300  # upload wait at the end; the rest stays on disk for `wandb sync`
+    name: str = field(default="", metadata=doc("run name (\"\" = <net>-s<seed>, e.g. resnet20-s0)"))
+    log_every: int = field(default=100, metadata=doc(
+        "iterations between train-loss records (TensorBoard, W&B, progress bar) and NaN checks"))
+    tensorboard: bool = field(default=True, metadata=doc("event files in <run>/tb"))
+    wandb_mode: str = field(default="auto", metadata=doc(
+        "auto (online when logged in or WANDB_API_KEY is set, else offline), online, offline, disabled"))
+    wandb_project: str = field(default="", metadata=doc("\"\" = $WANDB_PROJECT or resnetdist"))
+    wandb_entity: str = field(default="", metadata=doc("\"\" = $WANDB_ENTITY or your default entity"))
+    wandb_group: str = field(default="", metadata=doc(
+        "\"\" = the net name, so seeds of one net group together (reproduce: the suite)"))
+    wandb_job_type: str = field(default="", metadata=doc(
+        "\"\" = the net name, so a suite's runs can be told apart by net"))
+    wandb_tags: list[str] = field(default_factory=list, metadata=doc("extra W&B tags"))
+    wandb_init_timeout_s: int = field(default=60, metadata=doc(
+        "online init gives up after this, and the run goes on offline"))
+    wandb_finish_timeout_s: int = field(default=300, metadata=doc(
+        "upload wait at the end; the rest stays on disk for wandb sync"))
 
     def validate(self) -> None:
         if self.wandb_mode not in WANDB_MODES:

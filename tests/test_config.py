@@ -148,3 +148,20 @@ def test_config_toml_without_tomli_w_round_trips(monkeypatch):
     monkeypatch.setattr(config, "tomli_w", None)
     text = config.to_toml(cfg)
     assert config.tomllib.loads(text) == cfg.to_dict()
+
+
+def test_the_configuration_page_is_generated_from_the_dataclasses():
+    """docs/configuration.md is what `python -m resnetdist.configdoc` prints: every key, its
+    default and its description, so the page cannot drift from config.py."""
+    import dataclasses
+
+    from resnetdist.config import RunConfig
+    from resnetdist.configdoc import render
+
+    cfg = RunConfig()
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            assert f.metadata.get("doc"), f"{section.name}.{f.name} has no description (config.doc)"
+    page = (REPO / "docs" / "configuration.md").read_text()
+    assert page == render(), "docs/configuration.md is stale: python -m resnetdist.configdoc > docs/configuration.md"
+    assert "| `train.step` | `\"auto\"` |" in page and "| `log.wandb_finish_timeout_s` | `300` |" in page

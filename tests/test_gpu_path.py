@@ -52,7 +52,7 @@ class FakeGraph:
 
 
 class FakeOps:
-    """step.CudaOps on a CPU: records which stream is current when things happen."""
+    """graph.CudaOps on a CPU: records which stream is current when things happen."""
 
     def __init__(self, fail: bool = False):
         self.current, self.captures, self.fail, self.made = "default", [], fail, []
