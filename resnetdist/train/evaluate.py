@@ -39,7 +39,7 @@ def true_fp32():
 
 def model_layout(cfg: RunConfig, device: torch.device) -> torch.memory_format:
     """The one layout a run's model trains and is evaluated in, on this device: channels_last on
-    CUDA when train.channels_last, else NCHW. run.make_model builds the model in it, and
+    CUDA when train.channels_last, else NCHW. trainer.make_model builds the model in it, and
     `resnetdist eval` loads saved weights into it, so both evaluations run the same kernels."""
     return torch.channels_last if cfg.train.channels_last and device.type == "cuda" else torch.contiguous_format
 

@@ -2,11 +2,11 @@
 (autocast), backward, the SGD update and the metric sums, all on the device.
 
 The step reads its lr from a per-iteration table on the device and counts iterations on the
-device, so the host only feeds a batch and its augmentation numbers; with a source (a resident
-loader's epochs on the device, data/epochs.py) not even that: step() gathers its own. That keeps the step
-identical whether it runs eagerly, compiled, or replayed as one CUDA graph, and the schedule
-needs no re-capture. Loss and error sums stay on the device until `drain()`: no host sync
-per step. bench, the trainer and the tests all drive this one object.
+device, so the host only feeds a batch and its augmentation numbers; with a source (a
+resident loader's epochs on the device, data/epochs.py) not even that: step() gathers its own
+batch. That keeps the step identical whether it runs eagerly, compiled, or replayed as one
+CUDA graph, and the schedule needs no re-capture. Loss and error sums stay on the device until
+`drain()`: no host sync per step. bench, the trainer and the tests all drive this one object.
 """
 
 from __future__ import annotations
