@@ -185,7 +185,7 @@ if [[ "$DRY_RUN" != 1 ]] && ! has_module wandb; then
     echo "[acceptance] W&B is not installed: the training run logs to JSONL and TensorBoard only"
 fi
 run_stage train-resnet20 240 "${RD[@]}" train --n 3 --data-dir "$DATA" --out "$RUN" "${WANDB_SET[@]}"
-run_stage eval-resnet20 15 "${RD[@]}" eval "$RUN/model.pt" --data-dir "$DATA"
+run_stage eval-resnet20 15 "${RD[@]}" eval "$RUN/model.pt" --data-dir "$DATA" --json
 
 if [[ "$DRY_RUN" == 1 ]]; then
     echo "total: stage limits sum to $LIMIT_SUM s; overall deadline $DEADLINE s (ACCEPTANCE_DEADLINE_S), 540 s budget"

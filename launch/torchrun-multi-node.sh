@@ -8,8 +8,12 @@
 #   # on node0 (10.1.2.3) and node1, same command:
 #   NNODES=2 NPROC=4 RDZV_ENDPOINT=10.1.2.3:29500 RDZV_ID=r56-s0 \
 #       launch/torchrun-multi-node.sh --n 9 --out /shared/runs/resnet56
-# The run directory (--out) must be on storage every node sees only if you want resume after
-# a restart on other nodes; rank 0 alone writes it.
+# Storage: rank 0 alone writes the run directory (--out) and alone reads it on a restart (the
+# checkpoint's state reaches the other ranks over the network), so it may be node-local. Rank 0
+# is on the node whose hostname sorts first (the c10d rendezvous sorts the nodes by name), at
+# every restart; put --out on shared storage if that node itself may be lost. The data folder
+# (--data-dir, and the .beton files with data.loader=ffcv) must exist on every node; a node
+# without it stops the job at start with one line naming the host and path (docs/multi-node.md).
 #
 # Variables:
 #   NNODES         required: number of nodes, or MIN:MAX for an elastic range (e.g. 2:4)

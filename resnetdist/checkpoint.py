@@ -24,21 +24,23 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import re
 import signal
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import torch
 
-from .errors import WriteError
+from .errors import CheckpointError, WriteError
 
 PATTERN = re.compile(r"ckpt_(\d+)\.pt$")
 SIDECAR = ".sha256"
 TEMP_GLOB = ".*.tmp-*"  # atomic_write's temporary files: `.NAME.tmp-PID`
 
 
-class CorruptCheckpoint(RuntimeError):
+class CorruptCheckpoint(CheckpointError):
     """A checkpoint's bytes do not match its recorded sha256."""
 
 
@@ -89,6 +91,14 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def not_a_folder(folder: Path) -> Path | None:
+    """The file standing where `folder` or one of its parents should be a folder (the
+    first existing one of them, when it is not a folder), else None: an output folder a
+    user names is checked with this before anything is written."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
 
 
 def atomic_save(obj: Any, path: Path) -> str:
@@ -157,6 +167,49 @@ def save(run_dir: Path, iteration: int, state: dict[str, Any], keep: int) -> Pat
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint or model.pt, verifying its checksum if it has one (CorruptCheckpoint)."""
     return torch.load(io.BytesIO(read_verified(path)), map_location=map_location, weights_only=True)
+
+
+def load_model_file(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A model.pt or ckpt_*.pt given by a user (`eval`, `export`): every way the path can be
+    wrong (missing, a folder, unreadable, truncated, damaged, a torch file of something else)
+    is one CheckpointError naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; give a model.pt or ckpt_*.pt inside a run folder")
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them
+            warnings.simplefilter("ignore")
+            state = load(path, map_location)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch's errors (zip, pickle, OS) do not name the file
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_load_failure(e)})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{path}: a torch file, but not a resnetdist checkpoint (it holds no 'model' and 'config')")
+    return state
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
+    """state["model"] into `model`; weights of another shape or name are a CheckpointError
+    (torch's own message lists every tensor, over many lines)."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{path}: its weights do not fit the net its config describes ({detail})") from None
+
+
+def _load_failure(e: Exception) -> str:
+    """torch.load's error in a few words (its own messages run to paragraphs of advice that
+    does not apply: loading with weights_only=False is not an option here)."""
+    if isinstance(e, pickle.UnpicklingError):
+        return "not a torch file of tensors: text, or another program's pickle"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if "PytorchStreamReader" in first or "zip archive" in first:
+        return f"truncated or damaged torch archive: {first.split('. ')[0][:160]}"
+    return f"{type(e).__name__}: {first[:160]}"
 
 
 def load_latest(run_dir: Path, warn=print) -> tuple[Path, dict[str, Any]] | None:

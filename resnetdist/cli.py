@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,7 +15,7 @@ from .config import ConfigError, RunConfig, load_config
 from .errors import BAD_INPUT, FAILED, INTERRUPTED, DataError
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True,
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,  # see main()
     help="Reproduce He et al. 2015 (section 4.2): ResNets and plain nets on CIFAR-10, on one GPU or many.",
 )
 
@@ -25,7 +26,8 @@ TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
 def fail(message: str, code: int = BAD_INPUT) -> None:
-    typer.echo(f"error: {message}", err=True)
+    if message:  # empty: another rank prints the line (data/presence.py)
+        typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
@@ -124,7 +126,7 @@ def train(
         summary = main(cfg, data)
     except NonFiniteLoss as e:
         fail(f"{e} (run directory {cfg.run_dir})", code=e.exit_code)
-    except (WriteError, RunDirBusy, PeerLost) as e:  # errors.py: their exit codes
+    except (WriteError, RunDirBusy, PeerLost, DataError) as e:  # errors.py: their exit codes (DataError: a node without betons)
         fail(str(e), code=e.exit_code)
     except Preempted as e:  # exit 6: not a failure, the scheduler's notice was obeyed
         typer.echo(f"preempted: {e} (run directory {cfg.run_dir})", err=True)
@@ -139,17 +141,19 @@ def eval_(
     checkpoint: Path = typer.Argument(..., help="ckpt_*.pt or model.pt from a run directory"),
     data_dir: Optional[Path] = typer.Option(None, help="override the run's data folder"),
     device: str = typer.Option("auto"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
 ) -> None:
     """Test error of a saved checkpoint."""
-    from .train.evaluate import evaluate_checkpoint
+    from .errors import CheckpointError
+    from .train.evaluate import describe, evaluate_checkpoint
 
-    if not checkpoint.exists():
-        fail(f"{checkpoint}: no such checkpoint")
+    if device not in ("auto", "cpu", "cuda"):
+        fail(f"--device must be auto, cpu or cuda, got {device!r}")
     try:
         result = evaluate_checkpoint(checkpoint, data_dir, device)
-    except (ConfigError, DataError, RuntimeError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         fail(str(e))
-    typer.echo(json.dumps(result))
+    typer.echo(json.dumps(result) if as_json else describe(result))
 
 
 @app.command()
@@ -166,7 +170,8 @@ def prepare(
         require_ffcv()
         folder = locate(data_dir)
         target = out or folder.parent / "beton"
-        train_path, test_path, rebuilt = prepare_betons(folder, target, force=force)
+        train_path, test_path, rebuilt = prepare_betons(folder, target, force=force,
+                                                        announce=lambda what: typer.echo(what, err=True))
     except (DataError, RuntimeError) as e:
         fail(str(e))
     typer.echo(f"{'wrote' if rebuilt else 'up to date, nothing to do:'} {train_path} {test_path}")
@@ -243,6 +248,9 @@ def report(
         fail(str(e))
     for note in written["skipped"]:
         typer.echo(f"skipped: {note}", err=True)
+    for note in written["warnings"]:
+        typer.echo(f"warning: {note}", err=True)
+    typer.echo(written["markdown"])
     typer.echo(f"wrote {written['report']}, {written['figure']} and {len(written['curves'])} curve figure(s) "
                f"from {written['runs']} run(s)")
 
@@ -255,13 +263,12 @@ def export_(
     data_dir: Optional[Path] = typer.Option(None, help="only for old checkpoints without a stored mean image"),
 ) -> None:
     """Weights for use without this package: safetensors or ONNX (checked with onnxruntime), plus <name>.mean.npy."""
+    from .checkpoint import CheckpointError
     from .tools.export import ExportError, export
 
-    if not checkpoint.exists():
-        fail(f"{checkpoint}: no such checkpoint")
     try:
         result = export(checkpoint, format, out, data_dir)
-    except (ExportError, ConfigError) as e:
+    except (ExportError, CheckpointError, ConfigError) as e:
         fail(str(e))
     typer.echo(json.dumps(result))
 
@@ -355,4 +362,15 @@ def doctor(
 
 
 def main() -> None:
-    app()
+    """Errors nobody anticipated (bugs) end as one line too, as in a torchrun log with one
+    line per worker; RESNETDIST_DEBUG=1 prints the plain traceback instead."""
+    try:
+        app()
+    except Exception as e:
+        if os.environ.get("RESNETDIST_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        else:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            typer.echo(f"error: {type(e).__name__}: {first} (unexpected; RESNETDIST_DEBUG=1 shows the traceback)",
+                       err=True)
+        sys.exit(1)

@@ -44,6 +44,13 @@ class WriteError(RuntimeError):
         super().__init__(f"could not write {path}: {reason}")
 
 
+class CheckpointError(RuntimeError):
+    """A file given as a checkpoint is missing, unreadable or not one of ours; the message
+    names it (`eval` and `export` print it as one line)."""
+
+    exit_code = BAD_INPUT
+
+
 class RunDirBusy(RuntimeError):
     """Another live process holds the run directory; the message names it."""
 
@@ -69,6 +76,6 @@ class PeerLost(RuntimeError):
 
 # every error `resnetdist train` exits with, and its code
 EXIT_CODES: dict[type[BaseException], int] = {
-    ConfigError: BAD_INPUT, DataError: BAD_INPUT, NonFiniteLoss: NON_FINITE, WriteError: WRITE_FAILED,
+    ConfigError: BAD_INPUT, DataError: BAD_INPUT, CheckpointError: BAD_INPUT, NonFiniteLoss: NON_FINITE, WriteError: WRITE_FAILED,
     RunDirBusy: RUN_DIR_BUSY, Preempted: PREEMPTED, PeerLost: PEER_LOST,
 }

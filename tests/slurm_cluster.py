@@ -61,10 +61,11 @@ class SlurmCluster:
     cpus: int
     env: dict[str, str]
     daemons: list[subprocess.Popen] = field(default_factory=list)
+    prefix: list[str] = field(default_factory=list)  # clients run on the controller's node (nsenter ...)
 
     def run(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run([_which(args[0]) or args[0], *args[1:]], env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run([*self.prefix, _which(args[0]) or args[0], *args[1:]], env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(args)}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}\n"
                                  f"{self.logs()}")
@@ -72,7 +73,7 @@ class SlurmCluster:
 
     def logs(self, tail: int = 3000) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}"
-                         for p in (self.root / "slurmctld.log", self.root / "slurmd.log") if p.exists())
+                         for p in sorted(self.root.glob("slurm*.log")))
 
     def node_state(self) -> str:
         return self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.strip()
@@ -102,21 +103,28 @@ class SlurmCluster:
                     proc.wait(timeout=10)
 
 
-def _node_line(node: str) -> str:
+def _node_line(node: str, addr: str = "127.0.0.1") -> str:
     """This machine as slurmd sees it (CPUs, sockets, cores, threads, memory), so the node is
     not drained for a configuration that differs from the hardware."""
     line = subprocess.run([_which("slurmd"), "-C"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
     fields = [f for f in line.split() if not f.startswith("NodeName=")]
-    return f"NodeName={node} NodeAddr=127.0.0.1 " + " ".join(fields) + " State=UNKNOWN"
+    return f"NodeName={node} NodeAddr={addr} " + " ".join(fields) + " State=UNKNOWN"
 
 
-def _write_config(root: Path, node: str) -> Path:
+def _write_config(root: Path, node: str, ctl: str = "", nodes: dict[str, str] | None = None) -> Path:
+    """slurm.conf and cgroup.conf in root. One node (`node` on 127.0.0.1, slurmctld on this
+    machine), or `nodes` {name: address} with slurmctld on `ctl` (the first node's address):
+    every slurmd then gets its own spool, pid and log file (%n: the node's name)."""
     # slurmctld only starts on the host named in SlurmctldHost: this machine's own name
     for sub in ("state", "spool"):
         (root / sub).mkdir()
+    nodes = nodes or {node: "127.0.0.1"}
+    ctl_host = f"{next(iter(nodes))}({ctl})" if ctl else f"{socket.gethostname().split('.')[0]}(127.0.0.1)"
+    per_node = "-%n" if len(nodes) > 1 else ""
+    node_lines = "\n".join(_node_line(name, addr) for name, addr in nodes.items())
     conf = root / "slurm.conf"
     conf.write_text(f"""ClusterName=resnetdist-test
-SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)
+SlurmctldHost={ctl_host}
 MailProg=/bin/true
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
@@ -126,11 +134,11 @@ CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={root / 'state'}
-SlurmdSpoolDir={root / 'spool'}
+SlurmdSpoolDir={root / 'spool'}{per_node}
 SlurmctldPidFile={root / 'slurmctld.pid'}
-SlurmdPidFile={root / 'slurmd.pid'}
+SlurmdPidFile={root / 'slurmd'}{per_node}.pid
 SlurmctldLogFile={root / 'slurmctld.log'}
-SlurmdLogFile={root / 'slurmd.log'}
+SlurmdLogFile={root / 'slurmd'}{per_node}.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -143,7 +151,7 @@ MpiDefault=none
 ReturnToService=2
 MinJobAge=600
 KillWait=5
-{_node_line(node)}
+{node_lines}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
     # read beside slurm.conf; nothing here uses cgroups (linuxproc, task/none)
@@ -151,9 +159,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     return conf
 
 
-def _start(cluster: SlurmCluster, *cmd: str) -> None:
-    log = open(cluster.root / f"{Path(cmd[0]).name}.stdout", "w")
-    cluster.daemons.append(subprocess.Popen(cmd, env=cluster.env, stdout=log, stderr=subprocess.STDOUT,
+def _start(cluster: SlurmCluster, *cmd: str, prefix: tuple[str, ...] = (), name: str = "") -> None:
+    log = open(cluster.root / f"{name or Path(cmd[0]).name}.stdout", "w")
+    cluster.daemons.append(subprocess.Popen([*prefix, *cmd], env=cluster.env, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL))
     log.close()
 
@@ -168,25 +176,55 @@ def _wait_for(cluster: SlurmCluster, ready, what: str, timeout: float = 60) -> N
         time.sleep(0.3)
 
 
-def start_cluster(root: Path) -> SlurmCluster:
-    node = "resnetdist-node"
+def _start_munged(cluster: SlurmCluster) -> None:
+    """munged on this machine; its socket is a file, so it serves every network namespace."""
+    root = cluster.root
     key = root / "munge.key"
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
+    # --force: munged refuses a socket under a world-writable /tmp path otherwise
+    _start(cluster, _which("munged"), "--foreground", "--force", f"--socket={root / 'munge.socket'}",
+           f"--key-file={key}", f"--pid-file={root / 'munged.pid'}", f"--log-file={root / 'munged.log'}",
+           f"--seed-file={root / 'munged.seed'}")
+    _wait_for(cluster, (root / "munge.socket").exists, "munged")
+
+
+def start_cluster(root: Path) -> SlurmCluster:
+    node = "resnetdist-node"
     conf = _write_config(root, node)
     env = dict(os.environ, SLURM_CONF=str(conf))
     cluster = SlurmCluster(root, node, os.cpu_count() or 1, env)
     try:
-        # --force: munged refuses a socket under a world-writable /tmp path otherwise
-        _start(cluster, _which("munged"), "--foreground", "--force", f"--socket={root / 'munge.socket'}",
-               f"--key-file={key}", f"--pid-file={root / 'munged.pid'}", f"--log-file={root / 'munged.log'}",
-               f"--seed-file={root / 'munged.seed'}")
-        _wait_for(cluster, (root / "munge.socket").exists, "munged")
+        _start_munged(cluster)
         _start(cluster, _which("slurmctld"), "-D", "-i", "-f", str(conf))
         _wait_for(cluster, lambda: cluster.run("sinfo", check=False).returncode == 0, "slurmctld")
         _start(cluster, _which("slurmd"), "-D", "-N", node, "-f", str(conf))
         _wait_for(cluster, lambda: cluster.node_state() == "idle", "slurmd (node idle)")
         cluster.cpus = int(cluster.run("sinfo", "-h", "-N", "-o", "%c").stdout.strip())
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def start_two_node_cluster(root: Path, nodes) -> SlurmCluster:
+    """Two nodes of tests/netns.py: slurmctld and one slurmd on node0, a second slurmd on
+    node1, NodeAddr their veth addresses; one munged on this machine for both. Clients
+    (cluster.run) run on node0, so submit with `nsenter` there too (cluster.prefix)."""
+    conf = _write_config(root, "", ctl=nodes[0].addr, nodes={n.name: n.addr for n in nodes})
+    for node in nodes:
+        (root / f"spool-{node.name}").mkdir()
+    env = dict(os.environ, SLURM_CONF=str(conf))
+    cluster = SlurmCluster(root, ",".join(n.name for n in nodes), os.cpu_count() or 1, env,
+                           prefix=nodes[0].command([]))
+    try:
+        _start_munged(cluster)
+        _start(cluster, _which("slurmctld"), "-D", "-i", "-f", str(conf), prefix=tuple(nodes[0].command([])))
+        _wait_for(cluster, lambda: cluster.run("sinfo", check=False).returncode == 0, "slurmctld")
+        for node in nodes:
+            _start(cluster, _which("slurmd"), "-D", "-N", node.name, "-f", str(conf),
+                   prefix=tuple(node.command([])), name=f"slurmd-{node.name}")
+        _wait_for(cluster, lambda: cluster.node_state().split() == ["idle", "idle"], "both slurmds (nodes idle)")
     except BaseException:
         cluster.stop()
         raise

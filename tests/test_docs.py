@@ -11,13 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 MAX_README_LINES = 150
-FIRST_COMMANDS = ("bash launch/setup.sh && resnetdist train --n 3", "bash .ci/run")
-
-# Pages other branches write (docs/configuration.md is generated from the config dataclasses,
-# docs/multi-node.md comes with the multi-node work). Links to them are allowed to dangle
-# until they land; test_pending_pages_are_still_pending fails once one exists, so its entry is
-# removed then and the link is checked like any other. Remove this list when it is empty.
-PENDING = {"docs/multi-node.md"}
+FIRST_COMMANDS = ("bash launch/setup.sh && .venv/bin/resnetdist train --n 3", "bash .ci/run")
 
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
@@ -51,8 +45,7 @@ def broken_links(page: Path) -> list[str]:
         dest = (page.parent / path).resolve() if path else page
         rel = dest.relative_to(REPO).as_posix() if dest.is_relative_to(REPO) else str(dest)
         if not dest.exists():
-            if rel not in PENDING:
-                broken.append(f"{target} (no file {rel})")
+            broken.append(f"{target} (no file {rel})")
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             broken.append(f"{target} (no heading #{anchor} in {rel})")
     return broken
@@ -61,11 +54,6 @@ def broken_links(page: Path) -> list[str]:
 def test_every_relative_link_reaches_a_file_and_heading():
     broken = {p.relative_to(REPO).as_posix(): b for p in pages() if (b := broken_links(p))}
     assert not broken, broken
-
-
-def test_pending_pages_are_still_pending():
-    landed = sorted(p for p in PENDING if (REPO / p).exists())
-    assert not landed, f"{landed} exist now: remove them from PENDING in tests/test_docs.py"
 
 
 def test_readme_is_a_front_page():
@@ -96,14 +84,14 @@ def test_readme_maps_every_package_folder_and_module():
 
 
 def test_the_link_checker_sees_a_broken_link(tmp_path, monkeypatch):
-    """The checks above cannot pass vacuously: a missing file, a missing heading and a pending
-    page are told apart."""
+    """The checks above cannot pass vacuously: a missing file and a missing heading are found;
+    code spans and web addresses are not links to check."""
     tmp_path = tmp_path.resolve()
     monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "b.md").write_text("# Real heading\n")
     page = tmp_path / "a.md"
     page.write_text("[x](docs/b.md#real-heading) [y](docs/gone.md) [z](docs/b.md#nope)\n"
-                    "`[code](docs/gone.md)` [w](https://example.org/x) [p](docs/multi-node.md)\n")
+                    "`[code](docs/gone.md)` [w](https://example.org/x)\n")
     assert broken_links(page) == ["docs/gone.md (no file docs/gone.md)",
                                   "docs/b.md#nope (no heading #nope in docs/b.md)"]

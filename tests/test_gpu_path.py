@@ -279,7 +279,7 @@ def test_two_rank_run_and_eval_of_its_model_agree(tmp_path, tiny_data):
     ranks = [json.loads(line[line.index("{"):]) for line in proc.stdout.splitlines() if '{"rank"' in line]
     summary = json.loads((out / "summary.json").read_text())
     assert len(ranks) == 2 and ranks[0]["test_error"] == ranks[1]["test_error"] == summary["test_error"]
-    evaluated = json.loads(cli_in_process(["eval", str(out / "model.pt"), "--device", "cpu"]).stdout)
+    evaluated = json.loads(cli_in_process(["eval", str(out / "model.pt"), "--device", "cpu", "--json"]).stdout)
     assert evaluated["test_error"] == summary["test_error"]
 
 

@@ -178,6 +178,92 @@ def test_report_errors_name_the_folder(tmp_path):
     assert "| ResNet-8 | 100 | 1 | 30.00 |" in (tmp_path / "rep" / "report.md").read_text()
 
 
+@pytest.mark.timeout(60)
+def test_report_prints_the_table_and_counts_a_repeated_seed_once(tmp_path):
+    """Three folders holding seed 0 of ResNet-20 are one seed, not three: the table counts it
+    once (no 0.00 spread), names the repeat in one line, and prints itself to the terminal."""
+    root = tmp_path / "runs"
+    for copy, err in (("a", 8.0), ("b", 9.0), ("c", 10.0)):
+        write_fixture_run(root / copy, "resnet20", 20, False, 0, err)
+    write_fixture_run(root / "a", "resnet20", 20, False, 1, 8.4)
+    proc = cli(["report", root / "a", root / "b", root / "c", "--out", tmp_path / "rep"])
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| ResNet-20 "))
+    assert [c.strip() for c in row.split("|")[1:-1]][:5] == ["ResNet-20", "64,000", "2", "8.20 ± 0.28", "8.00"]
+    assert "| net | iterations | seeds |" in proc.stdout
+    notes = [line for line in proc.stderr.splitlines() if "seed 0" in line]
+    assert len(notes) == 1 and "3 runs" in notes[0] and str(root / "b" / "resnet20-s0") in notes[0], proc.stderr
+    assert "seed 1" not in proc.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert row in md and "seed 0 is in 3 runs" in md
+
+    from resnetdist.suite.report import figure6_axes, load_runs
+
+    runs, _ = load_runs([root / "a", root / "b", root / "c"])
+    fig, axes, _ = figure6_axes(runs)
+    labels = [t.get_text() for t in axes[1].get_legend().get_texts()]
+    assert "ResNet-20 (2 seeds)" in labels, labels
+
+
+def assert_axes_hold_every_point(axes):
+    for ax in axes:
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        for line in ax.lines:
+            xs, ys = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+            if len(xs):
+                assert x0 <= xs.min() and xs.max() < x1 and y0 <= ys.min() and ys.max() < y1, \
+                    (line.get_label(), (x0, x1, y0, y1), xs, ys)
+
+
+@pytest.mark.timeout(60)
+def test_figure6_axes_hold_every_point(fixture_runs):
+    """The first evaluations (near 46% error here) are inside the axes, not cut off at the top."""
+    from resnetdist.suite.report import figure6_axes, load_runs
+
+    runs, _ = load_runs([fixture_runs])
+    _, axes, drawn = figure6_axes(runs)
+    assert max(max(y) for y in drawn.ys) > 40  # the paper-like 0-20% axis (or a cut one) would clip these
+    assert sum(len(ax.lines) for ax in axes) >= 8
+    assert_axes_hold_every_point(axes)
+
+
+@pytest.mark.timeout(60)
+def test_short_suite_draws_every_point_and_warns(tmp_path):
+    """eval_every > iters: one evaluation per run. Each curve is a visible dot, and one line
+    says the curves have few points."""
+    root = tmp_path / "runs"
+    for model, depth, plain in (("resnet20", 20, False), ("plain20", 20, True)):
+        write_fixture_run(root, model, depth, plain, 0, 80.0, iters=100, points=1)
+    proc = cli(["report", root])
+    warnings = [line for line in proc.stderr.splitlines() if "fewer than" in line]
+    assert len(warnings) == 1 and "figure6.png" in warnings[0], proc.stderr
+    assert "eval_every" in warnings[0]
+
+    from resnetdist.suite.report import figure6_axes, load_runs
+
+    _, axes, _ = figure6_axes(load_runs([root])[0])
+    curves = [line for ax in axes for line in ax.lines]
+    assert len(curves) == 4 and all(len(c.get_xdata()) == 1 for c in curves)
+    assert all(c.get_marker() not in (None, "None", "", " ") for c in curves)
+    assert_axes_hold_every_point(axes)
+    rgb = check_png(root / "figure6.png", (1000, 400))
+    assert has_colour(rgb, "#e6a700", min_pixels=20), "the one-point curves are not drawn"
+
+
+@pytest.mark.timeout(60)
+def test_lr_panel_steps_at_the_runs_own_milestones(tmp_path):
+    """The run's lr fell at 150 and 225 (its config.toml); evaluations every 100 iterations
+    must not move the drawn steps to 200 and 300."""
+    from resnetdist.suite.report import load_run, lr_steps
+
+    run = write_fixture_run(tmp_path, "resnet20", 20, False, 0, 20.0, iters=300, points=3)
+    (run / "config.toml").write_text(
+        "[model]\nn = 3\n\n[optim]\niters = 300\nmilestones = [150, 225]\nwarmup_iters = 0\n\n[train]\nseed = 0\n")
+    assert lr_steps(load_run(run)) == [(0, 0.1), (150, pytest.approx(0.01)), (225, pytest.approx(0.001)),
+                                       (300, pytest.approx(0.001))]
+    cli(["report", run])
+    check_png(run / "curves" / "resnet20-s0.png", (500, 300))
+
+
 # ----- export ------------------------------------------------------------------------------------
 
 

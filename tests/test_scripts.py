@@ -209,3 +209,88 @@ def test_torchrun_launcher_runs(script, tmp_path):
                 "--set", "log.tensorboard=false", "--set", "data.eval_batch=32"], timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "summary.json").is_file() and (out / "config.toml").is_file()
+
+
+# ----- launch/setup.sh --------------------------------------------------------------------------
+
+SETUP = LAUNCH / "setup.sh"
+
+
+def setup_env(**extra: str) -> dict[str, str]:
+    """The environment of a user with no active venv and no PYTHON choice (this test's own
+    PYTHONPATH, which points at the checkout, is dropped too)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV", "PYTHONPATH", "VENV")}
+    env.update(extra)
+    return env
+
+
+def setup_sh(args: list[str], cwd: Path, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SETUP), *args], cwd=cwd, env=setup_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_setup_dry_run_plans_a_venv_and_says_why_it_needs_root(tmp_path):
+    """Missing apt packages are named, with the need for root, before any apt-get (sudo) runs;
+    nothing is installed in a dry run."""
+    if shutil.which("dpkg") is None or shutil.which("apt-get") is None:
+        pytest.skip("needs a Debian/Ubuntu machine (dpkg, apt-get)")
+    venv = tmp_path / "venv"
+    proc = setup_sh(["--dry-run"], tmp_path, VENV=str(venv), APT_PACKAGES="pkg-config resnetdist-test-no-such-package")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    need = next(i for i, line in enumerate(lines) if "resnetdist-test-no-such-package" in line)
+    assert "apt" in lines[need] and "root" in lines[need] and "pkg-config" not in lines[need], lines[need]
+    apt = next(i for i, line in enumerate(lines) if line.startswith("would run:") and "apt-get install" in line)
+    assert need < apt and "resnetdist-test-no-such-package" in lines[apt]
+    assert any("-m venv" in line and str(venv) in line for line in lines), lines
+    assert any(f"{venv}/bin/python -m pip install -e {REPO}[ffcv,wandb]" in line for line in lines), lines
+    assert not venv.exists()
+
+
+def test_setup_dry_run_honours_an_explicit_interpreter_and_the_active_venv(tmp_path):
+    for extra, python in (({"PYTHON": "/opt/py/bin/python3"}, "/opt/py/bin/python3"),
+                          ({"VIRTUAL_ENV": "/opt/env"}, "/opt/env/bin/python")):
+        proc = setup_sh(["--dry-run", "--no-ffcv", "--dev"], tmp_path, APT_PACKAGES="resnetdist-test-no-such-package",
+                        **extra)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"would run: {python} -m pip install -e {REPO}[wandb,dev]" in proc.stdout, proc.stdout
+        assert "-m venv" not in proc.stdout and "apt" not in proc.stdout  # --no-ffcv: no root needed
+    proc = setup_sh(["--sytem"], tmp_path)
+    assert proc.returncode == 2 and "unknown option --sytem" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_setup_installs_into_a_fresh_venv_quietly(tmp_path):
+    """A real install (the venv sees the system's torch, so nothing large is downloaded): a
+    few lines of output, ending with the next command, which works."""
+    venv = tmp_path / "venv"
+    proc = setup_sh([], tmp_path, timeout=580, VENV=str(venv))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) <= 4 and proc.stderr == "", proc.stdout + proc.stderr
+    assert lines[-1] == "next: venv/bin/resnetdist train --n 3", lines
+    where = subprocess.run([str(venv / "bin/python"), "-c", "import resnetdist, ffcv; print(resnetdist.__file__)"],
+                           capture_output=True, text=True, env=setup_env(), cwd=tmp_path, timeout=120)
+    assert where.stdout.strip() == str(REPO / "resnetdist" / "__init__.py"), where.stdout + where.stderr
+    helped = subprocess.run([str(venv / "bin/resnetdist"), "train", "--help"], capture_output=True, text=True,
+                            env=setup_env(), cwd=tmp_path, timeout=120)
+    assert helped.returncode == 0 and "--iters" in helped.stdout
+
+
+def test_setup_as_a_user_says_apt_needs_root_before_sudo(tmp_path):
+    """Run as an unprivileged user (nobody): the missing packages and the need for root are
+    said first; without sudo the script stops there, with the ways out."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or shutil.which("dpkg") is None:
+        pytest.skip("needs root (to become nobody with setpriv) on a Debian/Ubuntu machine")
+    env = setup_env(VENV=str(tmp_path / "venv"), APT_PACKAGES="resnetdist-test-no-such-package")
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", str(SETUP),
+                           "--dry-run"], cwd="/", env=env, capture_output=True, text=True, timeout=60)
+    if shutil.which("sudo"):
+        lines = proc.stdout.splitlines()
+        need = next(i for i, line in enumerate(lines) if "needs root" in line and "sudo" in line)
+        assert need < next(i for i, line in enumerate(lines) if line.startswith("would run: sudo apt-get"))
+    else:
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert "resnetdist-test-no-such-package" in proc.stderr and "needs root" in proc.stderr
+        assert "--no-ffcv" in proc.stderr and len(proc.stderr.splitlines()) == 1

@@ -182,5 +182,5 @@ def test_graph_run_end_to_end(tmp_path, tiny_data):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_error"] < 60 and summary["step"] == "graph" and summary["capture_error"] is None
     assert 'step = "graph"' in (out / "config.toml").read_text()
-    evaluated = json.loads(run_cli(["eval", str(out / "model.pt"), "--data-dir", str(tiny_data)]).stdout)
+    evaluated = json.loads(run_cli(["eval", str(out / "model.pt"), "--data-dir", str(tiny_data), "--json"]).stdout)
     assert evaluated["test_error"] == summary["test_error"]

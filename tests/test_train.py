@@ -66,7 +66,7 @@ def test_config_toml_records_what_ran_not_auto(trained_run):
 def test_eval_command_agrees_with_the_run(trained_run, tiny_data):
     summary = json.loads((trained_run / "summary.json").read_text())
     for name in ("model.pt", "ckpt_0000150.pt"):
-        proc = cli_in_process(["eval", str(trained_run / name), "--data-dir", str(tiny_data), "--device", "cpu"])
+        proc = cli_in_process(["eval", str(trained_run / name), "--data-dir", str(tiny_data), "--device", "cpu", "--json"])
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         assert result["test_error"] == pytest.approx(summary["test_error"], abs=1e-9)
 

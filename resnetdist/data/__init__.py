@@ -4,6 +4,7 @@ the step: the dataset resident on the training device (resident.py) or FFCV's re
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -19,6 +20,14 @@ def load_data(cfg: DataConfig) -> Cifar10:
     return load_cifar10(Path(cfg.dir) if cfg.dir else None, cfg.val_split)
 
 
+def load_data_on_every_rank(cfg: DataConfig) -> Cifar10:
+    """load_data on each rank (each node reads its own disk), the ranks agreeing to stop when
+    any node lacks the data (presence.py): an initialized process group is needed."""
+    from .presence import on_every_rank
+
+    return on_every_rank(lambda: load_data(cfg), cfg.dir, "data check (every node holds the data)")
+
+
 def beton_dir(cfg: DataConfig, data: Cifar10) -> Path:
     return Path(cfg.beton_dir) if cfg.beton_dir else data.folder.parent / "beton"
 
@@ -28,13 +37,18 @@ def ensure_betons(cfg: DataConfig, data: Cifar10) -> Path | None:
     converts while the others wait."""
     if cfg.loader != "ffcv":
         return None
-    from .beton import prepare_betons, require_ffcv
+    from .beton import beton_paths, prepare_betons, require_ffcv
 
     require_ffcv()
     out = beton_dir(cfg, data)
     if dist.is_main_process():
-        prepare_betons(data.folder, out)
+        prepare_betons(data.folder, out, announce=lambda what: print(
+            f"note: --loader ffcv: first use, {what} (set data.beton_dir to put them elsewhere)",
+            file=sys.stderr, flush=True))
     dist.barrier()
+    from .presence import on_every_rank, require_files
+
+    on_every_rank(lambda: require_files(list(beton_paths(out))), what="data check (every node holds the betons)")
     return out
 
 
@@ -75,4 +89,4 @@ def open_eval_loaders(cfg: DataConfig, data: Cifar10, ctx: dist.DistContext,
     return evals
 
 
-__all__ = ["Batch", "Cifar10", "Loaders", "beton_dir", "ensure_betons", "load_data", "open_eval_loaders", "open_loaders"]
+__all__ = ["Batch", "Cifar10", "Loaders", "beton_dir", "ensure_betons", "load_data", "load_data_on_every_rank", "open_eval_loaders", "open_loaders"]

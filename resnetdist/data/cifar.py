@@ -48,6 +48,17 @@ class Cifar10:
     train_indices: np.ndarray | None = None
     val_indices: np.ndarray | None = None
     folder: Path | None = None  # where the .bin files were read from
+    file_records: dict[str, int] | None = None  # records in each .bin file read
+
+    def record_count_note(self) -> str | None:
+        """One line naming each file whose record count is not CIFAR-10's (small stand-ins,
+        or a file cut at a record boundary), and how many images the run then uses."""
+        odd = [f"{name} holds {n:,} records" for name, n in (self.file_records or {}).items() if n != RECORDS_PER_FILE]
+        if not odd:
+            return None
+        held_out = f" ({len(self.val):,} more held out for validation)" if self.val is not None else ""
+        return (f"note: {', '.join(odd)} (CIFAR-10's files hold {RECORDS_PER_FILE:,} each): "
+                f"training on {len(self.train):,} images{held_out}, testing on {len(self.test):,}")
 
 
 def default_cache_dir() -> Path:
@@ -189,8 +200,11 @@ def write_synthetic(root: Path, per_train_file: int, test_size: int, seed: int =
     return root
 
 
-def read_files(folder: Path, names: tuple[str, ...]) -> Split:
+def read_files(folder: Path, names: tuple[str, ...], counts: dict[str, int] | None = None) -> Split:
+    """The files' records, in order; `counts` (if given) receives each file's record count."""
     parts = [read_batch_file(folder / name) for name in names]
+    if counts is not None:
+        counts.update({name: len(part) for name, part in zip(names, parts)})
     return Split(
         np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts])
     )
@@ -210,12 +224,13 @@ def subset(split: Split, indices: np.ndarray) -> Split:
 
 def load_cifar10(data_dir: Path | None, val_split: bool = False) -> Cifar10:
     folder = locate(data_dir)
-    train = read_files(folder, TRAIN_FILES)
-    test = read_files(folder, TEST_FILES)
+    counts: dict[str, int] = {}
+    train = read_files(folder, TRAIN_FILES, counts)
+    test = read_files(folder, TEST_FILES, counts)
     if not val_split:
-        return Cifar10(train, test, folder=folder)
+        return Cifar10(train, test, folder=folder, file_records=counts)
     train_idx, val_idx = validation_indices(len(train))
-    return Cifar10(subset(train, train_idx), test, subset(train, val_idx), train_idx, val_idx, folder)
+    return Cifar10(subset(train, train_idx), test, subset(train, val_idx), train_idx, val_idx, folder, counts)
 
 
 def source_files(folder: Path) -> list[Path]:

@@ -108,6 +108,8 @@ def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
         p = Path(p)
         if not p.exists():
             raise ReportError(f"{p}: no such folder")
+        if not p.is_dir():
+            raise ReportError(f"{p}: not a folder (give run folders, or folders holding runs)")
         if is_run_dir(p):
             runs.append(p)
             continue
@@ -226,11 +228,28 @@ def seed_repo_value(plain: bool, depth: int) -> str:
     return (SEED_REPO_PLAIN if plain else SEED_REPO_RESNET).get(depth, "–")
 
 
+def distinct_seeds(group: list[Run]) -> tuple[list[Run], list[str]]:
+    """One run per seed of a net (a finished one first, then by folder), and one note per seed
+    found in several folders: a rerun of a seed is not another sample of the seed spread."""
+    by_seed: dict[int, list[Run]] = defaultdict(list)
+    for r in sorted(group, key=lambda r: (not r.finished, str(r.path))):
+        by_seed[r.seed].append(r)
+    notes = [f"{same[0].net} ({same[0].iterations:,} iterations): seed {seed} is in {len(same)} runs "
+             f"({', '.join(str(r.path) for r in same)}); only {same[0].path} is counted"
+             for seed, same in sorted(by_seed.items()) if len(same) > 1]
+    return [same[0] for same in by_seed.values()], notes
+
+
+def repeated_seeds(runs: list[Run]) -> list[str]:
+    return [note for group in group_runs(runs).values() for note in distinct_seeds(group)[1]]
+
+
 def table_rows(runs: list[Run]) -> list[dict[str, Any]]:
     """Table 6 as data, one row per net and iteration count: what report.md prints and what
-    the suite's W&B summary run logs as a table."""
+    the suite's W&B summary run logs as a table. `runs` counts distinct seeds."""
     rows = []
     for (plain, depth, iters), group in group_runs(runs).items():
+        group = distinct_seeds(group)[0]
         done = [r for r in group if r.finished and r.test_error is not None]
         errs = [r.test_error for r in done]
         mean, std = mean_std(errs) if errs else (None, None)
@@ -244,7 +263,7 @@ def table_rows(runs: list[Run]) -> list[dict[str, Any]]:
 
 
 def markdown_table(runs: list[Run]) -> str:
-    head = ("| net | iterations | runs | test error % (mean ± std) | best | final train error % | "
+    head = ("| net | iterations | seeds | test error % (mean ± std) | best | final train error % | "
             "paper (Table 6) | seed repo |\n|---|---|---|---|---|---|---|---|\n")
     lines = []
     for row in table_rows(runs):
@@ -286,7 +305,8 @@ def reference_table() -> str:
     ) + "\n"
 
 
-def markdown(runs: list[Run], figure: str | None, curves: dict[str, str], title: str, notes: list[str]) -> str:
+def markdown(runs: list[Run], figure: str | None, curves: dict[str, str], title: str, notes: list[str],
+             warnings: list[str] = ()) -> str:
     iters = sorted({r.iterations for r in runs})
     data = sorted({str(_config_data_dir(r.path)) for r in runs} - {"None"})
     parts = [f"# {title}\n\n"]
@@ -302,18 +322,22 @@ def markdown(runs: list[Run], figure: str | None, curves: dict[str, str], title:
         "\nPaper: He et al. 2015, *Deep Residual Learning for Image Recognition*, Table 6 (CIFAR-10). "
         "† Plain-net values are not in Table 6: they are read off the paper's Figure 6 (approximate). "
         "Seed repo: the repository this project grew from (batch 100, channel means, not the paper's recipe). "
-        "mean ± std is over finished runs (seeds); std needs two or more; – : no published figure.\n"
+        "mean ± std is over finished runs of distinct seeds (a seed run twice counts once); std needs two or "
+        "more; – : no published figure.\n"
     )
     parts.append("\n### Published figures (test error %, CIFAR-10)\n\n")
     parts.append(reference_table())
     if figure:
         parts.append(f"\n## Error curves (Figure 6 layout)\n\n![training (dashed) and test (solid) error]({figure})\n\n"
                      "Plain nets left, ResNets right; dashed: training error, solid: test error; one colour per "
-                     "depth; several seeds of one net are averaged (band: min to max).\n")
+                     "depth; several seeds of one net are averaged (band: min to max); dots mark evaluations on curves with "
+                     "few points.\n")
     parts.append("\n## Runs\n\n")
     parts.append(runs_table(runs))
     if curves:
         parts.append("\nPer-run curves: " + ", ".join(f"[{name}]({p})" for name, p in curves.items()) + "\n")
+    if warnings:
+        parts.append("\n## Notes\n\n" + "\n".join(f"- {n}" for n in warnings) + "\n")
     if notes:
         parts.append("\n## Skipped\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     return "".join(parts)
@@ -356,17 +380,11 @@ def mean_curve(group: list[Run], key: str) -> tuple[list[int], list[float], list
     return common, [statistics.fmean(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
 
 
-def _y_top(curves: list[list[float]], xs: list[list[int]]) -> float:
-    """Like the paper's 0-20% axis when the curves allow it; otherwise up to what they reach
-    after the first 10% of training, so the early ~90% errors do not flatten everything."""
-    tail = []
-    for x, y in zip(xs, curves):
-        if x:
-            cut = x[0] + 0.1 * (x[-1] - x[0])
-            tail += [v for i, v in zip(x, y) if i >= cut] or y
-    if not tail:
-        return 20.0
-    return float(min(100.0, max(20.0, 1.08 * max(tail))))
+def _y_top(values: list[float]) -> float:
+    """The paper's 0-20% axis when every point fits in it; else up to the highest point (the
+    early ~90% errors included: an axis that cuts them off hides data)."""
+    top = max(values, default=0.0)
+    return float(min(100.0, max(20.0, 1.05 * top))) if top < 100 else 101.0
 
 
 def _iteration_axis(ax, max_x: float) -> None:
@@ -378,51 +396,108 @@ def _iteration_axis(ax, max_x: float) -> None:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
 
 
-def figure6(runs: list[Run], out: Path, title: str = "") -> Path:
-    plt = _pyplot()
+FEW_POINTS = 5  # a curve with fewer evaluations than this is marked in the figure and warned about
+MARK_UP_TO = 30  # curves with at most this many points get a dot per evaluation
+
+
+@dataclass
+class Drawn:
+    """What a figure drew: every curve's points, for the axis limits and the few-points warning."""
+    xs: list[list[int]] = field(default_factory=list)
+    ys: list[list[float]] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+
+    def few_points(self) -> list[str]:
+        return [f"{label} ({len(x)})" for label, x in zip(self.labels, self.xs) if len(x) < FEW_POINTS]
+
+
+def _draw_net(ax, group: list[Run], colour: str, label: str, drawn: Drawn):
+    """The mean train (dashed) and test (solid) curves of one net's seeds, with the min-max band."""
     from matplotlib.lines import Line2D
 
+    for key, style, width in (("train_error", "--", 1.2), ("test_error", "-", 2.0)):
+        it, mean, lo, hi = mean_curve(group, key)
+        if not it:
+            continue
+        marker = "o" if len(it) <= MARK_UP_TO else None
+        ax.plot(it, mean, style, color=colour, linewidth=width, marker=marker, markersize=4 if len(it) < FEW_POINTS else 2.5)
+        if len(group) > 1:
+            ax.fill_between(it, lo, hi, color=colour, alpha=0.12, linewidth=0)
+        drawn.xs.append(it)
+        drawn.ys.append(hi)
+        drawn.labels.append(f"{label} {key.split('_')[0]}")
+    return Line2D([], [], color=colour, linewidth=2, label=label)
+
+
+def _panel(ax, plain: bool, nets: list[Run], handles: list) -> None:
+    from matplotlib.lines import Line2D
+
+    ax.set_title("plain networks" if plain else "ResNets")
+    ax.set_xlabel("iterations")
+    ax.grid(True, alpha=0.3)
+    if not nets:
+        ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes, color="gray")
+    style = [Line2D([], [], color="k", linestyle="--", linewidth=1.2, label="train error"),
+             Line2D([], [], color="k", linestyle="-", linewidth=2, label="test error")]
+    if handles:
+        ax.legend(handles=handles + style, loc="best", fontsize=8, framealpha=0.9)
+
+
+def figure6_axes(runs: list[Run], title: str = ""):
+    """(figure, axes, what was drawn): the Figure 6 layout, one colour per depth, each net's
+    distinct seeds averaged; the axes hold every point."""
+    plt = _pyplot()
     depths = sorted({r.depth for r in runs})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
-    ys, xs = [], []
+    drawn = Drawn()
     for ax, plain in zip(axes, (True, False)):
-        handles = []
         nets = [r for r in runs if r.plain == plain]
+        handles = []
         for depth in sorted({r.depth for r in nets}):
-            group = [r for r in nets if r.depth == depth]
-            colour = depth_colour(depth, depths)
+            group = distinct_seeds([r for r in nets if r.depth == depth])[0]
             label = f"{'plain' if plain else 'ResNet'}-{depth}" + (f" ({len(group)} seeds)" if len(group) > 1 else "")
-            for key, style, width in (("train_error", "--", 1.2), ("test_error", "-", 2.0)):
-                it, mean, lo, hi = mean_curve(group, key)
-                if not it:
-                    continue
-                ax.plot(it, mean, style, color=colour, linewidth=width)
-                if len(group) > 1:
-                    ax.fill_between(it, lo, hi, color=colour, alpha=0.12, linewidth=0)
-                ys.append(mean)
-                xs.append(it)
-            handles.append(Line2D([], [], color=colour, linewidth=2, label=label))
-        ax.set_title("plain networks" if plain else "ResNets")
-        ax.set_xlabel("iterations")
-        ax.grid(True, alpha=0.3)
-        if not nets:
-            ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes, color="gray")
-        style = [Line2D([], [], color="k", linestyle="--", linewidth=1.2, label="train error"),
-                 Line2D([], [], color="k", linestyle="-", linewidth=2, label="test error")]
-        if handles:
-            ax.legend(handles=handles + style, loc="best", fontsize=8, framealpha=0.9)
+            handles.append(_draw_net(ax, group, depth_colour(depth, depths), label, drawn))
+        _panel(ax, plain, nets, handles)
     axes[0].set_ylabel("error (%)")
-    axes[0].set_ylim(0, _y_top(ys, xs))
-    max_x = max((x[-1] for x in xs if x), default=1)
+    axes[0].set_ylim(0, _y_top([v for y in drawn.ys for v in y]))
+    max_x = max((x[-1] for x in drawn.xs if x), default=1)
     for ax in axes:
-        ax.set_xlim(0, max_x)
+        ax.set_xlim(0, 1.03 * max_x)  # a margin: the last point's dot is not cut in half
         _iteration_axis(ax, max_x)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
+    return fig, axes, drawn
+
+
+def figure6(runs: list[Run], out: Path, title: str = "") -> tuple[Path, list[str]]:
+    """Write figure6.png; returns it and a warning when curves have few points."""
+    fig, _, drawn = figure6_axes(runs, title)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    _pyplot().close(fig)
+    few = drawn.few_points()
+    warning = (f"{out.name}: {len(few)} of {len(drawn.xs)} curves have fewer than {FEW_POINTS} evaluations "
+               f"(dots mark them): {', '.join(few)}; a lower train.eval_every gives fuller curves")
+    return out, [warning] if few else []
+
+
+def lr_steps(run: Run) -> list[tuple[int, float]]:
+    """(iteration, lr) wherever the lr changes, from the run's config.toml (its real milestones
+    and warm-up); the logged lr of each evaluation when there is no readable config."""
+    from ..train.schedule import lr_at
+
+    try:
+        cfg = from_dict(read_toml(run.path / "config.toml"), str(run.path / "config.toml"))
+    except Exception:  # noqa: BLE001 - an older or hand-made run folder
+        return [(int(r["iter"]), float(r["lr"])) for r in run.records if r.get("lr")]
+    world = int((run.summary or {}).get("world_size", 1))
+    scale = world if cfg.dist.batch_scaling == "per_rank" else 1
+    steps: list[tuple[int, float]] = []
+    for it in range(cfg.optim.iters):
+        lr = lr_at(cfg.optim, it, scale, cfg.dist.scale_warmup_iters)
+        if not steps or lr != steps[-1][1]:
+            steps.append((it, lr))
+    return steps + [(cfg.optim.iters, steps[-1][1])] if steps else []
 
 
 def run_figure(run: Run, out: Path) -> Path:
@@ -439,7 +514,7 @@ def run_figure(run: Run, out: Path) -> Path:
     ax.set_xlabel("iterations")
     ax.set_ylabel("error (%)")
     ax.grid(True, alpha=0.3)
-    lrs = [(int(r["iter"]), float(r["lr"])) for r in run.records if r.get("lr")]
+    lrs = lr_steps(run)
     if lrs:
         ax2 = ax.twinx()
         ax2.step(*zip(*lrs), where="post", color="gray", linewidth=1, alpha=0.7, label="lr")
@@ -449,7 +524,7 @@ def run_figure(run: Run, out: Path) -> Path:
     err = f"test error {run.test_error:.2f}%" if run.test_error is not None else ""
     ax.set_title(f"{run.name} ({run.net}, seed {run.seed}{state}) {err}", fontsize=10)
     if it:
-        ax.set_xlim(0, max(it))
+        ax.set_xlim(0, 1.03 * max(it))
         _iteration_axis(ax, max(it))
     handles, labels = ax.get_legend_handles_labels()
     if lrs:
@@ -480,15 +555,21 @@ def write_report(paths: list[Path], out: Path | None = None, title: str = "", sk
     first path given). Returns what was written."""
     runs, notes = load_runs([Path(p) for p in paths], skip_empty=skip_empty)
     out = Path(out) if out else Path(paths[0])
+    from ..checkpoint import not_a_folder  # (torch: loaded only when a report is written)
+
+    if (taken := not_a_folder(out)) is not None:
+        raise ReportError(f"--out {out}" + ("" if taken == out else f": {taken}") + " is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     title = title or "ResNets and plain nets on CIFAR-10: reproduction of He et al. 2015, section 4.2"
-    figure = figure6(runs, out / "figure6.png", title)
+    figure, warnings = figure6(runs, out / "figure6.png", title)
+    warnings = repeated_seeds(runs) + warnings
     (out / "curves").mkdir(exist_ok=True)
     curves = {}
     for i, name in _file_names(runs).items():
         if runs[i].records:
             curves[name] = str(run_figure(runs[i], out / "curves" / f"{name}.png").relative_to(out))
     md = out / "report.md"
-    md.write_text(markdown(runs, figure.name, curves, title, notes))
+    md.write_text(markdown(runs, figure.name, curves, title, notes, warnings))
     return {"report": str(md), "figure": str(figure), "curves": [str(out / c) for c in curves.values()],
-            "runs": len(runs), "skipped": notes, "table": table_rows(runs)}
+            "runs": len(runs), "skipped": notes, "warnings": warnings, "table": table_rows(runs),
+            "markdown": markdown_table(runs)}

@@ -50,14 +50,12 @@ class ExportError(RuntimeError):
 def load_for_export(path: Path, data_dir: Path | None = None) -> tuple[CifarResNet, RunConfig, torch.Tensor, dict[str, Any]]:
     """(eval-mode model on the CPU, its config, its mean image, the checkpoint dict)."""
     try:
-        state = checkpoint.load(Path(path))
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets one clear message
-        raise ExportError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ExportError(f"{path}: not a resnetdist checkpoint (needs 'model' and 'config')")
+        state = checkpoint.load_model_file(Path(path))
+    except checkpoint.CheckpointError as e:
+        raise ExportError(str(e)) from None
     cfg = from_dict(state["config"], f"{path} (config)")
     model = build_model(cfg.model)
-    model.load_state_dict(state["model"])
+    checkpoint.load_weights(model, state, path)
     model.eval()
     return model, cfg, mean_of(state, cfg, path, data_dir), state
 
@@ -113,15 +111,20 @@ def export(path: Path, fmt: str, out: Path | None = None, data_dir: Path | None 
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     model, cfg, mean, state = load_for_export(path, data_dir)
     out = Path(out) if out else default_out(path, fmt)
-    out.parent.mkdir(parents=True, exist_ok=True)
     mfile = mean_path(out)
     meta = metadata(cfg, state, mfile)
-    if fmt == "safetensors":
-        export_safetensors(model, meta, out)
-        result: dict[str, Any] = {}
-    else:
-        result = {"max_abs_diff": export_onnx(model, meta, out)}
-    np.save(mfile, mean.numpy().astype(np.float32))
+    if (blocker := checkpoint.not_a_folder(out.parent)) is not None:
+        raise ExportError(f"--out {out}: {blocker} is a file, not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "safetensors":
+            export_safetensors(model, meta, out)
+            result: dict[str, Any] = {}
+        else:
+            result = {"max_abs_diff": export_onnx(model, meta, out)}
+        np.save(mfile, mean.numpy().astype(np.float32))
+    except OSError as e:  # --out in a file's place, a read-only folder, a full disk
+        raise ExportError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     return {"format": fmt, "out": str(out), "mean": str(mfile), "model": cfg.model.name, **result}
 
 

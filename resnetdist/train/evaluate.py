@@ -74,7 +74,7 @@ def error_rates(model: nn.Module, loaders: dict[str, Iterable], mean: torch.Tens
 def evaluate_checkpoint(path: Path, data_dir: Path | None, device: str = "auto") -> dict[str, Any]:
     """Load a checkpoint (ckpt_*.pt or model.pt) and report its error on the test set (and
     the validation set, if the run held one out)."""
-    state = checkpoint.load(path)
+    state = checkpoint.load_model_file(path)  # CheckpointError names a missing or foreign file
     cfg = from_dict(state["config"], f"{path} (config)")
     if data_dir is not None:
         cfg.data.dir = str(data_dir)
@@ -82,10 +82,24 @@ def evaluate_checkpoint(path: Path, data_dir: Path | None, device: str = "auto")
     dev = dist.resolve_device(device, 0)
     layout = model_layout(cfg, dev)  # the layout it trained (and was evaluated) in
     model = build_model(cfg.model).to(dev, memory_format=layout)
-    model.load_state_dict(state["model"])
+    checkpoint.load_weights(model, state, path)
     data = load_data(cfg.data)
     # the exact mean image the run trained with; older checkpoints lack it
     mean = state["mean"] if "mean" in state else training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
     loaders = open_eval_loaders(cfg.data, data, dist.DistContext(0, 0, 1, dev))
     errors = error_rates(model, loaders, mean.to(dev), layout)
-    return {"checkpoint": str(path), "model": cfg.model.name, "iteration": state.get("iteration"), **errors}
+    images = {f"{name}_images": len(split) for name, split in (("test", data.test), ("val", data.val)) if split is not None}
+    return {"checkpoint": str(path), "model": cfg.model.name, "depth": cfg.model.depth, "plain": cfg.model.plain,
+            "iteration": state.get("iteration"), **errors, **images}
+
+
+def describe(result: dict[str, Any]) -> str:
+    """`eval`'s line for people: test error 8.75% on 10,000 images (model.pt, ResNet-20, iteration 64,000)."""
+    net = f"{'Plain' if result['plain'] else 'ResNet'}-{result['depth']}"
+    where = [Path(result["checkpoint"]).name, net]
+    if result.get("iteration") is not None:
+        where.append(f"iteration {result['iteration']:,}")
+    line = f"test error {result['test_error']:.2f}% on {result['test_images']:,} images ({', '.join(where)})"
+    if result.get("val_error") is not None:
+        line += f"; validation error {result['val_error']:.2f}% on {result['val_images']:,} images"
+    return line

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -16,7 +18,7 @@ from torch import nn
 from .. import checkpoint, dist
 from . import preempt, rundir, state
 from ..config import ConfigError, RunConfig, to_toml
-from ..data import Cifar10, load_data
+from ..data import Cifar10, load_data, load_data_on_every_rank
 from .metrics import NullLogger, open_logger
 from .loop import Progress
 from .optim import TensorLRSGD
@@ -31,6 +33,7 @@ def preflight(cfg: RunConfig, world_size: int) -> Cifar10:
     packages, data files, run directory. Resolves cfg's "auto" settings for this machine
     first (resolve.resolve). Returns the parsed data, so it is read only once."""
     resolve(cfg)
+    check_out_folder(cfg.run_dir)
     if int(os.environ.get("RANK", "0")) == 0:  # the launcher or rank 0; rank 0's own lock comes later
         rundir.check_free(cfg.run_dir)  # a run directory held by a live run: RunDirBusy, before torchrun starts
     try:
@@ -45,9 +48,30 @@ def preflight(cfg: RunConfig, world_size: int) -> Cifar10:
         from ..data.beton import require_ffcv
 
         require_ffcv()
-    data = load_data(cfg.data)  # parses and checks every file; a bad one is named
+    data = load_checked_data(cfg)  # parses and checks every file; a bad one is named
     rundir.check_run_dir(cfg)
     return data
+
+
+def check_out_folder(run_dir: Path) -> None:
+    """The run directory must be a folder, or creatable: a file in its place (or in its path)
+    or a read-only parent is named now, before anything is written."""
+    label = f"--out {run_dir}"
+    if (blocker := checkpoint.not_a_folder(run_dir)) is not None:
+        raise ConfigError(label + ("" if blocker == run_dir else f": {blocker}") + " is a file, not a folder")
+    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{label}: {existing} is not writable")
+
+
+def load_checked_data(cfg: RunConfig) -> Cifar10:
+    """The data, read by this process. Under torchrun with several ranks (workers, possibly on
+    other nodes with their own disks) every rank checks its node and all agree before any
+    trains, so a node without the data stops the job with one line naming the host and path."""
+    if "LOCAL_RANK" not in os.environ or dist.world_size_from_env() <= 1:
+        return load_data(cfg.data)
+    dist.setup(cfg.train.device, cfg.dist.timeout_s)
+    return load_data_on_every_rank(cfg.data)
 
 
 def main(cfg: RunConfig, data: Cifar10 | None = None) -> dict[str, Any]:
@@ -66,6 +90,8 @@ def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice) -> 
     try:
         if data is None:
             data = preflight(cfg, ctx.world_size)
+        if ctx.is_main and data.record_count_note():  # a stand-in or a cut file: say what trains
+            print(data.record_count_note(), file=sys.stderr, flush=True)
         if ctx.is_main:
             run_lock = rundir.acquire(cfg.run_dir)  # before anything is written there (RunDirBusy if held)
             write_run_config(cfg)

@@ -7,6 +7,7 @@ the W&B run id: everything needed to continue bit for bit, and to evaluate or ex
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +58,35 @@ def restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Opti
 def resume(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
            is_main: bool) -> tuple[Progress, str | None]:
     """Continue from the newest readable checkpoint in the run directory, if any (else start
-    at 0). Rank 0 picks it, so every rank resumes from the same file."""
+    at 0). Rank 0 alone reads it (and verifies its checksum): the run directory need only be
+    on rank 0's disk. The loaded state reaches the other ranks over the process group."""
     found = checkpoint.load_latest(run_dir, warn=dist.print0) if is_main else None
-    with dist.stage("resume broadcast (which checkpoint)"):
-        path = dist.broadcast_object(str(found[0]) if found else None)
-    if path is None:
+    with dist.stage("resume broadcast (the checkpoint's state)"):
+        path, loaded = shared_state(found)
+    if loaded is None:
         return Progress(), None
-    progress, wandb_id = restore(found[1] if found else checkpoint.load(Path(path)), model, optimizer, device)
+    progress, wandb_id = restore(loaded, model, optimizer, device)
     dist.print0(f"resuming from {path} (iteration {progress.iteration})")
+    saved_world = int(loaded.get("world_size", 0))
+    if saved_world and saved_world != dist.world_size():
+        dist.print0(f"world size changed: the checkpoint was written by {saved_world} rank(s), "
+                    f"this run has {dist.world_size()}")
     return progress, wandb_id
+
+
+def shared_state(found: tuple[Path, dict[str, Any]] | None) -> tuple[str | None, dict[str, Any] | None]:
+    """Rank 0's (path, state) on every rank. The state travels as torch.save bytes and is read
+    back with weights_only=True, as from the file: a round trip that keeps every bit."""
+    if not dist.distributed():
+        return (str(found[0]), found[1]) if found else (None, None)
+    payload = None
+    if found:
+        buf = io.BytesIO()
+        torch.save(found[1], buf)
+        payload = (str(found[0]), buf.getvalue())
+    payload = dist.broadcast_object(payload)
+    if payload is None:
+        return None, None
+    if found:
+        return payload[0], found[1]
+    return payload[0], torch.load(io.BytesIO(payload[1]), map_location="cpu", weights_only=True)

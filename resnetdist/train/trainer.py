@@ -85,7 +85,9 @@ def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, restore: Restore
         source.load(start_iter // source.steps)  # before capture: the warm-up reads it
     step = make_step(cfg, ctx, model, optimizer, data, start_iter, ops, source)
     feed = feed_of(step, loaders.train, cfg.train.seed, batch, ctx.rank, ctx.world_size)
-    return Trainer(cfg, ctx, model, optimizer, step, loaders, feed, iters_per_epoch(len(data.train), batch))
+    images = {"train_images": len(data.train), "test_images": len(data.test),
+              "val_images": len(data.val) if data.val is not None else 0}
+    return Trainer(cfg, ctx, model, optimizer, step, loaders, feed, iters_per_epoch(len(data.train), batch), images)
 
 
 def evaluate(step: TrainStep, loaders: Loaders) -> dict[str, float]:
@@ -103,6 +105,7 @@ class Trainer:
     loaders: Loaders
     feed: Feed | Epochs
     steps_per_epoch: int
+    images: dict[str, int]  # train/test/val images in use (summary.json: a cut or stand-in data set shows)
 
     @property
     def batch(self) -> int:
@@ -152,7 +155,7 @@ class Trainer:
             "parameters": count_parameters(step.model), "world_size": ctx.world_size, "global_batch": batch,
             "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
             "precision": cfg.train.precision, "step": step.kind, "capture_error": step.capture_error,
-            "loader": cfg.data.loader,
+            "loader": cfg.data.loader, **self.images,
         }
 
     def save_results(self, summary: dict[str, Any]) -> None:
