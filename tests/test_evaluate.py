@@ -74,7 +74,7 @@ def test_eval_of_a_finished_runs_model_equals_its_summary(tmp_path, tiny_data):
     cli_in_process(["train", *TINY, "--iters", "20", "--set", "train.eval_every=10", "--data-dir", str(tiny_data),
                     "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text())
-    evaluated = json.loads(cli_in_process(["eval", str(out / "model.pt"), "--device", "cpu"]).stdout)
+    evaluated = json.loads(cli_in_process(["eval", str(out / "model.pt"), "--device", "cpu", "--json"]).stdout)
     assert evaluated["test_error"] == summary["test_error"] and evaluated["iteration"] == 20
 
 
