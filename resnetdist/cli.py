@@ -313,14 +313,13 @@ def bench(
     """Time one training step: the baseline and each loader x mode x precision."""
     if ctx.invoked_subcommand is not None:
         return
-    from .tools.bench import format_table, run_step_bench, write_report
+    from .tools.bench import format_table, run_step_bench
 
     try:
         report = run_step_bench(n, iters, warmup, device, _split(loaders), _split(modes), _split(precisions),
-                                data_dir, workers)
+                                data_dir, workers, out)  # written after every setting
     except (DataError, RuntimeError, ValueError) as e:
         fail(str(e))
-    write_report(report, out)
     typer.echo(format_table(report))
     typer.echo(f"\nwrote {out}")
 
@@ -455,14 +454,17 @@ def doctor(
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     steps: int = typer.Option(6, help="K: steps per comparison"),
     skip: str = typer.Option("", help="comma-separated checks (or their first word) to leave out, e.g. compile"),
+    compile_timeout: float = typer.Option(180.0, help="seconds the compile check may take (a child process, ended after)"),
 ) -> None:
     """Will this machine run resnetdist correctly and fast? Versions, GPUs, packages, data, then
     checks on the device (graph vs eager, compile, evaluation, checkpoints, speed), and under
     torchrun the distributed ones. Exit 1 on any failure."""
     from .tools.doctor import format_table, run_doctor
 
+    if compile_timeout <= 0:
+        fail(f"--compile-timeout must be more than 0 seconds, got {compile_timeout:g}")
     try:
-        report = run_doctor(device, data_dir, steps, set(_split(skip)))
+        report = run_doctor(device, data_dir, steps, set(_split(skip)), compile_timeout)
     except RuntimeError as e:  # e.g. --device cuda without a GPU
         fail(str(e))
     if int(os.environ.get("RANK", "0")) == 0:

@@ -74,11 +74,20 @@ def test_acceptance_dry_run_prints_every_stage(tmp_path):
     stages = [line.split()[1] for line in lines if line.startswith("stage ")]
     assert stages == ["doctor", "pytest-cuda", "bench-n3", "bench-n9", "bench-loader", "train-resnet20",
                       "eval-resnet20"]
-    limits = sum(int(line.split("(limit ")[1].split()[0]) for line in lines if "(limit " in line)
-    assert limits <= 540  # 9 minutes
+    limits = {line.split()[1]: int(line.split("(limit ")[1].split()[0]) for line in lines if "(limit " in line}
+    total = int(lines[-1].split("sum to ")[1].split()[0])
+    assert lines[-1].startswith("total: ") and total == sum(limits.values())
+    # 9 minutes (540 s) with margin for start-up, wheels and the summary; the deadline inside it
+    assert total <= 480 and "overall deadline 510 s (ACCEPTANCE_DEADLINE_S)" in lines[-1]
+    assert limits["train-resnet20"] >= 240  # 64k graphed iterations at ~2.4 ms on an H100, plus 32 evaluations
     text = "\n".join(lines)
     assert "pip install --no-index --no-deps --target" in text and "/wheels/*.whl" in text
-    assert "-m pytest -q -m cuda" in text and "bench -n 9" in text and "--modes eager\\,graph\\,compile" in text
+    assert "-m pytest -q -m cuda" in text
+    n3, n9, doctor = (next(line for line in lines if line.startswith(f"stage {name} ")) for name in
+                      ("bench-n3", "bench-n9", "doctor"))
+    assert "--modes eager\\,graph\\,compile" in n3  # compile only where it is cheap: ResNet-20
+    assert "bench -n 9" in n9 and "--modes eager\\,graph " in n9 and "compile" not in n9
+    assert "--skip compile" in doctor  # bench-n3 times (and checks) compile
     train = next(line for line in lines if line.startswith("stage train-resnet20"))
     assert "train --n 3 --data-dir /data/c10" in train and "--iters" not in train  # the paper's 64k, defaults
     assert not (tmp_path / "out" / "summary.json").exists()
@@ -111,3 +120,36 @@ def test_acceptance_summary_reads_the_stage_outputs(tmp_path):
     assert summary["targets"]["resnet20_best_speedup_vs_baseline"] == {"value": 8.0, "met": True}
     assert summary["targets"]["resnet56_best_projected_64k_s"]["met"] is None  # no bench-n9 output
     assert summary["metrics"]["doctor_failed"] == [] and "| eval-resnet20 | failed | 3 |" in proc.stdout
+
+
+# ----- bounded checks ------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_the_compile_check_is_ended_at_its_time_limit(tmp_path):
+    import multiprocessing
+    import time
+
+    from resnetdist.data.cifar import write_synthetic
+    from resnetdist.tools.doctor import compile_bounded
+
+    import torch
+
+    data = write_synthetic(tmp_path, 128, 200)
+    t0 = time.monotonic()
+    status, detail = compile_bounded(data, torch.device("cpu"), 1, timeout_s=2)
+    assert status == "fail" and "did not finish within 2 s" in detail
+    assert time.monotonic() - t0 < 60 and multiprocessing.active_children() == []
+
+
+def test_a_bad_compile_timeout_is_one_line_and_exit_2():
+    result = cli_in_process(["doctor", "--compile-timeout", "0"], check=False)
+    assert result.exit_code == 2 and "--compile-timeout" in result.stderr
+
+
+def test_the_speed_sample_fits_in_one_epoch():
+    """Every warm-up and timed step in one epoch: no per-epoch order upload inside the timing."""
+    from resnetdist.data.order import iters_per_epoch
+    from resnetdist.tools.doctor import SPEED_ITERS, SPEED_WARMUP, speed_set_per_file
+
+    assert iters_per_epoch(5 * speed_set_per_file(128), 128) > SPEED_WARMUP + SPEED_ITERS

@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import torch.distributed as tdist
@@ -35,6 +34,11 @@ from .test_faults import temp_files, wait_for
 from .test_loop import FakeStep, Recorder, run
 from .test_loop import CADENCE as LOOP_CADENCE
 from .test_train import assert_bitwise_equal, final_weights, read_jsonl
+
+try:  # a stock PyTorch CUDA image may lack it: `pytest -m cuda` must still collect this module
+    import psutil
+except ImportError:
+    psutil = None
 
 # log every 5 iterations: a stop lands at most 5 iterations after the signal
 ARGS = [*TINY, "--iters", "30", "--set", "train.eval_every=15", "--set", "train.checkpoint_every=10",
@@ -144,7 +148,9 @@ def test_a_failed_collective_becomes_one_error_naming_the_stage():
 
 def popen(cmd: list[str], logs: Path, session: bool = False, **env: str) -> subprocess.Popen:
     """A run in the background, its output in files (a pipe nobody reads would fill and stall it).
+    Every test that starts one finds and kills its processes with psutil: skipped without it.
     session: in a process group of its own, as a shell runs a foreground job (Ctrl-C goes to the group)."""
+    pytest.importorskip("psutil")
     return subprocess.Popen(cmd, cwd=REPO, env=cli_env(**env), stdout=open(logs / "stdout", "w"),
                             stderr=open(logs / "stderr", "w"), start_new_session=session)
 

@@ -1,16 +1,24 @@
-"""`resnetdist bench`: time the training step, in one process and one run, for a plain PyTorch
-baseline and for this project's settings; `resnetdist bench loader`: images/s each loader
-delivers, augmented, on the device.
+"""`resnetdist bench`: time the training step, in one process and one run, for two plain
+PyTorch baselines and for this project's settings; `resnetdist bench loader`: images/s each
+loader delivers, augmented, on the device.
 
-The baseline is a public loop at its best: fp32, eager, torchvision-style per-image
-transforms (pad, random crop, flip, to-tensor, normalize) in a multi-worker DataLoader with
-pinned memory and non-blocking copies, cudnn.benchmark on (as every project setting has it),
-torch.optim.SGD, and the loss read back only every LOSS_READ_EVERY steps. Its settings are
-written into the JSON. torchvision itself is not a dependency, so its three transforms are
-written out here exactly as they behave.
+Two baselines, both fp32, eager, torch.optim.SGD, cudnn.benchmark on, DataLoader workers:
+* "baseline" (the speed-ups are against it): a plain loop at its best. Per-image transforms
+  (pad 4, random 32x32 crop, random flip, to-tensor, normalize) written out in torch, on the
+  CPU in `--workers` DataLoader workers with pinned memory, non_blocking copies to the device,
+  and the loss read back (a host sync) only every LOSS_READ_EVERY = 100 steps.
+* "peer" (speedup_vs_peer): the loop a typical public script runs (e.g. akamaster's): the
+  loss read back with loss.item() every step, torchvision's RandomCrop(32, padding=4) +
+  RandomHorizontalFlip + ToTensor + Normalize on PIL images in the same DataLoader workers,
+  pinned memory, blocking .to(device) copies. Where torchvision is not installed the same
+  four transforms run written out on PIL images and numpy (the JSON says which ran).
+Each row's exact settings are in the JSON.
 
 Every figure is measured after warm-up (compile and graph capture happen there and are
-reported separately as setup_s), with the device synchronized around the timed loop.
+reported separately as setup_s), with the device synchronized around the timed loop;
+host_ms_per_iter is the host's time per step before that final synchronization (in graph
+mode: launching the replay and feeding it). The JSON is rewritten after every setting, so a
+run cut short keeps what it measured ("complete": false until the last one).
 """
 
 from __future__ import annotations
@@ -22,9 +30,11 @@ import platform
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,21 +55,26 @@ LOSS_READ_EVERY = 100  # the baseline's progress-meter read-back (a host sync), 
 
 @dataclass(frozen=True)
 class Setting:
-    loader: str  # resident | ffcv | baseline
-    mode: str  # eager | compile | graph (baseline: eager)
+    loader: str  # resident | ffcv | baseline | peer
+    mode: str  # eager | compile | graph (baselines: eager)
     precision: str  # fp32 | bf16 | fp16
 
     @property
     def label(self) -> str:
         if self.loader == "baseline":
-            return "baseline: fp32 eager, CPU transforms in a DataLoader"
+            return "baseline: fp32 eager, CPU transforms in a DataLoader, loss read every 100 steps"
+        if self.loader == "peer":
+            return "peer baseline: fp32 eager, torchvision transforms in a DataLoader, loss.item() every step"
         return f"{self.loader} loader, {self.mode}, {self.precision}"
+
+
+BASELINES = (Setting("baseline", "eager", "fp32"), Setting("peer", "eager", "fp32"))
 
 
 def settings_for(device: torch.device, loaders: list[str], modes: list[str], precisions: list[str],
                  ffcv_available: bool) -> tuple[list[Setting], list[str]]:
     """The settings that can run here, and a note for each one left out."""
-    chosen, skipped = [Setting("baseline", "eager", "fp32")], []
+    chosen, skipped = list(BASELINES), []
     for loader in loaders:
         for mode in modes:
             for precision in precisions:
@@ -103,58 +118,110 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _result(setting: Setting, iters: int, seconds: float, setup: float) -> dict[str, Any]:
+def _result(setting: Setting, iters: int, seconds: float, setup: float, host_seconds: float) -> dict[str, Any]:
     ms = 1000 * seconds / iters
     return {"setting": setting.label, "loader": setting.loader, "mode": setting.mode,
             "precision": setting.precision, "ms_per_iter": ms, "images_per_second": BATCH * iters / seconds,
-            "projected_64k_s": ms * PAPER_ITERS / 1000, "setup_s": setup, "iters": iters}
+            "projected_64k_s": ms * PAPER_ITERS / 1000, "setup_s": setup, "iters": iters,
+            "host_ms_per_iter": 1000 * host_seconds / iters}
 
 
-def baseline_settings(device: torch.device, workers: int) -> dict[str, Any]:
-    """Put the baseline at its best on this device, and say how it ran. cudnn.benchmark is set
-    here, before the baseline, because every project setting gets it (trainer.make_model): a
-    baseline without it would inflate the speed-ups."""
+class PeerTransforms(torch.utils.data.Dataset):
+    """What a typical public script's dataset does per image: a PIL image, then torchvision's
+    RandomCrop(32, padding=4), RandomHorizontalFlip(), ToTensor(), Normalize(CIFAR mean, std).
+    Without torchvision, the same four steps written out on PIL and numpy."""
+
+    MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+    def __init__(self, split: Split):
+        self.images, self.labels = split.images, split.labels
+        self.transform, self.source = peer_transform(self.MEAN, self.STD)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i].transpose(1, 2, 0))), int(self.labels[i])
+
+
+def peer_transform(mean: tuple, std: tuple):
+    """(the transform, which implementation it is)."""
+    try:
+        from torchvision import __version__ as tv_version, transforms as T
+    except ImportError:
+        return partial(_peer_transform_written_out, mean=torch.tensor(mean)[:, None, None],
+                       std=torch.tensor(std)[:, None, None]), "written out on PIL + numpy (torchvision not installed)"
+    chain = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    return chain, f"torchvision {tv_version}"
+
+
+def _peer_transform_written_out(img, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """RandomCrop(32, padding=4): zero-pad 4, a uniform 32x32 window; RandomHorizontalFlip(0.5);
+    ToTensor: HWC uint8 -> CHW float in [0, 1]; Normalize: (x - mean) / std."""
+    a = np.pad(np.asarray(img), ((4, 4), (4, 4), (0, 0)))
+    # the random numbers drawn as torchvision draws them: row, column, then the flip
+    y = int(torch.randint(0, 9, size=(1,)).item())
+    x = int(torch.randint(0, 9, size=(1,)).item())
+    a = a[y : y + 32, x : x + 32]
+    if torch.rand(1) < 0.5:
+        a = a[:, ::-1]
+    t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float().div(255)
+    return (t - mean) / std
+
+
+def baseline_settings(device: torch.device, workers: int, peer: bool = False, source: str = "") -> dict[str, Any]:
+    """Put the baselines at their best on this device, and say how each ran. cudnn.benchmark is
+    set here, before them, because every project setting gets it (trainer.make_model): a baseline
+    without it would inflate the speed-ups. The peer loop differs where public scripts do:
+    loss.item() every step, torchvision transforms on PIL images, blocking copies."""
     on_cuda = device.type == "cuda"
     if on_cuda:
         torch.backends.cudnn.benchmark = True
-    return {"precision": "fp32", "step": "eager", "transforms": "torchvision-style, per image, on the CPU",
-            "dataloader_workers": workers, "pin_memory": on_cuda, "non_blocking": True,
+    return {"precision": "fp32", "step": "eager",
+            "transforms": (f"torchvision-style on PIL images, per image, on the CPU: {source}" if peer
+                           else "torchvision-style written out in torch, per image, on the CPU"),
+            "dataloader_workers": workers, "pin_memory": on_cuda, "non_blocking": not peer,
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if on_cuda else None,
-            "optimizer": "torch.optim.SGD", "loss_read_every": LOSS_READ_EVERY}
+            "optimizer": "torch.optim.SGD", "loss_read_every": 1 if peer else LOSS_READ_EVERY}
 
 
-def bench_baseline(data: Cifar10, n: int, iters: int, warmup: int, device: torch.device, workers: int) -> dict:
-    setting = Setting("baseline", "eager", "fp32")
+def bench_baseline(data: Cifar10, n: int, iters: int, warmup: int, device: torch.device, workers: int,
+                   peer: bool = False) -> dict:
+    setting = BASELINES[1] if peer else BASELINES[0]
     t_setup = time.perf_counter()
-    settings = baseline_settings(device, workers)
+    dataset = PeerTransforms(data.train) if peer else TorchvisionStyle(data.train)
+    settings = baseline_settings(device, workers, peer, getattr(dataset, "source", ""))
     loader = torch.utils.data.DataLoader(
-        TorchvisionStyle(data.train), batch_size=BATCH, shuffle=True, drop_last=True, num_workers=workers,
+        dataset, batch_size=BATCH, shuffle=True, drop_last=True, num_workers=workers,
         pin_memory=settings["pin_memory"], persistent_workers=workers > 0,
     )
     torch.manual_seed(0)
     model = build_model(ModelConfig(n=n)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-
-    def batches():
-        while True:
-            yield from loader
-
-    it = batches()
+    it = _forever(loader)
+    every, non_blocking = settings["loss_read_every"], settings["non_blocking"]
 
     def steps(count: int) -> None:
         for i in range(count):
             x, y = next(it)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = x.to(device, non_blocking=non_blocking), y.to(device, non_blocking=non_blocking)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if i % LOSS_READ_EVERY == 0:
-                loss.item()  # the progress meter's read-back
+            if i % every == 0:
+                loss.item()  # the progress meter's read-back (a host sync)
 
     setup = time.perf_counter() - t_setup
-    warm_s, seconds = timed(steps, warmup, iters, device)
-    return {**_result(setting, iters, seconds, setup + warm_s), "baseline_settings": settings}
+    warm_s, seconds, host = timed(steps, warmup, iters, device)
+    return {**_result(setting, iters, seconds, setup + warm_s, host), "baseline_settings": settings}
+
+
+def _forever(loader):
+    while True:
+        yield from loader
 
 
 def bench_config(setting: Setting, n: int, device: torch.device, beton_dir: Path) -> RunConfig:
@@ -165,15 +232,17 @@ def bench_config(setting: Setting, n: int, device: torch.device, beton_dir: Path
     }))
 
 
-def timed(run, warmup: int, iters: int, device: torch.device) -> tuple[float, float]:
-    """(seconds of the warm-up, seconds of `iters` timed iterations); run(count) does count."""
+def timed(run, warmup: int, iters: int, device: torch.device) -> tuple[float, float, float]:
+    """(seconds of the warm-up, seconds of `iters` timed iterations, host seconds of those
+    iterations before the closing synchronization); run(count) does count."""
     t0 = time.perf_counter()
     run(warmup)
     sync(device)
     t1 = time.perf_counter()
     run(iters)
+    t_host = time.perf_counter()
     sync(device)
-    return t1 - t0, time.perf_counter() - t1
+    return t1 - t0, time.perf_counter() - t1, t_host - t1
 
 
 def bench_setting(setting: Setting, data: Cifar10, n: int, iters: int, warmup: int, device: torch.device,
@@ -183,9 +252,11 @@ def bench_setting(setting: Setting, data: Cifar10, n: int, iters: int, warmup: i
     trainer = build(cfg, dist.DistContext(0, 0, 1, device), data)
     step, batches = trainer.step, trainer.feed.batches(0)
     setup = time.perf_counter() - t_setup
-    warm_s, seconds = timed(lambda count: run_steps(step, batches, count), warmup, iters, device)
+    warm_s, seconds, host = timed(lambda count: run_steps(step, batches, count), warmup, iters, device)
     # step: what ran (a failed capture runs eagerly, and says so in capture_error)
-    return {**_result(setting, iters, seconds, setup + warm_s), "step": step.kind, "capture_error": step.capture_error}
+    # feed: "device" when the step gathers its own batches (data/epochs.py), else "per-step"
+    return {**_result(setting, iters, seconds, setup + warm_s, host), "step": step.kind,
+            "feed": "device" if step.source is not None else "per-step", "capture_error": step.capture_error}
 
 
 def bench_loader(loader_name: str, data: Cifar10, device: torch.device, beton_dir: Path, iters: int,
@@ -199,7 +270,7 @@ def bench_loader(loader_name: str, data: Cifar10, device: torch.device, beton_di
     def augment_only(images, labels, aug):
         augment(images, mean, aug.to(device, non_blocking=True))
 
-    _, seconds = timed(lambda count: run_steps(augment_only, batches, count), warmup, iters, device)
+    _, seconds, _ = timed(lambda count: run_steps(augment_only, batches, count), warmup, iters, device)
     return {"loader": loader_name, "images_per_second": BATCH * iters / seconds, "iters": iters}
 
 
@@ -236,25 +307,40 @@ def loader_names(loaders: list[str]) -> list[str]:
 
 
 def run_step_bench(n: int, iters: int, warmup: int, device_pref: str, loaders: list[str], modes: list[str],
-                   precisions: list[str], data_dir: Path | None, workers: int) -> dict[str, Any]:
+                   precisions: list[str], data_dir: Path | None, workers: int,
+                   out: Path | None = None) -> dict[str, Any]:
+    """Time each setting; with `out`, the report is written there after every setting."""
     device = dist.resolve_device(device_pref, 0)
     have_ffcv = ffcv_available()
     settings, skipped = settings_for(device, loader_names(loaders), modes, precisions, have_ffcv)
+    report = {"kind": "step", "model": model_name(n, plain=False), "batch": BATCH, **environment(device),
+              "data": str(data_dir) if data_dir else "synthetic", "complete": False, "results": [],
+              "skipped": skipped}
     with tempfile.TemporaryDirectory(prefix="resnetdist-bench-") as scratch:
         data, betons = open_data(data_dir, Path(scratch))
-        results = []
         for s in settings:
             print(f"  timing {s.label} ...", flush=True)
-            if s.loader == "baseline":
-                results.append(bench_baseline(data, n, iters, warmup, device, workers))
+            if s.loader in ("baseline", "peer"):
+                result = bench_baseline(data, n, iters, warmup, device, workers, peer=s.loader == "peer")
+                report[s.loader] = result["baseline_settings"]
             else:
-                results.append(bench_setting(s, data, n, iters, warmup, device, betons))
-    base = results[0]["ms_per_iter"]
+                result = bench_setting(s, data, n, iters, warmup, device, betons)
+            report["results"].append(result)
+            add_ratios(report["results"])
+            if out is not None:
+                write_report(report, out)
+    report["complete"] = True
+    if out is not None:
+        write_report(report, out)
+    return report
+
+
+def add_ratios(results: list[dict[str, Any]]) -> None:
+    """speedup_vs_baseline (the best plain loop) and speedup_vs_peer (the typical one) of each row."""
+    ms = {r["loader"]: r["ms_per_iter"] for r in results if r["loader"] in ("baseline", "peer")}
     for r in results:
-        r["speedup_vs_baseline"] = base / r["ms_per_iter"]
-    return {"kind": "step", "model": model_name(n, plain=False), "batch": BATCH, **environment(device),
-            "baseline": results[0]["baseline_settings"],
-            "data": str(data_dir) if data_dir else "synthetic", "results": results, "skipped": skipped}
+        r["speedup_vs_baseline"] = ms["baseline"] / r["ms_per_iter"] if "baseline" in ms else None
+        r["speedup_vs_peer"] = ms["peer"] / r["ms_per_iter"] if "peer" in ms else None
 
 
 def run_loader_bench(iters: int, warmup: int, device_pref: str, loaders: list[str], data_dir: Path | None) -> dict:
@@ -277,14 +363,20 @@ def format_table(report: dict[str, Any]) -> str:
         rows += [f"| {r['loader']} | {r['images_per_second']:,.0f} |" for r in report["results"]]
     else:
         head += f", {report['model']}, batch {report['batch']}"
-        rows = ["| setting | ms/iter | images/s | 64k iters | speed-up | setup |", "|---|---|---|---|---|---|"]
+        rows = ["| setting | ms/iter | host ms/iter | images/s | 64k iters | vs baseline | vs peer | setup |",
+                "|---|---|---|---|---|---|---|---|"]
         rows += [
-            f"| {r['setting']} | {r['ms_per_iter']:.2f} | {r['images_per_second']:,.0f} | "
-            f"{r['projected_64k_s'] / 60:.1f} min | {r['speedup_vs_baseline']:.2f}x | {r['setup_s']:.1f} s |"
+            f"| {r['setting']} | {r['ms_per_iter']:.2f} | {r['host_ms_per_iter']:.2f} | "
+            f"{r['images_per_second']:,.0f} | {r['projected_64k_s'] / 60:.1f} min | {_ratio(r['speedup_vs_baseline'])} | "
+            f"{_ratio(r['speedup_vs_peer'])} | {r['setup_s']:.1f} s |"
             for r in report["results"]
         ]
     notes = [f"- skipped: {s}" for s in report["skipped"]]
     return "\n".join([head, "", *rows, *([""] + notes if notes else [])])
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import multiprocessing
 import os
 import platform
+import queue
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -187,6 +190,35 @@ def graph_vs_eager(data_dir: Path, device: torch.device, steps: int) -> tuple[st
     return ("ok" if ok else "fail"), f"{steps} steps, milestone at {milestone}: lr {lr:g}, max abs weight diff {diff:.2e}"
 
 
+COMPILE_TIMEOUT_S = 180  # a cold torch.compile of ResNet-8 takes ~20-60 s; a hung one must not hold the doctor
+
+
+def compile_bounded(data_dir: Path, device: torch.device, steps: int,
+                    timeout_s: float = COMPILE_TIMEOUT_S) -> tuple[str, str]:
+    """compile_vs_eager in a child process (spawned: CUDA and compile state of its own), ended
+    if it takes longer than timeout_s: a compile cannot be interrupted from inside."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    child = ctx.Process(target=_compile_child, args=(str(data_dir), str(device), steps, results), daemon=True)
+    child.start()
+    try:
+        return results.get(timeout=timeout_s)
+    except queue.Empty:
+        return "fail", (f"torch.compile did not finish within {timeout_s:g} s (--compile-timeout); the compile "
+                        f"step would take as long to start")
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join(timeout=30)
+
+
+def _compile_child(data_dir: str, device: str, steps: int, results) -> None:
+    try:
+        results.put(compile_vs_eager(Path(data_dir), torch.device(device), steps))
+    except Exception as e:  # noqa: BLE001 - reported as the check's failure
+        results.put(("fail", f"{type(e).__name__}: {str(e).strip()[:300]}"))
+
+
 def compile_vs_eager(data_dir: Path, device: torch.device, steps: int) -> tuple[str, str]:
     """One compiled step against one eager step (float reordering only)."""
     eager, compiled = Trial(data_dir, device, "eager"), Trial(data_dir, device, "compile")
@@ -235,37 +267,52 @@ def checkpoint_round_trip(data_dir: Path, device: torch.device, steps: int) -> t
 
 def ms_per_iter(trial: Trial, iters: int, warmup: int) -> float:
     batches = trial.batches(0)
-    _, seconds = timed(lambda count: run_steps(trial.step, batches, count), warmup, iters, trial.step.device)
+    _, seconds, _ = timed(lambda count: run_steps(trial.step, batches, count), warmup, iters, trial.step.device)
     return 1000 * seconds / iters
+
+
+SPEED_WARMUP, SPEED_ITERS = 15, 100
 
 
 def speed_sample(data_dir: Path, device: torch.device, steps: int) -> tuple[str, str]:
     """ms/iter of ResNet-20 at batch 128: eager against graph (bf16) on CUDA; eager (n=1,
-    batch 32) on a CPU. A sample, not a benchmark: `resnetdist bench` is that."""
+    batch 32) on a CPU. A sample, not a benchmark: `resnetdist bench` is that. On CUDA the
+    sample runs on a set large enough for one epoch to hold every timed step: an epoch
+    boundary uploads the next order (a blocking copy) and would understate the graph."""
     if device.type != "cuda":
         return "info", f"eager fp32, ResNet-8, batch 32: {ms_per_iter(Trial(data_dir, device, 'eager'), 5, 1):.1f} ms/iter"
     precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    times = {kind: ms_per_iter(Trial(data_dir, device, kind, precision, n=3, batch=128), 100, 15)
-             for kind in ("eager", "graph")}
+    with tempfile.TemporaryDirectory(prefix="resnetdist-doctor-speed-") as scratch:
+        one_epoch = write_synthetic(Path(scratch), speed_set_per_file(128), 200)
+        times = {kind: ms_per_iter(Trial(one_epoch, device, kind, precision, n=3, batch=128), SPEED_ITERS, SPEED_WARMUP)
+                 for kind in ("eager", "graph")}
     return "info", (f"ResNet-20 {precision} batch 128: eager {times['eager']:.2f} ms/iter, graph "
                     f"{times['graph']:.2f} ms/iter ({times['eager'] / times['graph']:.1f}x)")
 
 
+def speed_set_per_file(batch: int) -> int:
+    """Records per training file (5 files) so that warm-up and timed steps fit in one epoch."""
+    return -(-(SPEED_WARMUP + SPEED_ITERS + 1) * batch // 5)
+
+
 DEVICE_CHECKS = {
     "graph_vs_eager": graph_vs_eager,
-    "compile_vs_eager": compile_vs_eager,
+    "compile_vs_eager": compile_bounded,
     "evaluation_between_steps": evaluation_between_steps,
     "checkpoint_into_built_step": checkpoint_round_trip,
     "speed_sample": speed_sample,
 }
 
 
-def device_rows(data_dir: Path, device: torch.device, steps: int, skip: set[str]) -> list[Row]:
+def device_rows(data_dir: Path, device: torch.device, steps: int, skip: set[str],
+                compile_timeout_s: float = COMPILE_TIMEOUT_S) -> list[Row]:
     rows = []
     for name, fn in DEVICE_CHECKS.items():
         if name in skip or name.split("_")[0] in skip:
             rows.append(Row("device", name, "skip", "skipped: --skip"))
         else:
+            if fn is compile_bounded:
+                fn = partial(compile_bounded, timeout_s=compile_timeout_s)
             rows.append(check("device", name, lambda fn=fn: fn(data_dir, device, steps)))
     return rows
 
@@ -329,7 +376,7 @@ def distributed_rows(ctx: dist.DistContext, data_dir: Path, steps: int, local_fa
 
 
 def run_doctor(device_pref: str = "auto", data_dir: Path | None = None, steps: int = 6,
-               skip: set[str] = frozenset()) -> dict[str, Any]:
+               skip: set[str] = frozenset(), compile_timeout_s: float = COMPILE_TIMEOUT_S) -> dict[str, Any]:
     """Every check on this rank; under torchrun the distributed ones too. The device checks run
     before the process group exists, so a rank's own checks never wait for another rank."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -337,7 +384,7 @@ def run_doctor(device_pref: str = "auto", data_dir: Path | None = None, steps: i
     device = dist.resolve_device(device_pref, local_rank)
     with tempfile.TemporaryDirectory(prefix="resnetdist-doctor-") as scratch:
         synthetic = write_synthetic(Path(scratch), 128, 200)
-        rows += device_rows(synthetic, device, steps, set(skip))
+        rows += device_rows(synthetic, device, steps, set(skip), compile_timeout_s)
         if dist.world_size_from_env() > 1:
             ctx = dist.setup(device_pref, timeout_s=300)
             try:

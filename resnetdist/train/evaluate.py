@@ -3,6 +3,7 @@ error of saved weights, computed as training does."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -10,33 +11,62 @@ import torch
 from torch import nn
 
 from .. import checkpoint, dist
-from ..config import from_dict
+from ..config import RunConfig, from_dict
 from ..data import load_data, open_eval_loaders
 from ..data.augment import normalize, training_mean
 from ..models import build_model
 
 
+@contextmanager
+def true_fp32():
+    """True fp32 kernels, chosen the same way in every process, for the duration: TF32 off for
+    matmul and cuDNN convolutions (cuDNN's is on by default), cuDNN kernels picked by its
+    heuristics rather than timed (cudnn.benchmark may pick differently in another process) and
+    deterministic. Restored after, so training keeps its own settings."""
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+         torch.backends.cudnn.deterministic) = saved[1:]
+
+
+def model_layout(cfg: RunConfig, device: torch.device) -> torch.memory_format:
+    """The one layout a run's model trains and is evaluated in, on this device: channels_last on
+    CUDA when train.channels_last, else NCHW. trainer.make_model builds the model in it, and
+    `resnetdist eval` loads saved weights into it, so both evaluations run the same kernels."""
+    return torch.channels_last if cfg.train.channels_last and device.type == "cuda" else torch.contiguous_format
+
+
 @torch.no_grad()
 def error_rates(model: nn.Module, loaders: dict[str, Iterable], mean: torch.Tensor,
                 memory_format=torch.contiguous_format) -> dict[str, float]:
-    """Error (%) on each evaluation set, single view (mean subtraction only), in fp32 whatever
-    the training precision: the paper's errors are fp32, and 10k images cost little (autocast
-    is switched off, in case a caller runs inside it). Every rank counts its shard of rank 0's
-    model (BN statistics broadcast first); the counts are all-reduced, so the figure is exact
-    under DDP and equals `resnetdist eval model.pt`."""
+    """Error (%) on each evaluation set, single view (mean subtraction only), the same way
+    wherever it runs (training's evaluations, `resnetdist eval`, doctor): true fp32 whatever the
+    training precision (autocast off, TF32 off, heuristic kernels: true_fp32), inputs in the
+    model's layout (model_layout), so `resnetdist eval model.pt` equals summary.json's test
+    error. Every rank counts its shard of rank 0's model (BN statistics broadcast first); the
+    counts are all-reduced, so the figure is exact under DDP."""
     dist.broadcast_buffers(model)
     model.eval()
     out = {}
-    for name, loader in loaders.items():
-        counts = torch.zeros(2, dtype=torch.float64, device=mean.device)
-        for images, labels in loader:
-            x = normalize(images, mean).contiguous(memory_format=memory_format)
-            with torch.autocast(mean.device.type, enabled=False):
-                logits = model(x)
-            counts[0] += (logits.argmax(1) != labels).sum()
-            counts[1] += labels.numel()
-        dist.all_reduce_sum(counts)
-        out[f"{name}_error"] = 100.0 * counts[0].item() / counts[1].item()
+    with true_fp32():
+        for name, loader in loaders.items():
+            counts = torch.zeros(2, dtype=torch.float64, device=mean.device)
+            for images, labels in loader:
+                x = normalize(images, mean).contiguous(memory_format=memory_format)
+                with torch.autocast(mean.device.type, enabled=False):
+                    logits = model(x)
+                counts[0] += (logits.argmax(1) != labels).sum()
+                counts[1] += labels.numel()
+            dist.all_reduce_sum(counts)
+            out[f"{name}_error"] = 100.0 * counts[0].item() / counts[1].item()
     model.train()
     return out
 
@@ -50,13 +80,14 @@ def evaluate_checkpoint(path: Path, data_dir: Path | None, device: str = "auto")
         cfg.data.dir = str(data_dir)
     cfg.data.loader = "resident"  # one process reads the whole set: no .beton files needed
     dev = dist.resolve_device(device, 0)
-    model = build_model(cfg.model).to(dev)
+    layout = model_layout(cfg, dev)  # the layout it trained (and was evaluated) in
+    model = build_model(cfg.model).to(dev, memory_format=layout)
     checkpoint.load_weights(model, state, path)
     data = load_data(cfg.data)
     # the exact mean image the run trained with; older checkpoints lack it
     mean = state["mean"] if "mean" in state else training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
     loaders = open_eval_loaders(cfg.data, data, dist.DistContext(0, 0, 1, dev))
-    errors = error_rates(model, loaders, mean.to(dev))
+    errors = error_rates(model, loaders, mean.to(dev), layout)
     images = {f"{name}_images": len(split) for name, split in (("test", data.test), ("val", data.val)) if split is not None}
     return {"checkpoint": str(path), "model": cfg.model.name, "depth": cfg.model.depth, "plain": cfg.model.plain,
             "iteration": state.get("iteration"), **errors, **images}

@@ -19,7 +19,7 @@ from .. import dist
 
 GRAPH_WARMUP = 11  # DDP needs 11 warm-up iterations before capture (PyTorch's CUDA graph notes)
 
-Run = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+Run = Callable[..., None]  # (images_u8, labels, aug), or () for a step that gathers its own
 
 
 class CudaOps:
@@ -133,8 +133,9 @@ class GraphCapture:
                 for t, s in zip(keep, saved):
                     t.copy_(s)
 
-        def replay(images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
-            inputs.load(images_u8, labels, aug)
+        def replay(*batch: torch.Tensor) -> None:
+            if batch:  # a step with a source gathers its batch inside the graph: nothing to load
+                inputs.load(*batch)
             graph.replay()
 
         return replay, inputs

@@ -2,10 +2,11 @@
 (autocast), backward, the SGD update and the metric sums, all on the device.
 
 The step reads its lr from a per-iteration table on the device and counts iterations on the
-device, so the host only feeds a batch and its augmentation numbers. That keeps the step
-identical whether it runs eagerly, compiled, or replayed as one CUDA graph, and the schedule
-needs no re-capture. Loss and error sums stay on the device until `drain()`: no host sync
-per step. bench, the trainer and the tests all drive this one object.
+device, so the host only feeds a batch and its augmentation numbers; with a source (a
+resident loader's epochs on the device, data/epochs.py) not even that: step() gathers its own
+batch. That keeps the step identical whether it runs eagerly, compiled, or replayed as one
+CUDA graph, and the schedule needs no re-capture. Loss and error sums stay on the device until
+`drain()`: no host sync per step. bench, the trainer and the tests all drive this one object.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from .. import dist
 from ..config import TrainConfig
 from ..data.augment import augment
+from ..data.epochs import Epochs
 from .graph import GRAPH_WARMUP, CudaOps, GraphCapture, StaticInputs  # noqa: F401 - GRAPH_WARMUP for tests
 from .optim import TensorLRSGD
 from .wrap import wrap_model
@@ -77,8 +79,11 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, train_model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor,
                  lrs: torch.Tensor, *, precision: str, memory_format=torch.contiguous_format, start_iter: int = 0,
-                 kind: str = "eager"):
+                 kind: str = "eager", source: Epochs | None = None):
         self.model, self.train_model, self.optimizer, self.mean = model, train_model, optimizer, mean
+        # with a source, the step gathers its own inputs on the device (data/epochs.py) and is
+        # called with no arguments; without one, it is handed each batch (loop.Feed)
+        self.source = source
         self.device = mean.device
         self.precision, self.memory_format = precision, memory_format
         self.kind = kind
@@ -94,8 +99,9 @@ class TrainStep:
         self.capture_error: str | None = None  # why capture failed, when it did
         self._run = self._eager
 
-    def __call__(self, images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
-        self._run(images_u8, labels, aug)
+    def __call__(self, *batch: torch.Tensor) -> None:
+        """step(images_u8, labels, aug), or step() when the step has a source."""
+        self._run(*batch)
 
     def lr_of(self, it: int) -> float:
         """The lr iteration `it` (1-based, as counted after the step) trained with."""
@@ -152,7 +158,10 @@ class TrainStep:
             self.bad_iter.copy_(torch.where(first_bad, self.it, self.bad_iter))
             self.it.add_(1)
 
-    def _eager(self, images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
+    def _eager(self, *batch: torch.Tensor) -> None:
+        if self.source is not None:
+            batch = self.source.batch(self.it)
+        images_u8, labels, aug = batch
         self._step(images_u8, labels, aug.to(self.device, non_blocking=True))
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -161,13 +170,15 @@ class TrainStep:
         allocates them from the graph's pool, and each replay overwrites them instead of
         accumulating."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.source is not None:  # captured too: a replay gathers its own batch
+            self.source.gather(self.it, inputs.x, inputs.y, inputs.aug)
         self._step(inputs.x, inputs.y, inputs.aug)
 
 
 def build_step(model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor, lrs: torch.Tensor, *,
                precision: str, memory_format=torch.contiguous_format, start_iter: int = 0, ddp: bool = False,
                compile_mode: str = "none", graph: bool = False, batch_per_rank: int = 0,
-               ops: CudaOps | None = None) -> TrainStep:
+               ops: CudaOps | None = None, source: Epochs | None = None) -> TrainStep:
     """The step as asked: the model wrapped in DDP and torch.compile (wrap.py), and with
     graph=True the whole step captured once (CUDA only, graph.py) and replayed; if capture
     fails, it says so in one line and runs eagerly (`kind` and `capture_error` say what runs)."""
@@ -175,7 +186,7 @@ def build_step(model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor, lrs
     with capture.on_side() if capture is not None else nullcontext():  # DDP built where capture runs
         train_model = wrap_model(model, mean.device, ddp, compile_mode, graph)
     step = TrainStep(model, train_model, optimizer, mean, lrs, precision=precision, memory_format=memory_format,
-                     start_iter=start_iter, kind=step_kind(compile_mode, graph))
+                     start_iter=start_iter, kind=step_kind(compile_mode, graph), source=source)
     if capture is not None:
         replay, inputs, step.capture_error = capture.capture_or_eager(step, batch_per_rank)
         if replay is not None:

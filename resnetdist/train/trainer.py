@@ -18,11 +18,12 @@ from .. import checkpoint, dist
 from ..config import RunConfig
 from ..data import Cifar10, Loaders, open_loaders
 from ..data.augment import training_mean
+from ..data.epochs import Epochs, epochs_for
 from ..data.order import iters_per_epoch
 from ..data.resident import TrainLoader
 from ..models import build_model, count_parameters
 from . import state
-from .evaluate import error_rates
+from .evaluate import error_rates, model_layout as memory_format  # evaluation uses the same layout
 from .graph import CudaOps
 from .loop import Cadence, Feed, Hooks, Progress, run_steps, train_loop
 from .optim import TensorLRSGD
@@ -32,10 +33,6 @@ from .step import TrainStep, build_step
 # restore(model, optimizer) -> the iteration to start from: loads a checkpoint (or any state)
 # into the built model and optimizer before the step is built (a graph captures their tensors)
 Restore = Callable[[nn.Module, TensorLRSGD], int]
-
-
-def memory_format(cfg: RunConfig, device: torch.device) -> torch.memory_format:
-    return torch.channels_last if cfg.train.channels_last and device.type == "cuda" else torch.contiguous_format
 
 
 def make_model(cfg: RunConfig, ctx: dist.DistContext) -> tuple[nn.Module, TensorLRSGD]:
@@ -51,20 +48,26 @@ def make_model(cfg: RunConfig, ctx: dist.DistContext) -> tuple[nn.Module, Tensor
 
 
 def make_step(cfg: RunConfig, ctx: dist.DistContext, model: nn.Module, optimizer: TensorLRSGD, data: Cifar10,
-              start_iter: int = 0, ops: CudaOps | None = None) -> TrainStep:
+              start_iter: int = 0, ops: CudaOps | None = None, source: Epochs | None = None) -> TrainStep:
     """The step as the config asks for it (precision, memory format, DDP, train.step); a
-    graph whose capture fails becomes the eager step (step.kind says which runs)."""
+    graph whose capture fails becomes the eager step (step.kind says which runs). With a
+    source (its start epoch loaded), the step gathers its own inputs from it."""
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
     with dist.stage("model broadcast (DDP set-up)"):
         return build_step(model, optimizer, mean, lr_table(cfg, ctx.world_size), precision=cfg.train.precision,
                           memory_format=memory_format(cfg, ctx.device), start_iter=start_iter,
                           ddp=ctx.distributed, compile_mode=cfg.train.compile, graph=cfg.train.step == "graph",
-                          batch_per_rank=global_batch(cfg, ctx.world_size) // ctx.world_size, ops=ops)
+                          batch_per_rank=global_batch(cfg, ctx.world_size) // ctx.world_size, ops=ops,
+                          source=source)
 
 
 def feed_of(step: TrainStep, loader: TrainLoader, seed: int, global_batch: int, rank: int = 0,
-            world_size: int = 1) -> Feed:
-    """The feed of `step`: a graphed step's loader gathers each batch into the graph's inputs."""
+            world_size: int = 1) -> Feed | Epochs:
+    """The feed of `step`: its source, when it gathers its own inputs (nothing to hand it per
+    iteration); else the loader's batches, which a graphed step's loader gathers into the
+    graph's inputs."""
+    if step.source is not None:
+        return step.source
     return Feed(loader, seed, global_batch, rank, world_size, out=step.inputs.out if step.inputs else None)
 
 
@@ -76,7 +79,11 @@ def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, restore: Restore
     loaders = open_loaders(cfg.data, data, ctx, batch, cfg.train.seed)
     model, optimizer = make_model(cfg, ctx)
     start_iter = restore(model, optimizer) if restore is not None else 0
-    step = make_step(cfg, ctx, model, optimizer, data, start_iter, ops)
+    # a resident loader's epochs go to the device whole: the step gathers each batch itself
+    source = epochs_for(loaders.train, cfg.train.seed, batch, ctx.rank, ctx.world_size)
+    if source is not None:
+        source.load(start_iter // source.steps)  # before capture: the warm-up reads it
+    step = make_step(cfg, ctx, model, optimizer, data, start_iter, ops, source)
     feed = feed_of(step, loaders.train, cfg.train.seed, batch, ctx.rank, ctx.world_size)
     images = {"train_images": len(data.train), "test_images": len(data.test),
               "val_images": len(data.val) if data.val is not None else 0}
@@ -96,7 +103,7 @@ class Trainer:
     optimizer: TensorLRSGD
     step: TrainStep
     loaders: Loaders
-    feed: Feed
+    feed: Feed | Epochs
     steps_per_epoch: int
     images: dict[str, int]  # train/test/val images in use (summary.json: a cut or stand-in data set shows)
 

@@ -1,0 +1,98 @@
+"""A resident loader's epochs, on the device, for a step that gathers its own inputs: the step
+then needs no host work per iteration beyond launching it (one CUDA-graph replay).
+
+Once per epoch the host builds this rank's sample order (data/order.py) and every iteration's
+augmentation draws (data/augment.draw_params, one call per iteration, as the per-step feed
+makes them), and uploads both into fixed device buffers: from pinned memory with a
+non-blocking copy on CUDA, queued behind the previous epoch's steps on the same stream. The
+step reads iteration i's batch at position i mod steps-per-epoch with device ops (`gather`),
+taking i from its own device-side counter, so the numbers and samples are exactly those of the
+per-step feed (loop.Feed): resumes and world sizes agree bitwise as before.
+
+An `Epochs` is also the step's feed: `batches(start)` yields an empty argument tuple per
+iteration (the step takes none) and loads each epoch before its first iteration.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .augment import draw_params
+from .order import rank_epoch_order
+from .resident import ResidentTrainLoader
+
+
+def draw_epoch(seed: int, first_iter: int, count: int, global_batch: int, rank: int, world_size: int) -> np.ndarray:
+    """Iterations first_iter .. first_iter+count-1's draws (count, 3, b): draw_params' numbers."""
+    return np.stack([draw_params(seed, it, global_batch, rank, world_size).numpy()
+                     for it in range(first_iter, first_iter + count)])
+
+
+class Epochs:
+    def __init__(self, loader: ResidentTrainLoader, seed: int, global_batch: int, rank: int = 0, world_size: int = 1):
+        self.images, self.labels = loader.images, loader.labels  # the resident set, on the device
+        self.seed, self.global_batch, self.rank, self.world_size = seed, global_batch, rank, world_size
+        self.steps, self.b = loader.steps, global_batch // world_size
+        device = self.images.device
+        self.order = torch.zeros((self.steps, self.b), dtype=torch.long, device=device)
+        self.aug = torch.zeros((self.steps, 3, self.b), dtype=torch.long, device=device)
+        self.loaded: int | None = None  # the epoch in the buffers
+        self.uploads = 0  # epochs uploaded (tests, doctor)
+
+    def load(self, epoch: int) -> None:
+        """Put `epoch`'s order and draws in the device buffers (nothing to do if they hold it)."""
+        if epoch == self.loaded:
+            return
+        order = rank_epoch_order(len(self.labels), self.global_batch, self.seed, epoch, self.rank, self.world_size)
+        draws = draw_epoch(self.seed, epoch * self.steps, self.steps, self.global_batch, self.rank, self.world_size)
+        upload(self.order, order.reshape(self.steps, self.b))
+        upload(self.aug, draws)
+        self.loaded, self.uploads = epoch, self.uploads + 1
+
+    def gather(self, it: torch.Tensor, x: torch.Tensor, y: torch.Tensor, aug: torch.Tensor) -> None:
+        """Iteration `it`'s (a 0-d device tensor) images, labels and draws into x, y, aug: device
+        ops only (index_select with a device index: no read-back), so a graph can hold them."""
+        pos = torch.remainder(it, self.steps).view(1)
+        idx = self.order.index_select(0, pos).view(self.b)
+        torch.index_select(self.images, 0, idx, out=x)
+        torch.index_select(self.labels, 0, idx, out=y)
+        aug.copy_(self.aug.index_select(0, pos).view(3, self.b))
+
+    def batch(self, it: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Iteration `it`'s inputs in new tensors (the eager step)."""
+        x = torch.empty((self.b, *self.images.shape[1:]), dtype=self.images.dtype, device=self.images.device)
+        y = torch.empty(self.b, dtype=self.labels.dtype, device=self.labels.device)
+        aug = torch.empty((3, self.b), dtype=torch.long, device=self.images.device)
+        self.gather(it, x, y, aug)
+        return x, y, aug
+
+    def batches(self, start_iter: int) -> Iterator[tuple]:
+        """The feed of a step that gathers its own inputs: () for every iteration from
+        start_iter on, each epoch loaded before its first iteration."""
+        it = start_iter
+        self.load(it // self.steps)
+        while True:
+            if it % self.steps == 0:
+                self.load(it // self.steps)
+            yield ()
+            it += 1
+
+
+def upload(dst: torch.Tensor, src: np.ndarray) -> None:
+    """Copy host numbers into a device buffer without blocking the host: on CUDA from pinned
+    memory (the caching host allocator keeps the block until the copy has run)."""
+    host = torch.from_numpy(np.ascontiguousarray(src))
+    if dst.is_cuda:
+        host = host.pin_memory()
+    dst.copy_(host.view(dst.shape), non_blocking=dst.is_cuda)
+
+
+def epochs_for(loader, seed: int, global_batch: int, rank: int, world_size: int) -> Epochs | None:
+    """The device-side epochs of a resident loader; None for other loaders (FFCV's batches come
+    from its own pipeline, fed per step)."""
+    if not isinstance(loader, ResidentTrainLoader):
+        return None
+    return Epochs(loader, seed, global_batch, rank, world_size)
