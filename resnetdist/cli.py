@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any, Optional
 import typer
 
 from .config import ConfigError, RunConfig, load_config
-from .errors import BAD_INPUT, FAILED, INTERRUPTED, DataError
+from .errors import BAD_INPUT, FAILED, INTERRUPTED, PREEMPTED, DataError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,  # see main()
@@ -54,10 +55,63 @@ def _torchrun(nproc: int, max_restarts: int, argv: list[str], graph: bool = Fals
         # notes). torchrun's agent writes this variable into every worker's environment (its
         # own value, else 1), so it is set here, in the launcher, where it takes effect
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
-    # "--" keeps torchrun's parser off our flags (it would take --n for an abbreviation of its own);
-    # SIGUSR1 (Slurm's warning) added to the signals torchrun passes on to the workers
-    torchrun_main(["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
-                   f"--signals-to-handle={TORCHRUN_SIGNALS}", "-m", "resnetdist", "--", "train", *argv])
+    # a stop (Ctrl-C, SIGTERM) lets the workers reach their next log point and write a checkpoint
+    # before torchrun's SIGKILL: its default grace of 30 s is less than a log interval of a slow run
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    try:
+        # "--" keeps torchrun's parser off our flags (it would take --n for an abbreviation of its
+        # own); SIGUSR1 (Slurm's warning) added to the signals torchrun passes on to the workers
+        torchrun_main(["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+                       f"--signals-to-handle={TORCHRUN_SIGNALS}", "-m", "resnetdist", "--", "train", *argv])
+    except SignalException as e:
+        # The workers run in sessions of their own, so a terminal's Ctrl-C reaches torchrun alone,
+        # which passes it on once. A second one interrupts torchrun's wait for them: pass it on
+        # too, so that they stop at once rather than at their checkpoint (preempt.Notice). The
+        # workers have said how they stopped; the launcher exits with the code of that stop
+        stop_workers(e.sigval)
+        if e.sigval not in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            raise
+        raise typer.Exit(INTERRUPTED if e.sigval == signal.SIGINT else PREEMPTED) from None
+
+
+def stop_workers(sig: int, grace_s: float = 30.0) -> None:
+    """Send `sig` to this process's children still running (torchrun's workers), then wait for
+    them; each has already had the signal once, so a second SIGINT ends it at once."""
+    import time
+
+    children = [int(p) for p in _children(os.getpid())]
+    for pid in children:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+        time.sleep(0.1)
+    for pid in children:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it has exited
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _strip_launch_args(argv: list[str]) -> list[str]:
@@ -84,7 +138,7 @@ def train(
     shortcut: Optional[str] = typer.Option(None, help="A: identity/zero-pad (paper), B: 1x1 projection"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file, e.g. configs/resnet20.toml"),
     overrides: list[str] = typer.Option([], "--set", help="section.key=value, repeatable"),
-    iters: Optional[int] = typer.Option(None, help="run N iterations; lr milestones move in proportion"),
+    iters: Optional[int] = typer.Option(None, help="run N iterations (sets optim.iters); the default milestones, warm-up and evaluation/checkpoint cadence move in proportion, values given with --set are kept"),
     data_dir: Optional[Path] = typer.Option(None, help="folder holding cifar-10-batches-bin/ or the tarball"),
     out: Optional[Path] = typer.Option(None, help="run directory (default runs/<name>)"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
@@ -92,6 +146,8 @@ def train(
     loader: Optional[str] = typer.Option(None, help="resident (the dataset kept on the training device; 'gpu' is its old name) | ffcv"),
     nproc_per_node: int = typer.Option(0, help="launch N workers with torchrun (0: this process only)"),
     max_restarts: int = typer.Option(0, help="with --nproc-per-node: elastic restarts after a worker dies"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved configuration (TOML) and what would run; start and write nothing"),
+    as_json: bool = typer.Option(False, "--json", help="end with one JSON line per rank (the result) instead of the summary in words"),
 ) -> None:
     """Train a ResNet or plain net with the paper's recipe."""
     from .checkpoint import ignore_file_size_signal
@@ -106,34 +162,90 @@ def train(
             train={"out": str(out) if out else None, "device": device, "seed": seed},
         )
         from .dist import world_size_from_env
+        from .train.announce import finished_summary
         from .train.run import preflight
 
         under_torchrun = "LOCAL_RANK" in os.environ
-        data = preflight(cfg, nproc_per_node if nproc_per_node and not under_torchrun else world_size_from_env())
+        world_size = nproc_per_node if nproc_per_node and not under_torchrun else world_size_from_env()
+        if dry_run:
+            return show_dry_run(cfg, world_size)
+        data = preflight(cfg, world_size)
+        # here, on rank 0's node, before any worker starts (under torchrun the run asks rank 0)
+        done = None if under_torchrun else finished_summary(cfg.run_dir, cfg)
     except RunDirBusy as e:
         fail(str(e), code=e.exit_code)
     except (ConfigError, DataError, RuntimeError) as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted before training started; nothing was written", code=INTERRUPTED)
+    if done is not None:
+        return show_finished(done, cfg, as_json)
     if nproc_per_node and not under_torchrun:
         _torchrun(nproc_per_node, max_restarts, _strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]),
                   graph=cfg.train.step == "graph")
         return
+    train_here(cfg, data, as_json)
 
-    from .errors import NonFiniteLoss, PeerLost, Preempted, WriteError
+
+def train_here(cfg: RunConfig, data, as_json: bool = False) -> None:
+    """This process's rank of the run: its faults turned into one line and an exit code, its
+    result into a summary in words (rank 0) or a JSON line per rank (--json)."""
+    from .errors import NonFiniteLoss, PeerLost, Preempted, RunDirBusy, WriteError
+    from .train.announce import AlreadyFinished, closing
     from .train.run import main
 
     try:
         summary = main(cfg, data)
+    except AlreadyFinished as e:  # under torchrun: rank 0's run directory holds the result
+        return show_finished(e.summary, cfg, as_json)
     except NonFiniteLoss as e:
         fail(f"{e} (run directory {cfg.run_dir})", code=e.exit_code)
     except (WriteError, RunDirBusy, PeerLost, DataError) as e:  # errors.py: their exit codes (DataError: a node without betons)
         fail(str(e), code=e.exit_code)
-    except Preempted as e:  # exit 6: not a failure, the scheduler's notice was obeyed
-        typer.echo(f"preempted: {e} (run directory {cfg.run_dir})", err=True)
+    except Preempted as e:  # exit 6: not a failure, the scheduler's notice was obeyed (130: Ctrl-C)
+        interrupted = e.reason == "SIGINT"
+        if not interrupted or int(os.environ.get("RANK", "0")) == 0:  # a person reads one line
+            typer.echo(f"{'interrupted' if interrupted else 'preempted'}: {e} (run directory {cfg.run_dir})", err=True)
         raise typer.Exit(e.exit_code)
-    # every rank prints its view of the result: the all-reduced errors must agree
-    keys = ("name", "test_error", "iterations", "train_seconds", "images_per_second")
-    typer.echo(json.dumps({"rank": int(os.environ.get("RANK", "0")), **{k: summary[k] for k in keys}}))
+    except KeyboardInterrupt:  # a second Ctrl-C
+        fail(f"interrupted at once, without a checkpoint of this moment; run the same command again to "
+             f"resume from the newest checkpoint in {cfg.run_dir}, if any", code=INTERRUPTED)
+    rank = int(os.environ.get("RANK", "0"))
+    if as_json:  # every rank prints its view of the result: the all-reduced errors must agree
+        keys = ("name", "test_error", "iterations", "train_seconds", "images_per_second")
+        typer.echo(json.dumps({"rank": rank, **{k: summary[k] for k in keys}}))
+    elif rank == 0:
+        typer.echo(closing(summary, cfg))
+
+
+def show_finished(summary: dict[str, Any], cfg: RunConfig, as_json: bool) -> None:
+    """A rerun of a finished run: its result (rank 0), and nothing else."""
+    from .train.announce import finished
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(json.dumps(summary) if as_json else finished(summary, cfg))
+
+
+def show_dry_run(cfg: RunConfig, world_size: int) -> None:
+    """The checks a run makes before it starts (the data read, not downloaded), then the
+    resolved configuration and what would run; nothing is written."""
+    from .data.cifar import locate
+    from .train.announce import dry_run
+    from .train.resolve import resolve
+    from .train.run import preflight
+
+    notes = []
+    try:
+        cached = bool(cfg.data.dir) or bool(locate(None, download_ok=False))
+    except DataError:
+        cached = False
+        notes.append("CIFAR-10 is not in the download cache: the run would download it first (163 MB)")
+    if cached:
+        preflight(cfg, world_size)
+    else:
+        resolve(cfg)  # what preflight resolves for this machine (device, precision, step, W&B mode)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(dry_run(cfg, world_size, notes))
 
 
 @app.command("eval")

@@ -128,12 +128,16 @@ class OptimConfig:
     momentum: float = field(default=0.9, metadata=doc("SGD momentum"))
     weight_decay: float = field(default=1e-4, metadata=doc("SGD weight decay"))
     iters: int = field(default=PAPER_ITERS, metadata=doc(
-        "length of the run; --iters N sets it and scales the milestones"))
+        "length of the run; --iters N (or this key) sets it. Milestones, warm-up and the evaluation and "
+        "checkpoint cadence written for another length (the defaults, a config file's values given with "
+        "its optim.iters) move in proportion; values given without a length (--set) are kept as written"))
     milestones: list[int] = field(default_factory=lambda: [32_000, 48_000], metadata=doc(
-        "iterations at which the lr is multiplied by gamma"))
+        "iterations at which the lr is multiplied by gamma; each before optim.iters (one at or past "
+        "the end is refused)"))
     gamma: float = field(default=0.1, metadata=doc("lr factor at each milestone"))
     warmup_iters: int = field(default=-1, metadata=doc(
-        "iterations at the constant warm-up lr; -1 = 400 for n >= 18 (ResNet-110), else none"))
+        "iterations at the constant warm-up lr; -1 = 400 of 64k for n >= 18 (ResNet-110; in proportion "
+        "for other lengths), else none"))
     warmup_lr: float = field(default=0.01, metadata=doc("the warm-up lr"))
 
     def validate(self) -> None:
@@ -145,6 +149,12 @@ class OptimConfig:
             raise ValueError("optim.momentum must be in [0, 1), weight_decay >= 0, gamma in (0, 1]")
         if sorted(self.milestones) != self.milestones or any(m < 1 for m in self.milestones):
             raise ValueError(f"optim.milestones must be increasing positive iterations, got {self.milestones}")
+        if self.milestones and self.milestones[-1] >= self.iters:
+            # an lr step at or past the end never happens: the run would not be the schedule asked for
+            raise ValueError(
+                f"optim.milestones {self.milestones}: {self.milestones[-1]} is at or past the end of the run "
+                f"(optim.iters = {self.iters}); give milestones below {self.iters}, or leave optim.milestones "
+                f"unset so that the paper's move with the run length")
 
 
 @dataclass
@@ -152,8 +162,11 @@ class TrainConfig:
     seed: int = field(default=0, metadata=doc("weights, data order and augmentation all derive from it"))
     device: str = field(default="auto", metadata=doc("auto, cpu, cuda"))
     out: str = field(default="", metadata=doc("run directory (\"\" = runs/<name>)"))
-    eval_every: int = field(default=2_000, metadata=doc("iterations between evaluations"))
-    checkpoint_every: int = field(default=4_000, metadata=doc("iterations between checkpoints"))
+    eval_every: int = field(default=2_000, metadata=doc(
+        "iterations between evaluations; the default moves with optim.iters (multiples of log.log_every: "
+        "100 for a 2,000-iteration run)"))
+    checkpoint_every: int = field(default=4_000, metadata=doc(
+        "iterations between checkpoints; the default moves with optim.iters like eval_every"))
     keep_checkpoints: int = field(default=3, metadata=doc("checkpoints kept in the run directory"))
     precision: str = field(default="auto", metadata=doc(
         "fp32, bf16, fp16; auto = bf16 on a GPU that has it, else fp32"))
@@ -338,19 +351,28 @@ def load_config(
     overrides: list[str] | None = None,
     iters: int | None = None,
 ) -> RunConfig:
-    """Defaults < file < flags < --set, checked. Device, precision, step and W&B mode stay as
-    given ("auto" stays "auto") until train/resolve.resolve, once, on the machine that trains
-    (a Slurm suite's runs resolve them on their own nodes)."""
+    """Defaults < file < flags (--iters among them: it sets optim.iters) < --set, checked on the
+    final values. The schedule (milestones, warm-up, evaluation and checkpoint cadence) moves
+    with the run length only where it was written for another length (scale_schedule); a value
+    given on its own is kept as written. Device, precision, step and W&B mode stay as given
+    ("auto" stays "auto") until train/resolve.resolve, once, on the machine that trains (a
+    Slurm suite's runs resolve them on their own nodes)."""
+    if iters is not None and iters < 1:
+        raise ConfigError(f"--iters must be >= 1, got {iters}")
     cfg = RunConfig()
+    sources: list[tuple[dict[str, Any], str]] = [(cfg.to_dict(), "defaults")]
     if config_file is not None:
-        merge(cfg, read_toml(config_file), str(config_file))
-    if flags:
-        merge(cfg, flags, "command line")
-    for text in overrides or []:
-        merge(cfg, parse_override(text), f"--set {text}")
-    resolve_recipe(cfg)
+        sources.append((read_toml(config_file), str(config_file)))
+    command_line = {section: dict(values) for section, values in (flags or {}).items()}
     if iters is not None:
-        scale_schedule(cfg, iters)
+        command_line.setdefault("optim", {})["iters"] = iters
+    if command_line:
+        sources.append((command_line, "command line"))
+    sources += [(parse_override(text), f"--set {text}") for text in overrides or []]
+    for tree, source in sources[1:]:
+        merge(cfg, tree, source)
+    scale_schedule(cfg, schedule_lengths(sources))
+    resolve_recipe(cfg)
     cfg.validate()
     return cfg
 
@@ -362,18 +384,50 @@ def resolve_recipe(cfg: RunConfig) -> None:
     """The values whose default depends on other keys, the same on every machine."""
     if cfg.optim.warmup_iters < 0:
         # The paper warms ResNet-110 up at lr 0.01 for ~400 iterations; shallower nets need none.
-        cfg.optim.warmup_iters = 400 if cfg.model.n >= 18 else 0
+        # (400 of the paper's 64k; a shorter run warms up for the same share of it)
+        warmup = max(1, round(400 * cfg.optim.iters / PAPER_ITERS))
+        cfg.optim.warmup_iters = min(warmup, cfg.optim.iters) if cfg.model.n >= 18 else 0
     cfg.data.loader = LOADER_ALIASES.get(cfg.data.loader, cfg.data.loader)
 
 
-def scale_schedule(cfg: RunConfig, iters: int) -> None:
-    """--iters N: shorten (or lengthen) the run, moving the lr milestones in proportion."""
-    if iters < 1:
-        raise ConfigError(f"--iters must be >= 1, got {iters}")
-    old = cfg.optim.iters
-    cfg.optim.milestones = [max(1, round(m * iters / old)) for m in cfg.optim.milestones]
-    cfg.optim.warmup_iters = min(cfg.optim.warmup_iters, iters)
-    cfg.optim.iters = iters
+# Values counted in iterations of a run: written for one run length (the defaults and the
+# shipped configs for the paper's 64k), they move in proportion when the length changes.
+SCHEDULE_KEYS = ("optim.milestones", "optim.warmup_iters", "train.eval_every", "train.checkpoint_every")
+
+
+def schedule_lengths(sources: list[tuple[dict[str, Any], str]]) -> dict[str, int | None]:
+    """For each schedule key, the run length it was written for: optim.iters as given by the
+    source that set the key last (the defaults: 64k), or None when that source gave no length
+    (a --set, a file without optim.iters): those values are iterations, kept as written."""
+    lengths: dict[str, int | None] = {}
+    for tree, _ in sources:
+        for key in SCHEDULE_KEYS:
+            section, name = key.split(".")
+            if name in tree.get(section, {}):
+                lengths[key] = tree.get("optim", {}).get("iters")
+    return lengths
+
+
+def scale_schedule(cfg: RunConfig, written_for: dict[str, int | None]) -> None:
+    """Move each schedule value written for another run length to optim.iters, in proportion:
+    milestones that would fall at or past the end are dropped, warm-up stays at least 1
+    iteration if it had any, and the evaluation and checkpoint cadence are whole multiples of
+    log.log_every (so evaluations land on log points; a 2,000-iteration run of the defaults
+    evaluates and checkpoints every 100 iterations, the paper's 64k every 2000 / 4000)."""
+    iters = cfg.optim.iters
+
+    def moved(key: str, value: int) -> int | None:
+        ref = written_for.get(key)
+        return None if not ref or ref == iters or value <= 0 else max(1, round(value * iters / ref))
+
+    o, t, every = cfg.optim, cfg.train, cfg.log.log_every
+    if written_for.get("optim.milestones") not in (None, iters):
+        o.milestones = [m for m in (moved("optim.milestones", m) for m in o.milestones) if m and m < iters]
+    o.warmup_iters = min(moved("optim.warmup_iters", o.warmup_iters) or o.warmup_iters, iters)
+    for key in ("eval_every", "checkpoint_every"):
+        value = moved(f"train.{key}", getattr(t, key))
+        if value is not None and every >= 1:
+            setattr(t, key, max(every, round(value / every) * every))
 
 
 # ----- run directories ----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ WRITE_FAILED = 4
 RUN_DIR_BUSY = 5
 PREEMPTED = 6  # not a failure: the scheduler's notice was obeyed, a checkpoint written
 PEER_LOST = 7
-INTERRUPTED = 130  # Ctrl-C during a suite (128 + SIGINT, the shell's convention)
+INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, the shell's convention): a run's first one stops it at a checkpoint
 
 
 class DataError(Exception):
@@ -64,6 +64,8 @@ class Preempted(Exception):
 
     def __init__(self, iteration: int, reason: str):
         self.iteration, self.reason = iteration, reason
+        if reason == "SIGINT":  # a person's Ctrl-C at the terminal, not a scheduler's notice
+            self.exit_code = INTERRUPTED
         super().__init__(f"stopped on {reason} at iteration {iteration}, after writing its checkpoint; "
                          f"run the same command again to resume")
 

@@ -58,6 +58,79 @@ def test_iters_scales_milestones():
     assert cfg.optim.iters == 640 and cfg.optim.milestones == [320, 480]
 
 
+# ----- precedence: what is set explicitly is never changed by another flag -------------------------
+
+
+def schedule(cfg):
+    return (cfg.optim.iters, cfg.optim.milestones, cfg.optim.warmup_iters, cfg.train.eval_every,
+            cfg.train.checkpoint_every)
+
+
+def test_iters_keeps_milestones_given_with_set():
+    """The issue's cases: --iters used to rescale these ([31, 47]; lr 0.001 from iteration 1)."""
+    cfg = load_config(iters=2000, overrides=["optim.milestones=[1000,1500]"])
+    assert cfg.optim.milestones == [1000, 1500]
+    cfg = load_config(iters=20, overrides=["optim.milestones=[5,15]"])
+    assert cfg.optim.milestones == [5, 15]
+    assert [lr_at(cfg.optim, i) for i in (0, 4, 5, 15)] == pytest.approx([0.1, 0.1, 0.01, 0.001])
+
+
+def test_validation_runs_on_the_final_config():
+    with pytest.raises(ConfigError, match=r"optim.milestones must be increasing.*\[15, 5\]"):
+        load_config(iters=20, overrides=["optim.milestones=[15,5]"])
+    with pytest.raises(ConfigError, match=r"optim.milestones \[1000, 2000\]: 2000 is at or past the end of the run "
+                                          r"\(optim.iters = 2000\)"):
+        load_config(iters=2000, overrides=["optim.milestones=[1000,2000]"])
+    with pytest.raises(ConfigError, match="--iters must be >= 1"):
+        load_config(iters=0)
+
+
+def test_iters_given_with_set_moves_the_defaults_like_the_flag():
+    """--set optim.iters=2000 used to keep milestones [32000, 48000], past the end, silently."""
+    assert schedule(load_config(overrides=["optim.iters=2000"])) == schedule(load_config(iters=2000))
+    assert schedule(load_config(iters=2000)) == (2000, [1000, 1500], 0, 100, 100)
+    assert schedule(load_config(iters=2000, overrides=["optim.iters=3000"]))[:2] == (3000, [1500, 2250])
+
+
+def test_milestones_past_the_end_are_refused_whichever_way_they_were_given(tmp_path):
+    lone = tmp_path / "lone.toml"  # milestones without a run length: iterations, kept as written
+    lone.write_text("[optim]\nmilestones = [1000, 3000]\n")
+    with pytest.raises(ConfigError, match=r"3000 is at or past the end of the run \(optim.iters = 2000\)"):
+        load_config(lone, iters=2000)
+    assert load_config(lone).optim.milestones == [1000, 3000]  # the paper's length: fine
+
+
+def test_a_config_files_schedule_moves_with_a_new_length(tmp_path):
+    """A file that gives optim.iters wrote its schedule for that length (the shipped configs:
+    64k); --iters or --set optim.iters moves it in proportion, warm-up included."""
+    path = REPO / "configs/resnet110.toml"
+    assert schedule(load_config(path)) == (64_000, [32_000, 48_000], 400, 2000, 4000)
+    assert schedule(load_config(path, iters=2000)) == (2000, [1000, 1500], 12, 100, 100)
+    assert schedule(load_config(path, overrides=["optim.iters=2000"])) == schedule(load_config(path, iters=2000))
+    short = tmp_path / "short.toml"
+    short.write_text("[optim]\niters = 1000\nmilestones = [500, 900]\n[train]\neval_every = 250\n")
+    assert schedule(load_config(short))[:4] == (1000, [500, 900], 0, 250)
+    assert schedule(load_config(short, iters=2000))[:4] == (2000, [1000, 1800], 0, 500)
+
+
+def test_explicit_warmup_and_cadence_are_kept():
+    cfg = load_config(flags={"model": {"n": 18}}, iters=2000,
+                      overrides=["optim.warmup_iters=300", "train.eval_every=7", "train.checkpoint_every=500"])
+    assert schedule(cfg) == (2000, [1000, 1500], 300, 7, 500)
+    assert load_config(flags={"model": {"n": 18}}, iters=2000).optim.warmup_iters == 12  # the default moves
+
+
+def test_cadence_scales_with_the_run_length():
+    """A 2,000-iteration run evaluates and checkpoints several times (it used to do neither
+    before its end: 2000 / 4000); the paper's 64k keeps 2000 / 4000; cadences land on log points."""
+    assert schedule(load_config()) == (64_000, [32_000, 48_000], 0, 2000, 4000)
+    cfg = load_config(iters=2000)
+    assert 2000 // cfg.train.eval_every >= 5 and 2000 // cfg.train.checkpoint_every >= 5
+    cfg = load_config(iters=300, overrides=["log.log_every=10"])
+    assert (cfg.train.eval_every, cfg.train.checkpoint_every) == (10, 20)
+    assert cfg.train.eval_every % cfg.log.log_every == 0
+
+
 def test_overrides_keep_types():
     assert parse_override("optim.lr=0.05") == {"optim": {"lr": 0.05}}
     assert parse_override("optim.milestones=[10, 20]") == {"optim": {"milestones": [10, 20]}}
@@ -165,3 +238,33 @@ def test_the_configuration_page_is_generated_from_the_dataclasses():
     page = (REPO / "docs" / "configuration.md").read_text()
     assert page == render(), "docs/configuration.md is stale: python -m resnetdist.configdoc > docs/configuration.md"
     assert "| `train.step` | `\"auto\"` |" in page and "| `log.wandb_finish_timeout_s` | `300` |" in page
+
+
+# ----- train --dry-run ---------------------------------------------------------------------------
+
+
+def test_dry_run_prints_the_resolved_config_and_what_would_run_and_writes_nothing(tmp_path, tiny_data, monkeypatch):
+    from resnetdist.config import tomllib
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # as cli_in_process runs it
+    out = tmp_path / "run"
+    proc = cli_in_process(["train", "-n", "1", "--device", "cpu", "--iters", "2000", "--data-dir", str(tiny_data),
+                           "--out", str(out), "--set", "optim.milestones=[500,1500]", "--dry-run"])
+    assert proc.exit_code == 0 and not out.exists()
+    toml_text, _, plan = proc.stdout.partition("would run")
+    resolved = tomllib.loads(toml_text)
+    from resnetdist.train.resolve import resolve
+
+    expected = resolve(load_config(flags={"model": {"n": 1}, "train": {"device": "cpu", "out": str(out)},
+                                          "data": {"dir": str(tiny_data)}},
+                                   overrides=["optim.milestones=[500,1500]"], iters=2000)).to_dict()
+    assert resolved == expected and resolved["optim"]["milestones"] == [500, 1500]
+    for fact in ("net             resnet8 (75,290 parameters)", "device          cpu, 1 rank", "precision       fp32",
+                 "step            eager", "loader          resident", "iterations      2,000",
+                 "batch per rank  128", f"run directory   {out}", "start           fresh start"):
+        assert fact in plan, plan
+    # bad input is refused as a real run refuses it: exit 2, one line, nothing written
+    proc = cli_in_process(["train", "--iters", "100", "--set", "optim.milestones=[50,100]", "--out", str(out),
+                           "--dry-run"], check=False)
+    assert proc.exit_code == 2 and "optim.milestones [50, 100]: 100 is at or past the end" in proc.stderr
+    assert not out.exists()

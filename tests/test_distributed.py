@@ -8,7 +8,7 @@ import pytest
 from .conftest import TINY, run_cli, run_torchrun
 from .test_train import assert_bitwise_equal, final_weights, read_jsonl
 
-ARGS = [*TINY, "--iters", "40", "--set", "train.eval_every=20", "--set", "train.checkpoint_every=10"]
+ARGS = [*TINY, "--iters", "40", "--set", "train.eval_every=20", "--set", "train.checkpoint_every=10", "--json"]
 
 
 def rank_results(proc):
@@ -37,7 +37,7 @@ def test_two_ranks_train_and_agree_and_restart_exactly(tmp_path, tiny_data):
     cut = tmp_path / "cut"
     proc = run_torchrun(2, [*ARGS, "--data-dir", str(tiny_data), "--out", str(cut)], extra=["--max-restarts=1"],
                         RESNETDIST_TEST_KILL_AT="25", RESNETDIST_TEST_KILL_RANK="1")
-    assert "resuming from" in proc.stdout and "iteration 20" in proc.stdout
+    assert "resuming from ckpt_0000020.pt (iteration 20 of 40)" in proc.stdout
     assert_bitwise_equal(final_weights(ref), final_weights(cut))
     assert [r["test_error"] for r in read_jsonl(cut / "metrics.jsonl")] == [
         r["test_error"] for r in read_jsonl(ref / "metrics.jsonl")

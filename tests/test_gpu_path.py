@@ -275,7 +275,7 @@ def test_two_ranks_evaluate_rank0s_bn_statistics(tiny_data):
 def test_two_rank_run_and_eval_of_its_model_agree(tmp_path, tiny_data):
     out = tmp_path / "run"
     proc = run_torchrun(2, [*TINY, "--iters", "30", "--set", "train.eval_every=30", "--data-dir", str(tiny_data),
-                            "--out", str(out)], timeout=300)
+                            "--out", str(out), "--json"], timeout=300)
     ranks = [json.loads(line[line.index("{"):]) for line in proc.stdout.splitlines() if '{"rank"' in line]
     summary = json.loads((out / "summary.json").read_text())
     assert len(ranks) == 2 and ranks[0]["test_error"] == ranks[1]["test_error"] == summary["test_error"]

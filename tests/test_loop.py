@@ -135,3 +135,41 @@ def test_a_run_resumed_at_its_end_does_nothing():
     step, rec = FakeStep(start=45), Recorder()
     progress = run(step, Progress(iteration=45), rec)
     assert step.seen == [] and rec.logs == rec.evals == rec.checkpoints == [] and progress.last_eval is None
+
+
+def test_the_bar_moves_between_log_points_from_the_host_counter_without_draining(monkeypatch):
+    """One log point (the end) 200 slow steps away: the bar still moves, by the iteration count
+    the host has reached, and the step is drained (a device sync) only at the log point. It used
+    to sit still until the first log point."""
+    import time
+
+    from resnetdist import progress as progress_module
+    from resnetdist.train import loop
+
+    moves = []
+
+    class SeenBar(progress_module.RunBar):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "every_s": 0.05})
+
+        def to(self, it):
+            moves.append(it)
+            super().to(it)
+
+    class SlowStep(FakeStep):
+        drains = 0
+
+        def __call__(self, *batch):
+            time.sleep(0.005)
+            super().__call__(*batch)
+
+        def drain(self):
+            self.drains += 1
+            return super().drain()
+
+    monkeypatch.setattr(loop, "RunBar", SeenBar)
+    step = SlowStep()
+    run(step, Progress(), Recorder(), cadence=Cadence(total=200, log_every=200, eval_every=200, checkpoint_every=200))
+    assert step.drains == 1
+    between = [m for m in moves if 0 < m < 200]
+    assert len(between) >= 5 and between == sorted(between), moves

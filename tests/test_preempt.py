@@ -43,7 +43,7 @@ except ImportError:
 # log every 5 iterations: a stop lands at most 5 iterations after the signal
 ARGS = [*TINY, "--iters", "30", "--set", "train.eval_every=15", "--set", "train.checkpoint_every=10",
         "--set", "log.log_every=5", "--set", "dist.timeout_s=20"]
-STOPPED = re.compile(r"preempted: stopped on (SIG\w+) at iteration (\d+), after writing its checkpoint")
+STOPPED = re.compile(r"(?:preempted|interrupted): stopped on (SIG\w+) at iteration (\d+), after writing its checkpoint")
 
 
 @pytest.fixture
@@ -146,12 +146,18 @@ def test_a_failed_collective_becomes_one_error_naming_the_stage():
 # ----- end to end: signals to real processes --------------------------------------------------------
 
 
-def popen(cmd: list[str], logs: Path, **env: str) -> subprocess.Popen:
+def popen(cmd: list[str], logs: Path, session: bool = False, **env: str) -> subprocess.Popen:
     """A run in the background, its output in files (a pipe nobody reads would fill and stall it).
-    Every test that starts one finds and kills its processes with psutil: skipped without it."""
+    Every test that starts one finds and kills its processes with psutil: skipped without it.
+    session: in a process group of its own, as a shell runs a foreground job (Ctrl-C goes to the group)."""
     pytest.importorskip("psutil")
     return subprocess.Popen(cmd, cwd=REPO, env=cli_env(**env), stdout=open(logs / "stdout", "w"),
-                            stderr=open(logs / "stderr", "w"))
+                            stderr=open(logs / "stderr", "w"), start_new_session=session)
+
+
+def ctrl_c(proc: subprocess.Popen) -> None:
+    """What a terminal does on Ctrl-C: SIGINT to every process of the foreground process group."""
+    os.killpg(proc.pid, signal.SIGINT)
 
 
 def finish(proc: subprocess.Popen, logs: Path, timeout: float) -> tuple[int, str, str]:
@@ -200,7 +206,7 @@ def check_stopped_at_a_checkpoint(out: Path, stderr: str, sig: signal.Signals, r
 
 
 def check_same_as(ref: Path, out: Path, resumed_stdout: str, it: int) -> None:
-    assert f"resuming from {checkpoint.checkpoint_path(out, it)} (iteration {it})" in resumed_stdout
+    assert f"resuming from {checkpoint.checkpoint_path(out, it).name} (iteration {it} of 30)" in resumed_stdout
     assert_bitwise_equal(final_weights(ref), final_weights(out))
     timing = ("images_per_second", "train_seconds")
     assert [{k: v for k, v in r.items() if k not in timing} for r in read_jsonl(out / "metrics.jsonl")] == [
@@ -308,6 +314,94 @@ def test_a_stopped_rank_fails_the_job_within_the_timeout_and_torchrun_restarts_i
     print(f"SIGSTOP of rank 1: job resumed {recover_s:.1f} s later, finished {time.monotonic() - t0:.1f} s later")
 
 
+# ----- Ctrl-C: a person at the terminal ---------------------------------------------------------------
+
+
+def test_a_first_ctrl_c_is_noted_and_a_second_stops_at_once(restore_handlers):
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with preempt.notice() as notice:
+            os.kill(os.getpid(), signal.SIGINT)  # would raise KeyboardInterrupt here, were it not noted
+            assert notice.agreed(5) == "SIGINT" and Preempted(5, "SIGINT").exit_code == 130
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes: the interrupt comes before this ends
+        pytest.fail("the second Ctrl-C did not interrupt")  # pragma: no cover
+    signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ctrl_c_stops_at_a_checkpoint_says_how_to_resume_and_the_rerun_resumes_exactly(tmp_path, tiny_data, reference):
+    """It used to print ^C, exit 130 and leave no checkpoint: a rerun started from 0."""
+    out = tmp_path / "run"
+    args = ["train", *ARGS, "--data-dir", str(tiny_data), "--out", str(out)]
+    proc = popen([sys.executable, "-m", "resnetdist", *args], tmp_path, session=True)
+    started(out, proc)
+    ctrl_c(proc)
+    code, _, stderr = finish(proc, tmp_path, timeout=120)
+    assert code == 130, stderr[-3000:]
+    it = check_stopped_at_a_checkpoint(out, stderr, signal.SIGINT)
+    assert "run the same command again to resume" in stderr and "Traceback" not in stderr
+    check_same_as(reference, out, run_cli(args).stdout, it)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, tiny_data):
+    """The only log point is the end (5000 iterations away): the first Ctrl-C would wait for it,
+    the second must not."""
+    out = tmp_path / "run"
+    args = ["train", *TINY, "--iters", "5000", "--set", "log.log_every=5000", "--set", "train.eval_every=5000",
+            "--set", "train.checkpoint_every=5000", "--data-dir", str(tiny_data), "--out", str(out)]
+    proc = popen([sys.executable, "-m", "resnetdist", *args], tmp_path, session=True)
+    wait_for(lambda: (out / "config.toml").exists(), 150, "the run to start training", proc)
+    time.sleep(1)
+    ctrl_c(proc)
+    time.sleep(1)
+    assert proc.poll() is None  # the first one waits for a log point
+    t0 = time.monotonic()
+    ctrl_c(proc)
+    code, _, stderr = finish(proc, tmp_path, timeout=60)
+    assert code == 130, stderr[-3000:]
+    assert time.monotonic() - t0 < 15
+    assert "interrupted at once" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert checkpoint.list_checkpoints(out) == [] and temp_files(out) == [] and not (out / "summary.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_under_the_torchrun_launcher(tmp_path, tiny_data, reference2, presses):
+    """`train --nproc-per-node 2`: Ctrl-C reaches the launcher (its workers run in sessions of
+    their own), which passes it on; once: both ranks stop at one iteration with a checkpoint and
+    the rerun resumes exactly; twice: the workers stop at once."""
+    out = tmp_path / "run"
+    # twice: no stop point for 10,000 iterations, so only the second Ctrl-C can end the run soon
+    extra = [] if presses == 1 else ["--set", "log.log_every=10000", "--set", "train.checkpoint_every=30000",
+                                     "--set", "train.eval_every=30000", "--iters", "30000"]
+    args = ["train", *ARGS, *extra, "--data-dir", str(tiny_data), "--out", str(out)]
+    proc = popen([sys.executable, "-m", "resnetdist", *args, "--nproc-per-node", "2"], tmp_path, session=True)
+    if presses == 1:
+        started(out, proc)
+    else:  # rank 0 writes config.toml once its signal handlers are in place
+        wait_for(lambda: (out / "config.toml").exists(), 150, "the run to start", proc)
+        time.sleep(2)
+    ctrl_c(proc)
+    if presses == 2:
+        time.sleep(1)
+        ctrl_c(proc)
+    t0 = time.monotonic()
+    code, _, stderr = finish(proc, tmp_path, timeout=120)
+    assert code == 130, stderr[-3000:]
+    if presses == 1:
+        it = check_stopped_at_a_checkpoint(out, stderr, signal.SIGINT)  # one line: rank 0's
+        check_same_as(reference2, out, run_torchrun(2, args[1:], timeout=240).stdout, it)
+    else:
+        assert time.monotonic() - t0 < 40, stderr[-3000:]
+        assert "interrupted at once" in stderr and not STOPPED.search(stderr), stderr[-3000:]
+        assert not psutil.pid_exists(proc.pid) or psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE
+
+
 # ----- Slurm: the warning signal, a checkpoint, a requeue, a resume --------------------------------------
 
 
@@ -346,7 +440,7 @@ def test_slurm_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm_clu
     text = log.read_text()
     (stop,) = STOPPED.findall(text)
     it = int(stop[1])
-    assert stop[0] == "SIGUSR1" and f"resuming from {checkpoint.checkpoint_path(out, it)} (iteration {it})" in text
+    assert stop[0] == "SIGUSR1" and f"resuming from {checkpoint.checkpoint_path(out, it).name} (iteration {it} of 30)" in text
     assert "requeueing job" in text and "(restart 1)" in text
     check_same_as(reference, out, text, it)
     print(f"Slurm USR1: stopped at {it}, requeued, resumed; {time.monotonic() - t0:.1f} s from submission")

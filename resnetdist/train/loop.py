@@ -21,7 +21,7 @@ from ..data.augment import draw_params
 from ..data.resident import TrainLoader
 from ..errors import NonFiniteLoss
 from .preempt import Preempted
-from ..progress import progress_bar
+from ..progress import RunBar
 
 
 class Step(Protocol):
@@ -86,10 +86,16 @@ class Feed:
             it += 1
 
 
-def run_steps(step: Callable, batches: Iterator, count: int) -> None:
-    """The hot loop: `count` steps, nothing else."""
-    for _ in range(count):
+def run_steps(step: Callable, batches: Iterator, count: int, tick: Callable[[int], None] | None = None) -> None:
+    """The hot loop: `count` steps; tick(steps done so far) after each, if given (host-side
+    only: a progress bar reads the counter and the clock, never the device)."""
+    if tick is None:
+        for _ in range(count):
+            step(*next(batches))
+        return
+    for done in range(1, count + 1):
         step(*next(batches))
+        tick(done)
 
 
 @dataclass
@@ -107,44 +113,43 @@ def train_loop(step: Step, feed: Feed, progress: Progress, cadence: Cadence, hoo
                steps_per_epoch: int, name: str = "") -> Progress:
     """Train from progress.iteration to cadence.total; returns the progress at the end. A stop
     asked for (hooks.stop_reason) checkpoints at the next drain point and raises Preempted."""
-    it = start = progress.iteration
-    bar = progress_bar(name, total=cadence.total, enabled=dist.is_main_process())
-    bar.update(it)
-    seconds_before = progress.train_seconds  # img/s on the bar counts this attempt only
+    it = progress.iteration
+    bar = RunBar(name, cadence.total, it, dist.is_main_process())
     batches = feed.batches(it)
     extra = tuple(hooks.at_iteration)
-    t0 = time.perf_counter()
-    while it < cadence.total:
-        stop = cadence.next_stop(it, extra)
-        with dist.stage(f"training step (gradient all-reduce) in iterations {it + 1}-{stop}"):
-            run_steps(step, batches, stop - it)
-        bar.update(stop - it)
-        it = stop
-        if it in hooks.at_iteration:
-            hooks.at_iteration[it](it)
-        log_now, eval_now, ckpt_now = cadence.due(it)
-        if not (log_now or eval_now or ckpt_now):
-            continue
-        with dist.stage(f"metrics all-reduce at iteration {it}"):
-            record = drain(step, progress, it)  # syncs with the device, so the time below is real
-        progress.train_seconds += time.perf_counter() - t0
-        progress.iteration = it
-        hooks.log(record, "train")
-        img_s = (it - start) * feed.global_batch / max(progress.train_seconds - seconds_before, 1e-9)
-        bar.set_postfix(loss=f"{record['train_loss']:.3f}", err=f"{record['train_error']:.1f}%", img_s=f"{img_s:.0f}")
-        reason = hooks.stop_reason(it) if it < cadence.total else ""  # the last iteration just finishes
-        if eval_now:
-            with dist.stage(f"evaluation at iteration {it}"):
-                errors = hooks.evaluate()
-            progress.last_eval = evaluation_record(step, progress, errors, it, steps_per_epoch, feed.global_batch)
-            hooks.log(progress.last_eval, "eval")
-        if ckpt_now or reason:
-            hooks.checkpoint(progress)
-        if reason:
-            bar.close()
-            raise Preempted(it, reason)
+    try:
         t0 = time.perf_counter()
-    bar.close()
+        while it < cadence.total:
+            stop = cadence.next_stop(it, extra)
+            with dist.stage(f"training step (gradient all-reduce) in iterations {it + 1}-{stop}"):
+                run_steps(step, batches, stop - it, lambda done, first=it: bar.tick(first + done))
+            bar.to(stop)
+            it = stop
+            if it in hooks.at_iteration:
+                hooks.at_iteration[it](it)
+            log_now, eval_now, ckpt_now = cadence.due(it)
+            if not (log_now or eval_now or ckpt_now):
+                continue
+            with dist.stage(f"metrics all-reduce at iteration {it}"):
+                record = drain(step, progress, it)  # syncs with the device, so the time below is real
+            progress.train_seconds += time.perf_counter() - t0
+            progress.iteration = it
+            hooks.log(record, "train")
+            bar.show(record["train_loss"], record["train_error"])
+            reason = hooks.stop_reason(it) if it < cadence.total else ""  # the last iteration just finishes
+            if eval_now:
+                with dist.stage(f"evaluation at iteration {it}"):
+                    errors = hooks.evaluate()
+                progress.last_eval = evaluation_record(step, progress, errors, it, steps_per_epoch, feed.global_batch)
+                bar.write(evaluation_line(progress.last_eval, errors))
+                hooks.log(progress.last_eval, "eval")
+            if ckpt_now or reason:
+                hooks.checkpoint(progress)
+            if reason:
+                raise Preempted(it, reason)
+            t0 = time.perf_counter()
+    finally:
+        bar.close()  # also on a stop or an error: no stale bar left on the terminal
     return progress
 
 
@@ -177,9 +182,10 @@ def evaluation_record(step: Step, progress: Progress, errors: dict[str, float], 
         "train_seconds": progress.train_seconds,
     }
     progress.window[:] = 0
-    dist.print0(
-        f"iter {it:>6}  lr {record['lr']:.4g}  train loss {record['train_loss']:.4f}  "
-        f"train err {record['train_error']:.2f}%  " + "  ".join(f"{k} {v:.2f}%" for k, v in errors.items())
-    )
     return record
+
+
+def evaluation_line(record: dict[str, float], errors: dict[str, float]) -> str:
+    return (f"iter {record['iter']:>6}  lr {record['lr']:.4g}  train loss {record['train_loss']:.4f}  "
+            f"train err {record['train_error']:.2f}%  " + "  ".join(f"{k} {v:.2f}%" for k, v in errors.items()))
 

@@ -1,5 +1,7 @@
 """Preemption notices: SIGTERM (Kubernetes, `scancel`, torchrun passing its own on) and SIGUSR1
-(Slurm's `--signal=USR1@120` warning) ask the run to stop at a checkpoint.
+(Slurm's `--signal=USR1@120` warning) ask the run to stop at a checkpoint; so does a person's
+first Ctrl-C (SIGINT, exit 130 instead of 6). A second Ctrl-C stops at once (KeyboardInterrupt,
+no checkpoint for that stop: the newest one on disk is where the run resumes).
 
 The handler only notes the signal. Raising from it (as Python's default SIGINT handler does)
 would unwind whatever the main thread was doing, a checkpoint write included; a flag cannot
@@ -19,7 +21,7 @@ from typing import Iterator
 from .. import dist
 from ..errors import Preempted
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Notice:
@@ -27,9 +29,15 @@ class Notice:
 
     def __init__(self) -> None:
         self.signum = 0
+        self.interrupted = False  # a Ctrl-C came
 
     def note(self, signum: int, _frame=None) -> None:
-        self.signum = self.signum or signum  # the first one names the stop; repeats change nothing
+        if self.interrupted and signum in (signal.SIGINT, signal.SIGTERM):
+            # a person pressing Ctrl-C again wants out now, not at a checkpoint; torchrun passes a
+            # second Ctrl-C on as SIGTERM (its shutdown, interrupted, starts over with SIGTERM)
+            raise KeyboardInterrupt
+        self.interrupted = self.interrupted or signum == signal.SIGINT
+        self.signum = self.signum or signum  # the first one names the stop; repeated notices change nothing
 
     def agreed(self, it: int) -> str:
         """The signal any rank received, by name ("" for none): the same answer on every rank.
@@ -41,7 +49,7 @@ class Notice:
 
 @contextmanager
 def notice() -> Iterator[Notice]:
-    """Note SIGTERM and SIGUSR1 while the block runs; the previous handlers come back after,
+    """Note SIGTERM, SIGUSR1 and a first SIGINT while the block runs; the previous handlers come back after,
     unless a signal came: then the process is on its way out to report the stop, and a repeated
     signal (schedulers and people send more than one) must not kill it first, so they stay
     noted. Off the main thread (where Python cannot install handlers) nothing is noted."""

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import checkpoint, dist
-from . import preempt, rundir, state
+from . import announce, preempt, rundir, state
 from ..config import ConfigError, RunConfig, to_toml
 from ..data import Cifar10, load_data, load_data_on_every_rank
 from .metrics import NullLogger, open_logger
@@ -90,10 +90,12 @@ def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice) -> 
     try:
         if data is None:
             data = preflight(cfg, ctx.world_size)
+        announce.stop_if_finished(cfg)  # a rerun of a finished run does nothing (AlreadyFinished)
         if ctx.is_main and data.record_count_note():  # a stand-in or a cut file: say what trains
             print(data.record_count_note(), file=sys.stderr, flush=True)
         if ctx.is_main:
             run_lock = rundir.acquire(cfg.run_dir)  # before anything is written there (RunDirBusy if held)
+            print(announce.header(cfg, ctx.world_size, announce.where_it_starts(cfg)), flush=True)
             write_run_config(cfg)
         resume = Resume(cfg, ctx)
         trainer = build(cfg, ctx, data, restore=resume)

@@ -65,8 +65,8 @@ def resume(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, de
         path, loaded = shared_state(found)
     if loaded is None:
         return Progress(), None
+    # the run's header has said where it resumes from (announce.where_it_starts: rank 0's same choice)
     progress, wandb_id = restore(loaded, model, optimizer, device)
-    dist.print0(f"resuming from {path} (iteration {progress.iteration})")
     saved_world = int(loaded.get("world_size", 0))
     if saved_world and saved_world != dist.world_size():
         dist.print0(f"world size changed: the checkpoint was written by {saved_world} rank(s), "

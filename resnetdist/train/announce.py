@@ -1,0 +1,160 @@
+"""What a run tells the person who started it: where it starts (fresh, from which checkpoint,
+or already finished), what will run (net, device, precision, step, loader, length, batch, run
+directory), and for `train --dry-run` the resolved configuration as well. Read only: nothing
+here writes. Output for programs stays in summary.json and `train --json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import checkpoint, dist
+from ..config import RunConfig, dumps_toml
+from .schedule import global_batch
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a run directory stands: finished (summary.json), resumable (a readable checkpoint),
+    or fresh."""
+
+    iteration: int = 0
+    checkpoint: Path | None = None
+    summary: dict[str, Any] | None = None
+
+    def describe(self, iters: int) -> str:
+        if self.summary is not None:
+            return "finished (summary.json holds its result)"
+        if self.checkpoint is not None:
+            return f"resuming from {self.checkpoint.name} (iteration {self.iteration} of {iters})"
+        return "fresh start (no checkpoint in the run directory)"
+
+
+def finished_summary(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """summary.json of a run that ended with this experiment's length and name; None otherwise
+    (absent, unreadable, or from another configuration: then the run goes on as usual)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict):
+        return None
+    same = summary.get("iterations") == cfg.optim.iters and summary.get("name") == cfg.name
+    return summary if same and "test_error" in summary else None
+
+
+class AlreadyFinished(Exception):
+    """The run directory holds this run's summary.json: nothing to train (not an error)."""
+
+    def __init__(self, summary: dict[str, Any]):
+        self.summary = summary
+        super().__init__(f"{summary.get('name')} is finished")
+
+
+def stop_if_finished(cfg: RunConfig) -> None:
+    """Raise AlreadyFinished on every rank when rank 0's run directory holds this run's result
+    (the run directory need only be on rank 0's disk): a collective, asked once at the start."""
+    with dist.stage("start agreement (is the run finished)"):
+        summary = dist.broadcast_object(finished_summary(cfg.run_dir, cfg) if dist.is_main_process() else None)
+    if summary is not None:
+        raise AlreadyFinished(summary)
+
+
+def where_it_starts(cfg: RunConfig) -> Start:
+    """Where `train` with this config would start, looking only (rank 0's view; a damaged
+    newest checkpoint is skipped as resume would skip it)."""
+    summary = finished_summary(cfg.run_dir, cfg)
+    if summary is not None:
+        return Start(cfg.optim.iters, None, summary)
+    found = checkpoint.load_latest(cfg.run_dir, warn=lambda _: None) if cfg.run_dir.is_dir() else None
+    if found is None:
+        return Start()
+    return Start(int(found[1]["iteration"]), found[0])
+
+
+def facts(cfg: RunConfig, world_size: int, start: Start) -> list[tuple[str, str]]:
+    """(what, value) lines of the header: what will run, where, from where."""
+    from ..models import build_model, count_parameters
+
+    batch = global_batch(cfg, world_size)
+    o, t = cfg.optim, cfg.train
+    steps = ", ".join(f"{m:,}" for m in o.milestones) or "none"
+    return [
+        ("net", f"{cfg.model.name} ({count_parameters(build_model(cfg.model)):,} parameters)"),
+        ("device", f"{t.device}, {world_size} rank{'s' if world_size > 1 else ''}"),
+        ("precision", t.precision),
+        ("step", t.step),
+        ("loader", cfg.data.loader),
+        ("iterations", f"{o.iters:,} (lr {o.lr:g}, /{1 / o.gamma:g} at {steps}; evaluation every "
+                       f"{t.eval_every:,}, checkpoint every {t.checkpoint_every:,})"),
+        ("batch per rank", f"{batch // world_size} ({batch} per iteration)"),
+        ("run directory", str(cfg.run_dir)),
+        ("start", start.describe(o.iters)),
+    ]
+
+
+def format_facts(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def dry_run(cfg: RunConfig, world_size: int, notes: list[str] = ()) -> str:
+    """`train --dry-run`: the resolved configuration as TOML, then what would run."""
+    lines = [f"# resolved configuration of {cfg.run_dir}", dumps_toml(cfg.to_dict()).rstrip(), "",
+             "would run (--dry-run: nothing was started or written):",
+             format_facts(facts(cfg, world_size, where_it_starts(cfg)))]
+    return "\n".join([*lines, *(f"  note: {n}" for n in notes)])
+
+
+# ResNet-20, batch 128, fp32 eager with the resident loader on the 2-core CPU of
+# docs/bench/step-cpu-resnet20.json (`resnetdist bench --device cpu`): 0.27 s per iteration.
+# The cost of a step grows with the blocks per stage (n) and the images per rank.
+CPU_S_PER_ITER_RESNET20 = 0.27
+
+
+def cpu_estimate(cfg: RunConfig, world_size: int, start_iter: int) -> str:
+    """How long the rest of a CPU run may take, from the measured constant above."""
+    per_iter = CPU_S_PER_ITER_RESNET20 * (cfg.model.n / 3) * (global_batch(cfg, world_size) / world_size / 128)
+    return (f"about {duration(per_iter * (cfg.optim.iters - start_iter))} (resnet20's {CPU_S_PER_ITER_RESNET20} "
+            f"s/iteration at batch 128 on the 2-core CPU of docs/bench/step-cpu-resnet20.json, scaled by depth "
+            f"and batch; the bar shows this machine's rate)")
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    hours, minutes = divmod(seconds // 60, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min"
+
+
+def header(cfg: RunConfig, world_size: int, start: Start) -> str:
+    """What opens a run on rank 0: what will run, where, from where (and on a CPU, how long)."""
+    rows = facts(cfg, world_size, start)
+    if cfg.train.device == "cpu":
+        rows.append(("estimate", cpu_estimate(cfg, world_size, start.iteration)))
+    return f"{cfg.name}:\n{format_facts(rows)}"
+
+
+def closing(summary: dict[str, Any], cfg: RunConfig) -> str:
+    """What closes a run on rank 0: the result in words, and where its files are."""
+    run_dir = cfg.run_dir
+    rows = [("model.pt", str(run_dir / "model.pt")), ("summary.json", str(run_dir / "summary.json"))]
+    if cfg.log.tensorboard:
+        rows.append(("TensorBoard", f"tensorboard --logdir {run_dir / 'tb'}"))
+    rows.append(("report", f"resnetdist report {run_dir}"))
+    return f"{result_line(summary)}\n{format_facts(rows)}"
+
+
+def result_line(summary: dict[str, Any]) -> str:
+    return (f"{summary['name']}: test error {summary['test_error']:.2f}% after {summary['iterations']:,} iterations, "
+            f"{duration(summary['train_seconds'])} of training ({summary['images_per_second']:,.0f} img/s)")
+
+
+def finished(summary: dict[str, Any], cfg: RunConfig) -> str:
+    """A rerun of a finished run: its result, and that nothing was done."""
+    return (f"{cfg.run_dir} holds a finished run (summary.json): nothing to do. To train it again, delete "
+            f"that folder or pass another --out.\n{closing(summary, cfg)}")
