@@ -81,8 +81,11 @@ def test_under_a_terminal_the_header_bar_evaluations_and_summary_keep_apart(tmp_
                  "iterations      200", "batch per rank  32", f"run directory   {out}", "start           fresh start",
                  "estimate        about"):
         assert fact in header, header
+    estimate = next(line for line in shown[:12] if "estimate" in line)
+    assert len(estimate) <= COLUMNS and "2 evaluations included" in estimate, estimate
     evaluations = [s for s in shown if "train loss" in s]
     assert len(evaluations) == 2 and all(re.match(r"iter +\d+  lr ", s) for s in evaluations), evaluations
+    assert all(re.search(r"train err \d+\.\d\d%  test err \d+\.\d\d%$", s) for s in evaluations), evaluations
 
     bars = [(t, int(m.group(1))) for t, c in chunks for m in BAR.finditer(ANSI.sub("", c))]
     before_first_log = sorted({n for _, n in bars if 0 < n < 100})
@@ -140,3 +143,15 @@ def test_json_is_behind_a_flag(tmp_path, tiny_data):
         p.unlink()
     line = run_cli([*args, "--json"]).stdout.strip().splitlines()[-1]
     assert json.loads(line)["rank"] == 0 and json.loads(line)["iterations"] == 4
+
+
+def test_the_cpu_estimate_counts_the_evaluations():
+    """On a short CPU run the evaluations of the test set cost as much as the training: the
+    header's estimate counts them (it used to leave them out and promise a third of the time)."""
+    from resnetdist.config import load_config
+    from resnetdist.train.announce import cpu_estimate, evaluations
+
+    assert evaluations(0, 400, 20) == 20 and evaluations(80, 400, 20) == 16 and evaluations(0, 450, 100) == 5
+    cfg = load_config(None, {"model": {"n": 1}, "train": {"device": "cpu"}}, ["train.eval_every=20"], 400)
+    with_evals, without = cpu_estimate(cfg, 1, 0, 10_000), cpu_estimate(cfg, 1, 0, 0)
+    assert "20 evaluations included" in with_evals and with_evals != without, (with_evals, without)

@@ -50,6 +50,10 @@ class Cifar10:
     folder: Path | None = None  # where the .bin files were read from
     file_records: dict[str, int] | None = None  # records in each .bin file read
 
+    def eval_images(self) -> int:
+        """Images in each evaluation (test, and the held-out validation split if any)."""
+        return len(self.test) + (len(self.val) if self.val is not None else 0)
+
     def record_count_note(self) -> str | None:
         """One line naming each file whose record count is not CIFAR-10's (small stand-ins,
         or a file cut at a record boundary), and how many images the run then uses."""

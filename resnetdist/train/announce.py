@@ -113,14 +113,25 @@ def dry_run(cfg: RunConfig, world_size: int, notes: list[str] = ()) -> str:
 # docs/bench/step-cpu-resnet20.json (`resnetdist bench --device cpu`): 0.27 s per iteration.
 # The cost of a step grows with the blocks per stage (n) and the images per rank.
 CPU_S_PER_ITER_RESNET20 = 0.27
+# An evaluated image (forward only, batch data.eval_batch) costs 0.15-0.28 of a trained one on
+# that CPU (timed at batch 1000 and 128): budget the upper end. On a short CPU run the
+# evaluations of the 10,000 test images can take as long as the training itself.
+CPU_EVAL_COST = 0.28
 
 
-def cpu_estimate(cfg: RunConfig, world_size: int, start_iter: int) -> str:
-    """How long the rest of a CPU run may take, from the measured constant above."""
-    per_iter = CPU_S_PER_ITER_RESNET20 * (cfg.model.n / 3) * (global_batch(cfg, world_size) / world_size / 128)
-    return (f"about {duration(per_iter * (cfg.optim.iters - start_iter))} (resnet20's {CPU_S_PER_ITER_RESNET20} "
-            f"s/iteration at batch 128 on the 2-core CPU of docs/bench/step-cpu-resnet20.json, scaled by depth "
-            f"and batch; the bar shows this machine's rate)")
+def evaluations(start_iter: int, iters: int, every: int) -> int:
+    """How many evaluations the loop makes after start_iter: every `every`, and at the end."""
+    return iters // every - start_iter // every + (iters % every != 0)
+
+
+def cpu_estimate(cfg: RunConfig, world_size: int, start_iter: int, eval_images: int = 10_000) -> str:
+    """How long the rest of a CPU run may take, training and evaluations, from the measured
+    constants above."""
+    per_image = CPU_S_PER_ITER_RESNET20 / 128 * (cfg.model.n / 3)
+    train_s = per_image * global_batch(cfg, world_size) / world_size * (cfg.optim.iters - start_iter)
+    count = evaluations(start_iter, cfg.optim.iters, cfg.train.eval_every)
+    eval_s = CPU_EVAL_COST * per_image * eval_images / world_size * count
+    return f"about {duration(train_s + eval_s)}, {count} evaluations included (2-core CPU rates)"
 
 
 def duration(seconds: float) -> str:
@@ -131,11 +142,11 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min"
 
 
-def header(cfg: RunConfig, world_size: int, start: Start) -> str:
+def header(cfg: RunConfig, world_size: int, start: Start, eval_images: int = 10_000) -> str:
     """What opens a run on rank 0: what will run, where, from where (and on a CPU, how long)."""
     rows = facts(cfg, world_size, start)
     if cfg.train.device == "cpu":
-        rows.append(("estimate", cpu_estimate(cfg, world_size, start.iteration)))
+        rows.append(("estimate", cpu_estimate(cfg, world_size, start.iteration, eval_images)))
     return f"{cfg.name}:\n{format_facts(rows)}"
 
 

@@ -187,5 +187,6 @@ def evaluation_record(step: Step, progress: Progress, errors: dict[str, float], 
 
 def evaluation_line(record: dict[str, float], errors: dict[str, float]) -> str:
     return (f"iter {record['iter']:>6}  lr {record['lr']:.4g}  train loss {record['train_loss']:.4f}  "
-            f"train err {record['train_error']:.2f}%  " + "  ".join(f"{k} {v:.2f}%" for k, v in errors.items()))
+            f"train err {record['train_error']:.2f}%  "
+            + "  ".join(f"{k.removesuffix('_error')} err {v:.2f}%" for k, v in errors.items()))
 

@@ -95,7 +95,7 @@ def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice) -> 
             print(data.record_count_note(), file=sys.stderr, flush=True)
         if ctx.is_main:
             run_lock = rundir.acquire(cfg.run_dir)  # before anything is written there (RunDirBusy if held)
-            print(announce.header(cfg, ctx.world_size, announce.where_it_starts(cfg)), flush=True)
+            print(announce.header(cfg, ctx.world_size, announce.where_it_starts(cfg), data.eval_images()), flush=True)
             write_run_config(cfg)
         resume = Resume(cfg, ctx)
         trainer = build(cfg, ctx, data, restore=resume)
