@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import traceback
 from pathlib import Path
@@ -13,17 +12,12 @@ from typing import Any, Optional
 import typer
 
 from .config import ConfigError, RunConfig, load_config
-from .errors import BAD_INPUT, FAILED, INTERRUPTED, PREEMPTED, DataError
+from .errors import BAD_INPUT, FAILED, INTERRUPTED, DataError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,  # see main()
     help="Reproduce He et al. 2015 (section 4.2): ResNets and plain nets on CIFAR-10, on one GPU or many.",
 )
-
-
-# what torchrun passes on to its workers: its defaults and Slurm's SIGUSR1 warning, which
-# otherwise kills torchrun itself (the default action) and orphans the workers
-TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
 def fail(message: str, code: int = BAD_INPUT) -> None:
@@ -41,92 +35,6 @@ def build_config(
     config: Path | None, overrides: list[str], iters: int | None, **flags: dict[str, Any]
 ) -> RunConfig:
     return load_config(config, _flags(**flags), overrides, iters)
-
-
-def _torchrun(nproc: int, max_restarts: int, argv: list[str], graph: bool = False) -> None:
-    """Run torchrun's own entry point (torch.distributed.run), so that this and
-    `torchrun --nproc_per_node=N -m resnetdist train ...` are the same run."""
-    from torch.distributed.run import main as torchrun_main
-
-    # torchrun restarts with gloo hang unless each attempt gets its own store (pytorch#135712)
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    if graph:
-        # DDP inside a captured graph wants NCCL's async error handling off (PyTorch's CUDA-graph
-        # notes). torchrun's agent writes this variable into every worker's environment (its
-        # own value, else 1), so it is set here, in the launcher, where it takes effect
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
-    # a stop (Ctrl-C, SIGTERM) lets the workers reach their next log point and write a checkpoint
-    # before torchrun's SIGKILL: its default grace of 30 s is less than a log interval of a slow run
-    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-
-    try:
-        # "--" keeps torchrun's parser off our flags (it would take --n for an abbreviation of its
-        # own); SIGUSR1 (Slurm's warning) added to the signals torchrun passes on to the workers
-        torchrun_main(["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
-                       f"--signals-to-handle={TORCHRUN_SIGNALS}", "-m", "resnetdist", "--", "train", *argv])
-    except SignalException as e:
-        # The workers run in sessions of their own, so a terminal's Ctrl-C reaches torchrun alone,
-        # which passes it on once. A second one interrupts torchrun's wait for them: pass it on
-        # too, so that they stop at once rather than at their checkpoint (preempt.Notice). The
-        # workers have said how they stopped; the launcher exits with the code of that stop
-        stop_workers(e.sigval)
-        if e.sigval not in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-            raise
-        raise typer.Exit(INTERRUPTED if e.sigval == signal.SIGINT else PREEMPTED) from None
-
-
-def stop_workers(sig: int, grace_s: float = 30.0) -> None:
-    """Send `sig` to this process's children still running (torchrun's workers), then wait for
-    them; each has already had the signal once, so a second SIGINT ends it at once."""
-    import time
-
-    children = [int(p) for p in _children(os.getpid())]
-    for pid in children:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(pid) for pid in children):
-        time.sleep(0.1)
-    for pid in children:
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
-
-
-def _children(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)  # reap it if it has exited
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _strip_launch_args(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg in ("--nproc-per-node", "--max-restarts"):
-            skip = True
-            continue
-        if arg.startswith(("--nproc-per-node=", "--max-restarts=")):
-            continue
-        out.append(arg)
-    return out
 
 
 @app.command()
@@ -181,8 +89,10 @@ def train(
     if done is not None:
         return show_finished(done, cfg, as_json)
     if nproc_per_node and not under_torchrun:
-        _torchrun(nproc_per_node, max_restarts, _strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]),
-                  graph=cfg.train.step == "graph")
+        from .launcher import strip_launch_args, torchrun
+
+        torchrun(nproc_per_node, max_restarts, strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]),
+                 graph=cfg.train.step == "graph")
         return
     train_here(cfg, data, as_json)
 

@@ -76,8 +76,8 @@ class PeerLost(RuntimeError):
     exit_code = PEER_LOST
 
 
-# every error `resnetdist train` exits with, and its code
+# every error `resnetdist train` exits with, and its code (the one each class carries)
 EXIT_CODES: dict[type[BaseException], int] = {
-    ConfigError: BAD_INPUT, DataError: BAD_INPUT, CheckpointError: BAD_INPUT, NonFiniteLoss: NON_FINITE, WriteError: WRITE_FAILED,
-    RunDirBusy: RUN_DIR_BUSY, Preempted: PREEMPTED, PeerLost: PEER_LOST,
+    cls: cls.exit_code
+    for cls in (ConfigError, DataError, CheckpointError, NonFiniteLoss, WriteError, RunDirBusy, Preempted, PeerLost)
 }

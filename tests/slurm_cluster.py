@@ -19,6 +19,11 @@ API (import the fixture into a test module: `from .slurm_cluster import slurm_cl
                                 scontrol, scancel, ...) under that env -> CompletedProcess
     SlurmCluster.node / .cpus / .root   node name, its CPU count, the temporary folder
                                 (slurmctld.log and slurmd.log are there, for failing tests)
+    SlurmCluster.submit(script, args, nodes=, log=, name=, env=, cwd=)   sbatch it -> job id
+    SlurmCluster.job_state(job)         "STATE|reason" from squeue
+    SlurmCluster.warn_and_release(job, log, deadline)   USR1 to the batch shell; release the
+                                requeued job once the nodes are idle (see below)
+    SlurmCluster.wait_completed(job, log, timeout)      until COMPLETED (fails on FAILED)
     SlurmCluster.wait_idle(timeout=60)  wait until no job is queued or running
     SlurmCluster.cancel_all()           scancel every job, then wait_idle
 
@@ -70,6 +75,44 @@ class SlurmCluster:
             raise AssertionError(f"{' '.join(args)}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}\n"
                                  f"{self.logs()}")
         return proc
+
+    def submit(self, script: Path, args: list[str], *, nodes: int, log: Path, name: str, env: dict[str, str],
+               cwd: Path) -> str:
+        """`sbatch` the script as a user submits it (from the controller's node; no GPUs, one CPU
+        a task, ten minutes); returns the job id. env: what the job sees (include SLURM_CONF)."""
+        proc = subprocess.run(
+            [*self.prefix, "sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0", "--cpus-per-task=1",
+             "--time=10", f"--output={log}", f"--job-name={name}", str(script), *args],
+            cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr + self.logs()
+        return proc.stdout.strip().split(";")[0]
+
+    def job_state(self, job: str) -> str:
+        """"STATE|reason" of the job, e.g. "PENDING|BeginTime" after a requeue."""
+        return self.run("squeue", "-h", "--states=all", "-j", job, "-o", "%T|%r", check=False).stdout.strip()
+
+    def warn_and_release(self, job: str, log: Path, deadline: float) -> None:
+        """Send the job the warning before its time limit (`scancel --signal=USR1 --batch`), and
+        release it once requeued and every node is idle again (by `deadline`, monotonic)."""
+        self.run("scancel", "--signal=USR1", "--batch", job)
+        # requeued: pending until its begin time. Release it once the nodes have torn the first
+        # attempt down, and a clear second after: slurmd revoked the job's credential when it killed
+        # the first attempt, and refuses a launch stamped within the same second ("Job N already
+        # killed, do not launch batch job"), failing the job. (The begin time Slurm sets is never that early.)
+        idle = ["idle"] * len(self.node.split(","))  # every node: `node` names them, comma-separated
+        while not (self.job_state(job).startswith("PENDING") and self.node_state().split() == idle):
+            assert time.monotonic() < deadline, (self.job_state(job), log.read_text(), self.logs())
+            time.sleep(0.2)
+        time.sleep(2)
+        self.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+
+    def wait_completed(self, job: str, log: Path, timeout: float) -> None:
+        """Wait until the job has COMPLETED; fail at once if it FAILED, or after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while "COMPLETED" not in self.job_state(job):
+            assert time.monotonic() < deadline and "FAILED" not in self.job_state(job), (
+                self.job_state(job), log.read_text(), self.logs())
+            time.sleep(0.5)
 
     def logs(self, tail: int = 3000) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}"

@@ -241,13 +241,13 @@ def test_bench_baseline_turns_cudnn_benchmark_on_and_records_its_settings(monkey
 def test_nccl_async_error_handling_is_set_in_the_launcher_not_the_worker(monkeypatch):
     import torch.distributed.run
 
-    from resnetdist import cli
+    from resnetdist import launcher
 
     seen = {}
     monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
     monkeypatch.setattr(torch.distributed.run, "main", lambda argv: seen.update(
         env=os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")))
-    cli._torchrun(2, 0, ["-n", "1"], graph=True)
+    launcher.torchrun(2, 0, ["-n", "1"], graph=True)
     assert seen["env"] == "0"
     assert 'TORCH_NCCL_ASYNC_ERROR_HANDLING", "0"' not in (REPO / "resnetdist" / "train" / "run.py").read_text()
     common = (REPO / "launch" / "common.sh").read_text()

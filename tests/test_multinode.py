@@ -250,24 +250,15 @@ def slurm_two_nodes(namespaces_possible, tmp_path):
                 cluster.stop()
 
 
-def job_state(cluster, job: str) -> str:
-    return cluster.run("squeue", "-h", "--states=all", "-j", job, "-o", "%T|%r", check=False).stdout.strip()
-
-
 def warn_and_release(cluster, node0, job: str, out: Path, log: Path) -> None:
     """`scancel --signal=USR1 --batch` once node0 has a checkpoint; release the requeued job
     once both nodes are idle again (see tests/slurm_cluster.py on releasing too early)."""
     deadline = time.monotonic() + 150
     while not list(node0.path(out).glob("ckpt_*.pt")):
-        assert time.monotonic() < deadline, (job_state(cluster, job), log.read_text() if log.exists() else "",
+        assert time.monotonic() < deadline, (cluster.job_state(job), log.read_text() if log.exists() else "",
                                              cluster.logs())
         time.sleep(0.2)
-    cluster.run("scancel", "--signal=USR1", "--batch", job)
-    while not (job_state(cluster, job).startswith("PENDING") and cluster.node_state().split() == ["idle", "idle"]):
-        assert time.monotonic() < deadline + 60, (job_state(cluster, job), log.read_text(), cluster.logs())
-        time.sleep(0.2)
-    time.sleep(2)
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    cluster.warn_and_release(job, log, deadline + 60)
 
 
 @pytest.mark.slurm
@@ -280,20 +271,11 @@ def test_slurm_job_on_two_nodes_checkpoints_requeues_and_resumes_exactly(slurm_t
     nodes, cluster = slurm_two_nodes
     out, log = tmp_path / "runs" / "run", tmp_path / "job.out"
     env = cli_env(SLURM_CONF=cluster.env["SLURM_CONF"], GPUS_PER_NODE="1", PYTHON=sys.executable, MAX_RESTARTS="0")
-    submit = subprocess.run(nodes[0].command(
-        ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
-         f"--output={log}", "--job-name=twonode", str(REPO / "launch" / "slurm.sbatch"),
-         *ARGS, "--data-dir", str(tiny_data), "--out", str(out)]),
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert submit.returncode == 0, submit.stderr + cluster.logs()
-    job = submit.stdout.strip().split(";")[0]
+    job = cluster.submit(REPO / "launch" / "slurm.sbatch", [*ARGS, "--data-dir", str(tiny_data), "--out", str(out)],
+                         nodes=2, log=log, name="twonode", env=env, cwd=REPO)
     t0 = time.monotonic()
     warn_and_release(cluster, nodes[0], job, out, log)
-    deadline = time.monotonic() + 240
-    while "COMPLETED" not in job_state(cluster, job):
-        assert time.monotonic() < deadline and "FAILED" not in job_state(cluster, job), (
-            job_state(cluster, job), log.read_text(), cluster.logs())
-        time.sleep(0.5)
+    cluster.wait_completed(job, log, 240)
     text = log.read_text()
     assert "resnetdist: 2 node(s) x 1 GPU(s), rendezvous node0:" in text, text
     assert "requeueing job" in text and "(restart 1)" in text and "resuming from" in text, text

@@ -405,10 +405,6 @@ def test_ctrl_c_under_the_torchrun_launcher(tmp_path, tiny_data, reference2, pre
 # ----- Slurm: the warning signal, a checkpoint, a requeue, a resume --------------------------------------
 
 
-def job_state(cluster, job: str) -> str:
-    return cluster.run("squeue", "-h", "--states=all", "-j", job, "-o", "%T|%r", check=False).stdout.strip()
-
-
 @pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.timeout(400)
@@ -420,21 +416,12 @@ def test_slurm_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm_clu
     out, log = tmp_path / "run", tmp_path / "job.out"
     env = cli_env(SLURM_CONF=slurm_cluster.env["SLURM_CONF"], GPUS_PER_NODE="1", RDZV_HOST="127.0.0.1",
                   PYTHON=sys.executable, MAX_RESTARTS="0")
-    submit = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
-         f"--output={log}", "--job-name=preempt", str(REPO / "launch" / "slurm.sbatch"),
-         *ARGS, "--data-dir", str(tiny_data), "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert submit.returncode == 0, submit.stderr + slurm_cluster.logs()
-    job = submit.stdout.strip().split(";")[0]
+    job = slurm_cluster.submit(REPO / "launch" / "slurm.sbatch", [*ARGS, "--data-dir", str(tiny_data), "--out", str(out)],
+                               nodes=1, log=log, name="preempt", env=env, cwd=REPO)
     t0 = time.monotonic()
     try:
         _warn_and_release(slurm_cluster, job, out, log)
-        deadline = time.monotonic() + 180
-        while "COMPLETED" not in job_state(slurm_cluster, job):
-            assert time.monotonic() < deadline and "FAILED" not in job_state(slurm_cluster, job), (
-                job_state(slurm_cluster, job), log.read_text(), slurm_cluster.logs())
-            time.sleep(0.5)
+        slurm_cluster.wait_completed(job, log, 180)
     finally:
         slurm_cluster.cancel_all()
     text = log.read_text()
@@ -450,15 +437,6 @@ def test_slurm_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm_clu
 def _warn_and_release(cluster, job: str, out: Path, log: Path) -> None:
     deadline = time.monotonic() + 150
     while not checkpoint.checkpoint_path(out, 10).exists():
-        assert time.monotonic() < deadline, (job_state(cluster, job), log.read_text() if log.exists() else "", cluster.logs())
+        assert time.monotonic() < deadline, (cluster.job_state(job), log.read_text() if log.exists() else "", cluster.logs())
         time.sleep(0.2)
-    cluster.run("scancel", "--signal=USR1", "--batch", job)
-    # requeued: pending until its begin time. Release it once the node has torn the first attempt
-    # down, and a clear second after: slurmd revoked the job's credential when it killed the
-    # first attempt, and refuses a launch stamped within the same second ("Job N already killed,
-    # do not launch batch job"), failing the job. (The begin time Slurm sets is never that early.)
-    while not (job_state(cluster, job).startswith("PENDING") and cluster.node_state() == "idle"):
-        assert time.monotonic() < deadline + 60, (job_state(cluster, job), log.read_text(), cluster.logs())
-        time.sleep(0.2)
-    time.sleep(2)
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    cluster.warn_and_release(job, log, deadline + 60)

@@ -18,6 +18,7 @@ import torch
 from .. import dist
 from ..config import RunConfig
 from ..data.augment import draw_params
+from ..data.epochs import Epochs
 from ..data.resident import TrainLoader
 from ..errors import NonFiniteLoss
 from .preempt import Preempted
@@ -27,7 +28,9 @@ from ..progress import RunBar
 class Step(Protocol):
     """What the loop needs of a step (step.TrainStep, or a fake in tests)."""
 
-    def __call__(self, images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None: ...
+    # step(images_u8, labels, aug) from a host feed, or step() when the step gathers its own
+    # batch on the device (data/epochs.py): the loop passes on whatever the feed yields
+    def __call__(self, *batch: torch.Tensor) -> None: ...
     def drain(self) -> tuple[np.ndarray, int]: ...
     def lr_of(self, it: int) -> float: ...
 
@@ -109,7 +112,7 @@ class Hooks:
     stop_reason: Callable[[int], str] = lambda it: ""
 
 
-def train_loop(step: Step, feed: Feed, progress: Progress, cadence: Cadence, hooks: Hooks,
+def train_loop(step: Step, feed: Feed | Epochs, progress: Progress, cadence: Cadence, hooks: Hooks,
                steps_per_epoch: int, name: str = "") -> Progress:
     """Train from progress.iteration to cadence.total; returns the progress at the end. A stop
     asked for (hooks.stop_reason) checkpoints at the next drain point and raises Preempted."""

@@ -83,7 +83,7 @@ def main(cfg: RunConfig, data: Cifar10 | None = None) -> dict[str, Any]:
 
 def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice) -> dict[str, Any]:
     # TORCH_NCCL_ASYNC_ERROR_HANDLING is not set here: torchrun's agent sets it in every
-    # worker's environment, so a default set here would never apply (cli._torchrun and
+    # worker's environment, so a default set here would never apply (launcher.torchrun and
     # launch/common.sh set it in the launcher, where it does)
     ctx = dist.setup(cfg.train.device, cfg.dist.timeout_s)
     run_lock = None
