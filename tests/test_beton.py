@@ -25,10 +25,9 @@ _threads = torch.get_num_threads()
 pytest.importorskip("ffcv")  # note: `import ffcv` sets torch's thread count to 1
 torch.set_num_threads(_threads)
 
-from resnetdist.data import beton, cifar  # noqa: E402
-from resnetdist.data.beton import (  # noqa: E402
-    FfcvEvalLoader, FfcvTrainLoader, beton_paths, prepare_betons, require_ffcv,
-)
+from resnetdist.data import beton, cifar, ffcv_loader  # noqa: E402
+from resnetdist.data.beton import beton_paths, prepare_betons, require_ffcv  # noqa: E402
+from resnetdist.data.ffcv_loader import FfcvEvalLoader, FfcvTrainLoader  # noqa: E402
 from resnetdist.data.cifar import DataError, Split  # noqa: E402
 from resnetdist.data.resident import ResidentTrainLoader  # noqa: E402
 from resnetdist.data.order import iters_per_epoch, rank_epoch_order  # noqa: E402
@@ -179,13 +178,13 @@ def test_an_error_in_ffcvs_thread_raises_instead_of_hanging(data):
                     pipelines={"image": [NDArrayDecoder(), ToTensor()],
                                "label": [IntDecoder(), ToTensor(), Squeeze(), ToDevice(CPU)]})
     with pytest.raises(RuntimeError, match="loader thread"):
-        list(beton._epoch(loader))
+        list(ffcv_loader._epoch(loader))
 
 
 OPEN_STREAM_CHILD = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from resnetdist.data.beton import FfcvTrainLoader
+    from resnetdist.data.ffcv_loader import FfcvTrainLoader
     loader = FfcvTrainLoader(Path(sys.argv[1]), None, 512, 0, 0, 1, torch.device("cpu"), 2)
     gen = loader.batches(0)
     for _ in range(4):  # 3 iterations per epoch: FFCV's thread is busy in the second epoch

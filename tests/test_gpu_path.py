@@ -180,13 +180,15 @@ def test_loading_state_into_a_built_step_copies_in_place(tiny_data):
 
 
 def beton_or_skip():
-    """resnetdist.data.beton with FFCV importable, else skip the test."""
+    """resnetdist.data.beton (conversion) and .ffcv_loader with FFCV importable, else skip."""
     beton = pytest.importorskip("resnetdist.data.beton")
     try:
         beton.require_ffcv()
     except RuntimeError:
         pytest.skip("FFCV not installed")
-    return beton
+    from resnetdist.data import ffcv_loader
+
+    return beton, ffcv_loader
 
 
 # ----- defect 2: FFCV's loader thread sets the rank's device ---------------------------------------
@@ -195,7 +197,7 @@ def beton_or_skip():
 @pytest.mark.slow  # FFCV's import and numba compilation: ~15 s here
 @pytest.mark.timeout(240)
 def test_ffcv_loader_thread_binds_the_loaders_device(tmp_path, tiny_data, monkeypatch):
-    beton = beton_or_skip()
+    beton, ffcv_loader = beton_or_skip()
     import threading
 
     from resnetdist.data.cifar import load_cifar10
@@ -203,8 +205,8 @@ def test_ffcv_loader_thread_binds_the_loaders_device(tmp_path, tiny_data, monkey
     betons = tmp_path / "beton"
     beton.prepare_betons(load_cifar10(tiny_data).folder, betons)
     calls = []
-    monkeypatch.setattr(beton, "bind_thread", lambda device: calls.append((device, threading.current_thread())))
-    loader = beton.FfcvEvalLoader(betons / "test.beton", None, 100, 0, 1, CPU, 1)
+    monkeypatch.setattr(ffcv_loader, "bind_thread", lambda device: calls.append((device, threading.current_thread())))
+    loader = ffcv_loader.FfcvEvalLoader(betons / "test.beton", None, 100, 0, 1, CPU, 1)
     assert sum(len(y) for _, y in loader) == 200
     assert [c[0] for c in calls] == [CPU] and calls[0][1] is not threading.main_thread()
 
@@ -319,14 +321,14 @@ def test_cuda_graph_is_the_default_and_gathers_in_place_and_loads_in_place(tiny_
 @pytest.mark.cuda
 @pytest.mark.timeout(300)
 def test_cuda_ffcv_thread_uses_the_loaders_device(tmp_path, tiny_data, monkeypatch):
-    beton = beton_or_skip()
+    beton, ffcv_loader = beton_or_skip()
     from resnetdist.data.cifar import load_cifar10
 
     device = torch.device("cuda", torch.cuda.device_count() - 1)
     beton.prepare_betons(load_cifar10(tiny_data).folder, tmp_path)
-    real, seen = beton.bind_thread, []
-    monkeypatch.setattr(beton, "bind_thread", lambda d: (real(d), seen.append(torch.cuda.current_device())))
-    loader = beton.FfcvEvalLoader(tmp_path / "test.beton", None, 100, 0, 1, device, 1)
+    real, seen = ffcv_loader.bind_thread, []
+    monkeypatch.setattr(ffcv_loader, "bind_thread", lambda d: (real(d), seen.append(torch.cuda.current_device())))
+    loader = ffcv_loader.FfcvEvalLoader(tmp_path / "test.beton", None, 100, 0, 1, device, 1)
     assert sum(len(y) for _, y in loader) == 200 and seen == [device.index]
 
 

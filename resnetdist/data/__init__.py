@@ -63,7 +63,8 @@ def open_loaders(cfg: DataConfig, data: Cifar10, ctx: dist.DistContext, global_b
     if cfg.loader != "ffcv":
         train = ResidentTrainLoader(data.train, global_batch, seed, ctx.rank, ctx.world_size, ctx.device)
         return Loaders(train, open_eval_loaders(cfg, data, ctx))
-    from .beton import FfcvTrainLoader, beton_paths
+    from .beton import beton_paths
+    from .ffcv_loader import FfcvTrainLoader
 
     betons = ensure_betons(cfg, data)
     train = FfcvTrainLoader(beton_paths(betons)[0], data.train_indices, global_batch, seed, ctx.rank,
@@ -79,7 +80,8 @@ def open_eval_loaders(cfg: DataConfig, data: Cifar10, ctx: dist.DistContext,
         if data.val is not None:
             evals["val"] = ResidentEvalLoader(data.val, cfg.eval_batch, ctx.rank, ctx.world_size, ctx.device)
         return evals
-    from .beton import FfcvEvalLoader, beton_paths
+    from .beton import beton_paths
+    from .ffcv_loader import FfcvEvalLoader
 
     train_beton, test_beton = beton_paths(betons or ensure_betons(cfg, data))
     args = (cfg.eval_batch, ctx.rank, ctx.world_size, ctx.device, cfg.ffcv_workers)

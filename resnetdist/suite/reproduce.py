@@ -288,7 +288,7 @@ def run_all(jobs: list[Job], pool: list[str | None], echo: Callable[[str], None]
 
 def report(jobs: list[Job], out: Path, base: RunConfig, echo: Callable[[str], None]) -> dict | None:
     """report.md / figure6.png from whatever finished, then the suite's W&B summary run."""
-    from ..train.metrics import log_suite_report
+    from .wandb_report import log_suite_report
     from .report import ReportError, write_report
 
     try:

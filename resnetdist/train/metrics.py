@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import uuid
 from contextlib import contextmanager
@@ -140,15 +139,16 @@ class TensorBoardSink:
         self.writer.close()
 
 
-def _env_tags() -> list[str]:
+def env_tags() -> list[str]:
     return [t.strip() for t in os.environ.get("WANDB_TAGS", "").split(",") if t.strip()]
 
 
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
+    """A W&B problem, said in one line on stderr (the run goes on)."""
     print(f"W&B: {message}", file=sys.stderr, flush=True)
 
 
-def _wandb_settings(wandb, **kwargs):
+def wandb_settings(wandb, **kwargs):
     """wandb.Settings, plus a short flush interval of the run's .wandb file where the installed
     wandb has it (default 15 s): a run killed mid-way then loses at most ~2 s of what it sent
     to W&B, and its resumed attempt re-logs everything from the checkpoint on."""
@@ -158,7 +158,7 @@ def _wandb_settings(wandb, **kwargs):
         return wandb.Settings(**kwargs)
 
 
-def _quiet_wandb_telemetry() -> None:
+def quiet_wandb_telemetry() -> None:
     """Offline means nothing leaves the machine: turn off wandb's own error-report telemetry,
     which otherwise tries the (unreachable) server at exit and can hold the process ~10-20 s.
     An explicit WANDB_ERROR_REPORTING is respected."""
@@ -198,14 +198,14 @@ class WandbSink:
             project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "resnetdist",
             entity=cfg.wandb_entity or os.environ.get("WANDB_ENTITY") or None,
             group=cfg.wandb_group or os.environ.get("WANDB_RUN_GROUP") or group,
-            tags=sorted(set(tags) | set(cfg.wandb_tags) | set(_env_tags())),
+            tags=sorted(set(tags) | set(cfg.wandb_tags) | set(env_tags())),
             name=name, id=self.id, resume="allow", job_type=cfg.wandb_job_type or group,
             config=run_config, dir=str(run_dir), reinit="finish_previous",
         )
-        settings = _wandb_settings(wandb, init_timeout=float(cfg.wandb_init_timeout_s),
+        settings = wandb_settings(wandb, init_timeout=float(cfg.wandb_init_timeout_s),
                                    finish_timeout=float(cfg.wandb_finish_timeout_s), silent=True, console="off")
         if self.mode == "offline":
-            _quiet_wandb_telemetry()
+            quiet_wandb_telemetry()
         try:
             self.run = wandb.init(mode=self.mode, settings=settings, **kwargs)
         except Exception as e:
@@ -214,18 +214,18 @@ class WandbSink:
             # An unreachable server or a rejected key must not stop training. The failed run
             # still holds its id in wandb's service process: shut that down first, then log
             # offline under the same id (so `wandb sync` later fills the same run).
-            _warn(f"online init failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            warn(f"online init failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                   f"continuing offline")
             try:
                 wandb.teardown()
             except Exception:  # noqa: BLE001 - best effort; the offline init below reports real trouble
                 pass
-            _quiet_wandb_telemetry()
+            quiet_wandb_telemetry()
             self.mode = "offline"
             self.run = wandb.init(mode="offline", settings=settings, **kwargs)
         if self.mode == "offline":
             why = "not logged in, " if requested == "auto" and not wandb_logged_in() else ""
-            _warn(f"{why}logging offline to {run_dir / 'wandb'}; upload later with "
+            warn(f"{why}logging offline to {run_dir / 'wandb'}; upload later with "
                   f"`wandb sync {run_dir / 'wandb'}/offline-run-*`")
         self.broken = False
         self.run.define_metric("iter")
@@ -269,7 +269,7 @@ class WandbSink:
             fn(*args)
         except Exception as e:  # noqa: BLE001
             self.broken = True
-            _warn(f"logging failed ({type(e).__name__}: {e}); no more W&B logging for this run")
+            warn(f"logging failed ({type(e).__name__}: {e}); no more W&B logging for this run")
 
 
 class MetricLogger:
@@ -312,49 +312,8 @@ def open_logger(cfg: LogConfig, run_dir: Path, run_config: dict[str, Any], name:
         try:
             import wandb  # noqa: F401
         except ImportError:
-            _warn("wandb is not installed (pip install 'resnetdist[wandb]'); not logging to W&B")
+            warn("wandb is not installed (pip install 'resnetdist[wandb]'); not logging to W&B")
         else:
             wandb_sink = WandbSink(cfg, run_dir, run_config, name, group, tags, wandb_id, mode)
             sinks.append(wandb_sink)
     return MetricLogger(sinks, wandb_sink, wandb_id)
-
-
-SUITE_TABLE_KEY = "table6"  # the summary run's history key for the report's table
-
-
-def log_suite_report(cfg: LogConfig, wandb_dir: Path, group: str, run_id: str | None,
-                     rows: list[dict[str, Any]], figure: Path | None, report: Path) -> str | None:
-    """The suite's summary run (job_type "report", in the suite's group): the report's table
-    as a wandb.Table under `table6`, Figure 6 as an image and report.md as a file. `run_id`
-    continues an earlier summary run of the same suite. Returns the run id, None when W&B is
-    disabled or not installed."""
-    mode = resolve_wandb_mode(cfg.wandb_mode)
-    if mode == "disabled":
-        return None
-    try:
-        import wandb
-    except ImportError:
-        _warn("wandb is not installed (pip install 'resnetdist[wandb]'); the report is not logged to W&B")
-        return None
-    if mode == "offline":
-        _quiet_wandb_telemetry()
-    wandb_dir.mkdir(parents=True, exist_ok=True)
-    settings = _wandb_settings(wandb, init_timeout=float(cfg.wandb_init_timeout_s),
-                               finish_timeout=float(cfg.wandb_finish_timeout_s), silent=True, console="off")
-    run = wandb.init(
-        mode=mode, settings=settings, dir=str(wandb_dir), id=run_id or uuid.uuid4().hex[:12], resume="allow",
-        project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "resnetdist",
-        entity=cfg.wandb_entity or os.environ.get("WANDB_ENTITY") or None,
-        group=group, job_type="report", name=f"{group}-report", reinit="finish_previous",
-        tags=sorted(set(cfg.wandb_tags) | set(_env_tags()) | {"report"}),
-    )
-    columns = list(rows[0]) if rows else []
-    values: dict[str, Any] = {SUITE_TABLE_KEY: wandb.Table(columns=columns, data=[list(r.values()) for r in rows])}
-    if figure is not None and figure.exists():
-        values["figure6"] = wandb.Image(str(figure))
-    run.log(values)
-    # a copy in the run's own files folder travels with it (wandb sync uploads that folder)
-    shutil.copyfile(report, Path(run.dir) / report.name)
-    run.summary.update({"runs": sum(r["runs"] for r in rows), "nets": len(rows)})
-    run.finish()
-    return run.id

@@ -1,0 +1,262 @@
+"""The "ffcv" loaders: training and evaluation batches read from the .beton files that
+data/beton.py writes, in the same order as the resident loader.
+
+Both loaders follow data/order.py exactly, via a custom FFCV TraversalOrder; the Loader
+itself never shards (distributed=False), and its seed is unused by our orders. Batches are
+cloned before they are yielded because FFCV reuses its output buffers (batches_ahead + 2
+slots per pipeline), or copied into a graphed step's input buffers.
+
+Process-wide patches of FFCV 1.0.2, all here: its epoch thread is made to set the rank's CUDA
+device (_install_device_hook); an exception in that thread no longer leaves the consumer
+waiting forever (a RuntimeError); an epoch thread still running at interpreter exit could
+abort the process (threads are joined when a stream is closed and at exit). FFCV's
+num_workers is capped at numba's thread count.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from .beton import require_ffcv
+from .order import eval_shard, iters_per_epoch, rank_epoch_order
+from .resident import Batch
+
+
+@contextmanager
+def _keep_torch_threads():
+    """FFCV's Loader calls torch.set_num_threads(num_workers) in __init__ and __iter__."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _order_class():
+    """A TraversalOrder whose sample_order(k) is a given function of k.
+
+    FFCV 1.0.2's Loader accepts a custom order only as an *instance*, which it then calls
+    with itself (`order(loader)`); passing the class, as its docs suggest, raises
+    ValueError. So the instance is callable and binds the loader on that call."""
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class FunctionOrder(TraversalOrder):
+        def __init__(self, fn: Callable[[int], np.ndarray]):  # no loader yet
+            self.fn = fn
+
+        def __call__(self, loader) -> "FunctionOrder":
+            super().__init__(loader)
+            return self
+
+        def sample_order(self, epoch: int) -> np.ndarray:
+            return np.ascontiguousarray(self.fn(epoch), dtype=np.uint64)
+
+    return FunctionOrder
+
+
+def _record_indices(beton: Path, indices: np.ndarray | None) -> np.ndarray:
+    """The beton records a loader draws from: `indices`, or all of them."""
+    from ffcv.reader import Reader
+
+    if not beton.is_file():
+        raise DataError(f"{beton}: missing (run `resnetdist prepare`)")
+    n = int(Reader(str(beton)).num_samples)
+    if indices is None:
+        return np.arange(n, dtype=np.int64)
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if len(idx) and (idx.min() < 0 or idx.max() >= n):
+        raise ValueError(f"indices outside the {n} records of {beton}")
+    return idx
+
+
+def _make_loader(
+    beton: Path, batch: int, order, drop_last: bool, device: torch.device, workers: int
+):
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.ndarray import NDArrayDecoder
+    from ffcv.loader import Loader
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor
+    import numba
+
+    # FFCV hands num_workers to numba.set_num_threads, which refuses more threads than numba
+    # has (the CPU count by default): data.ffcv_workers = 4 would fail on a 2-core machine.
+    workers = max(1, min(int(workers), numba.config.NUMBA_NUM_THREADS))
+    pipelines = {
+        # NDArray (3,32,32) uint8 -> contiguous (b,3,32,32) uint8; no permute needed.
+        "image": [NDArrayDecoder(), ToTensor(), ToDevice(device, non_blocking=True)],
+        # (b,1) int64 -> (b,); Squeeze(1), not Squeeze(): a batch of one keeps its dim.
+        "label": [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)],
+    }
+    _install_device_hook()
+    with _keep_torch_threads():
+        loader = Loader(
+            str(beton), batch_size=batch, num_workers=workers, order=order,
+            distributed=False,  # our order does the sharding
+            seed=0,  # unused by our orders; given so FFCV does not draw one from np.random
+            drop_last=drop_last, pipelines=pipelines,
+        )
+    loader._device = device  # read by the epoch thread (see _install_device_hook)
+    return loader
+
+
+def _wait_for_batch(it) -> None:
+    """Block until FFCV's epoch thread has queued something (a batch or its end marker).
+
+    If a pipeline stage raises, FFCV's thread dies without queueing its end marker, and
+    EpochIterator.__next__ would wait on its queue forever; here that becomes an error."""
+    q = it.output_queue
+    with q.not_empty:  # the queue's own condition; a put() wakes us at once
+        while not q.queue:
+            if not it.is_alive():
+                raise RuntimeError(
+                    f"FFCV's loader thread for {it.loader.fname} stopped before the end of the "
+                    "epoch (its exception is printed above)"
+                )
+            q.not_empty.wait(0.5)
+
+
+def bind_thread(device: torch.device) -> None:
+    """Make `device` the current CUDA device of the calling thread (a no-op off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def _install_device_hook() -> None:
+    """FFCV 1.0.2's epoch thread never sets the CUDA device, so entering its CUDA streams
+    there creates a context on GPU 0 in every rank (~0.5 GB each under DDP; FFCV PR #190,
+    never merged). EpochIterator.run is wrapped, once per process, to first make the
+    loader's device current in that thread (`_device`, set by _make_loader; FFCV loaders
+    made elsewhere are left alone)."""
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    if getattr(EpochIterator.run, "_binds_device", False):
+        return
+    original = EpochIterator.run
+
+    def run(self):
+        device = getattr(self.loader, "_device", None)
+        if device is not None:
+            bind_thread(device)
+        return original(self)
+
+    run._binds_device = True
+    EpochIterator.run = run
+
+
+_live_epochs: "weakref.WeakSet" = weakref.WeakSet()  # FFCV epoch threads we started
+
+
+def _stop(it) -> None:
+    """Stop and join an FFCV epoch thread. Its close() only sets a flag the thread checks when
+    its queue has been full for 0.5 s; a thread still decoding when the interpreter exits
+    can abort the process ("terminate called without an active exception": about half the
+    runs with batch 128 here), so the thread is joined, not just told to stop."""
+    it.close()
+    if it.is_alive() and it is not threading.current_thread():
+        it.join(timeout=10)
+    _live_epochs.discard(it)
+
+
+@atexit.register
+def _stop_all() -> None:  # epochs whose generator was never closed (e.g. training just ended)
+    for it in list(_live_epochs):
+        _stop(it)
+
+
+def _epoch(loader, out: Batch | None = None) -> Iterator[Batch]:
+    """One pass of an FFCV Loader, yielding clones (or `out`, copied into); stops its thread
+    if abandoned."""
+    with _keep_torch_threads():
+        it = iter(loader)
+    _live_epochs.add(it)
+    try:
+        while True:
+            _wait_for_batch(it)
+            try:
+                images, labels = next(it)
+            except StopIteration:
+                return
+            if out is None:
+                yield images.clone(), labels.clone()  # FFCV will overwrite its buffers
+            else:  # straight into a graphed step's input buffers: one copy, not two
+                yield out[0].copy_(images, non_blocking=True), out[1].copy_(labels, non_blocking=True)
+    finally:
+        _stop(it)
+
+
+class FfcvTrainLoader:
+    """The "ffcv" training loader: the same samples, in the same order, as ResidentTrainLoader.
+
+    Loader epoch k (FFCV's epoch counter) covers iterations start_iter + k*steps up to
+    start_iter + (k+1)*steps - 1, so a run resumed mid-epoch starts at the right batch
+    without decoding skipped ones, and every FFCV epoch has the same length. One stream
+    at a time: a new batches() call re-targets the shared Loader."""
+
+    def __init__(
+        self, beton: Path, indices: np.ndarray | None, global_batch: int, seed: int, rank: int,
+        world_size: int, device: torch.device, workers: int,
+    ):
+        require_ffcv()
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} ranks")
+        self.global_batch, self.seed = global_batch, seed
+        self.rank, self.world_size = rank, world_size
+        self.b = global_batch // world_size
+        self.beton = Path(beton)
+        self.idx = _record_indices(self.beton, indices)
+        self.steps = iters_per_epoch(len(self.idx), global_batch)
+        self.start_iter = 0
+        self.loader = _make_loader(
+            self.beton, self.b, _order_class()(self._window), True, torch.device(device), workers
+        )
+
+    def _rank_order(self, epoch: int) -> np.ndarray:
+        return rank_epoch_order(
+            len(self.idx), self.global_batch, self.seed, epoch, self.rank, self.world_size
+        )
+
+    def _window(self, k: int) -> np.ndarray:
+        epoch, pos = divmod(self.start_iter + k * self.steps, self.steps)
+        order = self._rank_order(epoch)[pos * self.b :]
+        if pos:
+            order = np.concatenate([order, self._rank_order(epoch + 1)[: pos * self.b]])
+        return self.idx[order]
+
+    def batches(self, start_iter: int, out: Batch | None = None) -> Iterator[Batch]:
+        self.start_iter = start_iter
+        self.loader.next_epoch = 0
+        while True:
+            yield from _epoch(self.loader, out)
+
+
+class FfcvEvalLoader:
+    """This rank's contiguous shard of an evaluation set, in order; re-iterable."""
+
+    def __init__(
+        self, beton: Path, indices: np.ndarray | None, batch: int, rank: int, world_size: int,
+        device: torch.device, workers: int,
+    ):
+        require_ffcv()
+        beton = Path(beton)
+        idx = _record_indices(beton, indices)
+        self.order = idx[eval_shard(len(idx), rank, world_size)]
+        self.loader = None
+        if len(self.order):
+            self.loader = _make_loader(
+                beton, batch, _order_class()(lambda _: self.order), False, torch.device(device),
+                workers,
+            )
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.loader is not None:
+            yield from _epoch(self.loader)

@@ -1,0 +1,56 @@
+"""The suite's W&B summary run: the report's table (Table 6), Figure 6 and report.md, logged to
+one run of job type "report" in the suite's group, beside the runs it summarises. The
+per-run logging (metrics.jsonl, TensorBoard, W&B) is train/metrics.py's; this module uses its
+W&B mode and settings, so a suite and its runs log the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ..config import LogConfig
+from ..train.metrics import env_tags, quiet_wandb_telemetry, resolve_wandb_mode, wandb_settings, warn
+
+SUITE_TABLE_KEY = "table6"  # the summary run's history key for the report's table
+
+
+def log_suite_report(cfg: LogConfig, wandb_dir: Path, group: str, run_id: str | None,
+                     rows: list[dict[str, Any]], figure: Path | None, report: Path) -> str | None:
+    """The suite's summary run (job_type "report", in the suite's group): the report's table
+    as a wandb.Table under `table6`, Figure 6 as an image and report.md as a file. `run_id`
+    continues an earlier summary run of the same suite. Returns the run id, None when W&B is
+    disabled or not installed."""
+    mode = resolve_wandb_mode(cfg.wandb_mode)
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        warn("wandb is not installed (pip install 'resnetdist[wandb]'); the report is not logged to W&B")
+        return None
+    if mode == "offline":
+        quiet_wandb_telemetry()
+    wandb_dir.mkdir(parents=True, exist_ok=True)
+    settings = wandb_settings(wandb, init_timeout=float(cfg.wandb_init_timeout_s),
+                               finish_timeout=float(cfg.wandb_finish_timeout_s), silent=True, console="off")
+    run = wandb.init(
+        mode=mode, settings=settings, dir=str(wandb_dir), id=run_id or uuid.uuid4().hex[:12], resume="allow",
+        project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "resnetdist",
+        entity=cfg.wandb_entity or os.environ.get("WANDB_ENTITY") or None,
+        group=group, job_type="report", name=f"{group}-report", reinit="finish_previous",
+        tags=sorted(set(cfg.wandb_tags) | set(env_tags()) | {"report"}),
+    )
+    columns = list(rows[0]) if rows else []
+    values: dict[str, Any] = {SUITE_TABLE_KEY: wandb.Table(columns=columns, data=[list(r.values()) for r in rows])}
+    if figure is not None and figure.exists():
+        values["figure6"] = wandb.Image(str(figure))
+    run.log(values)
+    # a copy in the run's own files folder travels with it (wandb sync uploads that folder)
+    shutil.copyfile(report, Path(run.dir) / report.name)
+    run.summary.update({"runs": sum(r["runs"] for r in rows), "nets": len(rows)})
+    run.finish()
+    return run.id
