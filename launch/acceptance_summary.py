@@ -23,18 +23,21 @@ def read_json(path: Path):
         return None
 
 
-def last_json_line(path: Path):
-    """The last line of a log that is a JSON object (e.g. `resnetdist eval`'s result)."""
+def last_json_object(path: Path):
+    """The last line of a file that is a whole JSON object: a JSONL file's last complete record
+    (a killed writer may leave half a line), or a log's result line (`resnetdist eval --json`
+    after any note lines)."""
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return None
     for line in reversed(lines):
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except ValueError:
-                continue
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
     return None
 
 
@@ -85,27 +88,13 @@ def targets(metrics: dict) -> dict:
     return {name: {"value": v, "met": (ok(v) if v is not None else None)} for name, (v, ok) in checks.items()}
 
 
-def last_record(path: Path):
-    """The last complete JSON record of a JSONL file (a killed writer may leave half a line)."""
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            return json.loads(line)
-        except ValueError:
-            continue
-    return None
-
-
 def stage_progress(out: Path, name: str, status: str):
     """How far a stage cut short got: the training's last metrics.jsonl record, or the bench
     settings already measured (bench writes its JSON after each one)."""
     if status == "ok" or status.startswith("skipped"):
         return None
     if name == "train-resnet20":
-        return {"last_metrics_record": last_record(out / "resnet20" / "metrics.jsonl")}
+        return {"last_metrics_record": last_json_object(out / "resnet20" / "metrics.jsonl")}
     if name.startswith("bench-"):
         report = read_json(out / f"{name}.json")
         return {"measured": [r["setting"] for r in report["results"]] if report else []}
@@ -136,7 +125,7 @@ def describe(progress) -> str:
 def main(out: Path) -> int:
     stages = read_stages(out)
     train = read_json(out / "resnet20" / "summary.json")
-    evaluated = last_json_line(out / "logs" / "eval-resnet20.log")
+    evaluated = last_json_object(out / "logs" / "eval-resnet20.log")
     doctor = first_json_object(out / "logs" / "doctor.log")
     metrics = {"train": train, "eval": evaluated,
                "eval_matches_summary": (evaluated["test_error"] == train["test_error"]) if train and evaluated else None,
