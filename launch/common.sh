@@ -24,9 +24,4 @@ run_or_print() {
 # (pytorch/pytorch#135712)
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
-# DDP inside a captured CUDA graph (train.step = graph, the default on GPUs) wants NCCL's async
-# error handling off (PyTorch's CUDA-graph notes). torchrun's agent writes this variable into
-# every worker's environment (the launcher's value, else 1), so it must be set here, before
-# torchrun starts; setting it inside the worker would change nothing. Export another value to
-# override.
-export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-0}"
+# TORCH_NCCL_ASYNC_ERROR_HANDLING is decided in the worker, for every launcher (resnetdist/dist.py)

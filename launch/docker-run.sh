@@ -117,10 +117,9 @@ torchrun)
     docker_run_args gpu
     nproc="${NPROC:-$(gpu_count)}"
     # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: torchrun restarts hang with gloo otherwise
-    # (pytorch/pytorch#135712); TORCH_NCCL_ASYNC_ERROR_HANDLING: see common.sh (it must reach
-    # torchrun itself, which passes it on to the workers)
-    run_or_print "$DOCKER" "${args[@]}" -e TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 \
-        -e TORCH_NCCL_ASYNC_ERROR_HANDLING="$TORCH_NCCL_ASYNC_ERROR_HANDLING" --entrypoint torchrun "$IMAGE" \
+    # (pytorch/pytorch#135712); TORCH_NCCL_ASYNC_ERROR_HANDLING is decided in the worker
+    # (resnetdist/dist.py), for every launcher
+    run_or_print "$DOCKER" "${args[@]}" -e TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 --entrypoint torchrun "$IMAGE" \
         --standalone --nproc_per_node="$nproc" --max-restarts="$MAX_RESTARTS" \
         -m resnetdist -- train "$@"
     ;;

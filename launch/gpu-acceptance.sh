@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Acceptance of a new single-GPU machine, in one command and within 9 minutes on an H100/H200:
-# doctor, the CUDA tests, the step benchmarks (ResNet-20 and -56), the full 64k-iteration
-# ResNet-20 with default settings and `resnetdist eval` of its model.pt.
+# doctor, the CUDA tests, the step benchmarks (ResNet-20 and -56), FFCV's .beton files and
+# loader, the full 64k-iteration ResNet-20 with default settings, `resnetdist eval` of its
+# model.pt, and last torch.compile of ResNet-20, which takes what time is left.
 #
 # Usage: launch/gpu-acceptance.sh OUT_DIR DATA_DIR [WHEELS_DIR]
 #   DATA_DIR    holds cifar-10-batches-bin/ (CIFAR-10, or the stand-in of ../shared/data)
@@ -15,17 +16,20 @@
 # OUT_DIR/summary.json, OUT_DIR/logs/<stage>.log and each stage's JSON, and prints a table.
 # Exit status: 0 when every stage that ran passed, 1 otherwise, 128+N when stopped by signal N.
 #
-# Time: the stage limits (the run_stage lines below) sum to 475 s. The whole script also keeps an overall
-# deadline, ACCEPTANCE_DEADLINE_S seconds after it starts (default 510): no stage runs past it
-# (its limit is cut to what is left, less the time the summary needs) and a stage with no time
-# left is skipped. On SIGTERM or SIGINT, or at a stage's limit, the stage's whole process group
+# Time: the stage limits (the run_stage lines below) sum to 530 s, each at least 1.5x its
+# estimate (in the comments beside it). The whole script also keeps an overall deadline,
+# ACCEPTANCE_DEADLINE_S seconds after it starts (default 540): no stage runs past it (its limit
+# is cut to what is left, less the time the summary needs) and a stage with no time left is
+# skipped. The compile stage runs last, with what is left before the deadline (at least its own
+# limit): a cold compile may take 30-90 s, and one cut short is reported ("cut at N s") without
+# failing the acceptance. On SIGTERM or SIGINT, or at a stage's limit, the stage's whole process group
 # is ended (SIGTERM, then SIGKILL after ACCEPTANCE_GRACE_S), and summary.json is still written
 # for what ran; a stage cut short shows how far it got (the training's last metrics.jsonl record).
 #
 # Variables (all optional):
 #   PYTHON                 python with torch (default python3)
 #   DRY_RUN                1: print each stage's command and limit, and their sum; run nothing
-#   ACCEPTANCE_DEADLINE_S  overall deadline in seconds from the start (default 510)
+#   ACCEPTANCE_DEADLINE_S  overall deadline in seconds from the start (default 540)
 #   ACCEPTANCE_GRACE_S     seconds between SIGTERM and SIGKILL of a stage's group (default 10)
 set -euo pipefail
 
@@ -38,7 +42,7 @@ DATA="$2"
 WHEELS="${3:-}"
 PYTHON="${PYTHON:-python3}"
 DRY_RUN="${DRY_RUN:-0}"
-DEADLINE="${ACCEPTANCE_DEADLINE_S:-510}"
+DEADLINE="${ACCEPTANCE_DEADLINE_S:-540}"
 GRACE="${ACCEPTANCE_GRACE_S:-10}"
 SUMMARY_RESERVE=5  # seconds kept back from the deadline for writing the summary
 for var in DEADLINE GRACE; do
@@ -94,13 +98,15 @@ trap 'on_signal INT 130' INT
 
 # run_stage NAME LIMIT_S CMD...: run CMD in its own process group (timeout makes one) with a
 # time limit cut to the overall deadline, its output in logs/NAME.log; record name, status,
-# seconds, exit code and limit in stages.tsv (DRY_RUN=1: print CMD and its limit only)
+# seconds, exit code and limit in stages.tsv (DRY_RUN=1: print CMD and its limit only).
+# CUT_OK=1 run_stage ...: the stage may use what is left before the deadline, and one cut at
+# its limit is recorded as "cut at N s", which does not fail the acceptance
 run_stage() {
-    local name="$1" limit="$2"
+    local name="$1" limit="$2" cut_ok="${CUT_OK:-0}"
     shift 2
     LIMIT_SUM=$((LIMIT_SUM + limit))
     if [[ "$DRY_RUN" == 1 ]]; then
-        printf 'stage %s (limit %s s): ' "$name" "$limit"
+        printf 'stage %s (limit %s s%s): ' "$name" "$limit" "$([[ $cut_ok == 1 ]] && echo ', or what is left before the deadline; a cut is reported, not failed')"
         printf '%q ' "$@"
         printf '\n'
         return 0
@@ -114,6 +120,8 @@ run_stage() {
     if ((left < limit)); then
         limit=$left
         by_deadline=1
+    elif [[ $cut_ok == 1 ]]; then
+        limit=$left
     fi
     echo "[acceptance] $name (limit ${limit} s) ..."
     STAGE_NAME=$name STAGE_LIMIT=$limit STAGE_START=$SECONDS
@@ -122,7 +130,9 @@ run_stage() {
     wait "$STAGE_PID" || rc=$?
     kill -KILL -- "-$STAGE_PID" 2>/dev/null || true  # what outlived the stage's main process
     STAGE_PID=""
-    if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+    if [[ ($rc -eq 124 || $rc -eq 137) && $cut_ok == 1 ]]; then
+        status="cut at $((SECONDS - STAGE_START)) s"
+    elif [[ $rc -eq 124 || $rc -eq 137 ]]; then
         status=timeout
         if ((by_deadline)); then
             status="timeout: overall deadline (ACCEPTANCE_DEADLINE_S=$DEADLINE)"
@@ -131,7 +141,11 @@ run_stage() {
         status=failed
     fi
     record "$name" "$status" "$((SECONDS - STAGE_START))" "$rc" "$limit"
-    echo "[acceptance] $name: $status in $((SECONDS - STAGE_START)) s (log: $OUT/logs/$name.log)"
+    if [[ $status == cut* ]]; then
+        echo "[acceptance] $name: $status (reported, not a failure; log: $OUT/logs/$name.log)"
+    else
+        echo "[acceptance] $name: $status in $((SECONDS - STAGE_START)) s (log: $OUT/logs/$name.log)"
+    fi
 }
 
 skip_stage() {
@@ -165,30 +179,58 @@ if [[ "$DRY_RUN" != 1 ]]; then
     has_module ffcv && FFCV_OK=1
 fi
 
-# ----- the stages (limits on one H100: ~2.4 ms/iter graphed ResNet-20, docs/gpu-acceptance.md) -----
-# doctor leaves out its compile check: torch.compile is timed (and its result checked) by bench-n3
-run_stage doctor 30 "${RD[@]}" doctor --device cuda --data-dir "$DATA" --json --skip compile
-run_stage pytest-cuda 75 "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider tests
-# each bench writes its JSON after every setting, so a limit reached keeps what was measured;
-# compile comes last (a cold compile is most of its time), and only ResNet-20 gets it
-run_stage bench-n3 60 "${RD[@]}" bench -n 3 --iters 200 --warmup 20 --loaders resident \
-    --modes eager,graph,compile --precisions bf16 --data-dir "$DATA" --out "$OUT/bench-n3.json"
+# ----- the stages: limit >= 1.5x the estimate, from DESIGN.md's H100 figures (torch 2.11, CUDA 13) -----
+# A process's start: python + torch import ~4 s, CUDA context ~2 s, CIFAR-10 parsed ~1 s (S = ~7 s).
+# cuDNN's autotune (cudnn.benchmark) of a new net/batch's shapes ~1-2 s; a capture = 11 warm-up
+# steps + the capture, ~1 s. Step times (bf16, channels_last, batch 128): ResNet-20 eager 10.7
+# ms, graph 2.43 ms; ResNet-56 eager 27.2 ms, graph 6.64 ms; the fp32 baselines 10.5 / 27.1 ms.
+#
+# doctor, without its compile check (the compile stage times compile) and its speed sample (the
+# bench stages measure speed): S + versions and nvidia-smi ~1 s + 3 checks of 2 ResNet-8 trials
+# each (autotune, capture, 6-12 steps) ~3 s each = ~17 s -> 30 s
+run_stage doctor 30 "${RD[@]}" doctor --device cuda --data-dir "$DATA" --json --skip compile,speed
+# pytest start and collection (every test module, torch, matplotlib) ~10 s; on one GPU 6 of 8
+# tests run: epochs upload ~3 s, graph in place ~4 s, graph vs eager ~4 s, evaluation between
+# replays and resume ~5 s, a trained model's evaluation vs its weights (a subprocess) ~10 s, the
+# end-to-end run (train 60 iterations + eval: 2 subprocesses) ~16 s = ~52 s -> 80 s
+run_stage pytest-cuda 80 "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider tests
+# each bench writes its JSON after every setting, so a limit reached keeps what was measured.
+# n3: S + baseline and peer (8 DataLoader workers started ~3 s, 220 steps x 10.5 ms) ~5 s each +
+# eager (autotune + 220 x 10.7 ms) ~4 s + graph (capture + 220 x 2.43 ms) ~2 s = ~23 s -> 35 s
+run_stage bench-n3 35 "${RD[@]}" bench -n 3 --iters 200 --warmup 20 --loaders resident \
+    --modes eager,graph --precisions bf16 --data-dir "$DATA" --out "$OUT/bench-n3.json"
+# n9: S + baselines (115 x 27.1 ms + workers) ~6 s each + eager ~5 s + graph ~3 s = ~27 s -> 40 s
 run_stage bench-n9 40 "${RD[@]}" bench -n 9 --iters 100 --warmup 15 --loaders resident \
     --modes eager,graph --precisions bf16 --data-dir "$DATA" --out "$OUT/bench-n9.json"
 if [[ "$FFCV_OK" == 1 || "$DRY_RUN" == 1 ]]; then
-    run_stage bench-loader 15 "${RD[@]}" bench loader --iters 100 --loaders resident,ffcv \
+    # the .beton files first, outside the loader's timing: S + 60k images written ~6 s = ~13 s -> 20 s
+    run_stage beton 20 "${RD[@]}" prepare --data-dir "$DATA"
+    # S + FFCV's pipeline compiled by numba ~4 s + 120 batches of each loader ~1 s = ~12 s -> 20 s
+    run_stage bench-loader 20 "${RD[@]}" bench loader --iters 100 --loaders resident,ffcv \
         --data-dir "$DATA" --out "$OUT/bench-loader.json"
 else
+    skip_stage beton "FFCV is not installed (bring its wheel in WHEELS_DIR)"
     skip_stage bench-loader "FFCV is not installed (bring its wheel in WHEELS_DIR)"
 fi
 if [[ "$DRY_RUN" != 1 ]] && ! has_module wandb; then
     echo "[acceptance] W&B is not installed: the training run logs to JSONL and TensorBoard only"
 fi
-run_stage train-resnet20 240 "${RD[@]}" train --n 3 --data-dir "$DATA" --out "$RUN" "${WANDB_SET[@]}"
+# 64,000 graphed steps x 2.43 ms = 156 s + S and autotune and capture ~10 s + 32 fp32 evaluations
+# of 10k images ~0.2 s each ~6 s + 17 checkpoints and 640 metric reads ~2 s = ~174 s -> 265 s
+run_stage train-resnet20 265 "${RD[@]}" train --n 3 --data-dir "$DATA" --out "$RUN" "${WANDB_SET[@]}"
+# S + the model loaded and 10k images evaluated in fp32 ~1 s = ~8 s -> 15 s
 run_stage eval-resnet20 15 "${RD[@]}" eval "$RUN/model.pt" --data-dir "$DATA" --json
+# torch.compile of ResNet-20: S + the baselines ~10 s + a cold compile 30-90 s + 220 steps. Last,
+# with what is left before the deadline (at least 30 s): a cut is reported, not failed
+CUT_OK=1 run_stage compile 30 "${RD[@]}" bench -n 3 --iters 200 --warmup 20 --loaders resident \
+    --modes compile --precisions bf16 --data-dir "$DATA" --out "$OUT/bench-compile.json"
 
 if [[ "$DRY_RUN" == 1 ]]; then
     echo "total: stage limits sum to $LIMIT_SUM s; overall deadline $DEADLINE s (ACCEPTANCE_DEADLINE_S), 540 s budget"
+    if ((LIMIT_SUM + SUMMARY_RESERVE > DEADLINE)); then
+        echo "error: the stage limits and the summary's $SUMMARY_RESERVE s exceed the deadline" >&2
+        exit 1
+    fi
     exit 0
 fi
 cp "$OUT/logs/doctor.log" "$OUT/doctor.json" 2>/dev/null || true

@@ -91,8 +91,7 @@ def train(
     if nproc_per_node and not under_torchrun:
         from .launcher import strip_launch_args, torchrun
 
-        torchrun(nproc_per_node, max_restarts, strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]),
-                 graph=cfg.train.step == "graph")
+        torchrun(nproc_per_node, max_restarts, strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]))
         return
     train_here(cfg, data, as_json)
 

@@ -198,6 +198,9 @@ class TrainConfig:
             raise ValueError("train.step = graph does not support fp16 (its loss scaler syncs with the host); use bf16")
 
 
+HANG_TIMEOUT_FLOOR_S = 10
+
+
 @dataclass
 class DistConfig:
     # split: optim.batch_size is the global batch, divided across ranks (the paper's 128 on
@@ -209,12 +212,22 @@ class DistConfig:
     scale_warmup_iters: int = field(default=500, metadata=doc("the per_rank lr warm-up, in iterations"))
     sync_bn: bool = field(default=False, metadata=doc("SyncBatchNorm across ranks (CUDA)"))
     timeout_s: int = field(default=600, metadata=doc("process-group init and every collective"))
+    # measured against progress, not against the cadence: log_every, eval_every and a long
+    # evaluation do not matter, the longest healthy silence is one iteration, one evaluation
+    # batch or rank 0's checkpoint write (dist.HangWatch). The default is far above those on
+    # any device; the floor keeps a typo (1 for 100) from tripping it on a loaded CPU
+    hang_timeout_s: int = field(default=600, metadata=doc(
+        "a rank that has made no progress (an iteration, an evaluation batch) for this long while waiting on"
+        " other ranks reports the hang and exits 7, so torchrun restarts the job (0 = off; else >= 10)"))
 
     def validate(self) -> None:
         if self.batch_scaling not in BATCH_SCALING:
             raise ValueError(f"dist.batch_scaling must be one of {BATCH_SCALING}, got {self.batch_scaling!r}")
         if self.timeout_s < 1 or self.scale_warmup_iters < 0:
             raise ValueError("dist.timeout_s must be >= 1 and dist.scale_warmup_iters >= 0")
+        if self.hang_timeout_s != 0 and self.hang_timeout_s < HANG_TIMEOUT_FLOOR_S:
+            raise ValueError(f"dist.hang_timeout_s must be 0 (off) or >= {HANG_TIMEOUT_FLOOR_S}, "
+                             f"got {self.hang_timeout_s}")
 
 
 @dataclass

@@ -2,18 +2,32 @@
 WORLD_SIZE, pick the device, init the process group (NCCL on CUDA, gloo on CPU). Without
 torchrun the same code runs as one process with world size 1.
 
-A rank that stops answering (hung, SIGSTOPped, dead) makes the others' next collective fail
-after the process group's timeout (`dist.timeout_s`; gloo raises in the waiting rank). The
-collectives run inside `stage("what")`, which turns that failure into one PeerLost naming the
-stage and the timeout; the CLI exits with its code, so torchrun (`--max-restarts`) restarts
-the job from the newest checkpoint. On NCCL the watchdog aborts the process after the same
-timeout (TORCH_NCCL_ASYNC_ERROR_HANDLING's default) before any exception reaches Python: the
-stage is not named there, but the exit and the restart are the same.
+A rank that stops answering (hung, SIGSTOPped, dead, its NIC gone with the process alive)
+leaves the others waiting in their next collective. Every wait on other ranks runs inside
+`stage("what")`, and two things end such a wait, whichever comes first:
+
+- the hang watchdog (HangWatch, `dist.hang_timeout_s`): a host thread on every rank that sees
+  the run's progress (stage entries and exits, every iteration the feed hands out, every
+  evaluation batch, compilation) and, when a stage has had none for that long, prints one line
+  naming rank, host, iteration and the stage, and ends the process with exit 7 (PeerLost's
+  code). It works for every step kind and backend, including collectives replayed inside a
+  CUDA graph, which neither NCCL's watchdog nor the process group's timeout sees;
+- the process group's timeout (`dist.timeout_s`) on collectives launched eagerly: gloo raises
+  in the waiting rank and `stage` turns that into one PeerLost naming the stage (exit 7); NCCL's
+  own watchdog aborts the process (TORCH_NCCL_ASYNC_ERROR_HANDLING, set in `setup`).
+
+Either way the rank exits, so torchrun's agent (`--max-restarts`) stops the others (SIGTERM,
+then SIGKILL after 30 s: a SIGSTOPped worker only goes with the SIGKILL) and restarts the
+group, which resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import sys
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,6 +44,17 @@ PEER_FAILURE_MARKERS = ("Timed out", "timed out", "timeout", "Connection closed"
                         "pair closure", "Broken pipe", "NCCL", "gloo")
 
 _timeout_s: int | None = None  # the process group's, for messages
+
+# NCCL's watchdog on eagerly launched collectives: 1 = on a timeout or an error, abort the
+# communicators and end the process (torchrun's agent then restarts the group). Decided here,
+# in the worker, because it is the one place every launcher reaches (resnetdist's own, the
+# launch/ scripts, Slurm, Docker, a bare torchrun) and because torchrun's agent overwrites any
+# value its own environment has. It used to be 0 for graph runs (PyTorch's early CUDA-graph
+# notes), which left a hung peer stalling the job forever; it is safe on with graphs now: work
+# enqueued during capture is not handed to NCCL's watchdog (PyTorch >= 2.2), and the capture
+# runs in thread_local error mode (train/graph.py), so the watchdog thread's event queries
+# cannot invalidate it. Collectives replayed inside a graph are watched by HangWatch.
+NCCL_ASYNC_ERROR_HANDLING = "1"
 
 
 @dataclass(frozen=True)
@@ -63,14 +88,19 @@ def resolve_device(pref: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def setup(device_pref: str, timeout_s: int) -> DistContext:
+def setup(device_pref: str, timeout_s: int, hang_timeout_s: int = 0) -> DistContext:
+    """This rank's context; the process group when there are several ranks; the hang watchdog
+    when hang_timeout_s > 0 (also for one process: a stuck device then ends it too)."""
     global _timeout_s
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = world_size_from_env()
     device = resolve_device(device_pref, local_rank)
+    if hang_timeout_s > 0:
+        HangWatch.start(hang_timeout_s, rank)
     if world_size > 1 and not dist.is_initialized():
         _timeout_s = timeout_s
+        os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = NCCL_ASYNC_ERROR_HANDLING  # read at the group's creation
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
             timeout=timedelta(seconds=timeout_s),
@@ -110,8 +140,12 @@ def is_peer_failure(error: BaseException) -> bool:
 
 @contextmanager
 def stage(what: str) -> Iterator[None]:
-    """Collectives of one stage of the run; a failure of theirs becomes a PeerLost naming it.
-    Cheap (a try block): it wraps whole chunks of steps, not each step."""
+    """Collectives of one stage of the run: the hang watchdog is armed for it (naming it), and a
+    failure of theirs becomes a PeerLost naming it. Cheap (a try block and two list
+    operations): it wraps whole chunks of steps, not each step."""
+    watch = HangWatch.current
+    if watch is not None:
+        watch.enter(what)
     try:
         yield
     except RuntimeError as e:
@@ -123,6 +157,95 @@ def stage(what: str) -> Iterator[None]:
             f"--max-restarts the job restarts from the newest checkpoint. "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from e
+    finally:
+        if watch is not None:
+            watch.leave()
+
+
+def progress(iteration: int | None = None) -> None:
+    """The run moved on (the feed hands out the batch after `iteration` iterations done, an
+    evaluation batch is done): the hang watchdog's clock starts again. A store and a clock
+    read: cheap enough per step."""
+    watch = HangWatch.current
+    if watch is not None:
+        watch.beat(iteration)
+
+
+class HangWatch:
+    """The hang watchdog: one daemon thread per process. Armed while the main thread is inside
+    a stage (a wait on other ranks); when such a stage has seen no progress (`progress`, stage
+    entries and exits) for `timeout_s`, it prints one line and ends the process with exit 7.
+
+    What counts as progress, and why a healthy run cannot trip it: in training, every
+    iteration (a step takes well under a second on a GPU, a few on a CPU, for the paper's
+    nets); in evaluation, every batch (the final all-reduce waits at most one batch for the
+    slowest rank); a checkpoint barrier waits for rank 0's write of a few MB; torch.compile's
+    compilation (which can take minutes) pauses the clock. It is not counted before the first
+    iteration completes: set-up (the model broadcast, CUDA-graph capture, the resume
+    broadcast) runs eager collectives only, which the process group's timeout covers. A
+    blocked main thread leaves this thread running: torch releases the GIL in collectives
+    and device waits."""
+
+    current: HangWatch | None = None
+
+    def __init__(self, timeout_s: float, rank: int):
+        self.timeout_s, self.rank, self.host = timeout_s, rank, socket.gethostname()
+        self.stages: list[str] = []
+        self.last = time.monotonic()
+        self.iteration: int | None = None  # iterations done when the feed last handed one out
+        self.armed = False  # an iteration has completed (the feed handed out a second one)
+        self.compiling = False
+        threading.Thread(target=self.watch, name="resnetdist-hang-watch", daemon=True).start()
+
+    @classmethod
+    def start(cls, timeout_s: float, rank: int) -> HangWatch:
+        """The process's watchdog (one per process: a second call keeps the first)."""
+        if cls.current is None:
+            cls.current = cls(timeout_s, rank)
+        return cls.current
+
+    def beat(self, iteration: int | None = None) -> None:
+        self.last = time.monotonic()
+        if iteration is not None:
+            self.armed = self.armed or (self.iteration is not None and iteration != self.iteration)
+            self.iteration = iteration
+
+    def enter(self, what: str) -> None:
+        self.stages.append(what)
+        self.beat()
+
+    def leave(self) -> None:
+        self.stages.pop()
+        self.beat()
+
+    def count_compiling_as_progress(self) -> None:
+        """torch.compile's compilation (minutes, for max-autotune) pauses the clock."""
+        from torch._dynamo.callback import on_compile_end, on_compile_start
+
+        on_compile_start(lambda *_: setattr(self, "compiling", True))
+        on_compile_end(lambda *_: (setattr(self, "compiling", False), self.beat()))
+
+    def stalled_for(self) -> float:
+        """Seconds the current stage has gone without progress (0 when not watched)."""
+        if not (self.stages and self.armed) or self.compiling:
+            return 0.0
+        return time.monotonic() - self.last
+
+    def watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.timeout_s / 10))
+            if self.stalled_for() > self.timeout_s:
+                self.fire()
+
+    def fire(self) -> None:
+        it = "before its first iteration" if self.iteration is None else f"after iteration {self.iteration}"
+        print(f"error: rank {self.rank} on {self.host}: no progress for {self.timeout_s:g} s "
+              f"(dist.hang_timeout_s) {it}, waiting in the {self.stages[-1] if self.stages else '?'}: "
+              f"another rank hung, was stopped or died, or this rank's device is stuck; exiting "
+              f"{PeerLost.exit_code} so that torchrun (--max-restarts) restarts the job from the newest "
+              f"checkpoint", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(PeerLost.exit_code)  # the main thread is blocked: only the process can end it
 
 
 def all_reduce_max(value: int) -> int:

@@ -16,18 +16,14 @@ from .errors import INTERRUPTED, PREEMPTED
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
-def torchrun(nproc: int, max_restarts: int, argv: list[str], graph: bool = False) -> None:
+def torchrun(nproc: int, max_restarts: int, argv: list[str]) -> None:
     """Run torchrun's own entry point (torch.distributed.run), so that this and
     `torchrun --nproc_per_node=N -m resnetdist train ...` are the same run."""
     from torch.distributed.run import main as torchrun_main
 
     # torchrun restarts with gloo hang unless each attempt gets its own store (pytorch#135712)
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    if graph:
-        # DDP inside a captured graph wants NCCL's async error handling off (PyTorch's CUDA-graph
-        # notes). torchrun's agent writes this variable into every worker's environment (its
-        # own value, else 1), so it is set here, in the launcher, where it takes effect
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+    # TORCH_NCCL_ASYNC_ERROR_HANDLING is decided in the worker, for every launcher (dist.py)
     # a stop (Ctrl-C, SIGTERM) lets the workers reach their next log point and write a checkpoint
     # before torchrun's SIGKILL: its default grace of 30 s is less than a log interval of a slow run
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")

@@ -5,6 +5,9 @@ feeds, at every iteration, world size and resume point, with no per-iteration ho
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -118,19 +121,32 @@ def test_every_iteration_gathers_the_per_step_feeds_batch_and_draws(tiny_data):
                 it += 1
 
 
-def test_no_draws_or_uploads_between_epoch_boundaries(tiny_data, monkeypatch):
+def test_the_next_epoch_is_built_ahead_and_the_boundary_only_uploads_it(tiny_data, monkeypatch):
+    """Epoch 0 is built where the feed starts (nothing was ahead); epoch 1 on the epochs thread
+    while epoch 0 trains, ready before the boundary; at the boundary the loop's thread only
+    uploads it, bitwise what building it there would have given; nothing per iteration."""
     cfg = config(tiny_data)
     data = load_data(cfg.data)
     epochs = Epochs(ResidentTrainLoader(data.train, B, SEED, 0, 1, CPU), SEED, B)
-    calls = []
-    monkeypatch.setattr(epochs_mod, "draw_params", lambda *a: calls.append(a[1]) or draw_params(*a))
+    calls = []  # (iteration drawn, thread)
+    monkeypatch.setattr(epochs_mod, "draw_params",
+                        lambda *a: calls.append((a[1], threading.current_thread().name)) or draw_params(*a))
+    here = threading.current_thread().name
     feed = epochs.batches(0)
-    assert next(feed) == () and len(calls) == epochs.steps  # the whole epoch, at its start
+    assert next(feed) == () and calls[:epochs.steps] == [(it, here) for it in range(epochs.steps)]
     for _ in range(epochs.steps - 1):
         assert next(feed) == ()
-    assert len(calls) == epochs.steps and epochs.uploads == 1  # nothing per iteration
-    next(feed)
-    assert calls[epochs.steps:] == list(range(epochs.steps, 2 * epochs.steps)) and epochs.uploads == 2
+    deadline = time.monotonic() + 30
+    while not epochs.next_ready():  # in a run, 390 steps of >= 2 ms against ~0.1 s of building
+        assert time.monotonic() < deadline, "the next epoch was not built ahead"
+        time.sleep(0.01)
+    assert epochs.uploads == 1 and [c for c in calls if c[1] == here] == calls[:epochs.steps]
+    assert {thread for it, thread in calls[epochs.steps:2 * epochs.steps]} == {"resnetdist-epochs_0"}
+    assert [it for it, _ in calls[epochs.steps:2 * epochs.steps]] == list(range(epochs.steps, 2 * epochs.steps))
+    next(feed)  # the boundary: epoch 1 uploaded, not built here
+    assert epochs.uploads == 2 and [c for c in calls if c[1] == here] == calls[:epochs.steps]
+    order, draws = Epochs(ResidentTrainLoader(data.train, B, SEED, 0, 1, CPU), SEED, B).numbers(1)
+    assert torch.equal(epochs.order, torch.from_numpy(order)) and torch.equal(epochs.aug, torch.from_numpy(draws))
 
 
 def test_ffcv_or_other_loaders_keep_the_per_step_feed():

@@ -55,7 +55,7 @@ class FakeOps:
     """graph.CudaOps on a CPU: records which stream is current when things happen."""
 
     def __init__(self, fail: bool = False):
-        self.current, self.captures, self.fail, self.made = "default", [], fail, []
+        self.current, self.captures, self.fail, self.made, self.joins = "default", [], fail, [], []
 
     def side_stream(self):
         self.made.append(FakeStream(f"side{len(self.made)}"))
@@ -73,7 +73,7 @@ class FakeOps:
             self.current = before
 
     def join(self, stream) -> None:
-        pass
+        self.joins.append((stream, len(self.captures)))  # which stream, and how many captures came before
 
     def new_graph(self):
         return FakeGraph()
@@ -116,9 +116,11 @@ def assert_same_weights(a, b):
 
 
 def test_ddp_warmup_and_capture_share_one_side_stream_and_replays_train_as_eager(tiny_data, monkeypatch):
-    ops, seen = FakeOps(), {"ddp": [], "steps": []}
-    real_augment = step_mod.augment
-    monkeypatch.setattr(wrap_mod, "DDP", lambda model, device_ids=None: seen["ddp"].append(ops.current) or model)
+    ops, seen = FakeOps(), {"ddp": [], "steps": [], "state": []}
+    real_augment, real_state = step_mod.augment, step_mod.TrainStep.device_state
+    monkeypatch.setattr(step_mod.TrainStep, "device_state",
+                        lambda self: seen["state"].append(list(ops.joins)) or real_state(self))
+    monkeypatch.setattr(wrap_mod, "DDP", lambda model, device_ids=None, **_: seen["ddp"].append(ops.current) or model)
     monkeypatch.setattr(step_mod, "augment", lambda *a: seen["steps"].append(ops.current) or real_augment(*a))
     graphed, loaders = build(tiny_data, graph=True, ddp=True, ops=ops)
     (side,) = ops.made
@@ -126,6 +128,9 @@ def test_ddp_warmup_and_capture_share_one_side_stream_and_replays_train_as_eager
     assert seen["ddp"] == [side]  # DDP built on the side stream ...
     assert seen["steps"] == [side] * (step_mod.GRAPH_WARMUP + 1)  # ... warm-up and capture too
     assert ops.captures == [(side, side)]  # torch.cuda.graph(g, stream=side), entered on side
+    # the pre-capture state was cloned after the default stream joined the side stream (DDP's
+    # broadcast ran there), before the capture; the join after capture comes with the restore
+    assert seen["state"] == [[(side, 0)]] and ops.joins == [(side, 0), (side, 1)]
     assert int(graphed.it) == 0  # warm-up and capture left no trace in the state
     monkeypatch.setattr(step_mod, "augment", real_augment)
     eager, _ = build(tiny_data)
@@ -240,20 +245,25 @@ def test_bench_baseline_turns_cudnn_benchmark_on_and_records_its_settings(monkey
 # ----- defect 6: NCCL's async error handling set where it takes effect -----------------------------
 
 
-def test_nccl_async_error_handling_is_set_in_the_launcher_not_the_worker(monkeypatch):
-    import torch.distributed.run
-
-    from resnetdist import launcher
+def test_nccl_async_error_handling_is_decided_once_in_the_worker_for_every_launcher(monkeypatch):
+    """torchrun's agent overwrites the launcher's value in its workers: the worker decides it,
+    just before it creates the process group, and no launcher sets it."""
+    from resnetdist import dist
 
     seen = {}
-    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
-    monkeypatch.setattr(torch.distributed.run, "main", lambda argv: seen.update(
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")  # what torchrun may hand a worker
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist.dist, "init_process_group", lambda **kw: seen.update(
         env=os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")))
-    launcher.torchrun(2, 0, ["-n", "1"], graph=True)
-    assert seen["env"] == "0"
-    assert 'TORCH_NCCL_ASYNC_ERROR_HANDLING", "0"' not in (REPO / "resnetdist" / "train" / "run.py").read_text()
-    common = (REPO / "launch" / "common.sh").read_text()
-    assert 'export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-0}"' in common
+    dist.setup("cpu", 60)
+    assert seen["env"] == dist.NCCL_ASYNC_ERROR_HANDLING == "1"
+    launchers = ["resnetdist/launcher.py", "resnetdist/cli.py", "resnetdist/train/run.py", "launch/common.sh",
+                 "launch/slurm.sbatch", "launch/docker-run.sh", "launch/torchrun-single-node.sh",
+                 "launch/torchrun-multi-node.sh", "docker/Dockerfile"]
+    for path in launchers:
+        text = (REPO / path).read_text() if (REPO / path).exists() else ""
+        assert "TORCH_NCCL_ASYNC_ERROR_HANDLING=" not in text and "ASYNC_ERROR_HANDLING\"," not in text, path
 
 
 # ----- defect 4: every rank evaluates rank 0's model -----------------------------------------------

@@ -3,8 +3,10 @@ then needs no host work per iteration beyond launching it (one CUDA-graph replay
 
 Once per epoch the host builds this rank's sample order (data/order.py) and every iteration's
 augmentation draws (data/augment.draw_params, one call per iteration, as the per-step feed
-makes them), and uploads both into fixed device buffers: from pinned memory with a
-non-blocking copy on CUDA, queued behind the previous epoch's steps on the same stream. The
+makes them: 390 generators, ~30-100 ms), and uploads both into fixed device buffers: from
+pinned memory with a non-blocking copy on CUDA, queued behind the previous epoch's steps on
+the same stream. The next epoch's numbers are built ahead, on a thread of their own, while
+the current epoch trains: at the boundary the loop finds them ready and only queues the upload. The
 step reads iteration i's batch at position i mod steps-per-epoch with device ops (`gather`),
 taking i from its own device-side counter, so the numbers and samples are exactly those of the
 per-step feed (loop.Feed): resumes and world sizes agree bitwise as before.
@@ -15,11 +17,13 @@ iteration (the step takes none) and loads each epoch before its first iteration.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from .. import dist
 from .augment import draw_params
 from .order import rank_epoch_order
 from .resident import ResidentTrainLoader
@@ -29,6 +33,11 @@ def draw_epoch(seed: int, first_iter: int, count: int, global_batch: int, rank: 
     """Iterations first_iter .. first_iter+count-1's draws (count, 3, b): draw_params' numbers."""
     return np.stack([draw_params(seed, it, global_batch, rank, world_size).numpy()
                      for it in range(first_iter, first_iter + count)])
+
+
+# one thread for every Epochs of the process: epochs are built one at a time, each well within
+# an epoch's training (390 steps of >= 2 ms against ~100 ms of host work)
+_AHEAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resnetdist-epochs")
 
 
 class Epochs:
@@ -41,16 +50,31 @@ class Epochs:
         self.aug = torch.zeros((self.steps, 3, self.b), dtype=torch.long, device=device)
         self.loaded: int | None = None  # the epoch in the buffers
         self.uploads = 0  # epochs uploaded (tests, doctor)
+        self.ahead: tuple[int, Future] | None = None  # the next epoch's numbers, being built
 
-    def load(self, epoch: int) -> None:
-        """Put `epoch`'s order and draws in the device buffers (nothing to do if they hold it)."""
-        if epoch == self.loaded:
-            return
+    def numbers(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """`epoch`'s sample order (steps, b) and draws (steps, 3, b), on the host."""
         order = rank_epoch_order(len(self.labels), self.global_batch, self.seed, epoch, self.rank, self.world_size)
         draws = draw_epoch(self.seed, epoch * self.steps, self.steps, self.global_batch, self.rank, self.world_size)
-        upload(self.order, order.reshape(self.steps, self.b))
+        return order.reshape(self.steps, self.b), draws
+
+    def load(self, epoch: int) -> None:
+        """Put `epoch`'s order and draws in the device buffers (nothing to do if they hold it),
+        taking them from the thread that built them ahead if it did; then start building the
+        next epoch's."""
+        if epoch == self.loaded:
+            return
+        ready = self.ahead is not None and self.ahead[0] == epoch
+        order, draws = self.ahead[1].result() if ready else self.numbers(epoch)
+        upload(self.order, order)
         upload(self.aug, draws)
         self.loaded, self.uploads = epoch, self.uploads + 1
+        self.ahead = (epoch + 1, _AHEAD.submit(self.numbers, epoch + 1))
+
+    def next_ready(self) -> bool:
+        """The next epoch's numbers are built (tests, doctor)."""
+        return self.ahead is not None and self.loaded is not None and self.ahead[0] == self.loaded + 1 \
+            and self.ahead[1].done()
 
     def gather(self, it: torch.Tensor, x: torch.Tensor, y: torch.Tensor, aug: torch.Tensor) -> None:
         """Iteration `it`'s (a 0-d device tensor) images, labels and draws into x, y, aug: device
@@ -77,6 +101,7 @@ class Epochs:
         while True:
             if it % self.steps == 0:
                 self.load(it // self.steps)
+            dist.progress(it)  # the hang watchdog's clock: `it` iterations done
             yield ()
             it += 1
 

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -164,9 +165,26 @@ def default_kind(device: torch.device) -> str:
     return "graph" if device.type == "cuda" else "eager"
 
 
+@contextmanager
+def deterministic_cudnn():
+    """For the checks that compare two separately built (captured) trials: by default cuDNN may
+    pick backward kernels that accumulate with atomics, so two runs of the same code differ in
+    the last bits, and over steps by more. With cudnn.deterministic, cudnn.benchmark (which
+    make_model turns on) chooses among deterministic kernels only, and the second trial reuses
+    the first one's choices (the benchmark cache is per process): the pytest version of these
+    claims (tests/test_step.py's deterministic_cudnn) runs the same way. Restored afterwards."""
+    saved = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic = saved
+
+
 def _same(a: Trial, b: Trial, device: torch.device) -> tuple[bool, float]:
-    """Bitwise on the CPU; on CUDA within 1e-4 (some cuDNN backward kernels accumulate with
-    atomics, so two runs of the same kernels may differ in the last bits)."""
+    """Bitwise on the CPU; on CUDA within 1e-4, the trials built and run under
+    deterministic_cudnn (the tolerance is a margin: with deterministic kernels they agree to the
+    last bits or nearly, where autotuned atomics could drift apart over the steps)."""
     diff = max_difference(a, b)
     return (diff == 0.0 if device.type == "cpu" else diff <= 1e-4), diff
 
@@ -231,12 +249,14 @@ def compile_vs_eager(data_dir: Path, device: torch.device, steps: int) -> tuple[
 def evaluation_between_steps(data_dir: Path, device: torch.device, steps: int) -> tuple[str, str]:
     """An evaluation between steps (replays, on CUDA) changes nothing the step trains with."""
     kind = default_kind(device)
-    plain, evaluated = Trial(data_dir, device, kind), Trial(data_dir, device, kind)
-    for t in (plain, evaluated):
-        t.run(steps)
-    errors = error_rates(evaluated.model, evaluated.loaders.evals, evaluated.step.mean, evaluated.step.memory_format)
-    for t in (plain, evaluated):
-        t.run(steps, first=steps)
+    with deterministic_cudnn():
+        plain, evaluated = Trial(data_dir, device, kind), Trial(data_dir, device, kind)
+        for t in (plain, evaluated):
+            t.run(steps)
+        errors = error_rates(evaluated.model, evaluated.loaders.evals, evaluated.step.mean,
+                             evaluated.step.memory_format)
+        for t in (plain, evaluated):
+            t.run(steps, first=steps)
     same, diff = _same(plain, evaluated, device)
     ok = same and evaluated.model.training and evaluated.step.kind == kind
     return ("ok" if ok else "fail"), (f"{evaluated.step.kind}: test error {errors['test_error']:.1f}% between "
@@ -248,17 +268,18 @@ def checkpoint_round_trip(data_dir: Path, device: torch.device, steps: int) -> t
     captured graph, on CUDA) continues as the run it came from, and every momentum buffer
     keeps its address."""
     kind = default_kind(device)
-    source, target = Trial(data_dir, device, kind), Trial(data_dir, device, kind)
-    source.run(steps)
-    buf = io.BytesIO()
-    torch.save({"model": source.weights(), "optimizer": source.optimizer.state_dict()}, buf)
-    buf.seek(0)
-    state = torch.load(buf, weights_only=True)
-    ptrs = [s["momentum_buffer"].data_ptr() for s in target.optimizer.state.values()]
-    target.step.load_state(state["model"], state["optimizer"], steps)
-    kept = ptrs == [s["momentum_buffer"].data_ptr() for s in target.optimizer.state.values()]
-    for t in (source, target):
-        t.run(steps, first=steps)
+    with deterministic_cudnn():
+        source, target = Trial(data_dir, device, kind), Trial(data_dir, device, kind)
+        source.run(steps)
+        buf = io.BytesIO()
+        torch.save({"model": source.weights(), "optimizer": source.optimizer.state_dict()}, buf)
+        buf.seek(0)
+        state = torch.load(buf, weights_only=True)
+        ptrs = [s["momentum_buffer"].data_ptr() for s in target.optimizer.state.values()]
+        target.step.load_state(state["model"], state["optimizer"], steps)
+        kept = ptrs == [s["momentum_buffer"].data_ptr() for s in target.optimizer.state.values()]
+        for t in (source, target):
+            t.run(steps, first=steps)
     same, diff = _same(source, target, device)
     ok = kept and same and int(target.step.it) == 2 * steps
     return ("ok" if ok else "fail"), (f"{target.step.kind}: buffers kept in place: {kept}; after {steps} more "

@@ -65,6 +65,7 @@ def error_rates(model: nn.Module, loaders: dict[str, Iterable], mean: torch.Tens
                     logits = model(x)
                 counts[0] += (logits.argmax(1) != labels).sum()
                 counts[1] += labels.numel()
+                dist.progress()  # the hang watchdog's clock: a batch done
             dist.all_reduce_sum(counts)
             out[f"{name}_error"] = 100.0 * counts[0].item() / counts[1].item()
     model.train()

@@ -45,8 +45,12 @@ class CudaOps:
         return torch.cuda.CUDAGraph()
 
     def record(self, graph, stream, body: Callable[[], None]) -> None:
-        # stream=: capture on our side stream, not on a fresh one of torch.cuda.graph's own
-        with torch.cuda.graph(graph, stream=stream):
+        # stream=: capture on our side stream, not on a fresh one of torch.cuda.graph's own.
+        # thread_local: only this thread's unsafe CUDA calls break the capture, not those of
+        # other threads (NCCL's watchdog querying events, the hang watchdog, a loader thread),
+        # which in the default "global" mode fail it ("operation not permitted when stream is
+        # capturing"; Megatron-LM captures this way for the same reason)
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
             body()
 
 
@@ -118,6 +122,10 @@ class GraphCapture:
         place afterwards, whether capture worked or not: the graph keeps pointing at the same
         tensors, and an eager fall-back starts from the same state."""
         inputs = StaticInputs(b, step.device)
+        # DDP's construction broadcast rank 0's weights on the side stream: the default stream
+        # waits for it before cloning them, or the clone could read a rank's own initial
+        # weights (equal today only because every rank starts from the same seed)
+        self.ops.join(self.side)
         keep = step.device_state()
         saved = [t.detach().clone() for t in keep]
         graph = self.ops.new_graph()

@@ -85,6 +85,7 @@ class Feed:
     def batches(self, start_iter: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         it = start_iter
         for images, labels in self.loader.batches(start_iter, out=self.out):
+            dist.progress(it)  # the hang watchdog's clock: `it` iterations done
             yield images, labels, draw_params(self.seed, it, self.global_batch, self.rank, self.world_size)
             it += 1
 

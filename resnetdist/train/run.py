@@ -70,7 +70,7 @@ def load_checked_data(cfg: RunConfig) -> Cifar10:
     trains, so a node without the data stops the job with one line naming the host and path."""
     if "LOCAL_RANK" not in os.environ or dist.world_size_from_env() <= 1:
         return load_data(cfg.data)
-    dist.setup(cfg.train.device, cfg.dist.timeout_s)
+    dist.setup(cfg.train.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s)
     return load_data_on_every_rank(cfg.data)
 
 
@@ -82,10 +82,7 @@ def main(cfg: RunConfig, data: Cifar10 | None = None) -> dict[str, Any]:
 
 
 def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice) -> dict[str, Any]:
-    # TORCH_NCCL_ASYNC_ERROR_HANDLING is not set here: torchrun's agent sets it in every
-    # worker's environment, so a default set here would never apply (launcher.torchrun and
-    # launch/common.sh set it in the launcher, where it does)
-    ctx = dist.setup(cfg.train.device, cfg.dist.timeout_s)
+    ctx = dist.setup(cfg.train.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s)
     run_lock = None
     try:
         if data is None:

@@ -1,0 +1,229 @@
+"""The hang watchdog (dist.HangWatch, dist.hang_timeout_s), for real: a rank frozen with SIGSTOP
+under torchrun while dist.timeout_s is far away; the other rank names the hang and exits 7
+within dist.hang_timeout_s plus a few seconds, torchrun restarts the group and the run ends
+bitwise equal to an uninterrupted one. Also: the watchdog's clock in a process of its own
+(it ends the process, so never in pytest's), and DDP's options leaving training bitwise
+unchanged on gloo.
+
+Every process a test starts is killed by pid when it ends (stopped ones too), so a hang fails
+the test, not CI.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnetdist import checkpoint
+from resnetdist.config import ConfigError, load_config
+
+from .conftest import REPO, TINY, cli_env, run_torchrun
+
+try:  # a stock PyTorch CUDA image may lack it: `pytest -m cuda` must still collect this module
+    import psutil
+except ImportError:
+    psutil = None
+
+HANG_S = 10
+# dist.timeout_s far above dist.hang_timeout_s: only the watchdog can end the wait
+ARGS = [*TINY, "--iters", "30", "--set", "train.eval_every=15", "--set", "train.checkpoint_every=10",
+        "--set", "log.log_every=5", "--set", "dist.timeout_s=300", "--set", f"dist.hang_timeout_s={HANG_S}"]
+HANG_LINE = re.compile(r"error: rank (\d) on (\S+): no progress for ([\d.]+) s \(dist.hang_timeout_s\) after iteration (\d+), "
+                       r"waiting in the (.+?): another rank hung")
+
+
+# ----- the watchdog's clock, in a process of its own -----------------------------------------------
+
+WATCHED = """
+import sys, time
+from resnetdist import dist
+watch = dist.HangWatch.start({timeout}, rank=3)
+with dist.stage("set-up broadcast"):
+    time.sleep({timeout} * 1.3)  # before the first iteration: not watched (dist.timeout_s is)
+for it in range(1, 3):  # iterations hand out faster than the timeout: progress
+    with dist.stage(f"training step in iterations {{it}}-{{it}}"):
+        dist.progress(it)
+        time.sleep({timeout} * 0.6)
+with dist.stage("evaluation at iteration 3"):
+    for _ in range(2):  # evaluation batches: progress, however long the evaluation
+        time.sleep({timeout} * 0.6)
+        dist.progress()
+time.sleep({timeout} * 1.3)  # outside a stage (rank 0 writing a checkpoint): no wait on others
+print("healthy part done", flush=True)
+with dist.stage("checkpoint barrier at iteration 3"):
+    time.sleep(60)
+print("not reached", flush=True)
+"""
+
+
+def test_a_stage_without_progress_for_the_timeout_ends_the_process_with_7_and_one_line():
+    timeout = 0.5
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", WATCHED.format(timeout=timeout)], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stdout.splitlines() == ["healthy part done"]
+    (line,) = proc.stderr.splitlines()
+    assert HANG_LINE.match(line).groups()[::2] == ("3", "0.5", "checkpoint barrier at iteration 3"), line
+    assert "torchrun (--max-restarts) restarts the job from the newest checkpoint" in line
+    healthy = timeout * (1.3 + 2 * 0.6 + 2 * 0.6 + 1.3)
+    assert healthy + timeout < elapsed < healthy + timeout + 6, elapsed  # python's start-up: a few s
+
+
+def test_hang_timeout_is_checked_when_the_configuration_is_read():
+    assert load_config(flags={"dist": {"hang_timeout_s": 0}}).dist.hang_timeout_s == 0  # off
+    with pytest.raises(ConfigError, match=r"dist.hang_timeout_s must be 0 \(off\) or >= 10, got 5"):
+        load_config(flags={"dist": {"hang_timeout_s": 5}})
+
+
+# ----- a rank frozen with SIGSTOP under torchrun ---------------------------------------------------
+
+
+def popen(cmd: list[str], logs: Path) -> subprocess.Popen:
+    """A run in the background, its output in files (a pipe nobody reads would fill and stall it)."""
+    pytest.importorskip("psutil")
+    return subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=open(logs / "stdout", "w"),
+                            stderr=open(logs / "stderr", "w"))
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL what the test started and is still alive (stopped ones too), by pid."""
+    try:
+        family = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+
+
+def worker(proc: subprocess.Popen, rank: int):
+    for child in psutil.Process(proc.pid).children():
+        if child.environ().get("RANK") == str(rank):
+            return child
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> float:
+    """Seconds until predicate() held."""
+    t0 = time.monotonic()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run exited ({proc.returncode}) before {what}")
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
+def gone(p) -> bool:
+    return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+
+
+def final_weights(run_dir: Path) -> dict:
+    return checkpoint.load(run_dir / "model.pt")["model"]
+
+
+def records(run_dir: Path) -> list[dict]:
+    timing = ("images_per_second", "train_seconds")
+    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference2(tmp_path_factory, tiny_data):
+    """An uninterrupted 2-rank torchrun run."""
+    ref = tmp_path_factory.mktemp("hang") / "ref2"
+    run_torchrun(2, [*ARGS, "--data-dir", str(tiny_data), "--out", str(ref)], timeout=240)
+    return ref
+
+
+def check_same_as(ref: Path, out: Path, stdout: str) -> None:
+    assert f"resuming from {checkpoint.checkpoint_path(out, 10).name} (iteration 10 of 30)" in stdout, stdout[-2000:]
+    got, want = final_weights(out), final_weights(ref)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert records(out) == records(ref)
+    assert json.loads((out / "summary.json").read_text())["test_error"] == json.loads(
+        (ref / "summary.json").read_text())["test_error"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_stopped_rank_is_reported_by_the_other_which_exits_7_and_torchrun_resumes_exactly(
+        tmp_path, tiny_data, reference2):
+    """SIGSTOP freezes rank 1 after the first checkpoint. Rank 0 waits in a collective that
+    dist.timeout_s (300 s) would end much later; its watchdog names the hang after
+    hang_timeout_s (10 s) and exits 7. torchrun (--max-restarts 1) then stops the workers: the
+    frozen one cannot run its SIGTERM handler and goes with the SIGKILL after the agent's 30 s;
+    both restart and resume from iteration 10."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--tee=3",
+           "--max-restarts=1", "-m", "resnetdist", "train", *ARGS, "--data-dir", str(tiny_data), "--out", str(out)]
+    proc = popen(cmd, tmp_path)
+    try:
+        wait_for(lambda: checkpoint.checkpoint_path(out, 10).exists(), 150, "the first checkpoint", proc)
+        rank0, frozen = worker(proc, 0), worker(proc, 1)
+        frozen.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        exit_s = wait_for(lambda: gone(rank0), HANG_S + 30, "rank 0 to end", proc)
+        killed_s = wait_for(lambda: gone(frozen), 60, "the frozen rank to be killed", proc)
+        resumed_s = wait_for(lambda: "resuming from" in (tmp_path / "stdout").read_text(), 120, "the resume", proc)
+        code = proc.wait(timeout=150)
+    finally:
+        kill_tree(proc)
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert code == 0, stderr[-3000:]
+    (hang,) = [m for line in stderr.splitlines() if (m := HANG_LINE.search(line))]
+    rank, _, seconds, it, what = hang.groups()
+    assert (rank, seconds) == ("0", str(HANG_S)) and 10 <= int(it) <= 30, hang.group(0)
+    assert what.startswith(("training step", "metrics all-reduce", "evaluation", "checkpoint barrier",
+                            "stop agreement")), what
+    assert "exitcode: 7" in stderr  # torchrun names rank 0's exit code
+    assert exit_s < HANG_S + 5, exit_s  # the watchdog's clock starts at rank 0's last iteration
+    assert killed_s < 40, killed_s  # torchrun's 30 s SIGTERM grace, then SIGKILL
+    check_same_as(reference2, out, stdout)
+    print(f"SIGSTOP of rank 1: rank 0 exited 7 after {exit_s:.1f} s, the frozen rank was killed "
+          f"{killed_s:.1f} s later, the job resumed {resumed_s:.1f} s after that and finished "
+          f"{time.monotonic() - t0:.1f} s after the SIGSTOP")
+
+
+# ----- DDP's options: bitwise the same training ----------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ddp_without_buffer_broadcast_and_with_bucket_views_trains_bitwise_as_before(tmp_path, tiny_data):
+    """Two ranks over gloo train 6 iterations with DDP's defaults and with wrap.DDP_OPTIONS: every
+    rank's weights and momentum, rank 0's BN statistics (what checkpoints and model.pt hold) and
+    the evaluation are bitwise the same; only rank 1's own BN statistics, which nothing reads,
+    now differ from rank 0's."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "--tee=3", str(REPO / "tests" / "_ddp_options_worker.py"), str(tiny_data), str(tmp_path)],
+                          cwd=REPO, env=cli_env(PYTHONPATH=str(REPO)),  # a script's own folder is sys.path[0]
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = {(r, s): torch.load(tmp_path / f"rank{r}-{s}.pt", weights_only=False) for r in (0, 1) for s in ("former", "now")}
+    assert got[0, "former"]["ddp"] == {"sync_buffers": True, "gradient_as_bucket_view": False}
+    assert got[0, "now"]["ddp"] == {"sync_buffers": False, "gradient_as_bucket_view": True}
+    for rank in (0, 1):
+        former, now = got[rank, "former"], got[rank, "now"]
+        for key, want in former["model"].items():
+            if rank == 0 or not key.endswith(("running_mean", "running_var")):
+                assert torch.equal(now["model"][key], want), (rank, key)
+        for key, want in former["optimizer"]["state"].items():
+            assert torch.equal(now["optimizer"]["state"][key]["momentum_buffer"], want["momentum_buffer"]), (rank, key)
+        assert now["errors"] == former["errors"] == got[0, "former"]["errors"]
+    rank1_stats = [k for k in got[1, "now"]["model"] if k.endswith("running_mean")]
+    assert not all(torch.equal(got[1, "now"]["model"][k], got[0, "now"]["model"][k]) for k in rank1_stats)
