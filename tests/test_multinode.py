@@ -7,12 +7,17 @@ the c10d rendezvous on node0; one worker per node.
 (b) a worker SIGKILLed on node1 under MAX_RESTARTS=1 restarts both nodes, and the run ends
     bitwise equal to (a) although node1 holds no checkpoint;
 (c) node1 lost entirely (every process SIGKILLed) under NNODES=1:2: node0 finishes alone;
+(d) node1's worker frozen with SIGSTOP (dist.timeout_s far away): node0's rank names the hang
+    after dist.hang_timeout_s and exits 7, both torchruns restart (node1's kills its frozen
+    worker after its 30 s grace), and the run ends bitwise equal to (a);
 and a node without the data folder stops the job with one line naming its host and path.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -188,6 +193,60 @@ def test_c_node1_lost_entirely_node0_finishes_alone(make_nodes, tmp_path, tiny_d
     assert summary["world_size"] == 1 and summary["iterations"] == 200
     print(f"node1 lost after the first checkpoint: node0 resumed alone {during.resumed_after:.1f} s later, "
           f"finished {finished:.1f} s later (whole run {time.monotonic() - t0:.1f} s)")
+
+
+def freeze_node1_worker_after_first_checkpoint(out: Path, node0_log: Path):
+    """SIGSTOP node1's worker once node0 has a checkpoint; time until node0 reports the hang,
+    until the frozen worker is gone and until the job resumes."""
+    import psutil
+
+    def during(nodes, procs):
+        deadline = time.monotonic() + RUN_TIMEOUT / 2
+        while not list(nodes[0].path(out).glob("ckpt_*.pt")):
+            if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+                return  # the assertions on the outcome say what went wrong
+            time.sleep(0.1)
+        (frozen,) = [p for p in psutil.Process(procs[1].pid).children(recursive=True)
+                     if "train" in p.cmdline() and p.environ().get("RANK") == "1"]
+        frozen.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        times = {}
+        while "resuming from" not in node0_log.read_text().split("no progress for")[-1] and procs[0].poll() is None:
+            text = node0_log.read_text()
+            if "hang" not in times and "(dist.hang_timeout_s)" in text:
+                times["hang"] = time.monotonic() - t0
+            if "killed" not in times and (not frozen.is_running() or frozen.status() == psutil.STATUS_ZOMBIE):
+                times["killed"] = time.monotonic() - t0
+            if time.monotonic() - t0 > RUN_TIMEOUT / 2:
+                return
+            time.sleep(0.1)
+        times["resumed"] = time.monotonic() - t0
+        during.times = times
+    return during
+
+
+@pytest.mark.timeout(2 * RUN_TIMEOUT)
+def test_d_node1_worker_stopped_node0_reports_the_hang_and_the_job_resumes_exactly(make_nodes, two_node, tmp_path,
+                                                                                    tiny_data):
+    out = tmp_path / "runs" / "run"
+    args = [*ARGS, "--set", "dist.timeout_s=300", "--set", "dist.hang_timeout_s=10", "--data-dir", str(tiny_data),
+            "--out", str(out)]
+    during = freeze_node1_worker_after_first_checkpoint(out, tmp_path / "logs" / "node0.log")
+    t0 = time.monotonic()
+    results = run_on_nodes(make_nodes, args, tmp_path / "logs", restarts=1, during=during)
+    log = outputs(tmp_path / "logs", make_nodes)
+    assert hasattr(during, "times"), "the job did not resume after the SIGSTOP\n" + log
+    assert [code for code, _ in results] == [0, 0], log
+    out0 = results[0][1]
+    assert re.search(r"error: rank 0 on node0: no progress for 10 s \(dist.hang_timeout_s\) after iteration \d+, "
+                     r"waiting in the ", out0), log
+    assert "(exitcode: 7)" in out0 and re.search(r"resuming from ckpt_\d+\.pt \(iteration [123]0 of 40\)", out0), log
+    times = during.times
+    assert times["hang"] < 10 + 5 and times["killed"] < times["hang"] + 40, times
+    assert_bitwise_equal(two_node[0], load_weights(make_nodes[0].path(out / "model.pt")))
+    print(f"node1's worker SIGSTOPped: node0's rank reported the hang {times['hang']:.1f} s later, the frozen "
+          f"worker was killed at {times['killed']:.1f} s, the job resumed at {times['resumed']:.1f} s "
+          f"(whole run {time.monotonic() - t0:.1f} s)")
 
 
 @pytest.mark.timeout(RUN_TIMEOUT)
