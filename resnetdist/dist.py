@@ -110,6 +110,8 @@ def setup(device_pref: str, timeout_s: int, hang_timeout_s: int = 0) -> DistCont
 
 
 def cleanup() -> None:
+    """The end of this rank's run: the hang watchdog stopped, the process group destroyed."""
+    HangWatch.stop()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -187,6 +189,7 @@ class HangWatch:
     and device waits."""
 
     current: HangWatch | None = None
+    compile_hooked = False
 
     def __init__(self, timeout_s: float, rank: int):
         self.timeout_s, self.rank, self.host = timeout_s, rank, socket.gethostname()
@@ -195,14 +198,22 @@ class HangWatch:
         self.iteration: int | None = None  # iterations done when the feed last handed one out
         self.armed = False  # an iteration has completed (the feed handed out a second one)
         self.compiling = False
+        self.stopped = False
         threading.Thread(target=self.watch, name="resnetdist-hang-watch", daemon=True).start()
 
     @classmethod
     def start(cls, timeout_s: float, rank: int) -> HangWatch:
-        """The process's watchdog (one per process: a second call keeps the first)."""
+        """The process's watchdog (one per run: a second call in the same run keeps the first)."""
         if cls.current is None:
             cls.current = cls(timeout_s, rank)
         return cls.current
+
+    @classmethod
+    def stop(cls) -> None:
+        """The run is over (a process may hold several, e.g. tests in one process): its thread ends."""
+        if cls.current is not None:
+            cls.current.stopped = True
+            cls.current = None
 
     def beat(self, iteration: int | None = None) -> None:
         self.last = time.monotonic()
@@ -218,12 +229,26 @@ class HangWatch:
         self.stages.pop()
         self.beat()
 
-    def count_compiling_as_progress(self) -> None:
-        """torch.compile's compilation (minutes, for max-autotune) pauses the clock."""
-        from torch._dynamo.callback import on_compile_end, on_compile_start
+    @classmethod
+    def count_compiling_as_progress(cls) -> None:
+        """torch.compile's compilation (minutes, for max-autotune) pauses the clock of the
+        process's watchdog, whichever is current. Hooked once per process."""
+        if cls.compile_hooked:
+            return
+        try:
+            from torch._dynamo.callback import on_compile_end, on_compile_start
+        except ImportError:  # a torch without compile callbacks: compilation counts as silence
+            return
+        on_compile_start(lambda *_: cls._compiling(True))
+        on_compile_end(lambda *_: cls._compiling(False))
+        cls.compile_hooked = True
 
-        on_compile_start(lambda *_: setattr(self, "compiling", True))
-        on_compile_end(lambda *_: (setattr(self, "compiling", False), self.beat()))
+    @classmethod
+    def _compiling(cls, now: bool) -> None:
+        watch = cls.current
+        if watch is not None:
+            watch.compiling = now
+            watch.beat()
 
     def stalled_for(self) -> float:
         """Seconds the current stage has gone without progress (0 when not watched)."""
@@ -232,9 +257,9 @@ class HangWatch:
         return time.monotonic() - self.last
 
     def watch(self) -> None:
-        while True:
+        while not self.stopped:
             time.sleep(min(1.0, self.timeout_s / 10))
-            if self.stalled_for() > self.timeout_s:
+            if not self.stopped and self.stalled_for() > self.timeout_s:
                 self.fire()
 
     def fire(self) -> None:

@@ -40,7 +40,6 @@ def wrap_model(model: nn.Module, device: torch.device, ddp: bool, compile_mode: 
         mode = None if compile_mode == "default" else "max-autotune"
         if mode and graph:
             mode = "max-autotune-no-cudagraphs"  # our own graph captures the whole step
-        if dist.HangWatch.current is not None:  # a cold compile takes minutes: no hang
-            dist.HangWatch.current.count_compiling_as_progress()
+        dist.HangWatch.count_compiling_as_progress()  # a cold compile takes minutes: no hang
         model = torch.compile(model, mode=mode)
     return model
