@@ -71,11 +71,6 @@ class Epochs:
         self.loaded, self.uploads = epoch, self.uploads + 1
         self.ahead = (epoch + 1, _AHEAD.submit(self.numbers, epoch + 1))
 
-    def next_ready(self) -> bool:
-        """The next epoch's numbers are built (tests, doctor)."""
-        return self.ahead is not None and self.loaded is not None and self.ahead[0] == self.loaded + 1 \
-            and self.ahead[1].done()
-
     def gather(self, it: torch.Tensor, x: torch.Tensor, y: torch.Tensor, aug: torch.Tensor) -> None:
         """Iteration `it`'s (a 0-d device tensor) images, labels and draws into x, y, aug: device
         ops only (index_select with a device index: no read-back), so a graph can hold them."""
