@@ -351,8 +351,12 @@ def reproduce(
                                 config, data_dir, device, runs_per_gpu, schedule, echo=typer.echo)
     except ConfigError as e:
         fail(str(e))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a Ctrl-C while planning or writing the report (the runs' own is handled there)
         fail("interrupted; run the same command again to resume", code=INTERRUPTED)
+    from .suite.reproduce import interrupted
+
+    if interrupted(outcomes):  # Ctrl-C or SIGTERM: the runs stopped at a checkpoint, the suite is unfinished
+        raise typer.Exit(INTERRUPTED)
     if any(o.status == "failed" for o in outcomes):
         raise typer.Exit(FAILED)
 

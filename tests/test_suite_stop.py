@@ -1,0 +1,130 @@
+"""Stopping a suite and reading where it stands, as a person does it: Ctrl-C typed into the
+real pseudo-terminal that `reproduce` runs in (the terminal signals its whole foreground group),
+then the same command again; and `reproduce --status` / `resnetdist runs` while a run trains."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import select
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, cli_env, run_cli
+
+SUITE = ["reproduce", "--depths", "8", "--no-plain", "--seeds", "2", "--iters", "120", "--device", "cpu",
+         "--set", "optim.batch_size=32", "--set", "data.eval_batch=100", "--set", "train.eval_every=40",
+         "--set", "log.log_every=10", "--set", "train.checkpoint_every=60", "--set", "log.tensorboard=false"]
+NAMES = ("resnet8-s0", "resnet8-s1")
+
+
+def _controlling_terminal() -> None:
+    """In the child: a session of its own with the pty (its stdin) as controlling terminal, so
+    that a typed Ctrl-C goes to its foreground process group, as in a terminal window."""
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+class Terminal:
+    """A command on a pseudo-terminal of 100 columns; `type` writes keys, `text` is what it showed."""
+
+    def __init__(self, args: list[str]):
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+        self.proc = subprocess.Popen([sys.executable, "-m", "resnetdist", *args], cwd=REPO,
+                                     env=cli_env(COLUMNS="100", TERM="xterm"), stdin=slave, stdout=slave,
+                                     stderr=slave, preexec_fn=_controlling_terminal)
+        os.close(slave)
+        self.text = ""
+
+    def read(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.master], [], [], 0.1)
+            if not ready:
+                continue
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:  # EIO: the process exited
+                return
+            if not data:
+                return
+            self.text += data.decode(errors="replace")
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self.read(0.5)
+        self.read(0.5)
+        try:
+            return self.proc.wait(timeout=1)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+            os.close(self.master)
+
+
+def newest_iteration(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    return max((json.loads(line).get("iter", 0) for line in lines if line.endswith("}")), default=0)
+
+
+def evaluations(run_dir: Path) -> list[tuple[int, float, float]]:
+    """(iteration, train loss, test error) of every evaluation record, the later of any repeated one."""
+    records = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "test_error" in r:
+            records[r["iter"]] = (r["iter"], r["train_loss"], r["test_error"])
+    return [records[k] for k in sorted(records)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_one_ctrl_c_in_the_terminal_stops_the_suite_at_a_checkpoint_and_the_rerun_ends_as_if_not(tmp_path, tiny_data):
+    data = ["--data-dir", str(tiny_data)]
+    run_cli([*SUITE, *data, "--out", str(tmp_path / "whole")], timeout=300)
+
+    out = tmp_path / "stopped"
+    term = Terminal([*SUITE, *data, "--out", str(out)])
+    deadline = time.monotonic() + 120
+    while newest_iteration(out / NAMES[0]) < 10 and time.monotonic() < deadline:
+        term.read(0.2)
+    assert newest_iteration(out / NAMES[0]) >= 10, term.text
+    pressed = time.monotonic()
+    term.type(b"\x03")  # one Ctrl-C: the terminal sends SIGINT to the foreground group
+    term.read(1.0)
+    assert "no new run starts" in term.text, term.text  # acknowledged within a second
+    code = term.wait(timeout=120)
+    assert code == 130, term.text
+    assert time.monotonic() - pressed < 60, term.text
+    log = (out / NAMES[0] / "train.log").read_text()
+    assert "interrupted: stopped on SIGINT at iteration" in log and "interrupted at once" not in log, log[-2000:]
+    assert "FAIL" not in term.text and f"interrupted  {NAMES[0]}" in term.text, term.text
+    assert "run the same command again" in term.text, term.text
+    checkpoints = sorted((out / NAMES[0]).glob("ckpt_*.pt"))
+    assert checkpoints and not (out / NAMES[0] / "summary.json").exists()
+    assert not (out / NAMES[1]).exists()  # the second run was never started
+
+    rerun = run_cli([*SUITE, *data, "--out", str(out)], timeout=300)
+    assert "(resuming)" in rerun.stdout and "report:" in rerun.stdout, rerun.stdout
+    for name in NAMES:
+        assert evaluations(out / name) == evaluations(tmp_path / "whole" / name), name
+        whole = json.loads((tmp_path / "whole" / name / "summary.json").read_text())
+        again = json.loads((out / name / "summary.json").read_text())
+        assert again["test_error"] == whole["test_error"] and again["iterations"] == 120
