@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, cli_env, run_cli
+from .conftest import REPO, cli_env, cli_in_process, run_cli
 
 SUITE = ["reproduce", "--depths", "8", "--no-plain", "--seeds", "2", "--iters", "120", "--device", "cpu",
          "--set", "optim.batch_size=32", "--set", "data.eval_batch=100", "--set", "train.eval_every=40",
@@ -106,6 +106,12 @@ def test_one_ctrl_c_in_the_terminal_stops_the_suite_at_a_checkpoint_and_the_reru
     while newest_iteration(out / NAMES[0]) < 10 and time.monotonic() < deadline:
         term.read(0.2)
     assert newest_iteration(out / NAMES[0]) >= 10, term.text
+    # while it trains, both views say so: the lock is held, the newest record's iteration
+    status = cli_in_process(["reproduce", "--status", str(out)]).stdout
+    assert f"{NAMES[0]}  running      iteration" in status and " of 120 on " in status, status
+    assert f"{NAMES[1]}  not started" in status and "2 run(s): 1 running, 1 not started" in status, status
+    (listed,) = json.loads(cli_in_process(["runs", str(out), "--json"]).stdout)["runs"]
+    assert listed["state"] == "running" and listed["pid"] and listed["iteration"] >= 10, listed
     pressed = time.monotonic()
     term.type(b"\x03")  # one Ctrl-C: the terminal sends SIGINT to the foreground group
     term.read(1.0)
@@ -121,6 +127,10 @@ def test_one_ctrl_c_in_the_terminal_stops_the_suite_at_a_checkpoint_and_the_reru
     assert checkpoints and not (out / NAMES[0] / "summary.json").exists()
     assert not (out / NAMES[1]).exists()  # the second run was never started
 
+    status = cli_in_process(["reproduce", "--status", str(out)]).stdout
+    it = int(checkpoints[-1].name[5:12])
+    assert f"{NAMES[0]}  interrupted  resumes from iteration {it}" in status, status
+
     rerun = run_cli([*SUITE, *data, "--out", str(out)], timeout=300)
     assert "(resuming)" in rerun.stdout and "report:" in rerun.stdout, rerun.stdout
     for name in NAMES:
@@ -128,3 +138,24 @@ def test_one_ctrl_c_in_the_terminal_stops_the_suite_at_a_checkpoint_and_the_reru
         whole = json.loads((tmp_path / "whole" / name / "summary.json").read_text())
         again = json.loads((out / name / "summary.json").read_text())
         assert again["test_error"] == whole["test_error"] and again["iterations"] == 120
+
+
+def test_runs_names_failed_stopped_and_not_started_folders_from_their_files(tmp_path, tiny_data):
+    """A folder's state from its files alone: a log ending in an error and an exit code (failed),
+    a checkpoint and no word of why (stopped), a config alone (not started)."""
+    config = "[optim]\niters = 100\n"
+    failed, stopped, fresh = tmp_path / "failed", tmp_path / "stopped", tmp_path / "fresh"
+    for folder in (failed, stopped, fresh):
+        folder.mkdir()
+        (folder / "config.toml").write_text(config)
+    (failed / "train.log").write_text("=== 2026-01-01 00:00:00 python -m resnetdist train\n"
+                                      "error: loss became NaN or inf at iteration 31\n"
+                                      "=== 2026-01-01 00:01:00 exit code 3\n")
+    (stopped / "ckpt_0000040.pt").write_bytes(b"")
+    text = cli_in_process(["runs", str(tmp_path)]).stdout
+    assert "  failed   failed       exit code 3: error: loss became NaN or inf at iteration 31; " \
+           "no checkpoint: starts over" in text, text
+    assert "  stopped  stopped      resumes from iteration 40" in text, text
+    assert "  fresh    not started" in text and "3 run(s): 1 stopped, 1 failed, 1 not started" in text, text
+    result = cli_in_process(["runs", str(tmp_path / "nothing")], check=False)
+    assert result.exit_code == 2 and "no such folder" in result.stderr

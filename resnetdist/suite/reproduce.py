@@ -301,7 +301,7 @@ def _collect(proc: subprocess.Popen, job: Job, secs: float, echo: Callable[[str]
         echo(f"done  {job.name}: {summary_line(job)} ({secs:.0f} s)")
         return Outcome(job, "done")
     if proc.returncode in (INTERRUPTED, PREEMPTED):
-        last = last_log_line(job.log)
+        last = last_log_line(job.log).removeprefix("interrupted: ").removeprefix("preempted: ")
         echo(f"interrupted  {job.name}: {last or f'exit code {proc.returncode}'}")
         return Outcome(job, "interrupted", last)
     why = f"exit code {proc.returncode}" if proc.returncode else "no summary.json written"
