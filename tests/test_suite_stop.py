@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import select
 import struct
 import subprocess
@@ -159,3 +160,29 @@ def test_runs_names_failed_stopped_and_not_started_folders_from_their_files(tmp_
     assert "  fresh    not started" in text and "3 run(s): 1 stopped, 1 failed, 1 not started" in text, text
     result = cli_in_process(["runs", str(tmp_path / "nothing")], check=False)
     assert result.exit_code == 2 and "no such folder" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_first_ctrl_c_of_train_is_answered_within_a_second_with_where_it_will_stop(tmp_path, tiny_data):
+    """The stop point is 1,000 iterations away (log.log_every): the first Ctrl-C says so at once,
+    the bar shows it, and a second one stops at once."""
+    term = Terminal(["train", "--n", "1", "--iters", "5000", "--device", "cpu", "--data-dir", str(tiny_data),
+                     "--out", str(tmp_path / "run"), "--set", "optim.batch_size=32", "--set", "log.log_every=1000",
+                     "--set", "log.tensorboard=false"])
+    deadline = time.monotonic() + 120
+    moving = re.compile(r"\b[1-9]\d*/5000 \[")
+    while not moving.search(term.text) and time.monotonic() < deadline:
+        term.read(0.2)
+    assert moving.search(term.text), term.text  # the bar moves: the loop runs
+    term.type(b"\x03")
+    pressed = time.monotonic()
+    while "Ctrl-C again" not in term.text and time.monotonic() - pressed < 1.0:
+        term.read(0.05)
+    assert "stopping at iteration 1,000 to write a checkpoint (about " in term.text, term.text
+    assert "; Ctrl-C again to stop now without one" in term.text, term.text
+    term.read(1.5)
+    assert "stopping at 1,000" in term.text.split("Ctrl-C again")[-1], term.text  # the bar says it
+    term.type(b"\x03")
+    assert term.wait(timeout=60) == 130, term.text
+    assert "interrupted at once" in term.text, term.text
