@@ -139,6 +139,7 @@ def test_one_ctrl_c_in_the_terminal_stops_the_suite_at_a_checkpoint_and_the_reru
         whole = json.loads((tmp_path / "whole" / name / "summary.json").read_text())
         again = json.loads((out / name / "summary.json").read_text())
         assert again["test_error"] == whole["test_error"] and again["iterations"] == 120
+        assert again["data_identity"] == "unknown"  # test data: no manifest of a verified download
 
 
 def test_runs_names_failed_stopped_and_not_started_folders_from_their_files(tmp_path, tiny_data):

@@ -142,9 +142,12 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min"
 
 
-def header(cfg: RunConfig, world_size: int, start: Start, eval_images: int = 10_000) -> str:
-    """What opens a run on rank 0: what will run, where, from where (and on a CPU, how long)."""
+def header(cfg: RunConfig, world_size: int, start: Start, eval_images: int = 10_000, data: str = "") -> str:
+    """What opens a run on rank 0: what will run, on which data (and whether it is verified
+    CIFAR-10), where, from where (and on a CPU, how long)."""
     rows = facts(cfg, world_size, start)
+    if data:
+        rows.insert(1, ("data", data))
     if cfg.train.device == "cpu":
         rows.append(("estimate", cpu_estimate(cfg, world_size, start.iteration, eval_images)))
     return f"{cfg.name}:\n{format_facts(rows)}"
