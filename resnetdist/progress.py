@@ -71,8 +71,7 @@ class RunBar:
         if it > self.bar.n:
             self.bar.update(it - self.bar.n)
             if it >= self.total:
-                self.write(f"iteration {self.total:,} of {self.total:,}: the final evaluation, checkpoint and "
-                           f"model.pt are being written")
+                self.write(f"iteration {self.total:,} done: final evaluation, checkpoint, model.pt ...")
 
     def seconds_per_iteration(self) -> float | None:
         done = self.latest - self.start
@@ -94,9 +93,8 @@ class RunBar:
             return
         from .train.announce import duration
 
-        self.write(f"measured over iterations {self.start + 1:,}-{self.latest:,}: {rate:.3g} s per iteration; "
-                   f"the remaining {self.total - self.latest:,} about {duration(rate * (self.total - self.latest))} "
-                   f"(evaluations not included)")
+        self.write(f"measured {rate:.3g} s/iteration ({self.start + 1:,}-{self.latest:,}): "
+                   f"{duration(rate * (self.total - self.latest))} to go, evaluations apart")
 
     def stopping(self) -> str:
         """The line for a first Ctrl-C: where the run will stop and about when. Called from a signal
