@@ -306,6 +306,16 @@ def load_cifar10(data_dir: Path | None, val_split: bool = False) -> Cifar10:
                    identity(folder))
 
 
+def load_test_only(data_dir: Path | None) -> Cifar10:
+    """The test set alone (`eval` of a checkpoint that holds its mean image): the training
+    files need not be there."""
+    folder = locate(data_dir)
+    counts: dict[str, int] = {}
+    test = read_files(folder, TEST_FILES, counts)
+    empty = Split(np.zeros((0, 3, 32, 32), np.uint8), np.zeros(0, np.int64))
+    return Cifar10(empty, test, folder=folder, file_records=counts, identity=identity(folder))
+
+
 def source_files(folder: Path) -> list[Path]:
     return [folder / n for n in TRAIN_FILES + TEST_FILES]
 

@@ -56,6 +56,7 @@ from typing import Callable, Iterator, Optional
 from ..checkpoint import atomic_write_text
 from ..config import ConfigError, RunConfig, depth_to_n, load_config, to_toml
 from ..errors import INTERRUPTED, PREEMPTED
+from ..train.announce import plural
 
 SUITE_DIR = "suite"  # inside OUT: suite.json, configs/, the Slurm script and its logs, W&B summary run
 MANIFEST = "suite.json"
@@ -189,7 +190,7 @@ def finished(job: Job) -> bool:
 def summary_line(job: Job) -> str:
     try:
         s = json.loads((job.run_dir / "summary.json").read_text())
-        return f"test error {s['test_error']:.2f}% after {s['iterations']} iterations"
+        return f"test error {s['test_error']:.2f}% after {plural(s['iterations'], 'iteration')}"
     except (OSError, ValueError, KeyError, TypeError):
         return "finished"
 
@@ -371,7 +372,13 @@ def report(jobs: list[Job], out: Path, base: RunConfig, echo: Callable[[str], No
     if run_id:
         manifest["wandb_report_id"] = run_id
         write_manifest(out, manifest)
-        echo(f"W&B: report logged to the summary run {group}-report ({run_id}) in group {group}")
+        from ..train.metrics import resolve_wandb_mode
+
+        if resolve_wandb_mode(base.log.wandb_mode) == "offline":  # nothing reached W&B yet
+            echo(f"W&B (offline): report recorded in the summary run {group}-report ({run_id}) under "
+                 f"{out / SUITE_DIR / 'wandb'}; `wandb sync {out / SUITE_DIR / 'wandb'}/offline-run-*` uploads it")
+        else:
+            echo(f"W&B: report logged to the summary run {group}-report ({run_id}) in group {group}")
     return written
 
 

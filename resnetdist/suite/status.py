@@ -28,7 +28,7 @@ from ..checkpoint import PATTERN as CHECKPOINT_NAME
 from ..config import read_toml
 from ..errors import INTERRUPTED, PREEMPTED, RunDirBusy
 from ..train import rundir
-from ..train.announce import duration
+from ..train.announce import duration, plural
 
 STATES = ("running", "interrupted", "stopped", "done", "failed", "not started")
 LOG = "train.log"  # a suite run's output (reproduce.Job.log); a run started by hand has none
@@ -125,7 +125,7 @@ def run_status(run_dir: Path, name: str | None = None, iterations: int | None = 
     if summary and "test_error" in summary and summary.get("iterations") == status.iterations:
         status.state, status.test_error = "done", summary["test_error"]
         status.iteration = summary.get("iterations")
-        status.detail = f"test error {summary['test_error']:.2f}% after {summary['iterations']:,} iterations"
+        status.detail = f"test error {summary['test_error']:.2f}% after {plural(summary['iterations'], 'iteration')}"
         return status
     return stopped(status, run_dir)
 
