@@ -179,8 +179,8 @@ def load_model_file(path: Path, map_location: str | torch.device = "cpu") -> dic
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder; give a model.pt or ckpt_*.pt inside a run folder")
     if not _looks_like_torch(path):
-        raise CheckpointError(f"{path}: not a torch file (neither a zip archive nor a pickle: text, or another "
-                              f"format); give a model.pt or ckpt_*.pt from a run folder")
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a torch file: text, or another format); "
+                              f"give a model.pt or ckpt_*.pt from a run folder")
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them
             warnings.simplefilter("ignore")
