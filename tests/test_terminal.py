@@ -77,7 +77,7 @@ def test_under_a_terminal_the_header_bar_evaluations_and_summary_keep_apart(tmp_
     shown = segments(text)
     assert code == 0, text[-3000:]
     header = "\n".join(shown[:14])
-    for fact in ("data            ", "(not verified as CIFAR-10: no manifest of a verified download)",
+    for fact in ("data            ", "(not verified as CIFAR-10: no manifest)",
                  "net             resnet8 (75,290 parameters)", "device          cpu, 1 rank", "step            eager",
                  "iterations      200", "batch per rank  32", f"run directory   {out}", "start           fresh start",
                  "estimate        about"):

@@ -37,8 +37,8 @@ VAL_SPLIT_SEED = 20151210  # fixed, so every run holds out the same 5k images
 # unknown origin (a stand-in, test data, files copied by hand); with it, the files can be
 # checked against the official ones at every run.
 MANIFEST = "resnetdist-manifest.json"
-IDENTITY_WORDS = {"cifar10": "verified CIFAR-10", "modified": "NOT CIFAR-10 as downloaded: files differ from "
-                  f"their {MANIFEST}", "unknown": "not verified as CIFAR-10: no manifest of a verified download"}
+IDENTITY_WORDS = {"cifar10": "verified CIFAR-10", "modified": f"NOT CIFAR-10 as downloaded: differs from {MANIFEST}",
+                  "unknown": "not verified as CIFAR-10: no manifest"}
 
 
 @dataclass
