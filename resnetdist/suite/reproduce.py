@@ -375,8 +375,8 @@ def report(jobs: list[Job], out: Path, base: RunConfig, echo: Callable[[str], No
         from ..train.metrics import resolve_wandb_mode
 
         if resolve_wandb_mode(base.log.wandb_mode) == "offline":  # nothing reached W&B yet
-            echo(f"W&B (offline): report recorded in the summary run {group}-report ({run_id}) under "
-                 f"{out / SUITE_DIR / 'wandb'}; `wandb sync {out / SUITE_DIR / 'wandb'}/offline-run-*` uploads it")
+            echo(f"W&B (offline): report recorded, not uploaded, in the summary run {group}-report ({run_id}) "
+                 f"in group {group}; `wandb sync {out / SUITE_DIR / 'wandb'}/offline-run-*` uploads it")
         else:
             echo(f"W&B: report logged to the summary run {group}-report ({run_id}) in group {group}")
     return written
