@@ -178,6 +178,9 @@ def load_model_file(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder; give a model.pt or ckpt_*.pt inside a run folder")
+    if not _looks_like_torch(path):
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a torch file: text, or another format); "
+                              f"give a model.pt or ckpt_*.pt from a run folder")
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them
             warnings.simplefilter("ignore")
@@ -199,6 +202,16 @@ def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path) -> N
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:200]
         raise CheckpointError(f"{path}: its weights do not fit the net its config describes ({detail})") from None
+
+
+def _looks_like_torch(path: Path) -> bool:
+    """torch.save writes a zip archive (b"PK"), older versions a pickle (protocol 2+: 0x80)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return True  # let torch.load name the failure
+    return head.startswith((b"PK", b"\x80"))
 
 
 def _load_failure(e: Exception) -> str:

@@ -318,18 +318,13 @@ def reproduce(
     dry_run: bool = typer.Option(False, help="slurm: print the job array script, submit nothing"),
     poll_s: float = typer.Option(10.0, help="slurm: seconds between queue polls while waiting"),
     status: Optional[Path] = typer.Option(None, help="show where the suite in this folder stands, and exit"),
+    as_json: bool = typer.Option(False, "--json", help="with --status: the states as JSON"),
 ) -> None:
     """Train the whole suite (depths x ResNet/plain x seeds), resumable, then write the report."""
     from .suite.reproduce import parse_ints, reproduce as run_suite
 
     if status is not None:
-        from .suite.slurm import show_status
-
-        try:
-            show_status(status, echo=typer.echo)
-        except ConfigError as e:
-            fail(str(e))
-        return
+        return show_suite_status(status, as_json)
     schedule = None
     if launcher == "slurm":
         from functools import partial
@@ -350,10 +345,44 @@ def reproduce(
                                 config, data_dir, device, runs_per_gpu, schedule, echo=typer.echo)
     except ConfigError as e:
         fail(str(e))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a Ctrl-C while planning or writing the report (the runs' own is handled there)
         fail("interrupted; run the same command again to resume", code=INTERRUPTED)
+    from .suite.reproduce import interrupted
+
+    if interrupted(outcomes):  # Ctrl-C or SIGTERM: the runs stopped at a checkpoint, the suite is unfinished
+        raise typer.Exit(INTERRUPTED)
     if any(o.status == "failed" for o in outcomes):
         raise typer.Exit(FAILED)
+
+
+def show_suite_status(out: Path, as_json: bool) -> None:
+    from .suite.slurm import show_status
+
+    try:
+        show_status(out, as_json, echo=typer.echo)
+    except ConfigError as e:
+        fail(str(e))
+
+
+@app.command()
+def runs(
+    run_dirs: list[Path] = typer.Argument(..., help="run folders, or folders holding runs (searched one level down)"),
+    as_json: bool = typer.Option(False, "--json", help="the states as JSON"),
+) -> None:
+    """Where each run stands: running (host, pid, iteration, time left), interrupted or stopped
+    (resumes from), done (test error), failed (exit code, the log's last line), not started."""
+    from .suite.report import ReportError, find_runs  # finding run folders: the report's rule
+    from .suite.status import run_status, table, to_json
+
+    try:
+        found, _ = find_runs(run_dirs)
+    except ReportError as e:
+        fail(str(e))
+    if not found:
+        fail(f"no run folders in {', '.join(map(str, run_dirs))} (a run folder holds config.toml, "
+             f"metrics.jsonl or summary.json)")
+    statuses = [run_status(path) for path in found]
+    typer.echo(to_json(statuses) if as_json else table(statuses))
 
 
 @app.command()

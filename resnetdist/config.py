@@ -353,7 +353,9 @@ def parse_override(text: str) -> dict[str, Any]:
     section, key = dotted.strip().split(".", 1)
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as e:
+        if any(c in raw for c in "\"'[]{}"):  # a string, list or table was meant: not a bare word
+            raise ConfigError(f"--set {text!r}: {raw.strip()} is not valid TOML ({e})") from None
         value = raw.strip()
     return {section: {key: value}}
 

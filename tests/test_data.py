@@ -210,3 +210,30 @@ def test_tarball_in_data_dir_must_be_the_official_one(tmp_path):
     tar_path = _official_tarball(tmp_path)
     with pytest.raises(DataError, match=f"{tar_path}: md5 .* does not match"):
         load_cifar10(tmp_path)
+
+
+def test_a_folder_extracted_from_the_verified_tarball_is_cifar10_until_a_file_changes(tmp_path, monkeypatch):
+    """The manifest (each file's sha256, taken from the md5-verified archive) is written at
+    extraction; a changed byte makes the folder 'modified'; a folder without one is 'unknown'.
+    The archive here is a small one, so the expected md5 is its own."""
+    import tarfile
+
+    from resnetdist.data import cifar
+
+    source = cifar.write_synthetic(tmp_path / "src", 20, 20) / cifar.FOLDER
+    assert cifar.identity(source) == "unknown"
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with tarfile.open(data_dir / cifar.TARBALL, "w:gz") as tar:
+        tar.add(source, arcname=cifar.FOLDER)
+    monkeypatch.setattr(cifar, "MD5", cifar.md5sum(data_dir / cifar.TARBALL))
+    folder = cifar.locate(data_dir)
+    assert (folder / cifar.MANIFEST).exists() and cifar.identity(folder) == "cifar10"
+    assert cifar.load_cifar10(data_dir).describe().endswith("(verified CIFAR-10)")
+    changed = bytearray((folder / "test_batch.bin").read_bytes())
+    changed[1] ^= 1
+    (folder / "test_batch.bin").write_bytes(bytes(changed))
+    assert cifar.identity(folder) == "modified"
+    (folder / cifar.MANIFEST).unlink()  # an older extraction: the verified tarball beside it restores the manifest,
+    cifar.locate(data_dir)  # from the archive, not from the changed folder
+    assert cifar.identity(folder) == "modified"

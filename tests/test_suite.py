@@ -92,3 +92,4 @@ def test_suite_wandb_group_model_artifacts_and_summary_table(suites):
     assert (folder / "files" / "report.md").read_text() == (out / "report.md").read_text()
     run_id = json.loads((out / "suite" / "suite.json").read_text())["wandb_report_id"]
     assert summary.run.run_id == run_id and f"({run_id}) in group paper" in log
+    assert "W&B (offline): report recorded, not uploaded" in log and "report logged" not in log

@@ -76,12 +76,13 @@ def test_under_a_terminal_the_header_bar_evaluations_and_summary_keep_apart(tmp_
     text = "".join(c for _, c in chunks)
     shown = segments(text)
     assert code == 0, text[-3000:]
-    header = "\n".join(shown[:12])
-    for fact in ("net             resnet8 (75,290 parameters)", "device          cpu, 1 rank", "step            eager",
+    header = "\n".join(shown[:14])
+    for fact in ("data            ", "(not verified as CIFAR-10: no manifest)",
+                 "net             resnet8 (75,290 parameters)", "device          cpu, 1 rank", "step            eager",
                  "iterations      200", "batch per rank  32", f"run directory   {out}", "start           fresh start",
                  "estimate        about"):
         assert fact in header, header
-    estimate = next(line for line in shown[:12] if "estimate" in line)
+    estimate = next(line for line in shown[:14] if "estimate" in line)
     assert len(estimate) <= COLUMNS and "2 evaluations included" in estimate, estimate
     evaluations = [s for s in shown if "train loss" in s]
     assert len(evaluations) == 2 and all(re.match(r"iter +\d+  lr ", s) for s in evaluations), evaluations

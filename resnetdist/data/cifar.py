@@ -1,4 +1,5 @@
-"""CIFAR-10, binary version: download (md5-checked), safe extraction, parsing, splits.
+"""CIFAR-10, binary version: download (md5-checked), safe extraction, parsing, splits, and
+whether a folder holds the official files (`identity`).
 
 A record is 3073 bytes: one label byte (0-9), then the 1024 R, 1024 G and 1024 B bytes of a
 32x32 image, row-major. Files are checked before anything trains, and a bad file is named.
@@ -7,6 +8,7 @@ A record is 3073 bytes: one label byte (0-9), then the 1024 R, 1024 G and 1024 B
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tarfile
 import tempfile
@@ -30,6 +32,15 @@ VAL_SIZE = 5_000  # the paper's 45k/5k split
 VAL_SPLIT_SEED = 20151210  # fixed, so every run holds out the same 5k images
 
 
+# Beside the .bin files of a folder extracted from the md5-verified tarball (download or
+# --data-dir): each file's size and sha256 as the tarball holds it. A folder without it is of
+# unknown origin (a stand-in, test data, files copied by hand); with it, the files can be
+# checked against the official ones at every run.
+MANIFEST = "resnetdist-manifest.json"
+IDENTITY_WORDS = {"cifar10": "verified CIFAR-10", "modified": f"NOT CIFAR-10 as downloaded: differs from {MANIFEST}",
+                  "unknown": "not verified as CIFAR-10: no manifest"}
+
+
 @dataclass
 class Split:
     images: np.ndarray  # uint8, (N, 3, 32, 32)
@@ -49,6 +60,10 @@ class Cifar10:
     val_indices: np.ndarray | None = None
     folder: Path | None = None  # where the .bin files were read from
     file_records: dict[str, int] | None = None  # records in each .bin file read
+    identity: str = "unknown"  # cifar10 | modified | unknown (identity())
+
+    def describe(self) -> str:
+        return f"{self.folder} ({IDENTITY_WORDS[self.identity]})"
 
     def eval_images(self) -> int:
         """Images in each evaluation (test, and the held-out validation split if any)."""
@@ -131,22 +146,75 @@ def extract(tarball: Path, dest_dir: Path) -> Path:
 
 def locate(data_dir: Path | None, download_ok: bool = True) -> Path:
     """Return the folder holding the .bin files: data_dir/cifar-10-batches-bin, data_dir itself,
-    or the extracted tarball found in (or downloaded to) data_dir / the cache."""
+    or the extracted tarball found in (or downloaded to) data_dir / the cache. A folder extracted
+    from the md5-verified tarball gets its manifest (MANIFEST)."""
     base = Path(data_dir) if data_dir else default_cache_dir()
+    if data_dir is not None and base.exists() and not base.is_dir():
+        raise DataError(f"--data-dir {base}: is a file, not a folder (give the folder holding {FOLDER}/ or {TARBALL})")
     if data_dir is not None and not base.is_dir():
         raise DataError(f"--data-dir {base}: no such folder")
+    tarball = base / TARBALL
     for cand in (base / FOLDER, base):
         if (cand / TEST_FILES[0]).exists() or (cand / TRAIN_FILES[0]).exists():
+            if cand == base / FOLDER and not (cand / MANIFEST).exists() and tarball.exists() and md5sum(tarball) == MD5:
+                write_manifest(cand, tarball)  # extracted by an older version, or by hand, from the verified tarball
             return cand
-    tarball = base / TARBALL
     if tarball.exists():
         got = md5sum(tarball)
         if got != MD5:
             raise DataError(f"{tarball}: md5 {got} does not match the expected {MD5}")
-        return extract(tarball, base)
+        return write_manifest(extract(tarball, base), tarball)
     if data_dir is not None or not download_ok:
         raise DataError(f"{base}: holds neither {FOLDER}/ nor {TARBALL}")
-    return extract(download(base), base)
+    tarball = download(base)
+    return write_manifest(extract(tarball, base), tarball)
+
+
+def sha256sum(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, tarball: Path) -> Path:
+    """Each .bin file's size and sha256 as `tarball` (already md5-verified) holds it, written
+    beside the files; returns the folder. Taken from the archive, not from the folder, so a
+    folder changed after extraction is not blessed."""
+    files = {}
+    try:
+        with tarfile.open(tarball, "r:gz") as tar:
+            for member in tar:
+                name = Path(member.name).name
+                if member.isfile() and name in TRAIN_FILES + TEST_FILES:
+                    h = hashlib.sha256()
+                    with tar.extractfile(member) as f:
+                        while block := f.read(1 << 20):
+                            h.update(block)
+                    files[name] = {"bytes": member.size, "sha256": h.hexdigest()}
+        text = json.dumps({"source": f"{TARBALL} (md5 {md5sum(tarball)})", "files": files}, indent=2) + "\n"
+        tmp = folder / f".{MANIFEST}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, folder / MANIFEST)
+    except (tarfile.TarError, OSError):  # a read-only folder: the data stays usable, its identity "unknown"
+        pass
+    return folder
+
+
+def identity(folder: Path) -> str:
+    """cifar10: the folder's manifest names every file, and each matches in size and sha256;
+    modified: a manifest, but some file differs or is missing; unknown: no (readable) manifest."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
+    for name in TRAIN_FILES + TEST_FILES:
+        path, want = folder / name, files.get(name) if isinstance(files, dict) else None
+        if not want or not path.is_file() or path.stat().st_size != want.get("bytes") \
+                or sha256sum(path) != want.get("sha256"):
+            return "modified"
+    return "cifar10"
 
 
 def read_batch_file(path: Path) -> Split:
@@ -232,9 +300,20 @@ def load_cifar10(data_dir: Path | None, val_split: bool = False) -> Cifar10:
     train = read_files(folder, TRAIN_FILES, counts)
     test = read_files(folder, TEST_FILES, counts)
     if not val_split:
-        return Cifar10(train, test, folder=folder, file_records=counts)
+        return Cifar10(train, test, folder=folder, file_records=counts, identity=identity(folder))
     train_idx, val_idx = validation_indices(len(train))
-    return Cifar10(subset(train, train_idx), test, subset(train, val_idx), train_idx, val_idx, folder, counts)
+    return Cifar10(subset(train, train_idx), test, subset(train, val_idx), train_idx, val_idx, folder, counts,
+                   identity(folder))
+
+
+def load_test_only(data_dir: Path | None) -> Cifar10:
+    """The test set alone (`eval` of a checkpoint that holds its mean image): the training
+    files need not be there."""
+    folder = locate(data_dir)
+    counts: dict[str, int] = {}
+    test = read_files(folder, TEST_FILES, counts)
+    empty = Split(np.zeros((0, 3, 32, 32), np.uint8), np.zeros(0, np.int64))
+    return Cifar10(empty, test, folder=folder, file_records=counts, identity=identity(folder))
 
 
 def source_files(folder: Path) -> list[Path]:

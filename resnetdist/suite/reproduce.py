@@ -31,22 +31,32 @@ Restarting the same command is safe: finished runs are skipped; an interrupted o
 is started (submitted) again and `train` resumes it from its newest checkpoint; on Slurm a
 run still queued or running is left alone. A run that fails does not stop the others; at the
 end every failure is listed with its log, and the command exits 1.
+
+Ctrl-C (locally): the runs live in sessions of their own, so the terminal's SIGINT reaches this
+process alone, which passes each press on to every running run once (`Stop`): the first stops
+each at its next log point with a checkpoint, a second at once, as with `train`. No new run
+starts; the command lists the runs as `interrupted`, says how to resume and exits 130
+(SIGTERM likewise: the runs stop at a checkpoint, exit 6).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from ..checkpoint import atomic_write_text
 from ..config import ConfigError, RunConfig, depth_to_n, load_config, to_toml
+from ..errors import INTERRUPTED, PREEMPTED
+from ..train.announce import plural
 
 SUITE_DIR = "suite"  # inside OUT: suite.json, configs/, the Slurm script and its logs, W&B summary run
 MANIFEST = "suite.json"
@@ -80,7 +90,7 @@ class Job:
 @dataclass
 class Outcome:
     job: Job
-    status: str  # done | skipped | failed
+    status: str  # done | skipped | failed | interrupted (Ctrl-C or SIGTERM obeyed: a checkpoint, resumable)
     detail: str = ""
 
 
@@ -180,7 +190,7 @@ def finished(job: Job) -> bool:
 def summary_line(job: Job) -> str:
     try:
         s = json.loads((job.run_dir / "summary.json").read_text())
-        return f"test error {s['test_error']:.2f}% after {s['iterations']} iterations"
+        return f"test error {s['test_error']:.2f}% after {plural(s['iterations'], 'iteration')}"
     except (OSError, ValueError, KeyError, TypeError):
         return "finished"
 
@@ -219,36 +229,101 @@ def start(job: Job, gpu: str | None) -> subprocess.Popen:
               f"{f'  (CUDA_VISIBLE_DEVICES={gpu})' if gpu is not None else ''}\n")
     log.flush()
     try:
-        # same process group as this command: stopping it (Ctrl-C, kill of the group) stops the runs
+        # a session of its own: the terminal's Ctrl-C reaches this command alone, which passes it on
+        # once (Stop); were the run in the terminal's group too, it would count two presses. If this
+        # command dies without passing anything on (SIGKILL, a closed terminal), the kernel sends the
+        # run SIGTERM, which stops it at a checkpoint
         return subprocess.Popen([sys.executable, "-m", "resnetdist", *job.argv], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True, preexec_fn=_terminate_with_parent)
     finally:
         log.close()
 
 
-def _stop(running: dict) -> None:
-    for proc in running:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in running:
+def _terminate_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent exits (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: a killed suite leaves its runs running
+        pass
+
+
+class Stop:
+    """Ctrl-C (SIGINT) and SIGTERM while the suite runs. The handler only counts; the suite's
+    loop passes each press on to every running run once (`pass_on`), so a run started a moment
+    after a press gets it too, and nothing is printed from inside a signal handler."""
+
+    def __init__(self) -> None:
+        self.presses = 0
+        self.signum = 0  # the first signal: SIGINT (exit 130) or SIGTERM (exit 6)
+        self.sent: dict[subprocess.Popen, int] = {}
+        self.told = 0  # presses already acknowledged on the terminal
+
+    def note(self, signum: int, _frame=None) -> None:
+        self.presses += 1
+        self.signum = self.signum or signum
+
+    def pass_on(self, running, echo: Callable[[str], None]) -> None:
+        for proc in running:
+            while self.sent.get(proc, 0) < self.presses and proc.poll() is None:
+                proc.send_signal(self.signum)
+                self.sent[proc] = self.sent.get(proc, 0) + 1
+        if self.presses > self.told:
+            self.told = self.presses
+            what = "Ctrl-C" if self.signum == signal.SIGINT else signal.Signals(self.signum).name
+            if self.presses == 1:
+                again = "; Ctrl-C again to stop them now without one" if self.signum == signal.SIGINT else ""
+                echo(f"{what}: no new run starts; {len(running)} running run(s) stop at their next log point "
+                     f"with a checkpoint{again}")
+            else:
+                echo(f"{what} again: the running runs stop now; each resumes from its newest checkpoint")
+
+    @contextmanager
+    def installed(self) -> Iterator[Stop]:
+        old = {s: signal.signal(s, self.note) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            yield self
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+
+def append_exit(job: Job, code: int) -> None:
+    """The run's exit code, last in its log: `runs` and `--status` read it from there."""
+    with open(job.log, "a") as log:
+        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} exit code {code}\n")
 
 
 def _collect(proc: subprocess.Popen, job: Job, secs: float, echo: Callable[[str], None]) -> Outcome:
+    append_exit(job, proc.returncode)
     if proc.returncode == 0 and finished(job):
         echo(f"done  {job.name}: {summary_line(job)} ({secs:.0f} s)")
         return Outcome(job, "done")
+    if proc.returncode in (INTERRUPTED, PREEMPTED):
+        last = last_log_line(job.log).removeprefix("interrupted: ").removeprefix("preempted: ")
+        echo(f"interrupted  {job.name}: {last or f'exit code {proc.returncode}'}")
+        return Outcome(job, "interrupted", last)
     why = f"exit code {proc.returncode}" if proc.returncode else "no summary.json written"
     echo(f"FAIL  {job.name}: {why} ({secs:.0f} s); log {job.log}")
     return Outcome(job, "failed", f"{why}; log {job.log}")
 
 
+def last_log_line(log: Path) -> str:
+    """The run's own last line (a suite's `=== ...` lines left out), '' if none."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line.strip() for line in reversed(lines) if line.strip() and not line.startswith("===")), "")
+
+
 def run_all(jobs: list[Job], pool: list[str | None], echo: Callable[[str], None] = print,
-            poll_s: float = 0.5) -> list[Outcome]:
-    """Run the jobs in order over the slots (a device listed K times takes K runs at once)."""
+            poll_s: float = 0.25) -> list[Outcome]:
+    """Run the jobs in order over the slots (a device listed K times takes K runs at once).
+    After Ctrl-C or SIGTERM (Stop) no new run starts and the running ones stop at a checkpoint;
+    the runs never started are left out of the outcomes."""
     outcomes = [Outcome(j, "skipped") for j in jobs if finished(j)]
     for o in outcomes:
         echo(f"skip  {o.job.name}: already finished ({summary_line(o.job)})")
@@ -256,30 +331,23 @@ def run_all(jobs: list[Job], pool: list[str | None], echo: Callable[[str], None]
     free = list(pool)
     running: dict[subprocess.Popen, tuple[Job, str | None, float]] = {}
     total, started = len(pending), 0
-
-    def stop_on_sigterm(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, stop_on_sigterm)
-    try:
-        while pending or running:
-            while pending and free:
+    with Stop().installed() as stop:
+        while (pending and not stop.presses) or running:
+            while pending and free and not stop.presses:
                 job, gpu = pending.pop(0), free.pop(0)
                 started += 1
                 resume = " (resuming)" if any(job.run_dir.glob("ckpt_*.pt")) else ""
                 where = f"GPU {gpu}" if gpu is not None else "this machine"
                 echo(f"[{started}/{total}] start {job.name} on {where}{resume}; log {job.log}")
                 running[start(job, gpu)] = (job, gpu, time.monotonic())
+            stop.pass_on(running, echo)
             time.sleep(poll_s)
             for proc in [p for p in running if p.poll() is not None]:
                 job, gpu, t0 = running.pop(proc)
                 free.append(gpu)
                 outcomes.append(_collect(proc, job, time.monotonic() - t0, echo))
-    except KeyboardInterrupt:
-        _stop(running)
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    if stop.presses:
+        return outcomes + [Outcome(j, "not started") for j in pending]
     return outcomes
 
 
@@ -304,7 +372,13 @@ def report(jobs: list[Job], out: Path, base: RunConfig, echo: Callable[[str], No
     if run_id:
         manifest["wandb_report_id"] = run_id
         write_manifest(out, manifest)
-        echo(f"W&B: report logged to the summary run {group}-report ({run_id}) in group {group}")
+        from ..train.metrics import resolve_wandb_mode
+
+        if resolve_wandb_mode(base.log.wandb_mode) == "offline":  # nothing reached W&B yet
+            echo(f"W&B (offline): report recorded, not uploaded, in the summary run {group}-report ({run_id}) "
+                 f"in group {group}; `wandb sync {out / SUITE_DIR / 'wandb'}/offline-run-*` uploads it")
+        else:
+            echo(f"W&B: report logged to the summary run {group}-report ({run_id}) in group {group}")
     return written
 
 
@@ -346,6 +420,24 @@ def reproduce(depths: list[int], plain: bool, seeds: int, out: Path, gpus: str |
                  else f"{len(pool)} at a time on this machine")
         echo(f"{len(jobs)} runs into {out}, longest first: {', '.join(j.name for j in jobs)}; {where}")
         outcomes = run_all(jobs, pool, echo)
+    if interrupted(outcomes):
+        list_failures(outcomes, len(jobs), echo)
+        say_how_to_resume(outcomes, echo)
+        return outcomes, None
     written = report(jobs, out, base, echo)
     list_failures(outcomes, len(jobs), echo)
     return outcomes, written
+
+
+def interrupted(outcomes: list[Outcome]) -> bool:
+    return any(o.status in ("interrupted", "not started") for o in outcomes)
+
+
+def say_how_to_resume(outcomes: list[Outcome], echo: Callable[[str], None]) -> None:
+    """After a stop: what is kept, and the command that carries on (no report: the suite is unfinished)."""
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("interrupted", "not started")}
+    done = sum(o.status in ("done", "skipped") for o in outcomes)
+    argv = shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("resnetdist", "__main__.py")) else ""
+    echo(f"interrupted: {counts['interrupted']} run(s) stopped (each resumes from its newest checkpoint), "
+         f"{counts['not started']} not started, {done} finished; no report yet. To resume, run the same "
+         f"command again" + (f": resnetdist {argv}" if argv else ""))

@@ -11,8 +11,9 @@ Submission: the script is written to OUT/suite/array-<n>.sbatch, checked with
 `sbatch --test-only` (a bad partition, account, time or --sbatch-arg is refused before
 anything is queued) and submitted with `sbatch --parsable`. OUT/suite/suite.json records
 each submission: job id and which runs each array task trains. A run's state comes from its
-files (summary.json: done) and from the scheduler (squeue, then sacct where accounting is
-kept): queued, running, failed (left the queue without a summary), stopped or not started.
+folder (status.py: the lock held, summary.json, checkpoints, the log's end) and, where the
+folder cannot know, from the scheduler (squeue, then sacct where accounting is kept): queued,
+starting, or failed (left the queue without a summary).
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import ConfigError
-from .reproduce import (SUITE_DIR, Job, Outcome, finished, jobs_from_manifest, read_manifest, suite_name,
-                        summary_line, write_manifest, write_plan)
+from .reproduce import (SUITE_DIR, Job, Outcome, jobs_from_manifest, read_manifest, suite_name, write_manifest,
+                        write_plan)
+from .status import RunStatus, run_status, table, to_json
 
 QUEUED_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESIZING", "SUSPENDED",
                  "STAGE_OUT", "SIGNALING"}
 RUNNING_STATES = {"RUNNING", "COMPLETING"}
-STATES = ("queued", "running", "done", "failed", "stopped", "not started")
 # what the array script sets itself; a --sbatch-arg may not change them
 RESERVED_OPTIONS = {"--array", "--output", "--error", "--parsable", "--wrap", "--job-name", "--requeue",
                     "--no-requeue", "--signal", "--open-mode", "--chdir", "-a", "-o", "-e", "-J", "-D"}
@@ -102,6 +103,60 @@ def sbatch_lines(out: Path, tasks: dict[int, list[str]], opts: SlurmOptions) -> 
     return lines + list(opts.sbatch_args)
 
 
+# the array script after its case: the traps, one `train` per run (side by side), the wait
+TRAPS_RUNS_AND_WAIT = """# USR1 comes {warning_s} s before the time limit (--signal): put this task back in the
+# queue; when it starts again every run resumes from its newest checkpoint.
+# shellcheck disable=SC2317  # called by the trap below
+requeue() {{
+    echo "time limit near: requeueing ${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}" >&2
+    scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
+}}
+trap requeue USR1
+# `scancel --signal=INT --full` (the suite's Ctrl-C) reaches every run of the task, which stops
+# at its next log point with a checkpoint; this shell waits for them rather than ending first
+# (which would end the task and kill the runs before they write it)
+# shellcheck disable=SC2317  # called by the trap below
+interrupted() {{
+    echo "SIGINT: the runs of ${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}} stop at their next checkpoint" >&2
+}}
+trap interrupted INT
+
+# Slurm's CUDA_VISIBLE_DEVICES for this task; its runs take the GPUs in turn.
+IFS=, read -r -a gpus <<< "${{CUDA_VISIBLE_DEVICES:-}}"
+pids=()
+for i in "${{!runs[@]}}"; do
+    run="${{runs[$i]}}"
+    mkdir -p "$out/$run"
+    echo "=== $(date '+%F %T') array task ${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}} on $(hostname): $run" >> "$out/$run/train.log"
+    (
+        if (( ${{#gpus[@]}} )); then
+            export CUDA_VISIBLE_DEVICES="${{gpus[i % ${{#gpus[@]}}]}}"
+        fi
+        # the exit code last in the log: `reproduce --status` and `resnetdist runs` read it
+        code=0
+        "$python" -m resnetdist train --config "$out/{suite}/configs/$run.toml" || code=$?
+        echo "=== $(date '+%F %T') exit code $code"
+        exit "$code"
+    ) >> "$out/$run/train.log" 2>&1 &
+    pids+=("$!")
+done
+
+# bash runs a trap only between commands: waiting on background runs, not a foreground
+# one, lets the traps run at once; a trap ends a `wait` early, so each run is waited for
+# until it has really exited
+status=0
+for pid in "${{pids[@]}}"; do
+    while true; do
+        code=0
+        wait "$pid" || code=$?
+        kill -0 "$pid" 2>/dev/null || break
+    done
+    (( code == 0 )) || status=$code
+done
+exit "$status"
+"""
+
+
 def array_script(out: Path, tasks: dict[int, list[str]], opts: SlurmOptions) -> str:
     """The job array's batch script: task id -> runs, then one `train` per run, side by side."""
     out = out.resolve()
@@ -123,39 +178,7 @@ case "${{SLURM_ARRAY_TASK_ID:?submit this with sbatch: it is a job array}}" in
     *) echo "array task $SLURM_ARRAY_TASK_ID has no runs" >&2; exit 2 ;;
 esac
 
-# USR1 comes {REQUEUE_WARNING_S} s before the time limit (--signal): put this task back in the
-# queue; when it starts again every run resumes from its newest checkpoint.
-# shellcheck disable=SC2317  # called by the trap below
-requeue() {{
-    echo "time limit near: requeueing ${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}" >&2
-    scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
-}}
-trap requeue USR1
-
-# Slurm's CUDA_VISIBLE_DEVICES for this task; its runs take the GPUs in turn.
-IFS=, read -r -a gpus <<< "${{CUDA_VISIBLE_DEVICES:-}}"
-pids=()
-for i in "${{!runs[@]}}"; do
-    run="${{runs[$i]}}"
-    mkdir -p "$out/$run"
-    echo "=== $(date '+%F %T') array task ${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}} on $(hostname): $run" >> "$out/$run/train.log"
-    (
-        if (( ${{#gpus[@]}} )); then
-            export CUDA_VISIBLE_DEVICES="${{gpus[i % ${{#gpus[@]}}]}}"
-        fi
-        exec "$python" -m resnetdist train --config "$out/{SUITE_DIR}/configs/$run.toml"
-    ) >> "$out/$run/train.log" 2>&1 &
-    pids+=("$!")
-done
-
-# bash runs a trap only between commands: waiting on background runs, not a foreground
-# one, lets the USR1 trap run at once
-status=0
-for pid in "${{pids[@]}}"; do
-    wait "$pid" || status=$?
-done
-exit "$status"
-"""
+{TRAPS_RUNS_AND_WAIT.format(suite=SUITE_DIR, warning_s=REQUEUE_WARNING_S)}"""
 
 
 # ----- submitting -----------------------------------------------------------------------------------
@@ -215,9 +238,10 @@ def scheduler_states(job_ids: list[str]) -> dict[str, str]:
     return states
 
 
-def run_states(out: Path, jobs: list[Job]) -> dict[str, tuple[str, str]]:
-    """Run name -> (state, detail): done, queued, running, failed (left the queue without a
-    summary), stopped (never submitted, a checkpoint from an earlier local run) or not started."""
+def run_states(out: Path, jobs: list[Job]) -> dict[str, RunStatus]:
+    """Run name -> its status: what its folder says (status.run_status: running, done,
+    interrupted, failed, stopped, not started), and where the folder cannot know, the
+    scheduler's word: queued, starting, or failed (left the queue without a summary)."""
     submissions = (read_manifest(out) or {}).get("submissions", [])
     where: dict[str, str] = {}  # run -> "<job>_<task>" of its latest submission
     for sub in submissions:
@@ -225,39 +249,34 @@ def run_states(out: Path, jobs: list[Job]) -> dict[str, tuple[str, str]]:
             for name in names:
                 where[name] = f"{sub['job_id']}_{task}"
     states = scheduler_states(sorted({w.split("_")[0] for w in where.values()}))
-    result = {}
-    for job in jobs:
-        task = where.get(job.name)
-        state = states.get(task, "") if task else ""
-        if finished(job):
-            result[job.name] = ("done", summary_line(job))
-        elif task is None:
-            ckpt = max(job.run_dir.glob("ckpt_*.pt"), default=None)
-            result[job.name] = ("stopped", f"resumes from {ckpt.name}") if ckpt else ("not started", "")
-        elif state in QUEUED_STATES:
-            result[job.name] = ("queued", f"{task} {state.lower()}")
-        elif state in RUNNING_STATES:
-            result[job.name] = ("running", f"{task}")
-        else:
-            why = state.lower() if state else "left the queue"
-            result[job.name] = ("failed", f"{task} {why} without a summary; log {job.log}")
-    return result
+    return {job.name: with_scheduler(run_status(job.run_dir, job.name, job.iterations), where.get(job.name),
+                                     states, job.log)
+            for job in jobs}
 
 
-def status_table(out: Path, jobs: list[Job]) -> tuple[str, dict[str, tuple[str, str]]]:
+def with_scheduler(status: RunStatus, task: str | None, states: dict[str, str], log: Path) -> RunStatus:
+    state = states.get(task, "") if task else ""
+    if task is None or status.state in ("running", "done"):
+        return status
+    if state in QUEUED_STATES:
+        status.state, status.detail = "queued", f"{task} {state.lower()}"
+    elif state in RUNNING_STATES:
+        status.state, status.detail = "running", f"{task} starting"
+    elif status.state in ("stopped", "not started"):  # no word from the run itself
+        why = state.lower() if state else "left the queue"
+        status.state, status.detail = "failed", f"{task} {why} without a summary; log {log}"
+    return status
+
+
+def status_table(out: Path, jobs: list[Job]) -> tuple[str, dict[str, RunStatus]]:
     states = run_states(out, jobs)
-    counts = {s: sum(1 for v in states.values() if v[0] == s) for s in STATES}
-    width = max(len(j.name) for j in jobs)
-    # the four main states always, the others when some run is in them
-    lines = [f"{suite_name(out)}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n or s in STATES[:4])]
-    lines += [f"  {j.name:<{width}}  {states[j.name][0]:<13} {states[j.name][1]}".rstrip() for j in jobs]
-    return "\n".join(lines), states
+    return table(list(states.values()), suite_name(out)), states
 
 
-def show_status(out: Path, echo: Callable[[str], None] = print) -> dict[str, tuple[str, str]]:
+def show_status(out: Path, as_json: bool = False, echo: Callable[[str], None] = print) -> dict[str, RunStatus]:
     """`reproduce --status OUT`: the table, from files and the scheduler, in any process."""
-    table, states = status_table(out, jobs_from_manifest(out))
-    echo(table)
+    table_text, states = status_table(out, jobs_from_manifest(out))
+    echo(to_json(list(states.values())) if as_json else table_text)
     return states
 
 
@@ -272,7 +291,7 @@ def wait(out: Path, jobs: list[Job], poll_s: float, echo: Callable[[str], None])
         if table != last:
             echo(f"--- {time.strftime('%H:%M:%S')}\n{table}")
             last = table
-        if not any(s in ("queued", "running") for s, _ in states.values()):
+        if not any(s.state in ("queued", "running") for s in states.values()):
             return states
         time.sleep(poll_s)
 
@@ -288,10 +307,10 @@ def run_suite(jobs: list[Job], out: Path, opts: SlurmOptions, echo: Callable[[st
     require("squeue")
     write_plan(jobs, out, "slurm")
     states = run_states(out, jobs)
-    todo = [j for j in jobs if states[j.name][0] in ("failed", "stopped", "not started")]
+    todo = [j for j in jobs if states[j.name].state in ("failed", "interrupted", "stopped", "not started")]
     for j in jobs:
         if j not in todo:
-            echo(f"skip  {j.name}: {states[j.name][0]} ({states[j.name][1]})")
+            echo(f"skip  {j.name}: {states[j.name].state} ({states[j.name].detail})")
     if todo:
         job_id, tasks = submit(out, todo, opts)
         echo(f"submitted job array {job_id}: {len(todo)} run(s) in {len(tasks)} task(s), longest first: "
@@ -304,5 +323,6 @@ def run_suite(jobs: list[Job], out: Path, opts: SlurmOptions, echo: Callable[[st
     except KeyboardInterrupt:
         echo(f"stopped waiting; the job array keeps running: resnetdist reproduce --status {out}")
         raise
-    return [Outcome(j, "done" if final[j.name][0] == "done" else "failed", final[j.name][1]) for j in jobs]
+    return [Outcome(j, final[j.name].state if final[j.name].state in ("done", "interrupted") else "failed",
+                    final[j.name].detail) for j in jobs]
 

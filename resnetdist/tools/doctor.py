@@ -38,7 +38,7 @@ from .. import dist
 from .bench import sync, timed
 from ..config import load_config
 from ..data import load_data
-from ..data.cifar import DataError, locate, write_synthetic
+from ..data.cifar import IDENTITY_WORDS, DataError, identity, locate, write_synthetic
 from ..train.evaluate import error_rates
 from ..train.loop import run_steps
 from ..train.resolve import resolve
@@ -98,7 +98,9 @@ def _gpus() -> str:
 
 def _data(data_dir: Path | None) -> tuple[str, str]:
     try:
-        return "ok", str(locate(data_dir, download_ok=False))
+        folder = locate(data_dir, download_ok=False)
+        found = identity(folder)  # "ok" only for the official files: a stand-in trains, but is not CIFAR-10
+        return ("ok" if found == "cifar10" else "info"), f"{folder} ({IDENTITY_WORDS[found]})"
     except DataError as e:
         return "info", f"not found ({e}); `resnetdist train` downloads it, or pass --data-dir"
 

@@ -27,6 +27,8 @@ import contextlib
 import io
 import json
 import logging
+import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -113,8 +115,7 @@ def export(path: Path, fmt: str, out: Path | None = None, data_dir: Path | None 
     out = Path(out) if out else default_out(path, fmt)
     mfile = mean_path(out)
     meta = metadata(cfg, state, mfile)
-    if (blocker := checkpoint.not_a_folder(out.parent)) is not None:
-        raise ExportError(f"--out {out}: {blocker} is a file, not a folder")
+    check_out(out)  # before converting: a bad path costs nothing and prints nothing else
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "safetensors":
@@ -123,9 +124,38 @@ def export(path: Path, fmt: str, out: Path | None = None, data_dir: Path | None 
         else:
             result = {"max_abs_diff": export_onnx(model, meta, out)}
         np.save(mfile, mean.numpy().astype(np.float32))
-    except OSError as e:  # --out in a file's place, a read-only folder, a full disk
+        for written in (out, mfile):
+            written.chmod(USUAL_MODE)  # safetensors writes 0600 (a private temporary file, renamed)
+    except OSError as e:  # a full disk, or the folder changed since the check
         raise ExportError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     return {"format": fmt, "out": str(out), "mean": str(mfile), "model": cfg.model.name, **result}
+
+
+def _usual_mode() -> int:
+    """The mode open() gives a new file here (0666 less the umask), as for every other output."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+USUAL_MODE = _usual_mode()
+
+
+def check_out(out: Path) -> None:
+    """--out must be a writable file path: not a folder, not under a file, its folder writable
+    (or creatable), the file itself writable if it exists."""
+    if out.is_dir():
+        raise ExportError(f"--out {out}: is a folder; give a file name inside it")
+    if (blocker := checkpoint.not_a_folder(out.parent)) is not None:
+        raise ExportError(f"--out {out}: {blocker} is a file, not a folder")
+    existing = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("."))
+    try:  # a real write (root passes access() checks; /proc and read-only mounts refuse anyway)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ExportError(f"--out {out}: {existing} is not writable ({e.strerror or e})") from None
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ExportError(f"--out {out}: the file exists and is not writable")
 
 
 def export_safetensors(model: CifarResNet, meta: dict[str, str], out: Path) -> None:
@@ -134,7 +164,10 @@ def export_safetensors(model: CifarResNet, meta: dict[str, str], out: Path) -> N
     except ImportError:
         raise ExportError("safetensors is not installed: pip install 'resnetdist[export]'") from None
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out), metadata=meta)
+    try:
+        save_file(tensors, str(out), metadata=meta)
+    except Exception as e:  # SafetensorError (not an OSError) for a path it cannot write
+        raise ExportError(f"--out {out}: cannot write there ({e})") from None
 
 
 def export_onnx(model: CifarResNet, meta: dict[str, str], out: Path, batch: int = 4) -> float:
@@ -150,14 +183,18 @@ def export_onnx(model: CifarResNet, meta: dict[str, str], out: Path, batch: int 
     level = onnx_logger.level
     onnx_logger.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms" etc.
     try:
-        with contextlib.redirect_stdout(log), warnings.catch_warnings():
+        # torch.onnx prints its progress ("[torch.onnx] ... ✅") and warnings: kept for a failure
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
             torch.onnx.export(
                 model, (example,), str(out), input_names=["input"], output_names=["logits"],
                 dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, external_data=False,
             )
     except Exception as e:
-        raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}\n{log.getvalue()}") from e
+        # one line; its own output only when asked for (RESNETDIST_DEBUG, as for tracebacks)
+        detail = f"\n{log.getvalue()}" if os.environ.get("RESNETDIST_DEBUG", "") not in ("", "0") else ""
+        raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}"
+                          f"{detail}") from e
     finally:
         onnx_logger.setLevel(level)
     proto = onnx.load(str(out))

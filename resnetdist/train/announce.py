@@ -81,14 +81,14 @@ def facts(cfg: RunConfig, world_size: int, start: Start) -> list[tuple[str, str]
 
     batch = global_batch(cfg, world_size)
     o, t = cfg.optim, cfg.train
-    steps = ", ".join(f"{m:,}" for m in o.milestones) or "none"
+    steps = f"/{1 / o.gamma:g} at {', '.join(f'{m:,}' for m in o.milestones)}" if o.milestones else "constant"
     return [
         ("net", f"{cfg.model.name} ({count_parameters(build_model(cfg.model)):,} parameters)"),
         ("device", f"{t.device}, {world_size} rank{'s' if world_size > 1 else ''}"),
         ("precision", t.precision),
         ("step", t.step),
         ("loader", cfg.data.loader),
-        ("iterations", f"{o.iters:,} (lr {o.lr:g}, /{1 / o.gamma:g} at {steps}; evaluation every "
+        ("iterations", f"{o.iters:,} (lr {o.lr:g}, {steps}; evaluation every "
                        f"{t.eval_every:,}, checkpoint every {t.checkpoint_every:,})"),
         ("batch per rank", f"{batch // world_size} ({batch} per iteration)"),
         ("run directory", str(cfg.run_dir)),
@@ -103,9 +103,12 @@ def format_facts(rows: list[tuple[str, str]]) -> str:
 
 def dry_run(cfg: RunConfig, world_size: int, notes: list[str] = ()) -> str:
     """`train --dry-run`: the resolved configuration as TOML, then what would run."""
+    start = where_it_starts(cfg)
+    rows = facts(cfg, world_size, start)
+    if cfg.train.device == "cpu":  # not measured here: the dry run takes no step
+        rows.append(("estimate", cpu_estimate(cfg, world_size, start.iteration) + "; the run measures its own"))
     lines = [f"# resolved configuration of {cfg.run_dir}", dumps_toml(cfg.to_dict()).rstrip(), "",
-             "would run (--dry-run: nothing was started or written):",
-             format_facts(facts(cfg, world_size, where_it_starts(cfg)))]
+             "would run (--dry-run: nothing was started or written):", format_facts(rows)]
     return "\n".join([*lines, *(f"  note: {n}" for n in notes)])
 
 
@@ -131,7 +134,11 @@ def cpu_estimate(cfg: RunConfig, world_size: int, start_iter: int, eval_images: 
     train_s = per_image * global_batch(cfg, world_size) / world_size * (cfg.optim.iters - start_iter)
     count = evaluations(start_iter, cfg.optim.iters, cfg.train.eval_every)
     eval_s = CPU_EVAL_COST * per_image * eval_images / world_size * count
-    return f"about {duration(train_s + eval_s)}, {count} evaluations included (2-core CPU rates)"
+    return f"about {duration(train_s + eval_s)}, {plural(count, 'evaluation')} included (2-core CPU rates)"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 def duration(seconds: float) -> str:
@@ -142,9 +149,12 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min"
 
 
-def header(cfg: RunConfig, world_size: int, start: Start, eval_images: int = 10_000) -> str:
-    """What opens a run on rank 0: what will run, where, from where (and on a CPU, how long)."""
+def header(cfg: RunConfig, world_size: int, start: Start, eval_images: int = 10_000, data: str = "") -> str:
+    """What opens a run on rank 0: what will run, on which data (and whether it is verified
+    CIFAR-10), where, from where (and on a CPU, how long)."""
     rows = facts(cfg, world_size, start)
+    if data:
+        rows.insert(1, ("data", data))
     if cfg.train.device == "cpu":
         rows.append(("estimate", cpu_estimate(cfg, world_size, start.iteration, eval_images)))
     return f"{cfg.name}:\n{format_facts(rows)}"
@@ -161,7 +171,7 @@ def closing(summary: dict[str, Any], cfg: RunConfig) -> str:
 
 
 def result_line(summary: dict[str, Any]) -> str:
-    return (f"{summary['name']}: test error {summary['test_error']:.2f}% after {summary['iterations']:,} iterations, "
+    return (f"{summary['name']}: test error {summary['test_error']:.2f}% after {plural(summary['iterations'], 'iteration')}, "
             f"{duration(summary['train_seconds'])} of training ({summary['images_per_second']:,.0f} img/s)")
 
 

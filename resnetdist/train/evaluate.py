@@ -13,6 +13,7 @@ from torch import nn
 from .. import checkpoint, dist
 from ..config import RunConfig, from_dict
 from ..data import load_data, open_eval_loaders
+from ..data.cifar import load_test_only
 from ..data.augment import normalize, training_mean
 from ..models import build_model
 
@@ -84,7 +85,8 @@ def evaluate_checkpoint(path: Path, data_dir: Path | None, device: str = "auto")
     layout = model_layout(cfg, dev)  # the layout it trained (and was evaluated) in
     model = build_model(cfg.model).to(dev, memory_format=layout)
     checkpoint.load_weights(model, state, path)
-    data = load_data(cfg.data)
+    # the test set alone when the checkpoint holds its mean and no validation split is asked for
+    data = load_test_only(cfg.data.dir) if "mean" in state and not cfg.data.val_split else load_data(cfg.data)
     # the exact mean image the run trained with; older checkpoints lack it
     mean = state["mean"] if "mean" in state else training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
     loaders = open_eval_loaders(cfg.data, data, dist.DistContext(0, 0, 1, dev))

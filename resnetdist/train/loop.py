@@ -118,7 +118,7 @@ def train_loop(step: Step, feed: Feed | Epochs, progress: Progress, cadence: Cad
     """Train from progress.iteration to cadence.total; returns the progress at the end. A stop
     asked for (hooks.stop_reason) checkpoints at the next drain point and raises Preempted."""
     it = progress.iteration
-    bar = RunBar(name, cadence.total, it, dist.is_main_process())
+    bar = RunBar(name, cadence.total, it, dist.is_main_process(), stop_every=cadence.log_every)
     batches = feed.batches(it)
     extra = tuple(hooks.at_iteration)
     try:

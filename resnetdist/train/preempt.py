@@ -13,6 +13,7 @@ iteration, and no step pays for the check.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from typing import Iterator
 
 from .. import dist
 from ..errors import Preempted
+from ..progress import RunBar
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -36,6 +38,8 @@ class Notice:
             # a person pressing Ctrl-C again wants out now, not at a checkpoint; torchrun passes a
             # second Ctrl-C on as SIGTERM (its shutdown, interrupted, starts over with SIGTERM)
             raise KeyboardInterrupt
+        if signum == signal.SIGINT and not self.interrupted:
+            acknowledge()
         self.interrupted = self.interrupted or signum == signal.SIGINT
         self.signum = self.signum or signum  # the first one names the stop; repeated notices change nothing
 
@@ -45,6 +49,23 @@ class Notice:
         with dist.stage(f"stop agreement at iteration {it}"):
             signum = dist.all_reduce_max(self.signum)
         return signal.Signals(signum).name if signum else ""
+
+
+def acknowledge() -> None:
+    """A person's first Ctrl-C answered at once (rank 0): where the run will stop, about when,
+    and that a second one stops now. The stop itself waits for the loop's next log point, which
+    may be minutes away on a slow machine; without a word a person presses again and loses the
+    checkpoint. Written with os.write, which is safe in a signal handler (print is not: it may
+    interrupt a print of the main thread), after clearing the bar's line on a terminal."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    bar = RunBar.active
+    where = (bar.stopping() if bar is not None else "") or "stopping at the next log point to write a checkpoint"
+    clear = "\r\x1b[K" if os.isatty(2) else ""
+    try:
+        os.write(2, f"{clear}{where}; Ctrl-C again to stop now without one\n".encode())
+    except OSError:  # stderr closed: the stop goes on without the line
+        pass
 
 
 @contextmanager

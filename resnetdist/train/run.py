@@ -92,7 +92,8 @@ def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice) -> 
             print(data.record_count_note(), file=sys.stderr, flush=True)
         if ctx.is_main:
             run_lock = rundir.acquire(cfg.run_dir)  # before anything is written there (RunDirBusy if held)
-            print(announce.header(cfg, ctx.world_size, announce.where_it_starts(cfg), data.eval_images()), flush=True)
+            print(announce.header(cfg, ctx.world_size, announce.where_it_starts(cfg), data.eval_images(),
+                                  data.describe()), flush=True)
             write_run_config(cfg)
         resume = Resume(cfg, ctx)
         trainer = build(cfg, ctx, data, restore=resume)
@@ -103,6 +104,7 @@ def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice) -> 
             progress = trainer.train(resume.progress, logger.log, lambda: logger.wandb_id, notice.agreed,
                                      test_faults())
             summary = trainer.summarize(progress)
+            summary["data_identity"] = data.identity  # cifar10 | modified | unknown (data/cifar.py identity)
             if ctx.is_main:
                 trainer.save_results(summary)
             logger.summary(summary)
