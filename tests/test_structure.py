@@ -82,7 +82,8 @@ def test_no_import_cycle_in_the_package():
     mods = modules()
     graph = {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
     assert "resnetdist.config" in graph and graph["resnetdist.config"] == set(), "config imports nothing of ours"
-    assert graph["resnetdist.train.run"] >= {"resnetdist.train.step", "resnetdist.train.loop", "resnetdist.train.state"}
+    assert graph["resnetdist.train.run"] >= {"resnetdist.train.trainer", "resnetdist.train.announce",
+                                             "resnetdist.train.rundir"}
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 
@@ -125,6 +126,13 @@ def test_the_run_is_wired_in_one_place():
     builders = {name for name, path in modules().items()
                 if "def make_step" in path.read_text() or "def make_model" in path.read_text()}
     assert builders == {"resnetdist.train.trainer"}, builders
+
+
+def test_the_package_reads_no_test_switch():
+    """Faults are injected from the tests (tests/_kill_worker.py wraps the Trainer), never by an
+    environment variable the package reads."""
+    readers = [name for name, path in modules().items() if "RESNETDIST_TEST" in path.read_text()]
+    assert readers == [], readers
 
 
 def test_tools_do_not_import_the_run():

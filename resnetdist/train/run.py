@@ -1,37 +1,35 @@
 """One training run on this rank (one process per rank under torchrun), top to bottom:
-checks -> process group -> data -> the trainer (trainer.build: model, resume, step, loaders) ->
-logger -> loop -> summary -> clean-up. Rank 0 alone writes files; other ranks get a NullLogger
-and skip the writes.
+checks (preflight) -> process group -> where the run starts (finished, the newest checkpoint,
+or fresh: found once, by rank 0, and shared) -> lock, header, config.toml -> the trainer
+(trainer.build, then Trainer.load of that checkpoint) -> logger -> Trainer.fit -> summary ->
+clean-up. Rank 0 alone writes files; other ranks get a NullLogger and skip the writes.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
-import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch import nn
 
 from .. import checkpoint, dist
-from . import announce, preempt, rundir, state
-from ..config import ConfigError, RunConfig, to_toml
+from . import announce, preempt, rundir
+from ..config import ConfigError, RunConfig, check_same_experiment, to_toml
 from ..data import Cifar10, load_data, load_data_on_every_rank
 from .metrics import NullLogger, open_logger
-from .loop import Progress
-from .optim import TensorLRSGD
-from .resolve import resolve
 from .schedule import global_batch
-from .step import TrainStep
-from .trainer import build
+from .trainer import build, resolve
 
 
 def preflight(cfg: RunConfig, world_size: int) -> Cifar10:
     """Everything that can be checked before workers start: batch split, devices, optional
     packages, data files, run directory. Resolves cfg's "auto" settings for this machine
-    first (resolve.resolve). Returns the parsed data, so it is read only once."""
+    first (trainer.resolve). Returns the parsed data, so it is read only once."""
     resolve(cfg)
     check_out_folder(cfg.run_dir)
     if int(os.environ.get("RANK", "0")) == 0:  # the launcher or rank 0; rank 0's own lock comes later
@@ -49,7 +47,7 @@ def preflight(cfg: RunConfig, world_size: int) -> Cifar10:
 
         require_ffcv()
     data = load_checked_data(cfg)  # parses and checks every file; a bad one is named
-    rundir.check_run_dir(cfg)
+    check_same_experiment(cfg)
     return data
 
 
@@ -74,6 +72,80 @@ def load_checked_data(cfg: RunConfig) -> Cifar10:
     return load_data_on_every_rank(cfg.data)
 
 
+# ----- where the run starts ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a run directory stands: finished (`summary`: its summary.json), resumable (the
+    newest readable `checkpoint` and its `state`), or fresh."""
+
+    iteration: int = 0
+    checkpoint: Path | None = None
+    state: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
+
+
+class AlreadyFinished(Exception):
+    """The run directory holds this run's summary.json: nothing to train (not an error)."""
+
+    def __init__(self, summary: dict[str, Any]):
+        self.summary = summary
+        super().__init__(f"{summary.get('name')} is finished")
+
+
+def finished_summary(cfg: RunConfig) -> dict[str, Any] | None:
+    """summary.json of a run that ended with this experiment's length and name; None otherwise
+    (absent, unreadable, or from another configuration: then the run goes on as usual)."""
+    try:
+        summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict):
+        return None
+    same = summary.get("iterations") == cfg.optim.iters and summary.get("name") == cfg.name
+    return summary if same and "test_error" in summary else None
+
+
+def where_it_starts(cfg: RunConfig) -> Start:
+    """The run directory, looked at once: finished, else its newest readable checkpoint (read
+    and sha256-checked by checkpoint.load_latest, a damaged one named and skipped), else fresh."""
+    summary = finished_summary(cfg)
+    if summary is not None:
+        return Start(cfg.optim.iters, summary=summary)
+    found = checkpoint.load_latest(cfg.run_dir, warn=dist.print0) if cfg.run_dir.is_dir() else None
+    if found is None:
+        return Start()
+    return Start(int(found[1]["iteration"]), found[0], found[1])
+
+
+def agreed_start(cfg: RunConfig, ctx: dist.DistContext) -> Start:
+    """Rank 0's where_it_starts on every rank (the run directory need only be on rank 0's
+    disk). The checkpoint's state travels as torch.save bytes and is read back with
+    weights_only=True, as from the file: a round trip that keeps every bit."""
+    start = where_it_starts(cfg) if ctx.is_main else None
+    if not ctx.distributed:
+        return start
+    payload = None
+    if start is not None:
+        state = None
+        if start.state is not None:
+            buf = io.BytesIO()
+            torch.save(start.state, buf)
+            state = buf.getvalue()
+        payload = (start.iteration, str(start.checkpoint) if start.checkpoint else None, state, start.summary)
+    with dist.stage("start agreement (finished, or the newest checkpoint's state)"):
+        payload = dist.broadcast_object(payload)
+    if start is not None:
+        return start
+    iteration, path, state, summary = payload
+    loaded = torch.load(io.BytesIO(state), map_location="cpu", weights_only=True) if state is not None else None
+    return Start(iteration, Path(path) if path else None, loaded, summary)
+
+
+# ----- the run ----------------------------------------------------------------------------------
+
+
 def main(cfg: RunConfig, data: Cifar10 | None = None) -> dict[str, Any]:
     """Train on this rank; `data` is what preflight already parsed, if it ran. From here on a
     SIGTERM or SIGUSR1 stops the run at the next log point with a checkpoint (Preempted)."""
@@ -90,24 +162,24 @@ def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice) -> 
     try:
         if data is None:
             data = preflight(cfg, ctx.world_size)
-        announce.stop_if_finished(cfg)  # a rerun of a finished run does nothing (AlreadyFinished)
+        start = agreed_start(cfg, ctx)
+        if start.summary is not None:  # a rerun of a finished run does nothing
+            raise AlreadyFinished(start.summary)
         if ctx.is_main and data.record_count_note():  # a stand-in or a cut file: say what trains
             print(data.record_count_note(), file=sys.stderr, flush=True)
         if ctx.is_main:
             run_lock = rundir.acquire(cfg.run_dir)  # before anything is written there (RunDirBusy if held)
-            print(announce.header(cfg, ctx.world_size, announce.where_it_starts(cfg), data.eval_images()), flush=True)
-            write_run_config(cfg)
-        resume = Resume(cfg, ctx)
-        trainer = build(cfg, ctx, data, restore=resume)
-        record_step(cfg, ctx, trainer.step)
+            print(announce.header(cfg, ctx.world_size, start, data.eval_images()), flush=True)
+        trainer = build(cfg, ctx, data, stop=notice)
+        if start.state is not None:
+            trainer.load(start.state)
+        if ctx.is_main:
+            write_run_config(cfg, trainer.step.kind)
         logger = open_logger(cfg.log, cfg.run_dir, cfg.to_dict(), cfg.name, cfg.model.name, cfg.tags,
-                             resume.progress.iteration, resume.wandb_id) if ctx.is_main else NullLogger()
+                             trainer.progress.iteration, trainer.wandb_id) if ctx.is_main else NullLogger()
         try:
-            progress = trainer.train(resume.progress, logger.log, lambda: logger.wandb_id, notice.agreed,
-                                     test_faults())
-            summary = trainer.summarize(progress)
-            if ctx.is_main:
-                trainer.save_results(summary)
+            trainer.fit(logger)
+            summary = trainer.finish()
             logger.summary(summary)
             logger.log_model(cfg.run_dir, trainer.step.mean.cpu().numpy(), summary)  # W&B model artifact (rank 0)
         except BaseException:
@@ -121,40 +193,9 @@ def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice) -> 
             run_lock.release()
 
 
-class Resume:
-    """trainer.build's restore: the run directory's newest checkpoint (state.resume), loaded
-    before the step is built; afterwards `progress` and `wandb_id` hold what it found."""
-
-    def __init__(self, cfg: RunConfig, ctx: dist.DistContext):
-        self.cfg, self.ctx = cfg, ctx
-        self.progress, self.wandb_id = Progress(), None
-
-    def __call__(self, model: nn.Module, optimizer: TensorLRSGD) -> int:
-        self.progress, self.wandb_id = state.resume(self.cfg.run_dir, model, optimizer, self.ctx.device,
-                                                    self.ctx.is_main)
-        return self.progress.iteration
-
-
-def record_step(cfg: RunConfig, ctx: dist.DistContext, step: TrainStep) -> None:
-    """A graph whose capture failed runs eagerly: config.toml records the step that runs."""
-    if step.kind != cfg.train.step:
-        cfg.train.step, cfg.train.cuda_graph = step.kind, False
-        if ctx.is_main:
-            write_run_config(cfg)
-
-
-def write_run_config(cfg: RunConfig) -> None:
+def write_run_config(cfg: RunConfig, step_kind: str) -> None:
+    """config.toml: the resolved configuration, with the step that runs (a graph whose capture
+    failed runs eagerly), written once the step is built."""
+    cfg.train.step = step_kind
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write_text(cfg.run_dir / "config.toml", to_toml(cfg))
-
-
-def test_faults() -> dict[int, Callable[[int], None]]:
-    """Fault injection for the restart tests: SIGKILL this worker once it completes iteration
-    $RESNETDIST_TEST_KILL_AT, on rank $RESNETDIST_TEST_KILL_RANK, first attempt only."""
-    at = os.environ.get("RESNETDIST_TEST_KILL_AT")
-    if not at or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return {}
-    if os.environ.get("RANK", "0") != os.environ.get("RESNETDIST_TEST_KILL_RANK", "0"):
-        return {}
-    return {int(at): lambda _: os.kill(os.getpid(), signal.SIGKILL)}
-
