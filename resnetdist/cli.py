@@ -63,14 +63,14 @@ def train(
             train={"out": str(out) if out else None, "device": device, "seed": seed},
         ), overrides, iters)
         from .dist import world_size_from_env
-        from .train.run import finished_summary, preflight
+        from .train.worker import finished_summary, preflight
 
         launching = bool(nproc_per_node) and "LOCAL_RANK" not in os.environ  # this process starts torchrun
         world_size = nproc_per_node if launching else world_size_from_env()
         if dry_run:
             return show_dry_run(cfg, world_size)
         data = preflight(cfg, world_size)
-        # a launcher asks before it starts torchrun for nothing; a rank asks in run.py (rank 0's answer)
+        # a launcher asks before starting torchrun for nothing; each rank asks in train/worker.py
         done = finished_summary(cfg) if launching else None
     except RunDirBusy as e:
         fail(str(e), code=e.exit_code)
@@ -94,7 +94,7 @@ def train_here(cfg: RunConfig, data, as_json: bool = False) -> None:
     result into a summary in words (rank 0) or a JSON line per rank (--json)."""
     from .errors import NonFiniteLoss, PeerLost, Preempted, RunDirBusy, WriteError
     from .train.announce import closing
-    from .train.run import AlreadyFinished, main
+    from .train.worker import AlreadyFinished, main
 
     try:
         summary = main(cfg, data)
@@ -133,7 +133,7 @@ def show_dry_run(cfg: RunConfig, world_size: int) -> None:
     resolved configuration and what would run; nothing is written."""
     from .data.cifar import locate
     from .train.announce import dry_run
-    from .train.run import preflight, where_it_starts
+    from .train.worker import preflight, where_it_starts
     from .train.trainer import resolve
 
     notes = []

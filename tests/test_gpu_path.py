@@ -251,7 +251,7 @@ def test_nccl_async_error_handling_is_set_in_the_launcher_not_the_worker(monkeyp
         env=os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")))
     launcher.torchrun(2, 0, ["-n", "1"], graph=True)
     assert seen["env"] == "0"
-    assert 'TORCH_NCCL_ASYNC_ERROR_HANDLING", "0"' not in (REPO / "resnetdist" / "train" / "run.py").read_text()
+    assert 'TORCH_NCCL_ASYNC_ERROR_HANDLING", "0"' not in (REPO / "resnetdist" / "train" / "worker.py").read_text()
     common = (REPO / "launch" / "common.sh").read_text()
     assert 'export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-0}"' in common
 

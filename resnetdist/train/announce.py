@@ -1,5 +1,5 @@
 """What a run tells the person who started it: where it starts (fresh, from which checkpoint,
-or already finished: run.where_it_starts finds it), what will run (net, device, precision,
+or already finished: worker.where_it_starts finds it), what will run (net, device, precision,
 step, loader, length, batch, run directory), and for `train --dry-run` the resolved
 configuration as well. Text only: nothing here decides, reads the run directory or writes.
 Output for programs stays in summary.json and `train --json`.
@@ -15,7 +15,7 @@ from .schedule import global_batch
 
 
 class Start(Protocol):
-    """What the header says of where a run starts (run.Start: run.py finds it)."""
+    """What the header says of where a run starts (worker.Start: worker.py finds it)."""
 
     iteration: int
     checkpoint: Path | None

@@ -3,7 +3,7 @@
 The Trainer it returns owns the run from there: `fit()` is the training loop, `evaluate()`
 the error rates, `state_dict()` / `load()` what a checkpoint holds and how a run continues
 from one, `checkpoint()` writes one, and the stop (a preemption notice) is asked at the log
-points. run.py (a training run), bench, doctor and the tests all build through here, so
+points. worker.py (a training run), bench, doctor and the tests all build through here, so
 what they drive is what trains.
 """
 

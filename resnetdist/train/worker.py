@@ -1,4 +1,5 @@
-"""One training run on this rank (one process per rank under torchrun), top to bottom:
+"""What each worker process (one per rank under torchrun, or this process alone) does for
+`resnetdist train`, top to bottom:
 checks (preflight) -> process group -> where the run starts (finished, the newest checkpoint,
 or fresh: found once, by rank 0, and shared) -> lock, header, config.toml -> the trainer
 (trainer.build, then Trainer.load of that checkpoint) -> logger -> Trainer.fit -> summary ->
