@@ -125,6 +125,8 @@ class Logger(Protocol):
 
 @dataclass
 class Trainer:
+    """One rank's run, built (build()); fit() trains it from `progress` to the end."""
+
     cfg: RunConfig
     ctx: dist.DistContext
     model: nn.Module  # the plain module: what checkpoints save
@@ -137,11 +139,6 @@ class Trainer:
     stop: Notice | None = None  # asked at every log point: a signal noted there stops the run (Preempted)
     progress: Progress = field(default_factory=Progress)  # where the run stands; a checkpoint carries it
     wandb_id: str | None = None  # the W&B run a checkpoint hands on to the next attempt
-
-    @property
-    def batch(self) -> int:
-        """The global batch: images per iteration over all ranks."""
-        return self.feed.global_batch
 
     def fit(self, logger: Logger) -> Progress:
         """The training loop, from self.progress to optim.iters. Between stops only steps run
@@ -156,11 +153,11 @@ class Trainer:
         try:
             t0 = time.perf_counter()
             while it < cadence.total:
-                stop = cadence.next_stop(it)
-                with dist.stage(f"training step (gradient all-reduce) in iterations {it + 1}-{stop}"):
-                    take_steps(step, batches, stop - it, lambda done, first=it: bar.tick(first + done))
-                bar.to(stop)
-                it = stop
+                until = cadence.next_stop(it)
+                with dist.stage(f"training step (gradient all-reduce) in iterations {it + 1}-{until}"):
+                    take_steps(step, batches, until - it, lambda done, first=it: bar.tick(first + done))
+                bar.to(until)
+                it = until
                 log_now, eval_now, ckpt_now = cadence.due(it)
                 if not (log_now or eval_now or ckpt_now):
                     continue
@@ -176,7 +173,7 @@ class Trainer:
                     with dist.stage(f"evaluation at iteration {it}"):
                         errors = self.evaluate()
                     progress.last_eval = evaluation_record(step, progress, errors, it, self.steps_per_epoch,
-                                                           self.batch)
+                                                           self.feed.global_batch)
                     bar.write(evaluation_line(progress.last_eval, errors))
                     logger.log(progress.last_eval, "eval")
                 if ckpt_now or reason:
@@ -255,7 +252,8 @@ def final_weights(model: nn.Module, cfg: RunConfig, iteration: int, mean: torch.
 def summarize(trainer: Trainer) -> dict[str, Any]:
     """summary.json: the run's result and what produced it; evaluates once more when the last
     evaluation is not at the end (a run resumed at its very end)."""
-    cfg, ctx, step, batch, progress = trainer.cfg, trainer.ctx, trainer.step, trainer.batch, trainer.progress
+    cfg, ctx, step, progress = trainer.cfg, trainer.ctx, trainer.step, trainer.progress
+    batch = trainer.feed.global_batch  # images per iteration over all ranks
     total = cfg.optim.iters
     record = progress.last_eval
     if record is None or record["iter"] != total:  # resumed at the very end: evaluate again
