@@ -31,12 +31,6 @@ def _flags(**sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {s: {k: v for k, v in kv.items() if v is not None} for s, kv in sections.items()}
 
 
-def build_config(
-    config: Path | None, overrides: list[str], iters: int | None, **flags: dict[str, Any]
-) -> RunConfig:
-    return load_config(config, _flags(**flags), overrides, iters)
-
-
 @app.command()
 def train(
     # -n as well as --n: torchrun's own parser rejects "--n" as an ambiguous abbreviation of its
@@ -51,7 +45,7 @@ def train(
     out: Optional[Path] = typer.Option(None, help="run directory (default runs/<name>)"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     seed: Optional[int] = typer.Option(None),
-    loader: Optional[str] = typer.Option(None, help="resident (the dataset kept on the training device; 'gpu' is its old name) | ffcv"),
+    loader: Optional[str] = typer.Option(None, help="resident (the dataset kept on the training device) | ffcv"),
     nproc_per_node: int = typer.Option(0, help="launch N workers with torchrun (0: this process only)"),
     max_restarts: int = typer.Option(0, help="with --nproc-per-node: elastic restarts after a worker dies"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved configuration (TOML) and what would run; start and write nothing"),
@@ -63,23 +57,21 @@ def train(
 
     ignore_file_size_signal()  # a file-size limit then fails the write (WriteError) instead of killing us
     try:
-        cfg = build_config(
-            config, overrides, iters,
+        cfg = load_config(config, _flags(
             model={"n": n, "plain": plain, "shortcut": shortcut},
             data={"dir": str(data_dir) if data_dir else None, "loader": loader},
             train={"out": str(out) if out else None, "device": device, "seed": seed},
-        )
+        ), overrides, iters)
         from .dist import world_size_from_env
-        from .train.announce import finished_summary
-        from .train.run import preflight
+        from .train.worker import finished_summary, preflight
 
-        under_torchrun = "LOCAL_RANK" in os.environ
-        world_size = nproc_per_node if nproc_per_node and not under_torchrun else world_size_from_env()
+        launching = bool(nproc_per_node) and "LOCAL_RANK" not in os.environ  # this process starts torchrun
+        world_size = nproc_per_node if launching else world_size_from_env()
         if dry_run:
             return show_dry_run(cfg, world_size)
         data = preflight(cfg, world_size)
-        # here, on rank 0's node, before any worker starts (under torchrun the run asks rank 0)
-        done = None if under_torchrun else finished_summary(cfg.run_dir, cfg)
+        # a launcher asks before starting torchrun for nothing; each rank asks in train/worker.py
+        done = finished_summary(cfg) if launching else None
     except RunDirBusy as e:
         fail(str(e), code=e.exit_code)
     except (ConfigError, DataError, RuntimeError) as e:
@@ -88,7 +80,7 @@ def train(
         fail("interrupted before training started; nothing was written", code=INTERRUPTED)
     if done is not None:
         return show_finished(done, cfg, as_json)
-    if nproc_per_node and not under_torchrun:
+    if launching:
         from .launcher import strip_launch_args, torchrun
 
         torchrun(nproc_per_node, max_restarts, strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]))
@@ -100,8 +92,8 @@ def train_here(cfg: RunConfig, data, as_json: bool = False) -> None:
     """This process's rank of the run: its faults turned into one line and an exit code, its
     result into a summary in words (rank 0) or a JSON line per rank (--json)."""
     from .errors import NonFiniteLoss, PeerLost, Preempted, RunDirBusy, WriteError
-    from .train.announce import AlreadyFinished, closing
-    from .train.run import main
+    from .train.announce import closing
+    from .train.worker import AlreadyFinished, main
 
     try:
         summary = main(cfg, data)
@@ -140,8 +132,8 @@ def show_dry_run(cfg: RunConfig, world_size: int) -> None:
     resolved configuration and what would run; nothing is written."""
     from .data.cifar import locate
     from .train.announce import dry_run
-    from .train.resolve import resolve
-    from .train.run import preflight
+    from .train.worker import preflight, where_it_starts
+    from .train.trainer import resolve
 
     notes = []
     try:
@@ -154,7 +146,7 @@ def show_dry_run(cfg: RunConfig, world_size: int) -> None:
     else:
         resolve(cfg)  # what preflight resolves for this machine (device, precision, step, W&B mode)
     if int(os.environ.get("RANK", "0")) == 0:
-        typer.echo(dry_run(cfg, world_size, notes))
+        typer.echo(dry_run(cfg, world_size, where_it_starts(cfg), notes))
 
 
 @app.command("eval")
@@ -212,7 +204,7 @@ def bench(
     iters: int = typer.Option(500, help="timed iterations per setting"),
     warmup: int = typer.Option(30, help="untimed iterations first (compile and graph capture happen here)"),
     device: str = typer.Option("auto"),
-    loaders: str = typer.Option("resident,ffcv", help="comma-separated: resident, ffcv (gpu: resident's old name)"),
+    loaders: str = typer.Option("resident,ffcv", help="comma-separated: resident, ffcv"),
     modes: str = typer.Option("eager,compile,graph", help="comma-separated: eager, compile, graph"),
     precisions: str = typer.Option("fp32,bf16,fp16", help="comma-separated: fp32, bf16, fp16"),
     data_dir: Optional[Path] = typer.Option(None, help="CIFAR-10 folder (default: synthetic data of the same size)"),
@@ -238,7 +230,7 @@ def bench_loader(
     iters: int = typer.Option(200),
     warmup: int = typer.Option(20),
     device: str = typer.Option("auto"),
-    loaders: str = typer.Option("resident,ffcv", help="comma-separated: resident, ffcv (gpu: resident's old name)"),
+    loaders: str = typer.Option("resident,ffcv", help="comma-separated: resident, ffcv"),
     data_dir: Optional[Path] = typer.Option(None, help="CIFAR-10 folder (default: synthetic data of the same size)"),
     out: Path = typer.Option(Path("bench/loader.json")),
 ) -> None:

@@ -3,10 +3,10 @@ from TOML (configs/*.toml) plus `--set section.key=value` overrides.
 
 Order of precedence: dataclass defaults < --config file < CLI flags < --set. Everything is
 checked (unknown section or key, wrong type, impossible value) before any worker starts, and
-the error names the key at fault. The recipe's "auto" (warm-up) and the old spellings
-(data.loader = "gpu") are resolved here; what depends on the machine (device, precision,
-step, W&B mode) by its owner, in train/resolve.py, so config.toml in the run directory
-records what ran.
+the error names the key at fault. The recipe's "auto" (warm-up) is resolved here; what
+depends on the machine (device, precision, step, W&B mode) by train/trainer.resolve, at
+preflight, so config.toml in the run directory records what ran. What may change between a
+run directory's restarts (RESUME_KEYS, check_same_experiment) is decided here too.
 
 This module imports nothing from the package: every other module may import it.
 """
@@ -32,10 +32,9 @@ except ModuleNotFoundError:  # Python 3.10
 
 PAPER_ITERS = 64_000  # the paper's schedule: 64k iterations, lr /10 at 32k and 48k
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-COMPILE_MODES = ("none", "default", "max-autotune")
+COMPILE_MODES = ("default", "max-autotune")  # train.compile: torch.compile's mode when train.step = compile
 STEPS = ("auto", "graph", "compile", "eager")  # train.step; auto: graph on CUDA (bf16/fp32), else eager
 LOADERS = ("resident", "ffcv")
-LOADER_ALIASES = {"gpu": "resident"}  # the resident loader's old name; configs that say "gpu" still run
 BATCH_SCALING = ("split", "per_rank")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -97,8 +96,7 @@ class DataConfig:
     dir: str = field(default="", metadata=doc(
         "folder with cifar-10-batches-bin/ or the tarball; \"\" downloads to the cache"))
     loader: str = field(default="resident", metadata=doc(
-        "resident: the whole dataset on the training device (gpu, its old name, still works); ffcv: "
-        ".beton files through FFCV's Loader"))
+        "resident: the whole dataset on the training device; ffcv: .beton files through FFCV's Loader"))
     beton_dir: str = field(default="", metadata=doc(
         "where the .beton files live (\"\" = beton/ beside cifar-10-batches-bin/)"))
     ffcv_workers: int = field(default=4, metadata=doc("FFCV decoding threads"))
@@ -111,7 +109,7 @@ class DataConfig:
     eval_batch: int = field(default=1000, metadata=doc("evaluation batch"))
 
     def validate(self) -> None:
-        if self.loader not in LOADERS and self.loader not in LOADER_ALIASES:
+        if self.loader not in LOADERS:
             raise ValueError(f"data.loader must be one of {LOADERS}, got {self.loader!r}")
         if self.mean not in ("pixel", "channel"):
             raise ValueError(f"data.mean must be 'pixel' or 'channel', got {self.mean!r}")
@@ -171,17 +169,14 @@ class TrainConfig:
     precision: str = field(default="auto", metadata=doc(
         "fp32, bf16, fp16; auto = bf16 on a GPU that has it, else fp32"))
     channels_last: bool = field(default=True, metadata=doc("NHWC memory format (CUDA only)"))
-    # auto: the fastest verified step here (graph on CUDA with bf16/fp32; eager on the CPU and for
-    # fp16, whose loss scaler syncs with the host) | graph: the whole step captured once as a CUDA
-    # graph and replayed | compile: torch.compile of the model, eager step | eager
+    # the one key that decides which step runs (train/step.py's choose_kind reads it, once)
     step: str = field(default="auto", metadata=doc(
         "graph: the whole step captured once as a CUDA graph and replayed; compile: torch.compile of the "
         "model, eager step; eager. auto = graph on CUDA with bf16/fp32, else eager; a failed capture "
         "trains eagerly and config.toml / summary.json record what ran"))
-    compile: str = field(default="none", metadata=doc(
-        "torch.compile mode: none, default, max-autotune (step = compile with none means default)"))
-    cuda_graph: bool = field(default=False, metadata=doc(
-        "old spelling of train.step = \"graph\", still accepted; once resolved, whether the graph runs"))
+    # a setting of the compile step, not a kind of step: read only when step = compile
+    compile: str = field(default="default", metadata=doc(
+        "torch.compile's mode for train.step = compile: default, max-autotune (other steps ignore it)"))
 
     def validate(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -194,7 +189,7 @@ class TrainConfig:
             raise ValueError(f"train.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         if self.step not in STEPS:
             raise ValueError(f"train.step must be one of {STEPS}, got {self.step!r}")
-        if (self.cuda_graph or self.step == "graph") and self.precision == "fp16":
+        if self.step == "graph" and self.precision == "fp16":
             raise ValueError("train.step = graph does not support fp16 (its loss scaler syncs with the host); use bf16")
 
 
@@ -370,7 +365,7 @@ def load_config(
     final values. The schedule (milestones, warm-up, evaluation and checkpoint cadence) moves
     with the run length only where it was written for another length (scale_schedule); a value
     given on its own is kept as written. Device, precision, step and W&B mode stay as given
-    ("auto" stays "auto") until train/resolve.resolve, once, on the machine that trains (a
+    ("auto" stays "auto") until train/trainer.resolve, once, on the machine that trains (a
     Slurm suite's runs resolve them on their own nodes)."""
     if iters is not None and iters < 1:
         raise ConfigError(f"--iters must be >= 1, got {iters}")
@@ -402,7 +397,6 @@ def resolve_recipe(cfg: RunConfig) -> None:
         # (400 of the paper's 64k; a shorter run warms up for the same share of it)
         warmup = max(1, round(400 * cfg.optim.iters / PAPER_ITERS))
         cfg.optim.warmup_iters = min(warmup, cfg.optim.iters) if cfg.model.n >= 18 else 0
-    cfg.data.loader = LOADER_ALIASES.get(cfg.data.loader, cfg.data.loader)
 
 
 # Values counted in iterations of a run: written for one run length (the defaults and the
@@ -491,3 +485,28 @@ def diff(a: RunConfig, b: RunConfig) -> list[tuple[str, Any, Any]]:
         for key in da[section]
         if da[section][key] != db[section][key]
     ]
+
+
+# What a run directory's results depend on: resuming with any of these changed would splice
+# two different experiments into one curve, so it is refused. Everything else (logging,
+# devices, loader, speed settings, world size) may change between restarts.
+RESUME_KEYS = ("model", "optim", "train.seed", "data.val_split", "data.mean", "data.channel_mean",
+               "dist.batch_scaling")
+
+
+def check_same_experiment(cfg: RunConfig) -> None:
+    """Refuse to continue a run directory whose config.toml holds a different experiment."""
+    path = cfg.run_dir / "config.toml"
+    if not path.exists():
+        return
+    old = from_dict(read_toml(path), str(path))
+    changed = [
+        f"{key}: {was!r} -> {now!r}"
+        for key, was, now in diff(old, cfg)
+        if key in RESUME_KEYS or key.split(".")[0] in RESUME_KEYS
+    ]
+    if changed:
+        raise ConfigError(
+            f"{cfg.run_dir} holds a run with a different configuration ({'; '.join(changed)}); "
+            f"pass another --out, or delete that folder to start over"
+        )

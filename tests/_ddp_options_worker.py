@@ -16,7 +16,8 @@ from resnetdist import dist
 from resnetdist.config import load_config
 from resnetdist.data import load_data
 from resnetdist.train import trainer, wrap
-from resnetdist.train.resolve import resolve
+from resnetdist.train.loop import take_steps
+from resnetdist.train.trainer import resolve
 
 STEPS = 6
 cfg = resolve(load_config(flags={"model": {"n": 1}, "data": {"dir": sys.argv[1]}, "optim": {"batch_size": 32},
@@ -27,7 +28,7 @@ settings = {"former": {}, "now": dict(wrap.DDP_OPTIONS)}  # former: DDP's defaul
 for name, options in settings.items():
     wrap.DDP_OPTIONS = options
     run = trainer.build(cfg, ctx, data)
-    run.run(STEPS)
+    take_steps(run.step, run.feed.batches(0), STEPS)
     ddp = run.step.train_model
     trained = {k: v.clone() for k, v in run.model.state_dict().items()}  # before evaluation's broadcast
     errors = run.evaluate()  # broadcasts rank 0's BN statistics first, as training's evaluations do

@@ -38,14 +38,23 @@ def cli_env(**extra: str) -> dict[str, str]:
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
     )
-    env.pop("RESNETDIST_TEST_KILL_AT", None)
     env.update(extra)
     return env
 
 
-def run_cli(args: list[str], timeout: float = 240, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+def entry(kill_at: tuple[int, int] | None) -> list[str]:
+    """How a CLI process starts: `-m resnetdist`, or with kill_at=(iteration, rank) the test-side
+    fault injector tests/_kill_worker.py (that rank SIGKILLs itself after that iteration, first
+    attempt only), which then runs the same command."""
+    if kill_at is None:
+        return ["-m", "resnetdist"]
+    return [str(REPO / "tests" / "_kill_worker.py"), str(kill_at[0]), str(kill_at[1])]
+
+
+def run_cli(args: list[str], timeout: float = 240, check: bool = True, kill_at: tuple[int, int] | None = None,
+            **env: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "resnetdist", *args], cwd=REPO, env=cli_env(**env),
+        [sys.executable, *entry(kill_at), *args], cwd=REPO, env=cli_env(**env),
         capture_output=True, text=True, timeout=timeout,
     )
     if check and proc.returncode != 0:
@@ -68,9 +77,9 @@ def cli_in_process(args: list[str], check: bool = True, **env: str):
 
 
 def run_torchrun(nproc: int, args: list[str], timeout: float = 300, check: bool = True, extra: list[str] = (),
-                 command: str = "train", **env: str) -> subprocess.CompletedProcess:
+                 command: str = "train", kill_at: tuple[int, int] | None = None, **env: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "--tee=3", *extra, "-m", "resnetdist", command, *args]
+           "--tee=3", *extra, *entry(kill_at), command, *args]
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(**env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")

@@ -2,7 +2,7 @@
 import pytest
 
 from resnetdist.config import ConfigError, load_config, parse_override, read_toml
-from resnetdist.train.resolve import resolve
+from resnetdist.train.trainer import resolve
 from resnetdist.config import OptimConfig
 from resnetdist.train.schedule import lr_at
 
@@ -183,35 +183,40 @@ def test_cli_refuses_bad_input_before_anything_runs(tmp_path, tiny_data):
 def test_configs_for_other_machines_keep_auto():
     """A Slurm suite writes its runs' configs on the login node; the nodes resolve device,
     precision and W&B mode themselves."""
-    cfg = load_config(flags={"model": {"n": 18}, "data": {"loader": "gpu"}})
+    cfg = load_config(flags={"model": {"n": 18}})
     assert (cfg.train.device, cfg.train.precision, cfg.log.wandb_mode) == ("auto", "auto", "auto")
-    assert cfg.optim.warmup_iters == 400 and cfg.data.loader == "resident"  # the recipe is resolved
+    assert cfg.optim.warmup_iters == 400  # the recipe is resolved
     here = resolve(load_config(flags={"model": {"n": 18}}))
     assert here.train.device in ("cpu", "cuda") and here.train.precision != "auto" and here.log.wandb_mode != "auto"
 
 
 def test_train_step_resolution(monkeypatch):
-    from resnetdist.config import TrainConfig
-    from resnetdist.train.step import resolve_step
+    """train.step alone decides the step that runs (step.choose_kind); train.compile is only the
+    compile step's mode."""
+    from resnetdist.train.step import choose_kind
 
-    def resolved(on_cuda, **kw):
-        t = TrainConfig(**{"precision": "bf16", **kw})
-        notes = resolve_step(t, on_cuda)
-        return t.step, t.cuda_graph, t.compile, notes
-
-    assert resolved(True)[:3] == ("graph", True, "none")  # the fast path by default on a GPU
-    assert resolved(True, precision="fp16")[:3] == ("eager", False, "none")
-    assert resolved(False, precision="fp32")[:3] == ("eager", False, "none")
-    assert resolved(True, cuda_graph=True)[0] == "graph"  # old configs
-    assert resolved(True, compile="max-autotune")[:3] == ("compile", False, "max-autotune")
-    assert resolved(True, step="compile")[:3] == ("compile", False, "default")
-    assert resolved(True, step="eager", compile="default")[:3] == ("eager", False, "none")
-    step, graph, _, notes = resolved(False, step="graph")
-    assert (step, graph) == ("eager", False) and "needs CUDA" in notes[0]
+    assert choose_kind("auto", True, "bf16") == ("graph", None)  # the fast path by default on a GPU
+    assert choose_kind("auto", True, "fp16") == ("eager", None)
+    assert choose_kind("auto", False, "fp32") == ("eager", None)
+    assert choose_kind("compile", True, "bf16") == ("compile", None)
+    assert choose_kind("eager", True, "bf16") == ("eager", None)
+    kind, note = choose_kind("graph", False, "fp32")
+    assert kind == "eager" and "needs CUDA" in note
+    cpu = resolve(load_config(overrides=["train.device=cpu", "train.compile=max-autotune"]))
+    assert (cpu.train.step, cpu.train.compile) == ("eager", "max-autotune")  # compile asks for no kind
     with pytest.raises(ConfigError, match="train.step must be one of"):
         load_config(overrides=["train.step=fast"])
     with pytest.raises(ConfigError, match="does not support fp16"):
         load_config(overrides=["train.step=graph", "train.precision=fp16", "train.device=cuda"])
+
+
+def test_pre_release_spellings_are_refused_like_any_unknown_key_or_value():
+    with pytest.raises(ConfigError, match="unknown key train.cuda_graph"):
+        load_config(overrides=["train.cuda_graph=true"])
+    with pytest.raises(ConfigError, match="data.loader must be one of"):
+        load_config(flags={"data": {"loader": "gpu"}})
+    with pytest.raises(ConfigError, match="train.compile must be one of"):
+        load_config(overrides=["train.compile=none"])
 
 
 def test_config_toml_without_tomli_w_round_trips(monkeypatch):
@@ -253,7 +258,7 @@ def test_dry_run_prints_the_resolved_config_and_what_would_run_and_writes_nothin
     assert proc.exit_code == 0 and not out.exists()
     toml_text, _, plan = proc.stdout.partition("would run")
     resolved = tomllib.loads(toml_text)
-    from resnetdist.train.resolve import resolve
+    from resnetdist.train.trainer import resolve
 
     expected = resolve(load_config(flags={"model": {"n": 1}, "train": {"device": "cpu", "out": str(out)},
                                           "data": {"dir": str(tiny_data)}},

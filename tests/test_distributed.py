@@ -36,7 +36,7 @@ def test_two_ranks_train_and_agree_and_restart_exactly(tmp_path, tiny_data):
     # rank 1 is SIGKILLed after iteration 25; torchrun restarts both workers, which resume at 20
     cut = tmp_path / "cut"
     proc = run_torchrun(2, [*ARGS, "--data-dir", str(tiny_data), "--out", str(cut)], extra=["--max-restarts=1"],
-                        RESNETDIST_TEST_KILL_AT="25", RESNETDIST_TEST_KILL_RANK="1")
+                        kill_at=(25, 1))
     assert "resuming from ckpt_0000020.pt (iteration 20 of 40)" in proc.stdout
     assert_bitwise_equal(final_weights(ref), final_weights(cut))
     assert [r["test_error"] for r in read_jsonl(cut / "metrics.jsonl")] == [

@@ -15,14 +15,13 @@ from resnetdist.config import load_config
 from resnetdist.data import epochs as epochs_mod
 from resnetdist.data import load_data, open_loaders
 from resnetdist.data.augment import draw_params, training_mean
-from resnetdist.data.epochs import Epochs, epochs_for
+from resnetdist.data.epochs import EpochTable, epoch_table_for
 from resnetdist.data.resident import ResidentTrainLoader
 from resnetdist.dist import DistContext
-from resnetdist.train.loop import Feed, run_steps
-from resnetdist.train.resolve import resolve
+from resnetdist.train.loop import Feed, Progress, take_steps
 from resnetdist.train.schedule import lr_table
 from resnetdist.train.step import build_step
-from resnetdist.train.trainer import build, make_model
+from resnetdist.train.trainer import build, make_model, resolve
 
 from .test_gpu_path import FakeOps
 
@@ -44,22 +43,18 @@ def per_step(tiny_data, first: int = 0, state: dict | None = None, **kw):
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
-    step = build_step(model, optimizer, mean, lr_table(cfg, 1), precision="fp32", batch_per_rank=B,
-                      start_iter=first, **kw)
+    step = build_step(model, optimizer, mean, lr_table(cfg, 1), precision="fp32", batch_per_rank=B, **kw)
+    step.it.fill_(first)
     loader = open_loaders(cfg.data, data, DistContext(0, 0, 1, CPU), B, SEED).train
     return step, Feed(loader, SEED, B, out=step.inputs.out if step.inputs else None)
 
 
-def device_fed(tiny_data, first: int = 0, state: dict | None = None):
+def device_fed(tiny_data, state: dict | None = None):
     cfg = config(tiny_data)
-
-    def restore(model, optimizer):
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        return first
-
-    return build(cfg, DistContext(0, 0, 1, CPU), load_data(cfg.data), restore)
+    trainer = build(cfg, DistContext(0, 0, 1, CPU), load_data(cfg.data))
+    if state is not None:
+        trainer.load(state)  # as a resumed run loads its checkpoint
+    return trainer
 
 
 def assert_bitwise(a: torch.nn.Module, b: torch.nn.Module):
@@ -73,14 +68,14 @@ def test_the_device_fed_step_trains_bitwise_as_the_per_step_fed_one_and_resumes_
     assert trainer.step.source is not None and trainer.feed is trainer.step.source
     steps = trainer.step.source.steps  # 1000 images / 32: 31 per epoch; 70 iterations cross two boundaries
     old, feed = per_step(tiny_data)
-    trainer.run(45)
-    run_steps(old, feed.batches(0), 45)
+    take_steps(trainer.step, trainer.feed.batches(0), 45)
+    take_steps(old, feed.batches(0), 45)
     assert_bitwise(trainer.model, old.model)
-    state = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict()}
-    resumed = device_fed(tiny_data, 45, state)  # mid-epoch, as a checkpoint resumes
+    trainer.progress = Progress(45)  # where fit() would stand
+    resumed = device_fed(tiny_data, trainer.state_dict())  # mid-epoch, as a checkpoint resumes
     assert resumed.step.source.loaded == 45 // steps
-    resumed.run(25, first=45)
-    run_steps(old, feed.batches(45), 25)
+    take_steps(resumed.step, resumed.feed.batches(45), 25)
+    take_steps(old, feed.batches(45), 25)
     assert_bitwise(resumed.model, old.model)
 
 
@@ -92,14 +87,14 @@ def test_a_graphed_device_fed_step_replays_with_no_arguments_and_gathers_in_the_
     data = load_data(cfg.data)
     model, optimizer = make_model(cfg, DistContext(0, 0, 1, CPU))
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
-    source = epochs_for(open_loaders(cfg.data, data, DistContext(0, 0, 1, CPU), B, SEED).train, SEED, B, 0, 1)
+    source = epoch_table_for(open_loaders(cfg.data, data, DistContext(0, 0, 1, CPU), B, SEED).train, SEED, B, 0, 1)
     source.load(0)
-    graphed = build_step(model, optimizer, mean, lr_table(cfg, 1), precision="fp32", batch_per_rank=B, graph=True,
+    graphed = build_step(model, optimizer, mean, lr_table(cfg, 1), kind="graph", precision="fp32", batch_per_rank=B,
                          ops=FakeOps(), source=source)
     assert graphed.kind == "graph" and int(graphed.it) == 0
     old, feed = per_step(tiny_data)
-    run_steps(graphed, source.batches(0), 40)
-    run_steps(old, feed.batches(0), 40)
+    take_steps(graphed, source.batches(0), 40)
+    take_steps(old, feed.batches(0), 40)
     assert_bitwise(graphed.model, old.model)
     assert graphed.inputs.copies == 0 and source.uploads == 2
 
@@ -110,7 +105,7 @@ def test_every_iteration_gathers_the_per_step_feeds_batch_and_draws(tiny_data):
     for world in (1, 2):
         for rank in range(world):
             ctx = DistContext(rank, rank, world, CPU)
-            epochs = Epochs(ResidentTrainLoader(data.train, B, SEED, rank, world, CPU), SEED, B, rank, world)
+            epochs = EpochTable(ResidentTrainLoader(data.train, B, SEED, rank, world, CPU), SEED, B, rank, world)
             reference = Feed(ResidentTrainLoader(data.train, B, SEED, rank, world, CPU), SEED, B, rank, world)
             feed, it = epochs.batches(29), torch.tensor(29)
             for want in zip(range(29, 100), reference.batches(29)):
@@ -127,7 +122,7 @@ def test_the_next_epoch_is_built_ahead_and_the_boundary_only_uploads_it(tiny_dat
     uploads it, bitwise what building it there would have given; nothing per iteration."""
     cfg = config(tiny_data)
     data = load_data(cfg.data)
-    epochs = Epochs(ResidentTrainLoader(data.train, B, SEED, 0, 1, CPU), SEED, B)
+    epochs = EpochTable(ResidentTrainLoader(data.train, B, SEED, 0, 1, CPU), SEED, B)
     calls = []  # (iteration drawn, thread)
     monkeypatch.setattr(epochs_mod, "draw_params",
                         lambda *a: calls.append((a[1], threading.current_thread().name)) or draw_params(*a))
@@ -145,12 +140,12 @@ def test_the_next_epoch_is_built_ahead_and_the_boundary_only_uploads_it(tiny_dat
     assert [it for it, _ in calls[epochs.steps:2 * epochs.steps]] == list(range(epochs.steps, 2 * epochs.steps))
     next(feed)  # the boundary: epoch 1 uploaded, not built here
     assert epochs.uploads == 2 and [c for c in calls if c[1] == here] == calls[:epochs.steps]
-    order, draws = Epochs(ResidentTrainLoader(data.train, B, SEED, 0, 1, CPU), SEED, B).numbers(1)
+    order, draws = EpochTable(ResidentTrainLoader(data.train, B, SEED, 0, 1, CPU), SEED, B).numbers(1)
     assert torch.equal(epochs.order, torch.from_numpy(order)) and torch.equal(epochs.aug, torch.from_numpy(draws))
 
 
 def test_ffcv_or_other_loaders_keep_the_per_step_feed():
-    assert epochs_for(object(), SEED, B, 0, 1) is None
+    assert epoch_table_for(object(), SEED, B, 0, 1) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -159,8 +154,8 @@ def test_ffcv_or_other_loaders_keep_the_per_step_feed():
 def test_cuda_epochs_upload_from_pinned_memory_and_gather_as_on_the_cpu(tiny_data):
     cfg = config(tiny_data)
     data = load_data(cfg.data)
-    cpu = Epochs(ResidentTrainLoader(data.train, B, SEED, 0, 1, CPU), SEED, B)
-    gpu = Epochs(ResidentTrainLoader(data.train, B, SEED, 0, 1, torch.device("cuda")), SEED, B)
+    cpu = EpochTable(ResidentTrainLoader(data.train, B, SEED, 0, 1, CPU), SEED, B)
+    gpu = EpochTable(ResidentTrainLoader(data.train, B, SEED, 0, 1, torch.device("cuda")), SEED, B)
     it_cpu, it_gpu = torch.tensor(0), torch.tensor(0, device="cuda")
     feeds = cpu.batches(0), gpu.batches(0)
     for _ in range(3 * cpu.steps):

@@ -133,7 +133,7 @@ def killed_at_25(tmp_path_factory, tiny_data):
     """The same run SIGKILLed after iteration 25: checkpoints at 10 and 20. Tests copy it."""
     cut = tmp_path_factory.mktemp("faults") / "killed"
     proc = run_cli(["train", *ARGS, "--data-dir", str(tiny_data), "--out", str(cut)], check=False,
-                   RESNETDIST_TEST_KILL_AT="25")
+                   kill_at=(25, 0))
     assert proc.returncode == -signal.SIGKILL
     return cut
 
@@ -242,7 +242,7 @@ def test_a_live_run_directory_refuses_a_second_launch_and_a_killed_one_does_not(
     # the dead run's lock went with it: the next launch resumes from its newest checkpoint
     newest = checkpoint.list_checkpoints(out)[0]
     it = int(checkpoint.PATTERN.search(newest.name).group(1))
-    third = run_cli(args, check=False, timeout=120, RESNETDIST_TEST_KILL_AT=str(it + 1))
+    third = run_cli(args, check=False, timeout=120, kill_at=(it + 1, 0))
     assert third.returncode == -signal.SIGKILL, third.stderr[-3000:]
     assert f"resuming from {newest.name} (iteration {it} of 5000)" in third.stdout
     assert temp_files(out) == []  # a write the SIGKILL cut short left nothing behind either

@@ -20,11 +20,11 @@ from resnetdist.data import load_data, open_loaders
 from resnetdist.data.augment import training_mean
 from resnetdist.dist import DistContext
 from resnetdist.train import wrap as wrap_mod
-from resnetdist.train.loop import run_steps
-from resnetdist.train.resolve import resolve
+from resnetdist.train.evaluate import error_rates
+from resnetdist.train.loop import take_steps
 from resnetdist.train.schedule import lr_table
 from resnetdist.train.step import build_step
-from resnetdist.train.trainer import evaluate, feed_of, make_model
+from resnetdist.train.trainer import feed_of, make_model, resolve
 
 from .conftest import REPO, TINY, cli_env, cli_in_process, run_torchrun
 
@@ -104,7 +104,7 @@ def build(tiny_data, **kw):
 
 
 def drive(step, loaders, count, first=0):
-    run_steps(step, feed_of(step, loaders.train, 0, B).batches(first), count)
+    take_steps(step, feed_of(step, loaders.train, 0, B).batches(first), count)
 
 
 def assert_same_weights(a, b):
@@ -122,7 +122,7 @@ def test_ddp_warmup_and_capture_share_one_side_stream_and_replays_train_as_eager
                         lambda self: seen["state"].append(list(ops.joins)) or real_state(self))
     monkeypatch.setattr(wrap_mod, "DDP", lambda model, device_ids=None, **_: seen["ddp"].append(ops.current) or model)
     monkeypatch.setattr(step_mod, "augment", lambda *a: seen["steps"].append(ops.current) or real_augment(*a))
-    graphed, loaders = build(tiny_data, graph=True, ddp=True, ops=ops)
+    graphed, loaders = build(tiny_data, kind="graph", ddp=True, ops=ops)
     (side,) = ops.made
     assert graphed.kind == "graph" and graphed.capture_error is None
     assert seen["ddp"] == [side]  # DDP built on the side stream ...
@@ -151,7 +151,7 @@ def test_resident_loader_gathers_into_given_buffers(tiny_data):
 
 
 def test_a_failed_capture_says_so_once_and_trains_eagerly_from_the_same_state(tiny_data, capsys):
-    failed, loaders = build(tiny_data, graph=True, ops=FakeOps(fail=True))
+    failed, loaders = build(tiny_data, kind="graph", ops=FakeOps(fail=True))
     eager, _ = build(tiny_data)
     assert failed.kind == "eager" and failed.inputs is None
     assert failed.capture_error == "RuntimeError: CUDA error: operation not permitted when stream is capturing"
@@ -169,7 +169,7 @@ def test_loading_state_into_a_built_step_copies_in_place(tiny_data):
     source, loaders = build(tiny_data)
     drive(source, loaders, 4)
     state = copy.deepcopy({"model": source.model.state_dict(), "optimizer": source.optimizer.state_dict()})
-    target, _ = build(tiny_data, graph=True, ops=FakeOps())  # "captured" before the load
+    target, _ = build(tiny_data, kind="graph", ops=FakeOps())  # "captured" before the load
     momentum = [s["momentum_buffer"] for s in target.optimizer.state.values()]
     ptrs = [t.data_ptr() for t in [*target.model.state_dict().values(), *momentum]]
     target.load_state(state["model"], state["optimizer"], 4)
@@ -224,7 +224,7 @@ def test_evaluation_runs_in_fp32_even_inside_autocast(tiny_data):
     dtypes = []
     handle = step.model.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        evaluate(step, loaders)
+        error_rates(step.model, loaders.evals, step.mean, step.memory_format)
     handle.remove()
     assert dtypes and set(dtypes) == {torch.float32}
 
@@ -258,7 +258,7 @@ def test_nccl_async_error_handling_is_decided_once_in_the_worker_for_every_launc
         env=os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")))
     dist.setup("cpu", 60)
     assert seen["env"] == dist.NCCL_ASYNC_ERROR_HANDLING == "1"
-    launchers = ["resnetdist/launcher.py", "resnetdist/cli.py", "resnetdist/train/run.py", "launch/common.sh",
+    launchers = ["resnetdist/launcher.py", "resnetdist/cli.py", "resnetdist/train/worker.py", "launch/common.sh",
                  "launch/slurm.sbatch", "launch/docker-run.sh", "launch/torchrun-single-node.sh",
                  "launch/torchrun-multi-node.sh", "docker/Dockerfile"]
     for path in launchers:

@@ -205,7 +205,7 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, tiny_data):
     args = ["train", *LOGGED, "--iters", "30", "--data-dir", str(tiny_data), "--out", str(out),
             "--set", "train.eval_every=10", "--set", "train.checkpoint_every=10"]
     # SIGKILLed right after the step of iteration 20, before its evaluation and checkpoint
-    first = run_cli(args, check=False, WANDB_MODE="offline", RESNETDIST_TEST_KILL_AT="20")
+    first = run_cli(args, check=False, WANDB_MODE="offline", kill_at=(20, 0))
     assert first.returncode != 0 and not (out / "summary.json").exists()
     assert sorted(p.name for p in out.glob("ckpt_*.pt")) == ["ckpt_0000010.pt"]
     second = run_cli(args, WANDB_MODE="offline")

@@ -1,5 +1,5 @@
-"""The iteration loop with a fake step: its cadence (log, evaluate, checkpoint), the NaN stop,
-and resuming from a checkpoint's progress, in-process and in milliseconds."""
+"""The training loop (Trainer.fit) with a fake step: its cadence (log, evaluate, checkpoint), the
+NaN stop, and resuming from a checkpoint's progress, in-process and in milliseconds."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from resnetdist.train.loop import Cadence, Feed, Hooks, NonFiniteLoss, Progress, train_loop
+from resnetdist.config import load_config
+from resnetdist.dist import DistContext
+from resnetdist.train.loop import Cadence, Feed, NonFiniteLoss, Progress
+from resnetdist.train.trainer import Trainer
 
 BATCH = 4
 
@@ -27,14 +30,18 @@ class FakeLoader:
 
 
 class FakeStep:
-    """Loss of iteration i (1-based) = losses.get(i, 1 / i); one wrong answer per step."""
+    """Loss of iteration i (1-based) = losses.get(i, 1 / i); one wrong answer per step. With
+    crash_at, the call that would run that iteration is interrupted (a kill, as a test sees it)."""
 
-    def __init__(self, start: int = 0, losses: dict[int, float] | None = None):
-        self.it, self.losses = start, losses or {}
+    def __init__(self, start: int = 0, losses: dict[int, float] | None = None, crash_at: int | None = None):
+        self.it, self.losses, self.crash_at = start, losses or {}, crash_at
         self.stats, self.bad = np.zeros(3), -1
         self.seen = []  # (iteration, first pixel) of every call: which batch came when
+        self.kind, self.capture_error, self.model = "eager", None, torch.nn.Linear(1, 1)
 
     def __call__(self, images, labels, aug):
+        if self.it == self.crash_at:
+            raise KeyboardInterrupt(f"stopped at {self.it}")
         self.it += 1
         self.seen.append((self.it, int(images[0, 0, 0, 0])))
         loss = self.losses.get(self.it, 1.0 / self.it)
@@ -50,49 +57,60 @@ class FakeStep:
         return 0.1 if it <= 30 else 0.01
 
 
-class Recorder:
-    def __init__(self, stop_at: int | None = None):
-        self.logs, self.evals, self.checkpoints, self.marks = [], [], [], []
-        at = {7: self.marks.append}
-        if stop_at is not None:
-            at[stop_at] = self.crash
-        self.hooks = Hooks(evaluate=lambda: {"test_error": 50.0}, log=self.log, checkpoint=self.save, at_iteration=at)
+class Recorder(Trainer):
+    """A Trainer around the fake step: records what fit() logs, evaluates and checkpoints."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.logs, self.evals, self.checkpoints = [], [], []
 
     def log(self, record, kind):
         (self.evals if kind == "eval" else self.logs).append(record)
 
-    def save(self, progress: Progress):
-        self.checkpoints.append(Progress(progress.iteration, progress.train_seconds, progress.window.copy()))
+    def evaluate(self):
+        return {"test_error": 50.0}
 
-    def crash(self, it):
-        raise KeyboardInterrupt(f"stopped at {it}")
+    def checkpoint(self):
+        progress = self.progress
+        self.checkpoints.append(Progress(progress.iteration, progress.train_seconds, progress.window.copy()))
 
 
 CADENCE = Cadence(total=45, log_every=5, eval_every=10, checkpoint_every=20)
 
 
-def run(step, progress, recorder, loader=None, cadence=CADENCE):
+def recorder(step, progress, loader=None, cadence=CADENCE) -> Recorder:
+    cfg = load_config(flags={"train": {"device": "cpu", "eval_every": cadence.eval_every,
+                                       "checkpoint_every": cadence.checkpoint_every},
+                             "optim": {"iters": cadence.total, "milestones": []},
+                             "log": {"log_every": cadence.log_every}})
     feed = Feed(loader or FakeLoader(), seed=0, global_batch=BATCH)
-    return train_loop(step, feed, progress, cadence, recorder.hooks, steps_per_epoch=10)
+    trainer = Recorder(cfg, DistContext(0, 0, 1, torch.device("cpu")), step.model, None, step, None, feed,
+                       steps_per_epoch=10, images={}, progress=progress)
+    return trainer
+
+
+def run(step, progress, loader=None, cadence=CADENCE) -> Recorder:
+    trainer = recorder(step, progress, loader, cadence)
+    trainer.fit(logger=trainer)  # the recorder is its own logger (wandb_id: None)
+    return trainer
 
 
 def test_next_stop_and_due():
     assert CADENCE.next_stop(0) == 5 and CADENCE.next_stop(5) == 10 and CADENCE.next_stop(44) == 45
-    assert CADENCE.next_stop(0, extra=(3, 40)) == 3 and CADENCE.next_stop(3, extra=(3,)) == 5
     assert CADENCE.due(20) == (True, True, True) and CADENCE.due(15) == (True, False, False)
     assert CADENCE.due(45) == (True, True, True)  # the last iteration does everything
 
 
 def test_cadence_of_logs_evaluations_and_checkpoints():
-    step, rec, loader = FakeStep(), Recorder(), FakeLoader()
-    progress = run(step, Progress(), rec, loader)
+    step, loader = FakeStep(), FakeLoader()
+    rec = run(step, Progress(), loader)
+    progress = rec.progress
     assert [it for it, _ in step.seen] == list(range(1, 46))
     assert [px for _, px in step.seen] == list(range(45))  # batch i at iteration i + 1
     assert loader.starts == [0]
     assert [r["iter"] for r in rec.logs] == [5, 10, 15, 20, 25, 30, 35, 40, 45]
     assert [r["iter"] for r in rec.evals] == [10, 20, 30, 40, 45]
     assert [c.iteration for c in rec.checkpoints] == [20, 40, 45]
-    assert rec.marks == [7]
     assert progress.iteration == 45 and progress.last_eval == rec.evals[-1] and progress.train_seconds > 0
     first = rec.evals[0]
     assert first["train_loss"] == pytest.approx(np.mean([1 / i for i in range(1, 11)]))
@@ -102,9 +120,10 @@ def test_cadence_of_logs_evaluations_and_checkpoints():
 
 
 def test_non_finite_loss_stops_before_the_next_checkpoint():
-    step, rec = FakeStep(losses={13: float("nan")}), Recorder()
+    step = FakeStep(losses={13: float("nan")})
+    rec = recorder(step, Progress())
     with pytest.raises(NonFiniteLoss, match=r"NaN or inf at iteration 13 \(checked at 15\)"):
-        run(step, Progress(), rec)
+        rec.fit(rec)
     assert [c.iteration for c in rec.checkpoints] == []  # the first is due at 20
     assert [r["iter"] for r in rec.logs] == [5, 10] and len(step.seen) == 15
 
@@ -112,16 +131,15 @@ def test_non_finite_loss_stops_before_the_next_checkpoint():
 def test_resume_from_a_checkpoint_gives_the_same_records():
     """Interrupted after iteration 27, resumed from the checkpoint at 20: the records from 20 on
     are those of the uninterrupted run (timing aside), and the batches follow on."""
-    whole = Recorder()
-    run(FakeStep(), Progress(), whole)
+    whole = run(FakeStep(), Progress())
 
-    cut = Recorder(stop_at=27)
+    cut = recorder(FakeStep(crash_at=27), Progress())
     with pytest.raises(KeyboardInterrupt):
-        run(FakeStep(), Progress(), cut)
+        cut.fit(cut)
     saved = cut.checkpoints[-1]
     assert saved.iteration == 20
-    step, resumed, loader = FakeStep(start=20), Recorder(), FakeLoader()
-    run(step, saved, resumed, loader)
+    step, loader = FakeStep(start=20), FakeLoader()
+    resumed = run(step, saved, loader)
     assert loader.starts == [20] and step.seen[0] == (21, 20)
 
     def strip(records):
@@ -132,9 +150,9 @@ def test_resume_from_a_checkpoint_gives_the_same_records():
 
 
 def test_a_run_resumed_at_its_end_does_nothing():
-    step, rec = FakeStep(start=45), Recorder()
-    progress = run(step, Progress(iteration=45), rec)
-    assert step.seen == [] and rec.logs == rec.evals == rec.checkpoints == [] and progress.last_eval is None
+    step = FakeStep(start=45)
+    rec = run(step, Progress(iteration=45))
+    assert step.seen == [] and rec.logs == rec.evals == rec.checkpoints == [] and rec.progress.last_eval is None
 
 
 def test_the_bar_moves_between_log_points_from_the_host_counter_without_draining(monkeypatch):
@@ -144,7 +162,7 @@ def test_the_bar_moves_between_log_points_from_the_host_counter_without_draining
     import time
 
     from resnetdist import progress as progress_module
-    from resnetdist.train import loop
+    from resnetdist.train import trainer
 
     moves = []
 
@@ -167,9 +185,9 @@ def test_the_bar_moves_between_log_points_from_the_host_counter_without_draining
             self.drains += 1
             return super().drain()
 
-    monkeypatch.setattr(loop, "RunBar", SeenBar)
+    monkeypatch.setattr(trainer, "RunBar", SeenBar)
     step = SlowStep()
-    run(step, Progress(), Recorder(), cadence=Cadence(total=200, log_every=200, eval_every=200, checkpoint_every=200))
+    run(step, Progress(), cadence=Cadence(total=200, log_every=200, eval_every=200, checkpoint_every=200))
     assert step.drains == 1
     between = [m for m in moves if 0 < m < 200]
     assert len(between) >= 5 and between == sorted(between), moves

@@ -54,8 +54,15 @@ def make_nodes(namespaces_possible, tmp_path):
 
 
 def launch_env(nnodes: str, endpoint: str, nproc: int, restarts: int, **extra: str) -> dict[str, str]:
-    return cli_env(NNODES=nnodes, NPROC=str(nproc), RDZV_ENDPOINT=endpoint, RDZV_ID="mn-test",
-                   MAX_RESTARTS=str(restarts), PYTHON=sys.executable, **extra)
+    return cli_env(**{"NNODES": nnodes, "NPROC": str(nproc), "RDZV_ENDPOINT": endpoint, "RDZV_ID": "mn-test",
+                      "MAX_RESTARTS": str(restarts), "PYTHON": sys.executable, **extra})
+
+
+def kill_env(at: int, rank: int) -> dict[str, str]:
+    """launch_env's additions for a worker SIGKILLed after iteration `at` on `rank` (first
+    attempt only): the launch script's PYTHON becomes the test-side tests/_kill_python.sh."""
+    return {"PYTHON": str(REPO / "tests" / "_kill_python.sh"), "REAL_PYTHON": sys.executable,
+            "KILL_AT": str(at), "KILL_RANK": str(rank)}
 
 
 def run_on_nodes(nodes, args: list[str], logs: Path, nnodes: str = "2", restarts: int = 0,
@@ -144,7 +151,7 @@ def test_b_a_worker_killed_on_node1_restarts_from_rank0s_disk_exactly(make_nodes
     out = tmp_path / "runs" / "run"
     t0 = time.monotonic()
     results = run_on_nodes(make_nodes, [*ARGS, "--data-dir", str(tiny_data), "--out", str(out)], tmp_path / "logs",
-                           restarts=1, RESNETDIST_TEST_KILL_AT="25", RESNETDIST_TEST_KILL_RANK="1")
+                           restarts=1, **kill_env(25, 1))
     wall = time.monotonic() - t0
     log = outputs(tmp_path / "logs", make_nodes)
     assert [code for code, _ in results] == [0, 0], log

@@ -31,7 +31,7 @@ from resnetdist.train.preempt import Preempted
 from .conftest import REPO, TINY, cli_env, run_cli, run_torchrun
 from .slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
 from .test_faults import temp_files, wait_for
-from .test_loop import FakeStep, Recorder, run
+from .test_loop import FakeStep, recorder
 from .test_loop import CADENCE as LOOP_CADENCE
 from .test_train import assert_bitwise_equal, final_weights, read_jsonl
 
@@ -97,11 +97,37 @@ def test_signals_in_the_middle_of_a_checkpoint_write_do_not_tear_it(tmp_path, mo
     assert temp_files(tmp_path) == []
 
 
+class SignalledStep(FakeStep):
+    """A fake step during whose iteration `at` the process receives `signum` (noted by `notice`)."""
+
+    def __init__(self, notice: preempt.Notice, at: int, signum: int):
+        super().__init__()
+        self.notice, self.at, self.signum = notice, at, signum
+
+    def __call__(self, *batch):
+        super().__call__(*batch)
+        if self.it == self.at:
+            self.notice.note(self.signum)
+
+
+class AskedNotice(preempt.Notice):
+    """preempt.Notice, recording the iterations the trainer asks it at."""
+
+    def __init__(self):
+        super().__init__()
+        self.asked = []
+
+    def agreed(self, it: int) -> str:
+        self.asked.append(it)
+        return super().agreed(it)
+
+
 def test_the_loop_checkpoints_where_the_ranks_agreed_to_stop_and_raises_preempted():
-    rec = Recorder()
-    rec.hooks.stop_reason = lambda it: "SIGTERM" if it >= 15 else ""
+    notice = preempt.Notice()
+    rec = recorder(SignalledStep(notice, 13, signal.SIGTERM), Progress())
+    rec.stop = notice  # the notice a trainer is built with
     with pytest.raises(Preempted) as info:
-        run(FakeStep(), Progress(), rec)
+        rec.fit(rec)
     assert info.value.iteration == 15 and info.value.reason == "SIGTERM" and info.value.exit_code == 6
     # 15 is no multiple of checkpoint_every (20): the stop makes its own checkpoint, after the log
     assert [c.iteration for c in rec.checkpoints] == [15] and rec.logs[-1]["iter"] == 15
@@ -109,15 +135,12 @@ def test_the_loop_checkpoints_where_the_ranks_agreed_to_stop_and_raises_preempte
 
 
 def test_a_stop_asked_at_the_last_iteration_just_finishes():
-    rec, asked = Recorder(), []
-
-    def stop_reason(it: int) -> str:
-        asked.append(it)
-        return "SIGUSR1" if it == 45 else ""  # a signal noted during the last 5 iterations
-
-    rec.hooks.stop_reason = stop_reason
-    progress = run(FakeStep(), Progress(), rec)  # 45 iterations; log points 5, 10, ..., 40, 45
+    notice = AskedNotice()
+    rec = recorder(SignalledStep(notice, 43, signal.SIGUSR1), Progress())  # a signal during the last 5 iterations
+    rec.stop = notice
+    progress = rec.fit(rec)  # 45 iterations; log points 5, 10, ..., 40, 45
     assert progress.iteration == LOOP_CADENCE.total == 45 and rec.checkpoints[-1].iteration == 45
+    asked = notice.asked
     assert asked == list(range(5, 45, 5))  # not asked at the end: the run is complete, not stopped
 
 

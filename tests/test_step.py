@@ -10,8 +10,8 @@ import torch
 from resnetdist.config import load_config
 from resnetdist.data import load_data
 from resnetdist.dist import DistContext
-from resnetdist.train.resolve import resolve
-from resnetdist.train.trainer import build, evaluate
+from resnetdist.train.loop import take_steps
+from resnetdist.train.trainer import build, resolve
 
 from .conftest import run_cli
 
@@ -29,18 +29,16 @@ class Driven:
             "log": {"wandb_mode": "disabled"},
         }))
         self.ctx = DistContext(0, 0, 1, torch.device(device))
-        def restore(model, optimizer) -> int:
-            if state is not None:
-                model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-            return start_iter
-
-        self.trainer = build(self.cfg, self.ctx, load_data(self.cfg.data), restore)
+        self.trainer = build(self.cfg, self.ctx, load_data(self.cfg.data))
         self.model, self.optimizer = self.trainer.model, self.trainer.optimizer
         self.step, self.loaders = self.trainer.step, self.trainer.loaders
+        if state is not None:  # into the built (captured) step, in place, as a resumed run loads
+            self.step.load_state(state["model"], state["optimizer"], start_iter)
+        else:
+            self.step.it.fill_(start_iter)
 
     def run(self, count: int, first: int = 0) -> None:
-        self.trainer.run(count, first)
+        take_steps(self.step, self.trainer.feed.batches(first), count)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
@@ -99,9 +97,8 @@ def test_the_step_follows_the_lr_table_across_a_milestone(tiny_data):
 @pytest.mark.timeout(300)
 def test_bench_runs_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    # "gpu": the resident loader's old name, still accepted
     proc = run_cli(["bench", "-n", "1", "--iters", "3", "--warmup", "1", "--modes", "eager,graph",
-                    "--precisions", "fp32", "--loaders", "gpu", "--workers", "1", "--out", str(out)],
+                    "--precisions", "fp32", "--loaders", "resident", "--workers", "1", "--out", str(out)],
                    timeout=280)
     report = json.loads(out.read_text())
     assert report["kind"] == "step" and report["device"] and report["torch"] == torch.__version__
@@ -150,12 +147,12 @@ def deterministic_cudnn(monkeypatch):
 @pytest.mark.timeout(600)
 def test_graph_evaluation_between_replays_and_resume(tiny_data, deterministic_cudnn):
     """An evaluation between replays changes nothing the graph trains with; weights and
-    optimizer state loaded before capture give a graphed step that continues identically.
+    optimizer state loaded into a captured step give a graphed step that continues identically.
     Bitwise (torch.equal), under deterministic cuDNN kernels (the fixture)."""
     plain, evaluated = Driven(tiny_data, "graph", "cuda", "bf16"), Driven(tiny_data, "graph", "cuda", "bf16")
     for d in (plain, evaluated):
         d.run(5)
-    evaluate(evaluated.step, evaluated.loaders)
+    evaluated.trainer.evaluate()
     evaluated.run(5, first=5)  # replays after an evaluation keep training in train mode
     plain.run(5, first=5)
     assert evaluated.model.training
@@ -164,7 +161,7 @@ def test_graph_evaluation_between_replays_and_resume(tiny_data, deterministic_cu
     state = {"model": evaluated.weights(), "optimizer": evaluated.optimizer.state_dict()}
     resumed = Driven(tiny_data, "graph", "cuda", "bf16", start_iter=10, state=state)
     assert int(resumed.step.it) == 10
-    assert evaluate(resumed.step, resumed.loaders) == evaluate(evaluated.step, evaluated.loaders)
+    assert resumed.trainer.evaluate() == evaluated.trainer.evaluate()
     resumed.run(3, first=10)
     evaluated.run(3, first=10)
     for (name, x), y in zip(resumed.weights().items(), evaluated.weights().values()):

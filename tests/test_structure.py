@@ -82,7 +82,8 @@ def test_no_import_cycle_in_the_package():
     mods = modules()
     graph = {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
     assert "resnetdist.config" in graph and graph["resnetdist.config"] == set(), "config imports nothing of ours"
-    assert graph["resnetdist.train.run"] >= {"resnetdist.train.step", "resnetdist.train.loop", "resnetdist.train.state"}
+    assert graph["resnetdist.train.worker"] >= {"resnetdist.train.trainer", "resnetdist.train.announce",
+                                             "resnetdist.train.rundir"}
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 
@@ -127,11 +128,18 @@ def test_the_run_is_wired_in_one_place():
     assert builders == {"resnetdist.train.trainer"}, builders
 
 
+def test_the_package_reads_no_test_switch():
+    """Faults are injected from the tests (tests/_kill_worker.py wraps the Trainer), never by an
+    environment variable the package reads."""
+    readers = [name for name, path in modules().items() if "RESNETDIST_TEST" in path.read_text()]
+    assert readers == [], readers
+
+
 def test_tools_do_not_import_the_run():
-    """bench and doctor build through the trainer, not through run.py (one rank's whole run)."""
+    """bench and doctor build through the trainer, not through worker.py (one rank's whole run)."""
     mods = modules()
     for tool in ("resnetdist.tools.bench", "resnetdist.tools.doctor"):
-        assert "resnetdist.train.run" not in imports_of(tool, mods[tool], set(mods)), tool
+        assert "resnetdist.train.worker" not in imports_of(tool, mods[tool], set(mods)), tool
 
 
 def test_exit_codes_come_from_one_table():

@@ -113,7 +113,7 @@ def test_a_run_says_where_it_starts_and_a_finished_run_only_says_it_is_finished(
     out = tmp_path / "run"
     args = ["train", *TINY, "--iters", "40", "--data-dir", str(tiny_data), "--out", str(out),
             "--set", "train.eval_every=20", "--set", "train.checkpoint_every=10", "--set", "log.wandb_mode=offline"]
-    first = run_cli(args, check=False, RESNETDIST_TEST_KILL_AT="25")
+    first = run_cli(args, check=False, kill_at=(25, 0))
     assert first.returncode == -9 and "start           fresh start" in first.stdout
     files = sorted(p for p in out.rglob("*"))
     planned = run_cli([*args, "--dry-run"])  # says where the run would resume, and touches nothing

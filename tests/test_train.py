@@ -81,7 +81,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tiny_data):
     ref = tmp_path / "ref"
     run_cli([*args, "--out", str(ref)])
     cut = tmp_path / "cut"
-    killed = run_cli([*args, "--out", str(cut)], check=False, RESNETDIST_TEST_KILL_AT="25")
+    killed = run_cli([*args, "--out", str(cut)], check=False, kill_at=(25, 0))
     assert killed.returncode == -9
     assert sorted(p.name for p in cut.glob("ckpt_*.pt")) == ["ckpt_0000010.pt", "ckpt_0000020.pt"]
     resumed = run_cli([*args, "--out", str(cut)])
@@ -101,7 +101,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_dat
     ref = tmp_path / "ref"
     run_cli([*args, "--out", str(ref)])
     cut = tmp_path / "cut"
-    run_cli([*args, "--out", str(cut)], check=False, RESNETDIST_TEST_KILL_AT="25")
+    run_cli([*args, "--out", str(cut)], check=False, kill_at=(25, 0))
     newest = cut / "ckpt_0000020.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a torn write
     found = checkpoint.load_latest(cut, warn=lambda *_: None)

@@ -11,7 +11,7 @@ step reads iteration i's batch at position i mod steps-per-epoch with device ops
 taking i from its own device-side counter, so the numbers and samples are exactly those of the
 per-step feed (loop.Feed): resumes and world sizes agree bitwise as before.
 
-An `Epochs` is also the step's feed: `batches(start)` yields an empty argument tuple per
+An `EpochTable` is also the step's feed: `batches(start)` yields an empty argument tuple per
 iteration (the step takes none) and loads each epoch before its first iteration.
 """
 
@@ -35,12 +35,12 @@ def draw_epoch(seed: int, first_iter: int, count: int, global_batch: int, rank: 
                      for it in range(first_iter, first_iter + count)])
 
 
-# one thread for every Epochs of the process: epochs are built one at a time, each well within
+# one thread for every EpochTable of the process: epochs are built one at a time, each well within
 # an epoch's training (390 steps of >= 2 ms against ~100 ms of host work)
 _AHEAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resnetdist-epochs")
 
 
-class Epochs:
+class EpochTable:
     def __init__(self, loader: ResidentTrainLoader, seed: int, global_batch: int, rank: int = 0, world_size: int = 1):
         self.images, self.labels = loader.images, loader.labels  # the resident set, on the device
         self.seed, self.global_batch, self.rank, self.world_size = seed, global_batch, rank, world_size
@@ -110,9 +110,9 @@ def upload(dst: torch.Tensor, src: np.ndarray) -> None:
     dst.copy_(host.view(dst.shape), non_blocking=dst.is_cuda)
 
 
-def epochs_for(loader, seed: int, global_batch: int, rank: int, world_size: int) -> Epochs | None:
+def epoch_table_for(loader, seed: int, global_batch: int, rank: int, world_size: int) -> EpochTable | None:
     """The device-side epochs of a resident loader; None for other loaders (FFCV's batches come
     from its own pipeline, fed per step)."""
     if not isinstance(loader, ResidentTrainLoader):
         return None
-    return Epochs(loader, seed, global_batch, rank, world_size)
+    return EpochTable(loader, seed, global_batch, rank, world_size)

@@ -40,14 +40,13 @@ import torch.nn.functional as F
 
 from .. import dist
 from ..checkpoint import atomic_write_text
-from ..config import LOADER_ALIASES, PAPER_ITERS, ModelConfig, RunConfig, load_config, model_name
+from ..config import PAPER_ITERS, ModelConfig, RunConfig, load_config, model_name
 from ..data import open_loaders
 from ..data.augment import augment
 from ..data.cifar import Cifar10, Split, load_cifar10, write_synthetic
-from ..train.loop import Feed, run_steps
+from ..train.loop import Feed, take_steps
 from ..models import build_model
-from ..train.resolve import resolve
-from ..train.trainer import build
+from ..train.trainer import build, resolve
 
 BATCH = 128
 LOSS_READ_EVERY = 100  # the baseline's progress-meter read-back (a host sync), as public loops log
@@ -252,7 +251,7 @@ def bench_setting(setting: Setting, data: Cifar10, n: int, iters: int, warmup: i
     trainer = build(cfg, dist.DistContext(0, 0, 1, device), data)
     step, batches = trainer.step, trainer.feed.batches(0)
     setup = time.perf_counter() - t_setup
-    warm_s, seconds, host = timed(lambda count: run_steps(step, batches, count), warmup, iters, device)
+    warm_s, seconds, host = timed(lambda count: take_steps(step, batches, count), warmup, iters, device)
     # step: what ran (a failed capture runs eagerly, and says so in capture_error)
     # feed: "device" when the step gathers its own batches (data/epochs.py), else "per-step"
     return {**_result(setting, iters, seconds, setup + warm_s, host), "step": step.kind,
@@ -270,7 +269,7 @@ def bench_loader(loader_name: str, data: Cifar10, device: torch.device, beton_di
     def augment_only(images, labels, aug):
         augment(images, mean, aug.to(device, non_blocking=True))
 
-    _, seconds, _ = timed(lambda count: run_steps(augment_only, batches, count), warmup, iters, device)
+    _, seconds, _ = timed(lambda count: take_steps(augment_only, batches, count), warmup, iters, device)
     return {"loader": loader_name, "images_per_second": BATCH * iters / seconds, "iters": iters}
 
 
@@ -302,17 +301,13 @@ def open_data(data_dir: Path | None, scratch: Path) -> tuple[Cifar10, Path]:
     return data, data.folder.parent / "beton"
 
 
-def loader_names(loaders: list[str]) -> list[str]:
-    return [LOADER_ALIASES.get(name, name) for name in loaders]
-
-
 def run_step_bench(n: int, iters: int, warmup: int, device_pref: str, loaders: list[str], modes: list[str],
                    precisions: list[str], data_dir: Path | None, workers: int,
                    out: Path | None = None) -> dict[str, Any]:
     """Time each setting; with `out`, the report is written there after every setting."""
     device = dist.resolve_device(device_pref, 0)
     have_ffcv = ffcv_available()
-    settings, skipped = settings_for(device, loader_names(loaders), modes, precisions, have_ffcv)
+    settings, skipped = settings_for(device, loaders, modes, precisions, have_ffcv)
     report = {"kind": "step", "model": model_name(n, plain=False), "batch": BATCH, **environment(device),
               "data": str(data_dir) if data_dir else "synthetic", "complete": False, "results": [],
               "skipped": skipped}
@@ -346,7 +341,6 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
 def run_loader_bench(iters: int, warmup: int, device_pref: str, loaders: list[str], data_dir: Path | None) -> dict:
     device = dist.resolve_device(device_pref, 0)
     have_ffcv = ffcv_available()
-    loaders = loader_names(loaders)
     chosen = [name for name in loaders if name != "ffcv" or have_ffcv]
     skipped = [f"{name} loader: FFCV is not installed" for name in loaders if name not in chosen]
     with tempfile.TemporaryDirectory(prefix="resnetdist-bench-") as scratch:

@@ -39,10 +39,8 @@ from .bench import sync, timed
 from ..config import load_config
 from ..data import load_data
 from ..data.cifar import IDENTITY_WORDS, DataError, identity, locate, write_synthetic
-from ..train.evaluate import error_rates
-from ..train.loop import run_steps
-from ..train.resolve import resolve
-from ..train.trainer import build
+from ..train.loop import take_steps
+from ..train.trainer import build, resolve
 
 NEEDS_CUDA = "skipped: needs CUDA"
 
@@ -151,7 +149,8 @@ class Trial:
         return self.trainer.feed.batches(first)
 
     def run(self, count: int, first: int = 0) -> None:
-        self.trainer.run(count, first)
+        """Iterations first .. first+count-1 of the step, nothing else."""
+        take_steps(self.step, self.batches(first), count)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
@@ -161,10 +160,6 @@ def max_difference(a: Trial, b: Trial) -> float:
     diffs = [(x.double() - y.double()).abs().max().item()
              for x, y in zip(a.weights().values(), b.weights().values()) if x.is_floating_point()]
     return max(diffs)
-
-
-def default_kind(device: torch.device) -> str:
-    return "graph" if device.type == "cuda" else "eager"
 
 
 @contextmanager
@@ -250,17 +245,15 @@ def compile_vs_eager(data_dir: Path, device: torch.device, steps: int) -> tuple[
 
 def evaluation_between_steps(data_dir: Path, device: torch.device, steps: int) -> tuple[str, str]:
     """An evaluation between steps (replays, on CUDA) changes nothing the step trains with."""
-    kind = default_kind(device)
     with deterministic_cudnn():
-        plain, evaluated = Trial(data_dir, device, kind), Trial(data_dir, device, kind)
+        plain, evaluated = Trial(data_dir, device, "auto"), Trial(data_dir, device, "auto")  # the default step
         for t in (plain, evaluated):
             t.run(steps)
-        errors = error_rates(evaluated.model, evaluated.loaders.evals, evaluated.step.mean,
-                             evaluated.step.memory_format)
+        errors = evaluated.trainer.evaluate()
         for t in (plain, evaluated):
             t.run(steps, first=steps)
     same, diff = _same(plain, evaluated, device)
-    ok = same and evaluated.model.training and evaluated.step.kind == kind
+    ok = same and evaluated.model.training and evaluated.step.kind == evaluated.cfg.train.step
     return ("ok" if ok else "fail"), (f"{evaluated.step.kind}: test error {errors['test_error']:.1f}% between "
                                       f"steps; max abs weight diff {diff:.2e}")
 
@@ -269,9 +262,8 @@ def checkpoint_round_trip(data_dir: Path, device: torch.device, steps: int) -> t
     """A checkpoint (through torch.save / torch.load) loaded into a step already built (a
     captured graph, on CUDA) continues as the run it came from, and every momentum buffer
     keeps its address."""
-    kind = default_kind(device)
     with deterministic_cudnn():
-        source, target = Trial(data_dir, device, kind), Trial(data_dir, device, kind)
+        source, target = Trial(data_dir, device, "auto"), Trial(data_dir, device, "auto")  # the default step
         source.run(steps)
         buf = io.BytesIO()
         torch.save({"model": source.weights(), "optimizer": source.optimizer.state_dict()}, buf)
@@ -290,7 +282,7 @@ def checkpoint_round_trip(data_dir: Path, device: torch.device, steps: int) -> t
 
 def ms_per_iter(trial: Trial, iters: int, warmup: int) -> float:
     batches = trial.batches(0)
-    _, seconds, _ = timed(lambda count: run_steps(trial.step, batches, count), warmup, iters, trial.step.device)
+    _, seconds, _ = timed(lambda count: take_steps(trial.step, batches, count), warmup, iters, trial.step.device)
     return 1000 * seconds / iters
 
 
@@ -356,7 +348,7 @@ def ddp_weights_identical(ctx: dist.DistContext, data_dir: Path, steps: int) -> 
     parameters broadcast and compared bitwise on every rank. (BN running statistics are left
     out: each rank updates them from its own shard of the batch, by design; evaluation
     broadcasts rank 0's.)"""
-    trial = Trial(data_dir, ctx.device, default_kind(ctx.device), ctx=ctx, batch=32 * ctx.world_size)
+    trial = Trial(data_dir, ctx.device, "auto", ctx=ctx, batch=32 * ctx.world_size)
     trial.run(steps)
     sync(ctx.device)
     mismatched = 0

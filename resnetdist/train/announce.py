@@ -1,78 +1,34 @@
 """What a run tells the person who started it: where it starts (fresh, from which checkpoint,
-or already finished), what will run (net, device, precision, step, loader, length, batch, run
-directory), and for `train --dry-run` the resolved configuration as well. Read only: nothing
-here writes. Output for programs stays in summary.json and `train --json`.
+or already finished: worker.where_it_starts finds it), what will run (net, device, precision,
+step, loader, length, batch, run directory), and for `train --dry-run` the resolved
+configuration as well. Text only: nothing here decides, reads the run directory or writes.
+Output for programs stays in summary.json and `train --json`.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from .. import checkpoint, dist
 from ..config import RunConfig, dumps_toml
 from .schedule import global_batch
 
 
-@dataclass(frozen=True)
-class Start:
-    """Where a run directory stands: finished (summary.json), resumable (a readable checkpoint),
-    or fresh."""
+class Start(Protocol):
+    """What the header says of where a run starts (worker.Start: worker.py finds it)."""
 
-    iteration: int = 0
-    checkpoint: Path | None = None
-    summary: dict[str, Any] | None = None
-
-    def describe(self, iters: int) -> str:
-        if self.summary is not None:
-            return "finished (summary.json holds its result)"
-        if self.checkpoint is not None:
-            return f"resuming from {self.checkpoint.name} (iteration {self.iteration} of {iters})"
-        return "fresh start (no checkpoint in the run directory)"
+    iteration: int
+    checkpoint: Path | None
+    summary: dict[str, Any] | None
 
 
-def finished_summary(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
-    """summary.json of a run that ended with this experiment's length and name; None otherwise
-    (absent, unreadable, or from another configuration: then the run goes on as usual)."""
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(summary, dict):
-        return None
-    same = summary.get("iterations") == cfg.optim.iters and summary.get("name") == cfg.name
-    return summary if same and "test_error" in summary else None
-
-
-class AlreadyFinished(Exception):
-    """The run directory holds this run's summary.json: nothing to train (not an error)."""
-
-    def __init__(self, summary: dict[str, Any]):
-        self.summary = summary
-        super().__init__(f"{summary.get('name')} is finished")
-
-
-def stop_if_finished(cfg: RunConfig) -> None:
-    """Raise AlreadyFinished on every rank when rank 0's run directory holds this run's result
-    (the run directory need only be on rank 0's disk): a collective, asked once at the start."""
-    with dist.stage("start agreement (is the run finished)"):
-        summary = dist.broadcast_object(finished_summary(cfg.run_dir, cfg) if dist.is_main_process() else None)
-    if summary is not None:
-        raise AlreadyFinished(summary)
-
-
-def where_it_starts(cfg: RunConfig) -> Start:
-    """Where `train` with this config would start, looking only (rank 0's view; a damaged
-    newest checkpoint is skipped as resume would skip it)."""
-    summary = finished_summary(cfg.run_dir, cfg)
-    if summary is not None:
-        return Start(cfg.optim.iters, None, summary)
-    found = checkpoint.load_latest(cfg.run_dir, warn=lambda _: None) if cfg.run_dir.is_dir() else None
-    if found is None:
-        return Start()
-    return Start(int(found[1]["iteration"]), found[0])
+def where(start: Start, iters: int) -> str:
+    """The header's "start" line: finished, resuming from which checkpoint, or fresh."""
+    if start.summary is not None:
+        return "finished (summary.json holds its result)"
+    if start.checkpoint is not None:
+        return f"resuming from {start.checkpoint.name} (iteration {start.iteration} of {iters})"
+    return "fresh start (no checkpoint in the run directory)"
 
 
 def facts(cfg: RunConfig, world_size: int, start: Start) -> list[tuple[str, str]]:
@@ -92,7 +48,7 @@ def facts(cfg: RunConfig, world_size: int, start: Start) -> list[tuple[str, str]
                        f"{t.eval_every:,}, checkpoint every {t.checkpoint_every:,})"),
         ("batch per rank", f"{batch // world_size} ({batch} per iteration)"),
         ("run directory", str(cfg.run_dir)),
-        ("start", start.describe(o.iters)),
+        ("start", where(start, o.iters)),
     ]
 
 
@@ -101,9 +57,8 @@ def format_facts(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
-def dry_run(cfg: RunConfig, world_size: int, notes: list[str] = ()) -> str:
+def dry_run(cfg: RunConfig, world_size: int, start: Start, notes: list[str] = ()) -> str:
     """`train --dry-run`: the resolved configuration as TOML, then what would run."""
-    start = where_it_starts(cfg)
     rows = facts(cfg, world_size, start)
     if cfg.train.device == "cpu":  # not measured here: the dry run takes no step
         rows.append(("estimate", cpu_estimate(cfg, world_size, start.iteration) + "; the run measures its own"))

@@ -19,7 +19,7 @@ from .. import dist
 
 GRAPH_WARMUP = 11  # DDP needs 11 warm-up iterations before capture (PyTorch's CUDA graph notes)
 
-Run = Callable[..., None]  # (images_u8, labels, aug), or () for a step that gathers its own
+Replay = Callable[..., None]  # (images_u8, labels, aug), or () for a step that gathers its own
 
 
 class CudaOps:
@@ -99,7 +99,7 @@ class GraphCapture:
     def on_side(self):
         return self.ops.use(self.side)
 
-    def capture_or_eager(self, step: Graphable, b: int) -> tuple[Run | None, StaticInputs | None, str | None]:
+    def capture_or_eager(self, step: Graphable, b: int) -> tuple[Replay | None, StaticInputs | None, str | None]:
         """(replay, its inputs, None) when every rank captured; (None, None, why) when capture
         failed on any rank (one line on stderr says so), the step's state as before the warm-up."""
         try:
@@ -116,7 +116,7 @@ class GraphCapture:
               f"the eager step", file=sys.stderr, flush=True)
         return None, None, error
 
-    def capture(self, step: Graphable, b: int) -> tuple[Run, StaticInputs]:
+    def capture(self, step: Graphable, b: int) -> tuple[Replay, StaticInputs]:
         """Record the whole step as one CUDA graph. Warm-up steps (needed before capture, and
         by DDP) change weights, optimizer state and BN statistics, so those are restored in
         place afterwards, whether capture worked or not: the graph keeps pointing at the same

@@ -1,14 +1,13 @@
-"""The iteration loop and its cadence: feed the step, and at log / evaluation / checkpoint
-points drain the device-side sums, stop on a non-finite loss, time the run and show progress.
-
-What happens at those points (evaluate, log, checkpoint, and anything a test injects at a
-given iteration) comes in as hooks, so the hot loop is only `step(*next(batches))`.
+"""The parts of the training loop (the loop itself is Trainer.fit in trainer.py): what it
+carries (Progress), when it stops to log, evaluate and checkpoint (Cadence), where each
+iteration's batch comes from (Feed), the hot loop between those stops (take_steps: only
+`step(*next(batches))`), and what it does at a stop: drain the device-side sums (a
+non-finite loss ends the run) and make the evaluation record and its line.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
@@ -18,11 +17,8 @@ import torch
 from .. import dist
 from ..config import RunConfig
 from ..data.augment import draw_params
-from ..data.epochs import Epochs
 from ..data.resident import TrainLoader
 from ..errors import NonFiniteLoss
-from .preempt import Preempted
-from ..progress import RunBar
 
 
 class Step(Protocol):
@@ -63,10 +59,10 @@ class Cadence:
         return (it % self.log_every == 0 or end, it % self.eval_every == 0 or end,
                 it % self.checkpoint_every == 0 or end)
 
-    def next_stop(self, it: int, extra: tuple[int, ...] = ()) -> int:
+    def next_stop(self, it: int) -> int:
         """The first iteration after `it` at which the loop has something to do."""
         stops = [(it // every + 1) * every for every in (self.log_every, self.eval_every, self.checkpoint_every)]
-        return min([self.total, *stops, *(e for e in extra if e > it)])
+        return min([self.total, *stops])
 
 
 @dataclass
@@ -90,7 +86,7 @@ class Feed:
             it += 1
 
 
-def run_steps(step: Callable, batches: Iterator, count: int, tick: Callable[[int], None] | None = None) -> None:
+def take_steps(step: Callable, batches: Iterator, count: int, tick: Callable[[int], None] | None = None) -> None:
     """The hot loop: `count` steps; tick(steps done so far) after each, if given (host-side
     only: a progress bar reads the counter and the clock, never the device)."""
     if tick is None:
@@ -100,61 +96,6 @@ def run_steps(step: Callable, batches: Iterator, count: int, tick: Callable[[int
     for done in range(1, count + 1):
         step(*next(batches))
         tick(done)
-
-
-@dataclass
-class Hooks:
-    evaluate: Callable[[], dict[str, float]]  # error (%) of each evaluation set
-    log: Callable[[dict, str], None]  # a record, "train" or "eval"
-    checkpoint: Callable[[Progress], None]
-    at_iteration: dict[int, Callable[[int], None]] = field(default_factory=dict)  # e.g. faults in tests
-    # asked at every drain point, the same iterations on every rank: why to stop there ("" = go on);
-    # a collective (preempt.Notice.agreed), so the answer is the same on every rank
-    stop_reason: Callable[[int], str] = lambda it: ""
-
-
-def train_loop(step: Step, feed: Feed | Epochs, progress: Progress, cadence: Cadence, hooks: Hooks,
-               steps_per_epoch: int, name: str = "") -> Progress:
-    """Train from progress.iteration to cadence.total; returns the progress at the end. A stop
-    asked for (hooks.stop_reason) checkpoints at the next drain point and raises Preempted."""
-    it = progress.iteration
-    bar = RunBar(name, cadence.total, it, dist.is_main_process(), stop_every=cadence.log_every)
-    batches = feed.batches(it)
-    extra = tuple(hooks.at_iteration)
-    try:
-        t0 = time.perf_counter()
-        while it < cadence.total:
-            stop = cadence.next_stop(it, extra)
-            with dist.stage(f"training step (gradient all-reduce) in iterations {it + 1}-{stop}"):
-                run_steps(step, batches, stop - it, lambda done, first=it: bar.tick(first + done))
-            bar.to(stop)
-            it = stop
-            if it in hooks.at_iteration:
-                hooks.at_iteration[it](it)
-            log_now, eval_now, ckpt_now = cadence.due(it)
-            if not (log_now or eval_now or ckpt_now):
-                continue
-            with dist.stage(f"metrics all-reduce at iteration {it}"):
-                record = drain(step, progress, it)  # syncs with the device, so the time below is real
-            progress.train_seconds += time.perf_counter() - t0
-            progress.iteration = it
-            hooks.log(record, "train")
-            bar.show(record["train_loss"], record["train_error"])
-            reason = hooks.stop_reason(it) if it < cadence.total else ""  # the last iteration just finishes
-            if eval_now:
-                with dist.stage(f"evaluation at iteration {it}"):
-                    errors = hooks.evaluate()
-                progress.last_eval = evaluation_record(step, progress, errors, it, steps_per_epoch, feed.global_batch)
-                bar.write(evaluation_line(progress.last_eval, errors))
-                hooks.log(progress.last_eval, "eval")
-            if ckpt_now or reason:
-                hooks.checkpoint(progress)
-            if reason:
-                raise Preempted(it, reason)
-            t0 = time.perf_counter()
-    finally:
-        bar.close()  # also on a stop or an error: no stale bar left on the terminal
-    return progress
 
 
 def drain(step: Step, progress: Progress, it: int) -> dict[str, float]:

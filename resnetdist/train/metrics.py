@@ -19,7 +19,8 @@ from ..checkpoint import WriteError, atomic_write_text
 from ..config import LogConfig
 
 
-# ----- the W&B mode: log.wandb_mode "auto" resolved here, where the logger lives ----------------
+# ----- the W&B mode: log.wandb_mode "auto" decided here, where the logger lives; trainer.resolve
+# asks once, at preflight, and the logger then uses the resolved mode as it is -------------------
 
 
 def resolve_wandb_mode(mode: str) -> str:
@@ -187,13 +188,12 @@ class WandbSink:
     """
 
     def __init__(self, cfg: LogConfig, run_dir: Path, run_config: dict[str, Any], name: str,
-                 group: str, tags: list[str], run_id: str | None, mode: str | None = None):
+                 group: str, tags: list[str], run_id: str | None):
         import wandb
 
         self.wandb = wandb
         self.id = run_id or uuid.uuid4().hex[:12]
-        requested = cfg.wandb_mode
-        self.mode = mode or resolve_wandb_mode(requested)
+        self.mode = cfg.wandb_mode  # resolved at preflight (trainer.resolve)
         kwargs = dict(
             project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "resnetdist",
             entity=cfg.wandb_entity or os.environ.get("WANDB_ENTITY") or None,
@@ -224,7 +224,7 @@ class WandbSink:
             self.mode = "offline"
             self.run = wandb.init(mode="offline", settings=settings, **kwargs)
         if self.mode == "offline":
-            why = "not logged in, " if requested == "auto" and not wandb_logged_in() else ""
+            why = "not logged in, " if wandb_env_mode() is None and not wandb_logged_in() else ""
             warn(f"{why}logging offline to {run_dir / 'wandb'}; upload later with "
                   f"`wandb sync {run_dir / 'wandb'}/offline-run-*`")
         self.broken = False
@@ -303,17 +303,20 @@ class MetricLogger:
 
 def open_logger(cfg: LogConfig, run_dir: Path, run_config: dict[str, Any], name: str, group: str,
                 tags: list[str], resume_iter: int, wandb_id: str | None) -> MetricLogger:
+    """The sinks of rank 0; cfg.wandb_mode as resolved at preflight (online, offline or
+    disabled: an unresolved "auto" is a bug of the caller)."""
+    if cfg.wandb_mode not in ("online", "offline", "disabled"):
+        raise ValueError(f"log.wandb_mode {cfg.wandb_mode!r} is not resolved (trainer.resolve)")
     sinks: list = [JsonlSink(run_dir / "metrics.jsonl", resume_iter)]
     if cfg.tensorboard:
         sinks.append(TensorBoardSink(run_dir / "tb", resume_iter))
     wandb_sink = None
-    mode = resolve_wandb_mode(cfg.wandb_mode)
-    if mode != "disabled":
+    if cfg.wandb_mode != "disabled":
         try:
             import wandb  # noqa: F401
         except ImportError:
             warn("wandb is not installed (pip install 'resnetdist[wandb]'); not logging to W&B")
         else:
-            wandb_sink = WandbSink(cfg, run_dir, run_config, name, group, tags, wandb_id, mode)
+            wandb_sink = WandbSink(cfg, run_dir, run_config, name, group, tags, wandb_id)
             sinks.append(wandb_sink)
     return MetricLogger(sinks, wandb_sink, wandb_id)

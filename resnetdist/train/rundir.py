@@ -19,8 +19,8 @@ message then says the recorded pid has exited.
 flock works on local file systems and on NFS v4 (Linux emulates it with a byte-range lock
 there); on file systems without working locks every launch will see a free directory.
 
-It also holds what may change between a run directory's restarts (`check_run_dir`): a run
-directory holds one experiment. The lock needs a path, nothing else; that check reads config.
+What may change between a run directory's restarts (a run directory holds one experiment) is
+a policy of the configuration, not of the lock: config.check_same_experiment.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 from ..checkpoint import WriteError, remove_stale_temps
-from ..config import ConfigError, RunConfig, diff, from_dict, read_toml
 from ..errors import RunDirBusy
 
 LOCK_NAME = ".lock"
@@ -136,28 +135,3 @@ def _alive(pid) -> bool:
     except (PermissionError, TypeError, ValueError):
         return True
     return True
-
-
-# What a run directory's results depend on: resuming with any of these changed would splice
-# two different experiments into one curve, so it is refused. Everything else (logging,
-# devices, loader, speed settings, world size) may change between restarts.
-RESUME_KEYS = ("model", "optim", "train.seed", "data.val_split", "data.mean", "data.channel_mean",
-               "dist.batch_scaling")
-
-
-def check_run_dir(cfg: RunConfig) -> None:
-    """Refuse to continue a run directory that holds a different experiment."""
-    path = cfg.run_dir / "config.toml"
-    if not path.exists():
-        return
-    old = from_dict(read_toml(path), str(path))
-    changed = [
-        f"{key}: {was!r} -> {now!r}"
-        for key, was, now in diff(old, cfg)
-        if key in RESUME_KEYS or key.split(".")[0] in RESUME_KEYS
-    ]
-    if changed:
-        raise ConfigError(
-            f"{cfg.run_dir} holds a run with a different configuration ({'; '.join(changed)}); "
-            f"pass another --out, or delete that folder to start over"
-        )

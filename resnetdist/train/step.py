@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import dist
-from ..config import TrainConfig
 from ..data.augment import augment
-from ..data.epochs import Epochs
+from ..data.epochs import EpochTable
 from .graph import GRAPH_WARMUP, CudaOps, GraphCapture, StaticInputs  # noqa: F401 - GRAPH_WARMUP for tests
 from .optim import TensorLRSGD
 from .wrap import wrap_model
@@ -42,32 +41,17 @@ def default_precision(on_cuda: bool) -> str:
     return "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def resolve_step(train: TrainConfig, on_cuda: bool) -> list[str]:
-    """train.step "auto" (and the old train.cuda_graph / train.compile spellings) -> the step
-    that will run; train.cuda_graph and train.compile are set to agree with it."""
-    notes = []
-    if train.step == "auto" and train.cuda_graph:
-        train.step = "graph"
-    elif train.step == "auto" and train.compile != "none":
-        train.step = "compile"
-    elif train.step == "auto":
-        # measured on an H100 (DESIGN.md): the whole-step graph is 4x the eager step at batch 128;
-        # fp16 stays eager (validate refuses graph + fp16)
-        train.step = "graph" if on_cuda and train.precision in ("bf16", "fp32") else "eager"
-    if train.step == "graph" and not on_cuda:
-        notes.append(f"train.step = graph needs CUDA; the step runs eagerly on {train.device}")
-        train.step = "eager"
-    if train.step == "compile" and train.compile == "none":
-        train.compile = "default"
-    if train.step == "eager":
-        train.compile = "none"
-    train.cuda_graph = train.step == "graph"
-    return notes
-
-
-def step_kind(compile_mode: str, graph: bool) -> str:
-    """The name of the step that runs: graph, compile or eager."""
-    return "graph" if graph else "compile" if compile_mode != "none" else "eager"
+def choose_kind(step: str, on_cuda: bool, precision: str) -> tuple[str, str | None]:
+    """The step that runs, from train.step alone (the one place that decides it), and a note
+    when the step asked for cannot run here. auto: the whole-step graph on CUDA with bf16 or
+    fp32 (measured on an H100, DESIGN.md: 4x the eager step at batch 128), else eager (fp16's
+    loss scaler syncs with the host, which a graph cannot hold; config.validate refuses graph +
+    fp16 when asked for by name)."""
+    if step == "auto":
+        return ("graph" if on_cuda and precision in ("bf16", "fp32") else "eager"), None
+    if step == "graph" and not on_cuda:
+        return "eager", "train.step = graph needs CUDA; the step runs eagerly on the CPU"
+    return step, None
 
 
 class TrainStep:
@@ -79,7 +63,7 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, train_model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor,
                  lrs: torch.Tensor, *, precision: str, memory_format=torch.contiguous_format, start_iter: int = 0,
-                 kind: str = "eager", source: Epochs | None = None):
+                 kind: str = "eager", source: EpochTable | None = None):
         self.model, self.train_model, self.optimizer, self.mean = model, train_model, optimizer, mean
         # with a source, the step gathers its own inputs on the device (data/epochs.py) and is
         # called with no arguments; without one, it is handed each batch (loop.Feed)
@@ -176,17 +160,19 @@ class TrainStep:
 
 
 def build_step(model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor, lrs: torch.Tensor, *,
-               precision: str, memory_format=torch.contiguous_format, start_iter: int = 0, ddp: bool = False,
-               compile_mode: str = "none", graph: bool = False, batch_per_rank: int = 0,
-               ops: CudaOps | None = None, source: Epochs | None = None) -> TrainStep:
-    """The step as asked: the model wrapped in DDP and torch.compile (wrap.py), and with
-    graph=True the whole step captured once (CUDA only, graph.py) and replayed; if capture
-    fails, it says so in one line and runs eagerly (`kind` and `capture_error` say what runs)."""
+               kind: str = "eager", compile_mode: str = "default", precision: str,
+               memory_format=torch.contiguous_format, ddp: bool = False, batch_per_rank: int = 0,
+               ops: CudaOps | None = None, source: EpochTable | None = None) -> TrainStep:
+    """The step of `kind` (choose_kind's answer): the model wrapped in DDP, and in
+    torch.compile (`compile_mode`) for the compile step (wrap.py); the graph step captured once
+    (CUDA only, graph.py) and replayed. If capture fails, it says so in one line and runs
+    eagerly (`kind` and `capture_error` say what runs)."""
+    graph = kind == "graph"
     capture = GraphCapture(ops) if graph else None
     with capture.on_side() if capture is not None else nullcontext():  # DDP built where capture runs
-        train_model = wrap_model(model, mean.device, ddp, compile_mode, graph)
+        train_model = wrap_model(model, mean.device, ddp, compile_mode if kind == "compile" else "none", graph)
     step = TrainStep(model, train_model, optimizer, mean, lrs, precision=precision, memory_format=memory_format,
-                     start_iter=start_iter, kind=step_kind(compile_mode, graph), source=source)
+                     kind=kind, source=source)
     if capture is not None:
         replay, inputs, step.capture_error = capture.capture_or_eager(step, batch_per_rank)
         if replay is not None:

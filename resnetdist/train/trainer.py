@@ -1,16 +1,22 @@
-"""One rank's built run: `build(cfg, ctx, data)` makes the model and its optimizer, restores a
-checkpoint into them if asked, builds the step (step.build_step: DDP / compile wrapping, graph
-capture) and opens the loaders and the feed, once. The Trainer it returns trains (the loop's
-hooks are its methods), evaluates, checkpoints and writes the results. run.py (a training
-run), bench, doctor and the tests all build through here, so what they drive is what trains.
+"""One rank's run: `build(cfg, ctx, data, stop)` makes the model and its optimizer, the step
+(step.build_step: DDP / compile wrapping, graph capture) and the loaders and the feed, once.
+The Trainer it returns owns the run from there: `fit()` is the training loop, `evaluate()`
+the error rates, `state_dict()` / `load()` what a checkpoint holds and how a run continues
+from one, `checkpoint()` writes one, and the stop (a preemption notice) is asked at the log
+points. worker.py (a training run), bench, doctor and the tests all build through here, so
+what they drive is what trains.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any, Callable
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,21 +24,39 @@ from .. import checkpoint, dist
 from ..config import RunConfig
 from ..data import Cifar10, Loaders, open_loaders
 from ..data.augment import training_mean
-from ..data.epochs import Epochs, epochs_for
+from ..data.epochs import EpochTable, epoch_table_for
 from ..data.order import iters_per_epoch
 from ..data.resident import TrainLoader
+from ..errors import Preempted
 from ..models import build_model, count_parameters
-from . import state
+from ..progress import RunBar
 from .evaluate import error_rates, model_layout as memory_format  # evaluation uses the same layout
 from .graph import CudaOps
-from .loop import Cadence, Feed, Hooks, Progress, run_steps, train_loop
+from .loop import Cadence, Feed, Progress, drain, evaluation_line, evaluation_record, take_steps
+from .metrics import resolve_wandb_mode
 from .optim import TensorLRSGD
+from .preempt import Notice
 from .schedule import global_batch, lr_table
-from .step import TrainStep, build_step
+from .step import TrainStep, build_step, choose_kind, default_precision
 
-# restore(model, optimizer) -> the iteration to start from: loads a checkpoint (or any state)
-# into the built model and optimizer before the step is built (a graph captures their tensors)
-Restore = Callable[[nn.Module, TensorLRSGD], int]
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """cfg with every "auto" that depends on the machine replaced by what runs here, in place
+    and once (at preflight, before workers start; a resolved config stays as it is): the device
+    (torch sees CUDA or not), the precision and the step (step.py decides them), the W&B mode
+    (metrics.py). A step asked for that cannot run here is named in a note."""
+    train = cfg.train
+    if train.device == "auto":
+        train.device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_cuda = train.device == "cuda"
+    if train.precision == "auto":
+        train.precision = default_precision(on_cuda)
+    train.step, note = choose_kind(train.step, on_cuda, train.precision)
+    cfg.log.wandb_mode = resolve_wandb_mode(cfg.log.wandb_mode)
+    if note and os.environ.get("RANK", "0") == "0":  # once per job, not once per rank
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    cfg.validate()
+    return cfg
 
 
 def make_model(cfg: RunConfig, ctx: dist.DistContext) -> tuple[nn.Module, TensorLRSGD]:
@@ -48,21 +72,20 @@ def make_model(cfg: RunConfig, ctx: dist.DistContext) -> tuple[nn.Module, Tensor
 
 
 def make_step(cfg: RunConfig, ctx: dist.DistContext, model: nn.Module, optimizer: TensorLRSGD, data: Cifar10,
-              start_iter: int = 0, ops: CudaOps | None = None, source: Epochs | None = None) -> TrainStep:
-    """The step as the config asks for it (precision, memory format, DDP, train.step); a
-    graph whose capture fails becomes the eager step (step.kind says which runs). With a
-    source (its start epoch loaded), the step gathers its own inputs from it."""
+              ops: CudaOps | None = None, source: EpochTable | None = None) -> TrainStep:
+    """The step of the resolved config's train.step; a graph whose capture fails becomes the
+    eager step (step.kind says which runs). With a source, the step gathers its own inputs."""
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
     with dist.stage("model broadcast (DDP set-up)"):
-        return build_step(model, optimizer, mean, lr_table(cfg, ctx.world_size), precision=cfg.train.precision,
-                          memory_format=memory_format(cfg, ctx.device), start_iter=start_iter,
-                          ddp=ctx.distributed, compile_mode=cfg.train.compile, graph=cfg.train.step == "graph",
+        return build_step(model, optimizer, mean, lr_table(cfg, ctx.world_size), kind=cfg.train.step,
+                          compile_mode=cfg.train.compile, precision=cfg.train.precision,
+                          memory_format=memory_format(cfg, ctx.device), ddp=ctx.distributed,
                           batch_per_rank=global_batch(cfg, ctx.world_size) // ctx.world_size, ops=ops,
                           source=source)
 
 
 def feed_of(step: TrainStep, loader: TrainLoader, seed: int, global_batch: int, rank: int = 0,
-            world_size: int = 1) -> Feed | Epochs:
+            world_size: int = 1) -> Feed | EpochTable:
     """The feed of `step`: its source, when it gathers its own inputs (nothing to hand it per
     iteration); else the loader's batches, which a graphed step's loader gathers into the
     graph's inputs."""
@@ -71,96 +94,181 @@ def feed_of(step: TrainStep, loader: TrainLoader, seed: int, global_batch: int, 
     return Feed(loader, seed, global_batch, rank, world_size, out=step.inputs.out if step.inputs else None)
 
 
-def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, restore: Restore | None = None,
+def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | None = None,
           ops: CudaOps | None = None) -> Trainer:
-    """The run of this rank, built: loaders, model and optimizer (restored, if `restore`),
-    step, and the feed that fills the step's inputs."""
+    """The run of this rank, built from a resolved config: loaders, model and optimizer, step,
+    and the feed that fills the step's inputs. `stop`: the preemption notice fit() asks at its
+    log points (None: nothing stops it early). It starts at iteration 0; Trainer.load continues
+    from a checkpoint."""
     batch = global_batch(cfg, ctx.world_size)
     loaders = open_loaders(cfg.data, data, ctx, batch, cfg.train.seed)
     model, optimizer = make_model(cfg, ctx)
-    start_iter = restore(model, optimizer) if restore is not None else 0
     # a resident loader's epochs go to the device whole: the step gathers each batch itself
-    source = epochs_for(loaders.train, cfg.train.seed, batch, ctx.rank, ctx.world_size)
+    source = epoch_table_for(loaders.train, cfg.train.seed, batch, ctx.rank, ctx.world_size)
     if source is not None:
-        source.load(start_iter // source.steps)  # before capture: the warm-up reads it
-    step = make_step(cfg, ctx, model, optimizer, data, start_iter, ops, source)
+        source.load(0)  # before capture: the warm-up reads it
+    step = make_step(cfg, ctx, model, optimizer, data, ops, source)
     feed = feed_of(step, loaders.train, cfg.train.seed, batch, ctx.rank, ctx.world_size)
     images = {"train_images": len(data.train), "test_images": len(data.test),
-              "val_images": len(data.val) if data.val is not None else 0}
-    return Trainer(cfg, ctx, model, optimizer, step, loaders, feed, iters_per_epoch(len(data.train), batch), images)
+              "val_images": len(data.val) if data.val is not None else 0,
+              "data_identity": data.identity}  # cifar10 | modified | unknown (data/cifar.py identity)
+    return Trainer(cfg, ctx, model, optimizer, step, loaders, feed, iters_per_epoch(len(data.train), batch), images,
+                   stop)
 
 
-def evaluate(step: TrainStep, loaders: Loaders) -> dict[str, float]:
-    """Error (%) of the step's model on each evaluation set (evaluate.error_rates)."""
-    return error_rates(step.model, loaders.evals, step.mean, step.memory_format)
+class Logger(Protocol):
+    """What fit() logs to (metrics.MetricLogger, NullLogger on ranks other than 0)."""
+
+    wandb_id: str | None
+
+    def log(self, record: dict, kind: str) -> None: ...
 
 
 @dataclass
 class Trainer:
+    """One rank's run, built (build()); fit() trains it from `progress` to the end."""
+
     cfg: RunConfig
     ctx: dist.DistContext
     model: nn.Module  # the plain module: what checkpoints save
     optimizer: TensorLRSGD
     step: TrainStep
     loaders: Loaders
-    feed: Feed | Epochs
+    feed: Feed | EpochTable
     steps_per_epoch: int
-    images: dict[str, int]  # train/test/val images in use (summary.json: a cut or stand-in data set shows)
+    images: dict[str, Any]  # train/test/val images in use and the data's identity (summary.json: a cut or stand-in data set shows)
+    stop: Notice | None = None  # asked at every log point: a signal noted there stops the run (Preempted)
+    progress: Progress = field(default_factory=Progress)  # where the run stands; a checkpoint carries it
+    wandb_id: str | None = None  # the W&B run a checkpoint hands on to the next attempt
 
-    @property
-    def batch(self) -> int:
-        """The global batch: images per iteration over all ranks."""
-        return self.feed.global_batch
-
-    def run(self, count: int, first: int = 0) -> None:
-        """Iterations first .. first+count-1, nothing else (bench, doctor, tests)."""
-        run_steps(self.step, self.feed.batches(first), count)
-
-    def train(self, progress: Progress, log: Callable[[dict, str], None], wandb_id: Callable[[], str | None],
-              stop_reason: Callable[[int], str], at_iteration: dict[int, Callable[[int], None]]) -> Progress:
-        """The training loop from `progress` to the end, with this trainer's evaluation and
-        checkpoints as its hooks."""
-        hooks = Hooks(evaluate=self.evaluate, log=log, checkpoint=lambda p: self.checkpoint(p, wandb_id()),
-                      at_iteration=at_iteration, stop_reason=stop_reason)
-        return train_loop(self.step, self.feed, progress, Cadence.of(self.cfg), hooks, self.steps_per_epoch,
-                          self.cfg.name)
+    def fit(self, logger: Logger) -> Progress:
+        """The training loop, from self.progress to optim.iters. Between stops only steps run
+        (take_steps); at a log point the device's sums are drained (a non-finite loss raises
+        NonFiniteLoss) and logged, then come the evaluation and the checkpoint when due. A stop
+        asked for (self.stop, agreed by all ranks) checkpoints there and raises Preempted."""
+        step, progress, cadence = self.step, self.progress, Cadence.of(self.cfg)
+        self.wandb_id = logger.wandb_id  # this attempt's W&B run: its checkpoints hand it on
+        it = progress.iteration
+        bar = RunBar(self.cfg.name, cadence.total, it, self.ctx.is_main, stop_every=cadence.log_every)
+        batches = self.feed.batches(it)
+        try:
+            t0 = time.perf_counter()
+            while it < cadence.total:
+                until = cadence.next_stop(it)
+                with dist.stage(f"training step (gradient all-reduce) in iterations {it + 1}-{until}"):
+                    take_steps(step, batches, until - it, lambda done, first=it: bar.tick(first + done))
+                bar.to(until)
+                it = until
+                log_now, eval_now, ckpt_now = cadence.due(it)
+                if not (log_now or eval_now or ckpt_now):
+                    continue
+                with dist.stage(f"metrics all-reduce at iteration {it}"):
+                    record = drain(step, progress, it)  # syncs with the device, so the time below is real
+                progress.train_seconds += time.perf_counter() - t0
+                progress.iteration = it
+                logger.log(record, "train")
+                bar.show(record["train_loss"], record["train_error"])
+                # the last iteration just finishes; a collective, so every rank asks at the same points
+                reason = self.stop.agreed(it) if self.stop is not None and it < cadence.total else ""
+                if eval_now:
+                    with dist.stage(f"evaluation at iteration {it}"):
+                        errors = self.evaluate()
+                    progress.last_eval = evaluation_record(step, progress, errors, it, self.steps_per_epoch,
+                                                           self.feed.global_batch)
+                    bar.write(evaluation_line(progress.last_eval, errors))
+                    logger.log(progress.last_eval, "eval")
+                if ckpt_now or reason:
+                    self.checkpoint()
+                if reason:
+                    raise Preempted(it, reason)
+                t0 = time.perf_counter()
+        finally:
+            bar.close()  # also on a stop or an error: no stale bar left on the terminal
+        return progress
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.step, self.loaders)
+        """Error (%) of the model on each evaluation set (evaluate.error_rates)."""
+        return error_rates(self.model, self.loaders.evals, self.step.mean, self.step.memory_format)
 
-    def checkpoint(self, progress: Progress, wandb_id: str | None) -> None:
-        """Rank 0 writes, every rank waits, so none runs ahead of a save."""
-        cfg, ctx, step = self.cfg, self.ctx, self.step
-        if ctx.is_main:
-            snap = state.snapshot(step.model, step.optimizer, progress, cfg, step.mean, ctx.world_size, wandb_id)
-            checkpoint.save(cfg.run_dir, progress.iteration, snap, cfg.train.keep_checkpoints)
-        with dist.stage(f"checkpoint barrier at iteration {progress.iteration}"):
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds: the uncompiled model, the optimizer, the progress (iteration,
+        training time, the metric window), the RNG states, the resolved config, the mean image,
+        the world size and the W&B run id: everything needed to continue bit for bit, and to
+        evaluate or export alone."""
+        progress, device = self.progress, self.ctx.device
+        state = {
+            **final_weights(self.model, self.cfg, progress.iteration, self.step.mean),
+            "optimizer": self.optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+            "train_window": torch.from_numpy(progress.window.copy()), "train_seconds": progress.train_seconds,
+            "world_size": self.ctx.world_size, "wandb_id": self.wandb_id or "",
+        }
+        if device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(device)
+        return state
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's state (state_dict's), in place: every tensor a captured
+        graph reads keeps its address (TrainStep.load_state), and a step's source holds the
+        epoch of that iteration."""
+        iteration, device = int(state["iteration"]), self.ctx.device
+        self.step.load_state(state["model"], state["optimizer"], iteration)
+        if self.step.source is not None:
+            self.step.source.load(iteration // self.step.source.steps)
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        self.progress = Progress(iteration, float(state["train_seconds"]),
+                                 state["train_window"].numpy().astype(np.float64))
+        self.wandb_id = state.get("wandb_id") or None
+        saved_world = int(state.get("world_size", 0))
+        if saved_world and saved_world != self.ctx.world_size:
+            dist.print0(f"world size changed: the checkpoint was written by {saved_world} rank(s), "
+                        f"this run has {self.ctx.world_size}")
+
+    def checkpoint(self) -> None:
+        """state_dict() written by rank 0 (checkpoint.save: atomic, checksummed, the last
+        train.keep_checkpoints kept); every rank waits, so none runs ahead of a save."""
+        cfg, iteration = self.cfg, self.progress.iteration
+        if self.ctx.is_main:
+            checkpoint.save(cfg.run_dir, iteration, self.state_dict(), cfg.train.keep_checkpoints)
+        with dist.stage(f"checkpoint barrier at iteration {iteration}"):
             dist.barrier()
 
-    def summarize(self, progress: Progress) -> dict[str, Any]:
-        cfg, ctx, step, batch = self.cfg, self.ctx, self.step, self.batch
-        total = cfg.optim.iters
-        record = progress.last_eval
-        if record is None or record["iter"] != total:  # resumed at the very end: evaluate again
-            with dist.stage("final evaluation"):
-                errors = self.evaluate()
-            record = {"iter": total, **errors,
-                      "images_per_second": total * batch / max(progress.train_seconds, 1e-9)}
-        return {
-            "name": cfg.name, "model": cfg.model.name, "depth": cfg.model.depth, "plain": cfg.model.plain,
-            "seed": cfg.train.seed, "iterations": total,
-            "test_error": record["test_error"], "val_error": record.get("val_error"),
-            "train_error": record.get("train_error"),
-            "train_seconds": progress.train_seconds, "images_per_second": record["images_per_second"],
-            "parameters": count_parameters(step.model), "world_size": ctx.world_size, "global_batch": batch,
-            "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
-            "precision": cfg.train.precision, "step": step.kind, "capture_error": step.capture_error,
-            "loader": cfg.data.loader, **self.images,
-        }
+    def finish(self) -> dict[str, Any]:
+        """The run's summary; rank 0 writes model.pt and summary.json."""
+        summary, cfg = summarize(self), self.cfg
+        if self.ctx.is_main:
+            weights = final_weights(self.model, cfg, cfg.optim.iters, self.step.mean)
+            checkpoint.atomic_save(weights, cfg.run_dir / "model.pt")
+            checkpoint.atomic_write_text(cfg.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
 
-    def save_results(self, summary: dict[str, Any]) -> None:
-        """model.pt and summary.json in the run directory (rank 0)."""
-        cfg = self.cfg
-        checkpoint.atomic_save(state.final_weights(self.step.model, cfg, cfg.optim.iters, self.step.mean),
-                               cfg.run_dir / "model.pt")
-        checkpoint.atomic_write_text(cfg.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+def final_weights(model: nn.Module, cfg: RunConfig, iteration: int, mean: torch.Tensor) -> dict[str, Any]:
+    """What model.pt holds: enough to evaluate or export the net without this run's files."""
+    return {"model": model.state_dict(), "config": cfg.to_dict(), "iteration": iteration,
+            "mean": mean.cpu()}  # the preprocessing mean image, for export / inference
+
+
+def summarize(trainer: Trainer) -> dict[str, Any]:
+    """summary.json: the run's result and what produced it; evaluates once more when the last
+    evaluation is not at the end (a run resumed at its very end)."""
+    cfg, ctx, step, progress = trainer.cfg, trainer.ctx, trainer.step, trainer.progress
+    batch = trainer.feed.global_batch  # images per iteration over all ranks
+    total = cfg.optim.iters
+    record = progress.last_eval
+    if record is None or record["iter"] != total:  # resumed at the very end: evaluate again
+        with dist.stage("final evaluation"):
+            errors = trainer.evaluate()
+        record = {"iter": total, **errors, "images_per_second": total * batch / max(progress.train_seconds, 1e-9)}
+    return {
+        "name": cfg.name, "model": cfg.model.name, "depth": cfg.model.depth, "plain": cfg.model.plain,
+        "seed": cfg.train.seed, "iterations": total,
+        "test_error": record["test_error"], "val_error": record.get("val_error"),
+        "train_error": record.get("train_error"),
+        "train_seconds": progress.train_seconds, "images_per_second": record["images_per_second"],
+        "parameters": count_parameters(step.model), "world_size": ctx.world_size, "global_batch": batch,
+        "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
+        "precision": cfg.train.precision, "step": step.kind, "capture_error": step.capture_error,
+        "loader": cfg.data.loader, **trainer.images,
+    }
