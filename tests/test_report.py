@@ -196,7 +196,8 @@ def test_report_prints_the_table_and_counts_a_repeated_seed_once(tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert row in md and "seed 0 is in 3 runs" in md
 
-    from resnetdist.suite.report import figure6_axes, load_runs
+    from resnetdist.suite.discover import load_runs
+    from resnetdist.suite.figures import figure6_axes
 
     runs, _ = load_runs([root / "a", root / "b", root / "c"])
     fig, axes, _ = figure6_axes(runs)
@@ -217,7 +218,8 @@ def assert_axes_hold_every_point(axes):
 @pytest.mark.timeout(60)
 def test_figure6_axes_hold_every_point(fixture_runs):
     """The first evaluations (near 46% error here) are inside the axes, not cut off at the top."""
-    from resnetdist.suite.report import figure6_axes, load_runs
+    from resnetdist.suite.discover import load_runs
+    from resnetdist.suite.figures import figure6_axes
 
     runs, _ = load_runs([fixture_runs])
     _, axes, drawn = figure6_axes(runs)
@@ -238,7 +240,8 @@ def test_short_suite_draws_every_point_and_warns(tmp_path):
     assert len(warnings) == 1 and "figure6.png" in warnings[0], proc.stderr
     assert "eval_every" in warnings[0]
 
-    from resnetdist.suite.report import figure6_axes, load_runs
+    from resnetdist.suite.discover import load_runs
+    from resnetdist.suite.figures import figure6_axes
 
     _, axes, _ = figure6_axes(load_runs([root])[0])
     curves = [line for ax in axes for line in ax.lines]
@@ -253,7 +256,8 @@ def test_short_suite_draws_every_point_and_warns(tmp_path):
 def test_lr_panel_steps_at_the_runs_own_milestones(tmp_path):
     """The run's lr fell at 150 and 225 (its config.toml); evaluations every 100 iterations
     must not move the drawn steps to 200 and 300."""
-    from resnetdist.suite.report import load_run, lr_steps
+    from resnetdist.suite.discover import load_run
+    from resnetdist.suite.figures import lr_steps
 
     run = write_fixture_run(tmp_path, "resnet20", 20, False, 0, 20.0, iters=300, points=3)
     (run / "config.toml").write_text(
