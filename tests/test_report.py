@@ -45,8 +45,10 @@ def cli(args: list[str], code: int = 0):
 
 
 def write_fixture_run(root: Path, model: str, depth: int, plain: bool, seed: int, final: float,
-                      iters: int = 64_000, finished: bool = True, points: int = 17) -> Path:
-    """A run folder as `train` leaves it: metrics.jsonl (+ summary.json when finished)."""
+                      iters: int = 64_000, finished: bool = True, points: int = 17,
+                      data_identity: str | None = "cifar10") -> Path:
+    """A run folder as `train` leaves it: metrics.jsonl (+ summary.json when finished, saying
+    which data it trained on: verified CIFAR-10 unless told; None: the key is absent)."""
     run = root / f"{model}-s{seed}"
     run.mkdir(parents=True)
     n = (depth - 2) // 6
@@ -72,6 +74,8 @@ def write_fixture_run(root: Path, model: str, depth: int, plain: bool, seed: int
                    "train_error": records[-1]["train_error"], "train_seconds": iters / 150,
                    "images_per_second": 20_000.0, "parameters": 270_000, "world_size": 1,
                    "global_batch": 128, "device": "NVIDIA H100", "precision": "bf16", "loader": "gpu"}
+        if data_identity is not None:
+            summary["data_identity"] = data_identity
         (run / "summary.json").write_text(json.dumps(summary))
     return run
 
@@ -202,7 +206,7 @@ def test_report_prints_the_table_and_counts_a_repeated_seed_once(tmp_path):
     runs, _ = load_runs([root / "a", root / "b", root / "c"])
     fig, axes, _ = figure6_axes(runs)
     labels = [t.get_text() for t in axes[1].get_legend().get_texts()]
-    assert "ResNet-20 (2 seeds)" in labels, labels
+    assert "ResNet-20 (mean of 2 seeds)" in labels, labels
 
 
 def assert_axes_hold_every_point(axes):

@@ -15,6 +15,7 @@ from ..config import from_dict, read_toml
 
 
 RUN_FILES = ("summary.json", "metrics.jsonl", "config.toml")
+DATA_IDENTITIES = ("cifar10", "modified", "unknown")
 
 
 class ReportError(RuntimeError):
@@ -32,6 +33,13 @@ class RunRecords:
     iterations: int  # planned (finished: done)
     records: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] | None = None
+    recipe: dict[str, Any] = field(default_factory=dict)  # the paper's recipe keys, from config.toml
+
+    @property
+    def data_identity(self) -> str:
+        """"cifar10" (md5-verified CIFAR-10), "modified" or "unknown" (summary.json; absent: unknown)."""
+        identity = (self.summary or {}).get("data_identity")
+        return identity if identity in DATA_IDENTITIES else "unknown"
 
     @property
     def finished(self) -> bool:
@@ -126,8 +134,11 @@ def _config_info(path: Path) -> dict[str, Any]:
         cfg = from_dict(read_toml(path / "config.toml"), str(path / "config.toml"))
     except Exception:  # noqa: BLE001 - missing or unreadable: fall back to the folder name
         return {}
+    o = cfg.optim
+    recipe = {"optim.batch_size": o.batch_size, "optim.lr": o.lr, "optim.momentum": o.momentum,
+              "optim.weight_decay": o.weight_decay, "optim.milestones": list(o.milestones), "model.shortcut": cfg.model.shortcut}
     return {"model": cfg.model.name, "depth": cfg.model.depth, "plain": cfg.model.plain, "seed": cfg.train.seed,
-            "iterations": cfg.optim.iters, "name": cfg.name}
+            "iterations": cfg.optim.iters, "name": cfg.name, "recipe": recipe}
 
 
 def load_run(path: Path) -> RunRecords:
@@ -144,7 +155,7 @@ def load_run(path: Path) -> RunRecords:
         raise ReportError(f"{path}: cannot tell which net this is (no summary.json and no readable config.toml)")
     return RunRecords(path=path, name=str(info.get("name", path.name)), model=str(info["model"]), depth=int(info["depth"]),
                plain=bool(info["plain"]), seed=int(info.get("seed", 0)), iterations=int(info["iterations"]),
-               records=records, summary=summary)
+               records=records, summary=summary, recipe=info.get("recipe", {}))
 
 
 def load_runs(paths: list[Path], skip_empty: bool = False) -> tuple[list[RunRecords], list[str]]:

@@ -94,13 +94,13 @@ def _draw_net(ax, group: list[RunRecords], colour: str, label: str, drawn: Drawn
     return Line2D([], [], color=colour, linewidth=2, label=label)
 
 
-def _panel(ax, plain: bool, nets: list[RunRecords], handles: list) -> None:
+def _panel(ax, title: str, handles: list) -> None:
     from matplotlib.lines import Line2D
 
-    ax.set_title("plain networks" if plain else "ResNets")
+    ax.set_title(title)
     ax.set_xlabel("iterations")
     ax.grid(True, alpha=0.3)
-    if not nets:
+    if not handles:
         ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes, color="gray")
     style = [Line2D([], [], color="k", linestyle="--", linewidth=1.2, label="train error"),
              Line2D([], [], color="k", linestyle="-", linewidth=2, label="test error")]
@@ -108,21 +108,52 @@ def _panel(ax, plain: bool, nets: list[RunRecords], handles: list) -> None:
         ax.legend(handles=handles + style, loc="best", fontsize=8, framealpha=0.9)
 
 
+DEEP = (110, 1202)  # Figure 6's third panel: the paper's ResNet-110 and ResNet-1202
+
+
+def figure6_panels(runs: list[RunRecords]) -> list[tuple[str, list[RunRecords]]]:
+    """The paper's panels: plain nets; ResNets (1202 has its own panel); ResNet-110 and
+    ResNet-1202, only when one of them is among the runs."""
+    resnets = [r for r in runs if not r.plain]
+    panels = [("plain networks", [r for r in runs if r.plain]), ("ResNets", [r for r in resnets if r.depth != 1202])]
+    deep = [r for r in resnets if r.depth in DEEP]
+    return panels + ([("ResNet-110 and ResNet-1202", deep)] if deep else [])
+
+
+def net_label(net: str, iterations: int, lengths: int, seeds: int) -> str:
+    """A net's legend entry, named as in the table: its length when the net ran at several
+    lengths, its seed count when they are averaged."""
+    return net + (f", {iterations:,} it." if lengths > 1 else "") + (f" (mean of {seeds} seeds)" if seeds > 1 else "")
+
+
+def net_colours(runs: list[RunRecords]) -> dict[tuple[bool, int, int], str]:
+    """One colour per depth (the same on every panel); a shorter run of the same net, drawn
+    apart, takes a colour of its own."""
+    depths = sorted({r.depth for r in runs})
+    colours, extra = {}, iter(EXTRA_COLOURS[::-1] * 4)
+    for plain, depth in sorted({(r.plain, r.depth) for r in runs}):
+        lengths = sorted({r.iterations for r in runs if (r.plain, r.depth) == (plain, depth)}, reverse=True)
+        for i, iters in enumerate(lengths):
+            colours[(plain, depth, iters)] = depth_colour(depth, depths) if i == 0 else next(extra)
+    return colours
+
+
 def figure6_axes(runs: list[RunRecords], title: str = ""):
     """(figure, axes, what was drawn): the Figure 6 layout, one colour per depth, each net's
-    distinct seeds averaged; the axes hold every point."""
+    distinct seeds averaged, each length of a net drawn apart; the axes hold every point."""
     plt = _pyplot()
-    depths = sorted({r.depth for r in runs})
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    panels = figure6_panels(runs)
+    colours = net_colours(runs)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.6), sharey=True)
     drawn = Drawn()
-    for ax, plain in zip(axes, (True, False)):
-        nets = [r for r in runs if r.plain == plain]
+    for ax, (panel_title, nets) in zip(axes, panels):
         handles = []
-        for depth in sorted({r.depth for r in nets}):
-            group = distinct_seeds([r for r in nets if r.depth == depth])[0]
-            label = f"{'plain' if plain else 'ResNet'}-{depth}" + (f" ({len(group)} seeds)" if len(group) > 1 else "")
-            handles.append(_draw_net(ax, group, depth_colour(depth, depths), label, drawn))
-        _panel(ax, plain, nets, handles)
+        for key in sorted({(r.plain, r.depth, r.iterations) for r in nets}):
+            group = distinct_seeds([r for r in nets if (r.plain, r.depth, r.iterations) == key])[0]
+            lengths = len({r.iterations for r in runs if (r.plain, r.depth) == key[:2]})
+            label = net_label(group[0].net, key[2], lengths, len(group))
+            handles.append(_draw_net(ax, group, colours[key], label, drawn))
+        _panel(ax, panel_title, handles)
     axes[0].set_ylabel("error (%)")
     axes[0].set_ylim(0, _y_top([v for y in drawn.ys for v in y]))
     max_x = max((x[-1] for x in drawn.xs if x), default=1)
@@ -198,5 +229,69 @@ def run_figure(run: RunRecords, out: Path) -> Path:
     (ax2 if lrs else ax).legend(handles, labels, loc="best", fontsize=8, framealpha=0.9)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# Figure 7's nets in the paper, drawn (and listed) first in this order
+PAPER_FIGURE7 = ((True, 20), (True, 56), (False, 20), (False, 56), (False, 110))
+
+
+@dataclass
+class NetResponses:
+    """One net's layer responses: the mean over its runs (seeds) of each layer's std."""
+    net: str
+    plain: bool
+    depth: int
+    iterations: int
+    stds: list[float]
+    runs: int
+
+
+def net_responses(per_run: list[tuple[RunRecords, list[float]]]) -> list[NetResponses]:
+    """Runs grouped by net and length, each layer's std averaged over the group's runs; the
+    paper's Figure 7 nets first, then by plain/ResNet and depth."""
+    groups: dict[tuple[bool, int, int], list[tuple[RunRecords, list[float]]]] = {}
+    for run, stds in per_run:
+        groups.setdefault((run.plain, run.depth, run.iterations), []).append((run, stds))
+
+    def order(key: tuple[bool, int, int]):
+        paper = (key[0], key[1])
+        return (PAPER_FIGURE7.index(paper) if paper in PAPER_FIGURE7 else len(PAPER_FIGURE7), not key[0], key[1], -key[2])
+
+    nets = []
+    for key in sorted(groups, key=order):
+        members = groups[key]
+        layers = list(zip(*(stds for _, stds in members)))
+        nets.append(NetResponses(members[0][0].net, key[0], key[1], key[2],
+                                 [statistics.fmean(v) for v in layers], len(members)))
+    return nets
+
+
+def figure7(nets: list[NetResponses], runs: list[RunRecords], out: Path, title: str = "") -> Path:
+    """The paper's Figure 7: each 3x3 layer's response std, layers in forward order (top) and
+    sorted in descending order (bottom); plain nets dashed, ResNets solid, one colour per depth."""
+    plt = _pyplot()
+    colours = net_colours(runs)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 7.5))
+    for net in nets:
+        lengths = len({r.iterations for r in runs if (r.plain, r.depth) == (net.plain, net.depth)})
+        label = net_label(net.net, net.iterations, lengths, net.runs)
+        style = dict(color=colours[(net.plain, net.depth, net.iterations)], linestyle="--" if net.plain else "-",
+                     linewidth=1.4, marker="o" if len(net.stds) <= 60 else None, markersize=2.5, label=label)
+        layers = range(1, len(net.stds) + 1)
+        top.plot(layers, net.stds, **style)
+        bottom.plot(layers, sorted(net.stds, reverse=True), **style)
+    for ax, what in ((top, "layer index (original)"), (bottom, "layer index (sorted by magnitude)")):
+        ax.set_xlabel(what)
+        ax.set_ylabel("std")
+        ax.set_ylim(bottom=0)
+        ax.set_xlim(left=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize=8, framealpha=0.9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

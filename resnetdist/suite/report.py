@@ -18,39 +18,100 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import json
+
 from ..config import PAPER_ITERS
 from .discover import ReportError, RunRecords, config_data_dir, load_runs
-from .figures import figure6, run_figure
-from .tables import markdown_table, reference_table, repeated_seeds, runs_table, table_rows
+from .figures import NetResponses, figure6, figure6_panels, figure7, net_responses, run_figure
+from .responses import all_responses, write_caches
+from .tables import (DATA_WORDS, comparable_split, markdown_table, paper_table6, reference_table, repeated_seeds,
+                     runs_table, table_rows)
+
+FIGURE7_DEFINITION = (
+    "std of each 3x3 layer's response (its output after BN, before the ReLU or the addition) over the whole "
+    "test set in evaluation mode, over all values (images x channels x positions); layers in forward order "
+    "(the first conv, then each block's two convs); option B's 1x1 projection convs are left out")
+
+
+def what_the_runs_are(runs: list[RunRecords]) -> list[str]:
+    """The runs in words: data identity, iterations run of the paper's 64,000, seeds. Printed
+    in the terminal and at the top of report.md."""
+    identities = {}
+    for r in runs:
+        identities[r.data_identity] = identities.get(r.data_identity, 0) + 1
+    data = "; ".join(f"{n} run(s) on {DATA_WORDS[i]}" for i, n in sorted(identities.items()))
+    iters = ", ".join(f"{i:,}" for i in sorted({r.iterations for r in runs}))
+    seeds = sorted({(r.net, r.iterations, r.seed) for r in runs})
+    per_net = {}
+    for net, it, _ in seeds:
+        per_net[(net, it)] = per_net.get((net, it), 0) + 1
+    lines = [f"data: {data}", f"iterations: {iters} of the paper's {PAPER_ITERS:,}",
+             "seeds: " + ", ".join(f"{net} {n}" for (net, _), n in per_net.items())]
+    if any(r.data_identity != "cifar10" for r in runs):
+        lines.append("the data is not verified CIFAR-10: these runs are not comparable with the paper's figures")
+    return lines
+
+
+def default_title(runs: list[RunRecords]) -> str:
+    comparable, _ = comparable_split(runs)
+    if len(comparable) == len(runs):
+        return "ResNets and plain nets on CIFAR-10: reproduction of He et al. 2015, section 4.2"
+    iters = "/".join(f"{i:,}" for i in sorted({r.iterations for r in runs}))
+    data = " / ".join(sorted({DATA_WORDS[r.data_identity] for r in runs}))
+    return f"ResNets and plain nets, {iters} of the paper's {PAPER_ITERS:,} iterations, data {data} (not the paper's setting)"
+
+
+def error_tables(runs: list[RunRecords]) -> str:
+    """Runs comparable with the paper beside its figures; the others in a table of their own."""
+    comparable, other = comparable_split(runs)
+    parts = []
+    if comparable:
+        parts.append("\n## Final test error (comparable with the paper)\n\n" + markdown_table(comparable))
+    if other:
+        parts.append("\n## Final test error: runs not comparable with the paper\n\n" + markdown_table(other, paper=False))
+    return "".join(parts)
+
+
+def figure7_section(figure: str | None, nets: list[NetResponses]) -> str:
+    if not figure:
+        return ""
+    lines = "\n".join(f"- {n.net}, {n.iterations:,} iterations ({n.runs} run{'s' if n.runs > 1 else ''}): mean std "
+                      f"{sum(n.stds) / len(n.stds):.3f} over its {len(n.stds)} layers" for n in nets)
+    return (f"\n## Layer responses (Figure 7 layout)\n\n![std of each layer's response]({figure})\n\n"
+            f"Top: layers in their original order; bottom: the same values sorted in descending order; plain nets "
+            f"dashed, ResNets solid; several seeds of one net are drawn as their mean. Definition: the {FIGURE7_DEFINITION}. "
+            f"The paper reads: ResNets have smaller responses than their plain counterparts, deeper ResNets smaller "
+            f"still. Values: layer_responses.json.\n\n{lines}\n")
 
 
 def markdown(runs: list[RunRecords], figure: str | None, curves: dict[str, str], title: str, notes: list[str],
-             warnings: list[str] = ()) -> str:
-    iters = sorted({r.iterations for r in runs})
+             warnings: list[str] = (), figure7_md: str = "") -> str:
     data = sorted({str(config_data_dir(r.path)) for r in runs} - {"None"})
     parts = [f"# {title}\n\n"]
-    parts.append(f"{len(runs)} run(s); iterations: {', '.join(f'{i:,}' for i in iters)}"
-                 + (f"; data: {', '.join(f'`{d}`' for d in data)}" if data else "")
-                 + ". Errors in %, single-view test error at the end of training.\n")
-    if any(i != PAPER_ITERS for i in iters):
-        parts.append(f"\n> Runs shorter or longer than the paper's {PAPER_ITERS:,} iterations are not comparable "
-                     f"with the paper's figures, which are shown for reference only.\n")
-    parts.append("\n## Final test error\n\n")
-    parts.append(markdown_table(runs))
+    parts.append(f"{len(runs)} run(s)" + (f"; data folder: {', '.join(f'`{d}`' for d in data)}" if data else "")
+                 + ". Errors in %, single-view test error at the end of training.\n\n")
+    parts.append("".join(f"- {line}\n" for line in what_the_runs_are(runs)))
+    parts.append(error_tables(runs))
     parts.append(
         "\nPaper: He et al. 2015, *Deep Residual Learning for Image Recognition*, Table 6 (CIFAR-10). "
         "† Plain-net values are not in Table 6: they are read off the paper's Figure 6 (approximate). "
         "Seed repo: the repository this project grew from (batch 100, channel means, not the paper's recipe). "
         "mean ± std is over finished runs of distinct seeds (a seed run twice counts once); std needs two or "
-        "more; – : no published figure.\n"
+        "more; – : no published figure. A run is comparable with the paper when its data is md5-verified "
+        f"CIFAR-10, it ran the paper's {PAPER_ITERS:,} iterations and its recipe keys are the paper's.\n"
     )
     parts.append("\n### Published figures (test error %, CIFAR-10)\n\n")
     parts.append(reference_table())
+    parts.append("\nThe paper's Table 6 in full (the paper's figures, not runs of this project):\n\n" + paper_table6())
     if figure:
+        third = (" A third panel shows ResNet-110 and ResNet-1202." if len(figure6_panels(runs)) == 3 else
+                 " The paper's third panel (ResNet-110 and ResNet-1202) is left out: no such run.")
         parts.append(f"\n## Error curves (Figure 6 layout)\n\n![training (dashed) and test (solid) error]({figure})\n\n"
                      "Plain nets left, ResNets right; dashed: training error, solid: test error; one colour per "
-                     "depth; several seeds of one net are averaged (band: min to max); dots mark evaluations on curves with "
-                     "few points.\n")
+                     "depth (a net run at several lengths: one line per length, the length in the legend); several "
+                     "seeds of one net are averaged (band: min to max); dots mark evaluations on curves with few "
+                     f"points.{third}\n")
+    parts.append(figure7_md)
     parts.append("\n## Runs\n\n")
     parts.append(runs_table(runs))
     if curves:
@@ -60,6 +121,22 @@ def markdown(runs: list[RunRecords], figure: str | None, curves: dict[str, str],
     if notes:
         parts.append("\n## Skipped\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     return "".join(parts)
+
+
+def responses_json(responses, nets: list[NetResponses]) -> str:
+    """layer_responses.json: every run's stds in forward order, and each net's mean over its runs."""
+    return json.dumps({
+        "definition": FIGURE7_DEFINITION,
+        "runs": [{"name": r.run.name, "net": r.run.net, "seed": r.run.seed, "iterations": r.run.iterations,
+                  "path": str(r.run.path), "stds": r.stds} for r in responses],
+        "nets": [{"net": n.net, "iterations": n.iterations, "runs": n.runs, "mean_std": sum(n.stds) / len(n.stds),
+                  "stds": n.stds} for n in nets],
+    }, indent=2) + "\n"
+
+
+def not_drawn(runs: list[RunRecords]) -> list[str]:
+    """Runs Figure 6 cannot draw, named with the reason."""
+    return [f"{r.path}: no evaluation records in metrics.jsonl, not drawn in Figure 6" for r in runs if not r.records]
 
 
 def _file_names(runs: list[RunRecords]) -> dict[int, str]:
@@ -76,25 +153,35 @@ def _file_names(runs: list[RunRecords]) -> dict[int, str]:
 
 
 def write_report(paths: list[Path], out: Path | None = None, title: str = "", skip_empty: bool = True) -> dict[str, Any]:
-    """Read the runs, write report.md, figure6.png and curves/*.png into `out` (default: the
-    first path given). Returns what was written."""
+    """Read the runs and their layer responses, then write report.md, figure6.png, figure7.png,
+    layer_responses.json and curves/*.png into `out` (default: the first path given). Every
+    input is read and checked before anything is written. Returns what was written."""
     runs, notes = load_runs([Path(p) for p in paths], skip_empty=skip_empty)
     out = Path(out) if out else Path(paths[0])
     from ..checkpoint import not_a_folder  # (torch: loaded only when a report is written)
 
     if (taken := not_a_folder(out)) is not None:
         raise ReportError(f"--out {out}" + ("" if taken == out else f": {taken}") + " is a file, not a folder")
+    responses, left_out = all_responses(runs)
+    notes = notes + left_out + not_drawn(runs)
     out.mkdir(parents=True, exist_ok=True)
-    title = title or "ResNets and plain nets on CIFAR-10: reproduction of He et al. 2015, section 4.2"
+    write_caches(responses)
+    title = title or default_title(runs)
     figure, warnings = figure6(runs, out / "figure6.png", title)
     warnings = repeated_seeds(runs) + warnings
+    nets = net_responses([(r.run, r.stds) for r in responses])
+    fig7 = figure7(nets, runs, out / "figure7.png", title) if nets else None
+    if nets:
+        (out / "layer_responses.json").write_text(responses_json(responses, nets))
     (out / "curves").mkdir(exist_ok=True)
     curves = {}
     for i, name in _file_names(runs).items():
         if runs[i].records:
             curves[name] = str(run_figure(runs[i], out / "curves" / f"{name}.png").relative_to(out))
     md = out / "report.md"
-    md.write_text(markdown(runs, figure.name, curves, title, notes, warnings))
-    return {"report": str(md), "figure": str(figure), "curves": [str(out / c) for c in curves.values()],
-            "runs": len(runs), "skipped": notes, "warnings": warnings, "table": table_rows(runs),
-            "markdown": markdown_table(runs)}
+    md.write_text(markdown(runs, figure.name, curves, title, notes, warnings,
+                           figure7_section(fig7.name if fig7 else None, nets)))
+    about = "".join(f"{line}\n" for line in what_the_runs_are(runs))
+    return {"report": str(md), "figure": str(figure), "figure7": str(fig7) if fig7 else None,
+            "curves": [str(out / c) for c in curves.values()], "runs": len(runs), "skipped": notes,
+            "warnings": warnings, "table": table_rows(runs), "markdown": about + error_tables(runs)}

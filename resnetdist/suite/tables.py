@@ -8,6 +8,7 @@ import math
 import statistics
 from typing import Any
 
+from ..config import PAPER_ITERS
 from .discover import RunRecords, distinct_seeds, group_runs
 
 
@@ -19,6 +20,51 @@ PAPER_PLAIN: dict[int, str] = {20: "~9 †", 56: "~13 †", 110: ">60 †"}
 # The seed repository this project grew from (batch 100, channel means), ResNet / plain.
 SEED_REPO_RESNET: dict[int, str] = {20: "8.74", 32: "8.30", 44: "7.16", 56: "7.41"}
 SEED_REPO_PLAIN: dict[int, str] = {20: "10.08", 32: "11.15", 44: "14.12", 56: "15.39"}
+# The rest of the paper's Table 6: (method, layers, parameters, test error %), and the ResNets' sizes.
+PAPER_OTHER_METHODS = (("Maxout", "", "", "9.38"), ("NIN", "", "", "8.81"), ("DSN", "", "", "8.22"),
+                       ("FitNet", "19", "2.5M", "8.39"), ("Highway", "19", "2.3M", "7.54 (7.72 ± 0.16)"),
+                       ("Highway", "32", "1.25M", "8.80"))
+PAPER_RESNET_PARAMS = {20: "0.27M", 32: "0.46M", 44: "0.66M", 56: "0.85M", 110: "1.7M", 1202: "19.4M"}
+
+
+# The paper's recipe (section 4.2): a run with other values is not comparable with its figures.
+PAPER_RECIPE: dict[str, Any] = {"optim.batch_size": 128, "optim.lr": 0.1, "optim.momentum": 0.9,
+                                "optim.weight_decay": 0.0001, "optim.milestones": [32_000, 48_000], "model.shortcut": "A"}
+DATA_WORDS = {"cifar10": "CIFAR-10 (md5-verified)", "modified": "a modified copy of CIFAR-10",
+              "unknown": "not verified CIFAR-10"}
+
+
+def not_comparable(run: RunRecords, data_known: bool = True) -> list[str]:
+    """Why a run's figures cannot be set beside the paper's: its data, its length, its recipe
+    (empty: comparable). data_known=False: the data is judged elsewhere (an unfinished run has
+    no summary.json yet; it follows the finished runs of its net)."""
+    reasons = []
+    if data_known and run.data_identity != "cifar10":
+        reasons.append(f"data {DATA_WORDS[run.data_identity]}")
+    if run.iterations != PAPER_ITERS:
+        reasons.append(f"{run.iterations:,} of the paper's {PAPER_ITERS:,} iterations")
+    if not run.recipe:
+        reasons.append("recipe unknown (no readable config.toml)")
+    elif run.iterations == PAPER_ITERS:  # a shorter run's milestones move with it: its length says enough
+        reasons += [f"{key} = {run.recipe[key]} (paper: {value})" for key, value in PAPER_RECIPE.items()
+                    if key in run.recipe and run.recipe[key] != value]
+    return reasons
+
+
+def group_reasons(group: list[RunRecords]) -> list[str]:
+    """Why a net's runs (one length) are not comparable with the paper; unfinished runs take the
+    data identity of their finished ones."""
+    any_finished = any(r.finished for r in group)
+    reasons = [why for r in group for why in not_comparable(r, data_known=r.finished or not any_finished)]
+    return list(dict.fromkeys(reasons))
+
+
+def comparable_split(runs: list[RunRecords]) -> tuple[list[RunRecords], list[RunRecords]]:
+    """(runs comparable with the paper, runs that are not), decided per net and length."""
+    comparable, other = [], []
+    for group in group_runs(runs).values():
+        (other if group_reasons(group) else comparable).extend(group)
+    return comparable, other
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
@@ -56,20 +102,27 @@ def table_rows(runs: list[RunRecords]) -> list[dict[str, Any]]:
                      "runs": len(done), "unfinished": len(group) - len(done), "test_error_mean": mean,
                      "test_error_std": std, "test_error_best": min(errs) if errs else None,
                      "train_error_mean": statistics.fmean(train) if train else None,
-                     "paper": paper_value(plain, depth), "seed_repo": seed_repo_value(plain, depth)})
+                     "paper": paper_value(plain, depth), "seed_repo": seed_repo_value(plain, depth),
+                     "comparable": not group_reasons(group),
+                     "data_identity": ",".join(sorted({r.data_identity for r in group}))})
     return rows
 
 
-def markdown_table(runs: list[RunRecords]) -> str:
-    head = ("| net | iterations | seeds | test error % (mean ± std) | best | final train error % | "
-            "paper (Table 6) | seed repo |\n|---|---|---|---|---|---|---|---|\n")
+def markdown_table(runs: list[RunRecords], paper: bool = True) -> str:
+    """Table 6 from the runs: with the paper's and the seed repository's columns for runs
+    comparable with the paper; for the others, why they are not in place of those columns."""
+    last = "paper (Table 6) | seed repo |" if paper else "not comparable with the paper because |"
+    head = ("| net | iterations | seeds | test error % (mean ± std) | best | final train error % | " + last
+            + "\n|---|---|---|---|---|---|---|" + ("---|" if paper else "") + "\n")
+    groups = list(group_runs(runs).values())
     lines = []
-    for row in table_rows(runs):
+    for row, group in zip(table_rows(runs), groups):
         cell = "–" if row["test_error_mean"] is None else f"{row['test_error_mean']:.2f}" + (
             f" ± {row['test_error_std']:.2f}" if row["test_error_std"] is not None else "")
         count = f"{row['runs']}" + (f" (+{row['unfinished']} unfinished)" if row["unfinished"] else "")
+        why = f"{row['paper']} | {row['seed_repo']}" if paper else "; ".join(group_reasons(group))
         lines.append(f"| {row['net']} | {row['iterations']:,} | {count} | {cell} | {_fmt(row['test_error_best'])} | "
-                     f"{_fmt(row['train_error_mean'])} | {row['paper']} | {row['seed_repo']} |")
+                     f"{_fmt(row['train_error_mean'])} | {why} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -101,3 +154,11 @@ def reference_table() -> str:
     return head + "\n".join(
         f"| {label} | " + " | ".join(values.get(d, "") for d in depths) + " |" for label, values in rows
     ) + "\n"
+
+
+def paper_table6() -> str:
+    """The paper's Table 6 as printed: the other methods, then the ResNets (the paper's figures,
+    not runs of this project)."""
+    rows = [f"| {m} | {layers} | {params} | {err} |" for m, layers, params, err in PAPER_OTHER_METHODS]
+    rows += [f"| ResNet | {d} | {PAPER_RESNET_PARAMS[d]} | {PAPER_RESNET[d]} |" for d in sorted(PAPER_RESNET)]
+    return "| method (paper's figures, not runs) | # layers | # params | error % |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
