@@ -138,7 +138,8 @@ def run_responses(run: RunRecords, images: TestImages) -> Responses:
         model = build_model(cfg.model)
         checkpoint.load_weights(model, state, path)
     except (checkpoint.CheckpointError, ValueError) as e:
-        raise ReportError(f"{path}: not a resnetdist model ({e})") from None
+        detail = str(e).removeprefix(f"{path}: ").removeprefix(f"{path} (config): ")
+        raise ReportError(f"{path}: not a resnetdist model, so no Figure 7 and nothing written ({detail})") from None
     if "mean" not in state:
         raise ReportError(f"{path}: holds no mean image (a checkpoint older than the report's Figure 7)")
     test = images.get(cfg.data.dir)
