@@ -456,3 +456,51 @@ def test_reproduce_reports_failed_runs_and_exits_nonzero(tmp_path, tiny_data):
 def test_reproduce_rejects_bad_depths(tmp_path):
     proc = cli(["reproduce", "--depths", "8,21", "--out", tmp_path], code=2)
     assert "21 is not 6n+2" in proc.stderr
+
+
+# ----- the honest report -------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_report_on_short_standin_runs_says_what_they_are(tmp_path):
+    """Runs of 200 iterations whose summary says nothing about the data (the stand-in): the
+    terminal and report.md say the data is not verified CIFAR-10 and the runs are 200 of the
+    paper's 64,000 iterations; their table has no paper column; names agree with the legend."""
+    root = tmp_path / "runs"
+    for model, depth, plain in (("resnet8", 8, False), ("plain8", 8, True)):
+        write_fixture_run(root, model, depth, plain, 0, 60.0, iters=200, points=4, data_identity=None)
+    proc = cli(["report", root, "--out", tmp_path / "rep"])
+    md = (tmp_path / "rep" / "report.md").read_text()
+    for text in (proc.stdout, md):
+        assert "not verified CIFAR-10" in text and "200 of the paper's 64,000" in text, text
+    assert "on CIFAR-10: reproduction" not in md.splitlines()[0]
+    assert "## Final test error: runs not comparable with the paper" in md
+    assert "(comparable with the paper)" not in md and "| paper (Table 6) |" not in md
+    row = next(line for line in md.splitlines() if line.startswith("| Plain-8 |"))
+    assert row.endswith("| data not verified CIFAR-10; 200 of the paper's 64,000 iterations |"), row
+    assert "| Highway | 19 | 2.3M | 7.54 (7.72 ± 0.16) |" in md and "| ResNet | 1202 | 19.4M | 7.93 |" in md
+    assert "third panel (ResNet-110 and ResNet-1202) is left out" in md
+
+    from resnetdist.suite.discover import load_runs
+    from resnetdist.suite.figures import figure6_axes
+
+    _, axes, _ = figure6_axes(load_runs([root])[0])
+    assert len(axes) == 2 and [t.get_text() for t in axes[0].get_legend().get_texts()][0] == "Plain-8"
+
+
+@pytest.mark.timeout(60)
+def test_each_length_of_a_net_is_drawn_and_resnet110_gets_the_third_panel(tmp_path):
+    from resnetdist.suite.discover import load_runs
+    from resnetdist.suite.figures import figure6_axes
+
+    root = tmp_path / "runs"
+    write_fixture_run(root / "short", "resnet8", 8, False, 0, 70.0, iters=60, points=3)
+    write_fixture_run(root / "long", "resnet8", 8, False, 0, 50.0, iters=200, points=4)
+    write_fixture_run(root / "deep", "resnet110", 110, False, 0, 6.5)
+    _, axes, drawn = figure6_axes(load_runs([root / "short", root / "long", root / "deep"])[0])
+    assert [ax.get_title() for ax in axes] == ["plain networks", "ResNets", "ResNet-110 and ResNet-1202"]
+    labels = [t.get_text() for t in axes[1].get_legend().get_texts()]
+    assert {"ResNet-8, 60 it.", "ResNet-8, 200 it.", "ResNet-110"} <= set(labels), labels
+    assert [t.get_text() for t in axes[2].get_legend().get_texts()][0] == "ResNet-110"
+    colours = {line.get_color() for line in axes[1].lines}
+    assert len(colours) == 3  # the two lengths of ResNet-8 and ResNet-110 apart
