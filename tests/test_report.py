@@ -477,7 +477,7 @@ def test_report_on_short_standin_runs_says_what_they_are(tmp_path):
     assert "## Final test error: runs not comparable with the paper" in md
     assert "(comparable with the paper)" not in md and "| paper (Table 6) |" not in md
     row = next(line for line in md.splitlines() if line.startswith("| Plain-8 |"))
-    assert row.endswith("| data not verified CIFAR-10; 200 of the paper's 64,000 iterations |"), row
+    assert row.endswith("| data that is not verified CIFAR-10 (unknown origin); 200 of the paper's 64,000 iterations |"), row
     assert "| Highway | 19 | 2.3M | 7.54 (7.72 ± 0.16) |" in md and "| ResNet | 1202 | 19.4M | 7.93 |" in md
     assert "third panel (ResNet-110 and ResNet-1202) is left out" in md
 

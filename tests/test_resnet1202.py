@@ -46,14 +46,16 @@ def test_resnet1202_trains_checkpoints_and_resumes_on_the_cpu(tmp_path):
             "--out", str(out), "--set", "optim.batch_size=2", "--set", "data.eval_batch=8",
             "--set", "train.checkpoint_every=1", "--set", "train.eval_every=3", "--set", "log.log_every=1",
             "--set", "log.tensorboard=false", "--set", "log.wandb_mode=disabled"]
-    proc = subprocess.Popen([sys.executable, "-m", "resnetdist", *args], cwd=REPO, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "first.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "resnetdist", *args], cwd=REPO, env=cli_env(),
+                                stdout=f, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 1200
     while not list(out.glob("ckpt_*.pt.sha256")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)  # a crash right after the first checkpoint
     proc.wait(timeout=60)
-    assert list(out.glob("ckpt_*.pt")), "no checkpoint was written"
+    assert list(out.glob("ckpt_*.pt")), f"no checkpoint was written:\n{log.read_text()[-3000:]}"
     assert not (out / "summary.json").exists()
     again = run_cli(args, timeout=1200)
     assert "resuming from ckpt_" in again.stdout, again.stdout

@@ -36,19 +36,20 @@ FIGURE7_DEFINITION = (
 def what_the_runs_are(runs: list[RunRecords]) -> list[str]:
     """The runs in words: data identity, iterations run of the paper's 64,000, seeds. Printed
     in the terminal and at the top of report.md."""
-    identities = {}
+    identities: dict[str, int] = {}
     for r in runs:
         identities[r.data_identity] = identities.get(r.data_identity, 0) + 1
-    data = "; ".join(f"{n} run(s) on {DATA_WORDS[i]}" for i, n in sorted(identities.items()))
-    iters = ", ".join(f"{i:,}" for i in sorted({r.iterations for r in runs}))
-    seeds = sorted({(r.net, r.iterations, r.seed) for r in runs})
-    per_net = {}
-    for net, it, _ in seeds:
-        per_net[(net, it)] = per_net.get((net, it), 0) + 1
-    lines = [f"data: {data}", f"iterations: {iters} of the paper's {PAPER_ITERS:,}",
-             "seeds: " + ", ".join(f"{net} {n}" for (net, _), n in per_net.items())]
-    if any(r.data_identity != "cifar10" for r in runs):
-        lines.append("the data is not verified CIFAR-10: these runs are not comparable with the paper's figures")
+    per_net: dict[str, set[int]] = {}
+    for r in runs:
+        per_net.setdefault(r.net, set()).add(r.seed)
+    _, other = comparable_split(runs)
+    lines = ["data: " + "; ".join(f"{n} run(s) on {DATA_WORDS[i]}" for i, n in sorted(identities.items())),
+             f"iterations: {', '.join(f'{i:,}' for i in sorted({r.iterations for r in runs}))} "
+             f"of the paper's {PAPER_ITERS:,}",
+             "seeds per net: " + ", ".join(f"{net} {len(seeds)}" for net, seeds in per_net.items())]
+    if other:
+        lines.append(f"not comparable with the paper's figures: {len(other)} of {len(runs)} run(s) "
+                     f"(other data, length or recipe; their own table, without the paper's column)")
     return lines
 
 
@@ -58,7 +59,7 @@ def default_title(runs: list[RunRecords]) -> str:
         return "ResNets and plain nets on CIFAR-10: reproduction of He et al. 2015, section 4.2"
     iters = "/".join(f"{i:,}" for i in sorted({r.iterations for r in runs}))
     data = " / ".join(sorted({DATA_WORDS[r.data_identity] for r in runs}))
-    return f"ResNets and plain nets, {iters} of the paper's {PAPER_ITERS:,} iterations, data {data} (not the paper's setting)"
+    return f"ResNets and plain nets, {iters} of the paper's {PAPER_ITERS:,} iterations, on {data}: not the paper's setting"
 
 
 def error_tables(runs: list[RunRecords]) -> str:

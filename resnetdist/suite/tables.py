@@ -30,8 +30,8 @@ PAPER_RESNET_PARAMS = {20: "0.27M", 32: "0.46M", 44: "0.66M", 56: "0.85M", 110: 
 # The paper's recipe (section 4.2): a run with other values is not comparable with its figures.
 PAPER_RECIPE: dict[str, Any] = {"optim.batch_size": 128, "optim.lr": 0.1, "optim.momentum": 0.9,
                                 "optim.weight_decay": 0.0001, "optim.milestones": [32_000, 48_000], "model.shortcut": "A"}
-DATA_WORDS = {"cifar10": "CIFAR-10 (md5-verified)", "modified": "a modified copy of CIFAR-10",
-              "unknown": "not verified CIFAR-10"}
+DATA_WORDS = {"cifar10": "md5-verified CIFAR-10", "modified": "a modified copy of CIFAR-10 (not verified CIFAR-10)",
+              "unknown": "data that is not verified CIFAR-10 (unknown origin)"}
 
 
 def not_comparable(run: RunRecords, data_known: bool = True) -> list[str]:
@@ -40,7 +40,7 @@ def not_comparable(run: RunRecords, data_known: bool = True) -> list[str]:
     no summary.json yet; it follows the finished runs of its net)."""
     reasons = []
     if data_known and run.data_identity != "cifar10":
-        reasons.append(f"data {DATA_WORDS[run.data_identity]}")
+        reasons.append(DATA_WORDS[run.data_identity])
     if run.iterations != PAPER_ITERS:
         reasons.append(f"{run.iterations:,} of the paper's {PAPER_ITERS:,} iterations")
     if not run.recipe:
