@@ -273,7 +273,7 @@ def figure7(nets: list[NetResponses], runs: list[RunRecords], out: Path, title: 
     sorted in descending order (bottom); plain nets dashed, ResNets solid, one colour per depth."""
     plt = _pyplot()
     colours = net_colours(runs)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 7.5))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9.5, 7))
     for net in nets:
         lengths = len({r.iterations for r in runs if (r.plain, r.depth) == (net.plain, net.depth)})
         label = net_label(net.net, net.iterations, lengths, net.runs)
