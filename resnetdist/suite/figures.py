@@ -5,6 +5,7 @@ and one curve figure per run (errors and the learning rate). matplotlib, headles
 from __future__ import annotations
 
 import statistics
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,7 +162,7 @@ def figure6_axes(runs: list[RunRecords], title: str = ""):
         ax.set_xlim(0, 1.03 * max_x)  # a margin: the last point's dot is not cut in half
         _iteration_axis(ax, max_x)
     if title:
-        fig.suptitle(title, fontsize=11)
+        fig.suptitle(textwrap.fill(title, 60 * len(panels)), fontsize=11)
     fig.tight_layout()
     return fig, axes, drawn
 
@@ -277,12 +278,17 @@ def figure7(nets: list[NetResponses], runs: list[RunRecords], out: Path, title: 
     for net in nets:
         lengths = len({r.iterations for r in runs if (r.plain, r.depth) == (net.plain, net.depth)})
         label = net_label(net.net, net.iterations, lengths, net.runs)
-        style = dict(color=colours[(net.plain, net.depth, net.iterations)], linestyle="--" if net.plain else "-",
-                     linewidth=1.4, marker="o" if len(net.stds) <= 60 else None, markersize=2.5, label=label)
+        colour = colours[(net.plain, net.depth, net.iterations)]
+        style = dict(color=colour, linestyle="--" if net.plain else "-", linewidth=1.4, label=label,
+                     marker=("s" if net.plain else "o") if len(net.stds) <= 60 else None, markersize=3.5,
+                     markerfacecolor="white" if net.plain else colour)
         layers = range(1, len(net.stds) + 1)
         top.plot(layers, net.stds, **style)
         bottom.plot(layers, sorted(net.stds, reverse=True), **style)
+    from matplotlib.ticker import MaxNLocator
+
     for ax, what in ((top, "layer index (original)"), (bottom, "layer index (sorted by magnitude)")):
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
         ax.set_xlabel(what)
         ax.set_ylabel("std")
         ax.set_ylim(bottom=0)
@@ -290,7 +296,7 @@ def figure7(nets: list[NetResponses], runs: list[RunRecords], out: Path, title: 
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize=8, framealpha=0.9)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(textwrap.fill(title, 100), fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
