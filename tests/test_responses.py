@@ -64,7 +64,7 @@ def resnet8_stds(out: Path) -> list[float]:
                 if r["name"] == "resnet8-s0")
 
 
-@pytest.mark.slow  # trains two tiny runs and writes three reports: ~70 s on a busy 2-core machine
+@pytest.mark.slow  # trains two tiny runs, writes three reports: ~6 s alone, ~70 s on a busy 2-core machine
 @pytest.mark.timeout(300)
 def test_figure7_stds_equal_forward_hooks_and_are_cached(trained_runs, tmp_path):
     out = tmp_path / "report"
