@@ -104,7 +104,7 @@ def _cached(run: RunRecords, sha: str) -> list[float] | None:
     return None
 
 
-class TestImages:
+class CifarTestSets:
     """The test sets the runs name (data.dir in their config), each read once per report."""
 
     def __init__(self, device: torch.device):
@@ -121,7 +121,7 @@ class TestImages:
         return self.by_dir[key]
 
 
-def run_responses(run: RunRecords, images: TestImages) -> Responses:
+def run_responses(run: RunRecords, images: CifarTestSets) -> Responses:
     """One run's layer responses, from the cache when model.pt is unchanged. A model.pt that
     is not a resnetdist model is a ReportError naming it."""
     from .. import checkpoint
@@ -154,7 +154,7 @@ def all_responses(runs: list[RunRecords]) -> tuple[list[Responses], list[str]]:
     from ..dist import resolve_device
     from ..errors import DataError
 
-    images = TestImages(resolve_device("auto", 0))
+    images = CifarTestSets(resolve_device("auto", 0))
     found, notes = [], []
     for run in runs:
         if not (run.path / "model.pt").exists():
@@ -171,10 +171,11 @@ def write_caches(responses: list[Responses]) -> None:
     """Each run's values beside its model.pt; a run folder that cannot be written (read-only,
     another user's) simply keeps no cache."""
     from ..checkpoint import atomic_write_text
+    from ..errors import WriteError
 
     for r in responses:
         if not r.cached:
             try:
                 atomic_write_text(r.run.path / CACHE_FILE, r.cache_text())
-            except OSError:
+            except (OSError, WriteError):
                 pass
