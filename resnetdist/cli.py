@@ -249,10 +249,10 @@ def bench_loader(
 @app.command()
 def report(
     run_dirs: list[Path] = typer.Argument(..., help="run folders, or folders holding runs (searched one level down)"),
-    out: Optional[Path] = typer.Option(None, help="where to write report.md, figure6.png, curves/ (default: the first RUN_DIR)"),
+    out: Optional[Path] = typer.Option(None, help="where to write report.md, figure6.png, figure7.png, curves/ (default: the first RUN_DIR)"),
     title: str = typer.Option("", help="heading of report.md and the figure (say which data the runs used)"),
 ) -> None:
-    """Error table vs the paper's Table 6, Figure 6-style curves, one curve figure per run."""
+    """Error table vs the paper's Table 6, Figure 6-style curves, Figure 7 (layer responses), one curve figure per run."""
     from .suite.report import ReportError, write_report
 
     try:
@@ -264,7 +264,8 @@ def report(
     for note in written["warnings"]:
         typer.echo(f"warning: {note}", err=True)
     typer.echo(written["markdown"])
-    typer.echo(f"wrote {written['report']}, {written['figure']} and {len(written['curves'])} curve figure(s) "
+    figure7 = f", {written['figure7']}" if written["figure7"] else ""
+    typer.echo(f"wrote {written['report']}, {written['figure']}{figure7} and {len(written['curves'])} curve figure(s) "
                f"from {written['runs']} run(s)")
 
 
@@ -363,7 +364,7 @@ def runs(
 ) -> None:
     """Where each run stands: running (host, pid, iteration, time left), interrupted or stopped
     (resumes from), done (test error), failed (exit code, the log's last line), not started."""
-    from .suite.report import ReportError, find_runs  # finding run folders: the report's rule
+    from .suite.discover import ReportError, find_runs  # finding run folders: the report's rule
     from .suite.status import run_status, table, to_json
 
     try:

@@ -45,8 +45,10 @@ def cli(args: list[str], code: int = 0):
 
 
 def write_fixture_run(root: Path, model: str, depth: int, plain: bool, seed: int, final: float,
-                      iters: int = 64_000, finished: bool = True, points: int = 17) -> Path:
-    """A run folder as `train` leaves it: metrics.jsonl (+ summary.json when finished)."""
+                      iters: int = 64_000, finished: bool = True, points: int = 17,
+                      data_identity: str | None = "cifar10") -> Path:
+    """A run folder as `train` leaves it: metrics.jsonl (+ summary.json when finished, saying
+    which data it trained on: verified CIFAR-10 unless told; None: the key is absent)."""
     run = root / f"{model}-s{seed}"
     run.mkdir(parents=True)
     n = (depth - 2) // 6
@@ -72,6 +74,8 @@ def write_fixture_run(root: Path, model: str, depth: int, plain: bool, seed: int
                    "train_error": records[-1]["train_error"], "train_seconds": iters / 150,
                    "images_per_second": 20_000.0, "parameters": 270_000, "world_size": 1,
                    "global_batch": 128, "device": "NVIDIA H100", "precision": "bf16", "loader": "gpu"}
+        if data_identity is not None:
+            summary["data_identity"] = data_identity
         (run / "summary.json").write_text(json.dumps(summary))
     return run
 
@@ -196,12 +200,13 @@ def test_report_prints_the_table_and_counts_a_repeated_seed_once(tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert row in md and "seed 0 is in 3 runs" in md
 
-    from resnetdist.suite.report import figure6_axes, load_runs
+    from resnetdist.suite.discover import load_runs
+    from resnetdist.suite.figures import figure6_axes
 
     runs, _ = load_runs([root / "a", root / "b", root / "c"])
     fig, axes, _ = figure6_axes(runs)
     labels = [t.get_text() for t in axes[1].get_legend().get_texts()]
-    assert "ResNet-20 (2 seeds)" in labels, labels
+    assert "ResNet-20 (mean of 2 seeds)" in labels, labels
 
 
 def assert_axes_hold_every_point(axes):
@@ -217,7 +222,8 @@ def assert_axes_hold_every_point(axes):
 @pytest.mark.timeout(60)
 def test_figure6_axes_hold_every_point(fixture_runs):
     """The first evaluations (near 46% error here) are inside the axes, not cut off at the top."""
-    from resnetdist.suite.report import figure6_axes, load_runs
+    from resnetdist.suite.discover import load_runs
+    from resnetdist.suite.figures import figure6_axes
 
     runs, _ = load_runs([fixture_runs])
     _, axes, drawn = figure6_axes(runs)
@@ -238,7 +244,8 @@ def test_short_suite_draws_every_point_and_warns(tmp_path):
     assert len(warnings) == 1 and "figure6.png" in warnings[0], proc.stderr
     assert "eval_every" in warnings[0]
 
-    from resnetdist.suite.report import figure6_axes, load_runs
+    from resnetdist.suite.discover import load_runs
+    from resnetdist.suite.figures import figure6_axes
 
     _, axes, _ = figure6_axes(load_runs([root])[0])
     curves = [line for ax in axes for line in ax.lines]
@@ -253,7 +260,8 @@ def test_short_suite_draws_every_point_and_warns(tmp_path):
 def test_lr_panel_steps_at_the_runs_own_milestones(tmp_path):
     """The run's lr fell at 150 and 225 (its config.toml); evaluations every 100 iterations
     must not move the drawn steps to 200 and 300."""
-    from resnetdist.suite.report import load_run, lr_steps
+    from resnetdist.suite.discover import load_run
+    from resnetdist.suite.figures import lr_steps
 
     run = write_fixture_run(tmp_path, "resnet20", 20, False, 0, 20.0, iters=300, points=3)
     (run / "config.toml").write_text(
@@ -448,3 +456,51 @@ def test_reproduce_reports_failed_runs_and_exits_nonzero(tmp_path, tiny_data):
 def test_reproduce_rejects_bad_depths(tmp_path):
     proc = cli(["reproduce", "--depths", "8,21", "--out", tmp_path], code=2)
     assert "21 is not 6n+2" in proc.stderr
+
+
+# ----- the honest report -------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_report_on_short_standin_runs_says_what_they_are(tmp_path):
+    """Runs of 200 iterations whose summary says nothing about the data (the stand-in): the
+    terminal and report.md say the data is not verified CIFAR-10 and the runs are 200 of the
+    paper's 64,000 iterations; their table has no paper column; names agree with the legend."""
+    root = tmp_path / "runs"
+    for model, depth, plain in (("resnet8", 8, False), ("plain8", 8, True)):
+        write_fixture_run(root, model, depth, plain, 0, 60.0, iters=200, points=4, data_identity=None)
+    proc = cli(["report", root, "--out", tmp_path / "rep"])
+    md = (tmp_path / "rep" / "report.md").read_text()
+    for text in (proc.stdout, md):
+        assert "not verified CIFAR-10" in text and "200 of the paper's 64,000" in text, text
+    assert "on CIFAR-10: reproduction" not in md.splitlines()[0]
+    assert "## Final test error: runs not comparable with the paper" in md
+    assert "(comparable with the paper)" not in md and "| paper (Table 6) |" not in md
+    row = next(line for line in md.splitlines() if line.startswith("| Plain-8 |"))
+    assert row.endswith("| data that is not verified CIFAR-10 (unknown origin); 200 of the paper's 64,000 iterations |"), row
+    assert "| Highway | 19 | 2.3M | 7.54 (7.72 ± 0.16) |" in md and "| ResNet | 1202 | 19.4M | 7.93 |" in md
+    assert "third panel (ResNet-110 and ResNet-1202) is left out" in md
+
+    from resnetdist.suite.discover import load_runs
+    from resnetdist.suite.figures import figure6_axes
+
+    _, axes, _ = figure6_axes(load_runs([root])[0])
+    assert len(axes) == 2 and [t.get_text() for t in axes[0].get_legend().get_texts()][0] == "Plain-8"
+
+
+@pytest.mark.timeout(60)
+def test_each_length_of_a_net_is_drawn_and_resnet110_gets_the_third_panel(tmp_path):
+    from resnetdist.suite.discover import load_runs
+    from resnetdist.suite.figures import figure6_axes
+
+    root = tmp_path / "runs"
+    write_fixture_run(root / "short", "resnet8", 8, False, 0, 70.0, iters=60, points=3)
+    write_fixture_run(root / "long", "resnet8", 8, False, 0, 50.0, iters=200, points=4)
+    write_fixture_run(root / "deep", "resnet110", 110, False, 0, 6.5)
+    _, axes, drawn = figure6_axes(load_runs([root / "short", root / "long", root / "deep"])[0])
+    assert [ax.get_title() for ax in axes] == ["plain networks", "ResNets", "ResNet-110 and ResNet-1202"]
+    labels = [t.get_text() for t in axes[1].get_legend().get_texts()]
+    assert {"ResNet-8, 60 it.", "ResNet-8, 200 it.", "ResNet-110"} <= set(labels), labels
+    assert [t.get_text() for t in axes[2].get_legend().get_texts()][0] == "ResNet-110"
+    colours = {line.get_color() for line in axes[1].lines}
+    assert len(colours) == 3  # the two lengths of ResNet-8 and ResNet-110 apart

@@ -90,6 +90,12 @@ def test_suite_wandb_group_model_artifacts_and_summary_table(suites):
     assert got == {"ResNet-14": final_errors(out)["resnet14-s0"], "ResNet-8": final_errors(out)["resnet8-s0"]}
     assert (folder / "files" / row["figure6/path"]).read_bytes() == (out / "figure6.png").read_bytes()
     assert (folder / "files" / "report.md").read_text() == (out / "report.md").read_text()
+    # Figure 7 and its numbers go to the same summary run
+    assert (folder / "files" / row["figure7/path"]).read_bytes() == (out / "figure7.png").read_bytes()
+    responses = json.loads((out / "layer_responses.json").read_text())
+    assert (folder / "files" / "layer_responses.json").read_text() == (out / "layer_responses.json").read_text()
+    logged = json.loads((folder / "files" / row["layer_responses/path"]).read_text())
+    assert len(logged["data"]) == sum(len(r["stds"]) for r in responses["runs"]) == 1 + 6 * 2 + 1 + 6 * 1
     run_id = json.loads((out / "suite" / "suite.json").read_text())["wandb_report_id"]
     assert summary.run.run_id == run_id and f"({run_id}) in group paper" in log
     assert "W&B (offline): report recorded, not uploaded" in log and "report logged" not in log

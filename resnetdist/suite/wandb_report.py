@@ -1,4 +1,5 @@
-"""The suite's W&B summary run: the report's table (Table 6), Figure 6 and report.md, logged to
+"""The suite's W&B summary run: the report's table (Table 6), Figures 6 and 7, the layer
+responses and report.md, logged to
 one run of job type "report" in the suite's group, beside the runs it summarises. The
 per-run logging (metrics.jsonl, TensorBoard, W&B) is train/metrics.py's; this module uses its
 W&B mode and settings, so a suite and its runs log the same way.
@@ -6,6 +7,7 @@ W&B mode and settings, so a suite and its runs log the same way.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -16,12 +18,22 @@ from ..config import LogConfig
 from ..train.metrics import env_tags, quiet_wandb_telemetry, resolve_wandb_mode, wandb_settings, warn
 
 SUITE_TABLE_KEY = "table6"  # the summary run's history key for the report's table
+RESPONSES_TABLE_KEY = "layer_responses"  # ... and for Figure 7's values
+
+
+def _layer_responses(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / "layer_responses.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def log_suite_report(cfg: LogConfig, wandb_dir: Path, group: str, run_id: str | None,
                      rows: list[dict[str, Any]], figure: Path | None, report: Path) -> str | None:
     """The suite's summary run (job_type "report", in the suite's group): the report's table
-    as a wandb.Table under `table6`, Figure 6 as an image and report.md as a file. `run_id`
+    as a wandb.Table under `table6`, Figure 6 as an image and report.md as a file; Figure 7 and
+    layer_responses.json when the report wrote them beside report.md (a table `layer_responses`,
+    one row per run and layer, and each net's mean std in the summary). `run_id`
     continues an earlier summary run of the same suite. Returns the run id, None when W&B is
     disabled or not installed."""
     mode = resolve_wandb_mode(cfg.wandb_mode)
@@ -48,9 +60,21 @@ def log_suite_report(cfg: LogConfig, wandb_dir: Path, group: str, run_id: str | 
     values: dict[str, Any] = {SUITE_TABLE_KEY: wandb.Table(columns=columns, data=[list(r.values()) for r in rows])}
     if figure is not None and figure.exists():
         values["figure6"] = wandb.Image(str(figure))
+    responses = _layer_responses(report.parent)
+    if (report.parent / "figure7.png").exists():
+        values["figure7"] = wandb.Image(str(report.parent / "figure7.png"))
+    if responses:
+        values[RESPONSES_TABLE_KEY] = wandb.Table(
+            columns=["run", "net", "seed", "iterations", "layer", "std"],
+            data=[[r["name"], r["net"], r["seed"], r["iterations"], i + 1, std]
+                  for r in responses["runs"] for i, std in enumerate(r["stds"])])
     run.log(values)
     # a copy in the run's own files folder travels with it (wandb sync uploads that folder)
-    shutil.copyfile(report, Path(run.dir) / report.name)
+    for written in (report, report.parent / "layer_responses.json"):
+        if written.exists():
+            shutil.copyfile(written, Path(run.dir) / written.name)
     run.summary.update({"runs": sum(r["runs"] for r in rows), "nets": len(rows)})
+    if responses:
+        run.summary.update({f"mean_layer_std/{n['net']}-{n['iterations']}": n["mean_std"] for n in responses["nets"]})
     run.finish()
     return run.id

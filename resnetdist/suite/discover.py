@@ -1,0 +1,210 @@
+"""Finding and loading runs for the report: run folders (or folders holding them, one level
+down) -> RunRecords, what one run directory recorded (metrics.jsonl, summary.json,
+config.toml), finished or not. Also which runs count: one per seed of a net.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import from_dict, read_toml
+
+
+RUN_FILES = ("summary.json", "metrics.jsonl", "config.toml")
+DATA_IDENTITIES = ("cifar10", "modified", "unknown")
+
+
+class ReportError(RuntimeError):
+    """No runs, or a run folder without metrics; the message names the folder."""
+
+
+@dataclass
+class RunRecords:
+    path: Path
+    name: str
+    model: str
+    depth: int
+    plain: bool
+    seed: int
+    iterations: int  # planned (finished: done)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] | None = None
+    recipe: dict[str, Any] = field(default_factory=dict)  # the paper's recipe keys, from config.toml
+
+    @property
+    def data_identity(self) -> str:
+        """"cifar10" (md5-verified CIFAR-10), "modified" or "unknown" (summary.json; absent: unknown)."""
+        identity = (self.summary or {}).get("data_identity")
+        return identity if identity in DATA_IDENTITIES else "unknown"
+
+    @property
+    def finished(self) -> bool:
+        return self.summary is not None
+
+    @property
+    def last_iter(self) -> int:
+        if self.summary:
+            return int(self.summary.get("iterations", self.iterations))
+        return int(self.records[-1]["iter"]) if self.records else 0
+
+    @property
+    def test_error(self) -> float | None:
+        if self.summary and self.summary.get("test_error") is not None:
+            return float(self.summary["test_error"])
+        return _last(self.records, "test_error")
+
+    @property
+    def train_error(self) -> float | None:
+        if self.summary and self.summary.get("train_error") is not None:
+            return float(self.summary["train_error"])
+        return _last(self.records, "train_error")
+
+    @property
+    def net(self) -> str:
+        return f"{'Plain' if self.plain else 'ResNet'}-{self.depth}"
+
+
+def _last(records: list[dict[str, Any]], key: str) -> float | None:
+    for r in reversed(records):
+        if r.get(key) is not None:
+            return float(r[key])
+    return None
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / f).exists() for f in RUN_FILES)
+
+
+def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(run folders, folders given that hold no run). A path is a run folder itself, or a
+    parent whose immediate sub-folders are searched."""
+    runs: list[Path] = []
+    empty: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise ReportError(f"{p}: no such folder")
+        if not p.is_dir():
+            raise ReportError(f"{p}: not a folder (give run folders, or folders holding runs)")
+        if is_run_dir(p):
+            runs.append(p)
+            continue
+        found = sorted(c for c in p.iterdir() if is_run_dir(c)) if p.is_dir() else []
+        if not found:
+            empty.append(p)
+        runs.extend(found)
+    seen, unique = set(), []
+    for r in runs:
+        if r.resolve() not in seen:
+            seen.add(r.resolve())
+            unique.append(r)
+    return unique, empty
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Evaluation records sorted by iteration; a torn last line is skipped; a record logged
+    twice for one iteration (a resumed run) keeps the later one."""
+    by_iter: dict[int, dict[str, Any]] = {}
+    if not path.exists():
+        return []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            by_iter[int(rec["iter"])] = rec
+        except (ValueError, KeyError, TypeError):
+            continue
+    return [by_iter[k] for k in sorted(by_iter)]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _config_info(path: Path) -> dict[str, Any]:
+    """model / seed / iterations from config.toml, for a run that has no summary yet."""
+    try:
+        cfg = from_dict(read_toml(path / "config.toml"), str(path / "config.toml"))
+    except Exception:  # noqa: BLE001 - missing or unreadable: fall back to the folder name
+        return {}
+    o = cfg.optim
+    recipe = {"optim.batch_size": o.batch_size, "optim.lr": o.lr, "optim.momentum": o.momentum,
+              "optim.weight_decay": o.weight_decay, "optim.milestones": list(o.milestones), "model.shortcut": cfg.model.shortcut}
+    return {"model": cfg.model.name, "depth": cfg.model.depth, "plain": cfg.model.plain, "seed": cfg.train.seed,
+            "iterations": cfg.optim.iters, "name": cfg.name, "recipe": recipe}
+
+
+def load_run(path: Path) -> RunRecords:
+    path = Path(path)
+    records = read_metrics(path / "metrics.jsonl")
+    summary = _read_json(path / "summary.json")
+    if not records and (summary is None or summary.get("test_error") is None):
+        raise ReportError(f"{path}: no metrics to report (metrics.jsonl is missing or empty and there is "
+                          f"no summary.json): the run has not reached its first evaluation")
+    info = _config_info(path)
+    if summary:
+        info.update({k: summary[k] for k in ("name", "model", "depth", "plain", "seed", "iterations") if k in summary})
+    if "depth" not in info:
+        raise ReportError(f"{path}: cannot tell which net this is (no summary.json and no readable config.toml)")
+    return RunRecords(path=path, name=str(info.get("name", path.name)), model=str(info["model"]), depth=int(info["depth"]),
+               plain=bool(info["plain"]), seed=int(info.get("seed", 0)), iterations=int(info["iterations"]),
+               records=records, summary=summary, recipe=info.get("recipe", {}))
+
+
+def load_runs(paths: list[Path], skip_empty: bool = False) -> tuple[list[RunRecords], list[str]]:
+    """All runs under the given paths, and notes on what was skipped. With skip_empty, a
+    sub-folder run that has no metrics yet is noted and skipped; a folder named on the command
+    line that holds no metrics is always an error."""
+    run_dirs, empty = find_runs(paths)
+    if empty:
+        raise ReportError(
+            f"{', '.join(map(str, empty))}: no runs here (a run folder holds metrics.jsonl or summary.json; "
+            f"parent folders are searched one level down)"
+        )
+    given = {Path(p).resolve() for p in paths}
+    runs, notes = [], []
+    for d in run_dirs:
+        try:
+            runs.append(load_run(d))
+        except ReportError as e:
+            if skip_empty and d.resolve() not in given:
+                notes.append(str(e))
+                continue
+            raise
+    if not runs:
+        raise ReportError("no run with metrics found in " + ", ".join(map(str, paths)))
+    return runs, notes
+
+
+def config_data_dir(path: Path) -> str | None:
+    try:
+        return read_toml(path / "config.toml").get("data", {}).get("dir") or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def group_runs(runs: list[RunRecords]) -> dict[tuple[bool, int, int], list[RunRecords]]:
+    groups: dict[tuple[bool, int, int], list[RunRecords]] = defaultdict(list)
+    for r in runs:
+        groups[(r.plain, r.depth, r.iterations)].append(r)
+    # ResNets first (as in Table 6), then plain nets; each by depth
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])))
+
+
+def distinct_seeds(group: list[RunRecords]) -> tuple[list[RunRecords], list[str]]:
+    """One run per seed of a net (a finished one first, then by folder), and one note per seed
+    found in several folders: a rerun of a seed is not another sample of the seed spread."""
+    by_seed: dict[int, list[RunRecords]] = defaultdict(list)
+    for r in sorted(group, key=lambda r: (not r.finished, str(r.path))):
+        by_seed[r.seed].append(r)
+    notes = [f"{same[0].net} ({same[0].iterations:,} iterations): seed {seed} is in {len(same)} runs "
+             f"({', '.join(str(r.path) for r in same)}); only {same[0].path} is counted"
+             for seed, same in sorted(by_seed.items()) if len(same) > 1]
+    return [same[0] for same in by_seed.values()], notes

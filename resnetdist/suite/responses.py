@@ -1,0 +1,181 @@
+"""Layer responses (He et al. 2015, Figure 7), computed from a finished run's model.pt.
+
+A 3x3 layer's response is its output after its BN, before the ReLU or the shortcut addition;
+its std is taken over the whole test set in evaluation mode (BN running statistics), over
+all values of that output (images x channels x positions), in true fp32. Layers in forward
+order: the first conv, then each block's two convs. Option B's 1x1 projection convs (and
+their BN) are not 3x3 layers and are left out.
+
+Each run's values are cached in its folder (CACHE_FILE) with model.pt's sha256, so a second
+report reads them back unless model.pt changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .discover import ReportError, RunRecords
+
+CACHE_FILE = "layer_responses.cache.json"
+BATCH = 500  # test images per forward pass
+BAR_DELAY_S = 3.0  # the progress bar appears only when the work takes longer than this
+
+
+@dataclass
+class Responses:
+    """One run's layer responses (stds in forward order) and whether they came from the cache."""
+    run: RunRecords
+    stds: list[float]
+    cached: bool
+    model_sha256: str
+
+    def cache_text(self) -> str:
+        return json.dumps({"model_sha256": self.model_sha256, "stds": self.stds}) + "\n"
+
+
+def response_maps(model: torch.nn.Module, x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """models.CifarResNet's forward pass up to the last block, yielding each 3x3 conv's BN
+    output (the response) where it is made: the stem, then conv1 and conv2 of every block."""
+    out = model.bn(model.conv(x))
+    yield out
+    x = F.relu(out)
+    for block in model.blocks:
+        out = block.bn1(block.conv1(x))
+        yield out
+        out = block.bn2(block.conv2(F.relu(out)))
+        yield out
+        if block.residual:
+            out = out + block.shortcut(x)
+        x = F.relu(out)
+
+
+@torch.no_grad()
+def layer_stds(model: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor, label: str = "") -> list[float]:
+    """The std of every 3x3 layer's response over `images` (uint8, N x 3 x 32 x 32, on the
+    model's device), evaluation mode, fp32; sums in float64 so 10,000 images lose nothing."""
+    from ..data.augment import normalize
+    from ..progress import progress_bar
+    from ..train.evaluate import true_fp32
+
+    model.eval()
+    sums: list[torch.Tensor] = []
+    squares: list[torch.Tensor] = []
+    counts: list[int] = []
+    batches = range(0, len(images), BATCH)
+    with true_fp32(), progress_bar(f"layer responses {label}", total=len(batches), unit="batch",
+                                   delay=BAR_DELAY_S) as bar:
+        for start in batches:
+            x = normalize(images[start : start + BATCH], mean)
+            for i, response in enumerate(response_maps(model, x)):
+                r = response.double()
+                if i == len(sums):
+                    sums.append(torch.zeros((), dtype=torch.float64, device=r.device))
+                    squares.append(torch.zeros((), dtype=torch.float64, device=r.device))
+                    counts.append(0)
+                sums[i] += r.sum()
+                squares[i] += (r * r).sum()
+                counts[i] += r.numel()
+            bar.update(1)
+    stds = []
+    for s, q, n in zip(sums, squares, counts):
+        m = s.item() / n
+        stds.append(max(q.item() / n - m * m, 0.0) ** 0.5)
+    return stds
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cached(run: RunRecords, sha: str) -> list[float] | None:
+    try:
+        data = json.loads((run.path / CACHE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and data.get("model_sha256") == sha and isinstance(data.get("stds"), list):
+        return [float(v) for v in data["stds"]]
+    return None
+
+
+class CifarTestSets:
+    """The test sets the runs name (data.dir in their config), each read once per report."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.by_dir: dict[str, torch.Tensor] = {}
+
+    def get(self, data_dir: str | None) -> torch.Tensor:
+        from ..data.cifar import load_cifar10
+
+        key = data_dir or ""
+        if key not in self.by_dir:
+            data = load_cifar10(Path(data_dir) if data_dir else None, False)
+            self.by_dir[key] = torch.from_numpy(data.test.images).to(self.device)
+        return self.by_dir[key]
+
+
+def run_responses(run: RunRecords, images: CifarTestSets) -> Responses:
+    """One run's layer responses, from the cache when model.pt is unchanged. A model.pt that
+    is not a resnetdist model is a ReportError naming it."""
+    from .. import checkpoint
+    from ..config import from_dict
+    from ..models import build_model
+
+    path = run.path / "model.pt"
+    sha = _sha256(path)
+    if (stds := _cached(run, sha)) is not None:
+        return Responses(run, stds, True, sha)
+    try:
+        state = checkpoint.load_model_file(path)
+        cfg = from_dict(state["config"], f"{path} (config)")
+        model = build_model(cfg.model)
+        checkpoint.load_weights(model, state, path)
+    except (checkpoint.CheckpointError, ValueError) as e:
+        detail = str(e).removeprefix(f"{path}: ").removeprefix(f"{path} (config): ")
+        raise ReportError(f"{path}: not a resnetdist model, so no Figure 7 and nothing written ({detail})") from None
+    if "mean" not in state:
+        raise ReportError(f"{path}: holds no mean image (a checkpoint older than the report's Figure 7)")
+    test = images.get(cfg.data.dir)
+    model = model.to(images.device)
+    stds = layer_stds(model, test, state["mean"].to(images.device), run.name)
+    return Responses(run, stds, False, sha)
+
+
+def all_responses(runs: list[RunRecords]) -> tuple[list[Responses], list[str]]:
+    """Layer responses of every finished run with a model.pt, and one note per run left out.
+    Nothing is written here: the caller writes the caches once every run has succeeded."""
+    from ..dist import resolve_device
+    from ..errors import DataError
+
+    images = CifarTestSets(resolve_device("auto", 0))
+    found, notes = [], []
+    for run in runs:
+        if not (run.path / "model.pt").exists():
+            notes.append(f"{run.path}: no model.pt (unfinished), left out of Figure 7")
+            continue
+        try:
+            found.append(run_responses(run, images))
+        except DataError as e:
+            notes.append(f"{run.path}: its test set cannot be read ({e}), left out of Figure 7")
+    return found, notes
+
+
+def write_caches(responses: list[Responses]) -> None:
+    """Each run's values beside its model.pt; a run folder that cannot be written (read-only,
+    another user's) simply keeps no cache."""
+    from ..checkpoint import atomic_write_text
+    from ..errors import WriteError
+
+    for r in responses:
+        if not r.cached:
+            try:
+                atomic_write_text(r.run.path / CACHE_FILE, r.cache_text())
+            except (OSError, WriteError):
+                pass
