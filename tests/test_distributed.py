@@ -6,7 +6,7 @@ import json
 import pytest
 
 from .conftest import TINY, run_cli, run_torchrun
-from .test_train import assert_bitwise_equal, final_weights, read_jsonl
+from .helpers import assert_bitwise_equal, final_weights, read_jsonl
 
 ARGS = [*TINY, "--iters", "40", "--set", "train.eval_every=20", "--set", "train.checkpoint_every=10", "--json"]
 

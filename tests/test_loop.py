@@ -1,5 +1,6 @@
 """The iteration loop with a fake step: its cadence (log, evaluate, checkpoint), the NaN stop,
-and resuming from a checkpoint's progress, in-process and in milliseconds."""
+the stop the ranks agreed on (a preemption notice), and resuming from a checkpoint's progress,
+in-process and in milliseconds."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from resnetdist.train.loop import Cadence, Feed, Hooks, NonFiniteLoss, Progress, train_loop
+from resnetdist.train.preempt import Preempted
 
 BATCH = 4
 
@@ -129,6 +131,30 @@ def test_resume_from_a_checkpoint_gives_the_same_records():
 
     assert strip(cut.evals[:2] + resumed.evals) == strip(whole.evals)
     assert strip(resumed.logs) == strip(whole.logs[4:])
+
+
+def test_the_loop_checkpoints_where_the_ranks_agreed_to_stop_and_raises_preempted():
+    rec = Recorder()
+    rec.hooks.stop_reason = lambda it: "SIGTERM" if it >= 15 else ""
+    with pytest.raises(Preempted) as info:
+        run(FakeStep(), Progress(), rec)
+    assert info.value.iteration == 15 and info.value.reason == "SIGTERM" and info.value.exit_code == 6
+    # 15 is no multiple of checkpoint_every (20): the stop makes its own checkpoint, after the log
+    assert [c.iteration for c in rec.checkpoints] == [15] and rec.logs[-1]["iter"] == 15
+    assert [e["iter"] for e in rec.evals] == [10]
+
+
+def test_a_stop_asked_at_the_last_iteration_just_finishes():
+    rec, asked = Recorder(), []
+
+    def stop_reason(it: int) -> str:
+        asked.append(it)
+        return "SIGUSR1" if it == 45 else ""  # a signal noted during the last 5 iterations
+
+    rec.hooks.stop_reason = stop_reason
+    progress = run(FakeStep(), Progress(), rec)  # 45 iterations; log points 5, 10, ..., 40, 45
+    assert progress.iteration == CADENCE.total == 45 and rec.checkpoints[-1].iteration == 45
+    assert asked == list(range(5, 45, 5))  # not asked at the end: the run is complete, not stopped
 
 
 def test_a_run_resumed_at_its_end_does_nothing():
