@@ -30,6 +30,20 @@ learnable_split = synthetic_split
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Tests on this machine's shared daemons and names (the Docker engine and its image tags, the
+# Slurm test clusters, network namespaces) run one at a time: under pytest-xdist with
+# --dist loadgroup (.ci/run) a group goes to one worker, and the rest spread over the others.
+SHARED_MARKERS = {"docker", "slurm"}
+SHARED_FIXTURES = {"namespaces_possible"}  # tests/test_multinode.py's nodes
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SHARED_MARKERS & {m.name for m in item.iter_markers()} or SHARED_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.xdist_group("machine"))
+
+
 def made_once(tmp_path_factory, name: str, make: Callable[[Path], object]) -> Path:
     """<session temp>/name, made by make(path) once per pytest session. Under pytest-xdist the
     workers share it: the first to get here makes it under a lock while the others wait (a
