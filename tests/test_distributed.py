@@ -44,6 +44,7 @@ def test_two_ranks_train_and_agree_and_restart_exactly(tmp_path, tiny_data):
     ]
 
 
+@pytest.mark.slow  # a multi-process run: in CI's whole suite, not the fast one
 @pytest.mark.timeout(300)
 def test_cli_launches_torchrun_itself(tmp_path, tiny_data):
     out = tmp_path / "run"

@@ -25,6 +25,7 @@ def assert_weights_close(a: Trial, b: Trial, rtol, atol):
             torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=name)
 
 
+@pytest.mark.slow  # torch.compile's cold compile: a minute or more on 2 cores
 @pytest.mark.timeout(600)
 def test_compiled_step_matches_eager_on_cpu(tiny_data):
     """One step agrees to float32 reordering noise; over more steps SGD at lr 0.1 amplifies that
