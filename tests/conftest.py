@@ -30,18 +30,28 @@ learnable_split = synthetic_split
 REPO = Path(__file__).resolve().parents[1]
 
 
-# Tests on this machine's shared daemons and names (the Docker engine and its image tags, the
-# Slurm test clusters, network namespaces) run one at a time: under pytest-xdist with
-# --dist loadgroup (.ci/run) a group goes to one worker, and the rest spread over the others.
+# Under pytest-xdist with --dist loadgroup (.ci/run) each xdist group runs on one worker, the
+# other tests spread over all. Tests on this machine's shared daemons and names (the Docker
+# engine and its image tags, the Slurm test clusters, network namespaces) form one group, so
+# they run one at a time; the tests that share a module-scoped fixture (a trained run, say)
+# form one per module, so that it is made once, not once per worker.
 SHARED_MARKERS = {"docker", "slurm"}
 SHARED_FIXTURES = {"namespaces_possible"}  # tests/test_multinode.py's nodes
+
+
+def xdist_group(item: pytest.Item) -> str | None:
+    if SHARED_MARKERS & {m.name for m in item.iter_markers()} or SHARED_FIXTURES & set(item.fixturenames):
+        return "machine"
+    if any(defs[-1].scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values()):
+        return item.module.__name__
+    return None
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SHARED_MARKERS & {m.name for m in item.iter_markers()} or SHARED_FIXTURES & set(item.fixturenames):
-            item.add_marker(pytest.mark.xdist_group("machine"))
+        if group := xdist_group(item):
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def made_once(tmp_path_factory, name: str, make: Callable[[Path], object]) -> Path:
