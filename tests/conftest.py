@@ -59,7 +59,8 @@ def made_once(tmp_path_factory, name: str, make: Callable[[Path], object]) -> Pa
     workers share it: the first to get here makes it under a lock while the others wait (a
     worker's own temp folder is popen-gwN inside the session's)."""
     root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and root.name == f"popen-{worker}":  # not a pytest that a test started, which inherits the variable
         root = root.parent
     path, done = root / name, root / f"{name}.done"
     with open(root / f"{name}.lock", "w") as lock:
