@@ -42,7 +42,8 @@ SHARED_FIXTURES = {"namespaces_possible"}  # tests/test_multinode.py's nodes
 def xdist_group(item: pytest.Item) -> str | None:
     if SHARED_MARKERS & {m.name for m in item.iter_markers()} or SHARED_FIXTURES & set(item.fixturenames):
         return "machine"
-    if any(defs[-1].scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values()):
+    fixtures = getattr(item, "_fixtureinfo", None)  # pytest's own record of the item's fixtures
+    if fixtures and any(defs[-1].scope == "module" for defs in fixtures.name2fixturedefs.values()):
         return item.module.__name__
     return None
 
