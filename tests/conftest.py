@@ -30,29 +30,40 @@ learnable_split = synthetic_split
 REPO = Path(__file__).resolve().parents[1]
 
 
-# Under pytest-xdist with --dist loadgroup (.ci/run) each xdist group runs on one worker, the
-# other tests spread over all. Tests on this machine's shared daemons and names (the Docker
-# engine and its image tags, the Slurm test clusters, network namespaces) form one group, so
-# they run one at a time; the tests that share a module-scoped fixture (a trained run, say)
-# form one per module, so that it is made once, not once per worker.
-SHARED_MARKERS = {"docker", "slurm"}
-SHARED_FIXTURES = {"namespaces_possible"}  # tests/test_multinode.py's nodes
+# Under pytest-xdist, `--dist loadscope` (.ci/run) runs each test module on one worker, so its
+# module-scoped fixtures (trained runs) are made once; the scheduler below also puts every test
+# on this machine's shared daemons and names (the Docker engine and its image tags, the Slurm
+# test clusters, network namespaces) in one scope, so those run one at a time. (Not xdist_group
+# marks with --dist loadgroup: pytest 9.2 no longer honours them, pytest-xdist issue #1386.)
+MACHINE_WIDE_FILES = ("tests/test_docker.py::", "tests/test_slurm.py::", "tests/test_multinode.py::")
 
 
-def xdist_group(item: pytest.Item) -> str | None:
-    if SHARED_MARKERS & {m.name for m in item.iter_markers()} or SHARED_FIXTURES & set(item.fixturenames):
-        return "machine"
-    fixtures = getattr(item, "_fixtureinfo", None)  # pytest's own record of the item's fixtures
-    if fixtures and any(defs[-1].scope == "module" for defs in fixtures.name2fixturedefs.values()):
-        return item.module.__name__
-    return None
+def machine_wide(nodeid: str) -> bool:
+    """By the test's id alone (all the scheduler sees): those files, and any test named for Slurm."""
+    return nodeid.startswith(MACHINE_WIDE_FILES) or "slurm" in nodeid.rsplit("::", 1)[-1]
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: pytest runs without xdist too
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class MachineWideInOneScope(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "machine-wide" if machine_wide(nodeid) else super()._split_scope(nodeid)
+
+    return MachineWideInOneScope(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if group := xdist_group(item):
-            item.add_marker(pytest.mark.xdist_group(group))
+    """A test on the Docker engine, a Slurm cluster or network namespaces that machine_wide does
+    not recognise could run beside another under xdist: refuse to run at all."""
+    shared = [item for item in items if {"docker", "slurm"} & {m.name for m in item.iter_markers()}
+              or "namespaces_possible" in item.fixturenames]  # tests/test_multinode.py's nodes
+    stray = [item.nodeid for item in shared if not machine_wide(item.nodeid)]
+    if stray:
+        raise pytest.UsageError(f"tests on this machine's shared daemons outside conftest.machine_wide: {stray}")
 
 
 def made_once(tmp_path_factory, name: str, make: Callable[[Path], object]) -> Path:

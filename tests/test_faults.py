@@ -116,7 +116,7 @@ def test_probing_a_directory_creates_nothing(tmp_path):
 # ----- end to end -------------------------------------------------------------------------------
 
 
-@pytest.fixture  # not module-scoped (that would tie the tests to one xdist worker): reference_run caches
+@pytest.fixture  # reference_run trains it once per session
 def reference(reference_run):
     """An uninterrupted 30-iteration run: the weights every resumed run must match bitwise
     (shared with test_preempt.py; keep_checkpoints changes no weight)."""

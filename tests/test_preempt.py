@@ -185,14 +185,14 @@ def check_same_as(ref: Path, out: Path, resumed_stdout: str, it: int) -> None:
         {k: v for k, v in r.items() if k not in timing} for r in read_jsonl(ref / "metrics.jsonl")]
 
 
-@pytest.fixture  # not module-scoped (that would tie the tests to one xdist worker): reference_run caches
+@pytest.fixture  # reference_run trains it once per session
 def reference(reference_run):
     """An uninterrupted single-process run (also the Slurm job's: torchrun with one worker
     makes no process group, so it is the same computation); shared with test_faults.py."""
     return reference_run(RESUMABLE)
 
 
-@pytest.fixture  # not module-scoped (that would tie the tests to one xdist worker): reference_run caches
+@pytest.fixture  # reference_run trains it once per session
 def reference2(reference_run):
     """An uninterrupted 2-rank torchrun run."""
     return reference_run(RESUMABLE, nproc=2)
