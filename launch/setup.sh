@@ -10,7 +10,7 @@
 #   bash launch/setup.sh --dry-run   # print what would be done; do nothing
 #
 # Where it installs (the first that applies):
-#   PYTHON=/path/to/python   that interpreter as it is (a system or conda Python; .ci/run)
+#   PYTHON=/path/to/python   that interpreter as it is (a system or conda Python)
 #   $VIRTUAL_ENV             the active virtual environment
 #   VENV (default .venv in the checkout), made if missing. When the system Python already has
 #                            torch (e.g. a CUDA base image) the venv sees the system's

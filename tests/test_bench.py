@@ -23,6 +23,7 @@ from resnetdist.tools.bench import PeerTransforms, format_table, run_step_bench
 from .conftest import REPO, cli_env
 
 
+@pytest.mark.slow  # three settings measured: over 10 s on 2 cores
 @pytest.mark.timeout(300)
 def test_both_baselines_and_both_ratios_on_record(tiny_data, tmp_path):
     out = tmp_path / "step.json"
@@ -43,6 +44,7 @@ def test_both_baselines_and_both_ratios_on_record(tiny_data, tmp_path):
     assert "| vs baseline | vs peer |" in table and "loss.item() every step" in table
 
 
+@pytest.mark.slow  # a bench process, three settings and the start of a compile: over 15 s on 2 cores
 @pytest.mark.timeout(400)
 def test_the_json_is_written_after_every_setting(tiny_data, tmp_path):
     """Killed while compiling (its last setting), bench leaves the settings already measured."""

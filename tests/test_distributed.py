@@ -6,7 +6,7 @@ import json
 import pytest
 
 from .conftest import TINY, run_cli, run_torchrun
-from .test_train import assert_bitwise_equal, final_weights, read_jsonl
+from .helpers import assert_bitwise_equal, final_weights, read_jsonl
 
 ARGS = [*TINY, "--iters", "40", "--set", "train.eval_every=20", "--set", "train.checkpoint_every=10", "--json"]
 
@@ -44,6 +44,7 @@ def test_two_ranks_train_and_agree_and_restart_exactly(tmp_path, tiny_data):
     ]
 
 
+@pytest.mark.slow  # a multi-process run: in CI's whole suite, not the fast one
 @pytest.mark.timeout(300)
 def test_cli_launches_torchrun_itself(tmp_path, tiny_data):
     out = tmp_path / "run"

@@ -23,7 +23,7 @@ from resnetdist.train.schedule import lr_table
 from resnetdist.train.step import build_step
 from resnetdist.train.trainer import build, make_model, resolve
 
-from .test_gpu_path import FakeOps
+from .fake_cuda import FakeOps
 
 B, SEED = 32, 3
 CPU = torch.device("cpu")

@@ -19,15 +19,11 @@ import torch
 from resnetdist import checkpoint
 from resnetdist.train import rundir
 
-from .conftest import REPO, TINY, cli_env, run_cli
-from .test_train import assert_bitwise_equal, final_weights
+from .conftest import REPO, RESUMABLE, TINY, cli_env, run_cli
+from .helpers import assert_bitwise_equal, final_weights, temp_files, wait_for
 
-ARGS = [*TINY, "--iters", "40", "--set", "train.eval_every=20", "--set", "train.checkpoint_every=10",
-        "--set", "train.keep_checkpoints=2"]
-
-
-def temp_files(folder):
-    return sorted(p.name for p in folder.glob(checkpoint.TEMP_GLOB))
+# keep 2: the full-disk test checks that pruning waits for the new checkpoint's write
+ARGS = [*RESUMABLE, "--set", "train.keep_checkpoints=2"]
 
 
 def flip_middle_byte(path):
@@ -120,12 +116,11 @@ def test_probing_a_directory_creates_nothing(tmp_path):
 # ----- end to end -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_data):
-    """An uninterrupted 40-iteration run: the weights every resumed run must match bitwise."""
-    ref = tmp_path_factory.mktemp("faults") / "ref"
-    run_cli(["train", *ARGS, "--data-dir", str(tiny_data), "--out", str(ref)])
-    return ref
+@pytest.fixture  # reference_run trains it once per session
+def reference(reference_run):
+    """An uninterrupted 30-iteration run: the weights every resumed run must match bitwise
+    (shared with test_preempt.py; keep_checkpoints changes no weight)."""
+    return reference_run(RESUMABLE)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +180,7 @@ def test_flipped_byte_in_newest_checkpoint_resumes_from_the_previous(tmp_path, t
     assert newest.stat().st_size == size
     resumed = run_cli(["train", *ARGS, "--data-dir", str(tiny_data), "--out", str(cut)])
     assert f"warning: checkpoint {newest} is unreadable (CorruptCheckpoint" in resumed.stdout
-    assert "resuming from ckpt_0000010.pt (iteration 10 of 40)" in resumed.stdout
+    assert "resuming from ckpt_0000010.pt (iteration 10 of 30)" in resumed.stdout
     assert_bitwise_equal(final_weights(reference), final_weights(cut))
 
 
@@ -196,7 +191,7 @@ def test_rank0_write_failure_under_torchrun_ends_the_whole_job(tmp_path, tiny_da
     must end promptly (torchrun sees rank 0 exit 4 and stops rank 1), not after dist.timeout_s
     (600 s, far beyond this subprocess's 150 s timeout)."""
     out = tmp_path / "run"
-    limit = checkpoint.checkpoint_path(reference, 40).stat().st_size // 2
+    limit = checkpoint.checkpoint_path(reference, 30).stat().st_size // 2
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--tee=3",
            "-m", "resnetdist", "train", *ARGS, "--data-dir", str(tiny_data), "--out", str(out)]
     proc = run_limited(cmd, limit, timeout=150)
@@ -204,16 +199,6 @@ def test_rank0_write_failure_under_torchrun_ends_the_whole_job(tmp_path, tiny_da
     assert f"[default0]:error: could not write {checkpoint.checkpoint_path(out, 10)}: [Errno 27]" in proc.stderr
     assert "exitcode  : 4" in proc.stderr  # torchrun's summary names rank 0's exit code as the root cause
     assert checkpoint.list_checkpoints(out) == [] and temp_files(out) == []
-
-
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"the first run exited ({proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 @pytest.mark.slow

@@ -1,9 +1,11 @@
 """The training loop (Trainer.fit) with a fake step: its cadence (log, evaluate, checkpoint), the
-NaN stop, and resuming from a checkpoint's progress, in-process and in milliseconds."""
+NaN stop, the stop the ranks agreed on (a preemption notice), and resuming from a checkpoint's
+progress, in-process and in milliseconds."""
 
 from __future__ import annotations
 
 import math
+import signal
 
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ import torch
 
 from resnetdist.config import load_config
 from resnetdist.dist import DistContext
+from resnetdist.train import preempt
 from resnetdist.train.loop import Cadence, Feed, NonFiniteLoss, Progress
+from resnetdist.train.preempt import Preempted
 from resnetdist.train.trainer import Trainer
 
 BATCH = 4
@@ -147,6 +151,53 @@ def test_resume_from_a_checkpoint_gives_the_same_records():
 
     assert strip(cut.evals[:2] + resumed.evals) == strip(whole.evals)
     assert strip(resumed.logs) == strip(whole.logs[4:])
+
+
+class SignalledStep(FakeStep):
+    """A fake step during whose iteration `at` the process receives `signum` (noted by `notice`)."""
+
+    def __init__(self, notice: preempt.Notice, at: int, signum: int):
+        super().__init__()
+        self.notice, self.at, self.signum = notice, at, signum
+
+    def __call__(self, *batch):
+        super().__call__(*batch)
+        if self.it == self.at:
+            self.notice.note(self.signum)
+
+
+class AskedNotice(preempt.Notice):
+    """preempt.Notice, recording the iterations the trainer asks it at."""
+
+    def __init__(self):
+        super().__init__()
+        self.asked = []
+
+    def agreed(self, it: int) -> str:
+        self.asked.append(it)
+        return super().agreed(it)
+
+
+def test_the_loop_checkpoints_where_the_ranks_agreed_to_stop_and_raises_preempted():
+    notice = preempt.Notice()
+    rec = recorder(SignalledStep(notice, 13, signal.SIGTERM), Progress())
+    rec.stop = notice  # the notice a trainer is built with
+    with pytest.raises(Preempted) as info:
+        rec.fit(rec)
+    assert info.value.iteration == 15 and info.value.reason == "SIGTERM" and info.value.exit_code == 6
+    # 15 is no multiple of checkpoint_every (20): the stop makes its own checkpoint, after the log
+    assert [c.iteration for c in rec.checkpoints] == [15] and rec.logs[-1]["iter"] == 15
+    assert [e["iter"] for e in rec.evals] == [10]
+
+
+def test_a_stop_asked_at_the_last_iteration_just_finishes():
+    notice = AskedNotice()
+    rec = recorder(SignalledStep(notice, 43, signal.SIGUSR1), Progress())  # a signal during the last 5 iterations
+    rec.stop = notice
+    progress = rec.fit(rec)  # 45 iterations; log points 5, 10, ..., 40, 45
+    assert progress.iteration == CADENCE.total == 45 and rec.checkpoints[-1].iteration == 45
+    asked = notice.asked
+    assert asked == list(range(5, 45, 5))  # not asked at the end: the run is complete, not stopped
 
 
 def test_a_run_resumed_at_its_end_does_nothing():

@@ -27,7 +27,7 @@ import pytest
 
 from .conftest import REPO, TINY, cli_env
 from .netns import two_nodes, unavailable
-from .test_train import assert_bitwise_equal
+from .helpers import assert_bitwise_equal
 
 pytestmark = [pytest.mark.slow]
 

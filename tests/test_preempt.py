@@ -6,7 +6,8 @@ the weights of an uninterrupted run, bitwise. Every process has a timeout, and p
 stopped or started are killed by pid when it ends, so a hang fails the test, not CI.
 
 In-process tests (fast) cover the pieces: the signal handler only notes, a signal in the middle
-of a checkpoint write does not tear it, the loop's stop, and the stage that names a lost peer.
+of a checkpoint write does not tear it, and the stage that names a lost peer (the loop's stop is
+in test_loop.py).
 """
 
 from __future__ import annotations
@@ -25,15 +26,11 @@ import torch.distributed as tdist
 
 from resnetdist import checkpoint, dist
 from resnetdist.train import preempt
-from resnetdist.train.loop import Progress
 from resnetdist.train.preempt import Preempted
 
-from .conftest import REPO, TINY, cli_env, run_cli, run_torchrun
+from .conftest import REPO, RESUMABLE, TINY, cli_env, run_cli, run_torchrun
 from .slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
-from .test_faults import temp_files, wait_for
-from .test_loop import FakeStep, recorder
-from .test_loop import CADENCE as LOOP_CADENCE
-from .test_train import assert_bitwise_equal, final_weights, read_jsonl
+from .helpers import assert_bitwise_equal, final_weights, read_jsonl, temp_files, wait_for
 
 try:  # a stock PyTorch CUDA image may lack it: `pytest -m cuda` must still collect this module
     import psutil
@@ -41,8 +38,7 @@ except ImportError:
     psutil = None
 
 # log every 5 iterations: a stop lands at most 5 iterations after the signal
-ARGS = [*TINY, "--iters", "30", "--set", "train.eval_every=15", "--set", "train.checkpoint_every=10",
-        "--set", "log.log_every=5", "--set", "dist.timeout_s=20"]
+ARGS = [*RESUMABLE, "--set", "dist.timeout_s=20"]
 STOPPED = re.compile(r"(?:preempted|interrupted): stopped on (SIG\w+) at iteration (\d+), after writing its checkpoint")
 
 
@@ -95,53 +91,6 @@ def test_signals_in_the_middle_of_a_checkpoint_write_do_not_tear_it(tmp_path, mo
     assert sent and notice.signum == signal.SIGTERM
     assert torch.equal(checkpoint.load(path)["model"]["w"], state["model"]["w"])  # the sha256 sidecar matches
     assert temp_files(tmp_path) == []
-
-
-class SignalledStep(FakeStep):
-    """A fake step during whose iteration `at` the process receives `signum` (noted by `notice`)."""
-
-    def __init__(self, notice: preempt.Notice, at: int, signum: int):
-        super().__init__()
-        self.notice, self.at, self.signum = notice, at, signum
-
-    def __call__(self, *batch):
-        super().__call__(*batch)
-        if self.it == self.at:
-            self.notice.note(self.signum)
-
-
-class AskedNotice(preempt.Notice):
-    """preempt.Notice, recording the iterations the trainer asks it at."""
-
-    def __init__(self):
-        super().__init__()
-        self.asked = []
-
-    def agreed(self, it: int) -> str:
-        self.asked.append(it)
-        return super().agreed(it)
-
-
-def test_the_loop_checkpoints_where_the_ranks_agreed_to_stop_and_raises_preempted():
-    notice = preempt.Notice()
-    rec = recorder(SignalledStep(notice, 13, signal.SIGTERM), Progress())
-    rec.stop = notice  # the notice a trainer is built with
-    with pytest.raises(Preempted) as info:
-        rec.fit(rec)
-    assert info.value.iteration == 15 and info.value.reason == "SIGTERM" and info.value.exit_code == 6
-    # 15 is no multiple of checkpoint_every (20): the stop makes its own checkpoint, after the log
-    assert [c.iteration for c in rec.checkpoints] == [15] and rec.logs[-1]["iter"] == 15
-    assert [e["iter"] for e in rec.evals] == [10]
-
-
-def test_a_stop_asked_at_the_last_iteration_just_finishes():
-    notice = AskedNotice()
-    rec = recorder(SignalledStep(notice, 43, signal.SIGUSR1), Progress())  # a signal during the last 5 iterations
-    rec.stop = notice
-    progress = rec.fit(rec)  # 45 iterations; log points 5, 10, ..., 40, 45
-    assert progress.iteration == LOOP_CADENCE.total == 45 and rec.checkpoints[-1].iteration == 45
-    asked = notice.asked
-    assert asked == list(range(5, 45, 5))  # not asked at the end: the run is complete, not stopped
 
 
 def test_a_failed_collective_becomes_one_error_naming_the_stage():
@@ -236,21 +185,17 @@ def check_same_as(ref: Path, out: Path, resumed_stdout: str, it: int) -> None:
         {k: v for k, v in r.items() if k not in timing} for r in read_jsonl(ref / "metrics.jsonl")]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_data):
+@pytest.fixture  # reference_run trains it once per session
+def reference(reference_run):
     """An uninterrupted single-process run (also the Slurm job's: torchrun with one worker
-    makes no process group, so it is the same computation)."""
-    ref = tmp_path_factory.mktemp("preempt") / "ref"
-    run_cli(["train", *ARGS, "--data-dir", str(tiny_data), "--out", str(ref)])
-    return ref
+    makes no process group, so it is the same computation); shared with test_faults.py."""
+    return reference_run(RESUMABLE)
 
 
-@pytest.fixture(scope="module")
-def reference2(tmp_path_factory, tiny_data):
+@pytest.fixture  # reference_run trains it once per session
+def reference2(reference_run):
     """An uninterrupted 2-rank torchrun run."""
-    ref = tmp_path_factory.mktemp("preempt") / "ref2"
-    run_torchrun(2, [*ARGS, "--data-dir", str(tiny_data), "--out", str(ref)], timeout=240)
-    return ref
+    return reference_run(RESUMABLE, nproc=2)
 
 
 @pytest.mark.slow

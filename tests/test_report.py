@@ -9,7 +9,6 @@ interrupted by killing its process group, then resumed to the report.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -25,59 +24,10 @@ from resnetdist import checkpoint
 from resnetdist.config import from_dict
 from resnetdist.models import build_model
 
-from .conftest import REPO, TINY, cli_env, cli_in_process, run_cli
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def cli(args: list[str], code: int = 0):
-    """The CLI in this process (report, export and argument errors need no fresh interpreter)."""
-    from typer.testing import CliRunner
-
-    from resnetdist.cli import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
-    return result
-
+from .conftest import REPO, TINY, cli, cli_env, cli_in_process, run_cli
+from .helpers import check_png, png_size, write_fixture_run
 
 # ----- report on hand-written runs ---------------------------------------------------------------
-
-
-def write_fixture_run(root: Path, model: str, depth: int, plain: bool, seed: int, final: float,
-                      iters: int = 64_000, finished: bool = True, points: int = 17,
-                      data_identity: str | None = "cifar10") -> Path:
-    """A run folder as `train` leaves it: metrics.jsonl (+ summary.json when finished, saying
-    which data it trained on: verified CIFAR-10 unless told; None: the key is absent)."""
-    run = root / f"{model}-s{seed}"
-    run.mkdir(parents=True)
-    n = (depth - 2) // 6
-    (run / "config.toml").write_text(
-        f'[model]\nn = {n}\nplain = {str(plain).lower()}\n\n[optim]\niters = {iters}\n\n'
-        f'[train]\nseed = {seed}\n\n[data]\ndir = "/data/cifar"\n'
-    )
-    steps = [round(iters * (i + 1) / points) for i in range(points)]
-    if not finished:
-        steps = steps[: points // 2]
-    records = []
-    for it in steps:
-        frac = it / iters
-        test = final + (60 - final) * math.exp(-6 * frac)
-        records.append({"iter": it, "epoch": it / 391, "lr": 0.1 if frac < 0.5 else 0.01,
-                        "train_loss": 2.0 * math.exp(-4 * frac), "train_error": max(0.5, test - 6 - 4 * frac),
-                        "test_error": test, "images_per_second": 20_000.0, "train_seconds": it / 150})
-    records[-1]["test_error"] = final
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    if finished:
-        summary = {"name": f"{model}-s{seed}", "model": model, "depth": depth, "plain": plain, "seed": seed,
-                   "iterations": iters, "test_error": final, "val_error": None,
-                   "train_error": records[-1]["train_error"], "train_seconds": iters / 150,
-                   "images_per_second": 20_000.0, "parameters": 270_000, "world_size": 1,
-                   "global_batch": 128, "device": "NVIDIA H100", "precision": "bf16", "loader": "gpu"}
-        if data_identity is not None:
-            summary["data_identity"] = data_identity
-        (run / "summary.json").write_text(json.dumps(summary))
-    return run
 
 
 @pytest.fixture()
@@ -92,27 +42,6 @@ def fixture_runs(tmp_path) -> Path:
     write_fixture_run(root, "resnet56", 56, False, 1, 0.0, finished=False)  # still running
     (root / "notes").mkdir()  # not a run: ignored
     return root
-
-
-def png_size(path: Path) -> tuple[int, int]:
-    head = path.read_bytes()[:24]
-    assert head[:8] == PNG_MAGIC, f"{path} is not a PNG"
-    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-
-
-def check_png(path: Path, min_size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
-    w, h = png_size(path)
-    assert w >= min_size[0] and h >= min_size[1], (w, h)
-    with Image.open(path) as im:
-        assert im.size == (w, h)
-        rgb = np.asarray(im.convert("RGB"))
-    non_white = (rgb < 245).any(axis=2).mean()
-    colours = len(np.unique(rgb.reshape(-1, 3), axis=0))
-    assert 0.01 < non_white < 0.6, f"{path}: {non_white:.3f} of the pixels are drawn"
-    assert colours > 20, f"{path}: only {colours} colours"
-    return rgb
 
 
 def has_colour(rgb: np.ndarray, hex_colour: str, tol: int = 30, min_pixels: int = 50) -> bool:

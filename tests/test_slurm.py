@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from .conftest import REPO, cli_env
+from .conftest import REPO, cli, cli_env
 from .slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
-from .test_report import check_png, cli
+from .helpers import check_png
 
 SUITE = ["reproduce", "--iters", "20", "--device", "cpu", "--launcher", "slurm", "--gpus-per-task", "0",
          "--poll-s", "1", "--set", "optim.batch_size=32", "--set", "data.eval_batch=100",

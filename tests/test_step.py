@@ -7,55 +7,30 @@ import json
 import pytest
 import torch
 
-from resnetdist.config import load_config
-from resnetdist.data import load_data
-from resnetdist.dist import DistContext
-from resnetdist.train.loop import take_steps
-from resnetdist.train.trainer import build, resolve
+from resnetdist.tools.doctor import Trial
 
 from .conftest import run_cli
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+# Trial (tools/doctor.py): a trainer's step on the synthetic set, batch 32; `run(count, first)`
+# feeds it iterations first .. first+count-1, as the training loop does.
 
 
-class Driven:
-    """A step with its data: `run(count, first)` feeds it iterations first .. first+count-1."""
-
-    def __init__(self, tiny_data, mode: str, device: str = "cpu", precision: str = "fp32", start_iter: int = 0,
-                 state: dict | None = None, **optim):
-        self.cfg = resolve(load_config(flags={
-            "model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": optim,
-            "train": {"device": device, "precision": precision, "step": mode},
-            "log": {"wandb_mode": "disabled"},
-        }))
-        self.ctx = DistContext(0, 0, 1, torch.device(device))
-        self.trainer = build(self.cfg, self.ctx, load_data(self.cfg.data))
-        self.model, self.optimizer = self.trainer.model, self.trainer.optimizer
-        self.step, self.loaders = self.trainer.step, self.trainer.loaders
-        if state is not None:  # into the built (captured) step, in place, as a resumed run loads
-            self.step.load_state(state["model"], state["optimizer"], start_iter)
-        else:
-            self.step.it.fill_(start_iter)
-
-    def run(self, count: int, first: int = 0) -> None:
-        take_steps(self.step, self.trainer.feed.batches(first), count)
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
-
-
-def assert_weights_close(a: Driven, b: Driven, rtol, atol):
+def assert_weights_close(a: Trial, b: Trial, rtol, atol):
     for (name, x), y in zip(a.weights().items(), b.weights().values()):
         if x.is_floating_point():
             torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=name)
 
 
+@pytest.mark.slow  # torch.compile's cold compile: a minute or more on 2 cores
 @pytest.mark.timeout(600)
 def test_compiled_step_matches_eager_on_cpu(tiny_data):
     """One step agrees to float32 reordering noise; over more steps SGD at lr 0.1 amplifies that
     noise, so the losses are compared there instead of the weights."""
-    eager = Driven(tiny_data, "eager")
-    compiled = Driven(tiny_data, "compile")
+    eager = Trial(tiny_data, CPU, "eager")
+    compiled = Trial(tiny_data, CPU, "compile")
     assert (eager.step.kind, compiled.step.kind) == ("eager", "compile")
     eager.run(1)
     compiled.run(1)
@@ -68,7 +43,8 @@ def test_compiled_step_matches_eager_on_cpu(tiny_data):
 
 @pytest.mark.timeout(120)
 def test_step_counts_on_the_device_and_drains_once(tiny_data):
-    d = Driven(tiny_data, "eager", start_iter=30, batch_size=32)
+    d = Trial(tiny_data, CPU, "eager")
+    d.step.load_state(d.weights(), d.optimizer.state_dict(), 30)  # as a resume at iteration 30 does
     d.run(4, first=30)
     assert int(d.step.it) == 34
     stats, bad = d.step.drain()
@@ -78,7 +54,7 @@ def test_step_counts_on_the_device_and_drains_once(tiny_data):
 
 @pytest.mark.timeout(120)
 def test_step_flags_the_first_non_finite_iteration(tiny_data):
-    d = Driven(tiny_data, "eager", lr=1e30, batch_size=32)
+    d = Trial(tiny_data, CPU, "eager", lr=1e30)
     d.run(6)
     _, bad = d.step.drain()
     assert 0 <= bad < 6  # 0-based iteration of the first NaN/inf loss
@@ -86,7 +62,7 @@ def test_step_flags_the_first_non_finite_iteration(tiny_data):
 
 @pytest.mark.timeout(120)
 def test_the_step_follows_the_lr_table_across_a_milestone(tiny_data):
-    d = Driven(tiny_data, "eager", batch_size=32, iters=10, milestones=[4])
+    d = Trial(tiny_data, CPU, "eager", iters=10, milestones=[4])
     d.run(4)
     assert d.step.lr.item() == pytest.approx(0.1) and d.step.lr_of(4) == pytest.approx(0.1)
     d.run(1, first=4)
@@ -123,8 +99,8 @@ def test_bench_runs_and_writes_json(tmp_path):
 @pytest.mark.timeout(600)
 def test_graph_step_matches_eager_and_follows_the_lr_schedule(tiny_data):
     """Replays cross a milestone: the lr read inside the graph must change with no re-capture."""
-    eager = Driven(tiny_data, "eager", "cuda", "fp32", iters=64, milestones=[5])
-    graph = Driven(tiny_data, "graph", "cuda", "fp32", iters=64, milestones=[5])
+    eager = Trial(tiny_data, CUDA, "eager", iters=64, milestones=[5])
+    graph = Trial(tiny_data, CUDA, "graph", iters=64, milestones=[5])
     assert graph.step.kind == "graph"
     for d in (eager, graph):
         d.run(8)
@@ -147,9 +123,10 @@ def deterministic_cudnn(monkeypatch):
 @pytest.mark.timeout(600)
 def test_graph_evaluation_between_replays_and_resume(tiny_data, deterministic_cudnn):
     """An evaluation between replays changes nothing the graph trains with; weights and
-    optimizer state loaded into a captured step give a graphed step that continues identically.
-    Bitwise (torch.equal), under deterministic cuDNN kernels (the fixture)."""
-    plain, evaluated = Driven(tiny_data, "graph", "cuda", "bf16"), Driven(tiny_data, "graph", "cuda", "bf16")
+    optimizer state loaded into another captured step (in place, as a resume loads them) give
+    a graphed step that continues identically. Bitwise (torch.equal), under deterministic
+    cuDNN kernels (the fixture)."""
+    plain, evaluated = Trial(tiny_data, CUDA, "graph", "bf16"), Trial(tiny_data, CUDA, "graph", "bf16")
     for d in (plain, evaluated):
         d.run(5)
     evaluated.trainer.evaluate()
@@ -159,7 +136,8 @@ def test_graph_evaluation_between_replays_and_resume(tiny_data, deterministic_cu
     for (name, x), y in zip(plain.weights().items(), evaluated.weights().values()):
         assert torch.equal(x, y), name
     state = {"model": evaluated.weights(), "optimizer": evaluated.optimizer.state_dict()}
-    resumed = Driven(tiny_data, "graph", "cuda", "bf16", start_iter=10, state=state)
+    resumed = Trial(tiny_data, CUDA, "graph", "bf16")
+    resumed.step.load_state(state["model"], state["optimizer"], 10)
     assert int(resumed.step.it) == 10
     assert resumed.trainer.evaluate() == evaluated.trainer.evaluate()
     resumed.run(3, first=10)

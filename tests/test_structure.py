@@ -1,5 +1,6 @@
 """The package's shape, read from its source (ast): no import cycle between its modules, lazy
-imports included, and no function longer than a screen."""
+imports included, and no function longer than a screen; and the tests' own: no test module
+imports another."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "resnetdist"
+TESTS = Path(__file__).resolve().parent
 MAX_FUNCTION_LINES = 60
 
 
@@ -160,3 +162,33 @@ def test_exit_codes_come_from_one_table():
     assert {cls.__name__: code for cls, code in errors.EXIT_CODES.items()} == {
         "ConfigError": 2, "DataError": 2, "CheckpointError": 2, "NonFiniteLoss": 3, "WriteError": 4, "RunDirBusy": 5, "Preempted": 6,
         "PeerLost": 7}
+
+
+def imported_test_modules(source: str) -> set[str]:
+    """The test modules (test_*) a file of tests/ imports, however it spells the import."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            names = [module] + [f"{module}.{a.name}" for a in node.names]  # also `from . import test_x`
+        else:
+            continue
+        found |= {part for name in names for part in name.split(".") if part.startswith("test_")}
+    return found
+
+
+def test_the_test_import_finder_sees_every_spelling():
+    source = ("from .test_train import x\nfrom . import test_loop\nimport tests.test_faults\n"
+              "from tests.test_report import y\nfrom .helpers import z\nfrom .conftest import TINY\n")
+    assert imported_test_modules(source) == {"test_train", "test_loop", "test_faults", "test_report"}
+
+
+def test_no_test_module_imports_another():
+    """Each test module stands on its own: what several share lives in conftest.py or a helper
+    module (tests/helpers.py, wandb_file.py, fake_cuda.py, slurm_cluster.py, netns.py), so a
+    change to one test file cannot break another's collection or fixtures."""
+    leaning = {p.name: sorted(found) for p in sorted(TESTS.glob("*.py"))
+               if (found := imported_test_modules(p.read_text()))}
+    assert not leaning, f"test modules imported by other files of tests/: {leaning}"

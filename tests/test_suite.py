@@ -15,7 +15,7 @@ import pytest
 from .conftest import run_cli
 
 pytest.importorskip("wandb")
-from .test_logging import OfflineRun  # noqa: E402
+from .wandb_file import OfflineRun  # noqa: E402
 
 SUITE = ["reproduce", "--depths", "8,14", "--no-plain", "--iters", "20", "--device", "cpu",
          "--set", "optim.batch_size=32", "--set", "data.eval_batch=100", "--set", "train.eval_every=10",

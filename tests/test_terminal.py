@@ -104,6 +104,7 @@ def test_under_a_terminal_the_header_bar_evaluations_and_summary_keep_apart(tmp_
     assert f"resnetdist report {out}" in closing and '{"rank"' not in text
 
 
+@pytest.mark.slow  # three runs of the CLI, one of them killed: about 20 s alone on 2 cores
 @pytest.mark.timeout(400)
 def test_a_run_says_where_it_starts_and_a_finished_run_only_says_it_is_finished(tmp_path, tiny_data):
     """Killed after iteration 25, the rerun says it resumes from the checkpoint at 20 (it used to

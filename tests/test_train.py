@@ -9,21 +9,8 @@ import torch
 
 from resnetdist import checkpoint
 
-from .conftest import TINY, cli_in_process, run_cli
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def final_weights(run_dir):
-    return checkpoint.load(run_dir / "model.pt")["model"]
-
-
-def assert_bitwise_equal(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+from .conftest import RESUMABLE, TINY, cli_in_process, run_cli
+from .helpers import assert_bitwise_equal, final_weights, read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -73,19 +60,17 @@ def test_eval_command_agrees_with_the_run(trained_run, tiny_data):
 
 @pytest.mark.slow  # a multi-process run: in CI's whole suite, not the fast one
 @pytest.mark.timeout(300)
-def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tiny_data):
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tiny_data, reference_run):
     """A run killed (SIGKILL) after iteration 25 and started again resumes from the checkpoint
     at 20 and ends with exactly the weights of an uninterrupted run."""
-    args = ["train", *TINY, "--iters", "40", "--data-dir", str(tiny_data), "--set", "train.eval_every=20",
-            "--set", "train.checkpoint_every=10", "--set", "train.keep_checkpoints=2"]
-    ref = tmp_path / "ref"
-    run_cli([*args, "--out", str(ref)])
+    args = ["train", *RESUMABLE, "--data-dir", str(tiny_data), "--set", "train.keep_checkpoints=2"]
+    ref = reference_run(RESUMABLE)
     cut = tmp_path / "cut"
     killed = run_cli([*args, "--out", str(cut)], check=False, kill_at=(25, 0))
     assert killed.returncode == -9
     assert sorted(p.name for p in cut.glob("ckpt_*.pt")) == ["ckpt_0000010.pt", "ckpt_0000020.pt"]
     resumed = run_cli([*args, "--out", str(cut)])
-    assert "resuming from ckpt_0000020.pt (iteration 20 of 40)" in resumed.stdout
+    assert "resuming from ckpt_0000020.pt (iteration 20 of 30)" in resumed.stdout
     assert_bitwise_equal(final_weights(ref), final_weights(cut))
     assert read_jsonl(ref / "metrics.jsonl") == [
         {**r, "images_per_second": ref_r["images_per_second"], "train_seconds": ref_r["train_seconds"]}
@@ -95,11 +80,9 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tiny_data):
 
 @pytest.mark.slow  # a multi-process run: in CI's whole suite, not the fast one
 @pytest.mark.timeout(300)
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_data):
-    args = ["train", *TINY, "--iters", "30", "--data-dir", str(tiny_data), "--set", "train.eval_every=30",
-            "--set", "train.checkpoint_every=10"]
-    ref = tmp_path / "ref"
-    run_cli([*args, "--out", str(ref)])
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_data, reference_run):
+    args = ["train", *RESUMABLE, "--data-dir", str(tiny_data)]
+    ref = reference_run(RESUMABLE)
     cut = tmp_path / "cut"
     run_cli([*args, "--out", str(cut)], check=False, kill_at=(25, 0))
     newest = cut / "ckpt_0000020.pt"

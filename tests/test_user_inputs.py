@@ -104,7 +104,7 @@ def test_train_out_pointing_at_a_file_is_refused_before_writing(tmp_path, tiny_d
 
 @pytest.mark.timeout(60)
 def test_report_answers_bad_paths_in_one_line(tmp_path):
-    from .test_report import write_fixture_run
+    from .helpers import write_fixture_run
 
     missing = tmp_path / "no_such_runs"
     afile = tmp_path / "summary.txt"
