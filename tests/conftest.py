@@ -91,6 +91,18 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tiny_data) -> Path:
+    """model.pt of a ResNet-8 trained 6 iterations on tiny_data, once per session: what `eval`
+    and `export` read (the export tests write their files beside it)."""
+
+    def train(out: Path) -> None:
+        cli_in_process(["train", *TINY, "--iters", "6", "--data-dir", str(tiny_data), "--out", str(out),
+                        "--set", "train.eval_every=6"])
+
+    return made_once(tmp_path_factory, "tiny_model", train) / "model.pt"
+
+
+@pytest.fixture(scope="session")
 def reference_run(tmp_path_factory, tiny_data) -> Callable[..., Path]:
     """reference_run(args, nproc=1) -> the run directory of an uninterrupted `train *args` on
     tiny_data (torchrun with nproc workers when nproc > 1): the weights and metrics an

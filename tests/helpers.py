@@ -11,9 +11,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from resnetdist import checkpoint
+
+from .conftest import REPO, cli_env
+
+try:  # a stock PyTorch CUDA image may lack it: `pytest -m cuda` must still collect the modules using it
+    import psutil
+except ImportError:
+    psutil = None
 
 # ----- a run directory, read back -------------------------------------------------------------------
 
@@ -107,3 +115,44 @@ def write_fixture_run(root: Path, model: str, depth: int, plain: bool, seed: int
             summary["data_identity"] = data_identity
         (run / "summary.json").write_text(json.dumps(summary))
     return run
+
+
+# ----- a run in the background, its processes found and ended by pid ------------------------------
+
+
+def popen(cmd: list[str], logs: Path, session: bool = False, **env: str) -> subprocess.Popen:
+    """A run in the background, its output in files (a pipe nobody reads would fill and stall it).
+    Every test that starts one finds and kills its processes with psutil: skipped without it.
+    session: in a process group of its own, as a shell runs a foreground job (Ctrl-C goes to the group)."""
+    pytest.importorskip("psutil")
+    return subprocess.Popen(cmd, cwd=REPO, env=cli_env(**env), stdout=open(logs / "stdout", "w"),
+                            stderr=open(logs / "stderr", "w"), start_new_session=session)
+
+
+def finish(proc: subprocess.Popen, logs: Path, timeout: float) -> tuple[int, str, str]:
+    try:
+        code = proc.wait(timeout=timeout)
+    finally:
+        kill_tree(proc)
+    return code, (logs / "stdout").read_text(), (logs / "stderr").read_text()
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL what the test started and is still alive (stopped ones too), by pid."""
+    try:
+        family = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+
+
+def worker(proc: subprocess.Popen, rank: int) -> psutil.Process:
+    for child in psutil.Process(proc.pid).children():
+        if child.environ().get("RANK") == str(rank):
+            return child
+    raise AssertionError(f"no worker of rank {rank}")

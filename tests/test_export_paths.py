@@ -13,26 +13,15 @@ import pytest
 
 from .conftest import cli_in_process
 
-TINY = ["--n", "1", "--device", "cpu", "--set", "optim.batch_size=32", "--set", "data.eval_batch=100",
-        "--set", "log.tensorboard=false"]
-
-
-@pytest.fixture(scope="module")
-def model_pt(tmp_path_factory, tiny_data) -> Path:
-    out = tmp_path_factory.mktemp("export") / "run"
-    cli_in_process(["train", *TINY, "--iters", "6", "--data-dir", str(tiny_data), "--out", str(out),
-                    "--set", "train.eval_every=6"])
-    return out / "model.pt"
-
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("fmt", ["safetensors", "onnx"])
-def test_an_unwritable_out_is_one_line_and_exit_2_before_converting(model_pt, tmp_path, fmt):
+def test_an_unwritable_out_is_one_line_and_exit_2_before_converting(tiny_model, tmp_path, fmt):
     pytest.importorskip("onnx" if fmt == "onnx" else "safetensors")
     for out, why in ((Path("/proc") / f"m.{fmt}", "/proc is not writable"),
-                     (model_pt / f"m.{fmt}", f"{model_pt} is a file, not a folder"),
+                     (tiny_model / f"m.{fmt}", f"{tiny_model} is a file, not a folder"),
                      (tmp_path, "is a folder; give a file name inside it")):
-        result = cli_in_process(["export", str(model_pt), "--format", fmt, "--out", str(out)], check=False)
+        result = cli_in_process(["export", str(tiny_model), "--format", fmt, "--out", str(out)], check=False)
         assert result.exit_code == 2, result.stdout + result.stderr
         assert result.stderr.strip().splitlines() == [f"error: --out {out}: " + result.stderr.split(": ", 2)[2].strip()]
         assert why in result.stderr and not result.stdout.strip(), result.stdout + result.stderr
@@ -40,24 +29,24 @@ def test_an_unwritable_out_is_one_line_and_exit_2_before_converting(model_pt, tm
 
 
 @pytest.mark.timeout(120)
-def test_safetensors_and_its_mean_have_the_mode_of_the_other_outputs(model_pt, tmp_path):
+def test_safetensors_and_its_mean_have_the_mode_of_the_other_outputs(tiny_model, tmp_path):
     pytest.importorskip("safetensors")
-    cli_in_process(["export", str(model_pt), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors")])
+    cli_in_process(["export", str(tiny_model), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors")])
     umask = os.umask(0)
     os.umask(umask)
     for name in ("m.safetensors", "m.mean.npy"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
-    assert stat.S_IMODE(model_pt.stat().st_mode) == 0o666 & ~umask  # model.pt, for comparison
+    assert stat.S_IMODE(tiny_model.stat().st_mode) == 0o666 & ~umask  # model.pt, for comparison
 
 
 @pytest.mark.timeout(120)
-def test_eval_needs_only_the_test_set_and_names_a_file_that_is_not_a_checkpoint(model_pt, tmp_path, tiny_data):
+def test_eval_needs_only_the_test_set_and_names_a_file_that_is_not_a_checkpoint(tiny_model, tmp_path, tiny_data):
     from resnetdist.data.cifar import FOLDER
 
     only_test = tmp_path / "test-only" / FOLDER
     only_test.mkdir(parents=True)
     (only_test / "test_batch.bin").write_bytes((tiny_data / FOLDER / "test_batch.bin").read_bytes())
-    result = cli_in_process(["eval", str(model_pt), "--data-dir", str(only_test.parent), "--device", "cpu"])
+    result = cli_in_process(["eval", str(tiny_model), "--data-dir", str(only_test.parent), "--device", "cpu"])
     assert "on 200 images" in result.stdout, result.stdout
     text = tmp_path / "notes.txt"
     text.write_text("hello\n")

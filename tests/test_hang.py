@@ -26,6 +26,7 @@ from resnetdist import checkpoint
 from resnetdist.config import ConfigError, load_config
 
 from .conftest import REPO, TINY, cli_env, run_torchrun
+from .helpers import kill_tree, popen, worker
 
 try:  # a stock PyTorch CUDA image may lack it: `pytest -m cuda` must still collect this module
     import psutil
@@ -90,34 +91,6 @@ def test_hang_timeout_is_checked_when_the_configuration_is_read():
 
 
 # ----- a rank frozen with SIGSTOP under torchrun ---------------------------------------------------
-
-
-def popen(cmd: list[str], logs: Path) -> subprocess.Popen:
-    """A run in the background, its output in files (a pipe nobody reads would fill and stall it)."""
-    pytest.importorskip("psutil")
-    return subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=open(logs / "stdout", "w"),
-                            stderr=open(logs / "stderr", "w"))
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL what the test started and is still alive (stopped ones too), by pid."""
-    try:
-        family = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
-    except psutil.NoSuchProcess:
-        return
-    for p in family:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=30)
-
-
-def worker(proc: subprocess.Popen, rank: int):
-    for child in psutil.Process(proc.pid).children():
-        if child.environ().get("RANK") == str(rank):
-            return child
-    raise AssertionError(f"no worker of rank {rank}")
 
 
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> float:

@@ -162,14 +162,22 @@ def test_b_a_worker_killed_on_node1_restarts_from_rank0s_disk_exactly(make_nodes
     print(f"2-node run with a worker SIGKILLed at iteration 25 and restarted: {wall:.1f} s")
 
 
+def node0_checkpointed(nodes, procs, out: Path, deadline: float) -> bool:
+    """Wait until node0 has written a checkpoint of `out`; False if a launcher ended first or
+    the deadline passed (the test's assertions on the outcome then say what went wrong)."""
+    while not list(nodes[0].path(out).glob("ckpt_*.pt")):
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def lose_node1_after_first_checkpoint(out: Path, node0_log: Path):
     """Kill node1 once node0 has a checkpoint; time until node0 trains on alone."""
     def during(nodes, procs):
         deadline = time.monotonic() + RUN_TIMEOUT / 2
-        while not list(nodes[0].path(out).glob("ckpt_*.pt")):
-            if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
-                return  # the assertions on the outcome say what went wrong
-            time.sleep(0.1)
+        if not node0_checkpointed(nodes, procs, out, deadline):
+            return
         nodes[1].lose()
         during.lost_at = time.monotonic()
         while "world size changed" not in node0_log.read_text() and procs[0].poll() is None:
@@ -208,11 +216,8 @@ def freeze_node1_worker_after_first_checkpoint(out: Path, node0_log: Path):
     import psutil
 
     def during(nodes, procs):
-        deadline = time.monotonic() + RUN_TIMEOUT / 2
-        while not list(nodes[0].path(out).glob("ckpt_*.pt")):
-            if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
-                return  # the assertions on the outcome say what went wrong
-            time.sleep(0.1)
+        if not node0_checkpointed(nodes, procs, out, time.monotonic() + RUN_TIMEOUT / 2):
+            return
         (frozen,) = [p for p in psutil.Process(procs[1].pid).children(recursive=True)
                      if "train" in p.cmdline() and p.environ().get("RANK") == "1"]
         frozen.send_signal(signal.SIGSTOP)

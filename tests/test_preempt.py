@@ -30,7 +30,7 @@ from resnetdist.train.preempt import Preempted
 
 from .conftest import REPO, RESUMABLE, TINY, cli_env, run_cli, run_torchrun
 from .slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
-from .helpers import assert_bitwise_equal, final_weights, read_jsonl, temp_files, wait_for
+from .helpers import assert_bitwise_equal, final_weights, finish, kill_tree, popen, read_jsonl, temp_files, wait_for, worker
 
 try:  # a stock PyTorch CUDA image may lack it: `pytest -m cuda` must still collect this module
     import psutil
@@ -118,47 +118,9 @@ def test_a_failed_collective_becomes_one_error_naming_the_stage():
 # ----- end to end: signals to real processes --------------------------------------------------------
 
 
-def popen(cmd: list[str], logs: Path, session: bool = False, **env: str) -> subprocess.Popen:
-    """A run in the background, its output in files (a pipe nobody reads would fill and stall it).
-    Every test that starts one finds and kills its processes with psutil: skipped without it.
-    session: in a process group of its own, as a shell runs a foreground job (Ctrl-C goes to the group)."""
-    pytest.importorskip("psutil")
-    return subprocess.Popen(cmd, cwd=REPO, env=cli_env(**env), stdout=open(logs / "stdout", "w"),
-                            stderr=open(logs / "stderr", "w"), start_new_session=session)
-
-
 def ctrl_c(proc: subprocess.Popen) -> None:
     """What a terminal does on Ctrl-C: SIGINT to every process of the foreground process group."""
     os.killpg(proc.pid, signal.SIGINT)
-
-
-def finish(proc: subprocess.Popen, logs: Path, timeout: float) -> tuple[int, str, str]:
-    try:
-        code = proc.wait(timeout=timeout)
-    finally:
-        kill_tree(proc)
-    return code, (logs / "stdout").read_text(), (logs / "stderr").read_text()
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL what the test started and is still alive (stopped ones too), by pid."""
-    try:
-        family = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
-    except psutil.NoSuchProcess:
-        return
-    for p in family:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=30)
-
-
-def worker(proc: subprocess.Popen, rank: int) -> psutil.Process:
-    for child in psutil.Process(proc.pid).children():
-        if child.environ().get("RANK") == str(rank):
-            return child
-    raise AssertionError(f"no worker of rank {rank}")
 
 
 def started(out: Path, proc: subprocess.Popen) -> None:

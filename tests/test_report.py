@@ -204,14 +204,6 @@ def test_lr_panel_steps_at_the_runs_own_milestones(tmp_path):
 # ----- export ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tiny_data) -> Path:
-    out = tmp_path_factory.mktemp("export") / "run"
-    cli_in_process(["train", *TINY, "--iters", "6", "--data-dir", str(tiny_data), "--out", str(out),
-                    "--set", "train.eval_every=6"])
-    return out / "model.pt"
-
-
 def load_reference(model_pt: Path):
     state = checkpoint.load(model_pt)
     cfg = from_dict(state["config"], str(model_pt))

@@ -15,6 +15,7 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -84,12 +85,21 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RESNETDIST_DATA", Path.home() / ".cache" / "resnetdist"))
 
 
-def md5sum(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+def stream_digest(stream: BinaryIO, algorithm: str, chunk: int = 1 << 20) -> str:
+    """The hex digest of what `stream` holds, read in chunks (the data files are up to 160 MB)."""
+    h = hashlib.new(algorithm)
+    while block := stream.read(chunk):
+        h.update(block)
     return h.hexdigest()
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    with open(path, "rb") as f:
+        return stream_digest(f, algorithm)
+
+
+def md5sum(path: Path) -> str:
+    return file_digest(path, "md5")
 
 
 def download(dest_dir: Path, url: str = URL, md5: str = MD5) -> Path:
@@ -170,12 +180,8 @@ def locate(data_dir: Path | None, download_ok: bool = True) -> Path:
     return write_manifest(extract(tarball, base), tarball)
 
 
-def sha256sum(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256sum(path: Path) -> str:
+    return file_digest(path, "sha256")
 
 
 def write_manifest(folder: Path, tarball: Path) -> Path:
@@ -188,11 +194,8 @@ def write_manifest(folder: Path, tarball: Path) -> Path:
             for member in tar:
                 name = Path(member.name).name
                 if member.isfile() and name in TRAIN_FILES + TEST_FILES:
-                    h = hashlib.sha256()
                     with tar.extractfile(member) as f:
-                        while block := f.read(1 << 20):
-                            h.update(block)
-                    files[name] = {"bytes": member.size, "sha256": h.hexdigest()}
+                        files[name] = {"bytes": member.size, "sha256": stream_digest(f, "sha256")}
         text = json.dumps({"source": f"{TARBALL} (md5 {md5sum(tarball)})", "files": files}, indent=2) + "\n"
         tmp = folder / f".{MANIFEST}.tmp"
         tmp.write_text(text)
