@@ -302,16 +302,19 @@ def test_a_node_without_the_beton_files_stops_the_job_with_one_line(make_nodes, 
 
 
 @pytest.fixture
-def slurm_two_nodes(namespaces_possible, tmp_path):
-    """slurmctld + slurmd on node0, a second slurmd on node1 (tests/slurm_cluster.py)."""
+def slurm_two_nodes(namespaces_possible, tmp_path, tmp_path_factory):
+    """slurmctld + slurmd on node0, a second slurmd on node1 (tests/slurm_cluster.py), in a
+    short folder of the session's: slurmstepd's socket in the spool folder must fit a Unix
+    socket path's 108 bytes, which this test's own folder (under pytest-xdist's popen-gwN/)
+    overran by 2 ("launch failed requeued held", the job's script never started)."""
     from .slurm_cluster import BINARIES, _which, start_two_node_cluster
 
     missing = [b for b in BINARIES if _which(b) is None]
     if missing:
         pytest.skip(f"Slurm: {', '.join(missing)} not installed (apt-get install slurmctld slurmd slurm-client munge)")
-    (tmp_path / "slurm").mkdir()
+    root = tmp_path_factory.mktemp("slurm")
     with two_nodes(tmp_path, private=[tmp_path / "runs"]) as nodes:
-        cluster = start_two_node_cluster(tmp_path / "slurm", nodes)
+        cluster = start_two_node_cluster(root, nodes)
         try:
             yield nodes, cluster
         finally:

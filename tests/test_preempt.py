@@ -61,8 +61,9 @@ def test_signals_are_only_noted_and_the_first_names_the_stop(restore_handlers):
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGTERM)  # would end this process, were it not only noted
         assert notice.signum == signal.SIGUSR1 and notice.agreed(10) == "SIGUSR1"
-    os.kill(os.getpid(), signal.SIGTERM)  # after a stop the handler stays: the process is on its way out
-    assert signal.getsignal(signal.SIGTERM) == notice.note
+    os.kill(os.getpid(), signal.SIGTERM)  # after a stop repeats are ignored: the process is on its way out
+    assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) == notice.note  # a second Ctrl-C still stops at once
 
 
 def test_without_a_signal_the_previous_handlers_come_back():
@@ -218,8 +219,8 @@ def test_a_signal_stops_every_rank_of_a_torchrun_job_at_one_iteration_and_it_res
 @pytest.mark.timeout(400)
 def test_a_stopped_rank_fails_the_job_within_the_timeout_and_torchrun_restarts_it_exactly(
         tmp_path, tiny_data, reference2):
-    """SIGSTOP freezes rank 1 mid-run. Rank 0 waits in the gradient all-reduce until
-    dist.timeout_s (20 s), then exits 7 naming the stage; torchrun (--max-restarts 1) stops the
+    """SIGSTOP freezes rank 1 mid-run. Rank 0 waits in its next collective (the gradient
+    all-reduce, or a log point's) until dist.timeout_s (20 s), then exits 7 naming the stage; torchrun (--max-restarts 1) stops the
     workers (the frozen one only goes with SIGKILL, after torchrun's 30 s grace: its SIGTERM
     handler cannot run while it is stopped), restarts both, and they resume from iteration 10."""
     out = tmp_path / "run"
@@ -236,7 +237,11 @@ def test_a_stopped_rank_fails_the_job_within_the_timeout_and_torchrun_restarts_i
     code, stdout, stderr = finish(proc, tmp_path, timeout=150)
     assert code == 0, stderr[-3000:]
     assert not frozen.is_running() or frozen.status() == psutil.STATUS_ZOMBIE
-    assert ("[default0]:error: rank 0: the training step (gradient all-reduce) in iterations 11-" in stderr
+    # the wait rank 0 was in when rank 1 froze: on a loaded machine rank 1 may get a few
+    # iterations past the first checkpoint before the SIGSTOP lands (into iteration 15's evaluation)
+    assert (re.search(r"\[default0\]:error: rank 0: the (training step \(gradient all-reduce\) in iterations 1[1-9]-"
+                      r"|metrics all-reduce at iteration 1|stop agreement at iteration 1|evaluation at iteration 1)",
+                      stderr)
             and "within dist.timeout_s=20 s" in stderr
             # gloo words its timeout two ways, depending on where the wait was when it fired
             and re.search(r"Timed out waiting 20000ms|Application timeout caused pair closure", stderr)), stderr[-3000:]

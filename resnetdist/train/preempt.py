@@ -72,8 +72,8 @@ def acknowledge() -> None:
 def notice() -> Iterator[Notice]:
     """Note SIGTERM, SIGUSR1 and a first SIGINT while the block runs; the previous handlers come back after,
     unless a signal came: then the process is on its way out to report the stop, and a repeated
-    signal (schedulers and people send more than one) must not kill it first, so they stay
-    noted. Off the main thread (where Python cannot install handlers) nothing is noted."""
+    signal (schedulers and people send more than one) must not kill it first, so SIGTERM and
+    SIGUSR1 are ignored from then on (a second Ctrl-C still stops at once). Off the main thread (where Python cannot install handlers) nothing is noted."""
     found = Notice()
     if threading.current_thread() is not threading.main_thread():
         yield found
@@ -85,3 +85,8 @@ def notice() -> Iterator[Notice]:
         if not found.signum:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+        else:  # the stop is decided: repeats change nothing, and must not kill the process while it
+            # reports the stop, nor during the interpreter's shutdown, which drops Python-level handlers
+            # (a repeated SIGTERM then ended the process as -15 instead of its exit code 6)
+            for s in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(s, signal.SIG_IGN)
