@@ -120,7 +120,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [by_iter[k] for k in sorted(by_iter)]
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file (summary.json), or None: absent, unreadable or not an object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -144,7 +145,7 @@ def _config_info(path: Path) -> dict[str, Any]:
 def load_run(path: Path) -> RunRecords:
     path = Path(path)
     records = read_metrics(path / "metrics.jsonl")
-    summary = _read_json(path / "summary.json")
+    summary = read_json(path / "summary.json")
     if not records and (summary is None or summary.get("test_error") is None):
         raise ReportError(f"{path}: no metrics to report (metrics.jsonl is missing or empty and there is "
                           f"no summary.json): the run has not reached its first evaluation")

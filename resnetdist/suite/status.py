@@ -24,11 +24,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import PATTERN as CHECKPOINT_NAME
+from ..checkpoint import PATTERN as CHECKPOINT_NAME, list_checkpoints
 from ..config import read_toml
 from ..errors import INTERRUPTED, PREEMPTED, RunDirBusy
 from ..train import rundir
 from ..train.announce import duration, plural
+from .discover import read_json
 
 STATES = ("running", "interrupted", "stopped", "done", "failed", "not started")
 LOG = "train.log"  # a suite run's output (reproduce.Job.log); a run started by hand has none
@@ -52,14 +53,6 @@ class RunStatus:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _json(path: Path) -> dict | None:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def planned_iterations(run_dir: Path) -> int | None:
@@ -89,8 +82,9 @@ def newest_records(run_dir: Path) -> tuple[int | None, dict | None]:
 
 
 def newest_checkpoint(run_dir: Path) -> int | None:
-    found = [int(m.group(1)) for p in run_dir.glob("ckpt_*.pt") if (m := CHECKPOINT_NAME.search(p.name))]
-    return max(found, default=None)
+    """The iteration of the run directory's newest checkpoint file (None: none yet)."""
+    found = list_checkpoints(run_dir)
+    return int(CHECKPOINT_NAME.search(found[0].name).group(1)) if found else None
 
 
 def log_ending(run_dir: Path) -> tuple[int | None, str]:
@@ -119,7 +113,7 @@ def run_status(run_dir: Path, name: str | None = None, iterations: int | None = 
     run_dir = Path(run_dir)
     status = RunStatus(name or run_dir.name, str(run_dir), "not started",
                        iterations=iterations or planned_iterations(run_dir))
-    summary = _json(run_dir / "summary.json")
+    summary = read_json(run_dir / "summary.json")
     if is_running(run_dir):
         return running(status, run_dir)
     if summary and "test_error" in summary and summary.get("iterations") == status.iterations:
