@@ -91,8 +91,6 @@ class RunBar:
         rate = self.seconds_per_iteration()
         if rate is None or self.latest >= self.total or self.stop_at:
             return
-        from .train.announce import duration
-
         self.write(f"measured {rate:.3g} s/iteration ({self.start + 1:,}-{self.latest:,}): "
                    f"{duration(rate * (self.total - self.latest))} to go, evaluations apart")
 
@@ -119,6 +117,15 @@ class RunBar:
         self.bar.close()
         if RunBar.active is self:
             RunBar.active = None
+
+
+def duration(seconds: float) -> str:
+    """A time span in words: "42 s", "17 min", "2 h 05 min" (estimates, the bar, summaries)."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    hours, minutes = divmod(seconds // 60, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min"
 
 
 def _short(seconds: float) -> str:

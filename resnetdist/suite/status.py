@@ -28,7 +28,8 @@ from ..checkpoint import PATTERN as CHECKPOINT_NAME, list_checkpoints
 from ..config import read_toml
 from ..errors import INTERRUPTED, PREEMPTED, RunDirBusy
 from ..train import rundir
-from ..train.announce import duration, plural
+from ..progress import duration
+from ..train.announce import plural
 from .discover import read_json
 
 STATES = ("running", "interrupted", "stopped", "done", "failed", "not started")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..config import RunConfig, dumps_toml
+from ..progress import duration
 from .schedule import global_batch
 
 
@@ -94,14 +95,6 @@ def cpu_estimate(cfg: RunConfig, world_size: int, start_iter: int, eval_images: 
 
 def plural(n: int, word: str) -> str:
     return f"{n:,} {word}{'' if n == 1 else 's'}"
-
-
-def duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    hours, minutes = divmod(seconds // 60, 60)
-    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min"
 
 
 def header(cfg: RunConfig, world_size: int, start: Start, eval_images: int = 10_000, data: str = "") -> str:
