@@ -89,7 +89,7 @@ def recorder(step, progress, loader=None, cadence=CADENCE) -> Recorder:
                              "log": {"log_every": cadence.log_every}})
     feed = Feed(loader or FakeLoader(), seed=0, global_batch=BATCH)
     trainer = Recorder(cfg, DistContext(0, 0, 1, torch.device("cpu")), step.model, None, step, None, feed,
-                       steps_per_epoch=10, images={}, progress=progress)
+                       steps_per_epoch=10, data_facts={}, progress=progress)
     return trainer
 
 

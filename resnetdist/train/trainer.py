@@ -109,10 +109,10 @@ def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | N
         source.load(0)  # before capture: the warm-up reads it
     step = make_step(cfg, ctx, model, optimizer, data, ops, source)
     feed = feed_of(step, loaders.train, cfg.train.seed, batch, ctx.rank, ctx.world_size)
-    images = {"train_images": len(data.train), "test_images": len(data.test),
-              "val_images": len(data.val) if data.val is not None else 0,
-              "data_identity": data.identity}  # cifar10 | modified | unknown (data/cifar.py identity)
-    return Trainer(cfg, ctx, model, optimizer, step, loaders, feed, iters_per_epoch(len(data.train), batch), images,
+    data_facts = {"train_images": len(data.train), "test_images": len(data.test),
+                  "val_images": len(data.val) if data.val is not None else 0,
+                  "data_identity": data.identity}  # cifar10 | modified | unknown (data/cifar.py identity)
+    return Trainer(cfg, ctx, model, optimizer, step, loaders, feed, iters_per_epoch(len(data.train), batch), data_facts,
                    stop)
 
 
@@ -136,7 +136,7 @@ class Trainer:
     loaders: Loaders
     feed: Feed | EpochTable
     steps_per_epoch: int
-    images: dict[str, Any]  # train/test/val images in use and the data's identity (summary.json: a cut or stand-in data set shows)
+    data_facts: dict[str, Any]  # train/test/val images in use and the data's identity (summary.json: a cut or stand-in data set shows)
     stop: Notice | None = None  # asked at every log point: a signal noted there stops the run (Preempted)
     progress: Progress = field(default_factory=Progress)  # where the run stands; a checkpoint carries it
     wandb_id: str | None = None  # the W&B run a checkpoint hands on to the next attempt
@@ -270,5 +270,5 @@ def summarize(trainer: Trainer) -> dict[str, Any]:
         "parameters": count_parameters(step.model), "world_size": ctx.world_size, "global_batch": batch,
         "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
         "precision": cfg.train.precision, "step": step.kind, "capture_error": step.capture_error,
-        "loader": cfg.data.loader, **trainer.images,
+        "loader": cfg.data.loader, **trainer.data_facts,
     }
