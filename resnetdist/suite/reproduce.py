@@ -57,6 +57,7 @@ from ..checkpoint import atomic_write_text
 from ..config import ConfigError, RunConfig, depth_to_n, load_config, to_toml
 from ..errors import INTERRUPTED, PREEMPTED
 from ..train.announce import plural
+from .status import log_lines, own_last_line
 
 SUITE_DIR = "suite"  # inside OUT: suite.json, configs/, the Slurm script and its logs, W&B summary run
 MANIFEST = "suite.json"
@@ -302,21 +303,12 @@ def _collect(proc: subprocess.Popen, job: Job, secs: float, echo: Callable[[str]
         echo(f"done  {job.name}: {summary_line(job)} ({secs:.0f} s)")
         return Outcome(job, "done")
     if proc.returncode in (INTERRUPTED, PREEMPTED):
-        last = last_log_line(job.log).removeprefix("interrupted: ").removeprefix("preempted: ")
+        last = own_last_line(log_lines(job.log)).removeprefix("interrupted: ").removeprefix("preempted: ")
         echo(f"interrupted  {job.name}: {last or f'exit code {proc.returncode}'}")
         return Outcome(job, "interrupted", last)
     why = f"exit code {proc.returncode}" if proc.returncode else "no summary.json written"
     echo(f"FAIL  {job.name}: {why} ({secs:.0f} s); log {job.log}")
     return Outcome(job, "failed", f"{why}; log {job.log}")
-
-
-def last_log_line(log: Path) -> str:
-    """The run's own last line (a suite's `=== ...` lines left out), '' if none."""
-    try:
-        lines = log.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    return next((line.strip() for line in reversed(lines) if line.strip() and not line.startswith("===")), "")
 
 
 def run_all(jobs: list[Job], pool: list[str | None], echo: Callable[[str], None] = print,

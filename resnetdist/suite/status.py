@@ -88,17 +88,26 @@ def newest_checkpoint(run_dir: Path) -> int | None:
     return int(CHECKPOINT_NAME.search(found[0].name).group(1)) if found else None
 
 
+def log_lines(log: Path) -> list[str]:
+    """A run's log (a suite's train.log), its non-blank lines; none when it is absent."""
+    try:
+        return [line.rstrip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
+def own_last_line(lines: list[str]) -> str:
+    """The run's own last line: the suite's `=== ...` lines left out ('' if none)."""
+    return next((line.strip() for line in reversed(lines) if not line.startswith("===")), "")
+
+
 def log_ending(run_dir: Path) -> tuple[int | None, str]:
     """(the exit code a suite appended after the run's last start, the run's own last line)."""
-    try:
-        lines = [line.rstrip() for line in (run_dir / LOG).read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return None, ""
+    lines = log_lines(run_dir / LOG)
     code = None
     if lines and (m := EXIT_LINE.match(lines[-1])):
         code = int(m.group(1))
-    own = next((line.strip() for line in reversed(lines) if not line.startswith("===")), "")
-    return code, own
+    return code, own_last_line(lines)
 
 
 def is_running(run_dir: Path) -> bool:
