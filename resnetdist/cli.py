@@ -63,14 +63,14 @@ def train(
             train={"out": str(out) if out else None, "device": device, "seed": seed},
         ), overrides, iters)
         from .dist import world_size_from_env
-        from .train.worker import finished_summary, preflight
+        from .training.worker import finished_summary, preflight
 
         launching = bool(nproc_per_node) and "LOCAL_RANK" not in os.environ  # this process starts torchrun
         world_size = nproc_per_node if launching else world_size_from_env()
         if dry_run:
             return show_dry_run(cfg, world_size)
         data = preflight(cfg, world_size)
-        # a launcher asks before starting torchrun for nothing; each rank asks in train/worker.py
+        # a launcher asks before starting torchrun for nothing; each rank asks in training/worker.py
         done = finished_summary(cfg) if launching else None
     except RunDirBusy as e:
         fail(str(e), code=e.exit_code)
@@ -92,8 +92,8 @@ def train_here(cfg: RunConfig, data, as_json: bool = False) -> None:
     """This process's rank of the run: its faults turned into one line and an exit code, its
     result into a summary in words (rank 0) or a JSON line per rank (--json)."""
     from .errors import NonFiniteLoss, PeerLost, Preempted, RunDirBusy, WriteError
-    from .train.announce import closing
-    from .train.worker import AlreadyFinished, main
+    from .training.announce import closing
+    from .training.worker import AlreadyFinished, main
 
     try:
         summary = main(cfg, data)
@@ -121,7 +121,7 @@ def train_here(cfg: RunConfig, data, as_json: bool = False) -> None:
 
 def show_finished(summary: dict[str, Any], cfg: RunConfig, as_json: bool) -> None:
     """A rerun of a finished run: its result (rank 0), and nothing else."""
-    from .train.announce import finished
+    from .training.announce import finished
 
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(json.dumps(summary) if as_json else finished(summary, cfg))
@@ -131,9 +131,9 @@ def show_dry_run(cfg: RunConfig, world_size: int) -> None:
     """The checks a run makes before it starts (the data read, not downloaded), then the
     resolved configuration and what would run; nothing is written."""
     from .data.cifar import locate
-    from .train.announce import dry_run
-    from .train.worker import preflight, where_it_starts
-    from .train.trainer import resolve
+    from .training.announce import dry_run
+    from .training.worker import preflight, where_it_starts
+    from .training.trainer import resolve
 
     notes = []
     try:
@@ -158,7 +158,7 @@ def eval_(
 ) -> None:
     """Test error of a saved checkpoint."""
     from .errors import CheckpointError
-    from .train.evaluate import describe, evaluate_checkpoint
+    from .training.evaluate import describe, evaluate_checkpoint
 
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device must be auto, cpu or cuda, got {device!r}")

@@ -169,7 +169,7 @@ class TrainConfig:
     precision: str = field(default="auto", metadata=doc(
         "fp32, bf16, fp16; auto = bf16 on a GPU that has it, else fp32"))
     channels_last: bool = field(default=True, metadata=doc("NHWC memory format (CUDA only)"))
-    # the one key that decides which step runs (train/step.py's choose_kind reads it, once)
+    # the one key that decides which step runs (training/step.py's choose_kind reads it, once)
     step: str = field(default="auto", metadata=doc(
         "graph: the whole step captured once as a CUDA graph and replayed; compile: torch.compile of the "
         "model, eager step; eager. auto = graph on CUDA with bf16/fp32, else eager; a failed capture "

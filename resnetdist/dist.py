@@ -52,7 +52,7 @@ _timeout_s: int | None = None  # the process group's, for messages
 # value its own environment has. It used to be 0 for graph runs (PyTorch's early CUDA-graph
 # notes), which left a hung peer stalling the job forever; it is safe on with graphs now: work
 # enqueued during capture is not handed to NCCL's watchdog (PyTorch >= 2.2), and the capture
-# runs in thread_local error mode (train/graph.py), so the watchdog thread's event queries
+# runs in thread_local error mode (training/graph.py), so the watchdog thread's event queries
 # cannot invalidate it. Collectives replayed inside a graph are watched by HangWatch.
 NCCL_ASYNC_ERROR_HANDLING = "1"
 

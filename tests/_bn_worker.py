@@ -15,7 +15,7 @@ import torch.distributed as dist
 from resnetdist.config import ModelConfig
 from resnetdist.data import cifar
 from resnetdist.data.resident import ResidentEvalLoader
-from resnetdist.train.evaluate import error_rates
+from resnetdist.training.evaluate import error_rates
 from resnetdist.models import build_model
 
 dist.init_process_group("gloo")

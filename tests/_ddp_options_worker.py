@@ -15,9 +15,9 @@ import torch
 from resnetdist import dist
 from resnetdist.config import load_config
 from resnetdist.data import load_data
-from resnetdist.train import trainer, wrap
-from resnetdist.train.loop import take_steps
-from resnetdist.train.trainer import resolve
+from resnetdist.training import trainer, wrap
+from resnetdist.training.loop import take_steps
+from resnetdist.training.trainer import resolve
 
 STEPS = 6
 cfg = resolve(load_config(flags={"model": {"n": 1}, "data": {"dir": sys.argv[1]}, "optim": {"batch_size": 32},

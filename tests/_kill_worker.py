@@ -12,7 +12,7 @@ import signal
 import sys
 
 from resnetdist import cli
-from resnetdist.train import trainer
+from resnetdist.training import trainer
 
 
 class KilledAfter:

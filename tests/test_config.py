@@ -2,9 +2,9 @@
 import pytest
 
 from resnetdist.config import ConfigError, load_config, parse_override, read_toml
-from resnetdist.train.trainer import resolve
+from resnetdist.training.trainer import resolve
 from resnetdist.config import OptimConfig
-from resnetdist.train.schedule import lr_at
+from resnetdist.training.schedule import lr_at
 
 from .conftest import REPO, cli_in_process
 
@@ -193,7 +193,7 @@ def test_configs_for_other_machines_keep_auto():
 def test_train_step_resolution(monkeypatch):
     """train.step alone decides the step that runs (step.choose_kind); train.compile is only the
     compile step's mode."""
-    from resnetdist.train.step import choose_kind
+    from resnetdist.training.step import choose_kind
 
     assert choose_kind("auto", True, "bf16") == ("graph", None)  # the fast path by default on a GPU
     assert choose_kind("auto", True, "fp16") == ("eager", None)
@@ -258,7 +258,7 @@ def test_dry_run_prints_the_resolved_config_and_what_would_run_and_writes_nothin
     assert proc.exit_code == 0 and not out.exists()
     toml_text, _, plan = proc.stdout.partition("would run")
     resolved = tomllib.loads(toml_text)
-    from resnetdist.train.trainer import resolve
+    from resnetdist.training.trainer import resolve
 
     expected = resolve(load_config(flags={"model": {"n": 1}, "train": {"device": "cpu", "out": str(out)},
                                           "data": {"dir": str(tiny_data)}},

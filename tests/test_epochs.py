@@ -18,10 +18,10 @@ from resnetdist.data.augment import draw_params, training_mean
 from resnetdist.data.epochs import EpochTable, epoch_table_for
 from resnetdist.data.resident import ResidentTrainLoader
 from resnetdist.dist import DistContext
-from resnetdist.train.loop import Feed, Progress, take_steps
-from resnetdist.train.schedule import lr_table
-from resnetdist.train.step import build_step
-from resnetdist.train.trainer import build, make_model, resolve
+from resnetdist.training.loop import Feed, Progress, take_steps
+from resnetdist.training.schedule import lr_table
+from resnetdist.training.step import build_step
+from resnetdist.training.trainer import build, make_model, resolve
 
 from .fake_cuda import FakeOps
 

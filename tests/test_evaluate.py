@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from resnetdist.config import load_config
-from resnetdist.train.evaluate import error_rates, model_layout
+from resnetdist.training.evaluate import error_rates, model_layout
 
 from .conftest import TINY, cli_in_process
 
@@ -89,7 +89,7 @@ def test_cuda_evaluation_of_a_trained_model_equals_that_of_its_saved_weights(tin
     from resnetdist.data.augment import training_mean
     from resnetdist.dist import DistContext
     from resnetdist.models import build_model
-    from resnetdist.train.trainer import make_model
+    from resnetdist.training.trainer import make_model
 
     cfg = load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)},
                              "train": {"device": "cuda", "precision": "bf16"}})

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from resnetdist import checkpoint
-from resnetdist.train import rundir
+from resnetdist.training import rundir
 
 from .conftest import REPO, RESUMABLE, TINY, cli_env, run_cli
 from .helpers import assert_bitwise_equal, final_weights, temp_files, wait_for

@@ -13,17 +13,17 @@ import sys
 import pytest
 import torch
 
-from resnetdist.train import step as step_mod
+from resnetdist.training import step as step_mod
 from resnetdist.config import load_config
 from resnetdist.data import load_data, open_loaders
 from resnetdist.data.augment import training_mean
 from resnetdist.dist import DistContext
-from resnetdist.train import wrap as wrap_mod
-from resnetdist.train.evaluate import error_rates
-from resnetdist.train.loop import take_steps
-from resnetdist.train.schedule import lr_table
-from resnetdist.train.step import build_step
-from resnetdist.train.trainer import feed_of, make_model, resolve
+from resnetdist.training import wrap as wrap_mod
+from resnetdist.training.evaluate import error_rates
+from resnetdist.training.loop import take_steps
+from resnetdist.training.schedule import lr_table
+from resnetdist.training.step import build_step
+from resnetdist.training.trainer import feed_of, make_model, resolve
 
 from .conftest import REPO, TINY, cli_env, cli_in_process, run_torchrun
 from .fake_cuda import FakeOps
@@ -205,7 +205,7 @@ def test_nccl_async_error_handling_is_decided_once_in_the_worker_for_every_launc
         env=os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")))
     dist.setup("cpu", 60)
     assert seen["env"] == dist.NCCL_ASYNC_ERROR_HANDLING == "1"
-    launchers = ["resnetdist/launcher.py", "resnetdist/cli.py", "resnetdist/train/worker.py", "launch/common.sh",
+    launchers = ["resnetdist/launcher.py", "resnetdist/cli.py", "resnetdist/training/worker.py", "launch/common.sh",
                  "launch/slurm.sbatch", "launch/docker-run.sh", "launch/torchrun-single-node.sh",
                  "launch/torchrun-multi-node.sh", "docker/Dockerfile"]
     for path in launchers:
@@ -259,7 +259,7 @@ def cuda_parts(tiny_data):
 @pytest.mark.cuda
 @pytest.mark.timeout(600)
 def test_cuda_graph_is_the_default_and_gathers_in_place_and_loads_in_place(tiny_data):
-    from resnetdist.train.trainer import make_step
+    from resnetdist.training.trainer import make_step
 
     cfg, ctx, data, model, optimizer = cuda_parts(tiny_data)
     assert cfg.train.step == "graph"

@@ -184,7 +184,7 @@ class _Blackhole:
 OPEN_LOGGER = """
 import sys, time
 from pathlib import Path
-from resnetdist.train.metrics import LogConfig, open_logger
+from resnetdist.training.metrics import LogConfig, open_logger
 cfg = LogConfig(wandb_mode="online", wandb_init_timeout_s=3, tensorboard=False)
 t = time.monotonic()
 logger = open_logger(cfg, Path(sys.argv[1]), {"model": {"n": 1}}, "resnet8-s0", "resnet8", ["resnet8"], 0, None)
@@ -221,7 +221,7 @@ def test_unreachable_wandb_server_falls_back_to_offline(tmp_path):
 
 @pytest.mark.timeout(30)
 def test_wandb_mode_resolution(monkeypatch, tmp_path):
-    from resnetdist.train.metrics import resolve_wandb_mode
+    from resnetdist.training.metrics import resolve_wandb_mode
 
     for var in ("WANDB_MODE", "WANDB_DISABLED", "WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)

@@ -13,10 +13,10 @@ import torch
 
 from resnetdist.config import load_config
 from resnetdist.dist import DistContext
-from resnetdist.train import preempt
-from resnetdist.train.loop import Cadence, Feed, NonFiniteLoss, Progress
-from resnetdist.train.preempt import Preempted
-from resnetdist.train.trainer import Trainer
+from resnetdist.training import preempt
+from resnetdist.training.loop import Cadence, Feed, NonFiniteLoss, Progress
+from resnetdist.training.preempt import Preempted
+from resnetdist.training.trainer import Trainer
 
 BATCH = 4
 
@@ -213,7 +213,7 @@ def test_the_bar_moves_between_log_points_from_the_host_counter_without_draining
     import time
 
     from resnetdist import progress as progress_module
-    from resnetdist.train import trainer
+    from resnetdist.training import trainer
 
     moves = []
 

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as tdist
 
 from resnetdist import checkpoint, dist
-from resnetdist.train import preempt
-from resnetdist.train.preempt import Preempted
+from resnetdist.training import preempt
+from resnetdist.training.preempt import Preempted
 
 from .conftest import REPO, RESUMABLE, TINY, cli_env, run_cli, run_torchrun
 from .slurm_cluster import slurm_cluster  # noqa: F401 - the fixture

@@ -84,8 +84,8 @@ def test_no_import_cycle_in_the_package():
     mods = modules()
     graph = {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
     assert "resnetdist.config" in graph and graph["resnetdist.config"] == set(), "config imports nothing of ours"
-    assert graph["resnetdist.train.worker"] >= {"resnetdist.train.trainer", "resnetdist.train.announce",
-                                             "resnetdist.train.rundir"}
+    assert graph["resnetdist.training.worker"] >= {"resnetdist.training.trainer", "resnetdist.training.announce",
+                                             "resnetdist.training.rundir"}
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 
@@ -124,10 +124,10 @@ def test_the_run_is_wired_in_one_place():
     """The step's inputs are handed to the loader (the feed) in one place only: trainer.build's
     feed_of, which run, bench, doctor and the tests all go through."""
     wiring = [name for name, path in modules().items() for _ in range(path.read_text().count("inputs.out if"))]
-    assert wiring == ["resnetdist.train.trainer"], wiring
+    assert wiring == ["resnetdist.training.trainer"], wiring
     builders = {name for name, path in modules().items()
                 if "def make_step" in path.read_text() or "def make_model" in path.read_text()}
-    assert builders == {"resnetdist.train.trainer"}, builders
+    assert builders == {"resnetdist.training.trainer"}, builders
 
 
 def test_the_package_reads_no_test_switch():
@@ -141,7 +141,7 @@ def test_tools_do_not_import_the_run():
     """bench and doctor build through the trainer, not through worker.py (one rank's whole run)."""
     mods = modules()
     for tool in ("resnetdist.tools.bench", "resnetdist.tools.doctor"):
-        assert "resnetdist.train.worker" not in imports_of(tool, mods[tool], set(mods)), tool
+        assert "resnetdist.training.worker" not in imports_of(tool, mods[tool], set(mods)), tool
 
 
 def test_exit_codes_come_from_one_table():

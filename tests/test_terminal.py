@@ -151,7 +151,7 @@ def test_the_cpu_estimate_counts_the_evaluations():
     """On a short CPU run the evaluations of the test set cost as much as the training: the
     header's estimate counts them (it used to leave them out and promise a third of the time)."""
     from resnetdist.config import load_config
-    from resnetdist.train.announce import cpu_estimate, evaluations
+    from resnetdist.training.announce import cpu_estimate, evaluations
 
     assert evaluations(0, 400, 20) == 20 and evaluations(80, 400, 20) == 16 and evaluations(0, 450, 100) == 5
     cfg = load_config(None, {"model": {"n": 1}, "train": {"device": "cpu"}}, ["train.eval_every=20"], 400)

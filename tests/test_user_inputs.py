@@ -11,7 +11,7 @@ import torch
 from resnetdist import checkpoint
 from resnetdist.config import load_config
 from resnetdist.models import build_model
-from resnetdist.train.trainer import final_weights
+from resnetdist.training.trainer import final_weights
 
 from .conftest import TINY, cli_in_process
 

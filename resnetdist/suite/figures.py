@@ -181,7 +181,7 @@ def figure6(runs: list[RunRecords], out: Path, title: str = "") -> tuple[Path, l
 def lr_steps(run: RunRecords) -> list[tuple[int, float]]:
     """(iteration, lr) wherever the lr changes, from the run's config.toml (its real milestones
     and warm-up); the logged lr of each evaluation when there is no readable config."""
-    from ..train.schedule import lr_at
+    from ..training.schedule import lr_at
 
     try:
         cfg = from_dict(read_toml(run.path / "config.toml"), str(run.path / "config.toml"))

@@ -56,7 +56,7 @@ from typing import Callable, Iterator, Optional
 from ..checkpoint import atomic_write_text
 from ..config import ConfigError, RunConfig, depth_to_n, load_config, to_toml
 from ..errors import INTERRUPTED, PREEMPTED
-from ..train.announce import plural
+from ..training.announce import plural
 from .status import log_lines, own_last_line
 
 SUITE_DIR = "suite"  # inside OUT: suite.json, configs/, the Slurm script and its logs, W&B summary run
@@ -364,7 +364,7 @@ def report(jobs: list[Job], out: Path, base: RunConfig, echo: Callable[[str], No
     if run_id:
         manifest["wandb_report_id"] = run_id
         write_manifest(out, manifest)
-        from ..train.metrics import resolve_wandb_mode
+        from ..training.metrics import resolve_wandb_mode
 
         if resolve_wandb_mode(base.log.wandb_mode) == "offline":  # nothing reached W&B yet
             echo(f"W&B (offline): report recorded, not uploaded, in the summary run {group}-report ({run_id}) "

@@ -1,7 +1,7 @@
 """Where a run stands, read from its folder alone, so any process can ask at any time
 (`resnetdist runs DIR`, `reproduce --status OUT`, and the Slurm suite's wait):
 
-- running: a live process holds the run directory's lock (train/rundir.py): its host and pid
+- running: a live process holds the run directory's lock (training/rundir.py): its host and pid
   from the lock file, the iteration of the newest metrics record, and the time left at the
   rate of its newest evaluation record;
 - done: summary.json records the run's planned iterations (its test error);
@@ -27,9 +27,9 @@ from typing import Any
 from ..checkpoint import PATTERN as CHECKPOINT_NAME, list_checkpoints
 from ..config import read_toml
 from ..errors import INTERRUPTED, PREEMPTED, RunDirBusy
-from ..train import rundir
+from ..training import rundir
 from ..progress import duration
-from ..train.announce import plural
+from ..training.announce import plural
 from .discover import read_json
 
 STATES = ("running", "interrupted", "stopped", "done", "failed", "not started")

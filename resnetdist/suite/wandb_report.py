@@ -1,7 +1,7 @@
 """The suite's W&B summary run: the report's table (Table 6), Figures 6 and 7, the layer
 responses and report.md, logged to
 one run of job type "report" in the suite's group, beside the runs it summarises. The
-per-run logging (metrics.jsonl, TensorBoard, W&B) is train/metrics.py's; this module uses its
+per-run logging (metrics.jsonl, TensorBoard, W&B) is training/metrics.py's; this module uses its
 W&B mode and settings, so a suite and its runs log the same way.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import LogConfig
-from ..train.metrics import env_tags, quiet_wandb_telemetry, resolve_wandb_mode, wandb_settings, warn
+from ..training.metrics import env_tags, quiet_wandb_telemetry, resolve_wandb_mode, wandb_settings, warn
 
 SUITE_TABLE_KEY = "table6"  # the summary run's history key for the report's table
 RESPONSES_TABLE_KEY = "layer_responses"  # ... and for Figure 7's values

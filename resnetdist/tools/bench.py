@@ -44,9 +44,9 @@ from ..config import PAPER_ITERS, ModelConfig, RunConfig, load_config, model_nam
 from ..data import open_loaders
 from ..data.augment import augment
 from ..data.cifar import Cifar10, Split, load_cifar10, write_synthetic
-from ..train.loop import Feed, take_steps
+from ..training.loop import Feed, take_steps
 from ..models import build_model
-from ..train.trainer import build, resolve
+from ..training.trainer import build, resolve
 
 BATCH = 128
 LOSS_READ_EVERY = 100  # the baseline's progress-meter read-back (a host sync), as public loops log

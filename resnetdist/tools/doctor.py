@@ -10,7 +10,7 @@ Three parts, each a list of rows (name, status ok / fail / skip / info, detail, 
 * under torchrun with N ranks: all-reduce correctness, weights identical on every rank after
   K DDP steps, all-reduce bandwidth.
 The steps run on a small synthetic set in the official layout (written to a temporary folder),
-through the trainer's own build (train/trainer.py), so what passes here is what trains.
+through the trainer's own build (training/trainer.py), so what passes here is what trains.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from .bench import sync, timed
 from ..config import load_config
 from ..data import load_data
 from ..data.cifar import IDENTITY_WORDS, DataError, identity, locate, write_synthetic
-from ..train.loop import take_steps
-from ..train.trainer import build, resolve
+from ..training.loop import take_steps
+from ..training.trainer import build, resolve
 
 NEEDS_CUDA = "skipped: needs CUDA"
 
