@@ -18,10 +18,11 @@ from resnetdist.data.augment import draw_params, training_mean
 from resnetdist.data.epochs import EpochTable, epoch_table_for
 from resnetdist.data.resident import ResidentTrainLoader
 from resnetdist.dist import DistContext
-from resnetdist.training.loop import Feed, Progress, take_steps
+from resnetdist.data.feed import Feed
+from resnetdist.training.loop import Progress, take_steps
 from resnetdist.training.schedule import lr_table
 from resnetdist.training.step import build_step
-from resnetdist.training.trainer import build, make_model, resolve
+from resnetdist.training.trainer import build, make_model
 
 from .fake_cuda import FakeOps
 
@@ -30,8 +31,8 @@ CPU = torch.device("cpu")
 
 
 def config(tiny_data):
-    return resolve(load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
-                                      "train": {"device": "cpu", "seed": SEED}, "log": {"wandb_mode": "disabled"}}))
+    return load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
+                              "train": {"device": "cpu", "seed": SEED}, "log": {"wandb_mode": "disabled"}})
 
 
 def per_step(tiny_data, first: int = 0, state: dict | None = None, **kw):
@@ -43,7 +44,7 @@ def per_step(tiny_data, first: int = 0, state: dict | None = None, **kw):
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
-    step = build_step(model, optimizer, mean, lr_table(cfg, 1), precision="fp32", batch_per_rank=B, **kw)
+    step = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", batch_per_rank=B, **kw)
     step.it.fill_(first)
     loader = open_loaders(cfg.data, data, DistContext(0, 0, 1, CPU), B, SEED).train
     return step, Feed(loader, SEED, B, out=step.inputs.out if step.inputs else None)
@@ -89,7 +90,7 @@ def test_a_graphed_device_fed_step_replays_with_no_arguments_and_gathers_in_the_
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
     source = epoch_table_for(open_loaders(cfg.data, data, DistContext(0, 0, 1, CPU), B, SEED).train, SEED, B, 0, 1)
     source.load(0)
-    graphed = build_step(model, optimizer, mean, lr_table(cfg, 1), kind="graph", precision="fp32", batch_per_rank=B,
+    graphed = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), kind="graph", precision="fp32", batch_per_rank=B,
                          ops=FakeOps(), source=source)
     assert graphed.kind == "graph" and int(graphed.it) == 0
     old, feed = per_step(tiny_data)

@@ -23,7 +23,9 @@ from resnetdist.training.evaluate import error_rates
 from resnetdist.training.loop import take_steps
 from resnetdist.training.schedule import lr_table
 from resnetdist.training.step import build_step
-from resnetdist.training.trainer import feed_of, make_model, resolve
+from resnetdist.data.feed import feed_for
+from resnetdist.training.plan import resolve
+from resnetdist.training.trainer import make_model
 
 from .conftest import REPO, TINY, cli_env, cli_in_process, run_torchrun
 from .fake_cuda import FakeOps
@@ -34,14 +36,14 @@ B = 32
 
 
 def parts(tiny_data):
-    cfg = resolve(load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
-                                     "train": {"device": "cpu"}, "log": {"wandb_mode": "disabled"}}))
+    cfg = load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
+                             "train": {"device": "cpu"}, "log": {"wandb_mode": "disabled"}})
     ctx = DistContext(0, 0, 1, CPU)
     data = load_data(cfg.data)
     model, optimizer = make_model(cfg, ctx)
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
     loaders = open_loaders(cfg.data, data, ctx, B, cfg.train.seed)
-    return cfg, model, optimizer, mean, lr_table(cfg, 1), loaders
+    return cfg, model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), loaders
 
 
 def build(tiny_data, **kw):
@@ -51,7 +53,8 @@ def build(tiny_data, **kw):
 
 
 def drive(step, loaders, count, first=0):
-    take_steps(step, feed_of(step, loaders.train, 0, B).batches(first), count)
+    feed = feed_for(loaders.train, step.source, 0, B, 0, 1, out=step.inputs.out if step.inputs else None)
+    take_steps(step, feed.batches(first), count)
 
 
 def assert_same_weights(a, b):
@@ -246,9 +249,8 @@ def test_two_rank_run_and_eval_of_its_model_agree(tmp_path, tiny_data):
 
 
 def cuda_parts(tiny_data):
-    cfg = resolve(load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
-                                     "train": {"device": "cuda", "precision": "bf16"},
-                                     "log": {"wandb_mode": "disabled"}}))
+    cfg = load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
+                             "train": {"device": "cuda", "precision": "bf16"}, "log": {"wandb_mode": "disabled"}})
     ctx = DistContext(0, 0, 1, torch.device("cuda", 0))
     data = load_data(cfg.data)
     model, optimizer = make_model(cfg, ctx)
@@ -262,8 +264,9 @@ def test_cuda_graph_is_the_default_and_gathers_in_place_and_loads_in_place(tiny_
     from resnetdist.training.trainer import make_step
 
     cfg, ctx, data, model, optimizer = cuda_parts(tiny_data)
-    assert cfg.train.step == "graph"
-    step = make_step(cfg, ctx, model, optimizer, data)
+    plan = resolve(cfg, 1)
+    assert plan.step == "graph"
+    step = make_step(cfg, plan, ctx, model, optimizer, data)
     assert step.kind == "graph", step.capture_error
     loaders = open_loaders(cfg.data, data, ctx, B, 0)
     drive(step, loaders, 5)

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from resnetdist.rundir import RunDir
 from resnetdist import checkpoint
 from resnetdist.config import ConfigError, load_config
 
@@ -128,7 +129,7 @@ def reference2(tmp_path_factory, tiny_data):
 
 
 def check_same_as(ref: Path, out: Path, stdout: str) -> None:
-    assert f"resuming from {checkpoint.checkpoint_path(out, 10).name} (iteration 10 of 30)" in stdout, stdout[-2000:]
+    assert f"resuming from {RunDir(out).checkpoints.path(10).name} (iteration 10 of 30)" in stdout, stdout[-2000:]
     got, want = final_weights(out), final_weights(ref)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert records(out) == records(ref)
@@ -150,7 +151,7 @@ def test_a_stopped_rank_is_reported_by_the_other_which_exits_7_and_torchrun_resu
            "--max-restarts=1", "-m", "resnetdist", "train", *ARGS, "--data-dir", str(tiny_data), "--out", str(out)]
     proc = popen(cmd, tmp_path)
     try:
-        wait_for(lambda: checkpoint.checkpoint_path(out, 10).exists(), 150, "the first checkpoint", proc)
+        wait_for(lambda: RunDir(out).checkpoints.path(10).exists(), 150, "the first checkpoint", proc)
         rank0, frozen = worker(proc, 0), worker(proc, 1)
         frozen.send_signal(signal.SIGSTOP)
         t0 = time.monotonic()

@@ -14,7 +14,9 @@ import torch
 from resnetdist.config import load_config
 from resnetdist.dist import DistContext
 from resnetdist.training import preempt
-from resnetdist.training.loop import Cadence, Feed, NonFiniteLoss, Progress
+from resnetdist.data.feed import Feed
+from resnetdist.training.plan import resolve
+from resnetdist.training.loop import Cadence, NonFiniteLoss, Progress
 from resnetdist.training.preempt import Preempted
 from resnetdist.training.trainer import Trainer
 
@@ -88,7 +90,7 @@ def recorder(step, progress, loader=None, cadence=CADENCE) -> Recorder:
                              "optim": {"iters": cadence.total, "milestones": []},
                              "log": {"log_every": cadence.log_every}})
     feed = Feed(loader or FakeLoader(), seed=0, global_batch=BATCH)
-    trainer = Recorder(cfg, DistContext(0, 0, 1, torch.device("cpu")), step.model, None, step, None, feed,
+    trainer = Recorder(cfg, resolve(cfg, 1), DistContext(0, 0, 1, torch.device("cpu")), step.model, None, step, None, feed,
                        steps_per_epoch=10, data_facts={}, progress=progress)
     return trainer
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from resnetdist.rundir import RunDir
 from resnetdist import checkpoint
 
 from .conftest import RESUMABLE, TINY, cli_in_process, run_cli
@@ -87,7 +88,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_dat
     run_cli([*args, "--out", str(cut)], check=False, kill_at=(25, 0))
     newest = cut / "ckpt_0000020.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a torn write
-    found = checkpoint.load_latest(cut, warn=lambda *_: None)
+    found = RunDir(cut).checkpoints.load_newest(warn=lambda *_: None)
     assert found[0].name == "ckpt_0000010.pt"
     resumed = run_cli([*args, "--out", str(cut)])
     assert "ckpt_0000020.pt is unreadable" in resumed.stdout

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import from_dict, read_toml
+from ..rundir import RunDir
 
 
-RUN_FILES = ("summary.json", "metrics.jsonl", "config.toml")
 DATA_IDENTITIES = ("cifar10", "modified", "unknown")
 
 
@@ -75,10 +75,6 @@ def _last(records: list[dict[str, Any]], key: str) -> float | None:
     return None
 
 
-def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / f).exists() for f in RUN_FILES)
-
-
 def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     """(run folders, folders given that hold no run). A path is a run folder itself, or a
     parent whose immediate sub-folders are searched."""
@@ -90,10 +86,10 @@ def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
             raise ReportError(f"{p}: no such folder")
         if not p.is_dir():
             raise ReportError(f"{p}: not a folder (give run folders, or folders holding runs)")
-        if is_run_dir(p):
+        if RunDir(p).is_run():
             runs.append(p)
             continue
-        found = sorted(c for c in p.iterdir() if is_run_dir(c)) if p.is_dir() else []
+        found = sorted(c for c in p.iterdir() if RunDir(c).is_run()) if p.is_dir() else []
         if not found:
             empty.append(p)
         runs.extend(found)
@@ -120,19 +116,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [by_iter[k] for k in sorted(by_iter)]
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object file (summary.json), or None: absent, unreadable or not an object."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _config_info(path: Path) -> dict[str, Any]:
     """model / seed / iterations from config.toml, for a run that has no summary yet."""
     try:
-        cfg = from_dict(read_toml(path / "config.toml"), str(path / "config.toml"))
+        config = RunDir(path).config
+        cfg = from_dict(read_toml(config), str(config))
     except Exception:  # noqa: BLE001 - missing or unreadable: fall back to the folder name
         return {}
     o = cfg.optim
@@ -144,8 +132,9 @@ def _config_info(path: Path) -> dict[str, Any]:
 
 def load_run(path: Path) -> RunRecords:
     path = Path(path)
-    records = read_metrics(path / "metrics.jsonl")
-    summary = read_json(path / "summary.json")
+    run = RunDir(path)
+    records = read_metrics(run.metrics)
+    summary = run.read_summary()
     if not records and (summary is None or summary.get("test_error") is None):
         raise ReportError(f"{path}: no metrics to report (metrics.jsonl is missing or empty and there is "
                           f"no summary.json): the run has not reached its first evaluation")
@@ -186,7 +175,7 @@ def load_runs(paths: list[Path], skip_empty: bool = False) -> tuple[list[RunReco
 
 def config_data_dir(path: Path) -> str | None:
     try:
-        return read_toml(path / "config.toml").get("data", {}).get("dir") or None
+        return read_toml(RunDir(path).config).get("data", {}).get("dir") or None
     except Exception:  # noqa: BLE001
         return None
 

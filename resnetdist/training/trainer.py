@@ -9,9 +9,6 @@ what they drive is what trains.
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -20,43 +17,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import checkpoint, dist
+from .. import dist
 from ..config import RunConfig
 from ..data import Cifar10, Loaders, open_loaders
 from ..data.augment import training_mean
 from ..data.epochs import EpochTable, epoch_table_for
+from ..data.feed import Feed, feed_for
 from ..data.order import iters_per_epoch
-from ..data.resident import TrainLoader
 from ..errors import Preempted
 from ..models import build_model, count_parameters
 from ..progress import RunBar
+from ..rundir import RunDir
 from .evaluate import error_rates, model_layout as memory_format  # evaluation uses the same layout
 from .graph import CudaOps
-from .loop import Cadence, Feed, Progress, drain, evaluation_line, evaluation_record, take_steps
-from .metrics import resolve_wandb_mode
+from .loop import Cadence, Progress, after_step, drain, evaluation_line, evaluation_record, take_steps
 from .optim import TensorLRSGD
 from .preempt import Notice
-from .schedule import global_batch, lr_table
-from .step import TrainStep, build_step, choose_kind, default_precision
-
-
-def resolve(cfg: RunConfig) -> RunConfig:
-    """cfg with every "auto" that depends on the machine replaced by what runs here, in place
-    and once (at preflight, before workers start; a resolved config stays as it is): the device
-    (torch sees CUDA or not), the precision and the step (step.py decides them), the W&B mode
-    (metrics.py). A step asked for that cannot run here is named in a note."""
-    train = cfg.train
-    if train.device == "auto":
-        train.device = "cuda" if torch.cuda.is_available() else "cpu"
-    on_cuda = train.device == "cuda"
-    if train.precision == "auto":
-        train.precision = default_precision(on_cuda)
-    train.step, note = choose_kind(train.step, on_cuda, train.precision)
-    cfg.log.wandb_mode = resolve_wandb_mode(cfg.log.wandb_mode)
-    if note and os.environ.get("RANK", "0") == "0":  # once per job, not once per rank
-        print(f"note: {note}", file=sys.stderr, flush=True)
-    cfg.validate()
-    return cfg
+from .plan import Plan, resolve
+from .schedule import lr_table
+from .step import TrainStep, build_step
 
 
 def make_model(cfg: RunConfig, ctx: dist.DistContext) -> tuple[nn.Module, TensorLRSGD]:
@@ -71,49 +50,39 @@ def make_model(cfg: RunConfig, ctx: dist.DistContext) -> tuple[nn.Module, Tensor
     return model, TensorLRSGD(model.parameters(), lr, cfg.optim.momentum, cfg.optim.weight_decay)
 
 
-def make_step(cfg: RunConfig, ctx: dist.DistContext, model: nn.Module, optimizer: TensorLRSGD, data: Cifar10,
-              ops: CudaOps | None = None, source: EpochTable | None = None) -> TrainStep:
-    """The step of the resolved config's train.step; a graph whose capture fails becomes the
-    eager step (step.kind says which runs). With a source, the step gathers its own inputs."""
+def make_step(cfg: RunConfig, plan: Plan, ctx: dist.DistContext, model: nn.Module, optimizer: TensorLRSGD,
+              data: Cifar10, ops: CudaOps | None = None, source: EpochTable | None = None) -> TrainStep:
+    """The step of plan.step; a graph whose capture fails becomes the eager step (step.kind
+    says which runs). With a source, the step gathers its own inputs."""
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
     with dist.stage("model broadcast (DDP set-up)"):
-        return build_step(model, optimizer, mean, lr_table(cfg, ctx.world_size), kind=cfg.train.step,
-                          compile_mode=cfg.train.compile, precision=cfg.train.precision,
+        return build_step(model, optimizer, mean, lr_table(cfg.optim, plan.lr_scale, cfg.dist.scale_warmup_iters),
+                          kind=plan.step, compile_mode=cfg.train.compile, precision=plan.precision,
                           memory_format=memory_format(cfg, ctx.device), ddp=ctx.distributed,
-                          batch_per_rank=global_batch(cfg, ctx.world_size) // ctx.world_size, ops=ops,
-                          source=source)
-
-
-def feed_of(step: TrainStep, loader: TrainLoader, seed: int, global_batch: int, rank: int = 0,
-            world_size: int = 1) -> Feed | EpochTable:
-    """The feed of `step`: its source, when it gathers its own inputs (nothing to hand it per
-    iteration); else the loader's batches, which a graphed step's loader gathers into the
-    graph's inputs."""
-    if step.source is not None:
-        return step.source
-    return Feed(loader, seed, global_batch, rank, world_size, out=step.inputs.out if step.inputs else None)
+                          batch_per_rank=plan.batch_per_rank, ops=ops, source=source)
 
 
 def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | None = None,
-          ops: CudaOps | None = None) -> Trainer:
-    """The run of this rank, built from a resolved config: loaders, model and optimizer, step,
-    and the feed that fills the step's inputs. `stop`: the preemption notice fit() asks at its
-    log points (None: nothing stops it early). It starts at iteration 0; Trainer.load continues
-    from a checkpoint."""
-    batch = global_batch(cfg, ctx.world_size)
-    loaders = open_loaders(cfg.data, data, ctx, batch, cfg.train.seed)
+          ops: CudaOps | None = None, plan: Plan | None = None) -> Trainer:
+    """The run of this rank: loaders, model and optimizer, step, and the data's feed of the
+    step. `plan`: what preflight resolved (None: resolved here, for bench, doctor and tests);
+    `stop`: the preemption notice fit() asks at its log points (None: nothing stops it early).
+    It starts at iteration 0; Trainer.load continues from a checkpoint."""
+    plan = plan or resolve(cfg, ctx.world_size)
+    loaders = open_loaders(cfg.data, data, ctx, plan.global_batch, cfg.train.seed)
     model, optimizer = make_model(cfg, ctx)
     # a resident loader's epochs go to the device whole: the step gathers each batch itself
-    source = epoch_table_for(loaders.train, cfg.train.seed, batch, ctx.rank, ctx.world_size)
+    source = epoch_table_for(loaders.train, cfg.train.seed, plan.global_batch, ctx.rank, ctx.world_size)
     if source is not None:
         source.load(0)  # before capture: the warm-up reads it
-    step = make_step(cfg, ctx, model, optimizer, data, ops, source)
-    feed = feed_of(step, loaders.train, cfg.train.seed, batch, ctx.rank, ctx.world_size)
+    step = make_step(cfg, plan, ctx, model, optimizer, data, ops, source)
+    feed = feed_for(loaders.train, source, cfg.train.seed, plan.global_batch, ctx.rank, ctx.world_size,
+                    out=step.inputs.out if step.inputs else None)
     data_facts = {"train_images": len(data.train), "test_images": len(data.test),
                   "val_images": len(data.val) if data.val is not None else 0,
                   "data_identity": data.identity}  # cifar10 | modified | unknown (data/cifar.py identity)
-    return Trainer(cfg, ctx, model, optimizer, step, loaders, feed, iters_per_epoch(len(data.train), batch), data_facts,
-                   stop)
+    return Trainer(cfg, plan.ran(step.kind, step.capture_error), ctx, model, optimizer, step, loaders, feed,
+                   iters_per_epoch(len(data.train), plan.global_batch), data_facts, stop)
 
 
 class Logger(Protocol):
@@ -129,6 +98,7 @@ class Trainer:
     """One rank's run, built (build()); fit() trains it from `progress` to the end."""
 
     cfg: RunConfig
+    plan: Plan  # what this machine resolved, with the step that runs
     ctx: dist.DistContext
     model: nn.Module  # the plain module: what checkpoints save
     optimizer: TensorLRSGD
@@ -156,7 +126,7 @@ class Trainer:
             while it < cadence.total:
                 until = cadence.next_stop(it)
                 with dist.stage(f"training step (gradient all-reduce) in iterations {it + 1}-{until}"):
-                    take_steps(step, batches, until - it, lambda done, first=it: bar.tick(first + done))
+                    take_steps(step, batches, until - it, lambda done, first=it: after_step(bar, first + done))
                 bar.to(until)
                 it = until
                 log_now, eval_now, ckpt_now = cadence.due(it)
@@ -174,7 +144,7 @@ class Trainer:
                     with dist.stage(f"evaluation at iteration {it}"):
                         errors = self.evaluate()
                     progress.last_eval = evaluation_record(step, progress, errors, it, self.steps_per_epoch,
-                                                           self.feed.global_batch)
+                                                           self.plan.global_batch)
                     bar.write(evaluation_line(progress.last_eval, errors))
                     logger.log(progress.last_eval, "eval")
                 if ckpt_now or reason:
@@ -226,11 +196,11 @@ class Trainer:
                         f"this run has {self.ctx.world_size}")
 
     def checkpoint(self) -> None:
-        """state_dict() written by rank 0 (checkpoint.save: atomic, checksummed, the last
+        """state_dict() written by rank 0 (RunDir.save_checkpoint: atomic, checksummed, the last
         train.keep_checkpoints kept); every rank waits, so none runs ahead of a save."""
         cfg, iteration = self.cfg, self.progress.iteration
         if self.ctx.is_main:
-            checkpoint.save(cfg.run_dir, iteration, self.state_dict(), cfg.train.keep_checkpoints)
+            RunDir(cfg.run_dir).checkpoints.save(iteration, self.state_dict(), cfg.train.keep_checkpoints)
         with dist.stage(f"checkpoint barrier at iteration {iteration}"):
             dist.barrier()
 
@@ -239,8 +209,9 @@ class Trainer:
         summary, cfg = summarize(self), self.cfg
         if self.ctx.is_main:
             weights = final_weights(self.model, cfg, cfg.optim.iters, self.step.mean)
-            checkpoint.atomic_save(weights, cfg.run_dir / "model.pt")
-            checkpoint.atomic_write_text(cfg.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            run = RunDir(cfg.run_dir)
+            run.write_model(weights)
+            run.write_summary(summary)
         return summary
 
 
@@ -254,7 +225,7 @@ def summarize(trainer: Trainer) -> dict[str, Any]:
     """summary.json: the run's result and what produced it; evaluates once more when the last
     evaluation is not at the end (a run resumed at its very end)."""
     cfg, ctx, step, progress = trainer.cfg, trainer.ctx, trainer.step, trainer.progress
-    batch = trainer.feed.global_batch  # images per iteration over all ranks
+    batch = trainer.plan.global_batch  # images per iteration over all ranks
     total = cfg.optim.iters
     record = progress.last_eval
     if record is None or record["iter"] != total:  # resumed at the very end: evaluate again
@@ -269,6 +240,6 @@ def summarize(trainer: Trainer) -> dict[str, Any]:
         "train_seconds": progress.train_seconds, "images_per_second": record["images_per_second"],
         "parameters": count_parameters(step.model), "world_size": ctx.world_size, "global_batch": batch,
         "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
-        "precision": cfg.train.precision, "step": step.kind, "capture_error": step.capture_error,
-        "loader": cfg.data.loader, **trainer.data_facts,
+        "precision": trainer.plan.precision, "step": step.kind, "capture_error": step.capture_error,
+        "loader": trainer.plan.loader, **trainer.data_facts,
     }
