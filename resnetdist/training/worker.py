@@ -47,7 +47,7 @@ def preflight(cfg: RunConfig, world_size: int) -> Prepared:
     if cfg.dist.sync_bn and world_size > 1 and plan.device != "cuda":
         raise ConfigError("dist.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
     data = load_checked_data(cfg, plan)  # parses and checks every file; a bad one is named
-    check_same_experiment(cfg)
+    check_same_experiment(cfg, RunDir(cfg.run_dir).config)
     return Prepared(plan, data)
 
 
