@@ -214,12 +214,12 @@ def test_the_bar_moves_between_log_points_from_the_host_counter_without_draining
     to sit still until the first log point."""
     import time
 
-    from resnetdist import progress as progress_module
+    from resnetdist.training import bar as bar_module
     from resnetdist.training import trainer
 
     moves = []
 
-    class SeenBar(progress_module.RunBar):
+    class SeenBar(bar_module.RunBar):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **{**kwargs, "every_s": 0.05})
 

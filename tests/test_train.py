@@ -40,14 +40,18 @@ def test_training_learns_and_writes_the_run_directory(trained_run):
     assert records[-1]["train_error"] < records[0]["train_error"]
 
 
-def test_config_toml_records_what_ran_not_auto(trained_run):
+def test_config_toml_is_the_configuration_and_resolved_toml_what_ran(trained_run):
+    """The configuration is written as loaded ("auto" stays "auto"); what this machine made of
+    it (the Plan) is its own record beside it."""
     from resnetdist.config import read_toml
 
     tree = read_toml(trained_run / "config.toml")
-    assert (tree["train"]["device"], tree["train"]["precision"]) == ("cpu", "fp32")
-    assert tree["log"]["wandb_mode"] == "disabled" and tree["data"]["loader"] == "resident"
-    assert tree["optim"]["warmup_iters"] == 0
-    assert "auto" not in json.dumps(tree)
+    assert (tree["train"]["device"], tree["train"]["precision"], tree["train"]["step"]) == ("cpu", "auto", "auto")
+    assert tree["log"]["wandb_mode"] == "disabled" and tree["optim"]["warmup_iters"] == 0
+    ran = read_toml(trained_run / "resolved.toml")["resolved"]
+    assert (ran["device"], ran["precision"], ran["step"], ran["loader"], ran["world_size"]) == (
+        "cpu", "fp32", "eager", "resident", 1)
+    assert ran["batch_per_rank"] * ran["world_size"] == ran["global_batch"] and ran["step_reason"]
 
 
 @pytest.mark.timeout(120)

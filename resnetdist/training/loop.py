@@ -17,7 +17,7 @@ import torch
 from .. import dist
 from ..config import RunConfig
 from ..errors import NonFiniteLoss
-from ..progress import RunBar
+from .bar import RunBar
 
 
 class Step(Protocol):

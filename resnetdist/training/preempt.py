@@ -21,7 +21,7 @@ from typing import Iterator
 
 from .. import dist
 from ..errors import Preempted
-from ..progress import RunBar
+from .bar import RunBar
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 

@@ -26,7 +26,7 @@ from ..data.feed import Feed, feed_for
 from ..data.order import iters_per_epoch
 from ..errors import Preempted
 from ..models import build_model, count_parameters
-from ..progress import RunBar
+from .bar import RunBar
 from ..rundir import RunDir
 from .evaluate import error_rates, model_layout as memory_format  # evaluation uses the same layout
 from .graph import CudaOps
