@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .checkpoint import SIDECAR, atomic_save, atomic_write_text, load
+from .config import RunConfig, dumps_toml, to_toml
 from .errors import INTERRUPTED, PREEMPTED, RunDirBusy, WriteError
 
 CHECKPOINT = re.compile(r"ckpt_(\d+)\.pt$")
@@ -241,10 +242,12 @@ class RunDir:
     def write_model(self, weights: dict[str, Any]) -> None:
         atomic_save(weights, self.model)
 
-    def write_text(self, path: Path, text: str) -> None:
-        """config.toml or resolved.toml, atomically, the folder made if needed."""
+    def write_config(self, cfg: RunConfig, resolved: dict[str, Any]) -> None:
+        """config.toml (the configuration as loaded) and resolved.toml (what this machine made
+        of it: training/plan.Plan), atomically, the folder made if needed."""
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, text)
+        for path, text in zip((self.config, self.resolved), config_texts(cfg, resolved)):
+            atomic_write_text(path, text)
 
     def state(self, iterations: int | None, name: str | None = None) -> RunState:
         """Where the run stands, from the folder alone (any process, any time; the lock is only
@@ -324,8 +327,9 @@ def log_lines(log: Path) -> list[str]:
 
 def append_exit(log: Path, code: int) -> None:
     """A suite run's exit code, last in its log: `state` reads it back from there."""
-    with open(self.log, "a") as log:
-        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} exit code {code}\n")
+    with open(log, "a") as f:
+        f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} exit code {code}\n")
+
 
 def log_ending(log: Path) -> tuple[int | None, str]:
     """(the exit code a suite appended after the run's last start, the run's own last line:
@@ -333,6 +337,11 @@ def log_ending(log: Path) -> tuple[int | None, str]:
     lines = log_lines(log)
     code = int(m.group(1)) if lines and (m := EXIT_LINE.match(lines[-1])) else None
     return code, next((line.strip() for line in reversed(lines) if not line.startswith("===")), "")
+
+
+def config_texts(cfg: RunConfig, resolved: dict[str, Any]) -> tuple[str, str]:
+    """The text of config.toml and of resolved.toml (its one table, [resolved])."""
+    return to_toml(cfg), dumps_toml({"resolved": resolved})
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -266,7 +266,8 @@ def test_cuda_graph_is_the_default_and_gathers_in_place_and_loads_in_place(tiny_
     cfg, ctx, data, model, optimizer = cuda_parts(tiny_data)
     plan = resolve(cfg, 1)
     assert plan.step == "graph"
-    step = make_step(cfg, plan, ctx, model, optimizer, data)
+    mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
+    step = make_step(cfg, plan, ctx, model, optimizer, mean)
     assert step.kind == "graph", step.capture_error
     loaders = open_loaders(cfg.data, data, ctx, B, 0)
     drive(step, loaders, 5)

@@ -8,11 +8,12 @@ Output for programs stays in summary.json and `train --json`.
 from __future__ import annotations
 
 from pathlib import Path
+from dataclasses import asdict
 from typing import Any, Protocol
 
-from ..config import RunConfig, dumps_toml
+from ..config import RunConfig
 from ..progress import duration, plural
-from ..rundir import RunDir
+from ..rundir import RunDir, config_texts
 from .plan import Plan
 
 
@@ -64,8 +65,8 @@ def dry_run(cfg: RunConfig, plan: Plan, start: Start, notes: list[str] = ()) -> 
     rows = facts(cfg, plan, start)
     if plan.device == "cpu":  # not measured here: the dry run takes no step
         rows.append(("estimate", cpu_estimate(cfg, plan, start.iteration) + "; the run measures its own"))
-    lines = [f"# configuration of {cfg.run_dir}", dumps_toml(cfg.to_dict()).rstrip(), "",
-             "# resolved on this machine", plan.to_toml().rstrip(), "",
+    config, resolved = config_texts(cfg, asdict(plan))
+    lines = [f"# configuration of {cfg.run_dir}", config.rstrip(), "", "# resolved on this machine", resolved.rstrip(), "",
              "would run (--dry-run: nothing was started or written):", format_facts(rows)]
     return "\n".join([*lines, *(f"  note: {n}" for n in notes)])
 

@@ -96,9 +96,10 @@ def drain(step: Step, progress: Progress, it: int) -> dict[str, float]:
     return {"iter": it, "train_loss": stats[0] / count, "train_error": 100.0 * stats[1] / count, "lr": step.lr_of(it)}
 
 
-def evaluation_record(step: Step, progress: Progress, errors: dict[str, float], it: int, steps_per_epoch: int,
-                      global_batch: int) -> dict[str, float]:
-    """The training window since the last evaluation, with this evaluation's errors; resets the window."""
+def evaluation(step: Step, progress: Progress, errors: dict[str, float], it: int, steps_per_epoch: int,
+               global_batch: int) -> tuple[dict[str, float], str]:
+    """The evaluation record (the training window since the last evaluation, with this
+    evaluation's errors; the window is reset) and its line for the terminal."""
     loss_sum, wrong, count = progress.window
     record = {
         "iter": it,
@@ -111,11 +112,8 @@ def evaluation_record(step: Step, progress: Progress, errors: dict[str, float], 
         "train_seconds": progress.train_seconds,
     }
     progress.window[:] = 0
-    return record
-
-
-def evaluation_line(record: dict[str, float], errors: dict[str, float]) -> str:
-    return (f"iter {record['iter']:>6}  lr {record['lr']:.4g}  train loss {record['train_loss']:.4f}  "
+    line = (f"iter {record['iter']:>6}  lr {record['lr']:.4g}  train loss {record['train_loss']:.4f}  "
             f"train err {record['train_error']:.2f}%  "
             + "  ".join(f"{k.removesuffix('_error')} err {v:.2f}%" for k, v in errors.items()))
+    return record, line
 

@@ -7,12 +7,11 @@ really runs (a graph whose capture failed runs eagerly).
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import ConfigError, RunConfig, dumps_toml
+from ..config import ConfigError, RunConfig
 from .step import choose_kind, default_precision
 
 
@@ -32,10 +31,7 @@ class Plan:
         """The plan with the step that runs: a graph whose capture failed runs eagerly."""
         if kind == self.step:
             return self
-        return dataclasses.replace(self, step=kind, step_reason=f"graph capture failed: {capture_error}")
-
-    def to_toml(self) -> str:
-        return dumps_toml({"resolved": dataclasses.asdict(self)})
+        return replace(self, step=kind, step_reason=f"graph capture failed: {capture_error}")
 
 
 def resolve(cfg: RunConfig, world_size: int) -> Plan:

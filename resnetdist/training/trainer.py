@@ -23,14 +23,13 @@ from ..data import Cifar10, Loaders, open_loaders
 from ..data.augment import training_mean
 from ..data.epochs import EpochTable, epoch_table_for
 from ..data.feed import Feed, feed_for
-from ..data.order import iters_per_epoch
 from ..errors import Preempted
 from ..models import build_model, count_parameters
 from .bar import RunBar
 from ..rundir import RunDir
 from .evaluate import error_rates, model_layout as memory_format  # evaluation uses the same layout
 from .graph import CudaOps
-from .loop import Cadence, Progress, after_step, drain, evaluation_line, evaluation_record, take_steps
+from .loop import Cadence, Progress, after_step, drain, evaluation, take_steps
 from .optim import TensorLRSGD
 from .preempt import Notice
 from .plan import Plan, resolve
@@ -51,10 +50,10 @@ def make_model(cfg: RunConfig, ctx: dist.DistContext) -> tuple[nn.Module, Tensor
 
 
 def make_step(cfg: RunConfig, plan: Plan, ctx: dist.DistContext, model: nn.Module, optimizer: TensorLRSGD,
-              data: Cifar10, ops: CudaOps | None = None, source: EpochTable | None = None) -> TrainStep:
-    """The step of plan.step; a graph whose capture fails becomes the eager step (step.kind
-    says which runs). With a source, the step gathers its own inputs."""
-    mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
+              mean: torch.Tensor, ops: CudaOps | None = None, source: EpochTable | None = None) -> TrainStep:
+    """The step of plan.step, inputs normalised with `mean` (the data's mean image, on the
+    device); a graph whose capture fails becomes the eager step (step.kind says which runs).
+    With a source, the step gathers its own inputs."""
     with dist.stage("model broadcast (DDP set-up)"):
         return build_step(model, optimizer, mean, lr_table(cfg.optim, plan.lr_scale, cfg.dist.scale_warmup_iters),
                           kind=plan.step, compile_mode=cfg.train.compile, precision=plan.precision,
@@ -70,19 +69,20 @@ def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | N
     It starts at iteration 0; Trainer.load continues from a checkpoint."""
     plan = plan or resolve(cfg, ctx.world_size)
     loaders = open_loaders(cfg.data, data, ctx, plan.global_batch, cfg.train.seed)
-    model, optimizer = make_model(cfg, ctx)
     # a resident loader's epochs go to the device whole: the step gathers each batch itself
     source = epoch_table_for(loaders.train, cfg.train.seed, plan.global_batch, ctx.rank, ctx.world_size)
     if source is not None:
         source.load(0)  # before capture: the warm-up reads it
-    step = make_step(cfg, plan, ctx, model, optimizer, data, ops, source)
+    mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
+    model, optimizer = make_model(cfg, ctx)
+    step = make_step(cfg, plan, ctx, model, optimizer, mean, ops, source)
+    plan = plan.ran(step.kind, step.capture_error)
     feed = feed_for(loaders.train, source, cfg.train.seed, plan.global_batch, ctx.rank, ctx.world_size,
                     out=step.inputs.out if step.inputs else None)
     data_facts = {"train_images": len(data.train), "test_images": len(data.test),
                   "val_images": len(data.val) if data.val is not None else 0,
                   "data_identity": data.identity}  # cifar10 | modified | unknown (data/cifar.py identity)
-    return Trainer(cfg, plan.ran(step.kind, step.capture_error), ctx, model, optimizer, step, loaders, feed,
-                   iters_per_epoch(len(data.train), plan.global_batch), data_facts, stop)
+    return Trainer(cfg, plan, ctx, model, optimizer, step, loaders, feed, loaders.train.steps, data_facts, stop)
 
 
 class Logger(Protocol):
@@ -143,9 +143,9 @@ class Trainer:
                 if eval_now:
                     with dist.stage(f"evaluation at iteration {it}"):
                         errors = self.evaluate()
-                    progress.last_eval = evaluation_record(step, progress, errors, it, self.steps_per_epoch,
-                                                           self.plan.global_batch)
-                    bar.write(evaluation_line(progress.last_eval, errors))
+                    progress.last_eval, line = evaluation(step, progress, errors, it, self.steps_per_epoch,
+                                                          self.plan.global_batch)
+                    bar.write(line)
                     logger.log(progress.last_eval, "eval")
                 if ckpt_now or reason:
                     self.checkpoint()

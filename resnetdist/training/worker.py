@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch
 from .. import checkpoint, dist
 from ..rundir import RunDir
 from . import announce, preempt
-from ..config import ConfigError, RunConfig, check_same_experiment, to_toml
+from ..config import ConfigError, RunConfig, check_same_experiment
 from ..data import Cifar10, load_data, load_data_on_every_rank
 from .metrics import NullLogger, open_logger
 from .plan import Plan, resolve
@@ -135,16 +135,21 @@ def agreed_start(cfg: RunConfig, ctx: dist.DistContext) -> Start:
 
 
 def main(cfg: RunConfig, prepared: Prepared | None = None) -> dict[str, Any]:
-    """Train on this rank; `prepared` is what preflight found, if it ran here. From here on a
-    SIGTERM or SIGUSR1 stops the run at the next log point with a checkpoint (Preempted)."""
+    """Train on this rank; `prepared` is what preflight found, if it ran here. The process's
+    part: the process group (and the hang watchdog) and, from here on, a SIGTERM or SIGUSR1
+    noted to stop the run at the next log point with a checkpoint (Preempted)."""
     with preempt.notice() as notice:
-        return train_rank(cfg, prepared or preflight(cfg, dist.world_size_from_env()), notice)
+        prepared = prepared or preflight(cfg, dist.world_size_from_env())
+        ctx = dist.setup(prepared.plan.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s)
+        try:
+            return train_rank(cfg, prepared, ctx, notice)
+        finally:
+            dist.cleanup()
 
 
-def train_rank(cfg: RunConfig, prepared: Prepared, notice: preempt.Notice) -> dict[str, Any]:
+def train_rank(cfg: RunConfig, prepared: Prepared, ctx: dist.DistContext, notice: preempt.Notice) -> dict[str, Any]:
+    """The run on this rank, in its process group (main)."""
     plan, data = prepared.plan, prepared.data
-    ctx = dist.setup(plan.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s)
-    run = RunDir(cfg.run_dir)
     run_lock = None
     try:
         start = agreed_start(cfg, ctx)
@@ -153,14 +158,14 @@ def train_rank(cfg: RunConfig, prepared: Prepared, notice: preempt.Notice) -> di
         if ctx.is_main and data.record_count_note():  # a stand-in or a cut file: say what trains
             print(data.record_count_note(), file=sys.stderr, flush=True)
         if ctx.is_main:
+            run = RunDir(cfg.run_dir)  # rank 0's: the other ranks write nothing
             run_lock = run.acquire()  # before anything is written there (RunDirBusy if held)
             print(announce.header(cfg, plan, start, data.eval_images(), data.describe()), flush=True)
         trainer = build(cfg, ctx, data, stop=notice, plan=plan)
         if start.state is not None:
             trainer.load(start.state)
         if ctx.is_main:  # the configuration as loaded, and beside it what ran (the step built)
-            run.write_text(run.config, to_toml(cfg))
-            run.write_text(run.resolved, trainer.plan.to_toml())
+            run.write_config(cfg, asdict(trainer.plan))
         logger = open_logger(cfg.log, cfg.run_dir, cfg.to_dict(), cfg.name, cfg.model.name, cfg.tags,
                              trainer.progress.iteration, trainer.wandb_id) if ctx.is_main else NullLogger()
         try:
@@ -174,7 +179,6 @@ def train_rank(cfg: RunConfig, prepared: Prepared, notice: preempt.Notice) -> di
         logger.close()
         return summary
     finally:
-        dist.cleanup()
         if run_lock is not None:
             run_lock.release()
 
