@@ -48,7 +48,7 @@ def train(
     loader: Optional[str] = typer.Option(None, help="resident (the dataset kept on the training device) | ffcv"),
     nproc_per_node: int = typer.Option(0, help="launch N workers with torchrun (0: this process only)"),
     max_restarts: int = typer.Option(0, help="with --nproc-per-node: elastic restarts after a worker dies"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved configuration (TOML) and what would run; start and write nothing"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the configuration and what this machine resolves of it (TOML) and what would run; start and write nothing"),
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line per rank (the result) instead of the summary in words"),
 ) -> None:
     """Train a ResNet or plain net with the paper's recipe."""
@@ -132,7 +132,7 @@ def show_finished(summary: dict[str, Any], cfg: RunConfig, as_json: bool) -> Non
 
 def show_dry_run(cfg: RunConfig, world_size: int) -> None:
     """The checks a run makes before it starts (the data read, not downloaded), then the
-    resolved configuration and what would run; nothing is written."""
+    configuration with what this machine resolves of it, and what would run; nothing is written."""
     from .data.cifar import locate
     from .dist import launch_rank
     from .training.announce import dry_run

@@ -1,31 +1,17 @@
 """One run's folder: its layout, its lock, its checkpoints and where it stands. Every part of
 the package that reads or writes a run folder (the worker, `reproduce`, `runs`/`--status`, the
-report, `eval`, `export`) asks a `RunDir`; no other module spells a file name of the folder.
+report, `eval`, `export`) asks a `RunDir`; no other module spells a file name of the folder
+(docs/run-directory.md lists them). A RunDir holds no state but its path: one process may drive
+several.
 
-    config.toml      the configuration as loaded (never rewritten by the run)
-    resolved.toml    what this machine resolved: device, precision, step (and why), loader,
-                     world size, batch per rank (training/plan.py)
-    metrics.jsonl    training and evaluation records (training/metrics.py)
-    summary.json     the result: written last, so its presence with the planned length and a
-                     test error is what "finished" means (`finished`, the one rule)
-    model.pt         the final weights with config and mean image (eval, export)
-    ckpt_NNNNNNN.pt  checkpoints (and their .sha256 sidecars), the newest `keep` kept
-    train.log        a suite run's output (suite/reproduce.py); a run started by hand has none
-    .lock            the lock of the process that trains (below)
-    .NAME.tmp-PID    temporaries of checkpoint.atomic_write, removed by the next lock holder
-
-The lock: `acquire` takes an exclusive `fcntl.flock` on .lock. The kernel drops it when the
-holder's descriptor closes, including any death of the process (SIGKILL, OOM kill, reboot), so
-a dead run never leaves a lock behind and there is no stale-lock guessing. The pid, host, start
-time and command written into the file are for messages only. The file is never deleted
-(deleting a lock file races with a process that has just opened it). Rank 0 holds it from
-before anything is written until training returns; a launcher and `runs` only probe it
-(`check_free`: a shared, non-blocking flock released at once), so they never block the run.
-The descriptor is close-on-exec, so programs the trainer starts do not inherit it. flock works
-on local file systems and NFS v4; on file systems without working locks every probe sees a free
-directory.
-
-A RunDir holds no state but its path: several can be driven by one process.
+The lock: `acquire` takes an exclusive `fcntl.flock` on .lock, which the kernel drops when the
+holder's descriptor closes, including any death of the process (SIGKILL, OOM kill, reboot): a
+dead run never leaves a lock behind, and there is no stale-lock guessing. The pid, host, start
+and command written into the file are for messages only; the file is never deleted (that races
+with a process that has just opened it). Rank 0 holds it from before anything is written until
+training returns; a launcher and `runs` only probe it (`check_free`: a shared, non-blocking
+flock released at once), so they never block the run. The descriptor is close-on-exec. flock
+works on local file systems and NFS v4; where locks do not work every probe sees a free folder.
 """
 
 from __future__ import annotations
@@ -42,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .checkpoint import SIDECAR, atomic_save, atomic_write_text, load
-from .config import RunConfig, dumps_toml, to_toml
+from .config import RunConfig, dumps_toml, from_dict, read_toml, to_toml
 from .errors import INTERRUPTED, PREEMPTED, RunDirBusy, WriteError
 
 CHECKPOINT = re.compile(r"ckpt_(\d+)\.pt$")
@@ -52,13 +38,11 @@ STATES = ("fresh", "resumable", "running", "stopped", "failed", "finished")
 
 @dataclass(frozen=True)
 class RunState:
-    """Where a run folder stands (RunDir.state). `kind` is one of STATES:
-    fresh: nothing trained yet; resumable: not running, nothing says why it ended (a kill, a
-    crash without a log, a run started by hand), `checkpoint` to continue from (None: starts
-    over); running: a live process holds the lock (`holder`: its pid, host, start, command),
-    `iteration` the newest metrics record's; stopped: ended by a Ctrl-C or a preemption notice
-    at a checkpoint; failed: the log ends with an error or a non-zero exit code (`exit_code`,
-    `last_line`); finished: `summary` holds the result."""
+    """Where a run folder stands (RunDir.state), `kind` one of STATES. fresh: nothing trained;
+    resumable: not running, nothing says why it ended (a kill, a crash, a run started by hand),
+    `checkpoint` to continue from (None: starts over); running: a live process holds the lock
+    (`holder`); stopped: by a Ctrl-C or a preemption notice, at a checkpoint; failed: the log
+    ends with an error or a non-zero exit code (`exit_code`, `last_line`); finished: `summary`."""
 
     kind: str
     iteration: int | None = None  # running: newest metrics record; others: the newest checkpoint's
@@ -222,6 +206,13 @@ class RunDir:
         return stale
 
     # ----- results -----------------------------------------------------------------------------
+
+    def read_config(self) -> RunConfig | None:
+        """config.toml as a configuration, or None: absent, unreadable, or from another version."""
+        try:
+            return from_dict(read_toml(self.config), str(self.config))
+        except Exception:  # noqa: BLE001 - any fault of the file means "unknown" to a reader
+            return None
 
     def read_summary(self) -> dict[str, Any] | None:
         """summary.json as written, or None: absent, unreadable or not an object."""

@@ -18,7 +18,7 @@ import torch
 
 from resnetdist import checkpoint
 from resnetdist.errors import RunDirBusy
-from resnetdist.rundir import RunDir
+from resnetdist.rundir import RunDir, append_exit
 
 from .conftest import REPO, RESUMABLE, TINY, cli_env, run_cli
 from .helpers import assert_bitwise_equal, final_weights, temp_files, wait_for
@@ -107,6 +107,30 @@ def test_run_directory_lock_refuses_a_second_holder_and_is_released(tmp_path):
             assert str(run) in str(info.value) and f"pid {os.getpid()} on host" in str(info.value)
     RunDir(run).check_free()
     RunDir(run).acquire().release()
+
+
+def test_a_run_folder_states_where_it_stands_by_one_rule(tmp_path):
+    """RunDir.state, from the folder alone: fresh, resumable from the newest checkpoint, stopped
+    or failed by the log's end, running while the lock is held, finished only by a summary of
+    this run's length (and name) with a test error."""
+    run = RunDir(tmp_path / "run")
+    assert run.state(30).kind == "fresh" and not (tmp_path / "run").exists()
+    run.path.mkdir()
+    run.checkpoints.save(10, fake_state(10), keep=2)
+    run.checkpoints.save(20, fake_state(20), keep=2)
+    state = run.state(30)
+    assert (state.kind, state.iteration, state.checkpoint) == ("resumable", 20, run.checkpoints.path(20))
+    run.log.write_text("interrupted: stopped at iteration 20\n")
+    assert run.state(30).kind == "stopped"
+    append_exit(run.log, 1)
+    state = run.state(30)
+    assert (state.kind, state.exit_code, state.last_line) == ("failed", 1, "interrupted: stopped at iteration 20")
+    with run.acquire():
+        assert run.state(30).kind == "running" and run.state(30).holder["pid"] == os.getpid()
+    run.write_summary({"name": "r", "iterations": 20, "test_error": 9.0})  # another length: not this run's end
+    assert run.state(30).kind == "failed" and run.finished(30) is None
+    run.write_summary({"name": "r", "iterations": 30, "test_error": 9.0})
+    assert run.state(30).summary["test_error"] == 9.0 and run.finished(30, "r") and run.finished(30, "other") is None
 
 
 def test_probing_a_directory_creates_nothing(tmp_path):

@@ -77,7 +77,7 @@ def test_suite_wandb_group_model_artifacts_and_summary_table(suites):
         (artifact,) = artifacts
         assert artifact.type == "model" and artifact.name == f"model-{name}"
         files = {entry.path: entry.digest for entry in artifact.manifest.contents}
-        assert files == {f: wandb_md5(out / name / f) for f in ("model.pt", "mean.npy", "config.toml")}
+        assert files == {f: wandb_md5(out / name / f) for f in ("model.pt", "mean.npy", "config.toml", "resolved.toml")}
         assert json.loads(artifact.metadata)["test_error"] == final_errors(out)[name]
 
     (folder,) = (out / "suite" / "wandb").glob("offline-run-*")

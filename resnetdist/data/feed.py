@@ -1,15 +1,9 @@
 """Where each iteration's batch comes from, on the rank's device: the data side's feed. The
-loop asks it for batches from an iteration on (`batches(start)`) and hands each to the step.
-
-- `Feed`: a loader's batches with draw_params(seed, iteration), this rank's slice of both;
-  with `out`, the loader gathers each batch straight into those buffers (a graphed step's
-  inputs: one copy, not two).
-- data/epochs.EpochTable: a resident loader's epochs on the device, for a step that gathers
-  its own inputs (it yields () per iteration).
-
-`feed_for` picks one; neither knows what steps consume them, and the loop's heartbeat is the
-loop's own.
-"""
+loop asks it for the batches from an iteration on (`batches(start)`) and hands each to the step.
+`Feed`: a loader's batches with draw_params(seed, iteration), this rank's slice of both
+(with `out`, gathered straight into those buffers: a graphed step's inputs, one copy, not two);
+data/epochs.EpochTable: a resident loader's epochs on the device, for a step that gathers its
+own inputs (it yields () per iteration). `feed_for` picks one."""
 
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import from_dict, read_toml
 from ..rundir import RunDir
 
 
@@ -118,10 +117,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def _config_info(path: Path) -> dict[str, Any]:
     """model / seed / iterations from config.toml, for a run that has no summary yet."""
-    try:
-        config = RunDir(path).config
-        cfg = from_dict(read_toml(config), str(config))
-    except Exception:  # noqa: BLE001 - missing or unreadable: fall back to the folder name
+    cfg = RunDir(path).read_config()
+    if cfg is None:  # missing or unreadable: fall back to the folder name
         return {}
     o = cfg.optim
     recipe = {"optim.batch_size": o.batch_size, "optim.lr": o.lr, "optim.momentum": o.momentum,
@@ -174,10 +171,8 @@ def load_runs(paths: list[Path], skip_empty: bool = False) -> tuple[list[RunReco
 
 
 def config_data_dir(path: Path) -> str | None:
-    try:
-        return read_toml(RunDir(path).config).get("data", {}).get("dir") or None
-    except Exception:  # noqa: BLE001
-        return None
+    cfg = RunDir(path).read_config()
+    return (cfg.data.dir or None) if cfg is not None else None
 
 
 def group_runs(runs: list[RunRecords]) -> dict[tuple[bool, int, int], list[RunRecords]]:

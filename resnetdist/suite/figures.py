@@ -9,7 +9,6 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import from_dict, read_toml
 from ..rundir import RunDir
 from .discover import RunRecords, distinct_seeds
 
@@ -184,10 +183,8 @@ def lr_steps(run: RunRecords) -> list[tuple[int, float]]:
     and warm-up); the logged lr of each evaluation when there is no readable config."""
     from ..training import lr_at
 
-    try:
-        config = RunDir(run.path).config
-        cfg = from_dict(read_toml(config), str(config))
-    except Exception:  # noqa: BLE001 - an older or hand-made run folder
+    cfg = RunDir(run.path).read_config()
+    if cfg is None:  # an older or hand-made run folder
         return [(int(r["iter"]), float(r["lr"])) for r in run.records if r.get("lr")]
     world = int((run.summary or {}).get("world_size", 1))
     scale = world if cfg.dist.batch_scaling == "per_rank" else 1

@@ -45,9 +45,8 @@ from ..data import open_loaders
 from ..data.augment import augment
 from ..data.cifar import Cifar10, Split, load_cifar10, write_synthetic
 from ..data.feed import Feed
-from ..training.loop import take_steps
 from ..models import build_model
-from ..training.trainer import build
+from ..training import build, take_steps
 
 BATCH = 128
 LOSS_READ_EVERY = 100  # the baseline's progress-meter read-back (a host sync), as public loops log

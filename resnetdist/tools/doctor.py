@@ -38,8 +38,7 @@ from .bench import sync, timed
 from ..config import load_config
 from ..data import load_data
 from ..data.cifar import IDENTITY_WORDS, DataError, identity, locate, write_synthetic
-from ..training.loop import take_steps
-from ..training.trainer import build
+from ..training import build, take_steps
 
 NEEDS_CUDA = "skipped: needs CUDA"
 

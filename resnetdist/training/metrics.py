@@ -244,7 +244,7 @@ class WandbSink:
     def log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
         """The final weights as a W&B model artifact `model-<run name>`: model.pt, the mean image
         the inputs are normalised with (mean.npy, float32 (3, 32, 32), [0, 1] units) and the
-        resolved config.toml, so the artifact alone is enough to run the net."""
+        run's config.toml and resolved.toml, so the artifact alone is enough to run the net."""
         self._call(self._log_model, run_dir, mean, metadata)
 
     def _log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:

@@ -162,7 +162,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint holds: the uncompiled model, the optimizer, the progress (iteration,
-        training time, the metric window), the RNG states, the resolved config, the mean image,
+        training time, the metric window), the RNG states, the config, the mean image,
         the world size and the W&B run id: everything needed to continue bit for bit, and to
         evaluate or export alone."""
         progress, device = self.progress, self.ctx.device
@@ -205,7 +205,7 @@ class Trainer:
             dist.barrier()
 
     def finish(self) -> dict[str, Any]:
-        """The run's summary; rank 0 writes model.pt and summary.json."""
+        """The run's summary; rank 0 writes the final weights and the summary (RunDir)."""
         summary, cfg = summarize(self), self.cfg
         if self.ctx.is_main:
             weights = final_weights(self.model, cfg, cfg.optim.iters, self.step.mean)

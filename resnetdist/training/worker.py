@@ -158,9 +158,9 @@ def train_rank(cfg: RunConfig, prepared: Prepared, ctx: dist.DistContext, notice
         if ctx.is_main and data.record_count_note():  # a stand-in or a cut file: say what trains
             print(data.record_count_note(), file=sys.stderr, flush=True)
         if ctx.is_main:
-            run = RunDir(cfg.run_dir)  # rank 0's: the other ranks write nothing
-            run_lock = run.acquire()  # before anything is written there (RunDirBusy if held)
             print(announce.header(cfg, plan, start, data.eval_images(), data.describe()), flush=True)
+            run = RunDir(cfg.run_dir)  # rank 0's: the other ranks write nothing
+            run_lock = run.acquire()  # before anything is written there (RunDirBusy if held; preflight probed it)
         trainer = build(cfg, ctx, data, stop=notice, plan=plan)
         if start.state is not None:
             trainer.load(start.state)
