@@ -99,3 +99,7 @@ class RunBar:
         self.bar.close()
         if RunBar.active is self:
             RunBar.active = None
+
+
+def _short(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
