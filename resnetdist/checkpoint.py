@@ -108,7 +108,12 @@ def atomic_save(obj: Any, path: Path) -> str:
     written."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    data = buf.getbuffer()
+    return atomic_save_bytes(buf.getbuffer(), path)
+
+
+def atomic_save_bytes(data: bytes | memoryview, path: Path) -> str:
+    """`data` written to `path` atomically with its sha256 sidecar (written first); returns the
+    digest. (model.safetensors is written so, like model.pt.)"""
     digest = hashlib.sha256(data).hexdigest()
     path, sidecar = Path(path), checksum_path(Path(path))
     atomic_write_text(sidecar, f"{digest}  {path.name}\n")

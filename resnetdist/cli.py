@@ -20,6 +20,20 @@ app = typer.Typer(
 )
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from . import __version__
+
+        typer.echo(f"resnetdist {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="print the version and exit")) -> None:
+    pass
+
+
 def fail(message: str, code: int = BAD_INPUT) -> None:
     if message:  # empty: another rank prints the line (data/presence.py)
         typer.echo(f"error: {message}", err=True)
