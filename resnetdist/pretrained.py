@@ -43,14 +43,16 @@ class Classifier(nn.Module):
         return self.net(x.sub(self.mean))
 
 
-def to_bytes(classifier: Classifier, cfg: RunConfig, iteration: int) -> bytes:
-    """model.safetensors's bytes (written by checkpoint.atomic_save_bytes: atomic, checksummed)."""
-    from safetensors.torch import save
+def save(run_dir: Path, net: nn.Module, mean: torch.Tensor, cfg: RunConfig) -> Path:
+    """run_dir/model.safetensors: Classifier(net, mean)'s tensors and the run's metadata, written
+    as model.pt is (checkpoint.atomic_save_bytes: atomic, with its sha256 sidecar)."""
+    from safetensors.torch import save as to_bytes
 
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in classifier.state_dict().items()}
-    meta = {"format": "resnetdist", "model": cfg.model.name, "iteration": str(iteration),
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in Classifier(net, mean).state_dict().items()}
+    meta = {"format": "resnetdist", "model": cfg.model.name, "iteration": str(cfg.optim.iters),
             "config": json.dumps(cfg.to_dict(), sort_keys=True), "preprocess": PREPROCESS}
-    return save(tensors, metadata=meta)
+    checkpoint.atomic_save_bytes(to_bytes(tensors, metadata=meta), run_dir / FILE_NAME)
+    return run_dir / FILE_NAME
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Classifier:

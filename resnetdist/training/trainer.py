@@ -240,10 +240,7 @@ class Trainer:
         if self.ctx.is_main:
             weights = final_weights(self.model, cfg, cfg.optim.iters, self.step.mean)
             checkpoint.atomic_save(weights, cfg.run_dir / "model.pt")
-            # the same net and mean, loadable without pickle (resnetdist.load reads either file)
-            classifier = pretrained.Classifier(self.model, weights["mean"])
-            checkpoint.atomic_save_bytes(pretrained.to_bytes(classifier, cfg, cfg.optim.iters),
-                                         cfg.run_dir / pretrained.FILE_NAME)
+            pretrained.save(cfg.run_dir, self.model, weights["mean"], cfg)  # model.safetensors: the same, no pickle
             checkpoint.atomic_write_text(cfg.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
