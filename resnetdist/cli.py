@@ -289,16 +289,17 @@ def export_(
     format: str = typer.Option(..., "--format", "-f", help="safetensors | onnx"),
     out: Optional[Path] = typer.Option(None, help="output file (default: the checkpoint with .safetensors / .onnx)"),
     data_dir: Optional[Path] = typer.Option(None, help="only for old checkpoints without a stored mean image"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
 ) -> None:
     """Weights for use without this package: safetensors or ONNX (checked with onnxruntime), plus <name>.mean.npy."""
     from .checkpoint import CheckpointError
-    from .tools.export import ExportError, export
+    from .tools.export import ExportError, describe, export
 
     try:
         result = export(checkpoint, format, out, data_dir)
     except (ExportError, CheckpointError, ConfigError) as e:
         fail(str(e))
-    typer.echo(json.dumps(result))
+    typer.echo(json.dumps(result) if as_json else describe(result))
 
 
 @app.command()

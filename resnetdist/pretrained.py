@@ -4,8 +4,10 @@ returns logits. Every run writes one as `model.safetensors` beside `model.pt` (T
 `resnetdist.load` reads either file (or a run folder) back into one, in eval mode.
 
 model.safetensors is `Classifier.state_dict()` exactly (`mean`, then `net.*` as the trainer's
-CifarResNet names them) with string metadata: `format` (resnetdist), `model`, `iteration`,
-`config` (the run's resolved configuration as JSON, which rebuilds the net) and `preprocess`.
+CifarResNet names them) with string metadata: `format` (resnetdist), `model`, `depth`, `plain`,
+`shortcut`, `num_classes`, `iteration`, `config` (the run's resolved configuration as JSON,
+which rebuilds the net) and `preprocess`. `resnetdist export --format safetensors` writes the
+same (and the mean image beside it as .npy).
 It is read without pickle: `safetensors.torch.load_file` gives the tensors, and
 `safetensors.safe_open(path, "pt").metadata()` the rest.
 """
@@ -43,16 +45,28 @@ class Classifier(nn.Module):
         return self.net(x.sub(self.mean))
 
 
-def save(run_dir: Path, net: nn.Module, mean: torch.Tensor, cfg: RunConfig) -> Path:
-    """run_dir/model.safetensors: Classifier(net, mean)'s tensors and the run's metadata, written
-    as model.pt is (checkpoint.atomic_save_bytes: atomic, with its sha256 sidecar)."""
-    from safetensors.torch import save as to_bytes
+def metadata(cfg: RunConfig, iteration: int) -> dict[str, str]:
+    """model.safetensors's strings (`export` adds its own)."""
+    m = cfg.model
+    return {"format": "resnetdist", "model": m.name, "depth": str(m.depth), "plain": str(m.plain).lower(),
+            "shortcut": m.shortcut, "num_classes": str(m.num_classes), "iteration": str(iteration),
+            "config": json.dumps(cfg.to_dict(), sort_keys=True), "preprocess": PREPROCESS}
+
+
+def to_bytes(net: nn.Module, mean: torch.Tensor, meta: dict[str, str]) -> bytes:
+    """The safetensors file of Classifier(net, mean): its state dict and `meta`."""
+    from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in Classifier(net, mean).state_dict().items()}
-    meta = {"format": "resnetdist", "model": cfg.model.name, "iteration": str(cfg.optim.iters),
-            "config": json.dumps(cfg.to_dict(), sort_keys=True), "preprocess": PREPROCESS}
-    checkpoint.atomic_save_bytes(to_bytes(tensors, metadata=meta), run_dir / FILE_NAME)
-    return run_dir / FILE_NAME
+    return save(tensors, metadata=meta)
+
+
+def save(run_dir: Path, net: nn.Module, mean: torch.Tensor, cfg: RunConfig) -> Path:
+    """run_dir/model.safetensors, written as model.pt is (checkpoint.atomic_save_bytes: atomic,
+    with its sha256 sidecar)."""
+    path = run_dir / FILE_NAME
+    checkpoint.atomic_save_bytes(to_bytes(net, mean, metadata(cfg, cfg.optim.iters)), path)
+    return path
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
