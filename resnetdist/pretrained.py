@@ -87,6 +87,28 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
     return classifier.to(device).eval()
 
 
+def mean_of(state: dict[str, Any], cfg: RunConfig, path: Path, data_dir: Path | None) -> torch.Tensor:
+    """The mean image the run trained with: stored in the checkpoint by newer runs; else the
+    channel preset, else recomputed from the training data (which must then be reachable)."""
+    from .data.augment import training_mean
+
+    if "mean" in state:
+        return state["mean"].float().cpu()
+    if cfg.data.mean == "channel":
+        return training_mean(cfg.data.mean, cfg.data.channel_mean, None)
+    from .data.cifar import DataError, load_cifar10
+
+    folder = data_dir or (Path(cfg.data.dir) if cfg.data.dir else None)
+    try:
+        data = load_cifar10(folder, cfg.data.val_split)
+    except DataError as e:
+        raise CheckpointError(
+            f"{path} holds no mean image (an older checkpoint) and the training data to recompute it "
+            f"is not available ({e}); give its folder (export: --data-dir)"
+        ) from None
+    return training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
+
+
 def _config(tree: Any, path: Path) -> RunConfig:
     try:
         return from_dict(tree, f"{path} (config)")
@@ -95,16 +117,11 @@ def _config(tree: Any, path: Path) -> RunConfig:
 
 
 def _from_torch_file(path: Path) -> Classifier:
-    from .tools.export import ExportError, mean_of
-
     state = checkpoint.load_model_file(path)  # missing, truncated, foreign: one CheckpointError
     cfg = _config(state["config"], path)
     net = build_model(cfg.model)
     checkpoint.load_weights(net, state, path)
-    try:
-        mean = mean_of(state, cfg, path, None)  # stored by every run since the mean moved into model.pt
-    except ExportError as e:
-        raise CheckpointError(str(e)) from None
+    mean = mean_of(state, cfg, path, None)  # stored by every run since the mean moved into model.pt
     return Classifier(net, mean)
 
 

@@ -60,29 +60,7 @@ def load_for_export(path: Path, data_dir: Path | None = None) -> tuple[CifarResN
     model = build_model(cfg.model)
     checkpoint.load_weights(model, state, path)
     model.eval()
-    return model, cfg, mean_of(state, cfg, path, data_dir), state
-
-
-def mean_of(state: dict[str, Any], cfg: RunConfig, path: Path, data_dir: Path | None) -> torch.Tensor:
-    """The mean image the run trained with: stored in the checkpoint by newer runs; else the
-    channel preset, else recomputed from the training data (which must then be reachable)."""
-    from ..data.augment import training_mean
-
-    if "mean" in state:
-        return state["mean"].float().cpu()
-    if cfg.data.mean == "channel":
-        return training_mean(cfg.data.mean, cfg.data.channel_mean, None)
-    from ..data.cifar import DataError, load_cifar10
-
-    folder = data_dir or (Path(cfg.data.dir) if cfg.data.dir else None)
-    try:
-        data = load_cifar10(folder, cfg.data.val_split)
-    except DataError as e:
-        raise ExportError(
-            f"{path} holds no mean image (an older checkpoint) and the training data to recompute it "
-            f"is not available ({e}); pass --data-dir"
-        ) from None
-    return training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
+    return model, cfg, pretrained.mean_of(state, cfg, path, data_dir), state
 
 
 def metadata(cfg: RunConfig, state: dict[str, Any], mean_file: Path) -> dict[str, str]:
