@@ -182,6 +182,7 @@ class RunDir:
     metrics = property(lambda self: self.path / "metrics.jsonl")
     summary = property(lambda self: self.path / "summary.json")
     model = property(lambda self: self.path / "model.pt")
+    safetensors = property(lambda self: self.path / "model.safetensors")  # model.pt's weights, no pickle (pretrained.py)
     log = property(lambda self: self.path / "train.log")
     lock_file = property(lambda self: self.path / ".lock")
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import dist
+from .. import dist, pretrained
 from ..config import RunConfig
 from ..data import Cifar10, Loaders, open_loaders
 from ..data.augment import training_mean
@@ -205,12 +205,13 @@ class Trainer:
             dist.barrier()
 
     def finish(self) -> dict[str, Any]:
-        """The run's summary; rank 0 writes the final weights and the summary (RunDir)."""
+        """The run's summary; rank 0 writes the final weights (two files) and the summary."""
         summary, cfg = summarize(self), self.cfg
         if self.ctx.is_main:
             weights = final_weights(self.model, cfg, cfg.optim.iters, self.step.mean)
             run = RunDir(cfg.run_dir)
             run.write_model(weights)
+            pretrained.save(run.safetensors, self.model, weights["mean"], cfg)  # the same, no pickle
             run.write_summary(summary)
         return summary
 

@@ -134,13 +134,14 @@ def agreed_start(cfg: RunConfig, ctx: dist.DistContext) -> Start:
 # ----- the run ----------------------------------------------------------------------------------
 
 
-def main(cfg: RunConfig, prepared: Prepared | None = None) -> dict[str, Any]:
+def main(cfg: RunConfig, prepared: Prepared | None = None, signals: bool = True, on_hang: str = "exit") -> dict[str, Any]:
     """Train on this rank; `prepared` is what preflight found, if it ran here. The process's
-    part: the process group (and the hang watchdog) and, from here on, a SIGTERM or SIGUSR1
-    noted to stop the run at the next log point with a checkpoint (Preempted)."""
-    with preempt.notice() as notice:
+    part: the process group (and the hang watchdog; on_hang: dist.setup's, "raise" for
+    resnetdist.train, which must not end the calling process) and, with `signals`, from here on
+    a SIGTERM or SIGUSR1 noted to stop the run at the next log point with a checkpoint (Preempted)."""
+    with preempt.notice(install=signals) as notice:
         prepared = prepared or preflight(cfg, dist.world_size_from_env())
-        ctx = dist.setup(prepared.plan.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s)
+        ctx = dist.setup(prepared.plan.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s, on_hang)
         try:
             return train_rank(cfg, prepared, ctx, notice)
         finally:
