@@ -237,8 +237,8 @@ class LogConfig:
     wandb_entity: str = field(default="", metadata=doc("\"\" = $WANDB_ENTITY or your default entity"))
     wandb_group: str = field(default="", metadata=doc(
         "\"\" = the net name, so seeds of one net group together (reproduce: the suite)"))
-    wandb_job_type: str = field(default="", metadata=doc(
-        "\"\" = the net name, so a suite's runs can be told apart by net"))
+    wandb_job_type: str = field(default="train", metadata=doc(
+        "the run's role in W&B (a suite's report run is \"report\"); the net and seed are in its config and tags"))
     wandb_tags: list[str] = field(default_factory=list, metadata=doc("extra W&B tags"))
     wandb_init_timeout_s: int = field(default=60, metadata=doc(
         "online init gives up after this, and the run goes on offline"))
