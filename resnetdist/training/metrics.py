@@ -197,9 +197,13 @@ def run_params(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def wandb_settings(wandb, cfg: LogConfig):
     """The settings every run of this package opens W&B with (training runs and the suite's
-    report run): bounded init and finish, no console capture (the run's own log is train.log)."""
-    return wandb.Settings(init_timeout=float(cfg.wandb_init_timeout_s),
-                          finish_timeout=float(cfg.wandb_finish_timeout_s), silent=True, console="off")
+    report run): bounded init and finish, no console capture (the run's own log is train.log).
+    The finish bound is a public setting of wandb releases from 2026 on (`finish_timeout`);
+    an older wandb (>= 0.19.10, pyproject's floor) has none, and its finish waits for the upload."""
+    bounds = {"init_timeout": float(cfg.wandb_init_timeout_s)}
+    if "finish_timeout" in wandb.Settings.model_fields:
+        bounds["finish_timeout"] = float(cfg.wandb_finish_timeout_s)
+    return wandb.Settings(silent=True, console="off", **bounds)
 
 
 class WandbSink:
