@@ -269,7 +269,7 @@ def test_dry_run_prints_the_resolved_config_and_what_would_run_and_writes_nothin
                                           "data": {"dir": str(tiny_data)}},
                                    overrides=["optim.milestones=[500,1500]"], iters=2000)).to_dict()
     assert resolved == expected and resolved["optim"]["milestones"] == [500, 1500]
-    for fact in ("net             resnet8 (75,290 parameters)", "device          cpu, 1 rank", "precision       fp32",
+    for fact in ("net             ResNet-8 (75,290 parameters)", "device          cpu, 1 rank", "precision       fp32",
                  "step            eager", "loader          resident", "iterations      2,000",
                  "batch per rank  128", f"run directory   {out}", "start           fresh start"):
         assert fact in plan, plan
