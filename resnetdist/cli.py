@@ -338,7 +338,8 @@ def export_(
 @app.command()
 def reproduce(
     depths: str = typer.Option("20,32,44,56", help="comma-separated depths, each 6n+2"),
-    plain: bool = typer.Option(True, "--plain/--no-plain", help="also train the plain nets"),
+    plain: bool = typer.Option(True, "--plain/--resnet", help="the plain nets beside the ResNets (Figure 6's comparison), or the ResNets alone"),
+    no_plain: bool = typer.Option(False, "--no-plain", hidden=True, help="the same as --resnet (its older name)"),
     seeds: int = typer.Option(1, help="seeds 0..K-1 of every net"),
     gpus: Optional[str] = typer.Option(None, help="GPU ids, e.g. 0,1,2,3 (default: all visible)"),
     runs_per_gpu: int = typer.Option(1, help="runs sharing each GPU at a time, as separate processes"),
@@ -347,8 +348,8 @@ def reproduce(
     data_dir: Optional[Path] = typer.Option(None, help="folder holding cifar-10-batches-bin/ or the tarball"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="base TOML for every run"),
     overrides: list[str] = typer.Option([], "--set", help="section.key=value for every run, repeatable"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
-    launcher: str = typer.Option("local", help="local (this machine) | slurm (one job array)"),
+    device: Optional[Device] = typer.Option(None, help="default: auto (cuda when torch sees a GPU)"),
+    launcher: Launcher = typer.Option("local", help="local (this machine) or slurm (one job array)"),
     partition: str = typer.Option("", help="slurm: partition"),
     account: str = typer.Option("", help="slurm: account"),
     time_limit: str = typer.Option("", "--time", help="slurm: time limit per array task, e.g. 04:00:00"),
@@ -366,8 +367,9 @@ def reproduce(
 
     if status is not None:
         return show_suite_status(status, as_json)
+    plain, device = plain and not no_plain, _value(device)
     schedule = None
-    if launcher == "slurm":
+    if launcher == Launcher.slurm:
         from functools import partial
 
         from .suite.slurm import SlurmOptions, run_suite as slurm_suite
@@ -377,8 +379,6 @@ def reproduce(
         opts = SlurmOptions(partition, account, time_limit, gpus_per_task, runs_per_task, list(sbatch_args),
                             wait, dry_run, poll_s)
         schedule = partial(slurm_suite, out=out, opts=opts, echo=typer.echo)
-    elif launcher != "local":
-        fail(f"--launcher must be local or slurm, got {launcher!r}")
     elif dry_run or not wait:
         fail("--dry-run and --no-wait are for --launcher slurm")
     try:

@@ -229,7 +229,9 @@ class WandbSink:
         import wandb
 
         self.wandb = wandb
-        self.id = run_id or uuid.uuid4().hex[:12]
+        # a checkpoint's id continues its run; else $WANDB_RUN_ID, which a W&B sweep agent sets for
+        # the run it starts (so the run joins the sweep); else a new one
+        self.id = run_id or os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:12]
         self.mode = cfg.wandb_mode  # resolved at preflight (trainer.resolve)
         kwargs = dict(
             project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "resnetdist",
