@@ -85,7 +85,7 @@ class RunBar:
     def show(self, loss: float, error: float) -> None:
         text = f"loss {loss:.3f} err {error:.1f}%" if columns() >= NARROW else f"{loss:.2f} {error:.0f}%"
         if self.stop_at:
-            text = f"stopping at {self.stop_at:,}"
+            text = f"{'finishing' if self.stop_at >= self.total else 'stopping'} at {self.stop_at:,}"
         self.bar.set_postfix_str(text, refresh=False)
         if not self.measured:
             self.measured = True
@@ -110,10 +110,11 @@ class RunBar:
         rate = self.seconds_per_iteration()
         left = self.stop_at - self.latest
         when = f" (about {_short(rate * left)})" if rate else f" ({plural(left, 'iteration')} away)"
-        self.bar.set_postfix_str(f"stopping at {self.stop_at:,}", refresh=False)  # an attribute, drawn next tick
-        if self.stop_at >= self.total:
-            return (f"the next point where the run can stop is its end, iteration {self.total:,}{when}: it "
-                    f"finishes there (final evaluation, model.pt) rather than stopping early")
+        ends = self.stop_at >= self.total
+        # an attribute, drawn at the next tick
+        self.bar.set_postfix_str(f"{'finishing' if ends else 'stopping'} at {self.stop_at:,}", refresh=False)
+        if ends:
+            return f"the run's next stop is its end, iteration {self.total:,}{when}: it finishes there (final evaluation, model.pt)"
         return f"stopping at iteration {self.stop_at:,} to write a checkpoint{when}"
 
     def write(self, line: str) -> None:

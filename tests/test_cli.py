@@ -146,8 +146,8 @@ def test_a_first_ctrl_c_says_where_the_run_stops_and_the_end_is_said_once(capsys
     short = bar(60, 100, 100)  # a 60-iteration run: its only stop is its end
     short.tick(20)
     said = short.stopping()
-    assert said.startswith("the next point where the run can stop is its end, iteration 60 (about ")
-    assert "it finishes there (final evaluation, model.pt) rather than stopping early" in said
+    assert said.startswith("the run's next stop is its end, iteration 60 (about ")
+    assert said.endswith("it finishes there (final evaluation, model.pt)")
     short.close()
     mid = bar(300, 50, 20)  # the loop stops at log and evaluation points alike: 40 comes first
     mid.tick(25)
