@@ -173,19 +173,19 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, tiny_data):
     # what the killed attempt had flushed (wandb writes its log every ~2 s) belongs to the same run
     if killed.runs:
         assert killed.run.run_id == run_id
-    assert [h["iter"] for h in killed.history if "test_error" in h] in ([], [10])
-    assert [h["iter"] for h in resumed.history if "test_error" in h] == [20, 30]
+    assert [h["iter"] for h in killed.history if "eval/test_error" in h] in ([], [10])
+    assert [h["iter"] for h in resumed.history if "eval/test_error" in h] == [20, 30]
     pieces = [killed, resumed]
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["iter"] for r in records] == [10, 20, 30]
     jsonl = {r["iter"]: r["test_error"] for r in records}
-    for h in (h for p in pieces for h in p.history if "test_error" in h):
-        assert h["test_error"] == pytest.approx(jsonl[h["iter"]])
+    for h in (h for p in pieces for h in p.history if "eval/test_error" in h):
+        assert h["eval/test_error"] == pytest.approx(jsonl[h["iter"]])
     summary = json.loads((out / "summary.json").read_text())
     assert pieces[1].summary["test_error"] == pytest.approx(summary["test_error"])
     # TensorBoard: the replayed steps replace what the killed attempt wrote past its checkpoint
     scalars = tb_scalars(out)
-    assert [s for s, _ in scalars["test_error"]] == [10, 20, 30]
+    assert [s for s, _ in scalars["eval/test_error"]] == [10, 20, 30]
 
 
 class _Blackhole:
@@ -248,7 +248,7 @@ def test_unreachable_wandb_server_falls_back_to_offline(tmp_path):
     run_id = proc.stdout.split("wandb_id")[-1].strip()
     (piece,) = offline_runs(tmp_path)
     assert piece.run.run_id == run_id
-    assert [h["test_error"] for h in piece.history] == [50.0]
+    assert [h["eval/test_error"] for h in piece.history] == [50.0]
     assert wall < 120, f"took {wall:.0f} s"
 
 
