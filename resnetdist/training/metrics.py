@@ -17,6 +17,7 @@ from typing import Any
 
 from ..checkpoint import WriteError, atomic_write_text
 from ..config import LogConfig, model_name
+from ..errors import INTERRUPTED, Preempted
 
 
 # ----- the W&B mode: log.wandb_mode "auto" decided here, where the logger lives; trainer.resolve
@@ -69,6 +70,9 @@ class NullLogger:
         pass
 
     def log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
+        pass
+
+    def close_after(self, error: BaseException) -> None:
         pass
 
     def close(self, exit_code: int = 0, stopped: bool = False) -> None:
@@ -344,6 +348,17 @@ class MetricLogger:
     def log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
         if self.wandb:
             self.wandb.log_model(run_dir, mean, metadata)
+
+    def close_after(self, error: BaseException) -> None:
+        """Close on the way out of a run that did not finish: stopped as asked (a preemption
+        notice or a first Ctrl-C, obeyed at a checkpoint: Preempted, exit 6 or 130; a second
+        Ctrl-C: KeyboardInterrupt, 130) is not a failure; anything else is (exit 1)."""
+        if isinstance(error, Preempted):
+            self.close(error.exit_code, stopped=True)
+        elif isinstance(error, KeyboardInterrupt):
+            self.close(INTERRUPTED, stopped=True)
+        else:
+            self.close(1)
 
     def close(self, exit_code: int = 0, stopped: bool = False) -> None:
         """exit_code: the process's; stopped: a stop asked for (SIGTERM, SIGUSR1, Ctrl-C), not a failure."""

@@ -22,7 +22,6 @@ from .. import checkpoint, dist
 from . import announce, preempt, rundir
 from ..config import ConfigError, RunConfig, check_same_experiment, to_toml
 from ..data import Cifar10, load_data, load_data_on_every_rank
-from ..errors import INTERRUPTED, Preempted
 from .metrics import NullLogger, open_logger
 from .schedule import global_batch
 from .trainer import build, resolve
@@ -181,14 +180,8 @@ def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice) -> 
             summary = trainer.finish()
             logger.summary(summary)
             logger.log_model(cfg.run_dir, trainer.step.mean.cpu().numpy(), summary)  # W&B model artifact (rank 0)
-        except Preempted as e:  # a stop asked for and obeyed at a checkpoint: not a failure
-            logger.close(exit_code=e.exit_code, stopped=True)
-            raise
-        except KeyboardInterrupt:  # a second Ctrl-C: stopped by a person, not failed
-            logger.close(exit_code=INTERRUPTED, stopped=True)
-            raise
-        except BaseException:
-            logger.close(exit_code=1)
+        except BaseException as e:
+            logger.close_after(e)  # stopped (a notice, Ctrl-C) or failed: metrics.py tells them apart
             raise
         logger.close()
         return summary
