@@ -285,7 +285,7 @@ class WandbSink:
     def log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
         """The final weights as the W&B model artifact `model-<run id>` (one artifact per run,
         whatever its name, as Lightning's WandbLogger names them), aliases `final` and `latest`:
-        model.pt, the mean image the inputs are normalised with (mean.npy, float32 (3, 32, 32),
+        model.pt and model.safetensors, the mean image the inputs are normalised with (mean.npy, float32 (3, 32, 32),
         [0, 1] units) and the resolved config.toml, so the artifact alone is enough to run the net."""
         self._call(self._log_model, run_dir, mean, metadata)
 
