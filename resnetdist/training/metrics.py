@@ -271,10 +271,9 @@ class WandbSink:
                   f"`wandb sync {run_dir / 'wandb'}/offline-run-*`")
         self.broken = False
         self.run.define_metric("iter")
+        # W&B's default summary of a metric is its last value: the summary's eval/test_error is the
+        # final evaluation's, never the best (a minimum over evaluations selects on the test set)
         self.run.define_metric("*", step_metric="iter")
-        # the summary's test error is the last evaluation's (the final one), never the best:
-        # picking the minimum over evaluations would be selection on the test set
-        self.run.define_metric("eval/*", step_metric="iter", summary="last")
 
     def log(self, record: dict[str, Any], kind: str) -> None:
         self._call(self.run.log, {"iter": record["iter"], **chart_values(record, kind)})
