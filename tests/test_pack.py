@@ -4,7 +4,7 @@ small batches, in-process."""
 
 from __future__ import annotations
 
-import copy
+import json
 
 import pytest
 import torch
@@ -19,6 +19,7 @@ from resnetdist.pack import (build_pack, fuse_optimizer_states, fuse_states, mem
 from resnetdist.training.optim import TensorLRSGD
 from resnetdist.training.step import build_step
 
+from .conftest import cli_in_process
 from .fake_cuda import FakeOps
 
 CL = torch.channels_last
@@ -329,3 +330,25 @@ def test_a_pack_refuses_fp16_and_duplicate_seeds():
     with pytest.raises(ValueError, match="fp16 cannot train a pack"):
         build_step(model, TensorLRSGD(model.parameters(), torch.zeros(()), 0.9, 1e-4), torch.zeros(3, 32, 32),
                    torch.ones(2), precision="fp16")
+
+
+# ----- bench --pack -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # four training steps at batch 128 and 256: seconds on 2 cores
+@pytest.mark.timeout(120)
+def test_bench_pack_times_the_pack_against_its_runs_alone_and_the_dense_ceiling(tmp_path):
+    """One K on ResNet-8, one iteration per round: the three rows, their ratios, the JSON; a
+    malformed --pack is one error line."""
+    from resnetdist.tools.bench_pack import format_pack_table, run_pack_bench
+
+    out = tmp_path / "pack.json"
+    report = run_pack_bench(1, [2], iters=1, warmup=0, rounds=1, device_pref="cpu", out=out)
+    (row,) = json.loads(out.read_text())["results"]
+    assert report["complete"] and row["k"] == 2 and row["images_per_step"] == 256 and row["step"] == "eager"
+    ips = row["images_per_second"]
+    assert all(ips[name] > 0 for name in ("pack", "one_after_another", "dense"))
+    assert row["pack_vs_one_after_another"] == pytest.approx(ips["pack"] / ips["one_after_another"])
+    assert "| 2 |" in format_pack_table(report)
+    result = cli_in_process(["bench", "--pack", "2,x"], check=False)
+    assert result.exit_code == 2 and "error: --pack 2,x: pack sizes are whole numbers" in result.stderr
