@@ -88,16 +88,20 @@ def resolve_device(pref: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def setup(device_pref: str, timeout_s: int, hang_timeout_s: int = 0) -> DistContext:
+def setup(device_pref: str, timeout_s: int, hang_timeout_s: int = 0, on_hang: str = "exit") -> DistContext:
     """This rank's context; the process group when there are several ranks; the hang watchdog
-    when hang_timeout_s > 0 (also for one process: a stuck device then ends it too)."""
+    when hang_timeout_s > 0 (also for one process: a stuck device then ends it too). on_hang:
+    what a detected hang does, "exit" (the process ends with exit 7, for torchrun to restart) or
+    "raise" (PeerLost in the main thread: a notebook's kernel lives on)."""
+    if on_hang not in ("exit", "raise"):
+        raise ValueError(f"on_hang must be 'exit' or 'raise', got {on_hang!r}")
     global _timeout_s
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = world_size_from_env()
     device = resolve_device(device_pref, local_rank)
     if hang_timeout_s > 0:
-        HangWatch.start(hang_timeout_s, rank)
+        HangWatch.start(hang_timeout_s, rank, on_hang)
     if world_size > 1 and not dist.is_initialized():
         _timeout_s = timeout_s
         os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = NCCL_ASYNC_ERROR_HANDLING  # read at the group's creation
@@ -191,8 +195,9 @@ class HangWatch:
     current: HangWatch | None = None
     compile_hooked = False
 
-    def __init__(self, timeout_s: float, rank: int):
-        self.timeout_s, self.rank, self.host = timeout_s, rank, socket.gethostname()
+    def __init__(self, timeout_s: float, rank: int, on_hang: str = "exit"):
+        self.timeout_s, self.rank, self.host, self.on_hang = timeout_s, rank, socket.gethostname(), on_hang
+        self.main_thread = threading.main_thread().ident
         self.stages: list[str] = []
         self.last = time.monotonic()
         self.iteration: int | None = None  # iterations done when the feed last handed one out
@@ -202,10 +207,10 @@ class HangWatch:
         threading.Thread(target=self.watch, name="resnetdist-hang-watch", daemon=True).start()
 
     @classmethod
-    def start(cls, timeout_s: float, rank: int) -> HangWatch:
+    def start(cls, timeout_s: float, rank: int, on_hang: str = "exit") -> HangWatch:
         """The process's watchdog (one per run: a second call in the same run keeps the first)."""
         if cls.current is None:
-            cls.current = cls(timeout_s, rank)
+            cls.current = cls(timeout_s, rank, on_hang)
         return cls.current
 
     @classmethod
@@ -264,6 +269,10 @@ class HangWatch:
 
     def fire(self) -> None:
         it = "before its first iteration" if self.iteration is None else f"after iteration {self.iteration}"
+        if self.on_hang == "raise":
+            self.raise_in_main(f"rank {self.rank} on {self.host}: no progress for {self.timeout_s:g} s "
+                               f"(dist.hang_timeout_s) {it}, waiting in the {self.stages[-1] if self.stages else '?'}")
+            return
         print(f"error: rank {self.rank} on {self.host}: no progress for {self.timeout_s:g} s "
               f"(dist.hang_timeout_s) {it}, waiting in the {self.stages[-1] if self.stages else '?'}: "
               f"another rank hung, was stopped or died, or this rank's device is stuck; exiting "
@@ -271,6 +280,16 @@ class HangWatch:
               f"checkpoint", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(PeerLost.exit_code)  # the main thread is blocked: only the process can end it
+
+    def raise_in_main(self, message: str) -> None:
+        """PeerLost(message) raised in the main thread, asynchronously (it lands when that thread
+        next runs Python code: at once if it polls, when a blocking call returns otherwise); the
+        watchdog then stops, so it is raised once."""
+        import ctypes
+
+        error = type("HangDetected", (PeerLost,), {"__init__": lambda e: PeerLost.__init__(e, message)})
+        self.stopped = True
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.main_thread), ctypes.py_object(error))
 
 
 def all_reduce_max(value: int) -> int:
