@@ -57,12 +57,14 @@ class CudaOps:
 class StaticInputs:
     """The graphed step's input buffers. A loader that gathers straight into `out` (images,
     labels) spares the copy into them; a batch from anywhere else is copied (`copies` counts
-    those, so a test or the doctor can see which path ran)."""
+    those, so a test or the doctor can see which path ran). A pack of K members (pack.py) has
+    one row per member: (K, b, 3, 32, 32), (K, b), (K, 3, b)."""
 
-    def __init__(self, b: int, device: torch.device):
-        self.x = torch.zeros((b, 3, 32, 32), dtype=torch.uint8, device=device)
-        self.y = torch.zeros(b, dtype=torch.long, device=device)
-        self.aug = torch.zeros((3, b), dtype=torch.long, device=device)
+    def __init__(self, b: int, device: torch.device, members: int = 1):
+        lead = (b,) if members == 1 else (members, b)
+        self.x = torch.zeros((*lead, 3, 32, 32), dtype=torch.uint8, device=device)
+        self.y = torch.zeros(lead, dtype=torch.long, device=device)
+        self.aug = torch.zeros((*lead[:-1], 3, b), dtype=torch.long, device=device)
         self.copies = 0
 
     @property
@@ -83,6 +85,7 @@ class Graphable(Protocol):
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     device: torch.device
+    members: int  # 1, or a pack's K (its inputs have a row per member)
 
     def graph_body(self, inputs: StaticInputs) -> None: ...
     def device_state(self) -> list[torch.Tensor]: ...
@@ -121,7 +124,7 @@ class GraphCapture:
         by DDP) change weights, optimizer state and BN statistics, so those are restored in
         place afterwards, whether capture worked or not: the graph keeps pointing at the same
         tensors, and an eager fall-back starts from the same state."""
-        inputs = StaticInputs(b, step.device)
+        inputs = StaticInputs(b, step.device, step.members)
         # DDP's construction broadcast rank 0's weights on the side stream: the default stream
         # waits for it before cloning them, or the clone could read a rank's own initial
         # weights (equal today only because every rank starts from the same seed)

@@ -174,8 +174,8 @@ def train_rank(cfg: RunConfig, prepared: Prepared, ctx: dist.DistContext, notice
             summary = trainer.finish()
             logger.summary(summary)
             logger.log_model(cfg.run_dir, trainer.step.mean.cpu().numpy(), summary)  # W&B model artifact (rank 0)
-        except BaseException:
-            logger.close(exit_code=1)
+        except BaseException as e:
+            logger.close_after(e)  # stopped (a notice, Ctrl-C) or failed: metrics.py tells them apart
             raise
         logger.close()
         return summary
