@@ -1,0 +1,142 @@
+"""Packs end to end (`train --seeds`): K seeds of one net trained in one process as one fused
+model (pack.py), each member written as a run like any other. In this process (the CLI through
+typer's runner), ResNet-8 on the tiny data set, the fault tests' 30-iteration run (RESUMABLE),
+so that member s0 is compared with the session's reference run of seed 0."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnetdist import checkpoint
+from resnetdist.config import read_toml
+
+from .conftest import RESUMABLE, cli, cli_in_process
+from .helpers import assert_bitwise_equal, final_weights, read_jsonl
+
+PACK = [*RESUMABLE, "--seeds", "0,1"]
+# float32: a grouped conv over two members sums in another order than one member's conv, so the
+# members' numbers match single runs to rounding (the float64 tests in test_pack.py show the
+# exactness); over 15 iterations at lr 0.1 that rounding grows, to well below this
+FLOAT32_RTOL = 1e-4
+
+
+def train(args: list, data: Path, out: Path, check: bool = True):
+    return cli_in_process(["train", *map(str, args), "--data-dir", str(data), "--out", str(out)], check=check)
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory, tiny_data) -> Path:
+    """The parent folder of a two-member pack, trained uninterrupted (read only)."""
+    out = tmp_path_factory.mktemp("pack") / "runs"
+    train([*PACK, "--set", "log.tensorboard=true"], tiny_data, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def alone_s1(tmp_path_factory, tiny_data) -> Path:
+    """Seed 1 trained alone, as member s1 of the pack (read only)."""
+    out = tmp_path_factory.mktemp("alone") / "resnet8-s1"
+    train([*RESUMABLE, "--seed", "1"], tiny_data, out)
+    return out
+
+
+def cut_back(source: Path, dest: Path, iteration: int) -> Path:
+    """A copy of a run folder as it stood when its checkpoint at `iteration` was its newest:
+    later checkpoints, the final weights and the summary gone (a run stopped there)."""
+    shutil.copytree(source, dest)
+    for path in dest.glob("ckpt_*.pt*"):
+        if int(path.name[5:12]) > iteration:
+            path.unlink()
+    for name in ("model.pt", "model.safetensors", "summary.json"):
+        (dest / name).unlink(missing_ok=True)
+    return dest
+
+
+def close(a: dict, b: dict, rtol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].double(), b[k].double(), rtol=rtol, atol=rtol), k
+
+
+@pytest.mark.timeout(240)
+def test_a_pack_writes_each_seed_as_a_run_like_any_other(pack, alone_s1, reference_run, tiny_data, tmp_path):
+    s0, s1 = pack / "resnet8-s0", pack / "resnet8-s1"
+    for seed, run in enumerate((s0, s1)):
+        assert {"config.toml", "resolved.toml", "metrics.jsonl", "summary.json", "model.pt", "model.safetensors",
+                "ckpt_0000030.pt", "tb"} <= {p.name for p in run.iterdir()}
+        assert read_toml(run / "config.toml")["train"]["seed"] == seed
+        summary = json.loads((run / "summary.json").read_text())
+        assert (summary["name"], summary["seed"], summary["iterations"]) == (f"resnet8-s{seed}", seed, 30)
+        assert summary["pack"] == 2 and summary["global_batch"] == 32  # the batch of each member
+        weights = checkpoint.load(run / "model.pt")
+        assert weights["model"]["conv.weight"].shape == (16, 3, 3, 3)  # the single net's format and keys
+        result = cli_in_process(["eval", str(run / "model.pt"), "--data-dir", str(tiny_data), "--json"])
+        assert json.loads(result.stdout.strip().splitlines()[-1])["test_error"] == summary["test_error"]
+    # each member trains as its seed alone: the first logged training loss (and the rest) to float32 rounding
+    for run, alone in ((s0, reference_run(RESUMABLE)), (s1, alone_s1)):
+        packed, single = read_jsonl(run / "metrics.jsonl"), read_jsonl(alone / "metrics.jsonl")
+        assert [r["iter"] for r in packed] == [r["iter"] for r in single] == [15, 30]
+        assert packed[0]["train_loss"] == pytest.approx(single[0]["train_loss"], rel=FLOAT32_RTOL)
+        assert packed[-1]["train_loss"] == pytest.approx(single[-1]["train_loss"], rel=FLOAT32_RTOL)
+    listed = json.loads(cli(["runs", "--json", pack]).stdout)["runs"]
+    assert sorted((r["name"], r["state"]) for r in listed) == [("resnet8-s0", "done"), ("resnet8-s1", "done")]
+    report = cli(["report", pack, "--out", tmp_path / "report"])
+    assert "from 2 run(s)" in report.stdout
+
+
+@pytest.mark.timeout(240)
+def test_a_pack_resumes_itself_runs_started_alone_and_the_other_way_round(pack, alone_s1, reference_run, tiny_data,
+                                                                          tmp_path):
+    # the pack stopped at its checkpoint of iteration 20 and rerun: bitwise the uninterrupted pack
+    again = tmp_path / "again"
+    for run in ("resnet8-s0", "resnet8-s1"):
+        cut_back(pack / run, again / run, 20)
+    resumed = train(PACK, tiny_data, again)
+    assert resumed.stdout.count("resuming from ckpt_0000020.pt (iteration 20 of 30)") == 2
+    for run in ("resnet8-s0", "resnet8-s1"):
+        assert_bitwise_equal(final_weights(pack / run), final_weights(again / run))
+        assert read_jsonl(again / run / "metrics.jsonl")[0] == read_jsonl(pack / run / "metrics.jsonl")[0]
+    # two runs started alone (stopped at 10) finish as one pack
+    mixed = tmp_path / "mixed"
+    cut_back(reference_run(RESUMABLE), mixed / "resnet8-s0", 10)
+    cut_back(alone_s1, mixed / "resnet8-s1", 10)
+    train(PACK, tiny_data, mixed)
+    for run in ("resnet8-s0", "resnet8-s1"):
+        close(final_weights(pack / run), final_weights(mixed / run), 1e-3)
+    # a pack member stopped at 20 finishes alone
+    lone = cut_back(pack / "resnet8-s1", tmp_path / "lone", 20)
+    assert "resuming from ckpt_0000020.pt" in train([*RESUMABLE, "--seed", "1"], tiny_data, lone).stdout
+    close(final_weights(alone_s1), final_weights(lone), 1e-3)
+
+
+@pytest.mark.timeout(240)
+def test_a_member_whose_loss_turns_nan_stops_alone(pack, tiny_data, tmp_path):
+    """Member s1 resumes from a checkpoint whose weights hold a NaN: it is stopped and reported,
+    its folder says it failed, and s0 trains to exactly the numbers of the uninterrupted pack."""
+    out = tmp_path / "runs"
+    for run in ("resnet8-s0", "resnet8-s1"):
+        cut_back(pack / run, out / run, 10)
+    bad = out / "resnet8-s1" / "ckpt_0000010.pt"
+    state = checkpoint.load(bad)
+    state["model"]["fc.weight"][0, 0] = float("nan")
+    checkpoint.atomic_save(state, bad)  # with its checksum, as a run writes it
+    result = train(PACK, tiny_data, out, check=False)
+    assert result.exit_code == 3, result.stdout + result.stderr
+    assert "resnet8-s1: loss became NaN or inf at iteration 11" in result.stderr
+    assert_bitwise_equal(final_weights(pack / "resnet8-s0"), final_weights(out / "resnet8-s0"))
+    assert not (out / "resnet8-s1" / "summary.json").exists()
+    listed = {r["name"]: r["state"] for r in json.loads(cli(["runs", "--json", out]).stdout)["runs"]}
+    assert listed == {"resnet8-s0": "done", "resnet8-s1": "failed"}
+
+
+def test_seeds_refuses_what_cannot_pack(tiny_data, tmp_path):
+    for extra, words in ((["--seeds", "0,0"], "train.seed"), (["--seeds", "0,1", "--set", "log.name=x"], "log.name"),
+                         (["--seeds", "0,x"], "--seeds"), (["--seeds", "0,1", "--seed", "2"], "--seed")):
+        result = train([*RESUMABLE, *extra], tiny_data, tmp_path / "out", check=False)
+        assert result.exit_code == 2 and words in result.stderr, (extra, result.stderr)
+    assert not (tmp_path / "out").exists()
