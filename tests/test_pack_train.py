@@ -10,8 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-
 from resnetdist import checkpoint
 from resnetdist.config import read_toml
 
@@ -57,10 +55,14 @@ def cut_back(source: Path, dest: Path, iteration: int) -> Path:
     return dest
 
 
-def close(a: dict, b: dict, rtol: float) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k].double(), b[k].double(), rtol=rtol, atol=rtol), k
+def same_losses(run: Path, alone: Path) -> None:
+    """The training losses logged by `run` are those of `alone` to float32 rounding (a pack's
+    and a single run's sums differ in order: the float64 tests of test_pack.py show exactness;
+    in float32 no two layouts stay bitwise equal over many steps, not even one net's NCHW and
+    channels_last)."""
+    losses = [[r["train_loss"] for r in read_jsonl(folder / "metrics.jsonl")] for folder in (run, alone)]
+    assert len(losses[0]) == len(losses[1]) == 2
+    assert losses[0] == pytest.approx(losses[1], rel=FLOAT32_RTOL)
 
 
 @pytest.mark.timeout(240)
@@ -79,10 +81,8 @@ def test_a_pack_writes_each_seed_as_a_run_like_any_other(pack, alone_s1, referen
         assert json.loads(result.stdout.strip().splitlines()[-1])["test_error"] == summary["test_error"]
     # each member trains as its seed alone: the first logged training loss (and the rest) to float32 rounding
     for run, alone in ((s0, reference_run(RESUMABLE)), (s1, alone_s1)):
-        packed, single = read_jsonl(run / "metrics.jsonl"), read_jsonl(alone / "metrics.jsonl")
-        assert [r["iter"] for r in packed] == [r["iter"] for r in single] == [15, 30]
-        assert packed[0]["train_loss"] == pytest.approx(single[0]["train_loss"], rel=FLOAT32_RTOL)
-        assert packed[-1]["train_loss"] == pytest.approx(single[-1]["train_loss"], rel=FLOAT32_RTOL)
+        assert [r["iter"] for r in read_jsonl(run / "metrics.jsonl")] == [15, 30]
+        same_losses(run, alone)
     listed = json.loads(cli(["runs", "--json", pack]).stdout)["runs"]
     assert sorted((r["name"], r["state"]) for r in listed) == [("resnet8-s0", "done"), ("resnet8-s1", "done")]
     report = cli(["report", pack, "--out", tmp_path / "report"])
@@ -105,13 +105,13 @@ def test_a_pack_resumes_itself_runs_started_alone_and_the_other_way_round(pack, 
     mixed = tmp_path / "mixed"
     cut_back(reference_run(RESUMABLE), mixed / "resnet8-s0", 10)
     cut_back(alone_s1, mixed / "resnet8-s1", 10)
-    train(PACK, tiny_data, mixed)
-    for run in ("resnet8-s0", "resnet8-s1"):
-        close(final_weights(pack / run), final_weights(mixed / run), 1e-3)
+    assert train(PACK, tiny_data, mixed).stdout.count("resuming from ckpt_0000010.pt (iteration 10 of 30)") == 2
+    for run, alone in (("resnet8-s0", reference_run(RESUMABLE)), ("resnet8-s1", alone_s1)):
+        same_losses(mixed / run, alone)
     # a pack member stopped at 20 finishes alone
     lone = cut_back(pack / "resnet8-s1", tmp_path / "lone", 20)
     assert "resuming from ckpt_0000020.pt" in train([*RESUMABLE, "--seed", "1"], tiny_data, lone).stdout
-    close(final_weights(alone_s1), final_weights(lone), 1e-3)
+    same_losses(lone, alone_s1)
 
 
 @pytest.mark.timeout(240)
