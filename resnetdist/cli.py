@@ -91,7 +91,7 @@ def train(
 def train_here(cfg: RunConfig, data, as_json: bool = False) -> None:
     """This process's rank of the run: its faults turned into one line and an exit code, its
     result into a summary in words (rank 0) or a JSON line per rank (--json)."""
-    from .errors import NonFiniteLoss, PeerLost, Preempted, RunDirBusy, WriteError
+    from .errors import GraphUnavailable, NonFiniteLoss, PeerLost, Preempted, RunDirBusy, WriteError
     from .training.announce import closing
     from .training.worker import AlreadyFinished, main
 
@@ -101,7 +101,7 @@ def train_here(cfg: RunConfig, data, as_json: bool = False) -> None:
         return show_finished(e.summary, cfg, as_json)
     except NonFiniteLoss as e:
         fail(f"{e} (run directory {cfg.run_dir})", code=e.exit_code)
-    except (WriteError, RunDirBusy, PeerLost, DataError) as e:  # errors.py: their exit codes (DataError: a node without betons)
+    except (WriteError, RunDirBusy, PeerLost, DataError, GraphUnavailable) as e:  # errors.py: their exit codes (DataError: a node without betons)
         fail(str(e), code=e.exit_code)
     except Preempted as e:  # exit 6: not a failure, the scheduler's notice was obeyed (130: Ctrl-C)
         interrupted = e.reason == "SIGINT"

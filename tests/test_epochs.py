@@ -20,7 +20,9 @@ from resnetdist.data.resident import ResidentTrainLoader
 from resnetdist.dist import DistContext
 from resnetdist.training.loop import Feed, Progress, take_steps
 from resnetdist.training.schedule import lr_table
-from resnetdist.training.step import build_step
+from resnetdist.training import graph as graph_mod
+from resnetdist.training.graph import StaticInputs
+from resnetdist.training.step import StepChoice, build_step
 from resnetdist.training.trainer import build, make_model, resolve
 
 from .fake_cuda import FakeOps
@@ -80,7 +82,7 @@ def test_the_device_fed_step_trains_bitwise_as_the_per_step_fed_one_and_resumes_
 
 
 @pytest.mark.timeout(300)
-def test_a_graphed_device_fed_step_replays_with_no_arguments_and_gathers_in_the_graph(tiny_data):
+def test_a_graphed_device_fed_step_replays_with_no_arguments_and_gathers_in_the_graph(tiny_data, monkeypatch):
     """Through a stand-in for torch.cuda's graphs (a replay runs the captured body): the replay
     gets no batch, copies nothing into its inputs, and trains as the per-step eager step."""
     cfg = config(tiny_data)
@@ -89,14 +91,17 @@ def test_a_graphed_device_fed_step_replays_with_no_arguments_and_gathers_in_the_
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
     source = epoch_table_for(open_loaders(cfg.data, data, DistContext(0, 0, 1, CPU), B, SEED).train, SEED, B, 0, 1)
     source.load(0)
-    graphed = build_step(model, optimizer, mean, lr_table(cfg, 1), kind="graph", precision="fp32", batch_per_rank=B,
-                         ops=FakeOps(), source=source)
+    monkeypatch.setattr(graph_mod, "cuda_ops", FakeOps())  # the tests' stand-in for torch.cuda's graphs
+    loads = []
+    monkeypatch.setattr(StaticInputs, "load", lambda *a: loads.append(a))
+    graphed = build_step(model, optimizer, mean, lr_table(cfg, 1), precision="fp32", batch_per_rank=B,
+                         choice=StepChoice("graph", "asked for by name (train.step)", "graph"), source=source)
     assert graphed.kind == "graph" and int(graphed.it) == 0
     old, feed = per_step(tiny_data)
     take_steps(graphed, source.batches(0), 40)
     take_steps(old, feed.batches(0), 40)
     assert_bitwise(graphed.model, old.model)
-    assert graphed.inputs.copies == 0 and source.uploads == 2
+    assert loads == [] and source.uploads == 2  # nothing loaded into the graph's inputs from outside
 
 
 def test_every_iteration_gathers_the_per_step_feeds_batch_and_draws(tiny_data):

@@ -155,7 +155,7 @@ def test_graph_run_end_to_end(tmp_path, tiny_data):
     run_cli(["train", "-n", "1", "--iters", "60", "--device", "cuda", "--data-dir", str(tiny_data), "--out", str(out),
              "--set", "optim.batch_size=32", "--set", "train.eval_every=30", "--set", "log.wandb_mode=disabled"])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["test_error"] < 60 and summary["step"] == "graph" and summary["capture_error"] is None
+    assert summary["test_error"] < 60 and summary["step"] == "graph" and summary["step_reason"] == "auto: CUDA with bf16"
     assert 'step = "graph"' in (out / "config.toml").read_text()
     evaluated = json.loads(run_cli(["eval", str(out / "model.pt"), "--data-dir", str(tiny_data), "--json"]).stdout)
     assert evaluated["test_error"] == summary["test_error"]

@@ -252,10 +252,10 @@ def bench_setting(setting: Setting, data: Cifar10, n: int, iters: int, warmup: i
     step, batches = trainer.step, trainer.feed.batches(0)
     setup = time.perf_counter() - t_setup
     warm_s, seconds, host = timed(lambda count: take_steps(step, batches, count), warmup, iters, device)
-    # step: what ran (a failed capture runs eagerly, and says so in capture_error)
+    # step: what ran, and why (step_reason: an auto graph whose capture failed runs eagerly)
     # feed: "device" when the step gathers its own batches (data/epochs.py), else "per-step"
     return {**_result(setting, iters, seconds, setup + warm_s, host), "step": step.kind,
-            "feed": "device" if step.source is not None else "per-step", "capture_error": step.capture_error}
+            "feed": "device" if step.source is not None else "per-step", "step_reason": step.choice.reason}
 
 
 def bench_loader(loader_name: str, data: Cifar10, device: torch.device, beton_dir: Path, iters: int,

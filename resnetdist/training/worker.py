@@ -167,11 +167,12 @@ def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice) -> 
             print(data.record_count_note(), file=sys.stderr, flush=True)
         if ctx.is_main:
             run_lock = rundir.acquire(cfg.run_dir)  # before anything is written there (RunDirBusy if held)
-            print(announce.header(cfg, ctx.world_size, start, data.eval_images(), data.describe()), flush=True)
         trainer = build(cfg, ctx, data, stop=notice)
         if start.state is not None:
             trainer.load(start.state)
-        if ctx.is_main:
+        if ctx.is_main:  # after the build: the header names the step that runs (a failed auto capture: eager, and why)
+            print(announce.header(cfg, ctx.world_size, start, data.eval_images(), data.describe(),
+                                  trainer.step.choice.describe()), flush=True)
             write_run_config(cfg, trainer.step.kind)
         logger = open_logger(cfg.log, cfg.run_dir, cfg.to_dict(), cfg.name, cfg.model.name, cfg.tags,
                              trainer.progress.iteration, trainer.wandb_id) if ctx.is_main else NullLogger()
