@@ -225,8 +225,9 @@ class Trainer:
         """state_dict() written by rank 0 (checkpoint.save: atomic, checksummed, the last
         train.keep_checkpoints kept); every rank waits, so none runs ahead of a save."""
         cfg, iteration = self.cfg, self.progress.iteration
-        if self.ctx.is_main:
-            checkpoint.save(cfg.run_dir, iteration, self.state_dict(), cfg.train.keep_checkpoints)
+        if self.ctx.is_main:  # watched: the other ranks wait for it in the barrier
+            with dist.stage(f"checkpoint write at iteration {iteration}"):
+                checkpoint.save(cfg.run_dir, iteration, self.state_dict(), cfg.train.keep_checkpoints)
         with dist.stage(f"checkpoint barrier at iteration {iteration}"):
             dist.barrier()
 

@@ -69,7 +69,7 @@ def load_checked_data(cfg: RunConfig) -> Cifar10:
     trains, so a node without the data stops the job with one line naming the host and path."""
     if "LOCAL_RANK" not in os.environ or dist.world_size_from_env() <= 1:
         return load_data(cfg.data)
-    dist.setup(cfg.train.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s)
+    dist.setup(cfg.train.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s, compile_pause_s=cfg.dist.compile_pause_s)
     return load_data_on_every_rank(cfg.data)
 
 
@@ -155,7 +155,7 @@ def main(cfg: RunConfig, data: Cifar10 | None = None) -> dict[str, Any]:
 
 
 def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice) -> dict[str, Any]:
-    ctx = dist.setup(cfg.train.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s)
+    ctx = dist.setup(cfg.train.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s, compile_pause_s=cfg.dist.compile_pause_s)
     run_lock = None
     try:
         if data is None:
@@ -178,13 +178,18 @@ def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice) -> 
                              trainer.progress.iteration, trainer.wandb_id) if ctx.is_main else NullLogger()
         try:
             trainer.fit(logger)
-            summary = trainer.finish()
-            logger.summary(summary)
-            logger.log_model(cfg.run_dir, trainer.step.mean.cpu().numpy(), summary)  # W&B model artifact (rank 0)
+            # watched: a write to a stuck disk must not leave torchrun waiting for rank 0 forever;
+            # the W&B upload has its own limit (log.wandb_finish_timeout_s), allowed on top
+            with dist.stage("finish (model.pt, summary.json, the logger's upload)", early=True,
+                            extra_s=cfg.log.wandb_finish_timeout_s):
+                summary = trainer.finish()
+                logger.summary(summary)
+                logger.log_model(cfg.run_dir, trainer.step.mean.cpu().numpy(), summary)  # W&B model artifact (rank 0)
+                closing, logger = logger, NullLogger()  # closed once, whatever happens in close
+                closing.close()
         except BaseException:
             logger.close(exit_code=1)
             raise
-        logger.close()
         return summary
     finally:
         dist.cleanup()
