@@ -47,7 +47,9 @@ def train(
     seed: Optional[int] = typer.Option(None),
     loader: Optional[str] = typer.Option(None, help="resident (the dataset kept on the training device) | ffcv"),
     nproc_per_node: int = typer.Option(0, help="launch N workers with torchrun (0: this process only)"),
-    max_restarts: int = typer.Option(0, help="with --nproc-per-node: elastic restarts after a worker dies"),
+    max_restarts: int = typer.Option(0, help=(
+        "with --nproc-per-node: elastic restarts after a worker dies or reports a hang (exit 7), each resuming from "
+        "the newest checkpoint; 0 (the default on one machine): the job ends, its last line saying how to resume")),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved configuration (TOML) and what would run; start and write nothing"),
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line per rank (the result) instead of the summary in words"),
 ) -> None:

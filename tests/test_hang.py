@@ -364,3 +364,18 @@ def test_a_hang_in_rank_0s_checkpoint_write_is_reported_by_the_other_rank(tmp_pa
     assert "restarts are off (--max-restarts 0)" in line and "--max-restarts N" in line
     assert 0 not in lines  # frozen
     assert not checkpoint.checkpoint_path(out, 10).exists()
+
+
+def test_torchruns_shutdown_grace_is_set_only_where_torchrun_reads_it(monkeypatch):
+    """TORCH_ELASTIC_SHUTDOWN_TIMEOUT exists from torch 2.12 on; on 2.11 (the GPU machines')
+    torchrun waits a fixed 30 s, and the launcher sets nothing."""
+    import torch
+
+    from resnetdist import launcher
+
+    assert not launcher.torch_at_least(2, 12, "2.11.0+cu130") and launcher.torch_at_least(2, 12, "2.12.1")
+    assert launcher.torch_at_least(2, 12, "2.13.0a0+git1234") and not launcher.torch_at_least(3, 0, "2.13.0")
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    assert launcher.shutdown_grace_env() == {}
+    monkeypatch.setattr(torch, "__version__", "2.12.0")
+    assert launcher.shutdown_grace_env() == {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"}
