@@ -14,7 +14,7 @@ import torch
 from resnetdist.config import load_config
 from resnetdist.data import epochs as epochs_mod
 from resnetdist.data import load_data, open_loaders
-from resnetdist.data.augment import draw_params, training_mean
+from resnetdist.data.augment import draw_block, draw_params, training_mean
 from resnetdist.data.epochs import EpochTable, epoch_table_for
 from resnetdist.data.resident import ResidentTrainLoader
 from resnetdist.dist import DistContext
@@ -128,23 +128,21 @@ def test_the_next_epoch_is_built_ahead_and_the_boundary_only_uploads_it(tiny_dat
     cfg = config(tiny_data)
     data = load_data(cfg.data)
     epochs = EpochTable(ResidentTrainLoader(data.train, B, SEED, 0, 1, CPU), SEED, B)
-    calls = []  # (iteration drawn, thread)
-    monkeypatch.setattr(epochs_mod, "draw_params",
-                        lambda *a: calls.append((a[1], threading.current_thread().name)) or draw_params(*a))
+    calls = []  # (first iteration, count drawn, thread): one block of draws per epoch
+    monkeypatch.setattr(epochs_mod, "draw_block",
+                        lambda *a: calls.append((a[1], a[2], threading.current_thread().name)) or draw_block(*a))
     here = threading.current_thread().name
     feed = epochs.batches(0)
-    assert next(feed) == () and calls[:epochs.steps] == [(it, here) for it in range(epochs.steps)]
+    assert next(feed) == () and calls[:1] == [(0, epochs.steps, here)]
     for _ in range(epochs.steps - 1):
         assert next(feed) == ()
     deadline = time.monotonic() + 30
-    while not (epochs.ahead[0] == 1 and epochs.ahead[1].done()):  # in a run: 390 steps of >= 2 ms vs ~0.1 s
+    while not (epochs.ahead[0] == 1 and epochs.ahead[1].done()):  # in a run: 390 steps of >= 2 ms vs a few ms
         assert time.monotonic() < deadline, "the next epoch was not built ahead"
         time.sleep(0.01)
-    assert epochs.uploads == 1 and [c for c in calls if c[1] == here] == calls[:epochs.steps]
-    assert {thread for it, thread in calls[epochs.steps:2 * epochs.steps]} == {"resnetdist-epochs_0"}
-    assert [it for it, _ in calls[epochs.steps:2 * epochs.steps]] == list(range(epochs.steps, 2 * epochs.steps))
+    assert epochs.uploads == 1 and calls == [(0, epochs.steps, here), (epochs.steps, epochs.steps, "resnetdist-epochs_0")]
     next(feed)  # the boundary: epoch 1 uploaded, not built here
-    assert epochs.uploads == 2 and [c for c in calls if c[1] == here] == calls[:epochs.steps]
+    assert epochs.uploads == 2 and [c for c in calls if c[2] == here] == calls[:1]
     order, draws = EpochTable(ResidentTrainLoader(data.train, B, SEED, 0, 1, CPU), SEED, B).numbers(1)
     assert torch.equal(epochs.order, torch.from_numpy(order)) and torch.equal(epochs.aug, torch.from_numpy(draws))
 

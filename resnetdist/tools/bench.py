@@ -301,6 +301,20 @@ def open_data(data_dir: Path | None, scratch: Path) -> tuple[Cifar10, Path]:
     return data, data.folder.parent / "beton"
 
 
+def epoch_draw_ms(global_batch: int = BATCH, train_images: int = 50_000, repeats: int = 5) -> float:
+    """Host ms to draw one epoch's augmentation numbers (data/augment.draw_block, what the
+    device-fed step's epoch-ahead thread builds per epoch), the median of `repeats`."""
+    from ..data.augment import draw_block
+
+    steps = train_images // global_batch
+    times = []
+    for epoch in range(repeats):
+        t0 = time.perf_counter()
+        draw_block(0, epoch * steps, steps, global_batch, 0, 1)
+        times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
 def run_step_bench(n: int, iters: int, warmup: int, device_pref: str, loaders: list[str], modes: list[str],
                    precisions: list[str], data_dir: Path | None, workers: int,
                    out: Path | None = None) -> dict[str, Any]:
@@ -310,7 +324,7 @@ def run_step_bench(n: int, iters: int, warmup: int, device_pref: str, loaders: l
     settings, skipped = settings_for(device, loaders, modes, precisions, have_ffcv)
     report = {"kind": "step", "model": model_name(n, plain=False), "batch": BATCH, **environment(device),
               "data": str(data_dir) if data_dir else "synthetic", "complete": False, "results": [],
-              "skipped": skipped}
+              "skipped": skipped, "epoch_draw_ms": epoch_draw_ms()}
     with tempfile.TemporaryDirectory(prefix="resnetdist-bench-") as scratch:
         data, betons = open_data(data_dir, Path(scratch))
         for s in settings:
@@ -366,6 +380,8 @@ def format_table(report: dict[str, Any]) -> str:
             for r in report["results"]
         ]
     notes = [f"- skipped: {s}" for s in report["skipped"]]
+    if report.get("epoch_draw_ms") is not None:  # the device-fed step's host work per epoch
+        notes.append(f"- augmentation draws of one epoch (390 iterations, host): {report['epoch_draw_ms']:.1f} ms")
     return "\n".join([head, "", *rows, *([""] + notes if notes else [])])
 
 
