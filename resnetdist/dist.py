@@ -233,17 +233,13 @@ class HangWatch:
     slowest rank); a checkpoint barrier waits for rank 0's write of a few MB (which rank 0
     watches as a stage of its own); torch.compile's compilation (which can take minutes)
     pauses the clock for at most `compile_pause_s`. Stages are watched from the first completed
-    iteration on, except those marked early (process-group init, the finish, teardown): the
-    other set-up waits (model broadcast, CUDA-graph warm-up, resume broadcast) are collectives
-    launched eagerly, which the process group's timeout covers, and a cold start (cuDNN's
-    autotuning, a compile) must not count as silence. A blocked main thread leaves this thread
-    running: torch releases the GIL in collectives and device waits."""
+    iteration on, except those marked early (init, finish, teardown): the other set-up waits are
+    eager collectives, which the process group's timeout covers, and a cold start must not count
+    as silence. A blocked main thread leaves this thread running (torch releases the GIL)."""
 
     current: HangWatch | None = None
     compile_hooked = False
-    # fire(): how long the report may take before the process ends anyway (a stderr pipe that
-    # nobody reads, or a stderr lock held by the blocked main thread, must not keep it alive)
-    REPORT_WAIT_S = 2.0
+    REPORT_WAIT_S = 2.0  # fire(): the report's wait, at most (an unread stderr pipe must not hold the exit)
 
     def __init__(self, timeout_s: float, rank: int, compile_pause_s: float = 1200, on_hang: str = "exit"):
         self.timeout_s, self.rank, self.host = timeout_s, rank, socket.gethostname()
@@ -328,21 +324,11 @@ class HangWatch:
                 self.fire()
                 return
 
-    def report(self) -> str:
-        it = "before its first iteration" if self.iteration is None else f"after iteration {self.iteration}"
-        what = self.stages[-1][0] if self.stages else "?"
-        compiling = (f" (compiling for longer than dist.compile_pause_s={self.compile_pause_s:g} s)"
-                     if self.compiling_since is not None else "")
-        ending = (f"raising PeerLost ({PeerLost.exit_code})" if self.on_hang == "raise" else f"exiting {PeerLost.exit_code}")
-        return (f"error: rank {self.rank} on {self.host}: no progress for {self.timeout_s:g} s "
-                f"(dist.hang_timeout_s) {it}, waiting in the {what}{compiling}: another rank hung, was stopped or "
-                f"died, or this rank's device is stuck; {ending}: {restart_hint()}")
-
     def fire(self) -> None:
         """Report the hang and end the wait: the process (exit 7), or the main thread's call
         (on_hang="raise"). The report is written by a thread of its own, waited for at most
         REPORT_WAIT_S: the exit never blocks on output."""
-        self.fired = line = self.report()
+        self.fired = line = hang_report(self)
         writer = threading.Thread(target=_write_report, args=(line,), name="resnetdist-hang-report", daemon=True)
         writer.start()
         writer.join(self.REPORT_WAIT_S)
@@ -354,6 +340,18 @@ class HangWatch:
             _abort_process_group()  # a collective blocked in NCCL returns (with an error) only when aborted
             return
         os._exit(PeerLost.exit_code)  # the main thread is blocked: only the process can end it
+
+
+def hang_report(watch: HangWatch) -> str:
+    """The watchdog's one line: rank, host, iteration, the stage, what happens next."""
+    it = "before its first iteration" if watch.iteration is None else f"after iteration {watch.iteration}"
+    what = watch.stages[-1][0] if watch.stages else "?"
+    compiling = (f" (compiling for longer than dist.compile_pause_s={watch.compile_pause_s:g} s)"
+                 if watch.compiling_since is not None else "")
+    ending = f"raising PeerLost ({PeerLost.exit_code})" if watch.on_hang == "raise" else f"exiting {PeerLost.exit_code}"
+    return (f"error: rank {watch.rank} on {watch.host}: no progress for {watch.timeout_s:g} s "
+            f"(dist.hang_timeout_s) {it}, waiting in the {what}{compiling}: another rank hung, was stopped or "
+            f"died, or this rank's device is stuck; {ending}: {restart_hint()}")
 
 
 def _write_report(line: str) -> None:
