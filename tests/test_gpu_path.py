@@ -347,7 +347,7 @@ def test_cuda_graph_is_the_default_and_gathers_in_place_and_loads_in_place(tiny_
 
     cfg, ctx, data, model, optimizer = cuda_parts(tiny_data)
     step = make_step(cfg, ctx, model, optimizer, data)
-    assert step.choice == AUTO_GRAPH.__class__("graph", "auto: CUDA with bf16", "auto"), step.choice
+    assert step.choice == StepChoice("graph", "auto: CUDA with bf16", "auto"), step.choice
     loaders = open_loaders(cfg.data, data, ctx, B, 0)
     drive(step, loaders, 5)
     assert copies == [False] * 5
