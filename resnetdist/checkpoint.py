@@ -108,7 +108,12 @@ def atomic_save(obj: Any, path: Path) -> str:
     written."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    data = buf.getbuffer()
+    return atomic_save_bytes(buf.getbuffer(), path)
+
+
+def atomic_save_bytes(data: bytes | memoryview, path: Path) -> str:
+    """`data` written to `path` atomically with its sha256 sidecar (written first); returns the
+    digest. (model.safetensors is written so, like model.pt.)"""
     digest = hashlib.sha256(data).hexdigest()
     path, sidecar = Path(path), checksum_path(Path(path))
     atomic_write_text(sidecar, f"{digest}  {path.name}\n")
@@ -181,6 +186,9 @@ def load_model_file(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not _looks_like_torch(path):
         raise CheckpointError(f"{path}: not a readable checkpoint (not a torch file: text, or another format); "
                               f"give a model.pt or ckpt_*.pt from a run folder")
+    if _zip_truncated(path):
+        raise CheckpointError(f"{path}: truncated (its zip archive lacks the end record every torch file has: "
+                              f"an interrupted copy or write); copy it again, or use another checkpoint of the run")
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them
             warnings.simplefilter("ignore")
@@ -212,6 +220,24 @@ def _looks_like_torch(path: Path) -> bool:
     except OSError:
         return True  # let torch.load name the failure
     return head.startswith((b"PK", b"\x80"))
+
+
+ZIP_END = b"PK\x05\x06"  # a zip archive's end-of-central-directory record
+ZIP_END_SPAN = 22 + 0xFFFF  # the record, and at most a 64 KiB comment after it
+
+
+def _zip_truncated(path: Path) -> bool:
+    """A zip archive (torch.save's format) whose end record is missing: cut short. torch.load's
+    own errors for such a file vary with where the cut falls ("failed finding central directory",
+    "negative seek value")."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) != b"PK":
+                return False
+            f.seek(max(0, path.stat().st_size - ZIP_END_SPAN))
+            return ZIP_END not in f.read()
+    except OSError:
+        return False  # let torch.load name the failure
 
 
 def _load_failure(e: Exception) -> str:

@@ -20,6 +20,20 @@ app = typer.Typer(
 )
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from . import __version__
+
+        typer.echo(f"resnetdist {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="print the version and exit")) -> None:
+    pass
+
+
 def fail(message: str, code: int = BAD_INPUT) -> None:
     if message:  # empty: another rank prints the line (data/presence.py)
         typer.echo(f"error: {message}", err=True)
@@ -41,7 +55,7 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file, e.g. configs/resnet20.toml"),
     overrides: list[str] = typer.Option([], "--set", help="section.key=value, repeatable"),
     iters: Optional[int] = typer.Option(None, help="run N iterations (sets optim.iters); the default milestones, warm-up and evaluation/checkpoint cadence move in proportion, values given with --set are kept"),
-    data_dir: Optional[Path] = typer.Option(None, help="folder holding cifar-10-batches-bin/ or the tarball"),
+    data_dir: Optional[Path] = typer.Option(None, help="folder holding cifar-10-batches-bin/ (or -py/) or its tarball"),
     out: Optional[Path] = typer.Option(None, help="run directory (default runs/<name>)"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     seed: Optional[int] = typer.Option(None),
@@ -173,7 +187,7 @@ def eval_(
 
 @app.command()
 def prepare(
-    data_dir: Optional[Path] = typer.Option(None, help="folder holding cifar-10-batches-bin/ or the tarball (default: download)"),
+    data_dir: Optional[Path] = typer.Option(None, help="folder holding cifar-10-batches-bin/ (or -py/) or its tarball (default: download)"),
     out: Optional[Path] = typer.Option(None, help="where to write train.beton and test.beton (default: <data>/../beton)"),
     force: bool = typer.Option(False, help="rebuild even when up to date"),
 ) -> None:
@@ -277,16 +291,17 @@ def export_(
     format: str = typer.Option(..., "--format", "-f", help="safetensors | onnx"),
     out: Optional[Path] = typer.Option(None, help="output file (default: the checkpoint with .safetensors / .onnx)"),
     data_dir: Optional[Path] = typer.Option(None, help="only for old checkpoints without a stored mean image"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
 ) -> None:
     """Weights for use without this package: safetensors or ONNX (checked with onnxruntime), plus <name>.mean.npy."""
     from .checkpoint import CheckpointError
-    from .tools.export import ExportError, export
+    from .tools.export import ExportError, describe, export
 
     try:
         result = export(checkpoint, format, out, data_dir)
     except (ExportError, CheckpointError, ConfigError) as e:
         fail(str(e))
-    typer.echo(json.dumps(result))
+    typer.echo(json.dumps(result) if as_json else describe(result))
 
 
 @app.command()
@@ -298,7 +313,7 @@ def reproduce(
     runs_per_gpu: int = typer.Option(1, help="runs sharing each GPU at a time, as separate processes"),
     out: Path = typer.Option(Path("runs"), help="one folder per run inside, and the report"),
     iters: Optional[int] = typer.Option(None, help="iterations per run (default: the paper's 64k); milestones scale"),
-    data_dir: Optional[Path] = typer.Option(None, help="folder holding cifar-10-batches-bin/ or the tarball"),
+    data_dir: Optional[Path] = typer.Option(None, help="folder holding cifar-10-batches-bin/ (or -py/) or its tarball"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="base TOML for every run"),
     overrides: list[str] = typer.Option([], "--set", help="section.key=value for every run, repeatable"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),

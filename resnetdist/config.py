@@ -94,7 +94,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dir: str = field(default="", metadata=doc(
-        "folder with cifar-10-batches-bin/ or the tarball; \"\" downloads to the cache"))
+        "folder with cifar-10-batches-bin/ or cifar-10-batches-py/ (torchvision's) or a tarball; \"\" downloads to the cache"))
     loader: str = field(default="resident", metadata=doc(
         "resident: the whole dataset on the training device; ffcv: .beton files through FFCV's Loader"))
     beton_dir: str = field(default="", metadata=doc(

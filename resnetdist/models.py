@@ -100,3 +100,48 @@ def build_model(cfg: ModelConfig) -> CifarResNet:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ----- factories and the registry (torchvision style) -------------------------------------------
+# resnetdist.resnet20() ... plain56(), and resnetdist.create_model("resnet56", shortcut="B"):
+# the net the trainer builds (build_model, the same class and state-dict keys), with its initial
+# weights. One table: a name is a depth and whether the net has shortcuts.
+
+MODELS: dict[str, tuple[int, bool]] = {
+    **{f"resnet{6 * n + 2}": (n, False) for n in (3, 5, 7, 9, 18, 200)},  # 20, 32, 44, 56, 110, 1202
+    **{f"plain{6 * n + 2}": (n, True) for n in (3, 5, 7, 9)},  # 20, 32, 44, 56 (the paper's plain nets)
+}
+
+
+def list_models() -> list[str]:
+    """The names create_model accepts, in the paper's order."""
+    return list(MODELS)
+
+
+def create_model(name: str, *, shortcut: str = "A", num_classes: int = 10) -> CifarResNet:
+    """The named net (list_models()) with fresh He-initialised weights, in training mode.
+    shortcut: "A" (identity, zero-padded channels where the width doubles; the paper's CIFAR-10
+    choice) or "B" (1x1 projection there); num_classes: outputs of the last layer."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; one of: {', '.join(MODELS)}")
+    n, plain = MODELS[name]
+    try:
+        return build_model(ModelConfig(n=n, plain=plain, shortcut=shortcut, num_classes=num_classes))
+    except ValueError as e:
+        raise ValueError(f"create_model({name!r}): {e}") from None
+
+
+def _factory(name: str):
+    def make(*, shortcut: str = "A", num_classes: int = 10) -> CifarResNet:
+        return create_model(name, shortcut=shortcut, num_classes=num_classes)
+
+    depth = name.removeprefix("resnet").removeprefix("plain")
+    kind = "plain net (no shortcuts)" if MODELS[name][1] else "ResNet"
+    make.__name__ = make.__qualname__ = name
+    make.__doc__ = f"The {depth}-layer CIFAR-10 {kind} of He et al. 2015, section 4.2 (create_model({name!r}, ...))."
+    return make
+
+
+resnet20, resnet32, resnet44, resnet56, resnet110, resnet1202 = (
+    _factory(f"resnet{d}") for d in (20, 32, 44, 56, 110, 1202))
+plain20, plain32, plain44, plain56 = (_factory(f"plain{d}") for d in (20, 32, 44, 56))

@@ -102,3 +102,15 @@ def test_peer_transform_matches_torchvision_when_installed(tiny_data):
         want = chain(img)
         torch.manual_seed(i)
         torch.testing.assert_close(_peer_transform_written_out(img, mean, std), want)
+
+
+def test_the_peer_label_says_which_transforms_ran(monkeypatch):
+    from resnetdist.tools import bench
+
+    peer = bench.BASELINES[1]
+    for installed in (False, True):
+        monkeypatch.setattr(bench, "has_torchvision", lambda installed=installed: installed)
+        assert ("torchvision transforms in" in peer.label) == installed, peer.label
+    monkeypatch.undo()
+    _, source = bench.peer_transform(PeerTransforms.MEAN, PeerTransforms.STD)  # what runs here, as the label says
+    assert source.startswith("torchvision ") == ("torchvision transforms in" in peer.label)

@@ -1,3 +1,8 @@
+import json
+import os
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -223,8 +228,23 @@ def test_download_checks_md5_and_extracts(tmp_path):
 
 def test_tarball_in_data_dir_must_be_the_official_one(tmp_path):
     tar_path = _official_tarball(tmp_path)
-    with pytest.raises(DataError, match=f"{tar_path}: md5 .* does not match"):
+    # what to do is said: the download to repeat, and where
+    with pytest.raises(DataError, match=f"^{tar_path}: md5 [0-9a-f]{{32}} is not the official c32a1d4ab5d03f1284b67883e8d87530 "
+                                        rf"\(a cut or damaged download\?\): delete it and download "
+                                        rf"https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz again into {tmp_path} "
+                                        rf"\(or put the extracted cifar-10-batches-bin/ there\)$"):
         load_cifar10(tmp_path)
+    python_tarball = tar_path.rename(tmp_path / "cifar-10-python.tar.gz")
+    with pytest.raises(DataError, match=f"^{python_tarball}: md5 .* is not the official c58f30108f718f92721af3b95e74349a "
+                                        r".*download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz again"):
+        load_cifar10(tmp_path)
+
+
+def official(cifar, version_name: str, md5: str):
+    """VERSIONS with that version's tarball md5 replaced (a small test archive stands in for the official one)."""
+    from dataclasses import replace
+
+    return tuple(replace(v, md5=md5) if v.name == version_name else v for v in cifar.VERSIONS)
 
 
 def test_a_folder_extracted_from_the_verified_tarball_is_cifar10_until_a_file_changes(tmp_path, monkeypatch):
@@ -241,7 +261,7 @@ def test_a_folder_extracted_from_the_verified_tarball_is_cifar10_until_a_file_ch
     data_dir.mkdir()
     with tarfile.open(data_dir / cifar.TARBALL, "w:gz") as tar:
         tar.add(source, arcname=cifar.FOLDER)
-    monkeypatch.setattr(cifar, "MD5", cifar.md5sum(data_dir / cifar.TARBALL))
+    monkeypatch.setattr(cifar, "VERSIONS", official(cifar, "binary", cifar.md5sum(data_dir / cifar.TARBALL)))
     folder = cifar.locate(data_dir)
     assert (folder / cifar.MANIFEST).exists() and cifar.identity(folder) == "cifar10"
     assert cifar.load_cifar10(data_dir).describe().endswith("(verified CIFAR-10)")
@@ -252,3 +272,103 @@ def test_a_folder_extracted_from_the_verified_tarball_is_cifar10_until_a_file_ch
     (folder / cifar.MANIFEST).unlink()  # an older extraction: the verified tarball beside it restores the manifest,
     cifar.locate(data_dir)  # from the archive, not from the changed folder
     assert cifar.identity(folder) == "modified"
+
+
+# ----- the Python version (cifar-10-batches-py/, what torchvision downloads) ----------------------
+
+
+def write_python_version(binary_root: Path, dest: Path) -> Path:
+    """The binary stand-in under binary_root rewritten in the Python version's layout under
+    dest/cifar-10-batches-py: a pickled dict per batch, as the official files hold them."""
+    import pickle
+
+    from resnetdist.data import cifar
+
+    folder = dest / cifar.PY_FOLDER
+    folder.mkdir(parents=True)
+    for bin_name, py_name in zip(cifar.TRAIN_FILES + cifar.TEST_FILES, cifar.PY_TRAIN_FILES + cifar.PY_TEST_FILES):
+        split = read_batch_file(binary_root / cifar.FOLDER / bin_name)
+        batch = {"batch_label": py_name, "labels": split.labels.tolist(), "data": split.images.reshape(len(split), -1),
+                 "filenames": [f"img_{i}.png" for i in range(len(split))]}
+        (folder / py_name).write_bytes(pickle.dumps(batch, protocol=2))
+    return folder
+
+
+def test_the_python_version_reads_as_the_same_images_and_labels(tmp_path):
+    from resnetdist.data import cifar
+
+    binary = write_dataset(tmp_path / "bin", 12, 10)
+    folder = write_python_version(binary, tmp_path / "py")
+    for data_dir in (tmp_path / "py", folder):  # the folder holding it, or the folder itself
+        got, want = load_cifar10(data_dir, val_split=False), load_cifar10(binary)
+        assert got.folder == folder and cifar.version_of(folder).name == "python"
+        for a, b in ((got.train, want.train), (got.test, want.test)):
+            assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+        assert got.file_records == {n: 12 for n in cifar.PY_TRAIN_FILES} | {"test_batch": 10}
+    assert got.identity == "unknown"  # a stand-in: its files are not the official ones
+    assert len(cifar.load_test_only(tmp_path / "py").test) == 10
+
+
+def flip_a_byte(path: Path, at: int = -100) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_the_python_version_is_cifar10_only_when_its_files_are_the_official_ones(tmp_path, monkeypatch):
+    """Two ways, as for the binary version: extracted from the md5-verified cifar-10-python.tar.gz
+    (a manifest of the archive's files), or, as torchvision leaves it without a manifest, each
+    file matching the official md5 torchvision checks. Small files stand in for the official ones
+    here, so the expected digests are their own."""
+    import tarfile
+    from dataclasses import replace
+
+    from resnetdist.data import cifar
+
+    source = write_python_version(write_dataset(tmp_path / "bin", 12, 10), tmp_path / "src")
+    own_md5 = {name: cifar.md5sum(source / name) for name in cifar.PY_FILE_MD5}
+    assert cifar.identity(source) == "unknown"  # the real digests: these are not CIFAR-10's files
+    with_md5 = tuple(replace(v, file_md5=own_md5) if v.name == "python" else v for v in cifar.VERSIONS)
+    monkeypatch.setattr(cifar, "VERSIONS", with_md5)
+    assert cifar.identity(source) == "cifar10"
+    flip_a_byte(source / "test_batch")
+    assert cifar.identity(source) == "unknown"  # not claimed: neither official nor described by a manifest
+    monkeypatch.undo()
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    source = write_python_version(write_dataset(tmp_path / "bin2", 12, 10), tmp_path / "src2")
+    with tarfile.open(data_dir / cifar.PY_TARBALL, "w:gz") as tar:
+        tar.add(source, arcname=cifar.PY_FOLDER)
+    with pytest.raises(DataError, match="is not the official c58f30108f718f92721af3b95e74349a"):
+        cifar.locate(data_dir)  # the real md5: this small archive is not it
+    monkeypatch.setattr(cifar, "VERSIONS", official(cifar, "python", cifar.md5sum(data_dir / cifar.PY_TARBALL)))
+    folder = cifar.locate(data_dir)
+    assert folder == data_dir / cifar.PY_FOLDER and cifar.identity(folder) == "cifar10"
+    assert set(json.loads((folder / cifar.MANIFEST).read_text())["files"]) == set(cifar.PY_FILE_MD5)
+    assert load_cifar10(data_dir).describe().endswith("(verified CIFAR-10)")
+    flip_a_byte(folder / "data_batch_3")
+    assert cifar.identity(folder) == "modified"
+
+
+def test_a_python_batch_that_is_not_one_is_named_and_never_run(tmp_path):
+    import pickle
+
+    from resnetdist.data import cifar
+
+    folder = write_python_version(write_dataset(tmp_path / "bin", 12, 10), tmp_path / "py")
+    marker = tmp_path / "ran"
+
+    class Hostile:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    cases = {"hostile": (pickle.dumps({"data": Hostile()}), "refusing to build posix.system"),
+             "cut": ((folder / "test_batch").read_bytes()[:300], "unpickling failed"),
+             "other": (pickle.dumps({"data": [1, 2], "labels": [0, 1]}), "want 'data': uint8 (N, 3072)"),
+             "label": (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [3, 10]}), "record 1 has label 10")}
+    for what, (content, words) in cases.items():
+        (folder / "test_batch").write_bytes(content)
+        with pytest.raises(DataError, match=re.escape(f"{folder / 'test_batch'}: ") + ".*" + re.escape(words)):
+            cifar.load_cifar10(folder)
+    assert not marker.exists()

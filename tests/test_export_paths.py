@@ -30,8 +30,10 @@ def test_an_unwritable_out_is_one_line_and_exit_2_before_converting(tiny_model, 
 
 @pytest.mark.timeout(120)
 def test_safetensors_and_its_mean_have_the_mode_of_the_other_outputs(tiny_model, tmp_path):
-    pytest.importorskip("safetensors")
-    cli_in_process(["export", str(tiny_model), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors")])
+    result = cli_in_process(["export", str(tiny_model), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors")])
+    # a sentence, as eval prints (the JSON behind --json)
+    assert result.stdout == (f"wrote {tmp_path / 'm.safetensors'} (resnet8, iteration 6) and its mean image "
+                             f"{tmp_path / 'm.mean.npy'} (inputs: x / 255 - mean)\n")
     umask = os.umask(0)
     os.umask(umask)
     for name in ("m.safetensors", "m.mean.npy"):

@@ -224,14 +224,15 @@ def test_export_safetensors(tiny_model, tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "resnet8.safetensors"
-    proc = cli(["export", tiny_model, "--format", "safetensors", "--out", out])
+    proc = cli(["export", tiny_model, "--format", "safetensors", "--out", out, "--json"])
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["out"] == str(out) and result["model"] == "resnet8"
     model, state = load_reference(tiny_model)
-    loaded = load_file(str(out))
-    assert loaded.keys() == state["model"].keys()
+    loaded = load_file(str(out))  # the run's own model.safetensors format: the mean, and the net under net.
+    assert loaded.keys() == {"mean"} | {f"net.{k}" for k in state["model"]}
     for k, v in state["model"].items():
-        assert torch.equal(loaded[k], v), k
+        assert torch.equal(loaded[f"net.{k}"], v), k
+    assert torch.equal(loaded["mean"], state["mean"])
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert json.loads(meta["config"]) == state["config"]
@@ -242,7 +243,7 @@ def test_export_safetensors(tiny_model, tmp_path):
     np.testing.assert_array_equal(mean, state["mean"].numpy())
     # a fresh net with these weights gives the same logits
     fresh = build_model(from_dict(json.loads(meta["config"]), "meta").model).eval()
-    fresh.load_state_dict(loaded)
+    fresh.load_state_dict({k.removeprefix("net."): v for k, v in loaded.items() if k != "mean"})
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
@@ -251,7 +252,7 @@ def test_export_safetensors(tiny_model, tmp_path):
 @pytest.fixture(scope="module")
 def onnx_export(tiny_model) -> dict:
     """`resnetdist export model.pt --format onnx`, in a subprocess as a user runs it."""
-    proc = run_cli(["export", str(tiny_model), "--format", "onnx"])
+    proc = run_cli(["export", str(tiny_model), "--format", "onnx", "--json"])
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

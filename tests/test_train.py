@@ -24,7 +24,7 @@ def trained_run(tmp_path_factory, tiny_data):
 @pytest.mark.timeout(360)
 def test_training_learns_and_writes_the_run_directory(trained_run):
     files = {p.name for p in trained_run.iterdir()}
-    assert {"config.toml", "metrics.jsonl", "summary.json", "model.pt", "ckpt_0000150.pt"} <= files
+    assert {"config.toml", "metrics.jsonl", "summary.json", "model.pt", "model.safetensors", "ckpt_0000150.pt"} <= files
     records = read_jsonl(trained_run / "metrics.jsonl")
     assert [r["iter"] for r in records] == [50, 100, 150]
     for r in records:

@@ -35,6 +35,8 @@ def foreign_files(tmp, model_pt):
     folder.mkdir()
     truncated = tmp / "model_cut.pt"
     truncated.write_bytes(model_pt.read_bytes()[: model_pt.stat().st_size // 2])
+    cut_late = tmp / "model_cut_late.pt"  # torch.load's own error here was "negative seek value"
+    cut_late.write_bytes(model_pt.read_bytes()[: model_pt.stat().st_size - 200])
     pickled = tmp / "pickled.pt"
     pickled.write_bytes(pickle.dumps(object()))
     mismatched = tmp / "mismatched.pt"  # a config that says n=2 beside weights of n=1
@@ -43,7 +45,8 @@ def foreign_files(tmp, model_pt):
     checkpoint.atomic_save(state, mismatched)
     return [(other, "not a resnetdist checkpoint"), (mismatched, "do not fit the net its config describes"), (text, "not a readable checkpoint"),
             (folder, "is a folder"), (tmp / "missing.pt", "no such file"),
-            (truncated, "not a readable checkpoint"), (pickled, "not a readable checkpoint")]
+            (truncated, "truncated (its zip archive lacks the end record"), (cut_late, "truncated"),
+            (pickled, "not a readable checkpoint")]
 
 
 def assert_one_line(result, path, words):

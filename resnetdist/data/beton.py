@@ -237,8 +237,9 @@ def prepare_betons(bin_folder: Path, out_dir: Path, force: bool = False,
             return train_path, test_path, False
         _remove_outputs(out_dir)
         # Parse (and so check) every input before writing anything.
-        train = cifar.read_files(bin_folder, cifar.TRAIN_FILES)
-        test = cifar.read_files(bin_folder, cifar.TEST_FILES)
+        version = cifar.version_of(bin_folder)  # binary or Python version
+        train = cifar.read_files(bin_folder, version.train_files)
+        test = cifar.read_files(bin_folder, version.test_files)
         if announce is not None:
             announce(describe_conversion(out_dir, len(train), len(test)))
         sources = _source_md5s(bin_folder)  # of the bytes just parsed (they were re-read)

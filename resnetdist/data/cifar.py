@@ -1,15 +1,23 @@
-"""CIFAR-10, binary version: download (md5-checked), safe extraction, parsing, splits, and
-whether a folder holds the official files (`identity`).
+"""CIFAR-10: download (md5-checked), safe extraction, parsing, splits, and whether a folder
+holds the official files (`identity`).
 
-A record is 3073 bytes: one label byte (0-9), then the 1024 R, 1024 G and 1024 B bytes of a
-32x32 image, row-major. Files are checked before anything trains, and a bad file is named.
+Two of its distributions are read, with the same checks and the same identity (VERSIONS):
+- the binary version (downloaded when nothing is found): a record is 3073 bytes, one label byte
+  (0-9), then the 1024 R, 1024 G and 1024 B bytes of a 32x32 image, row-major;
+- the Python version (what torchvision downloads, `cifar-10-batches-py/`): each batch a pickled
+  dict whose `data` is a uint8 (10000, 3072) array in the same R, G, B row-major order and whose
+  `labels` a list. It is unpickled by a restricted unpickler that builds nothing but numpy
+  arrays, so a hostile file cannot run code.
+Files are checked before anything trains, and a bad file is named.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import pickle
 import tarfile
 import tempfile
 import urllib.request
@@ -29,6 +37,17 @@ TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 TEST_FILES = ("test_batch.bin",)
 RECORD_BYTES = 1 + 3 * 32 * 32
 RECORDS_PER_FILE = 10_000
+PY_FOLDER = "cifar-10-batches-py"
+PY_TARBALL = "cifar-10-python.tar.gz"
+PY_MD5 = "c58f30108f718f92721af3b95e74349a"
+PY_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+PY_TEST_FILES = ("test_batch",)
+# md5 of each batch of the official Python version, as torchvision checks them
+# (torchvision/datasets/cifar.py, CIFAR10.train_list / test_list): a folder whose six files all
+# match is CIFAR-10 whatever way it arrived (torchvision's download extracts no manifest)
+PY_FILE_MD5 = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+               "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+               "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}
 VAL_SIZE = 5_000  # the paper's 45k/5k split
 VAL_SPLIT_SEED = 20151210  # fixed, so every run holds out the same 5k images
 
@@ -79,6 +98,40 @@ class Cifar10:
         held_out = f" ({len(self.val):,} more held out for validation)" if self.val is not None else ""
         return (f"note: {', '.join(odd)} (CIFAR-10's files hold {RECORDS_PER_FILE:,} each): "
                 f"training on {len(self.train):,} images{held_out}, testing on {len(self.test):,}")
+
+
+@dataclass(frozen=True)
+class Version:
+    """One distribution of CIFAR-10: its folder, tarball (and the tarball's md5), batch files,
+    and the official md5 of each file where known."""
+
+    name: str
+    folder: str
+    tarball: str
+    md5: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    file_md5: dict[str, str] | None = None
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return self.train_files + self.test_files
+
+
+BINARY = Version("binary", FOLDER, TARBALL, MD5, TRAIN_FILES, TEST_FILES)
+PYTHON = Version("python", PY_FOLDER, PY_TARBALL, PY_MD5, PY_TRAIN_FILES, PY_TEST_FILES, PY_FILE_MD5)
+VERSIONS = (BINARY, PYTHON)  # looked for in this order; only the binary version is downloaded
+
+
+def holds(folder: Path, version: Version) -> bool:
+    """The folder holds (some of) that version's batch files."""
+    return any((folder / name).exists() for name in (version.test_files[0], version.train_files[0]))
+
+
+def version_of(folder: Path) -> Version:
+    """The version whose files the folder holds, the first of VERSIONS if several (and when none:
+    its files are then named missing)."""
+    return next((v for v in VERSIONS if holds(folder, v)), VERSIONS[0])
 
 
 def default_cache_dir() -> Path:
@@ -132,8 +185,9 @@ def download(dest_dir: Path, url: str = URL, md5: str = MD5) -> Path:
     return dest
 
 
-def extract(tarball: Path, dest_dir: Path) -> Path:
-    """Extract the binary folder, refusing members that would land outside dest_dir."""
+def extract(tarball: Path, dest_dir: Path, version: Version = BINARY) -> Path:
+    """Extract the version's folder, refusing members that would land outside dest_dir."""
+    folder = version.folder
     root = dest_dir.resolve()
     try:
         with tarfile.open(tarball, "r:gz") as tar:
@@ -145,46 +199,61 @@ def extract(tarball: Path, dest_dir: Path) -> Path:
             # Extract into a temporary folder, then rename: no half-extracted folder remains.
             with tempfile.TemporaryDirectory(dir=dest_dir) as tmp:
                 tar.extractall(tmp, members=members)
-                if not (Path(tmp) / FOLDER).is_dir():
-                    raise DataError(f"{tarball}: no {FOLDER}/ folder inside")
-                if not (dest_dir / FOLDER).exists():
-                    os.replace(Path(tmp) / FOLDER, dest_dir / FOLDER)
+                if not (Path(tmp) / folder).is_dir():
+                    raise DataError(f"{tarball}: no {folder}/ folder inside")
+                if not (dest_dir / folder).exists():
+                    os.replace(Path(tmp) / folder, dest_dir / folder)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"{tarball}: not a readable .tar.gz ({e})") from e
-    return dest_dir / FOLDER
+    return dest_dir / folder
 
 
 def locate(data_dir: Path | None, download_ok: bool = True) -> Path:
-    """Return the folder holding the .bin files: data_dir/cifar-10-batches-bin, data_dir itself,
-    or the extracted tarball found in (or downloaded to) data_dir / the cache. A folder extracted
-    from the md5-verified tarball gets its manifest (MANIFEST)."""
+    """Return the folder holding the batch files: data_dir/cifar-10-batches-bin (or -py),
+    data_dir itself, or the extracted tarball (binary or Python version) found in (or the binary
+    one downloaded to) data_dir / the cache. A folder extracted from an md5-verified tarball
+    gets its manifest (MANIFEST)."""
     base = Path(data_dir) if data_dir else default_cache_dir()
     if data_dir is not None and base.exists() and not base.is_dir():
         raise DataError(f"--data-dir {base}: is a file, not a folder (give the folder holding {FOLDER}/ or {TARBALL})")
     if data_dir is not None and not base.is_dir():
         raise DataError(f"--data-dir {base}: no such folder")
-    tarball = base / TARBALL
-    for cand in (base / FOLDER, base):
-        if (cand / TEST_FILES[0]).exists() or (cand / TRAIN_FILES[0]).exists():
-            if cand == base / FOLDER and not (cand / MANIFEST).exists() and tarball.exists() and md5sum(tarball) == MD5:
-                write_manifest(cand, tarball)  # extracted by an older version, or by hand, from the verified tarball
-            return cand
-    if tarball.exists():
-        got = md5sum(tarball)
-        if got != MD5:
-            raise DataError(f"{tarball}: md5 {got} does not match the expected {MD5}")
-        return write_manifest(extract(tarball, base), tarball)
+    for version in VERSIONS:
+        for cand in (base / version.folder, base):
+            if holds(cand, version):
+                tarball = base / version.tarball
+                if cand == base / version.folder and not (cand / MANIFEST).exists() and tarball.exists() \
+                        and md5sum(tarball) == version.md5:
+                    write_manifest(cand, tarball, version)  # extracted by an older version, or by hand, from the verified tarball
+                return cand
+    for version in VERSIONS:
+        tarball = base / version.tarball
+        if tarball.exists():
+            got = md5sum(tarball)
+            if got != version.md5:
+                raise DataError(f"{tarball}: md5 {got} is not the official {version.md5} (a cut or damaged "
+                                f"download?): {fix_for(base, data_dir, tarball, version)}")
+            return write_manifest(extract(tarball, base, version), tarball, version)
     if data_dir is not None or not download_ok:
-        raise DataError(f"{base}: holds neither {FOLDER}/ nor {TARBALL}")
+        raise DataError(f"{base}: holds neither {FOLDER}/ nor {TARBALL} (nor the Python version's {PY_FOLDER}/ "
+                        f"or {PY_TARBALL})")
     tarball = download(base)
     return write_manifest(extract(tarball, base), tarball)
+
+
+def fix_for(base: Path, data_dir: Path | None, tarball: Path, version: Version) -> str:
+    """What to do about a tarball that is not the official one."""
+    url = URL.replace(TARBALL, version.tarball)
+    if data_dir is None and version.name == "binary":  # the cache: the next run downloads it again
+        return f"delete it, and the next run downloads it again ({url})"
+    return f"delete it and download {url} again into {base} (or put the extracted {version.folder}/ there)"
 
 
 def sha256sum(path: Path) -> str:
     return file_digest(path, "sha256")
 
 
-def write_manifest(folder: Path, tarball: Path) -> Path:
+def write_manifest(folder: Path, tarball: Path, version: Version = BINARY) -> Path:
     """Each .bin file's size and sha256 as `tarball` (already md5-verified) holds it, written
     beside the files; returns the folder. Taken from the archive, not from the folder, so a
     folder changed after extraction is not blessed."""
@@ -193,10 +262,10 @@ def write_manifest(folder: Path, tarball: Path) -> Path:
         with tarfile.open(tarball, "r:gz") as tar:
             for member in tar:
                 name = Path(member.name).name
-                if member.isfile() and name in TRAIN_FILES + TEST_FILES:
+                if member.isfile() and name in version.files:
                     with tar.extractfile(member) as f:
                         files[name] = {"bytes": member.size, "sha256": stream_digest(f, "sha256")}
-        text = json.dumps({"source": f"{TARBALL} (md5 {md5sum(tarball)})", "files": files}, indent=2) + "\n"
+        text = json.dumps({"source": f"{version.tarball} (md5 {md5sum(tarball)})", "files": files}, indent=2) + "\n"
         tmp = folder / f".{MANIFEST}.tmp"
         tmp.write_text(text)
         os.replace(tmp, folder / MANIFEST)
@@ -206,18 +275,27 @@ def write_manifest(folder: Path, tarball: Path) -> Path:
 
 
 def identity(folder: Path) -> str:
-    """cifar10: the folder's manifest names every file, and each matches in size and sha256;
-    modified: a manifest, but some file differs or is missing; unknown: no (readable) manifest."""
+    """cifar10: the folder's manifest names every file, and each matches in size and sha256 (or,
+    without a manifest, every file matches the official md5 its version publishes: the Python
+    version's, as torchvision checks them); modified: a manifest, but some file differs or is
+    missing; unknown: no (readable) manifest, and no official digests matched."""
+    version = version_of(folder)
     try:
         files = json.loads((folder / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
-        return "unknown"
-    for name in TRAIN_FILES + TEST_FILES:
+        return "cifar10" if official_by_md5(folder, version) else "unknown"
+    for name in version.files:
         path, want = folder / name, files.get(name) if isinstance(files, dict) else None
         if not want or not path.is_file() or path.stat().st_size != want.get("bytes") \
                 or sha256sum(path) != want.get("sha256"):
             return "modified"
     return "cifar10"
+
+
+def official_by_md5(folder: Path, version: Version) -> bool:
+    """Every batch file of the folder has the md5 its version's official distribution has."""
+    known = version.file_md5
+    return bool(known) and all((folder / n).is_file() and md5sum(folder / n) == known[n] for n in version.files)
 
 
 def read_batch_file(path: Path) -> Split:
@@ -236,6 +314,41 @@ def read_batch_file(path: Path) -> Split:
         raise DataError(f"{path}: record {bad} has label {labels[bad]} (must be 0-9)")
     images = np.ascontiguousarray(records[:, 1:].reshape(-1, 3, 32, 32))
     return Split(images, labels)
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Builds numpy arrays and plain containers, nothing else: a batch file that names any other
+    callable is refused instead of run."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}  # how a protocol-2 pickle written by Python 3 spells a bytes object
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to build {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_python_batch(path: Path) -> Split:
+    """A batch of the Python version: a pickled dict with `data` (uint8 (N, 3072), R, G, B planes
+    row-major, as the binary records) and `labels` (N ints in 0-9)."""
+    if not path.exists():
+        raise DataError(f"{path}: missing")
+    try:
+        # latin1: the official batches are Python 2 pickles, whose numpy arrays are byte strings
+        batch = NumpyOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+    except Exception as e:  # noqa: BLE001 - pickle raises many kinds on a damaged file; the file is named
+        raise DataError(f"{path}: not a CIFAR-10 Python batch (unpickling failed: {str(e)[:120] or type(e).__name__})") from None
+    data = batch.get("data") if isinstance(batch, dict) else None
+    labels = np.asarray(batch.get("labels", []) if isinstance(batch, dict) else [])
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 \
+            or len(data) == 0 or labels.shape != (len(data),) or labels.dtype.kind not in "iu":
+        raise DataError(f"{path}: not a CIFAR-10 Python batch (want 'data': uint8 (N, 3072) and 'labels': N ints)")
+    if labels.min() < 0 or labels.max() > 9:
+        bad = int(np.argmax((labels < 0) | (labels > 9)))
+        raise DataError(f"{path}: record {bad} has label {labels[bad]} (must be 0-9)")
+    return Split(np.ascontiguousarray(data.reshape(-1, 3, 32, 32)), labels.astype(np.int64))
 
 
 def write_batch_file(path: Path, split: Split) -> None:
@@ -277,7 +390,7 @@ def write_synthetic(root: Path, per_train_file: int, test_size: int, seed: int =
 
 def read_files(folder: Path, names: tuple[str, ...], counts: dict[str, int] | None = None) -> Split:
     """The files' records, in order; `counts` (if given) receives each file's record count."""
-    parts = [read_batch_file(folder / name) for name in names]
+    parts = [(read_batch_file if name.endswith(".bin") else read_python_batch)(folder / name) for name in names]
     if counts is not None:
         counts.update({name: len(part) for name, part in zip(names, parts)})
     return Split(
@@ -299,9 +412,10 @@ def subset(split: Split, indices: np.ndarray) -> Split:
 
 def load_cifar10(data_dir: Path | None, val_split: bool = False) -> Cifar10:
     folder = locate(data_dir)
+    version = version_of(folder)
     counts: dict[str, int] = {}
-    train = read_files(folder, TRAIN_FILES, counts)
-    test = read_files(folder, TEST_FILES, counts)
+    train = read_files(folder, version.train_files, counts)
+    test = read_files(folder, version.test_files, counts)
     if not val_split:
         return Cifar10(train, test, folder=folder, file_records=counts, identity=identity(folder))
     train_idx, val_idx = validation_indices(len(train))
@@ -314,11 +428,11 @@ def load_test_only(data_dir: Path | None) -> Cifar10:
     files need not be there."""
     folder = locate(data_dir)
     counts: dict[str, int] = {}
-    test = read_files(folder, TEST_FILES, counts)
+    test = read_files(folder, version_of(folder).test_files, counts)
     empty = Split(np.zeros((0, 3, 32, 32), np.uint8), np.zeros(0, np.int64))
     return Cifar10(empty, test, folder=folder, file_records=counts, identity=identity(folder))
 
 
 def source_files(folder: Path) -> list[Path]:
-    return [folder / n for n in TRAIN_FILES + TEST_FILES]
+    return [folder / n for n in version_of(folder).files]
 

@@ -62,8 +62,9 @@ class Setting:
     def label(self) -> str:
         if self.loader == "baseline":
             return "baseline: fp32 eager, CPU transforms in a DataLoader, loss read every 100 steps"
-        if self.loader == "peer":
-            return "peer baseline: fp32 eager, torchvision transforms in a DataLoader, loss.item() every step"
+        if self.loader == "peer":  # which transforms run: peer_transform's
+            how = "torchvision transforms" if has_torchvision() else "torchvision's transforms written out (not installed)"
+            return f"peer baseline: fp32 eager, {how} in a DataLoader, loss.item() every step"
         return f"{self.loader} loader, {self.mode}, {self.precision}"
 
 
@@ -145,13 +146,19 @@ class PeerTransforms(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i].transpose(1, 2, 0))), int(self.labels[i])
 
 
+def has_torchvision() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchvision") is not None
+
+
 def peer_transform(mean: tuple, std: tuple):
     """(the transform, which implementation it is)."""
-    try:
-        from torchvision import __version__ as tv_version, transforms as T
-    except ImportError:
+    if not has_torchvision():
         return partial(_peer_transform_written_out, mean=torch.tensor(mean)[:, None, None],
                        std=torch.tensor(std)[:, None, None]), "written out on PIL + numpy (torchvision not installed)"
+    from torchvision import __version__ as tv_version, transforms as T
+
     chain = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
     return chain, f"torchvision {tv_version}"
 

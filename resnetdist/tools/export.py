@@ -7,11 +7,13 @@ network was trained with. Preprocessing, for either format:
 
     x = uint8 image (N, 3, 32, 32), RGB planes  ->  x.astype(float32) / 255 - mean
 
-- safetensors: the model's state dict exactly as `CifarResNet.state_dict()` names it, and
-  metadata (all strings): `config` (the run's resolved config as JSON), `model` (e.g.
-  resnet20), `depth`, `plain`, `iteration`, `preprocess` (the formula above) and `mean_file`.
-  `safetensors.torch.load_file` gives the tensors; the metadata is read with
-  `safetensors.safe_open(path, "pt").metadata()`.
+- safetensors: the file every run writes as model.safetensors (pretrained.py, which
+  `resnetdist.load` reads): the state dict of the net with its mean image inside (`mean`, and
+  the net's tensors as `CifarResNet.state_dict()` names them, under `net.`), and metadata (all
+  strings): `config` (the run's resolved config as JSON), `model` (e.g. resnet20), `depth`,
+  `plain`, `shortcut`, `num_classes`, `iteration`, `preprocess` and `mean_file`. Written
+  atomically with a sha256 sidecar, as the run's own. `safetensors.torch.load_file` gives the
+  tensors; the metadata is read with `safetensors.safe_open(path, "pt").metadata()`.
 - onnx: the eval-mode network (BatchNorm with its running statistics), one input `input`
   float32 (batch, 3, 32, 32), already mean-subtracted, with a dynamic batch dimension, and
   one output `logits` (batch, 10). Normalisation is NOT inside the graph: the mean image
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import tempfile
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import checkpoint
+from .. import checkpoint, pretrained
 from ..config import RunConfig, from_dict
 from ..models import CifarResNet, build_model
 
@@ -59,44 +60,12 @@ def load_for_export(path: Path, data_dir: Path | None = None) -> tuple[CifarResN
     model = build_model(cfg.model)
     checkpoint.load_weights(model, state, path)
     model.eval()
-    return model, cfg, mean_of(state, cfg, path, data_dir), state
-
-
-def mean_of(state: dict[str, Any], cfg: RunConfig, path: Path, data_dir: Path | None) -> torch.Tensor:
-    """The mean image the run trained with: stored in the checkpoint by newer runs; else the
-    channel preset, else recomputed from the training data (which must then be reachable)."""
-    from ..data.augment import training_mean
-
-    if "mean" in state:
-        return state["mean"].float().cpu()
-    if cfg.data.mean == "channel":
-        return training_mean(cfg.data.mean, cfg.data.channel_mean, None)
-    from ..data.cifar import DataError, load_cifar10
-
-    folder = data_dir or (Path(cfg.data.dir) if cfg.data.dir else None)
-    try:
-        data = load_cifar10(folder, cfg.data.val_split)
-    except DataError as e:
-        raise ExportError(
-            f"{path} holds no mean image (an older checkpoint) and the training data to recompute it "
-            f"is not available ({e}); pass --data-dir"
-        ) from None
-    return training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
+    return model, cfg, pretrained.mean_of(state, cfg, path, data_dir), state
 
 
 def metadata(cfg: RunConfig, state: dict[str, Any], mean_file: Path) -> dict[str, str]:
-    return {
-        "format": "resnetdist",
-        "model": cfg.model.name,
-        "depth": str(cfg.model.depth),
-        "plain": str(cfg.model.plain).lower(),
-        "shortcut": cfg.model.shortcut,
-        "num_classes": str(cfg.model.num_classes),
-        "iteration": str(state.get("iteration", cfg.optim.iters)),
-        "config": json.dumps(cfg.to_dict(), sort_keys=True),
-        "preprocess": PREPROCESS,
-        "mean_file": mean_file.name,
-    }
+    """model.safetensors's metadata (pretrained.metadata) and the .npy beside the output."""
+    return {**pretrained.metadata(cfg, int(state.get("iteration", cfg.optim.iters))), "mean_file": mean_file.name}
 
 
 def mean_path(out: Path) -> Path:
@@ -119,16 +88,27 @@ def export(path: Path, fmt: str, out: Path | None = None, data_dir: Path | None 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "safetensors":
-            export_safetensors(model, meta, out)
+            export_safetensors(model, mean, meta, out)
             result: dict[str, Any] = {}
-        else:
-            result = {"max_abs_diff": export_onnx(model, meta, out)}
+        else:  # the graph takes mean-subtracted inputs: the .npy's formula
+            result = {"max_abs_diff": export_onnx(model, {**meta, "preprocess": PREPROCESS}, out)}
         np.save(mfile, mean.numpy().astype(np.float32))
         for written in (out, mfile):
             written.chmod(USUAL_MODE)  # safetensors writes 0600 (a private temporary file, renamed)
     except OSError as e:  # a full disk, or the folder changed since the check
         raise ExportError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-    return {"format": fmt, "out": str(out), "mean": str(mfile), "model": cfg.model.name, **result}
+    return {"format": fmt, "out": str(out), "mean": str(mfile), "model": cfg.model.name,
+            "iteration": state.get("iteration"), **result}
+
+
+def describe(result: dict[str, Any]) -> str:
+    """`export`'s line for people, as `eval` has one: wrote runs/x/model.onnx (resnet20, iteration
+    64,000; onnxruntime matches PyTorch within 2.4e-06) and its mean image runs/x/model.mean.npy"""
+    facts = [result["model"]] + ([f"iteration {result['iteration']:,}"] if result.get("iteration") is not None else [])
+    line = f"wrote {result['out']} ({', '.join(facts)}"
+    if "max_abs_diff" in result:
+        line += f"; onnxruntime matches PyTorch within {result['max_abs_diff']:.1e}"
+    return f"{line}) and its mean image {result['mean']} (inputs: x / 255 - mean)"
 
 
 def _usual_mode() -> int:
@@ -158,16 +138,11 @@ def check_out(out: Path) -> None:
         raise ExportError(f"--out {out}: the file exists and is not writable")
 
 
-def export_safetensors(model: CifarResNet, meta: dict[str, str], out: Path) -> None:
+def export_safetensors(model: CifarResNet, mean: torch.Tensor, meta: dict[str, str], out: Path) -> None:
     try:
-        from safetensors.torch import save_file
-    except ImportError:
-        raise ExportError("safetensors is not installed: pip install 'resnetdist[export]'") from None
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    try:
-        save_file(tensors, str(out), metadata=meta)
-    except Exception as e:  # SafetensorError (not an OSError) for a path it cannot write
-        raise ExportError(f"--out {out}: cannot write there ({e})") from None
+        checkpoint.atomic_save_bytes(pretrained.to_bytes(model, mean, meta), out)
+    except checkpoint.WriteError as e:
+        raise ExportError(f"--out {out}: cannot write there ({e.error.strerror or e.error})") from None
 
 
 def export_onnx(model: CifarResNet, meta: dict[str, str], out: Path, batch: int = 4) -> float:
@@ -233,4 +208,4 @@ def check_onnx(model: CifarResNet, out: Path, batches: tuple[int, ...] = (1, 7))
     return worst
 
 
-__all__ = ["ExportError", "FORMATS", "export", "check_onnx", "load_for_export"]
+__all__ = ["ExportError", "FORMATS", "export", "check_onnx", "describe", "load_for_export"]

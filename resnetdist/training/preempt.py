@@ -69,13 +69,15 @@ def acknowledge() -> None:
 
 
 @contextmanager
-def notice() -> Iterator[Notice]:
+def notice(install: bool = True) -> Iterator[Notice]:
     """Note SIGTERM, SIGUSR1 and a first SIGINT while the block runs; the previous handlers come back after,
     unless a signal came: then the process is on its way out to report the stop, and a repeated
     signal (schedulers and people send more than one) must not kill it first, so SIGTERM and
-    SIGUSR1 are ignored from then on (a second Ctrl-C still stops at once). Off the main thread (where Python cannot install handlers) nothing is noted."""
+    SIGUSR1 are ignored from then on (a second Ctrl-C still stops at once). Off the main thread (where Python cannot install handlers) nothing is noted.
+    install=False (resnetdist.train, unless asked): the interpreter's handlers are left alone and
+    nothing is noted; a Ctrl-C is then the interpreter's KeyboardInterrupt."""
     found = Notice()
-    if threading.current_thread() is not threading.main_thread():
+    if not install or threading.current_thread() is not threading.main_thread():
         yield found
         return
     previous = {s: signal.signal(s, found.note) for s in SIGNALS}

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import checkpoint, dist
+from .. import checkpoint, dist, pretrained
 from ..config import RunConfig
 from ..data import Cifar10, Loaders, open_loaders
 from ..data.augment import training_mean
@@ -232,11 +232,12 @@ class Trainer:
             dist.barrier()
 
     def finish(self) -> dict[str, Any]:
-        """The run's summary; rank 0 writes model.pt and summary.json."""
+        """The run's summary; rank 0 writes model.pt, model.safetensors and summary.json."""
         summary, cfg = summarize(self), self.cfg
         if self.ctx.is_main:
             weights = final_weights(self.model, cfg, cfg.optim.iters, self.step.mean)
             checkpoint.atomic_save(weights, cfg.run_dir / "model.pt")
+            pretrained.save(cfg.run_dir, self.model, weights["mean"], cfg)  # model.safetensors: the same, no pickle
             checkpoint.atomic_write_text(cfg.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 

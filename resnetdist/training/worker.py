@@ -147,15 +147,18 @@ def agreed_start(cfg: RunConfig, ctx: dist.DistContext) -> Start:
 # ----- the run ----------------------------------------------------------------------------------
 
 
-def main(cfg: RunConfig, data: Cifar10 | None = None) -> dict[str, Any]:
-    """Train on this rank; `data` is what preflight already parsed, if it ran. From here on a
-    SIGTERM or SIGUSR1 stops the run at the next log point with a checkpoint (Preempted)."""
-    with preempt.notice() as notice:
-        return train_rank(cfg, data, notice)
+def main(cfg: RunConfig, data: Cifar10 | None = None, signals: bool = True, on_hang: str = "exit") -> dict[str, Any]:
+    """Train on this rank; `data` is what preflight already parsed, if it ran. With `signals`,
+    from here on a SIGTERM or SIGUSR1 stops the run at the next log point with a checkpoint
+    (Preempted). on_hang: dist.setup's ("raise" for resnetdist.train, which must not end the
+    calling process)."""
+    with preempt.notice(install=signals) as notice:
+        return train_rank(cfg, data, notice, on_hang)
 
 
-def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice) -> dict[str, Any]:
-    ctx = dist.setup(cfg.train.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s, compile_pause_s=cfg.dist.compile_pause_s)
+def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice, on_hang: str = "exit") -> dict[str, Any]:
+    ctx = dist.setup(cfg.train.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s, compile_pause_s=cfg.dist.compile_pause_s,
+                     on_hang=on_hang)
     run_lock = None
     try:
         if data is None:
