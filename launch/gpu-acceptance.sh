@@ -22,7 +22,7 @@
 # Time: the stage limits (the run_stage lines below) sum to 520 s, each above its estimate (in
 # the comments beside it; 1.15-2x, the training 1.4x). The whole script also keeps an overall
 # deadline, ACCEPTANCE_DEADLINE_S seconds after it starts (default 570 = the 520 s of limits +
-# 45 s kept free for a short packed-processes stage to come (ResNet-20, K = 1, 4, 8) + 5 s for
+# 45 s kept free for a short pack stage to come (bench --pack, ResNet-20, K = 1, 4, 8) + 5 s for
 # the summary): no stage runs past it (its limit is cut to what is left, less the time the
 # summary needs) and a stage with no time left is skipped. Why 570 s: a lent GPU machine gives
 # 15 minutes of device time in all, its start-up (a few minutes) included, and at most 10
@@ -68,7 +68,7 @@ PYTHON="${PYTHON:-python3}"
 DRY_RUN="${DRY_RUN:-0}"
 DEADLINE="${ACCEPTANCE_DEADLINE_S:-570}"
 SKIP=",${ACCEPTANCE_SKIP:-},"
-PACK_RESERVE=45    # seconds kept free for the packed-processes stage (ResNet-20, K = 1, 4, 8) to come
+PACK_RESERVE=45    # seconds kept free for the pack stage (`bench --pack 1,4,8`, ResNet-20) to come
 GRACE="${ACCEPTANCE_GRACE_S:-10}"
 SUMMARY_RESERVE=5  # seconds kept back from the deadline for writing the summary
 for var in DEADLINE GRACE; do
@@ -259,7 +259,7 @@ run_stage train-resnet20 245 "${RD[@]}" train --n 3 --data-dir "$DATA" --out "$R
 # S + the model loaded and 10k images evaluated in fp32 ~1 s = ~8 s -> 12 s
 run_stage eval-resnet20 12 "${RD[@]}" eval "$RUN/model.pt" --data-dir "$DATA" --json
 # torch.compile of ResNet-20: S + the baselines ~10 s + a cold compile 30-90 s + 220 steps. Last,
-# with what is left before the deadline (at least 28 s) less the packed stage's reserve: a cut
+# with what is left before the deadline (at least 28 s) less the pack stage's reserve: a cut
 # is reported, not failed. Inductor builds its kernels with a C compiler against Python.h: where
 # either is missing the stage is skipped, naming which, rather than failing after its start
 compile_missing=""
@@ -278,9 +278,9 @@ else
 fi
 
 if [[ "$DRY_RUN" == 1 ]]; then
-    echo "total: stage limits sum to $LIMIT_SUM s, + $PACK_RESERVE s kept for the packed stage + $SUMMARY_RESERVE s for the summary; overall deadline $DEADLINE s (ACCEPTANCE_DEADLINE_S), 570 s budget"
+    echo "total: stage limits sum to $LIMIT_SUM s, + $PACK_RESERVE s kept for the pack stage + $SUMMARY_RESERVE s for the summary; overall deadline $DEADLINE s (ACCEPTANCE_DEADLINE_S), 570 s budget"
     if ((LIMIT_SUM + PACK_RESERVE + SUMMARY_RESERVE > DEADLINE)); then
-        echo "error: the stage limits, the packed stage's $PACK_RESERVE s and the summary's $SUMMARY_RESERVE s exceed the deadline" >&2
+        echo "error: the stage limits, the pack stage's $PACK_RESERVE s and the summary's $SUMMARY_RESERVE s exceed the deadline" >&2
         exit 1
     fi
     exit 0

@@ -225,11 +225,19 @@ def bench(
     precisions: str = typer.Option("fp32,bf16,fp16", help="comma-separated: fp32, bf16, fp16"),
     data_dir: Optional[Path] = typer.Option(None, help="CIFAR-10 folder (default: synthetic data of the same size)"),
     workers: int = typer.Option(min(8, os.cpu_count() or 1), help="DataLoader workers for the baseline"),
-    out: Path = typer.Option(Path("bench/step.json"), help="where to write the results (JSON)"),
+    out: Optional[Path] = typer.Option(None, help="where to write the results (JSON; default bench/step.json, "
+                                                    "with --pack bench/pack.json)"),
+    pack: str = typer.Option("", help="pack sizes K, comma-separated (e.g. 1,2,4,8): time K seeds fused into one "
+                                      "model against the K runs one after another and one model at batch 128*K, "
+                                      "with the step a run gets here, instead of the settings above"),
 ) -> None:
-    """Time one training step: the baseline and each loader x mode x precision."""
+    """Time one training step: the baseline and each loader x mode x precision (or packs: --pack)."""
     if ctx.invoked_subcommand is not None:
         return
+    if pack:
+        _bench_pack(n, pack, iters, warmup, device, out or Path("bench/pack.json"))
+        return
+    out = out or Path("bench/step.json")
     from .tools.bench import format_table, run_step_bench
 
     try:
@@ -238,6 +246,21 @@ def bench(
     except (DataError, RuntimeError, ValueError) as e:
         fail(str(e))
     typer.echo(format_table(report))
+    typer.echo(f"\nwrote {out}")
+
+
+def _bench_pack(n: int, sizes: str, iters: int, warmup: int, device: str, out: Path) -> None:
+    from .tools.bench_pack import PACK_ROUNDS, format_pack_table, run_pack_bench
+
+    try:
+        ks = [int(k) for k in _split(sizes)]
+    except ValueError:
+        fail(f"--pack {sizes}: pack sizes are whole numbers, comma-separated (e.g. 1,2,4,8)")
+    try:
+        report = run_pack_bench(n, ks, iters, warmup, PACK_ROUNDS, device, out)  # written after every K
+    except (RuntimeError, ValueError) as e:
+        fail(str(e))
+    typer.echo(format_pack_table(report))
     typer.echo(f"\nwrote {out}")
 
 

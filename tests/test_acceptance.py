@@ -161,7 +161,7 @@ def test_the_overall_deadline_cuts_the_running_stage_and_skips_the_rest(tmp_path
 def test_a_compile_cut_at_its_limit_is_reported_and_does_not_fail_the_acceptance(tmp_path, fake_python):
     """The compile stage runs last, with what is left before the deadline; a cold compile that
     does not finish is cut there, reported as "cut at N s", and the acceptance still passes."""
-    # 60 s: the compile stage leaves the packed stage's 45 s and the summary's 5 s of it free
+    # 60 s: the compile stage leaves the pack stage's 45 s and the summary's 5 s of it free
     proc = start(tmp_path, fake_python, ACCEPTANCE_DEADLINE_S="60", FAKE_HANG="compile")
     try:
         output, _ = proc.communicate(timeout=90)
@@ -172,7 +172,7 @@ def test_a_compile_cut_at_its_limit_is_reported_and_does_not_fail_the_acceptance
     assert proc.returncode == 0 and summary["ok"], output
     *others, last = summary["stages"]
     assert last["stage"] == "compile" and re.fullmatch(r"cut at \d+ s", last["status"]), last
-    assert 3 <= last["limit_s"] <= 10  # what was left of the deadline less the packed stage's 45 s
+    assert 3 <= last["limit_s"] <= 10  # what was left of the deadline less the pack stage's 45 s
     assert all(s["status"] == "ok" or s["status"].startswith("skipped: FFCV") for s in others), others
     assert f"compile: {last['status']} (reported, not a failure" in output
 

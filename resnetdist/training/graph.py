@@ -6,7 +6,7 @@ waits in a collective the others skip.
 One side stream serves DDP construction, warm-up and capture: DDP's reducer keeps the
 gradient-accumulator nodes made on the stream it was built on, and a capture on any other
 stream fails (PyTorch's CUDA-graph notes; Megatron-LM met it on H100s). So the step's builder
-wraps the model inside `GraphCapture.on_side()`, then calls `capture_or_eager`.
+wraps the model inside `GraphCapture.on_side()`, then calls `capture_agreed`.
 """
 
 from __future__ import annotations
@@ -63,12 +63,14 @@ cuda_ops = CudaOps()  # the calls every GraphCapture makes
 
 class StaticInputs:
     """The graphed step's input buffers. A loader that gathers straight into `out` (images,
-    labels) spares the copy into them; a batch from anywhere else is copied."""
+    labels) spares the copy into them; a batch from anywhere else is copied. A pack of K members
+    (pack.py) has one row per member: (K, b, 3, 32, 32), (K, b), (K, 3, b)."""
 
-    def __init__(self, b: int, device: torch.device):
-        self.x = torch.zeros((b, 3, 32, 32), dtype=torch.uint8, device=device)
-        self.y = torch.zeros(b, dtype=torch.long, device=device)
-        self.aug = torch.zeros((3, b), dtype=torch.long, device=device)
+    def __init__(self, b: int, device: torch.device, members: int = 1):
+        lead = (b,) if members == 1 else (members, b)
+        self.x = torch.zeros((*lead, 3, 32, 32), dtype=torch.uint8, device=device)
+        self.y = torch.zeros(lead, dtype=torch.long, device=device)
+        self.aug = torch.zeros((*lead[:-1], 3, b), dtype=torch.long, device=device)
 
     @property
     def out(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +89,7 @@ class Graphable(Protocol):
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     device: torch.device
+    members: int  # 1, or a pack's K (its inputs have a row per member)
 
     def graph_body(self, inputs: StaticInputs) -> None: ...
     def device_state(self) -> list[torch.Tensor]: ...
@@ -123,7 +126,7 @@ class GraphCapture:
         by DDP) change weights, optimizer state and BN statistics, so those are restored in
         place afterwards, whether capture worked or not: the graph keeps pointing at the same
         tensors, and an eager fall-back starts from the same state."""
-        inputs = StaticInputs(b, step.device)
+        inputs = StaticInputs(b, step.device, step.members)
         # DDP's construction broadcast rank 0's weights on the side stream: the default stream
         # waits for it before cloning them, or the clone could read a rank's own initial
         # weights (equal today only because every rank starts from the same seed)

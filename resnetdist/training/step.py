@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import dist
@@ -24,6 +23,7 @@ from ..config import ConfigError
 from ..data.augment import augment
 from ..data.epochs import EpochTable
 from ..errors import GraphUnavailable
+from ..pack import member_losses, member_sums, pack_batch
 from .graph import CaptureFailed, GraphCapture, StaticInputs
 from .optim import TensorLRSGD
 from .wrap import wrap_model
@@ -82,18 +82,20 @@ def choose_kind(step: str, on_cuda: bool, precision: str) -> StepChoice:
     return StepChoice(step, "asked for by name (train.step)", step)
 
 
+EAGER = StepChoice("eager", "asked for by name (train.step)", "eager")  # the plain step, as tests and tools build it
+
+
 class TrainStep:
     """The step of one rank. `model` is the plain module (what checkpoints save); `train_model`
-    is what trains (the model wrapped in DDP / torch.compile, wrap.py). `kind` says which step
-    runs: eager, compile, or graph (a replayed CUDA graph, graph.py). Counters start at
-    `start_iter`. A graph points at the model's and optimizer's tensors: load a checkpoint into
-    a built step only with `load_state`, which copies in place. Build one with `build_step`;
-    `choice` says which step runs and why."""
+    is what trains (the model wrapped in DDP / torch.compile, wrap.py). `choice` says which step
+    runs (`kind`: eager, compile, or graph, a replayed CUDA graph, graph.py) and why. Counters
+    start at `start_iter`. A graph points at the model's and optimizer's tensors: load a
+    checkpoint into a built step only with `load_state`, which copies in place. Build one with
+    `build_step`."""
 
     def __init__(self, model: nn.Module, train_model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor,
                  lrs: torch.Tensor, *, precision: str, memory_format=torch.contiguous_format, start_iter: int = 0,
-                 choice: StepChoice = StepChoice("eager", "asked for by name (train.step)", "eager"),
-                 source: EpochTable | None = None):
+                 choice: StepChoice = EAGER, source: EpochTable | None = None):
         self.model, self.train_model, self.optimizer, self.mean = model, train_model, optimizer, mean
         # with a source, the step gathers its own inputs on the device (data/epochs.py) and is
         # called with no arguments; without one, it is handed each batch (loop.Feed)
@@ -106,8 +108,14 @@ class TrainStep:
         self.lrs = lrs.to(self.device)
         self.lr = optimizer.lr  # the device tensor the optimizer reads its lr from
         self.it = torch.full((), start_iter, dtype=torch.long, device=self.device)
-        self.stats = torch.zeros(3, device=self.device)  # loss sum, wrong count, sample count
-        self.bad_iter = torch.full((), -1, dtype=torch.long, device=self.device)
+        # per member of a pack (models.py, pack.py; one run: K = 1): loss sum, wrong count,
+        # sample count, and the first iteration whose loss was not finite
+        self.members = getattr(model, "members", 1)
+        if precision == "fp16" and self.members > 1:
+            raise ValueError("train.precision = fp16 cannot train a pack: its loss scaler would skip every "
+                             "member's step when one member overflows")
+        self.stats = torch.zeros(self.members, 3, device=self.device)
+        self.bad_iter = torch.full((self.members,), -1, dtype=torch.long, device=self.device)
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         self.inputs: StaticInputs | None = None  # the graph's input buffers
         self._run = self._eager
@@ -116,10 +124,7 @@ class TrainStep:
         """step(images_u8, labels, aug), or step() when the step has a source."""
         self._run(*batch)
 
-    @property
-    def kind(self) -> str:
-        """The step that runs: eager, compile or graph."""
-        return self.choice.kind
+    kind = property(lambda self: self.choice.kind)  # the step that runs: eager, compile or graph
 
     def lr_of(self, it: int) -> float:
         """The lr iteration `it` (1-based, as counted after the step) trained with."""
@@ -127,10 +132,18 @@ class TrainStep:
 
     def drain(self) -> tuple[np.ndarray, int]:
         """The metric sums since the last drain, summed over ranks (loss sum, wrong, count), and
-        the first iteration whose loss was not finite on this rank (-1: none). One host sync."""
+        the first iteration whose loss was not finite on this rank (-1: none). One host sync.
+        One run's: a pack drains per member (drain_members)."""
+        if self.members != 1:
+            raise ValueError(f"a pack of {self.members} members drains per member: drain_members()")
+        stats, bad = self.drain_members()
+        return stats[0], int(bad[0])
+
+    def drain_members(self) -> tuple[np.ndarray, np.ndarray]:
+        """drain() per member: sums (K, 3) and first non-finite iterations (K,). One host sync."""
         stats = dist.all_reduce_sum(self.stats.clone()).cpu().numpy().astype(np.float64)
         self.stats.zero_()
-        return stats, int(self.bad_iter.item())
+        return stats, self.bad_iter.cpu().numpy()
 
     def load_state(self, model_state: dict, optimizer_state: dict, iteration: int) -> None:
         """Load weights, optimizer state and the iteration into this step, in place: every
@@ -156,10 +169,14 @@ class TrainStep:
     def _step(self, images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
         # index_select, not lrs[it]: a 0-d index tensor would be read back to the host
         self.lr.copy_(self.lrs.index_select(0, self.it.clamp(max=len(self.lrs) - 1).view(1)).squeeze(0))
-        x = augment(images_u8, self.mean, aug).contiguous(memory_format=self.memory_format)
+        if self.members == 1:
+            x = augment(images_u8, self.mean, aug)
+        else:  # member j's images[j] augmented with aug[j], in its channel slice
+            x = pack_batch(images_u8, self.mean, aug, self.model.stem_channels)
+        x = x.contiguous(memory_format=self.memory_format)
         with autocast(self.precision, self.device):
             logits = self.train_model(x)
-            loss = F.cross_entropy(logits, labels)
+            loss, losses = member_losses(logits, labels)  # losses: each member's (one run: K = 1)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -168,11 +185,8 @@ class TrainStep:
             loss.backward()
             self.optimizer.step()
         with torch.no_grad():
-            loss = loss.detach().float()
-            wrong = (logits.argmax(1) != labels).sum()
-            n = labels.numel()
-            self.stats.add_(torch.stack([loss * n, wrong.float(), torch.full_like(loss, n)]))
-            first_bad = (self.bad_iter < 0) & ~torch.isfinite(loss)
+            self.stats.add_(member_sums(logits, labels, losses))
+            first_bad = (self.bad_iter < 0) & ~torch.isfinite(losses)
             self.bad_iter.copy_(torch.where(first_bad, self.it, self.bad_iter))
             self.it.add_(1)
 
@@ -194,7 +208,7 @@ class TrainStep:
 
 
 def build_step(model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor, lrs: torch.Tensor, *,
-               choice: StepChoice = StepChoice("eager", "asked for by name (train.step)", "eager"),
+               choice: StepChoice = EAGER,
                compile_mode: str = "default", precision: str, memory_format=torch.contiguous_format,
                ddp: bool = False, batch_per_rank: int = 0, source: EpochTable | None = None) -> TrainStep:
     """The step choose_kind chose: the model wrapped in DDP, and in torch.compile
