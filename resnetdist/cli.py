@@ -6,17 +6,20 @@ import json
 import os
 import sys
 import traceback
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from .config import ConfigError, RunConfig, load_config
+from .config import DEVICES, LOADERS, SHORTCUTS, ConfigError, RunConfig, depth_to_n, load_config
 from .errors import BAD_INPUT, FAILED, INTERRUPTED, DataError
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,  # see main()
-    help="Reproduce He et al. 2015 (section 4.2): ResNets and plain nets on CIFAR-10, on one GPU or many.",
+    no_args_is_help=True, pretty_exceptions_enable=False,  # see main()
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Reproduce He et al. 2015 (section 4.2): ResNets and plain nets on CIFAR-10, on one GPU or many. "
+         "Shell completion: resnetdist --install-completion.",
 )
 
 
@@ -34,6 +37,22 @@ def _options(version: bool = typer.Option(False, "--version", callback=_print_ve
     pass
 
 
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A config key's allowed values as a str Enum: --help lists them, the shell completes them,
+    and anything else is refused with one line naming the option."""
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+Device = _choices("Device", DEVICES)
+Loader = _choices("Loader", LOADERS)
+Shortcut = _choices("Shortcut", SHORTCUTS)
+Launcher = _choices("Launcher", ("local", "slurm"))
+
+
+def _value(choice: Enum | None) -> str | None:
+    return None if choice is None else choice.value
+
+
 def fail(message: str, code: int = BAD_INPUT) -> None:
     if message:  # empty: another rank prints the line (data/presence.py)
         typer.echo(f"error: {message}", err=True)
@@ -45,21 +64,27 @@ def _flags(**sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {s: {k: v for k, v in kv.items() if v is not None} for s, kv in sections.items()}
 
 
+TORCHRUN_N = ("under torchrun write -n 7 or --depth 44: torchrun's own parser takes --n for an abbreviation "
+              "of its --nnodes/--nproc-per-node and stops (pytorch#120601)")
+
+
 @app.command()
 def train(
-    # -n as well as --n: torchrun's own parser rejects "--n" as an ambiguous abbreviation of its
-    # --nnodes/--nproc-per-node, so under torchrun write "-n 7" (or "-m resnetdist -- train --n 7")
-    n: Optional[int] = typer.Option(None, "--n", "-n", help="blocks per stage: depth 6n+2 (3->20, 5->32, 7->44, 9->56, 18->110)"),
-    plain: Optional[bool] = typer.Option(None, "--plain/--resnet", help="plain net (no shortcuts) or ResNet"),
-    shortcut: Optional[str] = typer.Option(None, help="A: identity/zero-pad (paper), B: 1x1 projection"),
+    settings: Optional[list[str]] = typer.Argument(None, metavar="[SECTION.KEY=VALUE]...", show_default=False, help=(
+        "config overrides, as with --set (after it, so they win): what a W&B sweep agent's "
+        "${args_no_hyphens} or a shell loop writes, e.g. model.n=5 train.seed=1")),
+    depth: Optional[int] = typer.Option(None, "--depth", "-d", help="layers, 6n+2: 20, 32, 44, 56, 110, 1202 (or -n)"),
+    n: Optional[int] = typer.Option(None, "--n", "-n", help=f"blocks per stage: depth 6n+2 (3->20, 5->32, 7->44, 9->56, 18->110); {TORCHRUN_N}"),
+    plain: Optional[bool] = typer.Option(None, "--plain/--resnet", help="plain net (no shortcuts) or ResNet (the default)"),
+    shortcut: Optional[Shortcut] = typer.Option(None, help="A: identity/zero-pad (paper), B: 1x1 projection"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file, e.g. configs/resnet20.toml"),
     overrides: list[str] = typer.Option([], "--set", help="section.key=value, repeatable"),
-    iters: Optional[int] = typer.Option(None, help="run N iterations (sets optim.iters); the default milestones, warm-up and evaluation/checkpoint cadence move in proportion, values given with --set are kept"),
+    iters: Optional[int] = typer.Option(None, help="run N iterations (sets optim.iters); the default milestones and evaluation/checkpoint cadence move in proportion, a warm-up keeps its length (at most half the run), values given with --set are kept"),
     data_dir: Optional[Path] = typer.Option(None, help="folder holding cifar-10-batches-bin/ (or -py/) or its tarball"),
     out: Optional[Path] = typer.Option(None, help="run directory (default runs/<name>)"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    device: Optional[Device] = typer.Option(None, help="default: auto (cuda when torch sees a GPU)"),
     seed: Optional[int] = typer.Option(None),
-    loader: Optional[str] = typer.Option(None, help="resident (the dataset kept on the training device) | ffcv"),
+    loader: Optional[Loader] = typer.Option(None, help="resident (the dataset kept on the training device) or ffcv"),
     nproc_per_node: int = typer.Option(0, help="launch N workers with torchrun (0: this process only)"),
     max_restarts: int = typer.Option(0, help=(
         "with --nproc-per-node: elastic restarts after a worker dies or reports a hang (exit 7), each resuming from "
@@ -74,10 +99,10 @@ def train(
     ignore_file_size_signal()  # a file-size limit then fails the write (WriteError) instead of killing us
     try:
         cfg = load_config(config, _flags(
-            model={"n": n, "plain": plain, "shortcut": shortcut},
-            data={"dir": str(data_dir) if data_dir else None, "loader": loader},
-            train={"out": str(out) if out else None, "device": device, "seed": seed},
-        ), overrides, iters)
+            model={"n": blocks_per_stage(depth, n), "plain": plain, "shortcut": _value(shortcut)},
+            data={"dir": str(data_dir) if data_dir else None, "loader": _value(loader)},
+            train={"out": str(out) if out else None, "device": _value(device), "seed": seed},
+        ), [*overrides, *bare_overrides(settings or [])], iters)
         from .dist import world_size_from_env
         from .training.worker import finished_summary, preflight
 
@@ -102,6 +127,29 @@ def train(
         torchrun(nproc_per_node, max_restarts, strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]))
         return
     train_here(cfg, data, as_json)
+
+
+def blocks_per_stage(depth: int | None, n: int | None) -> int | None:
+    """--depth (layers) or -n (blocks per stage), as model.n; both at once only when they agree."""
+    if depth is None:
+        return n
+    try:
+        from_depth = depth_to_n(depth)
+    except ConfigError:
+        raise ConfigError(f"--depth {depth}: not 6n+2 for some n >= 1 (8, 14, 20, 32, 44, 56, 110, 1202, ...)") from None
+    if n is not None and n != from_depth:
+        raise ConfigError(f"--depth {depth} is n = {from_depth}, but -n {n} was given too; give one of them")
+    return from_depth
+
+
+def bare_overrides(settings: list[str]) -> list[str]:
+    """The positional section.key=value words; a word that is not one (a typo'd flag, a
+    stray path) is named, rather than read as a setting."""
+    for word in settings:
+        key = word.split("=", 1)[0]
+        if "=" not in word or "." not in key or key.startswith("-"):
+            raise ConfigError(f"{word!r}: expected section.key=value (e.g. train.seed=1), or an option such as --iters")
+    return settings
 
 
 def train_here(cfg: RunConfig, data, as_json: bool = False) -> None:
@@ -330,7 +378,8 @@ def export_(
 @app.command()
 def reproduce(
     depths: str = typer.Option("20,32,44,56", help="comma-separated depths, each 6n+2"),
-    plain: bool = typer.Option(True, "--plain/--no-plain", help="also train the plain nets"),
+    plain: bool = typer.Option(True, "--plain/--resnet", help="the plain nets beside the ResNets (Figure 6's comparison), or the ResNets alone"),
+    no_plain: bool = typer.Option(False, "--no-plain", hidden=True, help="the same as --resnet (its older name)"),
     seeds: int = typer.Option(1, help="seeds 0..K-1 of every net"),
     gpus: Optional[str] = typer.Option(None, help="GPU ids, e.g. 0,1,2,3 (default: all visible)"),
     runs_per_gpu: int = typer.Option(1, help="runs sharing each GPU at a time, as separate processes"),
@@ -339,8 +388,8 @@ def reproduce(
     data_dir: Optional[Path] = typer.Option(None, help="folder holding cifar-10-batches-bin/ (or -py/) or its tarball"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="base TOML for every run"),
     overrides: list[str] = typer.Option([], "--set", help="section.key=value for every run, repeatable"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
-    launcher: str = typer.Option("local", help="local (this machine) | slurm (one job array)"),
+    device: Optional[Device] = typer.Option(None, help="default: auto (cuda when torch sees a GPU)"),
+    launcher: Launcher = typer.Option("local", help="local (this machine) or slurm (one job array)"),
     partition: str = typer.Option("", help="slurm: partition"),
     account: str = typer.Option("", help="slurm: account"),
     time_limit: str = typer.Option("", "--time", help="slurm: time limit per array task, e.g. 04:00:00"),
@@ -358,8 +407,9 @@ def reproduce(
 
     if status is not None:
         return show_suite_status(status, as_json)
+    plain, device = plain and not no_plain, _value(device)
     schedule = None
-    if launcher == "slurm":
+    if launcher == Launcher.slurm:
         from functools import partial
 
         from .suite.slurm import SlurmOptions, run_suite as slurm_suite
@@ -369,8 +419,6 @@ def reproduce(
         opts = SlurmOptions(partition, account, time_limit, gpus_per_task, runs_per_task, list(sbatch_args),
                             wait, dry_run, poll_s)
         schedule = partial(slurm_suite, out=out, opts=opts, echo=typer.echo)
-    elif launcher != "local":
-        fail(f"--launcher must be local or slurm, got {launcher!r}")
     elif dry_run or not wait:
         fail("--dry-run and --no-wait are for --launcher slurm")
     try:

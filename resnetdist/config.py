@@ -31,10 +31,13 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 PAPER_ITERS = 64_000  # the paper's schedule: 64k iterations, lr /10 at 32k and 48k
+PAPER_WARMUP_ITERS = 400  # ResNet-110's warm-up at lr 0.01 ("about 400 iterations")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("default", "max-autotune")  # train.compile: torch.compile's mode when train.step = compile
 STEPS = ("auto", "graph", "compile", "eager")  # train.step; auto: graph on CUDA (bf16/fp32), else eager
 LOADERS = ("resident", "ffcv")
+DEVICES = ("auto", "cpu", "cuda")
+SHORTCUTS = ("A", "B")  # model.shortcut: identity/zero-pad (the paper's CIFAR option) or 1x1 projection
 BATCH_SCALING = ("split", "per_rank")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -77,7 +80,7 @@ class ModelConfig:
     def validate(self) -> None:
         if self.n < 1:
             raise ValueError(f"model.n must be >= 1, got {self.n}")
-        if self.shortcut not in ("A", "B"):
+        if self.shortcut not in SHORTCUTS:
             raise ValueError(f"model.shortcut must be 'A' or 'B', got {self.shortcut!r}")
         if self.num_classes < 2:
             raise ValueError(f"model.num_classes must be >= 2, got {self.num_classes}")
@@ -126,16 +129,18 @@ class OptimConfig:
     momentum: float = field(default=0.9, metadata=doc("SGD momentum"))
     weight_decay: float = field(default=1e-4, metadata=doc("SGD weight decay"))
     iters: int = field(default=PAPER_ITERS, metadata=doc(
-        "length of the run; --iters N (or this key) sets it. Milestones, warm-up and the evaluation and "
+        "length of the run; --iters N (or this key) sets it. Milestones and the evaluation and "
         "checkpoint cadence written for another length (the defaults, a config file's values given with "
-        "its optim.iters) move in proportion; values given without a length (--set) are kept as written"))
+        "its optim.iters) move in proportion (the warm-up keeps its length: optim.warmup_iters); values "
+        "given without a length (--set) are kept as written"))
     milestones: list[int] = field(default_factory=lambda: [32_000, 48_000], metadata=doc(
         "iterations at which the lr is multiplied by gamma; each before optim.iters (one at or past "
         "the end is refused)"))
     gamma: float = field(default=0.1, metadata=doc("lr factor at each milestone"))
     warmup_iters: int = field(default=-1, metadata=doc(
-        "iterations at the constant warm-up lr; -1 = 400 of 64k for n >= 18 (ResNet-110; in proportion "
-        "for other lengths), else none"))
+        "iterations at the constant warm-up lr; -1 = the paper's 400 for n >= 18 (ResNet-110, 1202), else "
+        "none. Not scaled with optim.iters (it lasts until the net starts learning, whatever the run's "
+        "length); the default, or a file's value written for another length, is at most half the run"))
     warmup_lr: float = field(default=0.01, metadata=doc("the warm-up lr"))
 
     def validate(self) -> None:
@@ -179,7 +184,7 @@ class TrainConfig:
         "torch.compile's mode for train.step = compile: default, max-autotune (other steps ignore it)"))
 
     def validate(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda"):
+        if self.device not in DEVICES:
             raise ValueError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
         if min(self.eval_every, self.checkpoint_every, self.keep_checkpoints) < 1:
             raise ValueError("train.eval_every, checkpoint_every and keep_checkpoints must be >= 1")
@@ -252,8 +257,8 @@ class LogConfig:
     wandb_entity: str = field(default="", metadata=doc("\"\" = $WANDB_ENTITY or your default entity"))
     wandb_group: str = field(default="", metadata=doc(
         "\"\" = the net name, so seeds of one net group together (reproduce: the suite)"))
-    wandb_job_type: str = field(default="", metadata=doc(
-        "\"\" = the net name, so a suite's runs can be told apart by net"))
+    wandb_job_type: str = field(default="train", metadata=doc(
+        "the run's role in W&B (a suite's report run is \"report\"); the net and seed are in its config and tags"))
     wandb_tags: list[str] = field(default_factory=list, metadata=doc("extra W&B tags"))
     wandb_init_timeout_s: int = field(default=60, metadata=doc(
         "online init gives up after this, and the run goes on offline"))
@@ -408,10 +413,12 @@ def load_config(
 def resolve_recipe(cfg: RunConfig) -> None:
     """The values whose default depends on other keys, the same on every machine."""
     if cfg.optim.warmup_iters < 0:
-        # The paper warms ResNet-110 up at lr 0.01 for ~400 iterations; shallower nets need none.
-        # (400 of the paper's 64k; a shorter run warms up for the same share of it)
-        warmup = max(1, round(400 * cfg.optim.iters / PAPER_ITERS))
-        cfg.optim.warmup_iters = min(warmup, cfg.optim.iters) if cfg.model.n >= 18 else 0
+        # The paper warms ResNet-110 up at lr 0.01 "until the training error is below 80% (about
+        # 400 iterations)"; shallower nets need none. That point comes after about as many
+        # iterations in a short run as in a long one, so the warm-up is not scaled with the run
+        # length (scaled, a 200-iteration run warmed up for 1 iteration: no warm-up at all); a
+        # run too short for it spends half its iterations warming up and half at the full lr.
+        cfg.optim.warmup_iters = min(PAPER_WARMUP_ITERS, cfg.optim.iters // 2) if cfg.model.n >= 18 else 0
 
 
 # Values counted in iterations of a run: written for one run length (the defaults and the
@@ -434,8 +441,8 @@ def schedule_lengths(sources: list[tuple[dict[str, Any], str]]) -> dict[str, int
 
 def scale_schedule(cfg: RunConfig, written_for: dict[str, int | None]) -> None:
     """Move each schedule value written for another run length to optim.iters, in proportion:
-    milestones that would fall at or past the end are dropped, warm-up stays at least 1
-    iteration if it had any, and the evaluation and checkpoint cadence are whole multiples of
+    milestones that would fall at or past the end are dropped, the warm-up keeps its length in
+    iterations (at most half the run: resolve_recipe says why), and the evaluation and checkpoint cadence are whole multiples of
     log.log_every (so evaluations land on log points; a 2,000-iteration run of the defaults
     evaluates and checkpoints every 100 iterations, the paper's 64k every 2000 / 4000)."""
     iters = cfg.optim.iters
@@ -447,7 +454,8 @@ def scale_schedule(cfg: RunConfig, written_for: dict[str, int | None]) -> None:
     o, t, every = cfg.optim, cfg.train, cfg.log.log_every
     if written_for.get("optim.milestones") not in (None, iters):
         o.milestones = [m for m in (moved("optim.milestones", m) for m in o.milestones) if m and m < iters]
-    o.warmup_iters = min(moved("optim.warmup_iters", o.warmup_iters) or o.warmup_iters, iters)
+    if written_for.get("optim.warmup_iters") not in (None, iters):  # a length in iterations: kept, capped (resolve_recipe)
+        o.warmup_iters = min(o.warmup_iters, iters // 2)
     for key in ("eval_every", "checkpoint_every"):
         value = moved(f"train.{key}", getattr(t, key))
         if value is not None and every >= 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from typing import Callable
 
 from tqdm.auto import tqdm
 
@@ -40,15 +41,18 @@ class RunBar:
     a log point (show), and prints lines above itself (write) so they never break it. On other
     ranks it prints nothing; off a terminal write() is a plain print and there is no bar.
 
-    It also knows where the run would stop if asked now (`stop_every`: the log interval, where
-    the loop checks for a stop), so the first Ctrl-C is answered at once (`stopping`, called
-    from the signal handler through `RunBar.active`), and it says when the training is over and
-    the final evaluation and saving run."""
+    It also knows where the run would stop if asked now (`next_stop`: the loop's Cadence.next_stop,
+    the log, evaluation and checkpoint points where the loop checks for a stop), so the first
+    Ctrl-C is answered at once (`stopping`, called from the signal handler through
+    `RunBar.active`), and it says, once, when the training is over and the final evaluation and
+    saving run."""
 
     active: "RunBar | None" = None  # the bar on the terminal (one run per process)
 
-    def __init__(self, desc: str, total: int, start: int, main: bool, every_s: float = 1.0, stop_every: int = 0):
-        self.main, self.every_s, self.total, self.start, self.stop_every = main, every_s, total, start, stop_every
+    def __init__(self, desc: str, total: int, start: int, main: bool, every_s: float = 1.0,
+                 next_stop: Callable[[int], int] | None = None):
+        self.main, self.every_s, self.total, self.start, self.next_stop = main, every_s, total, start, next_stop
+        self.said_done = False  # "iteration N done: ..." printed (a disabled tqdm bar keeps no count to ask)
         narrow = columns() < NARROW
         self.bar = progress_bar(desc, total=total, enabled=main, initial=start,
                                 bar_format=NARROW_BAR_FORMAT if narrow else RUN_BAR_FORMAT)
@@ -70,8 +74,9 @@ class RunBar:
         self.latest = max(self.latest, it)
         if it > self.bar.n:
             self.bar.update(it - self.bar.n)
-            if it >= self.total:
-                self.write(f"iteration {self.total:,} done: final evaluation, checkpoint, model.pt ...")
+        if it >= self.total and not self.said_done:
+            self.said_done = True
+            self.write(f"iteration {self.total:,} done: final evaluation, checkpoint, model.pt ...")
 
     def seconds_per_iteration(self) -> float | None:
         done = self.latest - self.start
@@ -80,7 +85,7 @@ class RunBar:
     def show(self, loss: float, error: float) -> None:
         text = f"loss {loss:.3f} err {error:.1f}%" if columns() >= NARROW else f"{loss:.2f} {error:.0f}%"
         if self.stop_at:
-            text = f"stopping at {self.stop_at:,}"
+            text = f"{'finishing' if self.stop_at >= self.total else 'stopping'} at {self.stop_at:,}"
         self.bar.set_postfix_str(text, refresh=False)
         if not self.measured:
             self.measured = True
@@ -95,14 +100,21 @@ class RunBar:
                    f"{duration(rate * (self.total - self.latest))} to go, evaluations apart")
 
     def stopping(self) -> str:
-        """The line for a first Ctrl-C: where the run will stop and about when. Called from a signal
-        handler, so it changes only plain attributes; the caller writes the line."""
-        if not self.stop_every:
+        """The line for a first Ctrl-C: where the run will stop and about when. When the next point
+        the loop checks is the run's end, the run is not stopped early there: it finishes (final
+        evaluation, model.pt), and the line says so. Called from a signal handler, so it changes
+        only plain attributes; the caller writes the line."""
+        if self.next_stop is None:
             return ""
-        self.stop_at = min(self.total, (self.latest // self.stop_every + 1) * self.stop_every)
+        self.stop_at = min(self.total, self.next_stop(self.latest))
         rate = self.seconds_per_iteration()
-        when = f" (about {_short(rate * (self.stop_at - self.latest))})" if rate else ""
-        self.bar.set_postfix_str(f"stopping at {self.stop_at:,}", refresh=False)  # an attribute, drawn next tick
+        left = self.stop_at - self.latest
+        when = f" (about {_short(rate * left)})" if rate else f" ({plural(left, 'iteration')} away)"
+        ends = self.stop_at >= self.total
+        # an attribute, drawn at the next tick
+        self.bar.set_postfix_str(f"{'finishing' if ends else 'stopping'} at {self.stop_at:,}", refresh=False)
+        if ends:
+            return f"the run's next stop is its end, iteration {self.total:,}{when}: it finishes there (final evaluation, model.pt)"
         return f"stopping at iteration {self.stop_at:,} to write a checkpoint{when}"
 
     def write(self, line: str) -> None:
@@ -130,3 +142,7 @@ def duration(seconds: float) -> str:
 
 def _short(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"

@@ -102,10 +102,10 @@ def test_milestones_past_the_end_are_refused_whichever_way_they_were_given(tmp_p
 
 def test_a_config_files_schedule_moves_with_a_new_length(tmp_path):
     """A file that gives optim.iters wrote its schedule for that length (the shipped configs:
-    64k); --iters or --set optim.iters moves it in proportion, warm-up included."""
+    64k); --iters or --set optim.iters moves it in proportion, but for the warm-up (iterations, at most half)."""
     path = REPO / "configs/resnet110.toml"
     assert schedule(load_config(path)) == (64_000, [32_000, 48_000], 400, 2000, 4000)
-    assert schedule(load_config(path, iters=2000)) == (2000, [1000, 1500], 12, 100, 100)
+    assert schedule(load_config(path, iters=2000)) == (2000, [1000, 1500], 400, 100, 100)  # the warm-up: not scaled
     assert schedule(load_config(path, overrides=["optim.iters=2000"])) == schedule(load_config(path, iters=2000))
     short = tmp_path / "short.toml"
     short.write_text("[optim]\niters = 1000\nmilestones = [500, 900]\n[train]\neval_every = 250\n")
@@ -117,7 +117,12 @@ def test_explicit_warmup_and_cadence_are_kept():
     cfg = load_config(flags={"model": {"n": 18}}, iters=2000,
                       overrides=["optim.warmup_iters=300", "train.eval_every=7", "train.checkpoint_every=500"])
     assert schedule(cfg) == (2000, [1000, 1500], 300, 7, 500)
-    assert load_config(flags={"model": {"n": 18}}, iters=2000).optim.warmup_iters == 12  # the default moves
+    # the default warm-up keeps the paper's 400 iterations, at most half the run: at --iters 200 it used
+    # to become 1 iteration, silently (no warm-up at all)
+    assert load_config(flags={"model": {"n": 18}}, iters=2000).optim.warmup_iters == 400
+    assert load_config(flags={"model": {"n": 18}}, iters=200).optim.warmup_iters == 100
+    assert load_config(REPO / "configs/resnet110.toml", iters=200).optim.warmup_iters == 100
+    assert load_config(flags={"model": {"n": 18}}, iters=200, overrides=["optim.warmup_iters=150"]).optim.warmup_iters == 150
 
 
 def test_cadence_scales_with_the_run_length():
@@ -264,7 +269,7 @@ def test_dry_run_prints_the_resolved_config_and_what_would_run_and_writes_nothin
                                           "data": {"dir": str(tiny_data)}},
                                    overrides=["optim.milestones=[500,1500]"], iters=2000)).to_dict()
     assert resolved == expected and resolved["optim"]["milestones"] == [500, 1500]
-    for fact in ("net             resnet8 (75,290 parameters)", "device          cpu, 1 rank", "precision       fp32",
+    for fact in ("net             ResNet-8 (75,290 parameters)", "device          cpu, 1 rank", "precision       fp32",
                  "step            eager", "loader          resident", "iterations      2,000",
                  "batch per rank  128", f"run directory   {out}", "start           fresh start"):
         assert fact in plan, plan

@@ -57,54 +57,86 @@ def test_wandb_offline_run_holds_config_history_and_summary(logged_run):
     assert [r["iter"] for r in records] == [15, 30]
     (run,) = offline_runs(logged_run)
 
-    # named, grouped and tagged by depth, plain/residual and seed
+    # as W&B's users navigate a project: the role as job type, named by net and seed, grouped by
+    # net (a suite: by suite), tagged by depth, plain/residual and seed
+    assert run.run.job_type == "train"
     assert run.run.display_name == summary["name"] == "resnet8-s0"
     assert run.run.run_group == "resnet8"
     assert {"resnet8", "resnet", "depth8", "seed0"} <= set(run.run.tags)
     assert run.run.project == "resnetdist"
     assert run.file.name == f"run-{run.run.run_id}.wandb"
 
-    # the resolved config is the one in config.toml
+    # the resolved config is the one in config.toml, with the keys runs are filtered by on top
     with open(logged_run / "config.toml", "rb") as f:
         toml = tomllib.load(f)
     for section, values in toml.items():
         assert run.config[section] == values, section
     assert run.config["optim"]["iters"] == 30 and run.config["optim"]["milestones"] == [15, 22]
+    assert {k: run.config[k] for k in ("net", "depth", "plain", "seed")} == \
+        {"net": "resnet8", "depth": 8, "plain": False, "seed": 0}
 
-    # every chart's x-axis is the iteration
+    # every chart's x-axis is the iteration; the summary keeps the last evaluation, never the best
     assert any(m.name == "iter" for m in run.metrics)
     assert any(m.glob_name == "*" and m.step_metric == "iter" for m in run.metrics)
 
-    # evaluation rows match metrics.jsonl exactly
-    evals = [h for h in run.history if "test_error" in h]
+    # one name per quantity: the evaluations under eval/ match metrics.jsonl exactly ...
+    evals = [h for h in run.history if "eval/test_error" in h]
     assert [h["iter"] for h in evals] == [r["iter"] for r in records]
     for h, r in zip(evals, records):
-        for key in ("epoch", "lr", "train_loss", "train_error", "test_error", "images_per_second", "train_seconds"):
-            assert h[key] == pytest.approx(r[key], rel=1e-12), key
-    # train rows every log_every iterations and at each evaluation
-    train = [h for h in run.history if "train/train_loss" in h]
+        for key, name in (("epoch", "eval/epoch"), ("test_error", "eval/test_error"),
+                          ("images_per_second", "perf/images_per_second"), ("train_seconds", "perf/train_seconds")):
+            assert h[name] == pytest.approx(r[key], rel=1e-12), key
+    # ... and the training loss, error and lr under train/, every log_every iterations and at each
+    # evaluation, under no other name
+    train = [h for h in run.history if "train/loss" in h]
     assert [h["iter"] for h in train] == [10, 15, 20, 30]
-    assert all({"train/train_error", "train/lr"} <= h.keys() for h in train)
+    assert all({"train/error", "train/lr"} <= h.keys() for h in train)
     assert all(h["train/lr"] > 0 for h in train)
+    names = {k for h in run.history for k in h if not k.startswith("_")}
+    assert names == {"iter", "train/loss", "train/error", "train/lr", "eval/test_error", "eval/epoch",
+                     "perf/images_per_second", "perf/train_seconds"}, names
 
-    # the final summary carries summary.json
+    # the final summary carries summary.json; its test error is the final evaluation's
     for key in ("name", "model", "depth", "plain", "seed", "iterations"):  # text and integers: exact
         assert run.summary[key] == summary[key], key
     for key in ("test_error", "train_error", "train_seconds", "images_per_second"):
         assert run.summary[key] == pytest.approx(summary[key], rel=1e-12), key
-    assert "exit" in run.kinds, "the run was not finished"
+    assert summary["test_error"] == records[-1]["test_error"]
+    assert run.summary["eval/test_error"] == records[-1]["test_error"]  # the last evaluation's, a plain value
+
+    # the model artifact is named by the run's id (a run's name recurs across suites), final and latest
+    (artifact,) = [r.artifact for r in run.records if r.WhichOneof("record_type") == "artifact"]
+    assert artifact.type == "model" and artifact.name == f"model-{run.run.run_id}"
+    assert set(artifact.aliases) >= {"final", "latest"}
+    assert "exit" in run.kinds and "preempting" not in run.kinds, "the run was not finished"
+    (exit_record,) = [r.exit for r in run.records if r.WhichOneof("record_type") == "exit"]
+    assert exit_record.exit_code == 0
 
 
 @pytest.mark.timeout(120)
-def test_tensorboard_events_match_metrics_jsonl(logged_run):
+def test_tensorboard_events_match_metrics_jsonl_and_hold_the_hparams(logged_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
     records = read_jsonl(logged_run / "metrics.jsonl")
     scalars = tb_scalars(logged_run)
-    for key in ("test_error", "train_error", "train_loss", "lr", "images_per_second"):
-        assert [s for s, _ in scalars[key]] == [r["iter"] for r in records], key
-        for (_, value), r in zip(scalars[key], records):
+    for key, tag in (("test_error", "eval/test_error"), ("images_per_second", "perf/images_per_second")):
+        assert [s for s, _ in scalars[tag]] == [r["iter"] for r in records], key
+        for (_, value), r in zip(scalars[tag], records):
             assert value == pytest.approx(r[key], rel=1e-6), key  # events hold float32
-    for key in ("train/train_loss", "train/train_error", "train/lr"):
-        assert [s for s, _ in scalars[key]] == [10, 15, 20, 30], key
+    for tag in ("train/loss", "train/error", "train/lr"):  # the W&B names
+        assert [s for s, _ in scalars[tag]] == [10, 15, 20, 30], tag
+
+    # the HParams dashboard's row: the run's hyperparameters and its final errors
+    acc = EventAccumulator(str(logged_run / "tb"))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    hparams = {k: v.ListFields()[0][1] for k, v in start.hparams.items()}
+    assert {"net": "resnet8", "depth": 8, "seed": 0, "iters": 30} .items() <= hparams.items(), hparams
+    summary = json.loads((logged_run / "summary.json").read_text())
+    (final,) = scalars["hparams/test_error"]
+    assert final[1] == pytest.approx(summary["test_error"], rel=1e-6)
 
 
 @pytest.mark.timeout(180)
@@ -140,19 +172,19 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, tiny_data):
     # what the killed attempt had flushed (wandb writes its log every ~2 s) belongs to the same run
     if killed.runs:
         assert killed.run.run_id == run_id
-    assert [h["iter"] for h in killed.history if "test_error" in h] in ([], [10])
-    assert [h["iter"] for h in resumed.history if "test_error" in h] == [20, 30]
+    assert [h["iter"] for h in killed.history if "eval/test_error" in h] in ([], [10])
+    assert [h["iter"] for h in resumed.history if "eval/test_error" in h] == [20, 30]
     pieces = [killed, resumed]
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["iter"] for r in records] == [10, 20, 30]
     jsonl = {r["iter"]: r["test_error"] for r in records}
-    for h in (h for p in pieces for h in p.history if "test_error" in h):
-        assert h["test_error"] == pytest.approx(jsonl[h["iter"]])
+    for h in (h for p in pieces for h in p.history if "eval/test_error" in h):
+        assert h["eval/test_error"] == pytest.approx(jsonl[h["iter"]])
     summary = json.loads((out / "summary.json").read_text())
     assert pieces[1].summary["test_error"] == pytest.approx(summary["test_error"])
     # TensorBoard: the replayed steps replace what the killed attempt wrote past its checkpoint
     scalars = tb_scalars(out)
-    assert [s for s, _ in scalars["test_error"]] == [10, 20, 30]
+    assert [s for s, _ in scalars["eval/test_error"]] == [10, 20, 30]
 
 
 class _Blackhole:
@@ -215,7 +247,7 @@ def test_unreachable_wandb_server_falls_back_to_offline(tmp_path):
     run_id = proc.stdout.split("wandb_id")[-1].strip()
     (piece,) = offline_runs(tmp_path)
     assert piece.run.run_id == run_id
-    assert [h["test_error"] for h in piece.history] == [50.0]
+    assert [h["eval/test_error"] for h in piece.history] == [50.0]
     assert wall < 120, f"took {wall:.0f} s"
 
 

@@ -269,9 +269,12 @@ def test_a_first_ctrl_c_is_noted_and_a_second_stops_at_once(restore_handlers):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ctrl_c_stops_at_a_checkpoint_says_how_to_resume_and_the_rerun_resumes_exactly(tmp_path, tiny_data, reference):
-    """It used to print ^C, exit 130 and leave no checkpoint: a rerun started from 0."""
+    """It used to print ^C, exit 130 and leave no checkpoint: a rerun started from 0. W&B (offline)
+    marks the stopped run preempting, with exit code 130, not failed; the rerun finishes it."""
+    from .wandb_file import OfflineRun
+
     out = tmp_path / "run"
-    args = ["train", *ARGS, "--data-dir", str(tiny_data), "--out", str(out)]
+    args = ["train", *ARGS, "--data-dir", str(tiny_data), "--out", str(out), "--set", "log.wandb_mode=offline"]
     proc = popen([sys.executable, "-m", "resnetdist", *args], tmp_path, session=True)
     started(out, proc)
     ctrl_c(proc)
@@ -279,7 +282,13 @@ def test_ctrl_c_stops_at_a_checkpoint_says_how_to_resume_and_the_rerun_resumes_e
     assert code == 130, stderr[-3000:]
     it = check_stopped_at_a_checkpoint(out, stderr, signal.SIGINT)
     assert "run the same command again to resume" in stderr and "Traceback" not in stderr
+    (stopped,) = [OfflineRun(f) for f in (out / "wandb").glob("offline-run-*")]
+    (exit_record,) = [r.exit for r in stopped.records if r.WhichOneof("record_type") == "exit"]
+    assert "preempting" in stopped.kinds and exit_record.exit_code == 130
     check_same_as(reference, out, run_cli(args).stdout, it)
+    resumed = [OfflineRun(f) for f in (out / "wandb").glob("offline-run-*") if f.name != stopped.file.parent.name]
+    (exit_record,) = [r.exit for r in resumed[0].records if r.WhichOneof("record_type") == "exit"]
+    assert resumed[0].run.run_id == stopped.run.run_id and exit_record.exit_code == 0
 
 
 @pytest.mark.slow

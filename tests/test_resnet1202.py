@@ -23,7 +23,7 @@ CONFIG = REPO / "configs" / "resnet1202.toml"
 def test_dry_run_shows_the_1202_layer_net(tiny_data):
     result = cli_in_process(["train", "--config", str(CONFIG), "--dry-run", "--device", "cpu",
                              "--data-dir", str(tiny_data)])
-    assert "resnet1202 (19,421,274 parameters)" in result.stdout, result.stdout
+    assert "ResNet-1202 (19,421,274 parameters)" in result.stdout, result.stdout
 
 
 def test_reproduce_plans_depth_1202_with_the_configs_recipe(tmp_path):

@@ -170,7 +170,8 @@ def test_bad_slurm_input_is_named_before_submission(tmp_path, monkeypatch):
     assert "--sbatch-arg '--mem 8G'" in proc.stderr and "--name=value" in proc.stderr
     assert "--array is set by reproduce itself" in cli([*base, "--sbatch-arg=--array=0-3"], code=2).stderr
     assert "--runs-per-task must be >= 1" in cli([*base, "--runs-per-task", "0"], code=2).stderr
-    assert "--launcher must be local or slurm" in cli([*base, "--launcher", "pbs"], code=2).stderr
+    bad_launcher = cli([*base, "--launcher", "pbs"], code=2).stderr  # a choice: listed in -h, completed
+    assert "Invalid value for '--launcher'" in bad_launcher and "'pbs' is not one of 'local'," in bad_launcher
     assert "on Slurm use --gpus-per-task and --runs-per-task" in cli([*base, "--runs-per-gpu", "2"], code=2).stderr
     assert "are for --launcher slurm" in cli([*base, "--launcher", "local", "--no-wait"], code=2).stderr
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import run_cli
+from .helpers import read_jsonl
 
 pytest.importorskip("wandb")
 from .wandb_file import OfflineRun  # noqa: E402
@@ -72,12 +73,14 @@ def test_suite_wandb_group_model_artifacts_and_summary_table(suites):
     for name in NAMES:
         (folder,) = (out / name / "wandb").glob("offline-run-*")
         run, artifacts = artifacts_of(folder)
-        # one group for the suite (named after its folder), the net as the job type
-        assert run.run.run_group == "paper" and run.run.job_type == name.split("-")[0]
-        (artifact,) = artifacts
-        assert artifact.type == "model" and artifact.name == f"model-{name}"
+        # one group for the suite (named after its folder), the role as the job type, the net in the config
+        assert run.run.run_group == "paper" and run.run.job_type == "train"
+        assert run.config["net"] == name.split("-")[0]
+        (artifact,) = artifacts  # named by the run's id: model-<run name> collected unrelated suites' runs
+        assert artifact.type == "model" and artifact.name == f"model-{run.run.run_id}"
+        assert set(artifact.aliases) >= {"final", "latest"}
         files = {entry.path: entry.digest for entry in artifact.manifest.contents}
-        assert files == {f: wandb_md5(out / name / f) for f in ("model.pt", "mean.npy", "config.toml")}
+        assert files == {f: wandb_md5(out / name / f) for f in ("model.pt", "model.safetensors", "mean.npy", "config.toml")}
         assert json.loads(artifact.metadata)["test_error"] == final_errors(out)[name]
 
     (folder,) = (out / "suite" / "wandb").glob("offline-run-*")
@@ -89,6 +92,16 @@ def test_suite_wandb_group_model_artifacts_and_summary_table(suites):
     got = {r[table["columns"].index("net")]: r[table["columns"].index("test_error_mean")] for r in table["data"]}
     assert got == {"ResNet-14": final_errors(out)["resnet14-s0"], "ResNet-8": final_errors(out)["resnet8-s0"]}
     assert (folder / "files" / row["figure6/path"]).read_bytes() == (out / "figure6.png").read_bytes()
+    # ... and as a W&B line plot per panel: each net's test and training error, the runs' own values
+    plot = json.loads((folder / "files" / row["figure6/ResNets_table/path"]).read_text())
+    lines = {}
+    for point in (dict(zip(plot["columns"], r)) for r in plot["data"]):
+        lines.setdefault(point["lineKey"], []).append((point["step"], point["lineVal"]))
+    assert set(lines) == {"ResNet-8 test", "ResNet-8 train", "ResNet-14 test", "ResNet-14 train"}, set(lines)
+    for name in NAMES:
+        records = read_jsonl(out / name / "metrics.jsonl")
+        label = f"ResNet-{name.split('-')[0].removeprefix('resnet')}"
+        assert lines[f"{label} test"] == [(r["iter"], r["test_error"]) for r in records]
     assert (folder / "files" / "report.md").read_text() == (out / "report.md").read_text()
     # Figure 7 and its numbers go to the same summary run
     assert (folder / "files" / row["figure7/path"]).read_bytes() == (out / "figure7.png").read_bytes()

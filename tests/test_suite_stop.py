@@ -181,7 +181,7 @@ def test_the_first_ctrl_c_of_train_is_answered_within_a_second_with_where_it_wil
     while "Ctrl-C again" not in term.text and time.monotonic() - pressed < 1.0:
         term.read(0.05)
     assert "stopping at iteration 1,000 to write a checkpoint (about " in term.text, term.text
-    assert "; Ctrl-C again to stop now without one" in term.text, term.text
+    assert "; Ctrl-C again to stop now, without a checkpoint" in term.text, term.text
     term.read(1.5)
     assert "stopping at 1,000" in term.text.split("Ctrl-C again")[-1], term.text  # the bar says it
     term.type(b"\x03")

@@ -78,7 +78,7 @@ def test_under_a_terminal_the_header_bar_evaluations_and_summary_keep_apart(tmp_
     assert code == 0, text[-3000:]
     header = "\n".join(shown[:14])
     for fact in ("data            ", "(not verified as CIFAR-10: no manifest)",
-                 "net             resnet8 (75,290 parameters)", "device          cpu, 1 rank", "step            eager",
+                 "net             ResNet-8 (75,290 parameters)", "device          cpu, 1 rank", "step            eager",
                  "iterations      200", "batch per rank  32", f"run directory   {out}", "start           fresh start",
                  "estimate        about"):
         assert fact in header, header

@@ -139,21 +139,46 @@ def net_colours(runs: list[RunRecords]) -> dict[tuple[bool, int, int], str]:
     return colours
 
 
+def figure6_nets(runs: list[RunRecords]) -> list[tuple[str, list[tuple[str, str, list[RunRecords]]]]]:
+    """Figure 6's panels, each with its nets as (legend label, colour, the runs averaged):
+    each net's distinct seeds together, each length of a net apart. The PNG and the report
+    run's W&B line plots (figure6_series) both draw this."""
+    colours = net_colours(runs)
+    panels = []
+    for panel_title, members in figure6_panels(runs):
+        nets = []
+        for key in sorted({(r.plain, r.depth, r.iterations) for r in members}):
+            group = distinct_seeds([r for r in members if (r.plain, r.depth, r.iterations) == key])[0]
+            lengths = len({r.iterations for r in runs if (r.plain, r.depth) == key[:2]})
+            nets.append((net_label(group[0].net, key[2], lengths, len(group)), colours[key], group))
+        panels.append((panel_title, nets))
+    return panels
+
+
+def figure6_series(runs: list[RunRecords]) -> list[tuple[str, list[tuple[str, list[int], list[float]]]]]:
+    """Figure 6 as data: per panel, (series name, iterations, mean error %) for each net's test
+    error and training error (the seeds' mean, as the PNG draws them)."""
+    out = []
+    for panel_title, nets in figure6_nets(runs):
+        series = []
+        for label, _, group in nets:
+            for key, what in (("test_error", "test"), ("train_error", "train")):
+                it, mean, _, _ = mean_curve(group, key)
+                if it:
+                    series.append((f"{label} {what}", it, mean))
+        out.append((panel_title, series))
+    return out
+
+
 def figure6_axes(runs: list[RunRecords], title: str = ""):
     """(figure, axes, what was drawn): the Figure 6 layout, one colour per depth, each net's
     distinct seeds averaged, each length of a net drawn apart; the axes hold every point."""
     plt = _pyplot()
-    panels = figure6_panels(runs)
-    colours = net_colours(runs)
+    panels = figure6_nets(runs)
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.6), sharey=True)
     drawn = Drawn()
     for ax, (panel_title, nets) in zip(axes, panels):
-        handles = []
-        for key in sorted({(r.plain, r.depth, r.iterations) for r in nets}):
-            group = distinct_seeds([r for r in nets if (r.plain, r.depth, r.iterations) == key])[0]
-            lengths = len({r.iterations for r in runs if (r.plain, r.depth) == key[:2]})
-            label = net_label(group[0].net, key[2], lengths, len(group))
-            handles.append(_draw_net(ax, group, colours[key], label, drawn))
+        handles = [_draw_net(ax, group, colour, label, drawn) for label, colour, group in nets]
         _panel(ax, panel_title, handles)
     axes[0].set_ylabel("error (%)")
     axes[0].set_ylim(0, _y_top([v for y in drawn.ys for v in y]))

@@ -22,7 +22,7 @@ import json
 
 from ..config import PAPER_ITERS
 from .discover import ReportError, RunRecords, config_data_dir, load_runs
-from .figures import NetResponses, figure6, figure6_panels, figure7, net_responses, run_figure
+from .figures import NetResponses, figure6, figure6_panels, figure6_series, figure7, net_responses, run_figure
 from .responses import all_responses, write_caches
 from .tables import (DATA_WORDS, comparable_split, markdown_table, paper_table6, reference_table, repeated_seeds,
                      runs_table, table_rows)
@@ -185,4 +185,5 @@ def write_report(paths: list[Path], out: Path | None = None, title: str = "", sk
     about = "".join(f"{line}\n" for line in what_the_runs_are(runs))
     return {"report": str(md), "figure": str(figure), "figure7": str(fig7) if fig7 else None,
             "curves": [str(out / c) for c in curves.values()], "runs": len(runs), "skipped": notes,
-            "warnings": warnings, "table": table_rows(runs), "markdown": about + error_tables(runs)}
+            "warnings": warnings, "table": table_rows(runs), "markdown": about + error_tables(runs),
+            "figure6_series": figure6_series(runs)}

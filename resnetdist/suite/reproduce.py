@@ -360,7 +360,8 @@ def report(jobs: list[Job], out: Path, base: RunConfig, echo: Callable[[str], No
     manifest = read_manifest(out) or {}
     group = base.log.wandb_group or suite_name(out)
     run_id = log_suite_report(base.log, out / SUITE_DIR, group, manifest.get("wandb_report_id"),
-                              written["table"], Path(written["figure"]), Path(written["report"]))
+                              written["table"], Path(written["figure"]), Path(written["report"]),
+                              written["figure6_series"])
     if run_id:
         manifest["wandb_report_id"] = run_id
         write_manifest(out, manifest)

@@ -28,10 +28,22 @@ def _layer_responses(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+def figure6_plots(wandb, series: list[tuple[str, list[tuple[str, list[int], list[float]]]]]) -> dict[str, Any]:
+    """Figure 6 as W&B line plots, one per panel (`figure6/<panel>`): each net's mean test and
+    training error against the iteration, zoomable and with its values in the run (the PNG
+    stays beside them as `figure6`)."""
+    return {f"figure6/{title}": wandb.plot.line_series(
+                xs=[it for _, it, _ in curves], ys=[err for _, _, err in curves],
+                keys=[name for name, _, _ in curves], title=f"Figure 6: {title} (error %)", xname="iteration")
+            for title, curves in series if curves}
+
+
 def log_suite_report(cfg: LogConfig, wandb_dir: Path, group: str, run_id: str | None,
-                     rows: list[dict[str, Any]], figure: Path | None, report: Path) -> str | None:
+                     rows: list[dict[str, Any]], figure: Path | None, report: Path,
+                     figure6_series: list | None = None) -> str | None:
     """The suite's summary run (job_type "report", in the suite's group): the report's table
-    as a wandb.Table under `table6`, Figure 6 as an image and report.md as a file; Figure 7 and
+    as a wandb.Table under `table6`, Figure 6 as line plots (figure6/<panel>, from
+    figures.figure6_series) and as an image, and report.md as a file; Figure 7 and
     layer_responses.json when the report wrote them beside report.md (a table `layer_responses`,
     one row per run and layer, and each net's mean std in the summary). `run_id`
     continues an earlier summary run of the same suite. Returns the run id, None when W&B is
@@ -47,8 +59,7 @@ def log_suite_report(cfg: LogConfig, wandb_dir: Path, group: str, run_id: str | 
     if mode == "offline":
         quiet_wandb_telemetry()
     wandb_dir.mkdir(parents=True, exist_ok=True)
-    settings = wandb_settings(wandb, init_timeout=float(cfg.wandb_init_timeout_s),
-                               finish_timeout=float(cfg.wandb_finish_timeout_s), silent=True, console="off")
+    settings = wandb_settings(wandb, cfg)
     run = wandb.init(
         mode=mode, settings=settings, dir=str(wandb_dir), id=run_id or uuid.uuid4().hex[:12], resume="allow",
         project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "resnetdist",
@@ -60,6 +71,7 @@ def log_suite_report(cfg: LogConfig, wandb_dir: Path, group: str, run_id: str | 
     values: dict[str, Any] = {SUITE_TABLE_KEY: wandb.Table(columns=columns, data=[list(r.values()) for r in rows])}
     if figure is not None and figure.exists():
         values["figure6"] = wandb.Image(str(figure))
+    values.update(figure6_plots(wandb, figure6_series or []))
     responses = _layer_responses(report.parent)
     if (report.parent / "figure7.png").exists():
         values["figure7"] = wandb.Image(str(report.parent / "figure7.png"))

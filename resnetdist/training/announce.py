@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..config import RunConfig, dumps_toml
-from ..progress import duration
+from ..progress import duration, plural
 from .schedule import global_batch
 
 
@@ -39,19 +39,47 @@ def facts(cfg: RunConfig, world_size: int, start: Start, step: str = "") -> list
 
     batch = global_batch(cfg, world_size)
     o, t = cfg.optim, cfg.train
-    steps = f"/{1 / o.gamma:g} at {', '.join(f'{m:,}' for m in o.milestones)}" if o.milestones else "constant"
     return [
-        ("net", f"{cfg.model.name} ({count_parameters(build_model(cfg.model)):,} parameters)"),
+        ("net", f"{paper_name(cfg)} ({count_parameters(build_model(cfg.model)):,} parameters)"),
         ("device", f"{t.device}, {world_size} rank{'s' if world_size > 1 else ''}"),
         ("precision", t.precision),
         ("step", step or t.step),
         ("loader", cfg.data.loader),
-        ("iterations", f"{o.iters:,} (lr {o.lr:g}, {steps}; evaluation every "
-                       f"{t.eval_every:,}, checkpoint every {t.checkpoint_every:,})"),
+        ("iterations", f"{o.iters:,} ({lr_words(cfg)}; {cadence_words(o.iters, t.eval_every, t.checkpoint_every)})"),
         ("batch per rank", f"{batch // world_size} ({batch} per iteration)"),
         ("run directory", str(cfg.run_dir)),
         ("start", where(start, o.iters)),
     ]
+
+
+def paper_name(cfg: RunConfig) -> str:
+    """ResNet-20, Plain-56: the net as the paper names it (shortcut B, which the paper's CIFAR nets do not use, said)."""
+    m = cfg.model
+    return f"{'Plain' if m.plain else 'ResNet'}-{m.depth}" + (", projection shortcuts (B)" if m.shortcut == "B" and not m.plain else "")
+
+
+def lr_words(cfg: RunConfig) -> str:
+    """The lr schedule in words, the warm-up first: 'lr 0.01 for the first 400 iterations
+    (warm-up), then 0.1, /10 at 32,000, 48,000'."""
+    o = cfg.optim
+    warmup = f"lr {o.warmup_lr:g} for the first {plural(o.warmup_iters, 'iteration')} (warm-up), then {o.lr:g}" \
+        if o.warmup_iters > 0 else f"lr {o.lr:g}"
+    steps = f"/{1 / o.gamma:g} at {', '.join(f'{m:,}' for m in o.milestones)}" if o.milestones else "constant"
+    return f"{warmup}, {steps}"
+
+
+def cadence_words(iters: int, eval_every: int, checkpoint_every: int) -> str:
+    """When the run evaluates and checkpoints, as it will happen: a cadence as long as the run
+    is 'at the end' (the loop always does both at the last iteration), not 'every 100' of a
+    60-iteration run."""
+    def when(every: int) -> str:
+        if every >= iters:
+            return "at the end"
+        return f"every {every:,}" + ("" if iters % every == 0 else " and at the end")
+
+    if when(eval_every) == when(checkpoint_every):
+        return f"evaluation and checkpoint {when(eval_every)}"
+    return f"evaluation {when(eval_every)}, checkpoint {when(checkpoint_every)}"
 
 
 def format_facts(rows: list[tuple[str, str]]) -> str:
@@ -96,10 +124,6 @@ def cpu_estimate(cfg: RunConfig, world_size: int, start_iter: int, eval_images: 
     count = evaluations(start_iter, cfg.optim.iters, cfg.train.eval_every)
     eval_s = CPU_EVAL_COST * per_image * eval_images / world_size * count
     return f"about {duration(train_s + eval_s)}, {plural(count, 'evaluation')} included (2-core CPU rates)"
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 def header(cfg: RunConfig, world_size: int, start: Start, eval_images: int = 10_000, data: str = "",

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import WriteError, atomic_write_text
-from ..config import LogConfig
+from ..config import LogConfig, model_name
+from ..errors import INTERRUPTED, Preempted
 
 
 # ----- the W&B mode: log.wandb_mode "auto" decided here, where the logger lives; trainer.resolve
@@ -71,7 +72,10 @@ class NullLogger:
     def log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
         pass
 
-    def close(self, exit_code: int = 0) -> None:
+    def close_after(self, error: BaseException) -> None:
+        pass
+
+    def close(self, exit_code: int = 0, stopped: bool = False) -> None:
         pass
 
 
@@ -122,7 +126,31 @@ def _parse_iter(line: str) -> int | None:
         return None
 
 
+# ----- names: one per quantity, the same in TensorBoard and W&B (metrics.jsonl keeps its flat keys) ---
+
+# A train record (every log.log_every iterations) carries the training loss, error and lr of the
+# iterations since the previous log point; an evaluation record carries the error rates and the
+# throughput. The evaluation record's own training window (since the previous evaluation) is
+# the same quantity over a longer window: it stays in metrics.jsonl (the report's curves), and
+# the charts show one training curve, train/loss.
+CHART_NAMES = {
+    "train": {"train_loss": "train/loss", "train_error": "train/error", "lr": "train/lr"},
+    "eval": {"test_error": "eval/test_error", "val_error": "eval/val_error", "epoch": "eval/epoch",
+             "images_per_second": "perf/images_per_second", "train_seconds": "perf/train_seconds"},
+}
+
+
+def chart_values(record: dict[str, Any], kind: str) -> dict[str, float]:
+    """A record's values under their chart names (CHART_NAMES), without `iter`."""
+    names = CHART_NAMES[kind]
+    return {names[k]: v for k, v in _clean(record).items() if k in names and isinstance(v, (int, float))}
+
+
 class TensorBoardSink:
+    """Scalars under the chart names, and the run's hyperparameters with its final errors in
+    TensorBoard's HParams dashboard (hparams(): one row per run, so a suite's runs under one
+    --logdir compare there)."""
+
     def __init__(self, log_dir: Path, resume_iter: int):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -130,10 +158,14 @@ class TensorBoardSink:
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resume_iter + 1 if resume_iter else None)
 
     def log(self, record: dict[str, Any], kind: str) -> None:
-        step = record["iter"]
-        for key, value in _clean(record).items():
-            if key != "iter" and isinstance(value, (int, float)):
-                self.writer.add_scalar(f"{kind}/{key}" if kind == "train" else key, value, step)
+        for tag, value in chart_values(record, kind).items():
+            self.writer.add_scalar(tag, value, record["iter"])
+        self.writer.flush()
+
+    def hparams(self, params: dict[str, Any], results: dict[str, float]) -> None:
+        """The HParams row, written into this run's own event folder (run_name "."): without it
+        add_hparams makes a sub-run per call, and the dashboard shows a row apart from the curves."""
+        self.writer.add_hparams(params, {f"hparams/{k}": v for k, v in results.items()}, run_name=".")
         self.writer.flush()
 
     def close(self) -> None:
@@ -149,36 +181,45 @@ def warn(message: str) -> None:
     print(f"W&B: {message}", file=sys.stderr, flush=True)
 
 
-def wandb_settings(wandb, **kwargs):
-    """wandb.Settings, plus a short flush interval of the run's .wandb file where the installed
-    wandb has it (default 15 s): a run killed mid-way then loses at most ~2 s of what it sent
-    to W&B, and its resumed attempt re-logs everything from the checkpoint on."""
-    try:
-        return wandb.Settings(x_transaction_log_flush_interval=2.0, **kwargs)
-    except Exception:  # noqa: BLE001 - an older or newer wandb without that setting
-        return wandb.Settings(**kwargs)
-
-
 def quiet_wandb_telemetry() -> None:
-    """Offline means nothing leaves the machine: turn off wandb's own error-report telemetry,
-    which otherwise tries the (unreachable) server at exit and can hold the process ~10-20 s.
-    An explicit WANDB_ERROR_REPORTING is respected."""
+    """Offline means nothing leaves the machine: turn off wandb's own error-report telemetry
+    (the documented WANDB_ERROR_REPORTING), which otherwise tries the (unreachable) server at
+    exit and can hold the process ~10-20 s. An explicit WANDB_ERROR_REPORTING is respected."""
     os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
-    if os.environ["WANDB_ERROR_REPORTING"].lower() in ("false", "0", "no"):
-        try:  # wandb >= 0.2x keeps it behind a private switch; nothing to do where it is absent
-            from wandb.analytics.opentelemetry import opentelemetry_proxy
 
-            opentelemetry_proxy.disable()
-        except Exception:  # noqa: BLE001
-            pass
+
+def run_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The keys a person filters and groups a project's runs by, beside the full config:
+    net, depth, plain/resnet, seed, run length, batch and lr."""
+    model, optim = cfg.get("model", {}), cfg.get("optim", {})
+    n = int(model.get("n", 0))
+    plain = bool(model.get("plain", False))
+    return {"net": model_name(n, plain), "depth": 6 * n + 2, "plain": plain,
+            "seed": cfg.get("train", {}).get("seed", 0), "iters": optim.get("iters"),
+            "batch_size": optim.get("batch_size"), "lr": optim.get("lr")}
+
+
+def wandb_settings(wandb, cfg: LogConfig):
+    """The settings every run of this package opens W&B with (training runs and the suite's
+    report run): bounded init and finish, no console capture (the run's own log is train.log).
+    The finish bound is a public setting of wandb releases from 2026 on (`finish_timeout`);
+    an older wandb (>= 0.19.10, pyproject's floor) has none, and its finish waits for the upload."""
+    bounds = {"init_timeout": float(cfg.wandb_init_timeout_s)}
+    if "finish_timeout" in wandb.Settings.model_fields:
+        bounds["finish_timeout"] = float(cfg.wandb_finish_timeout_s)
+    return wandb.Settings(silent=True, console="off", **bounds)
 
 
 class WandbSink:
     """One W&B run per training run, its id kept in the checkpoints so that a resumed run
     (same process or a later one) continues the same W&B run. Every chart's x-axis is `iter`.
 
-    Names: run = <model>-s<seed> (log.name), group = <model> (seeds of one net together),
-    tags = model, plain|resnet, depth<d>, seed<s> plus log.wandb_tags and $WANDB_TAGS.
+    As W&B's users navigate a project: job_type = the run's role (log.wandb_job_type, "train";
+    the suite's report run is "report"), name = <net>-s<seed> (log.name), group = <net> for a
+    lone run and the suite for reproduce's runs, tags = net, plain|resnet, depth<d>, seed<s>
+    plus log.wandb_tags and $WANDB_TAGS, config = the resolved config plus net, depth, seed ...
+    at its top level (run_params) to filter and group by. Charts: train/loss, train/error,
+    train/lr, eval/test_error (CHART_NAMES); the summary holds summary.json's final values.
     project / entity / group come from the config, else $WANDB_PROJECT / $WANDB_ENTITY /
     $WANDB_RUN_GROUP, else the defaults above.
 
@@ -192,18 +233,19 @@ class WandbSink:
         import wandb
 
         self.wandb = wandb
-        self.id = run_id or uuid.uuid4().hex[:12]
+        # a checkpoint's id continues its run; else $WANDB_RUN_ID, which a W&B sweep agent sets for
+        # the run it starts (so the run joins the sweep); else a new one
+        self.id = run_id or os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:12]
         self.mode = cfg.wandb_mode  # resolved at preflight (trainer.resolve)
         kwargs = dict(
             project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "resnetdist",
             entity=cfg.wandb_entity or os.environ.get("WANDB_ENTITY") or None,
             group=cfg.wandb_group or os.environ.get("WANDB_RUN_GROUP") or group,
             tags=sorted(set(tags) | set(cfg.wandb_tags) | set(env_tags())),
-            name=name, id=self.id, resume="allow", job_type=cfg.wandb_job_type or group,
-            config=run_config, dir=str(run_dir), reinit="finish_previous",
+            name=name, id=self.id, resume="allow", job_type=cfg.wandb_job_type or "train",
+            config={**run_params(run_config), **run_config}, dir=str(run_dir), reinit="finish_previous",
         )
-        settings = wandb_settings(wandb, init_timeout=float(cfg.wandb_init_timeout_s),
-                                   finish_timeout=float(cfg.wandb_finish_timeout_s), silent=True, console="off")
+        settings = wandb_settings(wandb, cfg)
         if self.mode == "offline":
             quiet_wandb_telemetry()
         try:
@@ -229,35 +271,40 @@ class WandbSink:
                   f"`wandb sync {run_dir / 'wandb'}/offline-run-*`")
         self.broken = False
         self.run.define_metric("iter")
+        # W&B's default summary of a metric is its last value: the summary's eval/test_error is the
+        # final evaluation's, never the best (a minimum over evaluations selects on the test set)
         self.run.define_metric("*", step_metric="iter")
 
     def log(self, record: dict[str, Any], kind: str) -> None:
-        values = _clean(record)
-        if kind == "train":
-            values = {("iter" if k == "iter" else f"train/{k}"): v for k, v in values.items()}
-        self._call(self.run.log, values)
+        self._call(self.run.log, {"iter": record["iter"], **chart_values(record, kind)})
 
     def summary(self, values: dict[str, Any]) -> None:
         self._call(self.run.summary.update, _clean(values))
 
     def log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
-        """The final weights as a W&B model artifact `model-<run name>`: model.pt, the mean image
-        the inputs are normalised with (mean.npy, float32 (3, 32, 32), [0, 1] units) and the
-        resolved config.toml, so the artifact alone is enough to run the net."""
+        """The final weights as the W&B model artifact `model-<run id>` (one artifact per run,
+        whatever its name, as Lightning's WandbLogger names them), aliases `final` and `latest`:
+        model.pt and model.safetensors, the mean image the inputs are normalised with (mean.npy, float32 (3, 32, 32),
+        [0, 1] units) and the resolved config.toml, so the artifact alone is enough to run the net."""
         self._call(self._log_model, run_dir, mean, metadata)
 
     def _log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
         import numpy as np
 
         np.save(run_dir / "mean.npy", np.asarray(mean, dtype=np.float32))
-        artifact = self.wandb.Artifact(f"model-{self.run.name}", type="model", metadata=_clean(metadata))
-        for file in ("model.pt", "mean.npy", "config.toml"):
+        artifact = self.wandb.Artifact(f"model-{self.run.id}", type="model", metadata=_clean(metadata))
+        for file in ("model.pt", "model.safetensors", "mean.npy", "config.toml"):
             if (run_dir / file).exists():
                 artifact.add_file(str(run_dir / file), name=file)
-        self.run.log_artifact(artifact, aliases=["latest", f"iter{metadata.get('iterations', 0)}"])
+        self.run.log_artifact(artifact, aliases=["final", "latest"])
 
-    def close(self, exit_code: int = 0) -> None:
-        # a non-zero exit code marks the W&B run as failed rather than finished
+    def close(self, exit_code: int = 0, stopped: bool = False) -> None:
+        """Finish the W&B run with the process's exit code: 0 finished, non-zero failed, unless
+        `stopped` (a preemption notice or Ctrl-C obeyed at a checkpoint): then the run is first
+        marked preempting (W&B's run.mark_preempting), so W&B shows it preempted, resumable,
+        not failed, and a sweep agent requeues it; the exit code (6 or 130) says which stop."""
+        if stopped:
+            self._call(self.run.mark_preempting)
         self._call(self.run.finish, exit_code)
 
     def _call(self, fn, *args) -> None:
@@ -275,9 +322,11 @@ class WandbSink:
 class MetricLogger:
     """Fans records out to the sinks of rank 0."""
 
-    def __init__(self, sinks: list, wandb_sink: WandbSink | None, wandb_id: str | None = None):
+    def __init__(self, sinks: list, wandb_sink: WandbSink | None, wandb_id: str | None = None,
+                 params: dict[str, Any] | None = None):
         self.sinks = sinks
         self.wandb = wandb_sink
+        self.params = params or {}  # run_params: the HParams row's hyperparameters
         # with W&B off for this attempt, keep the id a checkpoint carried for the next one
         self.wandb_id = wandb_sink.id if wandb_sink else wandb_id
 
@@ -286,17 +335,35 @@ class MetricLogger:
             sink.log(record, kind)
 
     def summary(self, values: dict[str, Any]) -> None:
+        """The run's result (summary.json): W&B's summary, and TensorBoard's HParams row with the
+        final errors."""
         if self.wandb:
             self.wandb.summary(values)
+        results = {k: values[k] for k in ("test_error", "val_error", "train_error") if values.get(k) is not None}
+        for sink in self.sinks:
+            if isinstance(sink, TensorBoardSink):
+                sink.hparams({k: v for k, v in self.params.items() if v is not None}, results)
 
     def log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
         if self.wandb:
             self.wandb.log_model(run_dir, mean, metadata)
 
-    def close(self, exit_code: int = 0) -> None:
+    def close_after(self, error: BaseException) -> None:
+        """Close on the way out of a run that did not finish: stopped as asked (a preemption
+        notice or a first Ctrl-C, obeyed at a checkpoint: Preempted, exit 6 or 130; a second
+        Ctrl-C: KeyboardInterrupt, 130) is not a failure; anything else is (exit 1)."""
+        if isinstance(error, Preempted):
+            self.close(error.exit_code, stopped=True)
+        elif isinstance(error, KeyboardInterrupt):
+            self.close(INTERRUPTED, stopped=True)
+        else:
+            self.close(1)
+
+    def close(self, exit_code: int = 0, stopped: bool = False) -> None:
+        """exit_code: the process's; stopped: a stop asked for (SIGTERM, SIGUSR1, Ctrl-C), not a failure."""
         for sink in self.sinks:
             if sink is self.wandb:
-                sink.close(exit_code)
+                sink.close(exit_code, stopped)
             else:
                 sink.close()
 
@@ -319,4 +386,4 @@ def open_logger(cfg: LogConfig, run_dir: Path, run_config: dict[str, Any], name:
         else:
             wandb_sink = WandbSink(cfg, run_dir, run_config, name, group, tags, wandb_id)
             sinks.append(wandb_sink)
-    return MetricLogger(sinks, wandb_sink, wandb_id)
+    return MetricLogger(sinks, wandb_sink, wandb_id, run_params(run_config))

@@ -63,7 +63,7 @@ def acknowledge() -> None:
     where = (bar.stopping() if bar is not None else "") or "stopping at the next log point to write a checkpoint"
     clear = "\r\x1b[K" if os.isatty(2) else ""
     try:
-        os.write(2, f"{clear}{where}; Ctrl-C again to stop now without one\n".encode())
+        os.write(2, f"{clear}{where}; Ctrl-C again to stop now, without a checkpoint\n".encode())
     except OSError:  # stderr closed: the stop goes on without the line
         pass
 

@@ -145,7 +145,8 @@ class Trainer:
         step, progress, cadence = self.step, self.progress, Cadence.of(self.cfg)
         self.wandb_id = logger.wandb_id  # this attempt's W&B run: its checkpoints hand it on
         it = progress.iteration
-        bar = RunBar(f"{self.cfg.name} ({step_label(step.choice)})", cadence.total, it, self.ctx.is_main, stop_every=cadence.log_every)
+        bar = RunBar(f"{self.cfg.name} ({step_label(step.choice)})", cadence.total, it, self.ctx.is_main,
+                     next_stop=cadence.next_stop)
         batches = self.feed.batches(it)
         try:
             t0 = time.perf_counter()

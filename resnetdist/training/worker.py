@@ -190,8 +190,8 @@ def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice, on_
                 logger.log_model(cfg.run_dir, trainer.step.mean.cpu().numpy(), summary)  # W&B model artifact (rank 0)
                 closing, logger = logger, NullLogger()  # closed once, whatever happens in close
                 closing.close()
-        except BaseException:
-            logger.close(exit_code=1)
+        except BaseException as e:
+            logger.close_after(e)  # stopped (a notice, Ctrl-C) or failed: metrics.py tells them apart
             raise
         return summary
     finally:
