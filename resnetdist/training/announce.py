@@ -32,8 +32,9 @@ def where(start: Start, iters: int) -> str:
     return "fresh start (no checkpoint in the run directory)"
 
 
-def facts(cfg: RunConfig, world_size: int, start: Start) -> list[tuple[str, str]]:
-    """(what, value) lines of the header: what will run, where, from where."""
+def facts(cfg: RunConfig, world_size: int, start: Start, step: str = "") -> list[tuple[str, str]]:
+    """(what, value) lines of the header: what will run, where, from where. `step`: the step
+    that runs and why (step.StepChoice.describe); train.step as given when not known yet."""
     from ..models import build_model, count_parameters
 
     batch = global_batch(cfg, world_size)
@@ -42,7 +43,7 @@ def facts(cfg: RunConfig, world_size: int, start: Start) -> list[tuple[str, str]
         ("net", f"{paper_name(cfg)} ({count_parameters(build_model(cfg.model)):,} parameters)"),
         ("device", f"{t.device}, {world_size} rank{'s' if world_size > 1 else ''}"),
         ("precision", t.precision),
-        ("step", t.step),
+        ("step", step or t.step),
         ("loader", cfg.data.loader),
         ("iterations", f"{o.iters:,} ({lr_words(cfg)}; {cadence_words(o.iters, t.eval_every, t.checkpoint_every)})"),
         ("batch per rank", f"{batch // world_size} ({batch} per iteration)"),
@@ -88,7 +89,11 @@ def format_facts(rows: list[tuple[str, str]]) -> str:
 
 def dry_run(cfg: RunConfig, world_size: int, start: Start, notes: list[str] = ()) -> str:
     """`train --dry-run`: the resolved configuration as TOML, then what would run."""
-    rows = facts(cfg, world_size, start)
+    from .step import choose_kind  # the step this machine would choose, as the run will
+
+    choice = choose_kind(cfg.train.step, cfg.train.device == "cuda", cfg.train.precision)
+    rows = facts(cfg, world_size, start, choice.describe() + ("; if its capture fails, eager" if choice.asked == "auto"
+                                                             and choice.kind == "graph" else ""))
     if cfg.train.device == "cpu":  # not measured here: the dry run takes no step
         rows.append(("estimate", cpu_estimate(cfg, world_size, start.iteration) + "; the run measures its own"))
     lines = [f"# resolved configuration of {cfg.run_dir}", dumps_toml(cfg.to_dict()).rstrip(), "",
@@ -121,10 +126,12 @@ def cpu_estimate(cfg: RunConfig, world_size: int, start_iter: int, eval_images: 
     return f"about {duration(train_s + eval_s)}, {plural(count, 'evaluation')} included (2-core CPU rates)"
 
 
-def header(cfg: RunConfig, world_size: int, start: Start, eval_images: int = 10_000, data: str = "") -> str:
-    """What opens a run on rank 0: what will run, on which data (and whether it is verified
-    CIFAR-10), where, from where (and on a CPU, how long)."""
-    rows = facts(cfg, world_size, start)
+def header(cfg: RunConfig, world_size: int, start: Start, eval_images: int = 10_000, data: str = "",
+           step: str = "") -> str:
+    """What opens a run on rank 0: what will run (`step`: the step built, and why), on which
+    data (and whether it is verified CIFAR-10), where, from where (and on a CPU, how long; on a
+    GPU the bar measures it at the first log point, from the step that runs)."""
+    rows = facts(cfg, world_size, start, step)
     if data:
         rows.insert(1, ("data", data))
     if cfg.train.device == "cpu":

@@ -10,8 +10,6 @@ what they drive is what trains.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -31,31 +29,29 @@ from ..errors import Preempted
 from ..models import build_model, count_parameters
 from ..progress import RunBar
 from .evaluate import error_rates, model_layout as memory_format  # evaluation uses the same layout
-from .graph import CudaOps
 from .loop import Cadence, Feed, Progress, drain, evaluation_line, evaluation_record, take_steps
 from .metrics import resolve_wandb_mode
 from .optim import TensorLRSGD
 from .preempt import Notice
 from .schedule import global_batch, lr_table
-from .step import TrainStep, build_step, choose_kind, default_precision
+from .step import StepChoice, TrainStep, build_step, choose_kind, default_precision
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
     """cfg with every "auto" that depends on the machine replaced by what runs here, in place
     and once (at preflight, before workers start; a resolved config stays as it is): the device
-    (torch sees CUDA or not), the precision and the step (step.py decides them), the W&B mode
-    (metrics.py). A step asked for that cannot run here is named in a note."""
+    (torch sees CUDA or not), the precision (step.py), the W&B mode (metrics.py). train.step
+    stays as asked: build_step needs to know whether a graph was asked for by name; a step that
+    cannot run here at all (graph without CUDA) is refused now, a ConfigError."""
     train = cfg.train
     if train.device == "auto":
         train.device = "cuda" if torch.cuda.is_available() else "cpu"
     on_cuda = train.device == "cuda"
     if train.precision == "auto":
         train.precision = default_precision(on_cuda)
-    train.step, note = choose_kind(train.step, on_cuda, train.precision)
     cfg.log.wandb_mode = resolve_wandb_mode(cfg.log.wandb_mode)
-    if note and os.environ.get("RANK", "0") == "0":  # once per job, not once per rank
-        print(f"note: {note}", file=sys.stderr, flush=True)
     cfg.validate()
+    choose_kind(train.step, on_cuda, train.precision)
     return cfg
 
 
@@ -72,16 +68,17 @@ def make_model(cfg: RunConfig, ctx: dist.DistContext) -> tuple[nn.Module, Tensor
 
 
 def make_step(cfg: RunConfig, ctx: dist.DistContext, model: nn.Module, optimizer: TensorLRSGD, data: Cifar10,
-              ops: CudaOps | None = None, source: EpochTable | None = None) -> TrainStep:
-    """The step of the resolved config's train.step; a graph whose capture fails becomes the
-    eager step (step.kind says which runs). With a source, the step gathers its own inputs."""
+              source: EpochTable | None = None) -> TrainStep:
+    """The step train.step chooses here (step.choose_kind; step.choice says which runs and why:
+    an auto graph whose capture fails becomes the eager step, a graph asked for by name stops
+    the run). With a source, the step gathers its own inputs."""
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
     with dist.stage("model broadcast (DDP set-up)"):
-        return build_step(model, optimizer, mean, lr_table(cfg, ctx.world_size), kind=cfg.train.step,
+        choice = choose_kind(cfg.train.step, ctx.device.type == "cuda", cfg.train.precision)
+        return build_step(model, optimizer, mean, lr_table(cfg, ctx.world_size), choice=choice,
                           compile_mode=cfg.train.compile, precision=cfg.train.precision,
                           memory_format=memory_format(cfg, ctx.device), ddp=ctx.distributed,
-                          batch_per_rank=global_batch(cfg, ctx.world_size) // ctx.world_size, ops=ops,
-                          source=source)
+                          batch_per_rank=global_batch(cfg, ctx.world_size) // ctx.world_size, source=source)
 
 
 def feed_of(step: TrainStep, loader: TrainLoader, seed: int, global_batch: int, rank: int = 0,
@@ -94,8 +91,7 @@ def feed_of(step: TrainStep, loader: TrainLoader, seed: int, global_batch: int, 
     return Feed(loader, seed, global_batch, rank, world_size, out=step.inputs.out if step.inputs else None)
 
 
-def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | None = None,
-          ops: CudaOps | None = None) -> Trainer:
+def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | None = None) -> Trainer:
     """The run of this rank, built from a resolved config: loaders, model and optimizer, step,
     and the feed that fills the step's inputs. `stop`: the preemption notice fit() asks at its
     log points (None: nothing stops it early). It starts at iteration 0; Trainer.load continues
@@ -107,7 +103,7 @@ def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | N
     source = epoch_table_for(loaders.train, cfg.train.seed, batch, ctx.rank, ctx.world_size)
     if source is not None:
         source.load(0)  # before capture: the warm-up reads it
-    step = make_step(cfg, ctx, model, optimizer, data, ops, source)
+    step = make_step(cfg, ctx, model, optimizer, data, source)
     feed = feed_of(step, loaders.train, cfg.train.seed, batch, ctx.rank, ctx.world_size)
     data_facts = {"train_images": len(data.train), "test_images": len(data.test),
                   "val_images": len(data.val) if data.val is not None else 0,
@@ -149,7 +145,8 @@ class Trainer:
         step, progress, cadence = self.step, self.progress, Cadence.of(self.cfg)
         self.wandb_id = logger.wandb_id  # this attempt's W&B run: its checkpoints hand it on
         it = progress.iteration
-        bar = RunBar(self.cfg.name, cadence.total, it, self.ctx.is_main, next_stop=cadence.next_stop)
+        bar = RunBar(f"{self.cfg.name} ({step_label(step.choice)})", cadence.total, it, self.ctx.is_main,
+                     next_stop=cadence.next_stop)
         batches = self.feed.batches(it)
         try:
             t0 = time.perf_counter()
@@ -229,8 +226,9 @@ class Trainer:
         """state_dict() written by rank 0 (checkpoint.save: atomic, checksummed, the last
         train.keep_checkpoints kept); every rank waits, so none runs ahead of a save."""
         cfg, iteration = self.cfg, self.progress.iteration
-        if self.ctx.is_main:
-            checkpoint.save(cfg.run_dir, iteration, self.state_dict(), cfg.train.keep_checkpoints)
+        if self.ctx.is_main:  # watched: the other ranks wait for it in the barrier
+            with dist.stage(f"checkpoint write at iteration {iteration}"):
+                checkpoint.save(cfg.run_dir, iteration, self.state_dict(), cfg.train.keep_checkpoints)
         with dist.stage(f"checkpoint barrier at iteration {iteration}"):
             dist.barrier()
 
@@ -243,6 +241,11 @@ class Trainer:
             pretrained.save(cfg.run_dir, self.model, weights["mean"], cfg)  # model.safetensors: the same, no pickle
             checkpoint.atomic_write_text(cfg.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def step_label(choice: StepChoice) -> str:
+    """The progress bar's word for the step: its kind, and a fall-back said at a glance."""
+    return f"{choice.kind}, graph capture failed" if choice.fell_back else choice.kind
 
 
 def final_weights(model: nn.Module, cfg: RunConfig, iteration: int, mean: torch.Tensor) -> dict[str, Any]:
@@ -270,6 +273,6 @@ def summarize(trainer: Trainer) -> dict[str, Any]:
         "train_seconds": progress.train_seconds, "images_per_second": record["images_per_second"],
         "parameters": count_parameters(step.model), "world_size": ctx.world_size, "global_batch": batch,
         "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
-        "precision": cfg.train.precision, "step": step.kind, "capture_error": step.capture_error,
+        "precision": cfg.train.precision, "step": step.kind, "step_reason": step.choice.reason,
         "loader": cfg.data.loader, **trainer.data_facts,
     }

@@ -69,7 +69,7 @@ def load_checked_data(cfg: RunConfig) -> Cifar10:
     trains, so a node without the data stops the job with one line naming the host and path."""
     if "LOCAL_RANK" not in os.environ or dist.world_size_from_env() <= 1:
         return load_data(cfg.data)
-    dist.setup(cfg.train.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s)
+    dist.setup(cfg.train.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s, compile_pause_s=cfg.dist.compile_pause_s)
     return load_data_on_every_rank(cfg.data)
 
 
@@ -157,7 +157,8 @@ def main(cfg: RunConfig, data: Cifar10 | None = None, signals: bool = True, on_h
 
 
 def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice, on_hang: str = "exit") -> dict[str, Any]:
-    ctx = dist.setup(cfg.train.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s, on_hang)
+    ctx = dist.setup(cfg.train.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s, compile_pause_s=cfg.dist.compile_pause_s,
+                     on_hang=on_hang)
     run_lock = None
     try:
         if data is None:
@@ -169,23 +170,29 @@ def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice, on_
             print(data.record_count_note(), file=sys.stderr, flush=True)
         if ctx.is_main:
             run_lock = rundir.acquire(cfg.run_dir)  # before anything is written there (RunDirBusy if held)
-            print(announce.header(cfg, ctx.world_size, start, data.eval_images(), data.describe()), flush=True)
         trainer = build(cfg, ctx, data, stop=notice)
         if start.state is not None:
             trainer.load(start.state)
-        if ctx.is_main:
+        if ctx.is_main:  # after the build: the header names the step that runs (a failed auto capture: eager, and why)
+            print(announce.header(cfg, ctx.world_size, start, data.eval_images(), data.describe(),
+                                  trainer.step.choice.describe()), flush=True)
             write_run_config(cfg, trainer.step.kind)
         logger = open_logger(cfg.log, cfg.run_dir, cfg.to_dict(), cfg.name, cfg.model.name, cfg.tags,
                              trainer.progress.iteration, trainer.wandb_id) if ctx.is_main else NullLogger()
         try:
             trainer.fit(logger)
-            summary = trainer.finish()
-            logger.summary(summary)
-            logger.log_model(cfg.run_dir, trainer.step.mean.cpu().numpy(), summary)  # W&B model artifact (rank 0)
+            # watched: a write to a stuck disk must not leave torchrun waiting for rank 0 forever;
+            # the W&B upload has its own limit (log.wandb_finish_timeout_s), allowed on top
+            with dist.stage("finish (model.pt, summary.json, the logger's upload)", early=True,
+                            extra_s=cfg.log.wandb_finish_timeout_s):
+                summary = trainer.finish()
+                logger.summary(summary)
+                logger.log_model(cfg.run_dir, trainer.step.mean.cpu().numpy(), summary)  # W&B model artifact (rank 0)
+                closing, logger = logger, NullLogger()  # closed once, whatever happens in close
+                closing.close()
         except BaseException as e:
             logger.close_after(e)  # stopped (a notice, Ctrl-C) or failed: metrics.py tells them apart
             raise
-        logger.close()
         return summary
     finally:
         dist.cleanup()
