@@ -17,10 +17,12 @@ from .conftest import RESUMABLE, cli, cli_in_process
 from .helpers import assert_bitwise_equal, final_weights, read_jsonl
 
 PACK = [*RESUMABLE, "--seeds", "0,1"]
-# float32: a grouped conv over two members sums in another order than one member's conv, so the
-# members' numbers match single runs to rounding (the float64 tests in test_pack.py show the
-# exactness); over 15 iterations at lr 0.1 that rounding grows, to well below this
-FLOAT32_RTOL = 1e-4
+# float32: a grouped conv over two members sums in another order than one member's conv, so a
+# member's numbers match its single run's to rounding (the float64 tests in test_pack.py show
+# the exactness), and that rounding grows with the steps at lr 0.1, as between one net's NCHW
+# and channels_last: the first window (iterations 1-15) to FIRST_RTOL, the next to LATER_RTOL
+# (seeds 0 and 1 differ by several percent)
+FIRST_RTOL, LATER_RTOL = 1e-4, 3e-3
 
 
 def train(args: list, data: Path, out: Path, check: bool = True):
@@ -62,7 +64,8 @@ def same_losses(run: Path, alone: Path) -> None:
     channels_last)."""
     losses = [[r["train_loss"] for r in read_jsonl(folder / "metrics.jsonl")] for folder in (run, alone)]
     assert len(losses[0]) == len(losses[1]) == 2
-    assert losses[0] == pytest.approx(losses[1], rel=FLOAT32_RTOL)
+    assert losses[0][0] == pytest.approx(losses[1][0], rel=FIRST_RTOL)
+    assert losses[0][1] == pytest.approx(losses[1][1], rel=LATER_RTOL)
 
 
 @pytest.mark.timeout(240)

@@ -34,13 +34,12 @@ from ..pack import build_pack, fuse_optimizer_states, fuse_states, split_optimiz
 from .bar import RunBar
 from ..rundir import RunDir
 from .evaluate import error_rates, model_layout as memory_format  # evaluation uses the same layout
-from .graph import CudaOps
 from .loop import Cadence, Progress, after_step, drain, evaluation, failures, take_steps
 from .optim import TensorLRSGD
 from .preempt import Notice
 from .plan import Plan, resolve
 from .schedule import lr_table
-from .step import TrainStep, build_step
+from .step import StepChoice, TrainStep, build_step
 
 
 def make_model(cfg: RunConfig, ctx: dist.DistContext, seeds: list[int] | None = None) -> tuple[nn.Module, TensorLRSGD]:
@@ -60,19 +59,20 @@ def make_model(cfg: RunConfig, ctx: dist.DistContext, seeds: list[int] | None = 
 
 
 def make_step(cfg: RunConfig, plan: Plan, ctx: dist.DistContext, model: nn.Module, optimizer: TensorLRSGD,
-              mean: torch.Tensor, ops: CudaOps | None = None, source: EpochTable | None = None) -> TrainStep:
-    """The step of plan.step, inputs normalised with `mean` (the data's mean image, on the
-    device); a graph whose capture fails becomes the eager step (step.kind says which runs).
-    With a source, the step gathers its own inputs."""
+              mean: torch.Tensor, source: EpochTable | None = None) -> TrainStep:
+    """The step the plan chose (step.choose_kind), inputs normalised with `mean` (the data's mean
+    image, on the device); step.choice says which runs and why: auto's graph whose capture fails
+    becomes the eager step, a graph asked for by name stops the run (GraphUnavailable). With a
+    source, the step gathers its own inputs."""
     with dist.stage("model broadcast (DDP set-up)"):
         return build_step(model, optimizer, mean, lr_table(cfg.optim, plan.lr_scale, cfg.dist.scale_warmup_iters),
-                          kind=plan.step, compile_mode=cfg.train.compile, precision=plan.precision,
+                          choice=plan.choice, compile_mode=cfg.train.compile, precision=plan.precision,
                           memory_format=memory_format(cfg, ctx.device), ddp=ctx.distributed,
-                          batch_per_rank=plan.batch_per_rank, ops=ops, source=source)
+                          batch_per_rank=plan.batch_per_rank, source=source)
 
 
 def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | None = None,
-          ops: CudaOps | None = None, plan: Plan | None = None, members: list[RunConfig] | None = None) -> Trainer:
+          plan: Plan | None = None, members: list[RunConfig] | None = None) -> Trainer:
     """The run of this rank: loaders, model and optimizer, step, and the data's feed of the
     step. `plan`: what preflight resolved (None: resolved here, for bench, doctor and tests);
     `stop`: the preemption notice fit() asks at its log points (None: nothing stops it early);
@@ -88,8 +88,8 @@ def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | N
         source.load(0)  # before capture: the warm-up reads it
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
     model, optimizer = make_model(cfg, ctx, seeds)
-    step = make_step(cfg, plan, ctx, model, optimizer, mean, ops, source)
-    plan = plan.ran(step.kind, step.capture_error)
+    step = make_step(cfg, plan, ctx, model, optimizer, mean, source)
+    plan = plan.ran(step.choice)
     feed = feed_for(loaders.train, source, cfg.train.seed, plan.global_batch, ctx.rank, ctx.world_size,
                     out=step.inputs.out if step.inputs else None)
     data_facts = {"train_images": len(data.train), "test_images": len(data.test),
@@ -166,7 +166,8 @@ class Trainer:
         for member, member_logger in zip(self.members, loggers):
             member.wandb_id = member_logger.wandb_id  # this attempt's W&B run: its checkpoints hand it on
         it = self.progress.iteration
-        bar = RunBar(self.label, cadence.total, it, self.ctx.is_main, next_stop=cadence.next_stop)
+        bar = RunBar(f"{self.label} ({step_label(step.choice)})", cadence.total, it, self.ctx.is_main,
+                     next_stop=cadence.next_stop)
         batches = self.feed.batches(it)
         try:
             t0 = time.perf_counter()
@@ -297,10 +298,11 @@ class Trainer:
         atomic, checksummed, the last train.keep_checkpoints kept; a failed member's last good
         one stays its newest); every rank waits, so none runs ahead of a save."""
         iteration = self.progress.iteration
-        if self.ctx.is_main:
-            for member, state in zip(self.members, self.state_dicts()):
-                if not member.failed:
-                    member.run.checkpoints.save(iteration, state, member.cfg.train.keep_checkpoints)
+        if self.ctx.is_main:  # watched: the other ranks wait for it in the barrier
+            with dist.stage(f"checkpoint write at iteration {iteration}"):
+                for member, state in zip(self.members, self.state_dicts()):
+                    if not member.failed:
+                        member.run.checkpoints.save(iteration, state, member.cfg.train.keep_checkpoints)
         with dist.stage(f"checkpoint barrier at iteration {iteration}"):
             dist.barrier()
 
@@ -318,6 +320,11 @@ class Trainer:
                 pretrained.save(run.safetensors, self.single_net(model), weights["mean"], cfg)  # the same, no pickle
                 run.write_summary(summary)
         return summaries
+
+
+def step_label(choice: StepChoice) -> str:
+    """The progress bar's word for the step: its kind, and a fall-back said at a glance."""
+    return f"{choice.kind}, graph capture failed" if choice.fell_back else choice.kind
 
 
 def final_weights(model: dict[str, torch.Tensor], cfg: RunConfig, iteration: int, mean: torch.Tensor) -> dict[str, Any]:
@@ -358,6 +365,6 @@ def member_summary(trainer: Trainer, member: Member, errors: dict[str, float] | 
         "parameters": count_parameters(step.model) // len(trainer.members), "world_size": ctx.world_size,
         "global_batch": batch, **pack,
         "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
-        "precision": trainer.plan.precision, "step": step.kind, "capture_error": step.capture_error,
+        "precision": trainer.plan.precision, "step": step.kind, "step_reason": step.choice.reason,
         "loader": trainer.plan.loader, **trainer.data_facts,
     }

@@ -1,8 +1,8 @@
 """What each worker process (one per rank under torchrun, or this process alone) does for
 `resnetdist train`, top to bottom:
 checks (preflight) -> process group -> where the run starts (finished, the newest checkpoint,
-or fresh: found once, by rank 0, and shared) -> lock, header, config.toml -> the trainer
-(trainer.build, then Trainer.load of that checkpoint) -> logger -> Trainer.fit -> summary ->
+or fresh: found once, by rank 0, and shared) -> lock -> the trainer (trainer.build, then
+Trainer.load of that checkpoint) -> header, config.toml and resolved.toml -> logger -> Trainer.fit -> summary ->
 clean-up. Rank 0 alone writes files; other ranks get a NullLogger and skip the writes.
 
 A pack (`train --seeds`, pack.py) is several runs in one process: a list of member
@@ -87,7 +87,7 @@ def load_checked_data(cfg: RunConfig, plan: Plan) -> Cifar10:
     trains, so a node without the data stops the job with one line naming the host and path."""
     if not dist.under_torchrun() or dist.world_size_from_env() <= 1:
         return load_data(cfg.data)
-    dist.setup(plan.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s)
+    dist.setup(plan.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s, compile_pause_s=cfg.dist.compile_pause_s)
     return load_data_on_every_rank(cfg.data)
 
 
@@ -191,7 +191,8 @@ def main(cfg: RunConfig | list[RunConfig], prepared: Prepared | None = None, sig
     with preempt.notice(install=signals) as notice:
         prepared = prepared or preflight(cfg, dist.world_size_from_env())
         first = as_members(cfg)[0]
-        ctx = dist.setup(prepared.plan.device, first.dist.timeout_s, first.dist.hang_timeout_s, on_hang)
+        ctx = dist.setup(prepared.plan.device, first.dist.timeout_s, first.dist.hang_timeout_s,
+                         compile_pause_s=first.dist.compile_pause_s, on_hang=on_hang)
         try:
             summaries = train_rank(as_members(cfg), prepared, ctx, notice)
             return summaries if isinstance(cfg, (list, tuple)) else summaries[0]
@@ -214,32 +215,38 @@ def train_rank(members: list[RunConfig], prepared: Prepared, ctx: dist.DistConte
         if ctx.is_main and data.record_count_note():  # a stand-in or a cut file: say what trains
             print(data.record_count_note(), file=sys.stderr, flush=True)
         if ctx.is_main:
-            print(announce.header(todo[0][0], plan, todo[0][1], data.eval_images(), data.describe(),
-                                  members=[m for m, _ in todo[1:]], starts=[s for _, s in todo[1:]],
-                                  finished=[m for m, s in zip(members, starts) if s.summary is not None]), flush=True)
             # before anything is written there (RunDirBusy if held; preflight probed them); the
             # other ranks write nothing
             locks = [RunDir(m.run_dir).acquire() for m, _ in todo]
         trainer = build(todo[0][0], ctx, data, stop=notice, plan=plan, members=[m for m, _ in todo])
         if todo[0][1].state is not None:
             trainer.load([start.state for _, start in todo])
+        if ctx.is_main:  # after the build: the header names the step that runs (auto's failed capture: eager, and why)
+            print(announce.header(todo[0][0], trainer.plan, todo[0][1], data.eval_images(), data.describe(),
+                                  members=[m for m, _ in todo[1:]], starts=[s for _, s in todo[1:]],
+                                  finished=[m for m, s in zip(members, starts) if s.summary is not None]), flush=True)
         loggers = []
         for member in trainer.members:
             cfg = member.cfg
-            if ctx.is_main:  # the configuration as loaded, and beside it what ran (the step built)
+            if ctx.is_main:  # the configuration as loaded, and beside it what ran
                 member.run.write_config(cfg, asdict(trainer.plan))
             loggers.append(open_logger(cfg.log, cfg.run_dir, cfg.to_dict(), cfg.name, cfg.model.name, cfg.tags,
                                        member.progress.iteration, member.wandb_id) if ctx.is_main else NullLogger())
         try:
             trainer.fit(loggers)
-            summaries = trainer.finish()
-            for member, logger, summary in zip(trainer.members, loggers, summaries):
-                if summary is None:  # its loss turned NaN (its folder says so: Trainer.stop_failed)
-                    logger.close(NonFiniteLoss.exit_code)
-                    continue
-                logger.summary(summary)
-                logger.log_model(member.cfg.run_dir, trainer.step.mean.cpu().numpy(), summary)  # W&B model artifact
-                logger.close()
+            # watched: a write to a stuck disk must not leave torchrun waiting for rank 0 forever;
+            # the W&B upload has its own limit (log.wandb_finish_timeout_s), allowed on top
+            with dist.stage("finish (model.pt, summary.json, the logger's upload)", early=True,
+                            extra_s=len(loggers) * trainer.cfg.log.wandb_finish_timeout_s):
+                summaries = trainer.finish()
+                for j, (member, summary) in enumerate(zip(trainer.members, summaries)):
+                    closing, loggers[j] = loggers[j], NullLogger()  # closed once, whatever happens in close
+                    if summary is None:  # its loss turned NaN (its folder says so: Trainer.stop_failed)
+                        closing.close(NonFiniteLoss.exit_code)
+                        continue
+                    closing.summary(summary)
+                    closing.log_model(member.cfg.run_dir, trainer.step.mean.cpu().numpy(), summary)  # W&B model artifact
+                    closing.close()
         except BaseException as e:
             for logger in loggers:
                 logger.close_after(e)  # stopped (a notice, Ctrl-C) or failed: metrics.py tells them apart
