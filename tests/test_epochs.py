@@ -56,7 +56,7 @@ def device_fed(tiny_data, state: dict | None = None):
     cfg = config(tiny_data)
     trainer = build(cfg, DistContext(0, 0, 1, CPU), load_data(cfg.data))
     if state is not None:
-        trainer.load(state)  # as a resumed run loads its checkpoint
+        trainer.load([state])  # as a resumed run loads its checkpoint
     return trainer
 
 
@@ -74,8 +74,8 @@ def test_the_device_fed_step_trains_bitwise_as_the_per_step_fed_one_and_resumes_
     take_steps(trainer.step, trainer.feed.batches(0), 45)
     take_steps(old, feed.batches(0), 45)
     assert_bitwise(trainer.model, old.model)
-    trainer.progress = Progress(45)  # where fit() would stand
-    resumed = device_fed(tiny_data, trainer.state_dict())  # mid-epoch, as a checkpoint resumes
+    trainer.members[0].progress = Progress(45)  # where fit() would stand
+    resumed = device_fed(tiny_data, trainer.state_dicts()[0])  # mid-epoch, as a checkpoint resumes
     assert resumed.step.source.loaded == 45 // steps
     take_steps(resumed.step, resumed.feed.batches(45), 25)
     take_steps(old, feed.batches(45), 25)
