@@ -124,14 +124,21 @@ def train(
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted before training started; nothing was written", code=INTERRUPTED)
+    start(members or cfg, prepared, done, nproc_per_node if launching else 0, max_restarts, as_json)
+
+
+def start(runs: RunConfig | list[RunConfig], prepared, done: list, nproc_per_node: int, max_restarts: int,
+          as_json: bool) -> None:
+    """After the checks: the result of runs already finished (`done`: each one's summary or
+    None), or torchrun launched (nproc_per_node workers), or the run (a pack's runs) in this process."""
     if all(d is not None for d in done):
-        return show_finished(done, members or [cfg], as_json)
-    if launching:
+        return show_finished(done, runs if isinstance(runs, list) else [runs], as_json)
+    if nproc_per_node:
         from .launcher import strip_launch_args, torchrun
 
         torchrun(nproc_per_node, max_restarts, strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]))
         return
-    train_here(members or cfg, prepared, as_json)
+    train_here(runs, prepared, as_json)
 
 
 def pack_members(cfg: RunConfig, seeds: str | None, seed: int | None) -> list[RunConfig]:

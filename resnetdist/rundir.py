@@ -235,15 +235,6 @@ class RunDir:
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.summary, json.dumps(summary, indent=2) + "\n")
 
-    def note_failure(self, message: str) -> None:
-        """Say in the run's log that it failed (`state` reads it so): a pack's member whose loss
-        turned NaN, while the process trains the other members on."""
-        try:
-            with open(self.log, "a") as f:
-                f.write(f"error: {message}\n")
-        except OSError as e:
-            raise WriteError(self.log, e) from e
-
     def write_model(self, weights: dict[str, Any]) -> None:
         atomic_save(weights, self.model)
 
@@ -334,6 +325,16 @@ def append_exit(log: Path, code: int) -> None:
     """A suite run's exit code, last in its log: `state` reads it back from there."""
     with open(log, "a") as f:
         f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} exit code {code}\n")
+
+
+def append_failure(log: Path, message: str) -> None:
+    """Say in a run's log that it failed (RunDir.state reads it so): a pack's member whose loss
+    turned NaN, while the process trains the other members on."""
+    try:
+        with open(log, "a") as f:
+            f.write(f"error: {message}\n")
+    except OSError as e:
+        raise WriteError(log, e) from e
 
 
 def log_ending(log: Path) -> tuple[int | None, str]:

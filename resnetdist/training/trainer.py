@@ -32,7 +32,7 @@ from ..errors import NonFiniteLoss, Preempted
 from ..models import build_model, count_parameters
 from ..pack import build_pack, fuse_optimizer_states, fuse_states, split_optimizer_state, split_state
 from .bar import RunBar
-from ..rundir import RunDir
+from ..rundir import RunDir, append_failure
 from .evaluate import error_rates, model_layout as memory_format  # evaluation uses the same layout
 from .loop import Cadence, Progress, after_step, drain, evaluation, failures, take_steps
 from .optim import TensorLRSGD
@@ -120,6 +120,22 @@ class Member:
     def run(self) -> RunDir:
         return RunDir(self.cfg.run_dir)
 
+    def restore(self, state: dict[str, Any]) -> None:
+        """Its progress and W&B run from its checkpoint's state."""
+        self.progress = Progress(int(state["iteration"]), float(state["train_seconds"]),
+                                 state["train_window"].numpy().astype(np.float64))
+        self.wandb_id = state.get("wandb_id") or None
+
+    def write_results(self, model: dict[str, torch.Tensor], net: nn.Module, mean: torch.Tensor,
+                      summary: dict[str, Any]) -> None:
+        """model.pt (`model`: its state), model.safetensors (`net` holding it: the same, no
+        pickle) and summary.json."""
+        cfg, run = self.cfg, self.run
+        weights = final_weights(model, cfg, cfg.optim.iters, mean)
+        run.write_model(weights)
+        pretrained.save(run.safetensors, net, weights["mean"], cfg)
+        run.write_summary(summary)
+
 
 @dataclass
 class Trainer:
@@ -141,32 +157,24 @@ class Trainer:
 
     def __post_init__(self):
         self.members = self.members or [Member(self.cfg)]
-        self._single: nn.Module | None = None  # a pack's members evaluated and saved as the single net (single_net)
+        self.nets = MemberNets(self.model, len(self.members), self.cfg, self.ctx.device, memory_format(self.cfg, self.ctx.device))
 
     @property
     def progress(self) -> Progress:
         """Where the run stands (a pack's members stand at the same iteration)."""
         return self.members[0].progress
 
-    @property
-    def label(self) -> str:
-        """The run's name; a pack's: resnet20-s0+1+2."""
-        if len(self.members) == 1:
-            return self.cfg.name
-        return f"{self.cfg.model.name}-s" + "+".join(str(m.cfg.train.seed) for m in self.members)
-
     def fit(self, logger: Logger | list[Logger]) -> Progress:
         """The training loop, from self.progress to optim.iters; `logger`: one per member. Between
-        stops only steps run (take_steps); at a log point the device's sums are drained and
-        logged per member (a member whose loss is not finite stops there, Member.failed; when no
-        member is left, NonFiniteLoss), then come the evaluation and the checkpoint when due. A
-        stop asked for (self.stop, agreed by all ranks) checkpoints there and raises Preempted."""
+        stops only steps run (take_steps); at a log point the device's sums are drained and logged
+        per member (log_point), then come the evaluation and the checkpoint when due. A stop asked
+        for (self.stop, agreed by all ranks) checkpoints there and raises Preempted."""
         loggers = logger if isinstance(logger, list) else [logger]
         step, cadence = self.step, Cadence.of(self.cfg)
         for member, member_logger in zip(self.members, loggers):
             member.wandb_id = member_logger.wandb_id  # this attempt's W&B run: its checkpoints hand it on
         it = self.progress.iteration
-        bar = RunBar(f"{self.label} ({step_label(step.choice)})", cadence.total, it, self.ctx.is_main,
+        bar = RunBar(f"{pack_label(self.members)} ({step_label(step.choice)})", cadence.total, it, self.ctx.is_main,
                      next_stop=cadence.next_stop)
         batches = self.feed.batches(it)
         try:
@@ -183,25 +191,15 @@ class Trainer:
                 failed_before = [m.failed for m in self.members]
                 with dist.stage(f"metrics all-reduce at iteration {it}"):
                     records = drain(step, self.members, it)  # syncs with the device, so the time below is real
-                seconds = time.perf_counter() - t0
-                for member in self.members:
-                    member.progress.train_seconds += seconds
-                    member.progress.iteration = it
-                self.stop_failed(bar, failed_before)
-                live = [(m, lg, r) for m, lg, r in zip(self.members, loggers, records) if r is not None]
-                for member, member_logger, record in live:
-                    member_logger.log(record, "train")
-                bar.show(*(sum(r[key] for _, _, r in live) / len(live) for key in ("train_loss", "train_error")))
+                live = log_point(self.members, loggers, records, failed_before, it, time.perf_counter() - t0, bar,
+                                 self.ctx.is_main)
                 # the last iteration just finishes; a collective, so every rank asks at the same points
                 reason = self.stop.agreed(it) if self.stop is not None and it < cadence.total else ""
                 if eval_now:
                     with dist.stage(f"evaluation at iteration {it}"):
                         errors = self.evaluate()
-                    for (member, member_logger, _), member_errors in zip(live, [e for e in errors if e is not None]):
-                        member.progress.last_eval, line = evaluation(step, member.progress, member_errors, it,
-                                                                     self.steps_per_epoch, self.plan.global_batch)
-                        bar.write(line if len(self.members) == 1 else f"{member.cfg.name}  {line}")
-                        member_logger.log(member.progress.last_eval, "eval")
+                    log_evaluation(live, [e for e in errors if e is not None], step, it, self.steps_per_epoch,
+                                   self.plan.global_batch, bar, named=len(self.members) > 1)
                 if ckpt_now or reason:
                     self.checkpoint()
                 if reason:
@@ -211,61 +209,16 @@ class Trainer:
             bar.close()  # also on a stop or an error: no stale bar left on the terminal
         return self.progress
 
-    def stop_failed(self, bar: RunBar, failed_before: list[str]) -> None:
-        """After a drain: members whose loss just turned NaN are said and, in a pack, noted as
-        failed in their folders while the others go on; NonFiniteLoss when none is left."""
-        if all(m.failed for m in self.members):
-            raise NonFiniteLoss(failures(self.members))
-        for member, before in zip(self.members, failed_before):
-            if member.failed and not before and self.ctx.is_main:
-                bar.write(f"{member.cfg.name}: {member.failed}. The pack's other runs go on.")
-                member.run.note_failure(member.failed)
-
-    def member_models(self) -> list[dict[str, torch.Tensor]]:
-        """Each member's model state, in the single net's format and keys (pack.split_state)."""
-        k = len(self.members)
-        return [self.model.state_dict()] if k == 1 else split_state(self.model.state_dict(), k)
-
-    def single_net(self, state: dict[str, torch.Tensor]) -> nn.Module:
-        """A member as the single net (one model, built once, its state loaded): a pack's members
-        are evaluated and saved through it, so that summary.json's errors are what `eval
-        model.pt` computes, with the same kernels. A single run is its own model."""
-        if len(self.members) == 1:
-            return self.model
-        if self._single is None:
-            with torch.random.fork_rng(devices=[]):  # built without drawing from the run's RNG
-                self._single = build_model(self.cfg.model).to(self.ctx.device, memory_format=self.step.memory_format)
-        self._single.load_state_dict(state)
-        return self._single
-
     def evaluate(self) -> list[dict[str, float] | None]:
-        """Error (%) of each member on each evaluation set (evaluate.error_rates); None for a
-        member that failed."""
+        """Error (%) of each member on each evaluation set (evaluate.error_rates); None: it failed."""
         evals, mean, layout = self.loaders.evals, self.step.mean, self.step.memory_format
-        return [None if m.failed else error_rates(self.single_net(state), evals, mean, layout)
-                for m, state in zip(self.members, self.member_models())]
+        return [None if m.failed else error_rates(self.nets.single(state), evals, mean, layout)
+                for m, state in zip(self.members, self.nets.states())]
 
     def state_dicts(self) -> list[dict[str, Any]]:
-        """What each member's checkpoint holds: its part of the uncompiled model and of the
-        optimizer (pack.split_state / split_optimizer_state: the single run's format), its
-        progress (iteration, training time, the metric window), the RNG states, its config, the
-        mean image, the world size and its W&B run id: everything needed to continue bit for
-        bit, alone or in a pack, and to evaluate or export alone."""
-        k, device = len(self.members), self.ctx.device
-        optimizers = [self.optimizer.state_dict()] if k == 1 else split_optimizer_state(self.optimizer.state_dict(), k)
-        states = []
-        for member, model, optimizer in zip(self.members, self.member_models(), optimizers):
-            progress = member.progress
-            state = {
-                **final_weights(model, member.cfg, progress.iteration, self.step.mean),
-                "optimizer": optimizer, "rng_cpu": torch.get_rng_state(),
-                "train_window": torch.from_numpy(progress.window.copy()), "train_seconds": progress.train_seconds,
-                "world_size": self.ctx.world_size, "wandb_id": member.wandb_id or "",
-            }
-            if device.type == "cuda":
-                state["rng_cuda"] = torch.cuda.get_rng_state(device)
-            states.append(state)
-        return states
+        """What each member's checkpoint holds (checkpoint_state), split off the pack's (MemberNets)."""
+        return [checkpoint_state(self, member, model, optimizer) for member, model, optimizer
+                in zip(self.members, self.nets.states(), self.nets.optimizer_states(self.optimizer))]
 
     def load(self, states: list[dict[str, Any]]) -> None:
         """Continue from each member's checkpoint state (state_dicts', of one iteration; a pack's
@@ -273,30 +226,19 @@ class Trainer:
         address (TrainStep.load_state), and a step's source holds the epoch of that iteration."""
         first, device = states[0], self.ctx.device
         iteration = int(first["iteration"])
-        if len(states) == 1:
-            model, optimizer = first["model"], first["optimizer"]
-        else:
-            model = fuse_states([s["model"] for s in states])
-            optimizer = fuse_optimizer_states([s["optimizer"] for s in states])
-        self.step.load_state(model, optimizer, iteration)
+        self.step.load_state(*fuse_run_states(states), iteration)
         if self.step.source is not None:
             self.step.source.load(iteration // self.step.source.steps)
         torch.set_rng_state(first["rng_cpu"])
         if "rng_cuda" in first and device.type == "cuda":
             torch.cuda.set_rng_state(first["rng_cuda"], device)
         for member, state in zip(self.members, states):
-            member.progress = Progress(iteration, float(state["train_seconds"]),
-                                       state["train_window"].numpy().astype(np.float64))
-            member.wandb_id = state.get("wandb_id") or None
-        saved_world = int(first.get("world_size", 0))
-        if saved_world and saved_world != self.ctx.world_size:
-            dist.print0(f"world size changed: the checkpoint was written by {saved_world} rank(s), "
-                        f"this run has {self.ctx.world_size}")
+            member.restore(state)
+        note_world_change(int(first.get("world_size", 0)), self.ctx.world_size)
 
     def checkpoint(self) -> None:
-        """state_dicts() written by rank 0, each member's into its own folder (RunDir.checkpoints:
-        atomic, checksummed, the last train.keep_checkpoints kept; a failed member's last good
-        one stays its newest); every rank waits, so none runs ahead of a save."""
+        """state_dicts() written by rank 0 into each member's folder (atomic, checksummed, the last
+        train.keep_checkpoints kept; a failed member's last good one stays); every rank waits."""
         iteration = self.progress.iteration
         if self.ctx.is_main:  # watched: the other ranks wait for it in the barrier
             with dist.stage(f"checkpoint write at iteration {iteration}"):
@@ -307,19 +249,115 @@ class Trainer:
             dist.barrier()
 
     def finish(self) -> list[dict[str, Any] | None]:
-        """Each member's summary (None: it failed); rank 0 writes each member's final weights
-        (two files) and summary into its folder."""
+        """Each member's summary (None: it failed); rank 0 writes each one's results (Member.write_results)."""
         summaries = summarize(self)
         if self.ctx.is_main:
-            for member, model, summary in zip(self.members, self.member_models(), summaries):
-                if summary is None:
-                    continue
-                cfg, run = member.cfg, member.run
-                weights = final_weights(model, cfg, cfg.optim.iters, self.step.mean)
-                run.write_model(weights)
-                pretrained.save(run.safetensors, self.single_net(model), weights["mean"], cfg)  # the same, no pickle
-                run.write_summary(summary)
+            for member, model, summary in zip(self.members, self.nets.states(), summaries):
+                if summary is not None:
+                    member.write_results(model, self.nets.single(model), self.step.mean, summary)
         return summaries
+
+
+class MemberNets:
+    """A pack's members as single nets: their states in the single net's format and keys
+    (pack.split_state), and one single net (built once) holding a member's state, through which
+    members are evaluated and saved, so that summary.json's errors are what `eval model.pt`
+    computes, with the same kernels. A single run is its own model."""
+
+    def __init__(self, model: nn.Module, members: int, cfg: RunConfig, device: torch.device, layout):
+        self.model, self.members, self.cfg, self.device, self.layout = model, members, cfg, device, layout
+        self.net: nn.Module | None = None
+
+    def states(self) -> list[dict[str, torch.Tensor]]:
+        state = self.model.state_dict()
+        return [state] if self.members == 1 else split_state(state, self.members)
+
+    def optimizer_states(self, optimizer: TensorLRSGD) -> list[dict[str, Any]]:
+        state = optimizer.state_dict()
+        return [state] if self.members == 1 else split_optimizer_state(state, self.members)
+
+    def single(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        if self.members == 1:
+            return self.model
+        if self.net is None:
+            with torch.random.fork_rng(devices=[]):  # built without drawing from the run's RNG
+                self.net = build_model(self.cfg.model).to(self.device, memory_format=self.layout)
+        self.net.load_state_dict(state)
+        return self.net
+
+
+def note_world_change(saved: int, now: int) -> None:
+    if saved and saved != now:
+        dist.print0(f"world size changed: the checkpoint was written by {saved} rank(s), this run has {now}")
+
+
+def fuse_run_states(states: list[dict[str, Any]]) -> tuple[dict, dict]:
+    """The model and optimizer states of the members' checkpoints, as the pack's (pack.py)."""
+    if len(states) == 1:
+        return states[0]["model"], states[0]["optimizer"]
+    return fuse_states([s["model"] for s in states]), fuse_optimizer_states([s["optimizer"] for s in states])
+
+
+def checkpoint_state(trainer: Trainer, member: Member, model: dict, optimizer: dict) -> dict[str, Any]:
+    """What a member's checkpoint holds: its part of the uncompiled model and of the optimizer
+    (the single run's format), its progress (iteration, training time, the metric window), the
+    RNG states, its config, the mean image, the world size and its W&B run id: everything
+    needed to continue bit for bit, alone or in a pack, and to evaluate or export alone."""
+    progress, device = member.progress, trainer.ctx.device
+    state = {
+        **final_weights(model, member.cfg, progress.iteration, trainer.step.mean),
+        "optimizer": optimizer, "rng_cpu": torch.get_rng_state(),
+        "train_window": torch.from_numpy(progress.window.copy()), "train_seconds": progress.train_seconds,
+        "world_size": trainer.ctx.world_size, "wandb_id": member.wandb_id or "",
+    }
+    if device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def log_point(members: list[Member], loggers: list[Logger], records: list[dict | None], failed_before: list[str],
+              it: int, seconds: float, bar: RunBar, is_main: bool) -> list[tuple[Member, Logger]]:
+    """A log point after the drain: every member at `it` with `seconds` more of training, the
+    failures said (stop_failed), the train records logged and shown (a pack's: their mean on
+    the bar); the members still training, with their loggers."""
+    for member in members:
+        member.progress.train_seconds += seconds
+        member.progress.iteration = it
+    stop_failed(members, failed_before, bar, is_main)
+    live = [(m, lg, r) for m, lg, r in zip(members, loggers, records) if r is not None]
+    for _, member_logger, record in live:
+        member_logger.log(record, "train")
+    bar.show(*(sum(r[key] for _, _, r in live) / len(live) for key in ("train_loss", "train_error")))
+    return [(m, lg) for m, lg, _ in live]
+
+
+def log_evaluation(live: list[tuple[Member, Logger]], errors: list[dict[str, float]], step: TrainStep, it: int,
+                   steps_per_epoch: int, global_batch: int, bar: RunBar, named: bool) -> None:
+    """Each training member's evaluation record (loop.evaluation), logged and shown (`named`: a
+    pack's lines start with the run's name)."""
+    for (member, member_logger), member_errors in zip(live, errors):
+        member.progress.last_eval, line = evaluation(step, member.progress, member_errors, it, steps_per_epoch,
+                                                     global_batch)
+        bar.write(f"{member.cfg.name}  {line}" if named else line)
+        member_logger.log(member.progress.last_eval, "eval")
+
+
+def stop_failed(members: list[Member], failed_before: list[str], bar: RunBar, is_main: bool) -> None:
+    """After a drain: members whose loss just turned NaN are said and, in a pack, noted as
+    failed in their folders while the others go on; NonFiniteLoss when none is left."""
+    if all(m.failed for m in members):
+        raise NonFiniteLoss(failures(members))
+    for member, before in zip(members, failed_before):
+        if member.failed and not before and is_main:
+            bar.write(f"{member.cfg.name}: {member.failed}. The pack's other runs go on.")
+            append_failure(member.run.log, member.failed)
+
+
+def pack_label(members: list[Member]) -> str:
+    """The run's name; a pack's: resnet20-s0+1+2."""
+    if len(members) == 1:
+        return members[0].cfg.name
+    return f"{members[0].cfg.model.name}-s" + "+".join(str(m.cfg.train.seed) for m in members)
 
 
 def step_label(choice: StepChoice) -> str:

@@ -32,7 +32,7 @@ from ..pack import check_members
 from .loop import failures
 from .metrics import NullLogger, open_logger
 from .plan import Plan, resolve
-from .trainer import build
+from .trainer import Member, build
 
 
 @dataclass(frozen=True)
@@ -200,6 +200,17 @@ def main(cfg: RunConfig | list[RunConfig], prepared: Prepared | None = None, sig
             dist.cleanup()
 
 
+def open_member(member: Member, plan: Plan, ctx: dist.DistContext):
+    """Rank 0 writes a member's config.toml (the configuration as loaded) and resolved.toml (what
+    ran) and opens its logger; other ranks get a NullLogger."""
+    if not ctx.is_main:
+        return NullLogger()
+    cfg = member.cfg
+    member.run.write_config(cfg, asdict(plan))
+    return open_logger(cfg.log, cfg.run_dir, cfg.to_dict(), cfg.name, cfg.model.name, cfg.tags,
+                       member.progress.iteration, member.wandb_id)
+
+
 def train_rank(members: list[RunConfig], prepared: Prepared, ctx: dist.DistContext,
                notice: preempt.Notice) -> list[dict[str, Any]]:
     """The run (a pack: its members) on this rank, in its process group (main); the summaries
@@ -225,13 +236,7 @@ def train_rank(members: list[RunConfig], prepared: Prepared, ctx: dist.DistConte
             print(announce.header(todo[0][0], trainer.plan, todo[0][1], data.eval_images(), data.describe(),
                                   members=[m for m, _ in todo[1:]], starts=[s for _, s in todo[1:]],
                                   finished=[m for m, s in zip(members, starts) if s.summary is not None]), flush=True)
-        loggers = []
-        for member in trainer.members:
-            cfg = member.cfg
-            if ctx.is_main:  # the configuration as loaded, and beside it what ran
-                member.run.write_config(cfg, asdict(trainer.plan))
-            loggers.append(open_logger(cfg.log, cfg.run_dir, cfg.to_dict(), cfg.name, cfg.model.name, cfg.tags,
-                                       member.progress.iteration, member.wandb_id) if ctx.is_main else NullLogger())
+        loggers = [open_member(member, trainer.plan, ctx) for member in trainer.members]
         try:
             trainer.fit(loggers)
             # watched: a write to a stuck disk must not leave torchrun waiting for rank 0 forever;
