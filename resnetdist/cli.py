@@ -429,6 +429,7 @@ def reproduce(
     seeds: int = typer.Option(1, help="seeds 0..K-1 of every net"),
     gpus: Optional[str] = typer.Option(None, help="GPU ids, e.g. 0,1,2,3 (default: all visible)"),
     runs_per_gpu: int = typer.Option(1, help="runs sharing each GPU at a time, as separate processes"),
+    pack: int = typer.Option(1, help="up to K seeds of each net trained in one process as one fused model (train --seeds; docs/suite.md)"),
     out: Path = typer.Option(Path("runs"), help="one folder per run inside, and the report"),
     iters: Optional[int] = typer.Option(None, help="iterations per run (default: the paper's 64k); milestones scale"),
     data_dir: Optional[Path] = typer.Option(None, help="folder holding cifar-10-batches-bin/ (or -py/) or its tarball"),
@@ -460,8 +461,9 @@ def reproduce(
 
         from .suite.slurm import SlurmOptions, run_suite as slurm_suite
 
-        if gpus or runs_per_gpu != 1:
-            fail("--gpus and --runs-per-gpu are for the local launcher; on Slurm use --gpus-per-task and --runs-per-task")
+        if gpus or runs_per_gpu != 1 or pack != 1:
+            fail("--gpus, --runs-per-gpu and --pack are for the local launcher; on Slurm use --gpus-per-task and "
+                 "--runs-per-task")
         opts = SlurmOptions(partition, account, time_limit, gpus_per_task, runs_per_task, list(sbatch_args),
                             wait, dry_run, poll_s)
         schedule = partial(slurm_suite, out=out, opts=opts, echo=typer.echo)
@@ -469,7 +471,7 @@ def reproduce(
         fail("--dry-run and --no-wait are for --launcher slurm")
     try:
         outcomes, _ = run_suite(parse_ints(depths, "--depths"), plain, seeds, out, gpus, iters, overrides,
-                                config, data_dir, device, runs_per_gpu, schedule, echo=typer.echo)
+                                config, data_dir, device, runs_per_gpu, schedule, echo=typer.echo, pack=pack)
     except ConfigError as e:
         fail(str(e))
     except KeyboardInterrupt:  # a Ctrl-C while planning or writing the report (the runs' own is handled there)

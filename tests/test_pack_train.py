@@ -13,7 +13,7 @@ import pytest
 from resnetdist import checkpoint
 from resnetdist.config import read_toml
 
-from .conftest import RESUMABLE, cli, cli_in_process
+from .conftest import RESUMABLE, TINY, cli, cli_in_process
 from .helpers import assert_bitwise_equal, final_weights, read_jsonl
 
 PACK = [*RESUMABLE, "--seeds", "0,1"]
@@ -143,3 +143,18 @@ def test_seeds_refuses_what_cannot_pack(tiny_data, tmp_path):
         result = train([*RESUMABLE, *extra], tiny_data, tmp_path / "out", check=False)
         assert result.exit_code == 2 and words in result.stderr, (extra, result.stderr)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # a suite starts its runs as processes
+@pytest.mark.timeout(240)
+def test_reproduce_pack_trains_a_nets_seeds_in_one_process_and_reports_as_unpacked(pack, tiny_data, tmp_path):
+    out = tmp_path / "suite"
+    result = cli(["reproduce", "--depths", "8", "--resnet", "--seeds", "2", "--pack", "2", "--device", "cpu",
+                  "--data-dir", tiny_data, "--out", out, *TINY[4:], *RESUMABLE[len(TINY):]])
+    assert "[1/1] start resnet8-s0 + resnet8-s1 as one fused model" in result.stdout, result.stdout
+    assert "packed with resnet8-s0" in (out / "resnet8-s1" / "train.log").read_text()
+    for run in ("resnet8-s0", "resnet8-s1"):  # the same runs as `train --seeds 0,1`
+        assert_bitwise_equal(final_weights(pack / run), final_weights(out / run))
+    # the suite's report, as of any suite: a table row per run, their folders named
+    rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| resnet8-s")]
+    assert len(rows) == 2 and all(f"/{run}`" in row for row, run in zip(rows, ("resnet8-s0", "resnet8-s1"))), rows
