@@ -10,10 +10,22 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
 from resnetdist import checkpoint
-from resnetdist.config import read_toml
+from resnetdist.config import load_config, read_toml
+from resnetdist.data import load_data, open_loaders
+from resnetdist.data.augment import training_mean
+from resnetdist.data.epochs import PackTable, epoch_table_for
+from resnetdist.dist import DistContext
+from resnetdist.training import graph as graph_mod
+from resnetdist.training.loop import take_steps
+from resnetdist.training.schedule import lr_table
+from resnetdist.training.step import EAGER, StepChoice, build_step
+from resnetdist.training.trainer import make_model
 
 from .conftest import RESUMABLE, TINY, cli, cli_in_process
+from .fake_cuda import FakeOps
 from .helpers import assert_bitwise_equal, final_weights, read_jsonl
 
 PACK = [*RESUMABLE, "--seeds", "0,1"]
@@ -158,3 +170,27 @@ def test_reproduce_pack_trains_a_nets_seeds_in_one_process_and_reports_as_unpack
     # the suite's report, as of any suite: a table row per run, their folders named
     rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| resnet8-s")]
     assert len(rows) == 2 and all(f"/{run}`" in row for row, run in zip(rows, ("resnet8-s0", "resnet8-s1"))), rows
+
+
+@pytest.mark.timeout(120)
+def test_a_graphed_pack_gathers_every_members_batch_in_the_graph(tiny_data, monkeypatch):
+    """The whole-step graph of a pack, through the tests' stand-in for torch.cuda's graphs (a
+    replay runs the captured body): each member's batch gathered inside the graph from its own
+    seed's epochs (data/epochs.PackTable), bitwise the eager pack."""
+    cfg = load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": 32},
+                             "train": {"device": "cpu"}, "log": {"wandb_mode": "disabled"}})
+    data, ctx = load_data(cfg.data), DistContext(0, 0, 1, torch.device("cpu"))
+    mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
+    monkeypatch.setattr(graph_mod, "cuda_ops", FakeOps())
+    steps = []
+    for choice in (StepChoice("graph", "asked for by name (train.step)", "graph"), EAGER):
+        model, optimizer = make_model(cfg, ctx, seeds=[0, 1])
+        source = epoch_table_for(open_loaders(cfg.data, data, ctx, 32, 0).train, [0, 1], 32, 0, 1)
+        source.load(0)
+        step = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", batch_per_rank=32,
+                          choice=choice, source=source)
+        take_steps(step, source.batches(0), 6)
+        steps.append(step)
+    graphed, eager = steps
+    assert isinstance(graphed.source, PackTable) and graphed.kind == "graph" and graphed.inputs.x.shape[:2] == (2, 32)
+    assert_bitwise_equal(graphed.model.state_dict(), eager.model.state_dict())
