@@ -43,8 +43,8 @@ def train(config: RunConfig | dict[str, Any] | str | Path | None = None, *, over
     from .training.worker import AlreadyFinished, main, preflight
 
     cfg = config_of(config, overrides)
-    data = preflight(cfg, world_size_from_env())  # every check before anything is written (ConfigError, DataError, RunDirBusy)
+    prepared = preflight(cfg, world_size_from_env())  # every check before anything is written (ConfigError, DataError, RunDirBusy)
     try:
-        return main(cfg, data, signals=handle_signals, on_hang="raise")
+        return main(cfg, prepared, signals=handle_signals, on_hang="raise")
     except AlreadyFinished as e:
         return e.summary

@@ -25,7 +25,6 @@ import hashlib
 import io
 import os
 import pickle
-import re
 import signal
 import warnings
 from pathlib import Path
@@ -35,9 +34,7 @@ import torch
 
 from .errors import CheckpointError, WriteError
 
-PATTERN = re.compile(r"ckpt_(\d+)\.pt$")
 SIDECAR = ".sha256"
-TEMP_GLOB = ".*.tmp-*"  # atomic_write's temporary files: `.NAME.tmp-PID`
 
 
 class CorruptCheckpoint(CheckpointError):
@@ -50,10 +47,6 @@ def ignore_file_size_signal() -> None:
     surfaces as a WriteError naming the file."""
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-
-
-def checkpoint_path(run_dir: Path, iteration: int) -> Path:
-    return run_dir / f"ckpt_{iteration:07d}.pt"
 
 
 def checksum_path(path: Path) -> Path:
@@ -144,31 +137,6 @@ def read_verified(path: Path) -> bytes:
     return data
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint files, newest (highest iteration) first."""
-    found = [(int(m.group(1)), p) for p in run_dir.glob("ckpt_*.pt") if (m := PATTERN.search(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def prune(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints, with their sidecars, and sidecars whose
-    checkpoint is gone (left by a writer killed between sidecar and checkpoint)."""
-    kept = list_checkpoints(run_dir)[:keep]
-    for old in list_checkpoints(run_dir)[keep:]:
-        old.unlink(missing_ok=True)
-    for sidecar in run_dir.glob(f"ckpt_*.pt{SIDECAR}"):
-        if sidecar.with_name(sidecar.name[: -len(SIDECAR)]) not in kept:
-            sidecar.unlink(missing_ok=True)
-
-
-def save(run_dir: Path, iteration: int, state: dict[str, Any], keep: int) -> Path:
-    # prune only after the new checkpoint is safely in place: a failed write keeps every old one
-    path = checkpoint_path(run_dir, iteration)
-    atomic_save(state, path)
-    prune(run_dir, keep)
-    return path
-
-
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint or model.pt, verifying its checksum if it has one (CorruptCheckpoint)."""
     return torch.load(io.BytesIO(read_verified(path)), map_location=map_location, weights_only=True)
@@ -249,26 +217,3 @@ def _load_failure(e: Exception) -> str:
     if "PytorchStreamReader" in first or "zip archive" in first:
         return f"truncated or damaged torch archive: {first.split('. ')[0][:160]}"
     return f"{type(e).__name__}: {first[:160]}"
-
-
-def load_latest(run_dir: Path, warn=print) -> tuple[Path, dict[str, Any]] | None:
-    """The newest readable checkpoint; an unreadable or damaged one is reported and the
-    previous tried."""
-    for path in list_checkpoints(run_dir):
-        try:
-            state = load(path)
-            if "model" not in state or "iteration" not in state:
-                raise ValueError("missing model or iteration")
-            return path, state
-        except Exception as e:  # a torn or corrupt file: fall back to the one before
-            warn(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying the previous one")
-    return None
-
-
-def remove_stale_temps(run_dir: Path) -> list[Path]:
-    """Delete temporary files left by a writer that was killed mid-write. Only safe for the
-    folder's sole writer (the holder of the run directory's lock)."""
-    stale = [p for p in Path(run_dir).glob(TEMP_GLOB) if ".tmp-" in p.name]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale

@@ -89,7 +89,7 @@ def train(
     max_restarts: int = typer.Option(0, help=(
         "with --nproc-per-node: elastic restarts after a worker dies or reports a hang (exit 7), each resuming from "
         "the newest checkpoint; 0 (the default on one machine): the job ends, its last line saying how to resume")),
-    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved configuration (TOML) and what would run; start and write nothing"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the configuration and what this machine resolves of it (TOML) and what would run; start and write nothing"),
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line per rank (the result) instead of the summary in words"),
 ) -> None:
     """Train a ResNet or plain net with the paper's recipe."""
@@ -103,16 +103,17 @@ def train(
             data={"dir": str(data_dir) if data_dir else None, "loader": _value(loader)},
             train={"out": str(out) if out else None, "device": _value(device), "seed": seed},
         ), [*overrides, *bare_overrides(settings or [])], iters)
-        from .dist import world_size_from_env
-        from .training.worker import finished_summary, preflight
+        from .dist import under_torchrun, world_size_from_env
+        from .rundir import RunDir
+        from .training.worker import preflight
 
-        launching = bool(nproc_per_node) and "LOCAL_RANK" not in os.environ  # this process starts torchrun
+        launching = bool(nproc_per_node) and not under_torchrun()  # this process starts torchrun
         world_size = nproc_per_node if launching else world_size_from_env()
         if dry_run:
             return show_dry_run(cfg, world_size)
-        data = preflight(cfg, world_size)
+        prepared = preflight(cfg, world_size)
         # a launcher asks before starting torchrun for nothing; each rank asks in training/worker.py
-        done = finished_summary(cfg) if launching else None
+        done = RunDir(cfg.run_dir).finished(cfg.optim.iters, cfg.name) if launching else None
     except RunDirBusy as e:
         fail(str(e), code=e.exit_code)
     except (ConfigError, DataError, RuntimeError) as e:
@@ -126,7 +127,7 @@ def train(
 
         torchrun(nproc_per_node, max_restarts, strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]))
         return
-    train_here(cfg, data, as_json)
+    train_here(cfg, prepared, as_json)
 
 
 def blocks_per_stage(depth: int | None, n: int | None) -> int | None:
@@ -152,15 +153,16 @@ def bare_overrides(settings: list[str]) -> list[str]:
     return settings
 
 
-def train_here(cfg: RunConfig, data, as_json: bool = False) -> None:
+def train_here(cfg: RunConfig, prepared, as_json: bool = False) -> None:
     """This process's rank of the run: its faults turned into one line and an exit code, its
     result into a summary in words (rank 0) or a JSON line per rank (--json)."""
+    from .dist import launch_rank
     from .errors import GraphUnavailable, NonFiniteLoss, PeerLost, Preempted, RunDirBusy, WriteError
     from .training.announce import closing
     from .training.worker import AlreadyFinished, main
 
     try:
-        summary = main(cfg, data)
+        summary = main(cfg, prepared)
     except AlreadyFinished as e:  # under torchrun: rank 0's run directory holds the result
         return show_finished(e.summary, cfg, as_json)
     except NonFiniteLoss as e:
@@ -169,13 +171,13 @@ def train_here(cfg: RunConfig, data, as_json: bool = False) -> None:
         fail(str(e), code=e.exit_code)
     except Preempted as e:  # exit 6: not a failure, the scheduler's notice was obeyed (130: Ctrl-C)
         interrupted = e.reason == "SIGINT"
-        if not interrupted or int(os.environ.get("RANK", "0")) == 0:  # a person reads one line
+        if not interrupted or launch_rank() == 0:  # a person reads one line
             typer.echo(f"{'interrupted' if interrupted else 'preempted'}: {e} (run directory {cfg.run_dir})", err=True)
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:  # a second Ctrl-C
         fail(f"interrupted at once, without a checkpoint of this moment; run the same command again to "
              f"resume from the newest checkpoint in {cfg.run_dir}, if any", code=INTERRUPTED)
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launch_rank()
     if as_json:  # every rank prints its view of the result: the all-reduced errors must agree
         keys = ("name", "test_error", "iterations", "train_seconds", "images_per_second")
         typer.echo(json.dumps({"rank": rank, **{k: summary[k] for k in keys}}))
@@ -185,19 +187,21 @@ def train_here(cfg: RunConfig, data, as_json: bool = False) -> None:
 
 def show_finished(summary: dict[str, Any], cfg: RunConfig, as_json: bool) -> None:
     """A rerun of a finished run: its result (rank 0), and nothing else."""
+    from .dist import launch_rank
     from .training.announce import finished
 
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launch_rank() == 0:
         typer.echo(json.dumps(summary) if as_json else finished(summary, cfg))
 
 
 def show_dry_run(cfg: RunConfig, world_size: int) -> None:
     """The checks a run makes before it starts (the data read, not downloaded), then the
-    resolved configuration and what would run; nothing is written."""
+    configuration with what this machine resolves of it, and what would run; nothing is written."""
     from .data.cifar import locate
+    from .dist import launch_rank
     from .training.announce import dry_run
+    from .training.plan import resolve
     from .training.worker import preflight, where_it_starts
-    from .training.trainer import resolve
 
     notes = []
     try:
@@ -205,17 +209,22 @@ def show_dry_run(cfg: RunConfig, world_size: int) -> None:
     except DataError:
         cached = False
         notes.append("CIFAR-10 is not in the download cache: the run would download it first (163 MB)")
-    if cached:
-        preflight(cfg, world_size)
-    else:
-        resolve(cfg)  # what preflight resolves for this machine (device, precision, step, W&B mode)
-    if int(os.environ.get("RANK", "0")) == 0:
-        typer.echo(dry_run(cfg, world_size, where_it_starts(cfg), notes))
+    plan = preflight(cfg, world_size).plan if cached else resolve(cfg, world_size)
+    if launch_rank() == 0:
+        typer.echo(dry_run(cfg, plan, where_it_starts(cfg), notes))
+
+
+def weights_in(path: Path) -> Path:
+    """A weights file as given, or the one a run folder holds (RunDir.weights); a folder without
+    one is left for checkpoint.load_model_file to name."""
+    from .rundir import RunDir
+
+    return (RunDir(path).weights() or path) if path.is_dir() else path
 
 
 @app.command("eval")
 def eval_(
-    checkpoint: Path = typer.Argument(..., help="ckpt_*.pt or model.pt from a run directory"),
+    checkpoint: Path = typer.Argument(..., help="ckpt_*.pt or model.pt, or a run directory (its model.pt, else its newest checkpoint)"),
     data_dir: Optional[Path] = typer.Option(None, help="override the run's data folder"),
     device: str = typer.Option("auto"),
     as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
@@ -227,7 +236,7 @@ def eval_(
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device must be auto, cpu or cuda, got {device!r}")
     try:
-        result = evaluate_checkpoint(checkpoint, data_dir, device)
+        result = evaluate_checkpoint(weights_in(checkpoint), data_dir, device)
     except (ConfigError, DataError, CheckpointError) as e:
         fail(str(e))
     typer.echo(json.dumps(result) if as_json else describe(result))
@@ -358,7 +367,7 @@ def report(
 
 @app.command("export")
 def export_(
-    checkpoint: Path = typer.Argument(..., help="model.pt or ckpt_*.pt from a run folder"),
+    checkpoint: Path = typer.Argument(..., help="model.pt or ckpt_*.pt, or a run folder (its model.pt, else its newest checkpoint)"),
     format: str = typer.Option(..., "--format", "-f", help="safetensors | onnx"),
     out: Optional[Path] = typer.Option(None, help="output file (default: the checkpoint with .safetensors / .onnx)"),
     data_dir: Optional[Path] = typer.Option(None, help="only for old checkpoints without a stored mean image"),
@@ -369,7 +378,7 @@ def export_(
     from .tools.export import ExportError, describe, export
 
     try:
-        result = export(checkpoint, format, out, data_dir)
+        result = export(weights_in(checkpoint), format, out, data_dir)
     except (ExportError, CheckpointError, ConfigError) as e:
         fail(str(e))
     typer.echo(json.dumps(result) if as_json else describe(result))
@@ -478,6 +487,7 @@ def doctor(
     """Will this machine run resnetdist correctly and fast? Versions, GPUs, packages, data, then
     checks on the device (graph vs eager, compile, evaluation, checkpoints, speed), and under
     torchrun the distributed ones. Exit 1 on any failure."""
+    from .dist import launch_rank
     from .tools.doctor import format_table, run_doctor
 
     if compile_timeout <= 0:
@@ -486,7 +496,7 @@ def doctor(
         report = run_doctor(device, data_dir, steps, set(_split(skip)), compile_timeout)
     except RuntimeError as e:  # e.g. --device cuda without a GPU
         fail(str(e))
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launch_rank() == 0:
         typer.echo(json.dumps(report, indent=2) if as_json else format_table(report))
     if not report["ok"]:
         raise typer.Exit(FAILED)

@@ -4,8 +4,8 @@ from TOML (configs/*.toml) plus `--set section.key=value` overrides.
 Order of precedence: dataclass defaults < --config file < CLI flags < --set. Everything is
 checked (unknown section or key, wrong type, impossible value) before any worker starts, and
 the error names the key at fault. The recipe's "auto" (warm-up) is resolved here; what
-depends on the machine (device, precision, step, W&B mode) by train/trainer.resolve, at
-preflight, so config.toml in the run directory records what ran. What may change between a
+depends on the machine (device, precision, step) by training/plan.resolve, at preflight,
+into a record of its own: a configuration is never rewritten after it is loaded. What may change between a
 run directory's restarts (RESUME_KEYS, check_same_experiment) is decided here too.
 
 This module imports nothing from the package: every other module may import it.
@@ -178,7 +178,7 @@ class TrainConfig:
     step: str = field(default="auto", metadata=doc(
         "graph: the whole step captured once as a CUDA graph and replayed; compile: torch.compile of the "
         "model, eager step; eager. auto = graph on CUDA with bf16/fp32, else eager; a failed capture "
-        "trains eagerly and config.toml / summary.json record what ran"))
+        "trains eagerly and resolved.toml / summary.json record what ran"))
     # a setting of the compile step, not a kind of step: read only when step = compile
     compile: str = field(default="default", metadata=doc(
         "torch.compile's mode for train.step = compile: default, max-autotune (other steps ignore it)"))
@@ -385,7 +385,7 @@ def load_config(
     final values. The schedule (milestones, warm-up, evaluation and checkpoint cadence) moves
     with the run length only where it was written for another length (scale_schedule); a value
     given on its own is kept as written. Device, precision, step and W&B mode stay as given
-    ("auto" stays "auto") until train/trainer.resolve, once, on the machine that trains (a
+    ("auto" stays "auto"): training/plan.resolve reads them, once, on the machine that trains (a
     Slurm suite's runs resolve them on their own nodes)."""
     if iters is not None and iters < 1:
         raise ConfigError(f"--iters must be >= 1, got {iters}")
@@ -517,9 +517,9 @@ RESUME_KEYS = ("model", "optim", "train.seed", "data.val_split", "data.mean", "d
                "dist.batch_scaling")
 
 
-def check_same_experiment(cfg: RunConfig) -> None:
-    """Refuse to continue a run directory whose config.toml holds a different experiment."""
-    path = cfg.run_dir / "config.toml"
+def check_same_experiment(cfg: RunConfig, path: Path) -> None:
+    """Refuse to continue a run directory whose configuration (`path`, its config.toml) holds a
+    different experiment."""
     if not path.exists():
         return
     old = from_dict(read_toml(path), str(path))

@@ -23,8 +23,9 @@ descriptions in resnetdist/config.py, not here -->
 A run's configuration: `[section]` tables in a TOML file (`--config configs/resnet20.toml`),
 command-line flags, and `--set section.key=value` (repeatable), in that order of precedence
 over the defaults below. Unknown keys, wrong types and impossible values are refused before
-any worker starts, naming the key. `auto` values are resolved on the machine that trains, and
-the run directory's `config.toml` records what ran.
+any worker starts, naming the key. `auto` values are resolved on the machine that trains
+(`training/plan.py`); the run directory's `config.toml` is the configuration as given and its
+`resolved.toml` what ran.
 """
 
 

@@ -85,8 +85,24 @@ class DistContext:
         return self.world_size > 1
 
 
+# what torchrun told this process, known before any process group: the only reads of RANK,
+# LOCAL_RANK and WORLD_SIZE in the package
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launch_rank() -> int:
+    """This process's rank as launched (0 alone, and for a launcher that starts torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def under_torchrun() -> bool:
+    """Was this process started by torchrun (a rank), rather than by a person?"""
+    return "LOCAL_RANK" in os.environ
 
 
 def resolve_device(pref: str, local_rank: int) -> torch.device:
@@ -110,10 +126,8 @@ def setup(device_pref: str, timeout_s: int, hang_timeout_s: int = 0, *, compile_
     global _timeout_s
     if on_hang not in ON_HANG:
         raise ValueError(f"on_hang must be one of {ON_HANG}, got {on_hang!r}")
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    world_size = world_size_from_env()
-    device = resolve_device(device_pref, local_rank)
+    rank, local, world_size = launch_rank(), local_rank(), world_size_from_env()
+    device = resolve_device(device_pref, local)
     if hang_timeout_s > 0:
         HangWatch.start(hang_timeout_s, rank, compile_pause_s=compile_pause_s, on_hang=on_hang)
     if world_size > 1 and not dist.is_initialized():
@@ -128,7 +142,7 @@ def setup(device_pref: str, timeout_s: int, hang_timeout_s: int = 0, *, compile_
                 timeout=timedelta(seconds=timeout_s),
                 device_id=device if device.type == "cuda" else None,
             )
-    return DistContext(rank, local_rank, world_size, device)
+    return DistContext(rank, local, world_size, device)
 
 
 def cleanup() -> None:

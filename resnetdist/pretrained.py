@@ -25,9 +25,9 @@ from . import checkpoint
 from .config import ConfigError, RunConfig, from_dict
 from .errors import CheckpointError
 from .models import build_model
+from .rundir import RunDir
 
 PREPROCESS = "uint8 (N,3,32,32) RGB -> x / 255 - mean; floats are taken as already in [0, 1]"
-FILE_NAME = "model.safetensors"
 
 
 class Classifier(nn.Module):
@@ -61,10 +61,9 @@ def to_bytes(net: nn.Module, mean: torch.Tensor, meta: dict[str, str]) -> bytes:
     return save(tensors, metadata=meta)
 
 
-def save(run_dir: Path, net: nn.Module, mean: torch.Tensor, cfg: RunConfig) -> Path:
-    """run_dir/model.safetensors, written as model.pt is (checkpoint.atomic_save_bytes: atomic,
-    with its sha256 sidecar)."""
-    path = run_dir / FILE_NAME
+def save(path: Path, net: nn.Module, mean: torch.Tensor, cfg: RunConfig) -> Path:
+    """A run's model.safetensors (RunDir.safetensors), written as model.pt is
+    (checkpoint.atomic_save_bytes: atomic, with its sha256 sidecar)."""
     checkpoint.atomic_save_bytes(to_bytes(net, mean, metadata(cfg, cfg.optim.iters)), path)
     return path
 
@@ -76,9 +75,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
     way the file can be wrong is one CheckpointError naming it."""
     path = Path(path)
     if path.is_dir():
-        found = next((p for p in (path / FILE_NAME, path / "model.pt") if p.is_file()), None)
+        run = RunDir(path)
+        found = next((p for p in (run.safetensors, run.model) if p.is_file()), None)
         if found is None:
-            raise CheckpointError(f"{path}: a folder without {FILE_NAME} or model.pt (not a finished run)")
+            raise CheckpointError(f"{path}: a folder without {run.safetensors.name} or {run.model.name} (not a finished run)")
         path = found
     if path.suffix == ".safetensors":
         classifier = _from_safetensors(path)

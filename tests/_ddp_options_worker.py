@@ -17,11 +17,10 @@ from resnetdist.config import load_config
 from resnetdist.data import load_data
 from resnetdist.training import trainer, wrap
 from resnetdist.training.loop import take_steps
-from resnetdist.training.trainer import resolve
 
 STEPS = 6
-cfg = resolve(load_config(flags={"model": {"n": 1}, "data": {"dir": sys.argv[1]}, "optim": {"batch_size": 32},
-                                 "train": {"device": "cpu"}, "log": {"wandb_mode": "disabled"}}))
+cfg = load_config(flags={"model": {"n": 1}, "data": {"dir": sys.argv[1]}, "optim": {"batch_size": 32},
+                         "train": {"device": "cpu"}, "log": {"wandb_mode": "disabled"}})
 ctx = dist.setup("cpu", 120)
 data = load_data(cfg.data)
 settings = {"former": {}, "now": dict(wrap.DDP_OPTIONS)}  # former: DDP's defaults

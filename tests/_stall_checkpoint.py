@@ -10,20 +10,21 @@ import os
 import signal
 import sys
 
-from resnetdist import checkpoint, cli
+from resnetdist import cli
+from resnetdist.rundir import Checkpoints
 
 
 def main() -> None:
     at, args = int(sys.argv[1]), sys.argv[2:]
     if os.environ.get("RANK", "0") == "0":
-        save = checkpoint.save
+        save = Checkpoints.save
 
-        def save_stalling_at(run_dir, iteration, *rest, **kw):
+        def save_stalling_at(self, iteration, *rest, **kw):
             if iteration == at:
                 os.kill(os.getpid(), signal.SIGSTOP)
-            return save(run_dir, iteration, *rest, **kw)
+            return save(self, iteration, *rest, **kw)
 
-        checkpoint.save = save_stalling_at
+        Checkpoints.save = save_stalling_at
     sys.argv = ["resnetdist", *args]
     cli.main()
 

@@ -42,7 +42,7 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 
 def temp_files(folder: Path) -> list[str]:
     """What an interrupted checkpoint write would leave behind."""
-    return sorted(p.name for p in folder.glob(checkpoint.TEMP_GLOB))
+    return sorted(p.name for p in folder.glob(".*.tmp-*"))  # checkpoint.atomic_write's `.NAME.tmp-PID`
 
 
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:

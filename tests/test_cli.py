@@ -117,11 +117,12 @@ def test_choices_are_listed_checked_and_completed():
 def test_the_header_says_the_warm_up_and_when_a_short_run_evaluates():
     from resnetdist.config import load_config
     from resnetdist.training.announce import facts
+    from resnetdist.training.plan import resolve
     from resnetdist.training.worker import Start
 
     def iterations(flags, iters, overrides=()):
         cfg = load_config(None, flags, list(overrides), iters)
-        return dict(facts(cfg, 1, Start()))["iterations"]
+        return dict(facts(cfg, resolve(cfg, 1), Start()))["iterations"]
 
     # ResNet-110's warm-up is in the header, and a short run keeps it (it used to become 1 iteration)
     assert iterations({"model": {"n": 18}}, 200) == (
@@ -136,7 +137,7 @@ def test_the_header_says_the_warm_up_and_when_a_short_run_evaluates():
 
 
 def test_a_first_ctrl_c_says_where_the_run_stops_and_the_end_is_said_once(capsys):
-    from resnetdist.progress import RunBar
+    from resnetdist.training.bar import RunBar
     from resnetdist.training.loop import Cadence
 
     def bar(total, log_every, eval_every):

@@ -2,7 +2,7 @@
 import pytest
 
 from resnetdist.config import ConfigError, load_config, parse_override, read_toml
-from resnetdist.training.trainer import resolve
+from resnetdist.training.plan import resolve
 from resnetdist.config import OptimConfig
 from resnetdist.training.schedule import lr_at
 
@@ -191,8 +191,8 @@ def test_configs_for_other_machines_keep_auto():
     cfg = load_config(flags={"model": {"n": 18}})
     assert (cfg.train.device, cfg.train.precision, cfg.log.wandb_mode) == ("auto", "auto", "auto")
     assert cfg.optim.warmup_iters == 400  # the recipe is resolved
-    here = resolve(load_config(flags={"model": {"n": 18}}))
-    assert here.train.device in ("cpu", "cuda") and here.train.precision != "auto" and here.log.wandb_mode != "auto"
+    here = resolve(cfg, 1)
+    assert here.device in ("cpu", "cuda") and here.precision != "auto" and cfg.train.device == "auto"
 
 
 def test_train_step_resolution(monkeypatch):
@@ -207,8 +207,12 @@ def test_train_step_resolution(monkeypatch):
     assert choose_kind("eager", True, "bf16").kind == "eager"
     with pytest.raises(ConfigError, match="train.step = graph needs a CUDA device"):
         choose_kind("graph", False, "fp32")  # asked for by name: it runs or the run stops
-    cpu = resolve(load_config(overrides=["train.device=cpu", "train.compile=max-autotune"]))
-    assert (cpu.train.step, cpu.train.compile) == ("auto", "max-autotune")  # train.step stays as asked
+    with pytest.raises(ConfigError, match="train.step = graph needs a CUDA device"):
+        resolve(load_config(overrides=["train.device=cpu", "train.step=graph"]), 1)  # at preflight, before workers
+    cfg = load_config(overrides=["train.device=cpu", "train.compile=max-autotune"])
+    plan = resolve(cfg, 1)
+    assert (plan.step, plan.step_asked, cfg.train.compile) == ("eager", "auto", "max-autotune")  # compile asks for no kind
+    assert cfg.train.step == "auto"  # the configuration stays as asked
     with pytest.raises(ConfigError, match="train.step must be one of"):
         load_config(overrides=["train.step=fast"])
     with pytest.raises(ConfigError, match="does not support fp16"):
@@ -262,13 +266,14 @@ def test_dry_run_prints_the_resolved_config_and_what_would_run_and_writes_nothin
                            "--out", str(out), "--set", "optim.milestones=[500,1500]", "--dry-run"])
     assert proc.exit_code == 0 and not out.exists()
     toml_text, _, plan = proc.stdout.partition("would run")
-    resolved = tomllib.loads(toml_text)
-    from resnetdist.training.trainer import resolve
-
-    expected = resolve(load_config(flags={"model": {"n": 1}, "train": {"device": "cpu", "out": str(out)},
-                                          "data": {"dir": str(tiny_data)}},
-                                   overrides=["optim.milestones=[500,1500]"], iters=2000)).to_dict()
-    assert resolved == expected and resolved["optim"]["milestones"] == [500, 1500]
+    shown = tomllib.loads(toml_text)
+    resolved = shown.pop("resolved")  # what this machine made of it, apart from the configuration
+    expected = load_config(flags={"model": {"n": 1}, "train": {"device": "cpu", "out": str(out)},
+                                  "data": {"dir": str(tiny_data)}},
+                           overrides=["optim.milestones=[500,1500]"], iters=2000).to_dict()
+    assert shown == expected and shown["optim"]["milestones"] == [500, 1500]
+    assert (resolved["device"], resolved["precision"], resolved["step"], resolved["batch_per_rank"]) == (
+        "cpu", "fp32", "eager", 128)
     for fact in ("net             ResNet-8 (75,290 parameters)", "device          cpu, 1 rank", "precision       fp32",
                  "step            eager", "loader          resident", "iterations      2,000",
                  "batch per rank  128", f"run directory   {out}", "start           fresh start"):

@@ -18,12 +18,13 @@ from resnetdist.data.augment import draw_block, draw_params, training_mean
 from resnetdist.data.epochs import EpochTable, epoch_table_for
 from resnetdist.data.resident import ResidentTrainLoader
 from resnetdist.dist import DistContext
-from resnetdist.training.loop import Feed, Progress, take_steps
+from resnetdist.data.feed import Feed
+from resnetdist.training.loop import Progress, take_steps
 from resnetdist.training.schedule import lr_table
 from resnetdist.training import graph as graph_mod
 from resnetdist.training.graph import StaticInputs
 from resnetdist.training.step import StepChoice, build_step
-from resnetdist.training.trainer import build, make_model, resolve
+from resnetdist.training.trainer import build, make_model
 
 from .fake_cuda import FakeOps
 
@@ -32,8 +33,8 @@ CPU = torch.device("cpu")
 
 
 def config(tiny_data):
-    return resolve(load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
-                                      "train": {"device": "cpu", "seed": SEED}, "log": {"wandb_mode": "disabled"}}))
+    return load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
+                              "train": {"device": "cpu", "seed": SEED}, "log": {"wandb_mode": "disabled"}})
 
 
 def per_step(tiny_data, first: int = 0, state: dict | None = None, **kw):
@@ -45,7 +46,7 @@ def per_step(tiny_data, first: int = 0, state: dict | None = None, **kw):
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
-    step = build_step(model, optimizer, mean, lr_table(cfg, 1), precision="fp32", batch_per_rank=B, **kw)
+    step = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", batch_per_rank=B, **kw)
     step.it.fill_(first)
     loader = open_loaders(cfg.data, data, DistContext(0, 0, 1, CPU), B, SEED).train
     return step, Feed(loader, SEED, B, out=step.inputs.out if step.inputs else None)
@@ -94,7 +95,7 @@ def test_a_graphed_device_fed_step_replays_with_no_arguments_and_gathers_in_the_
     monkeypatch.setattr(graph_mod, "cuda_ops", FakeOps())  # the tests' stand-in for torch.cuda's graphs
     loads = []
     monkeypatch.setattr(StaticInputs, "load", lambda *a: loads.append(a))
-    graphed = build_step(model, optimizer, mean, lr_table(cfg, 1), precision="fp32", batch_per_rank=B,
+    graphed = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", batch_per_rank=B,
                          choice=StepChoice("graph", "asked for by name (train.step)", "graph"), source=source)
     assert graphed.kind == "graph" and int(graphed.it) == 0
     old, feed = per_step(tiny_data)

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from resnetdist import checkpoint
-from resnetdist.training import rundir
+from resnetdist.errors import RunDirBusy
+from resnetdist.rundir import RunDir, append_exit
 
 from .conftest import REPO, RESUMABLE, TINY, cli_env, run_cli
 from .helpers import assert_bitwise_equal, final_weights, temp_files, wait_for
@@ -41,15 +42,15 @@ def fake_state(iteration: int) -> dict:
 
 
 def test_flipped_byte_is_caught_by_the_checksum_and_the_previous_checkpoint_used(tmp_path):
-    checkpoint.save(tmp_path, 10, fake_state(10), keep=3)
-    newest = checkpoint.save(tmp_path, 20, fake_state(20), keep=3)
+    RunDir(tmp_path).checkpoints.save(10, fake_state(10), keep=3)
+    newest = RunDir(tmp_path).checkpoints.save(20, fake_state(20), keep=3)
     flip_middle_byte(newest)
     # the fault is real: torch.load alone reads the damaged file without complaint
     silently_wrong = torch.load(newest, weights_only=True)["model"]["w"]
     assert not torch.equal(silently_wrong, fake_state(20)["model"]["w"])
 
     warnings = []
-    path, state = checkpoint.load_latest(tmp_path, warn=warnings.append)
+    path, state = RunDir(tmp_path).checkpoints.load_newest(warn=warnings.append)
     assert path.name == "ckpt_0000010.pt" and state["iteration"] == 10
     assert len(warnings) == 1 and str(newest) in warnings[0] and "checksum" in warnings[0]
     with pytest.raises(checkpoint.CorruptCheckpoint, match="ckpt_0000020.pt"):
@@ -57,17 +58,17 @@ def test_flipped_byte_is_caught_by_the_checksum_and_the_previous_checkpoint_used
 
 
 def test_checkpoint_without_a_checksum_from_an_older_version_still_loads(tmp_path):
-    path = checkpoint.save(tmp_path, 10, fake_state(10), keep=3)
+    path = RunDir(tmp_path).checkpoints.save(10, fake_state(10), keep=3)
     checkpoint.checksum_path(path).unlink()
-    found_path, state = checkpoint.load_latest(tmp_path, warn=pytest.fail)
+    found_path, state = RunDir(tmp_path).checkpoints.load_newest(warn=pytest.fail)
     assert found_path == path and torch.equal(state["model"]["w"], fake_state(10)["model"]["w"])
 
 
 def test_pruning_removes_sidecars_with_their_checkpoints(tmp_path):
     # a sidecar whose checkpoint never arrived: its writer was killed between the two renames
-    checkpoint.checksum_path(checkpoint.checkpoint_path(tmp_path, 5)).write_text("0" * 64 + "  ckpt_0000005.pt\n")
+    checkpoint.checksum_path(RunDir(tmp_path).checkpoints.path(5)).write_text("0" * 64 + "  ckpt_0000005.pt\n")
     for it in (10, 20, 30):
-        checkpoint.save(tmp_path, it, fake_state(it), keep=2)
+        RunDir(tmp_path).checkpoints.save(it, fake_state(it), keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "ckpt_0000020.pt", "ckpt_0000020.pt.sha256", "ckpt_0000030.pt", "ckpt_0000030.pt.sha256"]
     # the sidecar is in sha256sum's format, so it can be checked by hand
@@ -79,10 +80,10 @@ def test_pruning_removes_sidecars_with_their_checkpoints(tmp_path):
 def test_a_failed_write_raises_write_error_and_leaves_no_trace(tmp_path):
     """A real OS error: the destination is a directory, so the final rename fails (EISDIR)
     after the data and its sidecar were written."""
-    target = checkpoint.checkpoint_path(tmp_path, 10)
+    target = RunDir(tmp_path).checkpoints.path(10)
     target.mkdir()
     with pytest.raises(checkpoint.WriteError) as info:
-        checkpoint.save(tmp_path, 10, fake_state(10), keep=2)
+        RunDir(tmp_path).checkpoints.save(10, fake_state(10), keep=2)
     assert str(info.value) == f"could not write {target}: [Errno 21] Is a directory"
     assert info.value.exit_code == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000010.pt"]  # no temp file, no sidecar
@@ -97,19 +98,43 @@ def test_run_directory_lock_refuses_a_second_holder_and_is_released(tmp_path):
     run.mkdir()
     stale.write_bytes(b"partial")
     # a lock file left by a run that has died holds no lock: only the flock counts
-    (run / rundir.LOCK_NAME).write_text('{"pid": 999999, "host": "elsewhere"}\n')
-    with rundir.acquire(run) as lock:
-        assert lock.held and not stale.exists()
-        for attempt in (rundir.acquire, rundir.check_free):  # flock conflicts across descriptors
-            with pytest.raises(rundir.RunDirBusy) as info:
-                attempt(run)
+    (run / ".lock").write_text('{"pid": 999999, "host": "elsewhere"}\n')
+    with RunDir(run).acquire():
+        assert not stale.exists()
+        for attempt in (RunDir(run).acquire, RunDir(run).check_free):  # flock conflicts across descriptors
+            with pytest.raises(RunDirBusy) as info:
+                attempt()
             assert str(run) in str(info.value) and f"pid {os.getpid()} on host" in str(info.value)
-    rundir.check_free(run)
-    rundir.acquire(run).release()
+    RunDir(run).check_free()
+    RunDir(run).acquire().release()
+
+
+def test_a_run_folder_states_where_it_stands_by_one_rule(tmp_path):
+    """RunDir.state, from the folder alone: fresh, resumable from the newest checkpoint, stopped
+    or failed by the log's end, running while the lock is held, finished only by a summary of
+    this run's length (and name) with a test error."""
+    run = RunDir(tmp_path / "run")
+    assert run.state(30).kind == "fresh" and not (tmp_path / "run").exists()
+    run.path.mkdir()
+    run.checkpoints.save(10, fake_state(10), keep=2)
+    run.checkpoints.save(20, fake_state(20), keep=2)
+    state = run.state(30)
+    assert (state.kind, state.iteration, state.checkpoint) == ("resumable", 20, run.checkpoints.path(20))
+    run.log.write_text("interrupted: stopped at iteration 20\n")
+    assert run.state(30).kind == "stopped"
+    append_exit(run.log, 1)
+    state = run.state(30)
+    assert (state.kind, state.exit_code, state.last_line) == ("failed", 1, "interrupted: stopped at iteration 20")
+    with run.acquire():
+        assert run.state(30).kind == "running" and run.state(30).holder["pid"] == os.getpid()
+    run.write_summary({"name": "r", "iterations": 20, "test_error": 9.0})  # another length: not this run's end
+    assert run.state(30).kind == "failed" and run.finished(30) is None
+    run.write_summary({"name": "r", "iterations": 30, "test_error": 9.0})
+    assert run.state(30).summary["test_error"] == 9.0 and run.finished(30, "r") and run.finished(30, "other") is None
 
 
 def test_probing_a_directory_creates_nothing(tmp_path):
-    rundir.check_free(tmp_path / "new")
+    RunDir(tmp_path / "new").check_free()
     assert not (tmp_path / "new").exists()
 
 
@@ -149,20 +174,20 @@ def test_full_disk_stops_with_one_message_keeps_old_checkpoints_and_resumes_exac
         tmp_path, tiny_data, reference, killed_at_25):
     cut = tmp_path / "cut"
     shutil.copytree(killed_at_25, cut)
-    ckpt_20 = checkpoint.checkpoint_path(cut, 20)
+    ckpt_20 = RunDir(cut).checkpoints.path(20)
     limit = ckpt_20.stat().st_size // 2  # every checkpoint has this size; config.toml etc. are far smaller
     args = ["train", *ARGS, "--data-dir", str(tiny_data), "--out", str(cut)]
     proc = run_limited([sys.executable, "-m", "resnetdist", *args], limit, timeout=240)
 
     assert proc.returncode == 4, proc.stderr[-3000:]
-    failed = checkpoint.checkpoint_path(cut, 30)
+    failed = RunDir(cut).checkpoints.path(30)
     # the tiny data set's note ("... holds 200 records") may come first; the error is one line
     *notes, last = proc.stderr.strip().splitlines()
     assert last == f"error: could not write {failed}: [Errno 27] File too large"
     assert all(line.startswith("note: ") for line in notes), notes
     assert not failed.exists() and not checkpoint.checksum_path(failed).exists() and temp_files(cut) == []
     for it in (10, 20):  # pruning to keep 2 must not have run before the failed write
-        assert checkpoint.load(checkpoint.checkpoint_path(cut, it))["iteration"] == it
+        assert checkpoint.load(RunDir(cut).checkpoints.path(it))["iteration"] == it
 
     resumed = run_cli(args)
     assert "iteration 20" in resumed.stdout
@@ -174,7 +199,7 @@ def test_full_disk_stops_with_one_message_keeps_old_checkpoints_and_resumes_exac
 def test_flipped_byte_in_newest_checkpoint_resumes_from_the_previous(tmp_path, tiny_data, reference, killed_at_25):
     cut = tmp_path / "cut"
     shutil.copytree(killed_at_25, cut)
-    newest = checkpoint.checkpoint_path(cut, 20)
+    newest = RunDir(cut).checkpoints.path(20)
     size = newest.stat().st_size
     flip_middle_byte(newest)
     assert newest.stat().st_size == size
@@ -191,14 +216,14 @@ def test_rank0_write_failure_under_torchrun_ends_the_whole_job(tmp_path, tiny_da
     must end promptly (torchrun sees rank 0 exit 4 and stops rank 1), not after dist.timeout_s
     (600 s, far beyond this subprocess's 150 s timeout)."""
     out = tmp_path / "run"
-    limit = checkpoint.checkpoint_path(reference, 30).stat().st_size // 2
+    limit = RunDir(reference).checkpoints.path(30).stat().st_size // 2
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--tee=3",
            "-m", "resnetdist", "train", *ARGS, "--data-dir", str(tiny_data), "--out", str(out)]
     proc = run_limited(cmd, limit, timeout=150)
     assert proc.returncode != 0
-    assert f"[default0]:error: could not write {checkpoint.checkpoint_path(out, 10)}: [Errno 27]" in proc.stderr
+    assert f"[default0]:error: could not write {RunDir(out).checkpoints.path(10)}: [Errno 27]" in proc.stderr
     assert "exitcode  : 4" in proc.stderr  # torchrun's summary names rank 0's exit code as the root cause
-    assert checkpoint.list_checkpoints(out) == [] and temp_files(out) == []
+    assert RunDir(out).checkpoints.newest_first() == [] and temp_files(out) == []
 
 
 @pytest.mark.slow
@@ -210,7 +235,7 @@ def test_a_live_run_directory_refuses_a_second_launch_and_a_killed_one_does_not(
     first = subprocess.Popen([sys.executable, "-m", "resnetdist", *args], cwd=REPO, env=cli_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: checkpoint.list_checkpoints(out), 120, "its first checkpoint", first)
+        wait_for(lambda: RunDir(out).checkpoints.newest_first(), 120, "its first checkpoint", first)
         config_before = (out / "config.toml").read_bytes()
         for launch in ([], ["--nproc-per-node", "2"]):  # the torchrun launcher refuses before starting it
             t0 = time.monotonic()
@@ -225,8 +250,8 @@ def test_a_live_run_directory_refuses_a_second_launch_and_a_killed_one_does_not(
         first.wait(timeout=30)
 
     # the dead run's lock went with it: the next launch resumes from its newest checkpoint
-    newest = checkpoint.list_checkpoints(out)[0]
-    it = int(checkpoint.PATTERN.search(newest.name).group(1))
+    newest = RunDir(out).checkpoints.newest_first()[0]
+    it = RunDir(out).checkpoints.newest_iteration()
     third = run_cli(args, check=False, timeout=120, kill_at=(it + 1, 0))
     assert third.returncode == -signal.SIGKILL, third.stderr[-3000:]
     assert f"resuming from {newest.name} (iteration {it} of 5000)" in third.stdout

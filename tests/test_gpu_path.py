@@ -27,7 +27,10 @@ from resnetdist.training.loop import take_steps
 from resnetdist.training.schedule import lr_table
 from resnetdist.training.graph import GRAPH_WARMUP, StaticInputs
 from resnetdist.training.step import StepChoice, build_step
-from resnetdist.training.trainer import feed_of, make_model, resolve
+from resnetdist.data.feed import feed_for
+from resnetdist.training import plan as plan_mod
+from resnetdist.training.plan import resolve
+from resnetdist.training.trainer import make_model
 
 from .conftest import REPO, TINY, cli_env, cli_in_process, run_torchrun
 from .fake_cuda import FakeOps
@@ -38,14 +41,14 @@ B = 32
 
 
 def parts(tiny_data):
-    cfg = resolve(load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
-                                     "train": {"device": "cpu"}, "log": {"wandb_mode": "disabled"}}))
+    cfg = load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
+                             "train": {"device": "cpu"}, "log": {"wandb_mode": "disabled"}})
     ctx = DistContext(0, 0, 1, CPU)
     data = load_data(cfg.data)
     model, optimizer = make_model(cfg, ctx)
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
     loaders = open_loaders(cfg.data, data, ctx, B, cfg.train.seed)
-    return cfg, model, optimizer, mean, lr_table(cfg, 1), loaders
+    return cfg, model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), loaders
 
 
 GRAPH = StepChoice("graph", "asked for by name (train.step)", "graph")
@@ -81,7 +84,8 @@ def copies(monkeypatch):
 
 
 def drive(step, loaders, count, first=0):
-    take_steps(step, feed_of(step, loaders.train, 0, B).batches(first), count)
+    feed = feed_for(loaders.train, step.source, 0, B, 0, 1, out=step.inputs.out if step.inputs else None)
+    take_steps(step, feed.batches(first), count)
 
 
 def assert_same_weights(a, b):
@@ -159,9 +163,10 @@ def test_graph_by_name_on_the_cpu_stops_before_training_with_one_line(tmp_path, 
 
 
 def pretend_cuda_chose(monkeypatch, asked: str) -> None:
-    """choose_kind as on a GPU (graph), the rest of the run on the CPU through the fake ops."""
+    """choose_kind as on a GPU (graph; the plan asks it), the rest of the run on the CPU through
+    the fake ops."""
     choice = GRAPH if asked == "graph" else AUTO_GRAPH
-    monkeypatch.setattr(trainer_mod, "choose_kind", lambda *_: choice)
+    monkeypatch.setattr(plan_mod, "choose_kind", lambda *_: choice)
 
 
 @pytest.mark.timeout(120)
@@ -169,7 +174,7 @@ def test_a_failed_capture_stops_graph_by_name_and_auto_records_eager_and_why(tmp
                                                                             fake_cuda):
     """Through the trainer and the CLI, a capture failure forced by the fake CUDA ops: graph by
     name exits 8 with one line and trains nothing; auto trains eagerly, and the header, the
-    progress bar's label, summary.json and report's runs table say so."""
+    progress bar's label, summary.json, resolved.toml and report's runs table say so."""
     fake_cuda(FakeOps(fail=True))
     args = [*TINY, "--iters", "4", "--data-dir", str(tiny_data), "--set", "train.eval_every=4"]
     pretend_cuda_chose(monkeypatch, "graph")
@@ -184,6 +189,10 @@ def test_a_failed_capture_stops_graph_by_name_and_auto_records_eager_and_why(tmp
     ran = cli_in_process(["train", *args, "--out", str(tmp_path / "auto")])
     summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
     assert summary["step"] == "eager" and summary["step_reason"].startswith("auto: CUDA-graph capture failed (")
+    from resnetdist.config import read_toml
+
+    resolved = read_toml(tmp_path / "auto" / "resolved.toml")["resolved"]  # the plan with the step that ran
+    assert (resolved["step"], resolved["step_reason"], resolved["step_asked"]) == ("eager", summary["step_reason"], "auto")
     assert any(x.split()[:3] == ["step", "eager", "(auto:"] and "capture failed" in x for x in ran.stdout.splitlines())
     assert trainer_mod.step_label(step_mod.StepChoice("eager", summary["step_reason"], "auto")) == \
         "eager, graph capture failed"
@@ -330,9 +339,8 @@ def test_two_rank_run_and_eval_of_its_model_agree(tmp_path, tiny_data):
 
 
 def cuda_parts(tiny_data):
-    cfg = resolve(load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
-                                     "train": {"device": "cuda", "precision": "bf16"},
-                                     "log": {"wandb_mode": "disabled"}}))
+    cfg = load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": B},
+                             "train": {"device": "cuda", "precision": "bf16"}, "log": {"wandb_mode": "disabled"}})
     ctx = DistContext(0, 0, 1, torch.device("cuda", 0))
     data = load_data(cfg.data)
     model, optimizer = make_model(cfg, ctx)
@@ -346,7 +354,10 @@ def test_cuda_graph_is_the_default_and_gathers_in_place_and_loads_in_place(tiny_
     from resnetdist.training.trainer import make_step
 
     cfg, ctx, data, model, optimizer = cuda_parts(tiny_data)
-    step = make_step(cfg, ctx, model, optimizer, data)
+    plan = resolve(cfg, 1)
+    assert plan.choice == StepChoice("graph", "auto: CUDA with bf16", "auto"), plan
+    mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
+    step = make_step(cfg, plan, ctx, model, optimizer, mean)
     assert step.choice == StepChoice("graph", "auto: CUDA with bf16", "auto"), step.choice
     loaders = open_loaders(cfg.data, data, ctx, B, 0)
     drive(step, loaders, 5)

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from resnetdist.rundir import RunDir
 from resnetdist import checkpoint
 from resnetdist.config import ConfigError, load_config
 
@@ -129,7 +130,7 @@ def reference2(tmp_path_factory, tiny_data):
 
 
 def check_same_as(ref: Path, out: Path, stdout: str) -> None:
-    assert f"resuming from {checkpoint.checkpoint_path(out, 10).name} (iteration 10 of 30)" in stdout, stdout[-2000:]
+    assert f"resuming from {RunDir(out).checkpoints.path(10).name} (iteration 10 of 30)" in stdout, stdout[-2000:]
     got, want = final_weights(out), final_weights(ref)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert records(out) == records(ref)
@@ -151,7 +152,7 @@ def test_a_stopped_rank_is_reported_by_the_other_which_exits_7_and_torchrun_resu
            "--max-restarts=1", "-m", "resnetdist", "train", *ARGS, "--data-dir", str(tiny_data), "--out", str(out)]
     proc = popen(cmd, tmp_path)
     try:
-        wait_for(lambda: checkpoint.checkpoint_path(out, 10).exists(), 150, "the first checkpoint", proc)
+        wait_for(lambda: RunDir(out).checkpoints.path(10).exists(), 150, "the first checkpoint", proc)
         rank0, frozen = worker(proc, 0), worker(proc, 1)
         frozen.send_signal(signal.SIGSTOP)
         t0 = time.monotonic()
@@ -363,7 +364,7 @@ def test_a_hang_in_rank_0s_checkpoint_write_is_reported_by_the_other_rank(tmp_pa
     assert match.group(3) == str(HANG_S) and match.group(5) == "checkpoint barrier at iteration 10", line
     assert "restarts are off (--max-restarts 0)" in line and "--max-restarts N" in line
     assert 0 not in lines  # frozen
-    assert not checkpoint.checkpoint_path(out, 10).exists()
+    assert not RunDir(out).checkpoints.path(10).exists()
 
 
 def test_torchruns_shutdown_grace_is_set_only_where_torchrun_reads_it(monkeypatch):

@@ -14,7 +14,9 @@ import torch
 from resnetdist.config import load_config
 from resnetdist.dist import DistContext
 from resnetdist.training import preempt
-from resnetdist.training.loop import Cadence, Feed, NonFiniteLoss, Progress
+from resnetdist.data.feed import Feed
+from resnetdist.training.plan import resolve
+from resnetdist.training.loop import Cadence, NonFiniteLoss, Progress
 from resnetdist.training.step import StepChoice
 from resnetdist.training.preempt import Preempted
 from resnetdist.training.trainer import Trainer
@@ -90,7 +92,7 @@ def recorder(step, progress, loader=None, cadence=CADENCE) -> Recorder:
                              "optim": {"iters": cadence.total, "milestones": []},
                              "log": {"log_every": cadence.log_every}})
     feed = Feed(loader or FakeLoader(), seed=0, global_batch=BATCH)
-    trainer = Recorder(cfg, DistContext(0, 0, 1, torch.device("cpu")), step.model, None, step, None, feed,
+    trainer = Recorder(cfg, resolve(cfg, 1), DistContext(0, 0, 1, torch.device("cpu")), step.model, None, step, None, feed,
                        steps_per_epoch=10, data_facts={}, progress=progress)
     return trainer
 
@@ -214,12 +216,12 @@ def test_the_bar_moves_between_log_points_from_the_host_counter_without_draining
     to sit still until the first log point."""
     import time
 
-    from resnetdist import progress as progress_module
+    from resnetdist.training import bar as bar_module
     from resnetdist.training import trainer
 
     moves = []
 
-    class SeenBar(progress_module.RunBar):
+    class SeenBar(bar_module.RunBar):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **{**kwargs, "every_s": 0.05})
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as tdist
 
 from resnetdist import checkpoint, dist
+from resnetdist.rundir import RunDir
 from resnetdist.training import preempt
 from resnetdist.training.preempt import Preempted
 
@@ -87,7 +88,7 @@ def test_signals_in_the_middle_of_a_checkpoint_write_do_not_tear_it(tmp_path, mo
     state = {"model": {"w": torch.arange(100_000, dtype=torch.float32)}, "iteration": 10}
     with preempt.notice() as notice:
         monkeypatch.setattr(checkpoint.os, "fsync", fsync_under_fire)
-        path = checkpoint.save(tmp_path, 10, state, keep=2)
+        path = RunDir(tmp_path).checkpoints.save(10, state, keep=2)
         monkeypatch.undo()
     assert sent and notice.signum == signal.SIGTERM
     assert torch.equal(checkpoint.load(path)["model"]["w"], state["model"]["w"])  # the sha256 sidecar matches
@@ -126,7 +127,7 @@ def ctrl_c(proc: subprocess.Popen) -> None:
 
 def started(out: Path, proc: subprocess.Popen) -> None:
     """Mid-run: its first checkpoint (iteration 10) is written; 20 iterations are left."""
-    wait_for(lambda: checkpoint.checkpoint_path(out, 10).exists(), 150, "the first checkpoint", proc)
+    wait_for(lambda: RunDir(out).checkpoints.path(10).exists(), 150, "the first checkpoint", proc)
 
 
 def check_stopped_at_a_checkpoint(out: Path, stderr: str, sig: signal.Signals, ranks: int = 1) -> int:
@@ -134,14 +135,14 @@ def check_stopped_at_a_checkpoint(out: Path, stderr: str, sig: signal.Signals, r
     assert len(stops) == ranks and {s for s, _ in stops} == {sig.name}, stderr[-3000:]
     (it,) = {int(i) for _, i in stops}  # every rank stopped at the same iteration
     assert it % 5 == 0 and 15 <= it < 30, it  # a log point after the signal, before the end
-    assert checkpoint.list_checkpoints(out)[0] == checkpoint.checkpoint_path(out, it)
-    assert checkpoint.load(checkpoint.checkpoint_path(out, it))["iteration"] == it  # whole, checksum matches
+    assert RunDir(out).checkpoints.newest_first()[0] == RunDir(out).checkpoints.path(it)
+    assert checkpoint.load(RunDir(out).checkpoints.path(it))["iteration"] == it  # whole, checksum matches
     assert temp_files(out) == [] and not (out / "summary.json").exists()
     return it
 
 
 def check_same_as(ref: Path, out: Path, resumed_stdout: str, it: int) -> None:
-    assert f"resuming from {checkpoint.checkpoint_path(out, it).name} (iteration {it} of 30)" in resumed_stdout
+    assert f"resuming from {RunDir(out).checkpoints.path(it).name} (iteration {it} of 30)" in resumed_stdout
     assert_bitwise_equal(final_weights(ref), final_weights(out))
     timing = ("images_per_second", "train_seconds")
     assert [{k: v for k, v in r.items() if k not in timing} for r in read_jsonl(out / "metrics.jsonl")] == [
@@ -311,7 +312,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, tiny_data)
     assert code == 130, stderr[-3000:]
     assert time.monotonic() - t0 < 15
     assert "interrupted at once" in stderr and "Traceback" not in stderr, stderr[-3000:]
-    assert checkpoint.list_checkpoints(out) == [] and temp_files(out) == [] and not (out / "summary.json").exists()
+    assert RunDir(out).checkpoints.newest_first() == [] and temp_files(out) == [] and not (out / "summary.json").exists()
 
 
 @pytest.mark.slow
@@ -373,7 +374,7 @@ def test_slurm_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm_clu
     text = log.read_text()
     (stop,) = STOPPED.findall(text)
     it = int(stop[1])
-    assert stop[0] == "SIGUSR1" and f"resuming from {checkpoint.checkpoint_path(out, it).name} (iteration {it} of 30)" in text
+    assert stop[0] == "SIGUSR1" and f"resuming from {RunDir(out).checkpoints.path(it).name} (iteration {it} of 30)" in text
     assert "requeueing job" in text and "(restart 1)" in text
     check_same_as(reference, out, text, it)
     print(f"Slurm USR1: stopped at {it}, requeued, resumed; {time.monotonic() - t0:.1f} s from submission")
@@ -382,7 +383,7 @@ def test_slurm_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm_clu
 
 def _warn_and_release(cluster, job: str, out: Path, log: Path) -> None:
     deadline = time.monotonic() + 150
-    while not checkpoint.checkpoint_path(out, 10).exists():
+    while not RunDir(out).checkpoints.path(10).exists():
         assert time.monotonic() < deadline, (cluster.job_state(job), log.read_text() if log.exists() else "", cluster.logs())
         time.sleep(0.2)
     cluster.warn_and_release(job, log, deadline + 60)

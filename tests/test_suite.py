@@ -80,7 +80,7 @@ def test_suite_wandb_group_model_artifacts_and_summary_table(suites):
         assert artifact.type == "model" and artifact.name == f"model-{run.run.run_id}"
         assert set(artifact.aliases) >= {"final", "latest"}
         files = {entry.path: entry.digest for entry in artifact.manifest.contents}
-        assert files == {f: wandb_md5(out / name / f) for f in ("model.pt", "model.safetensors", "mean.npy", "config.toml")}
+        assert files == {f: wandb_md5(out / name / f) for f in ("model.pt", "model.safetensors", "mean.npy", "config.toml", "resolved.toml")}
         assert json.loads(artifact.metadata)["test_error"] == final_errors(out)[name]
 
     (folder,) = (out / "suite" / "wandb").glob("offline-run-*")

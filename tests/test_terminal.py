@@ -152,8 +152,10 @@ def test_the_cpu_estimate_counts_the_evaluations():
     header's estimate counts them (it used to leave them out and promise a third of the time)."""
     from resnetdist.config import load_config
     from resnetdist.training.announce import cpu_estimate, evaluations
+    from resnetdist.training.plan import resolve
 
     assert evaluations(0, 400, 20) == 20 and evaluations(80, 400, 20) == 16 and evaluations(0, 450, 100) == 5
     cfg = load_config(None, {"model": {"n": 1}, "train": {"device": "cpu"}}, ["train.eval_every=20"], 400)
-    with_evals, without = cpu_estimate(cfg, 1, 0, 10_000), cpu_estimate(cfg, 1, 0, 0)
+    plan = resolve(cfg, 1)
+    with_evals, without = cpu_estimate(cfg, plan, 0, 10_000), cpu_estimate(cfg, plan, 0, 0)
     assert "20 evaluations included" in with_evals and with_evals != without, (with_evals, without)

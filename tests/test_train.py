@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from resnetdist.rundir import RunDir
 from resnetdist import checkpoint
 
 from .conftest import RESUMABLE, TINY, cli_in_process, run_cli
@@ -39,14 +40,18 @@ def test_training_learns_and_writes_the_run_directory(trained_run):
     assert records[-1]["train_error"] < records[0]["train_error"]
 
 
-def test_config_toml_records_what_ran_not_auto(trained_run):
+def test_config_toml_is_the_configuration_and_resolved_toml_what_ran(trained_run):
+    """The configuration is written as loaded ("auto" stays "auto"); what this machine made of
+    it (the Plan) is its own record beside it."""
     from resnetdist.config import read_toml
 
     tree = read_toml(trained_run / "config.toml")
-    assert (tree["train"]["device"], tree["train"]["precision"]) == ("cpu", "fp32")
-    assert tree["log"]["wandb_mode"] == "disabled" and tree["data"]["loader"] == "resident"
-    assert tree["optim"]["warmup_iters"] == 0
-    assert "auto" not in json.dumps(tree)
+    assert (tree["train"]["device"], tree["train"]["precision"], tree["train"]["step"]) == ("cpu", "auto", "auto")
+    assert tree["log"]["wandb_mode"] == "disabled" and tree["optim"]["warmup_iters"] == 0
+    ran = read_toml(trained_run / "resolved.toml")["resolved"]
+    assert (ran["device"], ran["precision"], ran["step"], ran["loader"], ran["world_size"]) == (
+        "cpu", "fp32", "eager", "resident", 1)
+    assert ran["batch_per_rank"] * ran["world_size"] == ran["global_batch"] and ran["step_reason"]
 
 
 @pytest.mark.timeout(120)
@@ -87,7 +92,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_dat
     run_cli([*args, "--out", str(cut)], check=False, kill_at=(25, 0))
     newest = cut / "ckpt_0000020.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a torn write
-    found = checkpoint.load_latest(cut, warn=lambda *_: None)
+    found = RunDir(cut).checkpoints.load_newest(warn=lambda *_: None)
     assert found[0].name == "ckpt_0000010.pt"
     resumed = run_cli([*args, "--out", str(cut)])
     assert "ckpt_0000020.pt is unreadable" in resumed.stdout

@@ -16,6 +16,7 @@ num_workers is capped at numba's thread count.
 from __future__ import annotations
 
 import atexit
+import sys
 import threading
 import weakref
 from contextlib import contextmanager
@@ -25,8 +26,11 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from .. import dist
+from ..config import DataConfig
 from ..errors import DataError
-from .beton import require_ffcv
+from .beton import beton_paths, prepare_betons, require_ffcv
+from .cifar import Cifar10
 from .order import eval_shard, iters_per_epoch, rank_epoch_order
 from .resident import Batch
 
@@ -260,3 +264,32 @@ class FfcvEvalLoader:
     def __iter__(self) -> Iterator[Batch]:
         if self.loader is not None:
             yield from _epoch(self.loader)
+
+
+def ensure_betons(cfg: DataConfig, data: Cifar10) -> Path:
+    """The .beton files, converted from the binaries on first use (a no-op when up to date; data.beton_dir,
+    else beside the binaries). Rank 0 converts while the others wait; every node must then hold them."""
+    out = Path(cfg.beton_dir) if cfg.beton_dir else data.folder.parent / "beton"
+    if dist.is_main_process():
+        prepare_betons(data.folder, out, announce=lambda what: print(
+            f"note: --loader ffcv: first use, {what} (set data.beton_dir to put them elsewhere)",
+            file=sys.stderr, flush=True))
+    dist.barrier()
+    from .presence import on_every_rank, require_files
+
+    on_every_rank(lambda: require_files(list(beton_paths(out))), what="data check (every node holds the betons)")
+    return out
+
+
+def open_ffcv_loaders(cfg: DataConfig, data: Cifar10, ctx: dist.DistContext, global_batch: int, seed: int,
+                      train: bool) -> tuple[FfcvTrainLoader | None, dict[str, FfcvEvalLoader]]:
+    """data/__init__.open_loaders for data.loader = ffcv: the training loader (with `train`) and
+    the evaluation shards, read from the .beton files."""
+    train_beton, test_beton = beton_paths(ensure_betons(cfg, data))
+    args = (cfg.eval_batch, ctx.rank, ctx.world_size, ctx.device, cfg.ffcv_workers)
+    evals = {"test": FfcvEvalLoader(test_beton, None, *args)}
+    if data.val is not None:
+        evals["val"] = FfcvEvalLoader(train_beton, data.val_indices, *args)
+    loader = FfcvTrainLoader(train_beton, data.train_indices, global_batch, seed, ctx.rank, ctx.world_size,
+                             ctx.device, cfg.ffcv_workers) if train else None
+    return loader, evals

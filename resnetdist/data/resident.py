@@ -20,6 +20,8 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class TrainLoader(Protocol):
+    steps: int  # iterations per epoch
+
     def batches(self, start_iter: int, out: Batch | None = None) -> Iterator[Batch]:
         """Endless batches for iterations start_iter, start_iter+1, ...; with `out` (images,
         labels buffers of one batch), each batch is written there and `out` is yielded."""

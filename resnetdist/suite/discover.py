@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import from_dict, read_toml
+from ..rundir import RunDir
 
 
-RUN_FILES = ("summary.json", "metrics.jsonl", "config.toml")
 DATA_IDENTITIES = ("cifar10", "modified", "unknown")
 
 
@@ -75,10 +74,6 @@ def _last(records: list[dict[str, Any]], key: str) -> float | None:
     return None
 
 
-def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / f).exists() for f in RUN_FILES)
-
-
 def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     """(run folders, folders given that hold no run). A path is a run folder itself, or a
     parent whose immediate sub-folders are searched."""
@@ -90,10 +85,10 @@ def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
             raise ReportError(f"{p}: no such folder")
         if not p.is_dir():
             raise ReportError(f"{p}: not a folder (give run folders, or folders holding runs)")
-        if is_run_dir(p):
+        if RunDir(p).is_run():
             runs.append(p)
             continue
-        found = sorted(c for c in p.iterdir() if is_run_dir(c)) if p.is_dir() else []
+        found = sorted(c for c in p.iterdir() if RunDir(c).is_run()) if p.is_dir() else []
         if not found:
             empty.append(p)
         runs.extend(found)
@@ -120,20 +115,10 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [by_iter[k] for k in sorted(by_iter)]
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object file (summary.json), or None: absent, unreadable or not an object."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _config_info(path: Path) -> dict[str, Any]:
     """model / seed / iterations from config.toml, for a run that has no summary yet."""
-    try:
-        cfg = from_dict(read_toml(path / "config.toml"), str(path / "config.toml"))
-    except Exception:  # noqa: BLE001 - missing or unreadable: fall back to the folder name
+    cfg = RunDir(path).read_config()
+    if cfg is None:  # missing or unreadable: fall back to the folder name
         return {}
     o = cfg.optim
     recipe = {"optim.batch_size": o.batch_size, "optim.lr": o.lr, "optim.momentum": o.momentum,
@@ -144,8 +129,9 @@ def _config_info(path: Path) -> dict[str, Any]:
 
 def load_run(path: Path) -> RunRecords:
     path = Path(path)
-    records = read_metrics(path / "metrics.jsonl")
-    summary = read_json(path / "summary.json")
+    run = RunDir(path)
+    records = read_metrics(run.metrics)
+    summary = run.read_summary()
     if not records and (summary is None or summary.get("test_error") is None):
         raise ReportError(f"{path}: no metrics to report (metrics.jsonl is missing or empty and there is "
                           f"no summary.json): the run has not reached its first evaluation")
@@ -185,10 +171,8 @@ def load_runs(paths: list[Path], skip_empty: bool = False) -> tuple[list[RunReco
 
 
 def config_data_dir(path: Path) -> str | None:
-    try:
-        return read_toml(path / "config.toml").get("data", {}).get("dir") or None
-    except Exception:  # noqa: BLE001
-        return None
+    cfg = RunDir(path).read_config()
+    return (cfg.data.dir or None) if cfg is not None else None
 
 
 def group_runs(runs: list[RunRecords]) -> dict[tuple[bool, int, int], list[RunRecords]]:

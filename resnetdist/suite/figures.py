@@ -9,7 +9,7 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import from_dict, read_toml
+from ..rundir import RunDir
 from .discover import RunRecords, distinct_seeds
 
 
@@ -206,11 +206,10 @@ def figure6(runs: list[RunRecords], out: Path, title: str = "") -> tuple[Path, l
 def lr_steps(run: RunRecords) -> list[tuple[int, float]]:
     """(iteration, lr) wherever the lr changes, from the run's config.toml (its real milestones
     and warm-up); the logged lr of each evaluation when there is no readable config."""
-    from ..training.schedule import lr_at
+    from ..training import lr_at
 
-    try:
-        cfg = from_dict(read_toml(run.path / "config.toml"), str(run.path / "config.toml"))
-    except Exception:  # noqa: BLE001 - an older or hand-made run folder
+    cfg = RunDir(run.path).read_config()
+    if cfg is None:  # an older or hand-made run folder
         return [(int(r["iter"]), float(r["lr"])) for r in run.records if r.get("lr")]
     world = int((run.summary or {}).get("world_size", 1))
     scale = world if cfg.dist.batch_scaling == "per_rank" else 1

@@ -56,8 +56,8 @@ from typing import Callable, Iterator, Optional
 from ..checkpoint import atomic_write_text
 from ..config import ConfigError, RunConfig, depth_to_n, load_config, to_toml
 from ..errors import INTERRUPTED, PREEMPTED
-from ..training.announce import plural
-from .status import log_lines, own_last_line
+from ..progress import plural
+from ..rundir import RunDir, append_exit, log_ending
 
 SUITE_DIR = "suite"  # inside OUT: suite.json, configs/, the Slurm script and its logs, W&B summary run
 MANIFEST = "suite.json"
@@ -75,8 +75,12 @@ class Job:
     resolved: RunConfig | None = None  # None when read back from suite.json
 
     @property
+    def run(self) -> RunDir:
+        return RunDir(self.run_dir)
+
+    @property
     def log(self) -> Path:
-        return self.run_dir / "train.log"
+        return self.run.log
 
     @property
     def cost(self) -> int:
@@ -180,20 +184,14 @@ def jobs_from_manifest(out: Path) -> list[Job]:
             for r in manifest["runs"]]
 
 
-def finished(job: Job) -> bool:
-    try:
-        summary = json.loads((job.run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(summary, dict) and summary.get("iterations") == job.iterations
+def finished(job: Job) -> dict | None:
+    """The job's summary when its run is finished (RunDir.finished), else None."""
+    return job.run.finished(job.iterations, job.name)
 
 
 def summary_line(job: Job) -> str:
-    try:
-        s = json.loads((job.run_dir / "summary.json").read_text())
-        return f"test error {s['test_error']:.2f}% after {plural(s['iterations'], 'iteration')}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "finished"
+    s = finished(job)
+    return f"test error {s['test_error']:.2f}% after {plural(s['iterations'], 'iteration')}" if s else "finished"
 
 
 # ----- local schedule ----------------------------------------------------------------------------
@@ -291,19 +289,13 @@ class Stop:
                 signal.signal(s, handler)
 
 
-def append_exit(job: Job, code: int) -> None:
-    """The run's exit code, last in its log: `runs` and `--status` read it from there."""
-    with open(job.log, "a") as log:
-        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} exit code {code}\n")
-
-
 def _collect(proc: subprocess.Popen, job: Job, secs: float, echo: Callable[[str], None]) -> Outcome:
-    append_exit(job, proc.returncode)
+    append_exit(job.log, proc.returncode)
     if proc.returncode == 0 and finished(job):
         echo(f"done  {job.name}: {summary_line(job)} ({secs:.0f} s)")
         return Outcome(job, "done")
     if proc.returncode in (INTERRUPTED, PREEMPTED):
-        last = own_last_line(log_lines(job.log)).removeprefix("interrupted: ").removeprefix("preempted: ")
+        last = log_ending(job.log)[1].removeprefix("interrupted: ").removeprefix("preempted: ")
         echo(f"interrupted  {job.name}: {last or f'exit code {proc.returncode}'}")
         return Outcome(job, "interrupted", last)
     why = f"exit code {proc.returncode}" if proc.returncode else "no summary.json written"
@@ -328,7 +320,7 @@ def run_all(jobs: list[Job], pool: list[str | None], echo: Callable[[str], None]
             while pending and free and not stop.presses:
                 job, gpu = pending.pop(0), free.pop(0)
                 started += 1
-                resume = " (resuming)" if any(job.run_dir.glob("ckpt_*.pt")) else ""
+                resume = " (resuming)" if job.run.checkpoints.newest_first() else ""
                 where = f"GPU {gpu}" if gpu is not None else "this machine"
                 echo(f"[{started}/{total}] start {job.name} on {where}{resume}; log {job.log}")
                 running[start(job, gpu)] = (job, gpu, time.monotonic())
@@ -365,7 +357,7 @@ def report(jobs: list[Job], out: Path, base: RunConfig, echo: Callable[[str], No
     if run_id:
         manifest["wandb_report_id"] = run_id
         write_manifest(out, manifest)
-        from ..training.metrics import resolve_wandb_mode
+        from ..training import resolve_wandb_mode
 
         if resolve_wandb_mode(base.log.wandb_mode) == "offline":  # nothing reached W&B yet
             echo(f"W&B (offline): report recorded, not uploaded, in the summary run {group}-report ({run_id}) "

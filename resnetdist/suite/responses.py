@@ -62,7 +62,7 @@ def layer_stds(model: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor,
     model's device), evaluation mode, fp32; sums in float64 so 10,000 images lose nothing."""
     from ..data.augment import normalize
     from ..progress import progress_bar
-    from ..training.evaluate import true_fp32
+    from ..training import true_fp32
 
     model.eval()
     sums: list[torch.Tensor] = []

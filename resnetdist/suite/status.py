@@ -1,7 +1,7 @@
-"""Where a run stands, read from its folder alone, so any process can ask at any time
-(`resnetdist runs DIR`, `reproduce --status OUT`, and the Slurm suite's wait):
+"""Where a run stands, in the words of `resnetdist runs DIR`, `reproduce --status OUT` and the
+Slurm suite's wait; RunDir.state (rundir.py) decides it, from the folder alone:
 
-- running: a live process holds the run directory's lock (training/rundir.py): its host and pid
+- running: a live process holds the run directory's lock (rundir.py): its host and pid
   from the lock file, the iteration of the newest metrics record, and the time left at the
   rate of its newest evaluation record;
 - done: summary.json records the run's planned iterations (its test error);
@@ -11,30 +11,20 @@
 - failed: the run's log (a suite's train.log) ends with an error or a non-zero exit code that is
   not a stop at a checkpoint (the code and the log's last line);
 - not started: nothing trained yet.
-
-The lock is probed with a shared, non-blocking flock released at once (rundir.check_free), as
-the launcher probes it: it never blocks the run.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import PATTERN as CHECKPOINT_NAME, list_checkpoints
 from ..config import read_toml
-from ..errors import INTERRUPTED, PREEMPTED, RunDirBusy
-from ..training import rundir
-from ..progress import duration
-from ..training.announce import plural
-from .discover import read_json
+from ..progress import duration, plural
+from ..rundir import RunDir, RunState, newest_records
 
 STATES = ("running", "interrupted", "stopped", "done", "failed", "not started")
-LOG = "train.log"  # a suite run's output (reproduce.Job.log); a run started by hand has none
-EXIT_LINE = re.compile(r"^=== .* exit code (-?\d+)$")
 
 
 @dataclass
@@ -56,115 +46,57 @@ class RunStatus:
         return asdict(self)
 
 
-def planned_iterations(run_dir: Path) -> int | None:
+def planned_iterations(run: RunDir) -> int | None:
     try:
-        return int(read_toml(run_dir / "config.toml")["optim"]["iters"])
+        return int(read_toml(run.config)["optim"]["iters"])
     except Exception:  # absent or unreadable: the length is unknown, not an error here
         return None
 
 
-def newest_records(run_dir: Path) -> tuple[int | None, dict | None]:
-    """(iteration of the newest metrics record, the newest record with train_seconds)."""
-    newest, timed = None, None
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines()
-    except OSError:
-        return None, None
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line being written
-            continue
-        if isinstance(record, dict) and isinstance(record.get("iter"), int):
-            newest = record["iter"]
-            if record.get("train_seconds"):
-                timed = record
-    return newest, timed
-
-
-def newest_checkpoint(run_dir: Path) -> int | None:
-    """The iteration of the run directory's newest checkpoint file (None: none yet)."""
-    found = list_checkpoints(run_dir)
-    return int(CHECKPOINT_NAME.search(found[0].name).group(1)) if found else None
-
-
-def log_lines(log: Path) -> list[str]:
-    """A run's log (a suite's train.log), its non-blank lines; none when it is absent."""
-    try:
-        return [line.rstrip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return []
-
-
-def own_last_line(lines: list[str]) -> str:
-    """The run's own last line: the suite's `=== ...` lines left out ('' if none)."""
-    return next((line.strip() for line in reversed(lines) if not line.startswith("===")), "")
-
-
-def log_ending(run_dir: Path) -> tuple[int | None, str]:
-    """(the exit code a suite appended after the run's last start, the run's own last line)."""
-    lines = log_lines(run_dir / LOG)
-    code = None
-    if lines and (m := EXIT_LINE.match(lines[-1])):
-        code = int(m.group(1))
-    return code, own_last_line(lines)
-
-
-def is_running(run_dir: Path) -> bool:
-    try:
-        rundir.check_free(run_dir)
-    except RunDirBusy:
-        return True
-    return False
+# RunDir.state's kinds in the words of the table
+SHOWN = {"fresh": "not started", "resumable": "stopped", "running": "running", "stopped": "interrupted",
+         "failed": "failed", "finished": "done"}
 
 
 def run_status(run_dir: Path, name: str | None = None, iterations: int | None = None) -> RunStatus:
     """The state of one run folder (`iterations`: its planned length, else its config.toml's)."""
-    run_dir = Path(run_dir)
-    status = RunStatus(name or run_dir.name, str(run_dir), "not started",
-                       iterations=iterations or planned_iterations(run_dir))
-    summary = read_json(run_dir / "summary.json")
-    if is_running(run_dir):
-        return running(status, run_dir)
-    if summary and "test_error" in summary and summary.get("iterations") == status.iterations:
-        status.state, status.test_error = "done", summary["test_error"]
-        status.iteration = summary.get("iterations")
-        status.detail = f"test error {summary['test_error']:.2f}% after {plural(summary['iterations'], 'iteration')}"
+    run = RunDir(run_dir)
+    status = RunStatus(name or run.path.name, str(run.path), "not started",
+                       iterations=iterations or planned_iterations(run))
+    state = run.state(status.iterations, name)
+    status.state, status.iteration = SHOWN[state.kind], state.iteration
+    if state.kind == "running":
+        return running(status, state, run)
+    if state.kind == "finished":
+        status.test_error = state.summary["test_error"]
+        status.detail = f"test error {status.test_error:.2f}% after {plural(status.iteration, 'iteration')}"
         return status
-    return stopped(status, run_dir)
+    status.exit_code, status.last_line = state.exit_code, state.last_line or None
+    resumes = (f"resumes from iteration {status.iteration:,}" if status.iteration is not None
+               else "no checkpoint: starts over")
+    if state.kind == "stopped":
+        status.detail = resumes + (" (preempted)" if state.last_line.startswith("preempted") else "")
+    elif state.kind == "failed":
+        code = state.exit_code if state.exit_code is not None else "?"
+        status.detail = f"exit code {code}: {state.last_line}; {resumes}"
+    elif state.kind == "resumable":
+        status.detail = resumes
+    return status
 
 
-def running(status: RunStatus, run_dir: Path) -> RunStatus:
-    info = rundir.holder(run_dir) or {}
-    status.state, status.host, status.pid = "running", info.get("host"), info.get("pid")
-    status.iteration, timed = newest_records(run_dir)
+def running(status: RunStatus, state: RunState, run: RunDir) -> RunStatus:
+    info = state.holder or {}
+    status.host, status.pid = info.get("host"), info.get("pid")
     where = f"on {status.host} (pid {status.pid})" if status.host else "(holder unknown)"
     if status.iteration is None:
         status.detail = f"starting {where}"
         return status
     of = f" of {status.iterations:,}" if status.iterations else ""
     status.detail = f"iteration {status.iteration:,}{of} {where}"
+    timed = newest_records(run.metrics)[1]
     if timed and status.iterations:
         status.eta_s = timed["train_seconds"] / timed["iter"] * (status.iterations - status.iteration)
         status.detail += f", about {duration(status.eta_s)} left"
-    return status
-
-
-def stopped(status: RunStatus, run_dir: Path) -> RunStatus:
-    """Not running and not done: interrupted, stopped, failed or not started."""
-    code, last = log_ending(run_dir)
-    status.exit_code, status.last_line = code, last or None
-    status.iteration = newest_checkpoint(run_dir)
-    resumes = (f"resumes from iteration {status.iteration:,}" if status.iteration is not None
-               else "no checkpoint: starts over")
-    said_stop = last.startswith(("interrupted:", "preempted:"))
-    if code in (INTERRUPTED, PREEMPTED) or (code is None and said_stop):
-        status.state, status.detail = "interrupted", resumes + (" (preempted)" if last.startswith("preempted") else "")
-    elif code not in (None, 0) or last.startswith("error:"):
-        status.state = "failed"
-        status.detail = f"exit code {code if code is not None else '?'}: {last}; {resumes}"
-    elif status.iteration is not None or (run_dir / "metrics.jsonl").exists():
-        status.state, status.detail = "stopped", resumes
     return status
 
 

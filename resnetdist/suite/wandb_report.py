@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import LogConfig
-from ..training.metrics import env_tags, quiet_wandb_telemetry, resolve_wandb_mode, wandb_settings, warn
+from ..training import env_tags, quiet_wandb_telemetry, resolve_wandb_mode, wandb_settings, warn
 
 SUITE_TABLE_KEY = "table6"  # the summary run's history key for the report's table
 RESPONSES_TABLE_KEY = "layer_responses"  # ... and for Figure 7's values

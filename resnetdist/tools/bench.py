@@ -44,9 +44,9 @@ from ..config import PAPER_ITERS, ModelConfig, RunConfig, load_config, model_nam
 from ..data import open_loaders
 from ..data.augment import augment
 from ..data.cifar import Cifar10, Split, load_cifar10, write_synthetic
-from ..training.loop import Feed, take_steps
+from ..data.feed import Feed
 from ..models import build_model
-from ..training.trainer import build, resolve
+from ..training import build, take_steps
 
 BATCH = 128
 LOSS_READ_EVERY = 100  # the baseline's progress-meter read-back (a host sync), as public loops log
@@ -231,11 +231,11 @@ def _forever(loader):
 
 
 def bench_config(setting: Setting, n: int, device: torch.device, beton_dir: Path) -> RunConfig:
-    return resolve(load_config(flags={
+    return load_config(flags={
         "model": {"n": n}, "data": {"loader": setting.loader, "beton_dir": str(beton_dir)},
         "train": {"device": device.type, "precision": setting.precision, "step": setting.mode},
         "log": {"wandb_mode": "disabled"},
-    }))
+    })
 
 
 def timed(run, warmup: int, iters: int, device: torch.device) -> tuple[float, float, float]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import multiprocessing
-import os
 import platform
 import queue
 import shutil
@@ -39,8 +38,7 @@ from .bench import sync, timed
 from ..config import load_config
 from ..data import load_data
 from ..data.cifar import IDENTITY_WORDS, DataError, identity, locate, write_synthetic
-from ..training.loop import take_steps
-from ..training.trainer import build, resolve
+from ..training import build, take_steps
 
 NEEDS_CUDA = "skipped: needs CUDA"
 
@@ -133,12 +131,12 @@ class Trial:
 
     def __init__(self, data_dir: Path, device: torch.device, kind: str, precision: str = "fp32", n: int = 1,
                  batch: int = 32, ctx: dist.DistContext | None = None, **optim: Any):
-        self.cfg = resolve(load_config(flags={
+        self.cfg = load_config(flags={
             "model": {"n": n}, "data": {"dir": str(data_dir), "eval_batch": 200},
             "optim": {"batch_size": batch, **optim},
             "train": {"device": device.type, "precision": precision, "step": kind},
             "log": {"wandb_mode": "disabled", "tensorboard": False},
-        }))
+        })
         self.ctx = ctx or dist.DistContext(0, 0, 1, device)
         self.trainer = build(self.cfg, self.ctx, load_data(self.cfg.data))
         self.model, self.optimizer = self.trainer.model, self.trainer.optimizer
@@ -398,7 +396,7 @@ def run_doctor(device_pref: str = "auto", data_dir: Path | None = None, steps: i
                skip: set[str] = frozenset(), compile_timeout_s: float = COMPILE_TIMEOUT_S) -> dict[str, Any]:
     """Every check on this rank; under torchrun the distributed ones too. The device checks run
     before the process group exists, so a rank's own checks never wait for another rank."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = dist.local_rank()
     rows = environment_rows(data_dir)
     device = dist.resolve_device(device_pref, local_rank)
     with tempfile.TemporaryDirectory(prefix="resnetdist-doctor-") as scratch:

@@ -8,11 +8,13 @@ Output for programs stays in summary.json and `train --json`.
 from __future__ import annotations
 
 from pathlib import Path
+from dataclasses import asdict
 from typing import Any, Protocol
 
-from ..config import RunConfig, dumps_toml
+from ..config import RunConfig
 from ..progress import duration, plural
-from .schedule import global_batch
+from ..rundir import RunDir, config_texts
+from .plan import Plan
 
 
 class Start(Protocol):
@@ -32,21 +34,20 @@ def where(start: Start, iters: int) -> str:
     return "fresh start (no checkpoint in the run directory)"
 
 
-def facts(cfg: RunConfig, world_size: int, start: Start, step: str = "") -> list[tuple[str, str]]:
-    """(what, value) lines of the header: what will run, where, from where. `step`: the step
-    that runs and why (step.StepChoice.describe); train.step as given when not known yet."""
+def facts(cfg: RunConfig, plan: Plan, start: Start, fallback: str = "") -> list[tuple[str, str]]:
+    """(what, value) lines of the header: what will run (the plan: the step that runs and why,
+    step.StepChoice.describe, and `fallback`, what would run instead), where, from where."""
     from ..models import build_model, count_parameters
 
-    batch = global_batch(cfg, world_size)
-    o, t = cfg.optim, cfg.train
+    o, t, ranks = cfg.optim, cfg.train, plan.world_size
     return [
         ("net", f"{paper_name(cfg)} ({count_parameters(build_model(cfg.model)):,} parameters)"),
-        ("device", f"{t.device}, {world_size} rank{'s' if world_size > 1 else ''}"),
-        ("precision", t.precision),
-        ("step", step or t.step),
-        ("loader", cfg.data.loader),
+        ("device", f"{plan.device}, {ranks} rank{'s' if ranks > 1 else ''}"),
+        ("precision", plan.precision),
+        ("step", plan.choice.describe() + fallback),
+        ("loader", plan.loader),
         ("iterations", f"{o.iters:,} ({lr_words(cfg)}; {cadence_words(o.iters, t.eval_every, t.checkpoint_every)})"),
-        ("batch per rank", f"{batch // world_size} ({batch} per iteration)"),
+        ("batch per rank", f"{plan.batch_per_rank} ({plan.global_batch} per iteration)"),
         ("run directory", str(cfg.run_dir)),
         ("start", where(start, o.iters)),
     ]
@@ -87,16 +88,15 @@ def format_facts(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
-def dry_run(cfg: RunConfig, world_size: int, start: Start, notes: list[str] = ()) -> str:
-    """`train --dry-run`: the resolved configuration as TOML, then what would run."""
-    from .step import choose_kind  # the step this machine would choose, as the run will
-
-    choice = choose_kind(cfg.train.step, cfg.train.device == "cuda", cfg.train.precision)
-    rows = facts(cfg, world_size, start, choice.describe() + ("; if its capture fails, eager" if choice.asked == "auto"
-                                                             and choice.kind == "graph" else ""))
-    if cfg.train.device == "cpu":  # not measured here: the dry run takes no step
-        rows.append(("estimate", cpu_estimate(cfg, world_size, start.iteration) + "; the run measures its own"))
-    lines = [f"# resolved configuration of {cfg.run_dir}", dumps_toml(cfg.to_dict()).rstrip(), "",
+def dry_run(cfg: RunConfig, plan: Plan, start: Start, notes: list[str] = ()) -> str:
+    """`train --dry-run`: the configuration and what this machine resolved of it (the two files
+    a run writes: config.toml and resolved.toml) as TOML, then what would run."""
+    auto_graph = plan.step_asked == "auto" and plan.step == "graph"  # not built here: no capture tried
+    rows = facts(cfg, plan, start, "; if its capture fails, eager" if auto_graph else "")
+    if plan.device == "cpu":  # not measured here: the dry run takes no step
+        rows.append(("estimate", cpu_estimate(cfg, plan, start.iteration) + "; the run measures its own"))
+    config, resolved = config_texts(cfg, asdict(plan))
+    lines = [f"# configuration of {cfg.run_dir}", config.rstrip(), "", "# resolved on this machine", resolved.rstrip(), "",
              "would run (--dry-run: nothing was started or written):", format_facts(rows)]
     return "\n".join([*lines, *(f"  note: {n}" for n in notes)])
 
@@ -116,36 +116,36 @@ def evaluations(start_iter: int, iters: int, every: int) -> int:
     return iters // every - start_iter // every + (iters % every != 0)
 
 
-def cpu_estimate(cfg: RunConfig, world_size: int, start_iter: int, eval_images: int = 10_000) -> str:
+def cpu_estimate(cfg: RunConfig, plan: Plan, start_iter: int, eval_images: int = 10_000) -> str:
     """How long the rest of a CPU run may take, training and evaluations, from the measured
     constants above."""
     per_image = CPU_S_PER_ITER_RESNET20 / 128 * (cfg.model.n / 3)
-    train_s = per_image * global_batch(cfg, world_size) / world_size * (cfg.optim.iters - start_iter)
+    train_s = per_image * plan.batch_per_rank * (cfg.optim.iters - start_iter)
     count = evaluations(start_iter, cfg.optim.iters, cfg.train.eval_every)
-    eval_s = CPU_EVAL_COST * per_image * eval_images / world_size * count
+    eval_s = CPU_EVAL_COST * per_image * eval_images / plan.world_size * count
     return f"about {duration(train_s + eval_s)}, {plural(count, 'evaluation')} included (2-core CPU rates)"
 
 
-def header(cfg: RunConfig, world_size: int, start: Start, eval_images: int = 10_000, data: str = "",
-           step: str = "") -> str:
-    """What opens a run on rank 0: what will run (`step`: the step built, and why), on which
-    data (and whether it is verified CIFAR-10), where, from where (and on a CPU, how long; on a
-    GPU the bar measures it at the first log point, from the step that runs)."""
-    rows = facts(cfg, world_size, start, step)
+def header(cfg: RunConfig, plan: Plan, start: Start, eval_images: int = 10_000, data: str = "") -> str:
+    """What opens a run on rank 0: what will run (the plan, once the step is built: the step
+    that runs, and why), on which data (and whether it is verified CIFAR-10), where, from where
+    (and on a CPU, how long; on a GPU the bar measures it at the first log point, from the step
+    that runs)."""
+    rows = facts(cfg, plan, start)
     if data:
         rows.insert(1, ("data", data))
-    if cfg.train.device == "cpu":
-        rows.append(("estimate", cpu_estimate(cfg, world_size, start.iteration, eval_images)))
+    if plan.device == "cpu":
+        rows.append(("estimate", cpu_estimate(cfg, plan, start.iteration, eval_images)))
     return f"{cfg.name}:\n{format_facts(rows)}"
 
 
 def closing(summary: dict[str, Any], cfg: RunConfig) -> str:
     """What closes a run on rank 0: the result in words, and where its files are."""
-    run_dir = cfg.run_dir
-    rows = [("model.pt", str(run_dir / "model.pt")), ("summary.json", str(run_dir / "summary.json"))]
+    run = RunDir(cfg.run_dir)
+    rows = [(run.model.name, str(run.model)), (run.summary.name, str(run.summary))]
     if cfg.log.tensorboard:
-        rows.append(("TensorBoard", f"tensorboard --logdir {run_dir / 'tb'}"))
-    rows.append(("report", f"resnetdist report {run_dir}"))
+        rows.append(("TensorBoard", f"tensorboard --logdir {run.path / 'tb'}"))
+    rows.append(("report", f"resnetdist report {run.path}"))
     return f"{result_line(summary)}\n{format_facts(rows)}"
 
 

@@ -1,7 +1,7 @@
 """The parts of the training loop (the loop itself is Trainer.fit in trainer.py): what it
-carries (Progress), when it stops to log, evaluate and checkpoint (Cadence), where each
-iteration's batch comes from (Feed), the hot loop between those stops (take_steps: only
-`step(*next(batches))`), and what it does at a stop: drain the device-side sums (a
+carries (Progress), when it stops to log, evaluate and checkpoint (Cadence), the hot loop
+between those stops (take_steps: only `step(*next(batches))`, the batches from the data's feed,
+data/feed.py), and what it does at a stop: drain the device-side sums (a
 non-finite loss ends the run) and make the evaluation record and its line.
 """
 
@@ -16,9 +16,8 @@ import torch
 
 from .. import dist
 from ..config import RunConfig
-from ..data.augment import draw_params
-from ..data.resident import TrainLoader
 from ..errors import NonFiniteLoss
+from .bar import RunBar
 
 
 class Step(Protocol):
@@ -65,25 +64,10 @@ class Cadence:
         return min([self.total, *stops])
 
 
-@dataclass
-class Feed:
-    """Where each iteration's batch and augmentation numbers come from: the loader's batches
-    and draw_params(seed, iteration), this rank's slice of both. With `out`, the loader
-    gathers each batch straight into those buffers (a graphed step's inputs: one copy, not two)."""
-
-    loader: TrainLoader
-    seed: int
-    global_batch: int
-    rank: int = 0
-    world_size: int = 1
-    out: tuple[torch.Tensor, torch.Tensor] | None = None  # a graphed step's input buffers (step.inputs.out)
-
-    def batches(self, start_iter: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        it = start_iter
-        for images, labels in self.loader.batches(start_iter, out=self.out):
-            dist.progress(it)  # the hang watchdog's clock: `it` iterations done
-            yield images, labels, draw_params(self.seed, it, self.global_batch, self.rank, self.world_size)
-            it += 1
+def after_step(bar: RunBar, it: int) -> None:
+    """What the loop does after each step, host-side only: the hang watchdog's clock, the bar."""
+    dist.progress(it)
+    bar.tick(it)
 
 
 def take_steps(step: Callable, batches: Iterator, count: int, tick: Callable[[int], None] | None = None) -> None:
@@ -112,9 +96,10 @@ def drain(step: Step, progress: Progress, it: int) -> dict[str, float]:
     return {"iter": it, "train_loss": stats[0] / count, "train_error": 100.0 * stats[1] / count, "lr": step.lr_of(it)}
 
 
-def evaluation_record(step: Step, progress: Progress, errors: dict[str, float], it: int, steps_per_epoch: int,
-                      global_batch: int) -> dict[str, float]:
-    """The training window since the last evaluation, with this evaluation's errors; resets the window."""
+def evaluation(step: Step, progress: Progress, errors: dict[str, float], it: int, steps_per_epoch: int,
+               global_batch: int) -> tuple[dict[str, float], str]:
+    """The evaluation record (the training window since the last evaluation, with this
+    evaluation's errors; the window is reset) and its line for the terminal."""
     loss_sum, wrong, count = progress.window
     record = {
         "iter": it,
@@ -127,11 +112,8 @@ def evaluation_record(step: Step, progress: Progress, errors: dict[str, float], 
         "train_seconds": progress.train_seconds,
     }
     progress.window[:] = 0
-    return record
-
-
-def evaluation_line(record: dict[str, float], errors: dict[str, float]) -> str:
-    return (f"iter {record['iter']:>6}  lr {record['lr']:.4g}  train loss {record['train_loss']:.4f}  "
+    line = (f"iter {record['iter']:>6}  lr {record['lr']:.4g}  train loss {record['train_loss']:.4f}  "
             f"train err {record['train_error']:.2f}%  "
             + "  ".join(f"{k.removesuffix('_error')} err {v:.2f}%" for k, v in errors.items()))
+    return record, line
 

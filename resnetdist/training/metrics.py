@@ -18,10 +18,11 @@ from typing import Any
 from ..checkpoint import WriteError, atomic_write_text
 from ..config import LogConfig, model_name
 from ..errors import INTERRUPTED, Preempted
+from ..rundir import RunDir
 
 
-# ----- the W&B mode: log.wandb_mode "auto" decided here, where the logger lives; trainer.resolve
-# asks once, at preflight, and the logger then uses the resolved mode as it is -------------------
+# ----- the W&B mode: log.wandb_mode "auto" decided here, where the logger lives (open_logger asks
+# once); the configuration keeps "auto" ----------------------------------------------------------
 
 
 def resolve_wandb_mode(mode: str) -> str:
@@ -228,7 +229,7 @@ class WandbSink:
     bounded by log.wandb_finish_timeout_s; what did not upload stays on disk for `wandb sync`.
     """
 
-    def __init__(self, cfg: LogConfig, run_dir: Path, run_config: dict[str, Any], name: str,
+    def __init__(self, cfg: LogConfig, mode: str, run_dir: Path, run_config: dict[str, Any], name: str,
                  group: str, tags: list[str], run_id: str | None):
         import wandb
 
@@ -236,7 +237,7 @@ class WandbSink:
         # a checkpoint's id continues its run; else $WANDB_RUN_ID, which a W&B sweep agent sets for
         # the run it starts (so the run joins the sweep); else a new one
         self.id = run_id or os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:12]
-        self.mode = cfg.wandb_mode  # resolved at preflight (trainer.resolve)
+        self.mode = mode  # online or offline (resolve_wandb_mode)
         kwargs = dict(
             project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "resnetdist",
             entity=cfg.wandb_entity or os.environ.get("WANDB_ENTITY") or None,
@@ -285,7 +286,7 @@ class WandbSink:
         """The final weights as the W&B model artifact `model-<run id>` (one artifact per run,
         whatever its name, as Lightning's WandbLogger names them), aliases `final` and `latest`:
         model.pt and model.safetensors, the mean image the inputs are normalised with (mean.npy, float32 (3, 32, 32),
-        [0, 1] units) and the resolved config.toml, so the artifact alone is enough to run the net."""
+        [0, 1] units), config.toml and resolved.toml, so the artifact alone is enough to run the net."""
         self._call(self._log_model, run_dir, mean, metadata)
 
     def _log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
@@ -293,9 +294,10 @@ class WandbSink:
 
         np.save(run_dir / "mean.npy", np.asarray(mean, dtype=np.float32))
         artifact = self.wandb.Artifact(f"model-{self.run.id}", type="model", metadata=_clean(metadata))
-        for file in ("model.pt", "model.safetensors", "mean.npy", "config.toml"):
-            if (run_dir / file).exists():
-                artifact.add_file(str(run_dir / file), name=file)
+        run = RunDir(run_dir)
+        for file in (run.model, run.safetensors, run_dir / "mean.npy", run.config, run.resolved):
+            if file.exists():
+                artifact.add_file(str(file), name=file.name)
         self.run.log_artifact(artifact, aliases=["final", "latest"])
 
     def close(self, exit_code: int = 0, stopped: bool = False) -> None:
@@ -370,20 +372,18 @@ class MetricLogger:
 
 def open_logger(cfg: LogConfig, run_dir: Path, run_config: dict[str, Any], name: str, group: str,
                 tags: list[str], resume_iter: int, wandb_id: str | None) -> MetricLogger:
-    """The sinks of rank 0; cfg.wandb_mode as resolved at preflight (online, offline or
-    disabled: an unresolved "auto" is a bug of the caller)."""
-    if cfg.wandb_mode not in ("online", "offline", "disabled"):
-        raise ValueError(f"log.wandb_mode {cfg.wandb_mode!r} is not resolved (trainer.resolve)")
-    sinks: list = [JsonlSink(run_dir / "metrics.jsonl", resume_iter)]
+    """The sinks of rank 0; W&B's among them unless log.wandb_mode resolves to disabled."""
+    sinks: list = [JsonlSink(RunDir(run_dir).metrics, resume_iter)]
     if cfg.tensorboard:
         sinks.append(TensorBoardSink(run_dir / "tb", resume_iter))
     wandb_sink = None
-    if cfg.wandb_mode != "disabled":
+    mode = resolve_wandb_mode(cfg.wandb_mode)
+    if mode != "disabled":
         try:
             import wandb  # noqa: F401
         except ImportError:
             warn("wandb is not installed (pip install 'resnetdist[wandb]'); not logging to W&B")
         else:
-            wandb_sink = WandbSink(cfg, run_dir, run_config, name, group, tags, wandb_id)
+            wandb_sink = WandbSink(cfg, mode, run_dir, run_config, name, group, tags, wandb_id)
             sinks.append(wandb_sink)
     return MetricLogger(sinks, wandb_sink, wandb_id, run_params(run_config))

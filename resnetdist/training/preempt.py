@@ -21,7 +21,7 @@ from typing import Iterator
 
 from .. import dist
 from ..errors import Preempted
-from ..progress import RunBar
+from .bar import RunBar
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -57,7 +57,7 @@ def acknowledge() -> None:
     may be minutes away on a slow machine; without a word a person presses again and loses the
     checkpoint. Written with os.write, which is safe in a signal handler (print is not: it may
     interrupt a print of the main thread), after clearing the bar's line on a terminal."""
-    if os.environ.get("RANK", "0") != "0":
+    if dist.launch_rank() != 0:
         return
     bar = RunBar.active
     where = (bar.stopping() if bar is not None else "") or "stopping at the next log point to write a checkpoint"

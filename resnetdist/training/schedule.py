@@ -1,11 +1,11 @@
 """The paper's schedule, counted in iterations: lr 0.1, divided by 10 at 32k and 48k, stop at
-64k; ResNet-110 starts at 0.01 (warm-up). Also the global batch a world size implies."""
+64k; ResNet-110 starts at 0.01 (warm-up)."""
 
 from __future__ import annotations
 
 import torch
 
-from ..config import OptimConfig, RunConfig
+from ..config import OptimConfig
 
 
 def lr_at(optim: OptimConfig, it: int, world_scale: float = 1.0, scale_warmup: int = 0) -> float:
@@ -20,22 +20,7 @@ def lr_at(optim: OptimConfig, it: int, world_scale: float = 1.0, scale_warmup: i
     return base * optim.gamma ** sum(it >= m for m in optim.milestones)
 
 
-def lr_table(cfg: RunConfig, world_size: int) -> torch.Tensor:
+def lr_table(optim: OptimConfig, world_scale: float, scale_warmup: int) -> torch.Tensor:
     """The lr of every iteration, float32 (iters,): the step reads it on the device."""
-    scale = world_size if cfg.dist.batch_scaling == "per_rank" else 1
-    return torch.tensor(
-        [lr_at(cfg.optim, i, scale, cfg.dist.scale_warmup_iters) for i in range(cfg.optim.iters)],
-        dtype=torch.float32,
-    )
-
-
-def global_batch(cfg: RunConfig, world_size: int) -> int:
-    """Images per iteration over all ranks; ValueError naming the key if it cannot be split."""
-    if cfg.dist.batch_scaling == "per_rank":
-        return cfg.optim.batch_size * world_size
-    if cfg.optim.batch_size % world_size:
-        raise ValueError(
-            f"optim.batch_size={cfg.optim.batch_size} does not divide across {world_size} ranks; "
-            f"choose a multiple of {world_size} or set dist.batch_scaling=per_rank"
-        )
-    return cfg.optim.batch_size
+    return torch.tensor([lr_at(optim, i, world_scale, scale_warmup) for i in range(optim.iters)],
+                        dtype=torch.float32)

@@ -9,7 +9,6 @@ what they drive is what trains.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -18,41 +17,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import checkpoint, dist, pretrained
+from .. import dist, pretrained
 from ..config import RunConfig
 from ..data import Cifar10, Loaders, open_loaders
 from ..data.augment import training_mean
 from ..data.epochs import EpochTable, epoch_table_for
-from ..data.order import iters_per_epoch
-from ..data.resident import TrainLoader
+from ..data.feed import Feed, feed_for
 from ..errors import Preempted
 from ..models import build_model, count_parameters
-from ..progress import RunBar
+from .bar import RunBar
+from ..rundir import RunDir
 from .evaluate import error_rates, model_layout as memory_format  # evaluation uses the same layout
-from .loop import Cadence, Feed, Progress, drain, evaluation_line, evaluation_record, take_steps
-from .metrics import resolve_wandb_mode
+from .loop import Cadence, Progress, after_step, drain, evaluation, take_steps
 from .optim import TensorLRSGD
 from .preempt import Notice
-from .schedule import global_batch, lr_table
-from .step import StepChoice, TrainStep, build_step, choose_kind, default_precision
-
-
-def resolve(cfg: RunConfig) -> RunConfig:
-    """cfg with every "auto" that depends on the machine replaced by what runs here, in place
-    and once (at preflight, before workers start; a resolved config stays as it is): the device
-    (torch sees CUDA or not), the precision (step.py), the W&B mode (metrics.py). train.step
-    stays as asked: build_step needs to know whether a graph was asked for by name; a step that
-    cannot run here at all (graph without CUDA) is refused now, a ConfigError."""
-    train = cfg.train
-    if train.device == "auto":
-        train.device = "cuda" if torch.cuda.is_available() else "cpu"
-    on_cuda = train.device == "cuda"
-    if train.precision == "auto":
-        train.precision = default_precision(on_cuda)
-    cfg.log.wandb_mode = resolve_wandb_mode(cfg.log.wandb_mode)
-    cfg.validate()
-    choose_kind(train.step, on_cuda, train.precision)
-    return cfg
+from .plan import Plan, resolve
+from .schedule import lr_table
+from .step import StepChoice, TrainStep, build_step
 
 
 def make_model(cfg: RunConfig, ctx: dist.DistContext) -> tuple[nn.Module, TensorLRSGD]:
@@ -67,49 +48,41 @@ def make_model(cfg: RunConfig, ctx: dist.DistContext) -> tuple[nn.Module, Tensor
     return model, TensorLRSGD(model.parameters(), lr, cfg.optim.momentum, cfg.optim.weight_decay)
 
 
-def make_step(cfg: RunConfig, ctx: dist.DistContext, model: nn.Module, optimizer: TensorLRSGD, data: Cifar10,
-              source: EpochTable | None = None) -> TrainStep:
-    """The step train.step chooses here (step.choose_kind; step.choice says which runs and why:
-    an auto graph whose capture fails becomes the eager step, a graph asked for by name stops
-    the run). With a source, the step gathers its own inputs."""
-    mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
+def make_step(cfg: RunConfig, plan: Plan, ctx: dist.DistContext, model: nn.Module, optimizer: TensorLRSGD,
+              mean: torch.Tensor, source: EpochTable | None = None) -> TrainStep:
+    """The step the plan chose (step.choose_kind), inputs normalised with `mean` (the data's mean
+    image, on the device); step.choice says which runs and why: auto's graph whose capture fails
+    becomes the eager step, a graph asked for by name stops the run (GraphUnavailable). With a
+    source, the step gathers its own inputs."""
     with dist.stage("model broadcast (DDP set-up)"):
-        choice = choose_kind(cfg.train.step, ctx.device.type == "cuda", cfg.train.precision)
-        return build_step(model, optimizer, mean, lr_table(cfg, ctx.world_size), choice=choice,
-                          compile_mode=cfg.train.compile, precision=cfg.train.precision,
+        return build_step(model, optimizer, mean, lr_table(cfg.optim, plan.lr_scale, cfg.dist.scale_warmup_iters),
+                          choice=plan.choice, compile_mode=cfg.train.compile, precision=plan.precision,
                           memory_format=memory_format(cfg, ctx.device), ddp=ctx.distributed,
-                          batch_per_rank=global_batch(cfg, ctx.world_size) // ctx.world_size, source=source)
+                          batch_per_rank=plan.batch_per_rank, source=source)
 
 
-def feed_of(step: TrainStep, loader: TrainLoader, seed: int, global_batch: int, rank: int = 0,
-            world_size: int = 1) -> Feed | EpochTable:
-    """The feed of `step`: its source, when it gathers its own inputs (nothing to hand it per
-    iteration); else the loader's batches, which a graphed step's loader gathers into the
-    graph's inputs."""
-    if step.source is not None:
-        return step.source
-    return Feed(loader, seed, global_batch, rank, world_size, out=step.inputs.out if step.inputs else None)
-
-
-def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | None = None) -> Trainer:
-    """The run of this rank, built from a resolved config: loaders, model and optimizer, step,
-    and the feed that fills the step's inputs. `stop`: the preemption notice fit() asks at its
-    log points (None: nothing stops it early). It starts at iteration 0; Trainer.load continues
-    from a checkpoint."""
-    batch = global_batch(cfg, ctx.world_size)
-    loaders = open_loaders(cfg.data, data, ctx, batch, cfg.train.seed)
-    model, optimizer = make_model(cfg, ctx)
+def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | None = None,
+          plan: Plan | None = None) -> Trainer:
+    """The run of this rank: loaders, model and optimizer, step, and the data's feed of the
+    step. `plan`: what preflight resolved (None: resolved here, for bench, doctor and tests);
+    `stop`: the preemption notice fit() asks at its log points (None: nothing stops it early).
+    It starts at iteration 0; Trainer.load continues from a checkpoint."""
+    plan = plan or resolve(cfg, ctx.world_size)
+    loaders = open_loaders(cfg.data, data, ctx, plan.global_batch, cfg.train.seed)
     # a resident loader's epochs go to the device whole: the step gathers each batch itself
-    source = epoch_table_for(loaders.train, cfg.train.seed, batch, ctx.rank, ctx.world_size)
+    source = epoch_table_for(loaders.train, cfg.train.seed, plan.global_batch, ctx.rank, ctx.world_size)
     if source is not None:
         source.load(0)  # before capture: the warm-up reads it
-    step = make_step(cfg, ctx, model, optimizer, data, source)
-    feed = feed_of(step, loaders.train, cfg.train.seed, batch, ctx.rank, ctx.world_size)
+    mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
+    model, optimizer = make_model(cfg, ctx)
+    step = make_step(cfg, plan, ctx, model, optimizer, mean, source)
+    plan = plan.ran(step.choice)
+    feed = feed_for(loaders.train, source, cfg.train.seed, plan.global_batch, ctx.rank, ctx.world_size,
+                    out=step.inputs.out if step.inputs else None)
     data_facts = {"train_images": len(data.train), "test_images": len(data.test),
                   "val_images": len(data.val) if data.val is not None else 0,
                   "data_identity": data.identity}  # cifar10 | modified | unknown (data/cifar.py identity)
-    return Trainer(cfg, ctx, model, optimizer, step, loaders, feed, iters_per_epoch(len(data.train), batch), data_facts,
-                   stop)
+    return Trainer(cfg, plan, ctx, model, optimizer, step, loaders, feed, loaders.train.steps, data_facts, stop)
 
 
 class Logger(Protocol):
@@ -125,6 +98,7 @@ class Trainer:
     """One rank's run, built (build()); fit() trains it from `progress` to the end."""
 
     cfg: RunConfig
+    plan: Plan  # what this machine resolved, with the step that runs
     ctx: dist.DistContext
     model: nn.Module  # the plain module: what checkpoints save
     optimizer: TensorLRSGD
@@ -143,8 +117,7 @@ class Trainer:
         NonFiniteLoss) and logged, then come the evaluation and the checkpoint when due. A stop
         asked for (self.stop, agreed by all ranks) checkpoints there and raises Preempted."""
         step, progress, cadence = self.step, self.progress, Cadence.of(self.cfg)
-        self.wandb_id = logger.wandb_id  # this attempt's W&B run: its checkpoints hand it on
-        it = progress.iteration
+        it, self.wandb_id = progress.iteration, logger.wandb_id  # this attempt's W&B run: its checkpoints hand it on
         bar = RunBar(f"{self.cfg.name} ({step_label(step.choice)})", cadence.total, it, self.ctx.is_main,
                      next_stop=cadence.next_stop)
         batches = self.feed.batches(it)
@@ -153,7 +126,7 @@ class Trainer:
             while it < cadence.total:
                 until = cadence.next_stop(it)
                 with dist.stage(f"training step (gradient all-reduce) in iterations {it + 1}-{until}"):
-                    take_steps(step, batches, until - it, lambda done, first=it: bar.tick(first + done))
+                    take_steps(step, batches, until - it, lambda done, first=it: after_step(bar, first + done))
                 bar.to(until)
                 it = until
                 log_now, eval_now, ckpt_now = cadence.due(it)
@@ -170,9 +143,9 @@ class Trainer:
                 if eval_now:
                     with dist.stage(f"evaluation at iteration {it}"):
                         errors = self.evaluate()
-                    progress.last_eval = evaluation_record(step, progress, errors, it, self.steps_per_epoch,
-                                                           self.feed.global_batch)
-                    bar.write(evaluation_line(progress.last_eval, errors))
+                    progress.last_eval, line = evaluation(step, progress, errors, it, self.steps_per_epoch,
+                                                          self.plan.global_batch)
+                    bar.write(line)
                     logger.log(progress.last_eval, "eval")
                 if ckpt_now or reason:
                     self.checkpoint()
@@ -189,7 +162,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint holds: the uncompiled model, the optimizer, the progress (iteration,
-        training time, the metric window), the RNG states, the resolved config, the mean image,
+        training time, the metric window), the RNG states, the config, the mean image,
         the world size and the W&B run id: everything needed to continue bit for bit, and to
         evaluate or export alone."""
         progress, device = self.progress, self.ctx.device
@@ -223,23 +196,23 @@ class Trainer:
                         f"this run has {self.ctx.world_size}")
 
     def checkpoint(self) -> None:
-        """state_dict() written by rank 0 (checkpoint.save: atomic, checksummed, the last
+        """state_dict() written by rank 0 (RunDir's checkpoints: atomic, checksummed, the last
         train.keep_checkpoints kept); every rank waits, so none runs ahead of a save."""
         cfg, iteration = self.cfg, self.progress.iteration
         if self.ctx.is_main:  # watched: the other ranks wait for it in the barrier
             with dist.stage(f"checkpoint write at iteration {iteration}"):
-                checkpoint.save(cfg.run_dir, iteration, self.state_dict(), cfg.train.keep_checkpoints)
+                RunDir(cfg.run_dir).checkpoints.save(iteration, self.state_dict(), cfg.train.keep_checkpoints)
         with dist.stage(f"checkpoint barrier at iteration {iteration}"):
             dist.barrier()
 
     def finish(self) -> dict[str, Any]:
-        """The run's summary; rank 0 writes model.pt, model.safetensors and summary.json."""
+        """The run's summary; rank 0 writes the final weights (two files) and the summary."""
         summary, cfg = summarize(self), self.cfg
         if self.ctx.is_main:
-            weights = final_weights(self.model, cfg, cfg.optim.iters, self.step.mean)
-            checkpoint.atomic_save(weights, cfg.run_dir / "model.pt")
-            pretrained.save(cfg.run_dir, self.model, weights["mean"], cfg)  # model.safetensors: the same, no pickle
-            checkpoint.atomic_write_text(cfg.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            weights, run = final_weights(self.model, cfg, cfg.optim.iters, self.step.mean), RunDir(cfg.run_dir)
+            run.write_model(weights)
+            pretrained.save(run.safetensors, self.model, weights["mean"], cfg)  # the same, no pickle
+            run.write_summary(summary)
         return summary
 
 
@@ -258,7 +231,7 @@ def summarize(trainer: Trainer) -> dict[str, Any]:
     """summary.json: the run's result and what produced it; evaluates once more when the last
     evaluation is not at the end (a run resumed at its very end)."""
     cfg, ctx, step, progress = trainer.cfg, trainer.ctx, trainer.step, trainer.progress
-    batch = trainer.feed.global_batch  # images per iteration over all ranks
+    batch = trainer.plan.global_batch  # images per iteration over all ranks
     total = cfg.optim.iters
     record = progress.last_eval
     if record is None or record["iter"] != total:  # resumed at the very end: evaluate again
@@ -273,6 +246,6 @@ def summarize(trainer: Trainer) -> dict[str, Any]:
         "train_seconds": progress.train_seconds, "images_per_second": record["images_per_second"],
         "parameters": count_parameters(step.model), "world_size": ctx.world_size, "global_batch": batch,
         "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
-        "precision": cfg.train.precision, "step": step.kind, "step_reason": step.choice.reason,
-        "loader": cfg.data.loader, **trainer.data_facts,
+        "precision": trainer.plan.precision, "step": step.kind, "step_reason": step.choice.reason,
+        "loader": trainer.plan.loader, **trainer.data_facts,
     }

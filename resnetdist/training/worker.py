@@ -1,55 +1,54 @@
 """What each worker process (one per rank under torchrun, or this process alone) does for
 `resnetdist train`, top to bottom:
 checks (preflight) -> process group -> where the run starts (finished, the newest checkpoint,
-or fresh: found once, by rank 0, and shared) -> lock, header, config.toml -> the trainer
-(trainer.build, then Trainer.load of that checkpoint) -> logger -> Trainer.fit -> summary ->
+or fresh: found once, by rank 0, and shared) -> lock -> the trainer (trainer.build, then
+Trainer.load of that checkpoint) -> header, config.toml and resolved.toml -> logger -> Trainer.fit -> summary ->
 clean-up. Rank 0 alone writes files; other ranks get a NullLogger and skip the writes.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import checkpoint, dist
-from . import announce, preempt, rundir
-from ..config import ConfigError, RunConfig, check_same_experiment, to_toml
+from ..rundir import RunDir
+from . import announce, preempt
+from ..config import ConfigError, RunConfig, check_same_experiment
 from ..data import Cifar10, load_data, load_data_on_every_rank
 from .metrics import NullLogger, open_logger
-from .schedule import global_batch
-from .trainer import build, resolve
+from .plan import Plan, resolve
+from .trainer import build
 
 
-def preflight(cfg: RunConfig, world_size: int) -> Cifar10:
-    """Everything that can be checked before workers start: batch split, devices, optional
-    packages, data files, run directory. Resolves cfg's "auto" settings for this machine
-    first (trainer.resolve). Returns the parsed data, so it is read only once."""
-    resolve(cfg)
+@dataclass(frozen=True)
+class Prepared:
+    """What preflight found: the plan of the run on this machine and the data, parsed once."""
+
+    plan: Plan
+    data: Cifar10
+
+
+def preflight(cfg: RunConfig, world_size: int) -> Prepared:
+    """Everything that can be checked before workers start: the plan (batch split, device,
+    precision, step: plan.resolve), devices, optional packages, data files, run directory."""
+    plan = resolve(cfg, world_size)
     check_out_folder(cfg.run_dir)
-    if int(os.environ.get("RANK", "0")) == 0:  # the launcher or rank 0; rank 0's own lock comes later
-        rundir.check_free(cfg.run_dir)  # a run directory held by a live run: RunDirBusy, before torchrun starts
-    try:
-        global_batch(cfg, world_size)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+    if dist.launch_rank() == 0:  # the launcher or rank 0; rank 0's own lock comes later
+        RunDir(cfg.run_dir).check_free()  # a run directory held by a live run: RunDirBusy, before torchrun starts
+    if plan.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device = cuda, but torch sees no CUDA device")
-    if cfg.dist.sync_bn and world_size > 1 and cfg.train.device != "cuda":
+    if cfg.dist.sync_bn and world_size > 1 and plan.device != "cuda":
         raise ConfigError("dist.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
-    if cfg.data.loader == "ffcv":
-        from ..data.beton import require_ffcv
-
-        require_ffcv()
-    data = load_checked_data(cfg)  # parses and checks every file; a bad one is named
-    check_same_experiment(cfg)
-    return data
+    data = load_checked_data(cfg, plan)  # parses and checks every file; a bad one is named
+    check_same_experiment(cfg, RunDir(cfg.run_dir).config)
+    return Prepared(plan, data)
 
 
 def check_out_folder(run_dir: Path) -> None:
@@ -63,13 +62,13 @@ def check_out_folder(run_dir: Path) -> None:
         raise ConfigError(f"{label}: {existing} is not writable")
 
 
-def load_checked_data(cfg: RunConfig) -> Cifar10:
+def load_checked_data(cfg: RunConfig, plan: Plan) -> Cifar10:
     """The data, read by this process. Under torchrun with several ranks (workers, possibly on
     other nodes with their own disks) every rank checks its node and all agree before any
     trains, so a node without the data stops the job with one line naming the host and path."""
-    if "LOCAL_RANK" not in os.environ or dist.world_size_from_env() <= 1:
+    if not dist.under_torchrun() or dist.world_size_from_env() <= 1:
         return load_data(cfg.data)
-    dist.setup(cfg.train.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s, compile_pause_s=cfg.dist.compile_pause_s)
+    dist.setup(plan.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s, compile_pause_s=cfg.dist.compile_pause_s)
     return load_data_on_every_rank(cfg.data)
 
 
@@ -95,26 +94,14 @@ class AlreadyFinished(Exception):
         super().__init__(f"{summary.get('name')} is finished")
 
 
-def finished_summary(cfg: RunConfig) -> dict[str, Any] | None:
-    """summary.json of a run that ended with this experiment's length and name; None otherwise
-    (absent, unreadable, or from another configuration: then the run goes on as usual)."""
-    try:
-        summary = json.loads((cfg.run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(summary, dict):
-        return None
-    same = summary.get("iterations") == cfg.optim.iters and summary.get("name") == cfg.name
-    return summary if same and "test_error" in summary else None
-
-
 def where_it_starts(cfg: RunConfig) -> Start:
-    """The run directory, looked at once: finished, else its newest readable checkpoint (read
-    and sha256-checked by checkpoint.load_latest, a damaged one named and skipped), else fresh."""
-    summary = finished_summary(cfg)
+    """The run directory, looked at once: finished (RunDir.finished), else its newest readable
+    checkpoint (RunDir.load_newest: sha256-checked, a damaged one named and skipped), else fresh."""
+    run = RunDir(cfg.run_dir)
+    summary = run.finished(cfg.optim.iters, cfg.name)
     if summary is not None:
         return Start(cfg.optim.iters, summary=summary)
-    found = checkpoint.load_latest(cfg.run_dir, warn=dist.print0) if cfg.run_dir.is_dir() else None
+    found = run.checkpoints.load_newest(warn=dist.print0)
     if found is None:
         return Start()
     return Start(int(found[1]["iteration"]), found[0], found[1])
@@ -147,36 +134,40 @@ def agreed_start(cfg: RunConfig, ctx: dist.DistContext) -> Start:
 # ----- the run ----------------------------------------------------------------------------------
 
 
-def main(cfg: RunConfig, data: Cifar10 | None = None, signals: bool = True, on_hang: str = "exit") -> dict[str, Any]:
-    """Train on this rank; `data` is what preflight already parsed, if it ran. With `signals`,
-    from here on a SIGTERM or SIGUSR1 stops the run at the next log point with a checkpoint
-    (Preempted). on_hang: dist.setup's ("raise" for resnetdist.train, which must not end the
-    calling process)."""
+def main(cfg: RunConfig, prepared: Prepared | None = None, signals: bool = True, on_hang: str = "exit") -> dict[str, Any]:
+    """Train on this rank; `prepared` is what preflight found, if it ran here. The process's
+    part: the process group (and the hang watchdog; on_hang: dist.setup's, "raise" for
+    resnetdist.train, which must not end the calling process) and, with `signals`, from here on
+    a SIGTERM or SIGUSR1 noted to stop the run at the next log point with a checkpoint (Preempted)."""
     with preempt.notice(install=signals) as notice:
-        return train_rank(cfg, data, notice, on_hang)
+        prepared = prepared or preflight(cfg, dist.world_size_from_env())
+        ctx = dist.setup(prepared.plan.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s,
+                         compile_pause_s=cfg.dist.compile_pause_s, on_hang=on_hang)
+        try:
+            return train_rank(cfg, prepared, ctx, notice)
+        finally:
+            dist.cleanup()
 
 
-def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice, on_hang: str = "exit") -> dict[str, Any]:
-    ctx = dist.setup(cfg.train.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s, compile_pause_s=cfg.dist.compile_pause_s,
-                     on_hang=on_hang)
+def train_rank(cfg: RunConfig, prepared: Prepared, ctx: dist.DistContext, notice: preempt.Notice) -> dict[str, Any]:
+    """The run on this rank, in its process group (main)."""
+    plan, data = prepared.plan, prepared.data
     run_lock = None
     try:
-        if data is None:
-            data = preflight(cfg, ctx.world_size)
         start = agreed_start(cfg, ctx)
         if start.summary is not None:  # a rerun of a finished run does nothing
             raise AlreadyFinished(start.summary)
         if ctx.is_main and data.record_count_note():  # a stand-in or a cut file: say what trains
             print(data.record_count_note(), file=sys.stderr, flush=True)
         if ctx.is_main:
-            run_lock = rundir.acquire(cfg.run_dir)  # before anything is written there (RunDirBusy if held)
-        trainer = build(cfg, ctx, data, stop=notice)
+            run = RunDir(cfg.run_dir)  # rank 0's: the other ranks write nothing
+            run_lock = run.acquire()  # before anything is written there (RunDirBusy if held; preflight probed it)
+        trainer = build(cfg, ctx, data, stop=notice, plan=plan)
         if start.state is not None:
             trainer.load(start.state)
-        if ctx.is_main:  # after the build: the header names the step that runs (a failed auto capture: eager, and why)
-            print(announce.header(cfg, ctx.world_size, start, data.eval_images(), data.describe(),
-                                  trainer.step.choice.describe()), flush=True)
-            write_run_config(cfg, trainer.step.kind)
+        if ctx.is_main:  # after the build: the header names the step that runs (auto's failed capture: eager, and why)
+            print(announce.header(cfg, trainer.plan, start, data.eval_images(), data.describe()), flush=True)
+            run.write_config(cfg, asdict(trainer.plan))  # the configuration as loaded, and beside it what ran
         logger = open_logger(cfg.log, cfg.run_dir, cfg.to_dict(), cfg.name, cfg.model.name, cfg.tags,
                              trainer.progress.iteration, trainer.wandb_id) if ctx.is_main else NullLogger()
         try:
@@ -195,14 +186,6 @@ def train_rank(cfg: RunConfig, data: Cifar10 | None, notice: preempt.Notice, on_
             raise
         return summary
     finally:
-        dist.cleanup()
         if run_lock is not None:
             run_lock.release()
 
-
-def write_run_config(cfg: RunConfig, step_kind: str) -> None:
-    """config.toml: the resolved configuration, with the step that runs (a graph whose capture
-    failed runs eagerly), written once the step is built."""
-    cfg.train.step = step_kind
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_text(cfg.run_dir / "config.toml", to_toml(cfg))

@@ -1,0 +1,355 @@
+"""One run's folder: its layout, its lock, its checkpoints and where it stands. Every part of
+the package that reads or writes a run folder (the worker, `reproduce`, `runs`/`--status`, the
+report, `eval`, `export`) asks a `RunDir`; no other module spells a file name of the folder
+(docs/run-directory.md lists them). A RunDir holds no state but its path: one process may drive
+several.
+
+The lock: `acquire` takes an exclusive `fcntl.flock` on .lock, which the kernel drops when the
+holder's descriptor closes, including any death of the process (SIGKILL, OOM kill, reboot): a
+dead run never leaves a lock behind, and there is no stale-lock guessing. The pid, host, start
+and command written into the file are for messages only; the file is never deleted (that races
+with a process that has just opened it). Rank 0 holds it from before anything is written until
+training returns; a launcher and `runs` only probe it (`check_free`: a shared, non-blocking
+flock released at once), so they never block the run. The descriptor is close-on-exec. flock
+works on local file systems and NFS v4; where locks do not work every probe sees a free folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .checkpoint import SIDECAR, atomic_save, atomic_write_text, load
+from .config import RunConfig, dumps_toml, from_dict, read_toml, to_toml
+from .errors import INTERRUPTED, PREEMPTED, RunDirBusy, WriteError
+
+CHECKPOINT = re.compile(r"ckpt_(\d+)\.pt$")
+EXIT_LINE = re.compile(r"^=== .* exit code (-?\d+)$")  # what a suite appends to train.log after a run
+STATES = ("fresh", "resumable", "running", "stopped", "failed", "finished")
+
+
+@dataclass(frozen=True)
+class RunState:
+    """Where a run folder stands (RunDir.state), `kind` one of STATES. fresh: nothing trained;
+    resumable: not running, nothing says why it ended (a kill, a crash, a run started by hand),
+    `checkpoint` to continue from (None: starts over); running: a live process holds the lock
+    (`holder`); stopped: by a Ctrl-C or a preemption notice, at a checkpoint; failed: the log
+    ends with an error or a non-zero exit code (`exit_code`, `last_line`); finished: `summary`."""
+
+    kind: str
+    iteration: int | None = None  # running: newest metrics record; others: the newest checkpoint's
+    checkpoint: Path | None = None
+    holder: dict[str, Any] | None = None
+    exit_code: int | None = None
+    last_line: str = ""
+    summary: dict[str, Any] | None = None
+
+
+class RunLock:
+    """A held run-directory lock; `release()` (or the end of the process) lets it go."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = -1
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    @classmethod
+    def take(cls, folder: Path, path: Path) -> RunLock:
+        """The exclusive flock on `path`, the holder's details written into it (RunDir.acquire)."""
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise WriteError(path, e) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunDirBusy(busy_message(folder, path)) from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        except OSError as e:  # a full disk: the lock is held, but say so rather than train on
+            os.close(fd)
+            raise WriteError(path, e) from e
+        return cls(fd)
+
+    @staticmethod
+    def probe(folder: Path, path: Path) -> None:
+        """RunDirBusy if a live process holds `path` (RunDir.check_free)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # no lock file yet (or no folder): nobody has ever held it
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: probes never block each other
+        except BlockingIOError:
+            raise RunDirBusy(busy_message(folder, path)) from None
+        finally:
+            os.close(fd)
+
+
+def busy_message(folder: Path, path: Path) -> str:
+    info = read_json(path)
+    if not info:  # the holder has taken the lock but not yet written its details
+        who = "another process"
+    else:
+        who = f"pid {info.get('pid')} on host {info.get('host')}, started {info.get('started')}"
+        if info.get("host") == socket.gethostname() and not _alive(info.get("pid")):
+            who += f" (pid {info.get('pid')} has exited; a process it forked still holds the lock)"
+    return (f"run directory {folder} is in use by another run ({who}); "
+            f"wait for it to end or stop it, or pass another --out")
+
+
+class Checkpoints:
+    """A run folder's checkpoint files, ckpt_NNNNNNN.pt with their .sha256 sidecars: named,
+    listed newest first, saved (atomic, checksummed), pruned to the newest `keep`, loaded."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def path(self, iteration: int) -> Path:
+        return self.folder / f"ckpt_{iteration:07d}.pt"
+
+    def newest_first(self) -> list[Path]:
+        """Checkpoint files, newest (highest iteration) first."""
+        found = [(int(m.group(1)), p) for p in self.folder.glob("ckpt_*.pt") if (m := CHECKPOINT.search(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def newest_iteration(self) -> int | None:
+        """The iteration of the newest checkpoint file (None: none yet)."""
+        found = self.newest_first()
+        return int(CHECKPOINT.search(found[0].name).group(1)) if found else None
+
+    def save(self, iteration: int, state: dict[str, Any], keep: int) -> Path:
+        # pruned only after the new checkpoint is safely in place: a failed write keeps every old one
+        path = self.path(iteration)
+        atomic_save(state, path)
+        self.prune(keep)
+        return path
+
+    def prune(self, keep: int) -> None:
+        """Delete all but the newest `keep` checkpoints, with their sidecars, and sidecars whose
+        checkpoint is gone (left by a writer killed between sidecar and checkpoint)."""
+        found = self.newest_first()
+        for old in found[keep:]:
+            old.unlink(missing_ok=True)
+        for sidecar in self.folder.glob(f"ckpt_*.pt{SIDECAR}"):
+            if sidecar.with_name(sidecar.name[: -len(SIDECAR)]) not in found[:keep]:
+                sidecar.unlink(missing_ok=True)
+
+    def load_newest(self, warn: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]] | None:
+        """The newest readable checkpoint and its state (checksum verified); an unreadable or
+        damaged one is reported and the previous tried."""
+        for path in self.newest_first():
+            try:
+                state = load(path)
+                if "model" not in state or "iteration" not in state:
+                    raise ValueError("missing model or iteration")
+                return path, state
+            except Exception as e:  # a torn or corrupt file: fall back to the one before
+                warn(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying the previous one")
+        return None
+
+
+class RunDir:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.checkpoints = Checkpoints(self.path)
+
+    # ----- layout: every file name of the folder ----------------------------------------------
+    config = property(lambda self: self.path / "config.toml")
+    resolved = property(lambda self: self.path / "resolved.toml")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    summary = property(lambda self: self.path / "summary.json")
+    model = property(lambda self: self.path / "model.pt")
+    safetensors = property(lambda self: self.path / "model.safetensors")  # model.pt's weights, no pickle (pretrained.py)
+    log = property(lambda self: self.path / "train.log")
+    lock_file = property(lambda self: self.path / ".lock")
+
+    def is_run(self) -> bool:
+        """Does the folder hold a run (its config, metrics or summary)?"""
+        return self.path.is_dir() and any(p.exists() for p in (self.summary, self.metrics, self.config))
+
+    def weights(self) -> Path | None:
+        """What `eval` and `export` read when given the folder: model.pt once the run is
+        finished, else its newest checkpoint (None: neither)."""
+        if self.model.exists():
+            return self.model
+        found = self.checkpoints.newest_first()
+        return found[0] if found else None
+
+    def remove_temps(self) -> list[Path]:
+        """Delete temporary files left by a writer killed mid-write. Only safe for the folder's
+        sole writer (the lock's holder)."""
+        stale = [p for p in self.path.glob(".*.tmp-*") if ".tmp-" in p.name]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
+
+    # ----- results -----------------------------------------------------------------------------
+
+    def read_config(self) -> RunConfig | None:
+        """config.toml as a configuration, or None: absent, unreadable, or from another version."""
+        try:
+            return from_dict(read_toml(self.config), str(self.config))
+        except Exception:  # noqa: BLE001 - any fault of the file means "unknown" to a reader
+            return None
+
+    def read_summary(self) -> dict[str, Any] | None:
+        """summary.json as written, or None: absent, unreadable or not an object."""
+        return read_json(self.summary)
+
+    def finished(self, iterations: int | None, name: str | None = None) -> dict[str, Any] | None:
+        """THE rule for "finished": summary.json records a test error after `iterations` (the
+        run's planned length) and, when given, the run's `name`. Its summary, else None (absent,
+        unreadable, or from another configuration: then the run goes on as usual)."""
+        summary = self.read_summary()
+        if summary is None or "test_error" not in summary or summary.get("iterations") != iterations:
+            return None
+        return summary if name is None or summary.get("name") == name else None
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_text(self.summary, json.dumps(summary, indent=2) + "\n")
+
+    def write_model(self, weights: dict[str, Any]) -> None:
+        atomic_save(weights, self.model)
+
+    def write_config(self, cfg: RunConfig, resolved: dict[str, Any]) -> None:
+        """config.toml (the configuration as loaded) and resolved.toml (what this machine made
+        of it: training/plan.Plan), atomically, the folder made if needed."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        for path, text in zip((self.config, self.resolved), config_texts(cfg, resolved)):
+            atomic_write_text(path, text)
+
+    def state(self, iterations: int | None, name: str | None = None) -> RunState:
+        """Where the run stands, from the folder alone (any process, any time; the lock is only
+        probed). `iterations`: the run's planned length."""
+        if self.is_running():
+            return RunState("running", newest_records(self.metrics)[0], holder=self.holder())
+        summary = self.finished(iterations, name)
+        if summary is not None:
+            return RunState("finished", summary.get("iterations"), summary=summary)
+        code, last = log_ending(self.log)
+        found = self.checkpoints.newest_first()
+        checkpoint = found[0] if found else None
+        iteration = self.checkpoints.newest_iteration() if found else None
+        said_stop = last.startswith(("interrupted:", "preempted:"))
+        if code in (INTERRUPTED, PREEMPTED) or (code is None and said_stop):
+            kind = "stopped"
+        elif code not in (None, 0) or last.startswith("error:"):
+            kind = "failed"
+        elif checkpoint is not None or self.metrics.exists():
+            kind = "resumable"
+        else:
+            kind = "fresh"
+        return RunState(kind, iteration, checkpoint, exit_code=code, last_line=last)
+
+    # ----- the lock (RunLock) ------------------------------------------------------------------
+
+    def acquire(self) -> RunLock:
+        """Create the folder if needed and hold its lock, or raise RunDirBusy naming the holder.
+        Temporaries left by a killed writer are removed: we are the only writer now."""
+        lock = RunLock.take(self.path, self.lock_file)
+        self.remove_temps()
+        return lock
+
+    def check_free(self) -> None:
+        """Raise RunDirBusy if a live process holds the folder; create nothing."""
+        RunLock.probe(self.path, self.lock_file)
+
+    def is_running(self) -> bool:
+        try:
+            self.check_free()
+        except RunDirBusy:
+            return True
+        return False
+
+    def holder(self) -> dict[str, Any] | None:
+        """What the current (or last) holder wrote into the lock file, if readable."""
+        return read_json(self.lock_file)
+
+
+# ----- what a run recorded, read by any process -----------------------------------------------
+
+
+def newest_records(metrics: Path) -> tuple[int | None, dict | None]:
+    """(iteration of the newest metrics record, the newest record with train_seconds)."""
+    newest, timed = None, None
+    try:
+        lines = metrics.read_text(errors="replace").splitlines()
+    except OSError:
+        return None, None
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line being written
+            continue
+        if isinstance(record, dict) and isinstance(record.get("iter"), int):
+            newest = record["iter"]
+            if record.get("train_seconds"):
+                timed = record
+    return newest, timed
+
+def log_lines(log: Path) -> list[str]:
+    """The run's log (a suite's train.log), its non-blank lines; none when it is absent."""
+    try:
+        return [line.rstrip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return []
+
+def append_exit(log: Path, code: int) -> None:
+    """A suite run's exit code, last in its log: `state` reads it back from there."""
+    with open(log, "a") as f:
+        f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} exit code {code}\n")
+
+
+def log_ending(log: Path) -> tuple[int | None, str]:
+    """(the exit code a suite appended after the run's last start, the run's own last line:
+    the suite's `=== ...` lines left out, '' if none)."""
+    lines = log_lines(log)
+    code = int(m.group(1)) if lines and (m := EXIT_LINE.match(lines[-1])) else None
+    return code, next((line.strip() for line in reversed(lines) if not line.startswith("===")), "")
+
+
+def config_texts(cfg: RunConfig, resolved: dict[str, Any]) -> tuple[str, str]:
+    """The text of config.toml and of resolved.toml (its one table, [resolved])."""
+    return to_toml(cfg), dumps_toml({"resolved": resolved})
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file, or None: absent, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True
+    return True
