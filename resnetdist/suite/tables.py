@@ -45,11 +45,19 @@ def images_words(run: RunRecords) -> str:
 
 
 def data_words(runs: list[RunRecords]) -> str:
-    """The runs' data in words, each data set once: "5,000 training / 10,000 test images of
-    data that is not verified CIFAR-10 (unknown origin)"; the amount left out when not known."""
-    seen = dict.fromkeys((images_words(r), r.data_identity) for r in runs)
-    return " / ".join(f"{amount} of {DATA_WORDS[identity]}" if amount else DATA_WORDS[identity]
-                      for amount, identity in seen)
+    """The runs' data in words: one data set in full ("5,000 training / 10,000 test images of
+    data that is not verified CIFAR-10 (unknown origin)"), several by their amounts of training
+    images per origin ("5,000/50,000 training images of ..."); an amount not known is left out."""
+    sets = dict.fromkeys((images_words(r), r.data_identity) for r in runs)
+    if len(sets) == 1:
+        ((amount, identity),) = sets
+        return f"{amount} of {DATA_WORDS[identity]}" if amount else DATA_WORDS[identity]
+    parts = []
+    for identity in dict.fromkeys(identity for _, identity in sets):
+        amounts = sorted({r.train_images for r in runs if r.data_identity == identity and r.train_images}, reverse=True)
+        words = f"{'/'.join(f'{a:,}' for a in amounts)} training images of " if amounts else ""
+        parts.append(words + DATA_WORDS[identity])
+    return " and ".join(parts)
 
 
 def setting_words(runs: list[RunRecords]) -> str:
