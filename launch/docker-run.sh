@@ -27,7 +27,8 @@
 #   GPUS         value of --gpus                 (default all; empty or "none": no --gpus, CPU;
 #                                                 e.g. '"device=0,1"' for two of them)
 #   NPROC        processes for `torchrun`        (default: GPUs that nvidia-smi lists, else 1)
-#   MAX_RESTARTS torchrun --max-restarts         (default 0)
+#   MAX_RESTARTS torchrun --max-restarts         (default 0: a hang or a dead worker ends the job,
+#                saying how to resume; N restarts it from the newest checkpoint)
 #   RUN_AS       --user for the container        (default "$(id -u):$(id -g)", so files in
 #                                                 DATA_DIR/RUNS_DIR belong to you; "image":
 #                                                 the image's own non-root user)

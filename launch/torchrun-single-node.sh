@@ -11,7 +11,9 @@
 #   NPROC          processes (GPUs) on this node (default: GPUs that nvidia-smi lists, else 1;
 #                  on CPU add `--device cpu` to ARGS: ranks then use gloo)
 #   MAX_RESTARTS   torchrun --max-restarts: elastic restarts of the whole group after a worker
-#                  dies; training resumes from the last checkpoint (default 0)
+#                  dies or reports a hang (exit 7); training resumes from the last checkpoint
+#                  (default 0 on one machine: the job ends, its last line saying how to resume
+#                  and that MAX_RESTARTS=N restarts it; the multi-node and Slurm scripts default to 3)
 #   PYTHON         python that has resnetdist installed (default python3); torchrun is run
 #                  as `$PYTHON -m torch.distributed.run`
 #   OMP_NUM_THREADS  CPU threads per process (torchrun's default: 1)

@@ -86,7 +86,9 @@ def train(
     seed: Optional[int] = typer.Option(None),
     loader: Optional[Loader] = typer.Option(None, help="resident (the dataset kept on the training device) or ffcv"),
     nproc_per_node: int = typer.Option(0, help="launch N workers with torchrun (0: this process only)"),
-    max_restarts: int = typer.Option(0, help="with --nproc-per-node: elastic restarts after a worker dies"),
+    max_restarts: int = typer.Option(0, help=(
+        "with --nproc-per-node: elastic restarts after a worker dies or reports a hang (exit 7), each resuming from "
+        "the newest checkpoint; 0 (the default on one machine): the job ends, its last line saying how to resume")),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the configuration and what this machine resolves of it (TOML) and what would run; start and write nothing"),
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line per rank (the result) instead of the summary in words"),
 ) -> None:
@@ -155,7 +157,7 @@ def train_here(cfg: RunConfig, prepared, as_json: bool = False) -> None:
     """This process's rank of the run: its faults turned into one line and an exit code, its
     result into a summary in words (rank 0) or a JSON line per rank (--json)."""
     from .dist import launch_rank
-    from .errors import NonFiniteLoss, PeerLost, Preempted, RunDirBusy, WriteError
+    from .errors import GraphUnavailable, NonFiniteLoss, PeerLost, Preempted, RunDirBusy, WriteError
     from .training.announce import closing
     from .training.worker import AlreadyFinished, main
 
@@ -165,7 +167,7 @@ def train_here(cfg: RunConfig, prepared, as_json: bool = False) -> None:
         return show_finished(e.summary, cfg, as_json)
     except NonFiniteLoss as e:
         fail(f"{e} (run directory {cfg.run_dir})", code=e.exit_code)
-    except (WriteError, RunDirBusy, PeerLost, DataError) as e:  # errors.py: their exit codes (DataError: a node without betons)
+    except (WriteError, RunDirBusy, PeerLost, DataError, GraphUnavailable) as e:  # errors.py: their exit codes (DataError: a node without betons)
         fail(str(e), code=e.exit_code)
     except Preempted as e:  # exit 6: not a failure, the scheduler's notice was obeyed (130: Ctrl-C)
         interrupted = e.reason == "SIGINT"

@@ -211,14 +211,23 @@ class DistConfig:
         " scaled by the world size after a linear warm-up (Goyal et al. 2017)"))
     scale_warmup_iters: int = field(default=500, metadata=doc("the per_rank lr warm-up, in iterations"))
     sync_bn: bool = field(default=False, metadata=doc("SyncBatchNorm across ranks (CUDA)"))
-    timeout_s: int = field(default=600, metadata=doc("process-group init and every collective"))
+    # above hang_timeout_s with a clear margin (validate): on an eagerly launched collective the
+    # hang watchdog's one line and exit 7 come before NCCL's own watchdog aborts the process
+    timeout_s: int = field(default=900, metadata=doc(
+        "process-group init and every collective launched eagerly (NCCL's watchdog aborts after it); must be"
+        " above dist.hang_timeout_s"))
     # measured against progress, not against the cadence: log_every, eval_every and a long
     # evaluation do not matter, the longest healthy silence is one iteration, one evaluation
     # batch or rank 0's checkpoint write (dist.HangWatch). The default is far above those on
     # any device; the floor keeps a typo (1 for 100) from tripping it on a loaded CPU
-    hang_timeout_s: int = field(default=600, metadata=doc(
+    hang_timeout_s: int = field(default=300, metadata=doc(
         "a rank that has made no progress (an iteration, an evaluation batch) for this long while waiting on"
-        " other ranks reports the hang and exits 7, so torchrun restarts the job (0 = off; else >= 10)"))
+        " other ranks reports the hang and exits 7, so torchrun restarts the job (0 = off; else >= 10 and below"
+        " dist.timeout_s)"))
+    # a cold torch.compile takes 30-90 s on an H100 for these nets, minutes in max-autotune; one
+    # that never returns must still end the run
+    compile_pause_s: int = field(default=1200, metadata=doc(
+        "the hang watchdog's clock pauses for a torch.compile compilation at most this long"))
 
     def validate(self) -> None:
         if self.batch_scaling not in BATCH_SCALING:
@@ -228,6 +237,12 @@ class DistConfig:
         if self.hang_timeout_s != 0 and self.hang_timeout_s < HANG_TIMEOUT_FLOOR_S:
             raise ValueError(f"dist.hang_timeout_s must be 0 (off) or >= {HANG_TIMEOUT_FLOOR_S}, "
                              f"got {self.hang_timeout_s}")
+        if self.hang_timeout_s >= self.timeout_s:
+            raise ValueError(f"dist.hang_timeout_s ({self.hang_timeout_s}) must be below dist.timeout_s "
+                             f"({self.timeout_s}), so that the hang watchdog reports a hang before NCCL's own "
+                             f"watchdog aborts the process (defaults: 300 and 900)")
+        if self.compile_pause_s < 0:
+            raise ValueError(f"dist.compile_pause_s must be >= 0, got {self.compile_pause_s}")
 
 
 @dataclass

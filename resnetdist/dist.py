@@ -8,17 +8,23 @@ leaves the others waiting in their next collective. Every wait on other ranks ru
 
 - the hang watchdog (HangWatch, `dist.hang_timeout_s`): a host thread on every rank that sees
   the run's progress (stage entries and exits, every iteration the feed hands out, every
-  evaluation batch, compilation) and, when a stage has had none for that long, prints one line
-  naming rank, host, iteration and the stage, and ends the process with exit 7 (PeerLost's
-  code). It works for every step kind and backend, including collectives replayed inside a
-  CUDA graph, which neither NCCL's watchdog nor the process group's timeout sees;
+  evaluation batch, compilation up to `dist.compile_pause_s`) and, when a stage has had none
+  for that long, reports one line naming rank, host, iteration and the stage, and ends the
+  process with exit 7 (PeerLost's code; `setup(on_hang="raise")`: raises PeerLost in the main
+  thread instead, for a caller that must outlive the run). It works for every step kind and
+  backend, including collectives replayed inside a CUDA graph, which neither NCCL's watchdog
+  nor the process group's timeout sees;
 - the process group's timeout (`dist.timeout_s`) on collectives launched eagerly: gloo raises
   in the waiting rank and `stage` turns that into one PeerLost naming the stage (exit 7); NCCL's
   own watchdog aborts the process (TORCH_NCCL_ASYNC_ERROR_HANDLING, set in `setup`).
 
+config.validate keeps dist.hang_timeout_s below dist.timeout_s, so that on an eager
+collective the hang watchdog's one line comes first, not NCCL's abort and dump (its clock
+starts at the last progress, at or before the collective's launch, where NCCL's starts).
+
 Either way the rank exits, so torchrun's agent (`--max-restarts`) stops the others (SIGTERM,
-then SIGKILL after 30 s: a SIGSTOPped worker only goes with the SIGKILL) and restarts the
-group, which resumes from the newest checkpoint.
+then SIGKILL after its shutdown grace: a SIGSTOPped worker only goes with the SIGKILL) and
+restarts the group, which resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ import torch.distributed as dist
 
 from .errors import PeerLost
 
+ON_HANG = ("exit", "raise")  # setup(on_hang=): what the hang watchdog does when it fires
+
 
 # what gloo (and torch's c10d) say when a peer is gone or silent; NCCL names itself
 PEER_FAILURE_MARKERS = ("Timed out", "timed out", "timeout", "Connection closed", "Connection reset",
@@ -55,6 +63,10 @@ _timeout_s: int | None = None  # the process group's, for messages
 # runs in thread_local error mode (training/graph.py), so the watchdog thread's event queries
 # cannot invalidate it. Collectives replayed inside a graph are watched by HangWatch.
 NCCL_ASYNC_ERROR_HANDLING = "1"
+# NCCL's heartbeat monitor ends a process whose NCCL watchdog thread has been stuck (in a CUDA
+# call on a stuck device) for TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC (480 s by default in torch 2.11
+# and 2.13): kept above dist.timeout_s by this margin, so that it is never the first to fire
+NCCL_HEARTBEAT_MARGIN_S = 60
 
 
 @dataclass(frozen=True)
@@ -104,34 +116,44 @@ def resolve_device(pref: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def setup(device_pref: str, timeout_s: int, hang_timeout_s: int = 0, on_hang: str = "exit") -> DistContext:
+def setup(device_pref: str, timeout_s: int, hang_timeout_s: int = 0, *, compile_pause_s: float = 1200,
+          on_hang: str = "exit") -> DistContext:
     """This rank's context; the process group when there are several ranks; the hang watchdog
-    when hang_timeout_s > 0 (also for one process: a stuck device then ends it too). on_hang:
-    what a detected hang does, "exit" (the process ends with exit 7, for torchrun to restart) or
-    "raise" (PeerLost in the main thread: a notebook's kernel lives on)."""
-    if on_hang not in ("exit", "raise"):
-        raise ValueError(f"on_hang must be 'exit' or 'raise', got {on_hang!r}")
+    when hang_timeout_s > 0 (also for one process: a stuck device then ends it too), pausing for
+    a compilation at most compile_pause_s (dist.compile_pause_s, whose default this is). on_hang: "exit" (the default: one line,
+    exit 7, for a worker under torchrun) or "raise" (PeerLost in the main thread, for a caller
+    that must outlive the run, e.g. a notebook)."""
     global _timeout_s
+    if on_hang not in ON_HANG:
+        raise ValueError(f"on_hang must be one of {ON_HANG}, got {on_hang!r}")
     rank, local, world_size = launch_rank(), local_rank(), world_size_from_env()
     device = resolve_device(device_pref, local)
     if hang_timeout_s > 0:
-        HangWatch.start(hang_timeout_s, rank, on_hang)
+        HangWatch.start(hang_timeout_s, rank, compile_pause_s=compile_pause_s, on_hang=on_hang)
     if world_size > 1 and not dist.is_initialized():
         _timeout_s = timeout_s
         os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = NCCL_ASYNC_ERROR_HANDLING  # read at the group's creation
-        dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo",
-            timeout=timedelta(seconds=timeout_s),
-            device_id=device if device.type == "cuda" else None,
-        )
+        os.environ.setdefault("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", str(max(480, timeout_s + NCCL_HEARTBEAT_MARGIN_S)))
+        # with device_id, NCCL's communicators are made here, eagerly: a rank that never comes
+        # leaves the others in that call, which no process-group timeout bounds. Watched from the start
+        with stage("process-group init (every rank's communicator)", early=True):
+            dist.init_process_group(
+                backend="nccl" if device.type == "cuda" else "gloo",
+                timeout=timedelta(seconds=timeout_s),
+                device_id=device if device.type == "cuda" else None,
+            )
     return DistContext(rank, local, world_size, device)
 
 
 def cleanup() -> None:
-    """The end of this rank's run: the hang watchdog stopped, the process group destroyed."""
-    HangWatch.stop()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """The end of this rank's run: the process group destroyed (watched: NCCL's teardown can
+    wait on a peer), then the hang watchdog stopped."""
+    try:
+        if dist.is_initialized():
+            with stage("teardown (process group destroyed)", early=True):
+                dist.destroy_process_group()
+    finally:
+        HangWatch.stop()
 
 
 def is_main_process() -> bool:
@@ -159,13 +181,15 @@ def is_peer_failure(error: BaseException) -> bool:
 
 
 @contextmanager
-def stage(what: str) -> Iterator[None]:
+def stage(what: str, *, early: bool = False, extra_s: float = 0.0) -> Iterator[None]:
     """Collectives of one stage of the run: the hang watchdog is armed for it (naming it), and a
     failure of theirs becomes a PeerLost naming it. Cheap (a try block and two list
-    operations): it wraps whole chunks of steps, not each step."""
+    operations): it wraps whole chunks of steps, not each step. early: watched even before the
+    first iteration (process-group init, teardown, the finish); extra_s: seconds this stage may
+    be silent beyond dist.hang_timeout_s (the finish's W&B upload has its own limit)."""
     watch = HangWatch.current
     if watch is not None:
-        watch.enter(what)
+        watch.enter(what, early, extra_s)
     try:
         yield
     except RuntimeError as e:
@@ -173,8 +197,7 @@ def stage(what: str) -> Iterator[None]:
             raise
         raise PeerLost(
             f"rank {dist.get_rank()}: the {what} failed: another rank stopped answering within "
-            f"dist.timeout_s={_timeout_s} s or died (hung, stopped or killed); under torchrun with "
-            f"--max-restarts the job restarts from the newest checkpoint. "
+            f"dist.timeout_s={_timeout_s} s or died (hung, stopped or killed); {restart_hint()}. "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from e
     finally:
@@ -191,40 +214,65 @@ def progress(iteration: int | None = None) -> None:
         watch.beat(iteration)
 
 
+def restart_hint() -> str:
+    """What happens next, from torchrun's own environment (its agent sets TORCHELASTIC_MAX_RESTARTS
+    in every worker): the restart that comes, or how to turn restarts on."""
+    max_restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS")
+    if max_restarts is None:
+        return ("not under torchrun, so nothing restarts it: run the same command again to resume from the newest "
+                "checkpoint")
+    restarts, done = int(max_restarts), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if done < restarts:
+        return f"torchrun restarts the job from the newest checkpoint (restart {done + 1} of --max-restarts {restarts})"
+    if restarts == 0:
+        return ("restarts are off (--max-restarts 0), so the job ends here: run the same command again to resume from "
+                "the newest checkpoint, and pass --max-restarts N (launch scripts: MAX_RESTARTS=N) to have torchrun "
+                "restart it by itself")
+    return f"torchrun's restarts are used up ({done} of --max-restarts {restarts}): the job ends here"
+
+
+class PeerHang(PeerLost):
+    """What HangWatch raises in the main thread under setup(on_hang="raise")."""
+
+
 class HangWatch:
     """The hang watchdog: one daemon thread per process. Armed while the main thread is inside
     a stage (a wait on other ranks); when such a stage has seen no progress (`progress`, stage
-    entries and exits) for `timeout_s`, it prints one line and ends the process with exit 7.
+    entries and exits) for `timeout_s`, it reports one line and ends the process with exit 7
+    (on_hang="raise": raises PeerHang in the main thread instead).
 
     What counts as progress, and why a healthy run cannot trip it: in training, every
     iteration (a step takes well under a second on a GPU, a few on a CPU, for the paper's
     nets); in evaluation, every batch (the final all-reduce waits at most one batch for the
-    slowest rank); a checkpoint barrier waits for rank 0's write of a few MB; torch.compile's
-    compilation (which can take minutes) pauses the clock. It is not counted before the first
-    iteration completes: set-up (the model broadcast, CUDA-graph capture, the resume
-    broadcast) runs eager collectives only, which the process group's timeout covers. A
-    blocked main thread leaves this thread running: torch releases the GIL in collectives
-    and device waits."""
+    slowest rank); a checkpoint barrier waits for rank 0's write of a few MB (which rank 0
+    watches as a stage of its own); torch.compile's compilation (which can take minutes)
+    pauses the clock for at most `compile_pause_s`. Stages are watched from the first completed
+    iteration on, except those marked early (init, finish, teardown): the other set-up waits are
+    eager collectives, which the process group's timeout covers, and a cold start must not count
+    as silence. A blocked main thread leaves this thread running (torch releases the GIL)."""
 
     current: HangWatch | None = None
     compile_hooked = False
+    REPORT_WAIT_S = 2.0  # fire(): the report's wait, at most (an unread stderr pipe must not hold the exit)
 
-    def __init__(self, timeout_s: float, rank: int, on_hang: str = "exit"):
-        self.timeout_s, self.rank, self.host, self.on_hang = timeout_s, rank, socket.gethostname(), on_hang
+    def __init__(self, timeout_s: float, rank: int, compile_pause_s: float = 1200, on_hang: str = "exit"):
+        self.timeout_s, self.rank, self.host = timeout_s, rank, socket.gethostname()
+        self.compile_pause_s, self.on_hang = compile_pause_s, on_hang
         self.main_thread = threading.main_thread().ident
-        self.stages: list[str] = []
+        self.stages: list[tuple[str, bool, float]] = []  # (what, early, extra_s)
         self.last = time.monotonic()
         self.iteration: int | None = None  # iterations done when the feed last handed one out
         self.armed = False  # an iteration has completed (the feed handed out a second one)
-        self.compiling = False
+        self.compiling_since: float | None = None
         self.stopped = False
+        self.fired: str | None = None  # the report, once it fired
         threading.Thread(target=self.watch, name="resnetdist-hang-watch", daemon=True).start()
 
     @classmethod
-    def start(cls, timeout_s: float, rank: int, on_hang: str = "exit") -> HangWatch:
+    def start(cls, timeout_s: float, rank: int, compile_pause_s: float = 1200, on_hang: str = "exit") -> HangWatch:
         """The process's watchdog (one per run: a second call in the same run keeps the first)."""
         if cls.current is None:
-            cls.current = cls(timeout_s, rank, on_hang)
+            cls.current = cls(timeout_s, rank, compile_pause_s, on_hang)
         return cls.current
 
     @classmethod
@@ -240,8 +288,8 @@ class HangWatch:
             self.armed = self.armed or (self.iteration is not None and iteration != self.iteration)
             self.iteration = iteration
 
-    def enter(self, what: str) -> None:
-        self.stages.append(what)
+    def enter(self, what: str, early: bool = False, extra_s: float = 0.0) -> None:
+        self.stages.append((what, early, extra_s))
         self.beat()
 
     def leave(self) -> None:
@@ -251,7 +299,8 @@ class HangWatch:
     @classmethod
     def count_compiling_as_progress(cls) -> None:
         """torch.compile's compilation (minutes, for max-autotune) pauses the clock of the
-        process's watchdog, whichever is current. Hooked once per process."""
+        process's watchdog, whichever is current, for at most its compile_pause_s. Hooked once
+        per process."""
         if cls.compile_hooked:
             return
         try:
@@ -266,44 +315,81 @@ class HangWatch:
     def _compiling(cls, now: bool) -> None:
         watch = cls.current
         if watch is not None:
-            watch.compiling = now
+            watch.compiling_since = time.monotonic() if now else None
             watch.beat()
 
     def stalled_for(self) -> float:
-        """Seconds the current stage has gone without progress (0 when not watched)."""
-        if not (self.stages and self.armed) or self.compiling:
+        """Seconds the current stage has gone without progress beyond what it is allowed
+        (its extra_s, a compile's pause up to compile_pause_s); 0 when not watched."""
+        if not self.stages:
             return 0.0
-        return time.monotonic() - self.last
+        _, early, extra_s = self.stages[-1]
+        if not (self.armed or early):
+            return 0.0
+        silent = time.monotonic() - self.last
+        if self.compiling_since is not None:
+            silent -= min(time.monotonic() - self.compiling_since, self.compile_pause_s)
+        return max(0.0, silent - extra_s)
 
     def watch(self) -> None:
         while not self.stopped:
             time.sleep(min(1.0, self.timeout_s / 10))
             if not self.stopped and self.stalled_for() > self.timeout_s:
                 self.fire()
+                return
 
     def fire(self) -> None:
-        it = "before its first iteration" if self.iteration is None else f"after iteration {self.iteration}"
+        """Report the hang and end the wait: the process (exit 7), or the main thread's call
+        (on_hang="raise"). The report is written by a thread of its own, waited for at most
+        REPORT_WAIT_S: the exit never blocks on output."""
+        self.fired = line = hang_report(self)
+        writer = threading.Thread(target=_write_report, args=(line,), name="resnetdist-hang-report", daemon=True)
+        writer.start()
+        writer.join(self.REPORT_WAIT_S)
         if self.on_hang == "raise":
-            self.raise_in_main(f"rank {self.rank} on {self.host}: no progress for {self.timeout_s:g} s "
-                               f"(dist.hang_timeout_s) {it}, waiting in the {self.stages[-1] if self.stages else '?'}")
+            self.stopped = True
+            if HangWatch.current is self:
+                HangWatch.current = None
+            _raise_in_thread(self.main_thread, type("PeerHang", (PeerHang,), {"__init__": lambda e: PeerHang.__init__(e, line)}))
+            _abort_process_group()  # a collective blocked in NCCL returns (with an error) only when aborted
             return
-        print(f"error: rank {self.rank} on {self.host}: no progress for {self.timeout_s:g} s "
-              f"(dist.hang_timeout_s) {it}, waiting in the {self.stages[-1] if self.stages else '?'}: "
-              f"another rank hung, was stopped or died, or this rank's device is stuck; exiting "
-              f"{PeerLost.exit_code} so that torchrun (--max-restarts) restarts the job from the newest "
-              f"checkpoint", file=sys.stderr, flush=True)
-        sys.stdout.flush()
         os._exit(PeerLost.exit_code)  # the main thread is blocked: only the process can end it
 
-    def raise_in_main(self, message: str) -> None:
-        """PeerLost(message) raised in the main thread, asynchronously (it lands when that thread
-        next runs Python code: at once if it polls, when a blocking call returns otherwise); the
-        watchdog then stops, so it is raised once."""
-        import ctypes
 
-        error = type("HangDetected", (PeerLost,), {"__init__": lambda e: PeerLost.__init__(e, message)})
-        self.stopped = True
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.main_thread), ctypes.py_object(error))
+def hang_report(watch: HangWatch) -> str:
+    """The watchdog's one line: rank, host, iteration, the stage, what happens next."""
+    it = "before its first iteration" if watch.iteration is None else f"after iteration {watch.iteration}"
+    what = watch.stages[-1][0] if watch.stages else "?"
+    compiling = (f" (compiling for longer than dist.compile_pause_s={watch.compile_pause_s:g} s)"
+                 if watch.compiling_since is not None else "")
+    ending = f"raising PeerLost ({PeerLost.exit_code})" if watch.on_hang == "raise" else f"exiting {PeerLost.exit_code}"
+    return (f"error: rank {watch.rank} on {watch.host}: no progress for {watch.timeout_s:g} s "
+            f"(dist.hang_timeout_s) {it}, waiting in the {what}{compiling}: another rank hung, was stopped or "
+            f"died, or this rank's device is stuck; {ending}: {restart_hint()}")
+
+
+def _write_report(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+
+
+def _raise_in_thread(thread_id: int, exc_type: type) -> None:
+    """exc_type raised in that thread at its next Python instruction (a thread blocked in a C
+    call gets it once the call returns)."""
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc_type))
+
+
+def _abort_process_group() -> None:
+    """Abort the default group's communicators (NCCL: its blocked collectives fail at once);
+    gloo's return at dist.timeout_s. A torch without the call leaves them to that timeout."""
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if abort is not None and dist.is_initialized():
+        try:
+            abort()
+        except Exception:  # noqa: BLE001 - best effort: the PeerLost is raised either way
+            pass
 
 
 def all_reduce_max(value: int) -> int:

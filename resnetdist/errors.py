@@ -18,6 +18,7 @@ WRITE_FAILED = 4
 RUN_DIR_BUSY = 5
 PREEMPTED = 6  # not a failure: the scheduler's notice was obeyed, a checkpoint written
 PEER_LOST = 7
+GRAPH_UNAVAILABLE = 8  # train.step = graph asked for by name, and its capture failed: nothing trained
 INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, the shell's convention): a run's first one stops it at a checkpoint
 
 
@@ -76,8 +77,16 @@ class PeerLost(RuntimeError):
     exit_code = PEER_LOST
 
 
+class GraphUnavailable(RuntimeError):
+    """train.step = graph was asked for by name and the CUDA graph could not be captured; the
+    run stops before its first training step (auto would have run the eager step)."""
+
+    exit_code = GRAPH_UNAVAILABLE
+
+
 # every error `resnetdist train` exits with, and its code (the one each class carries)
 EXIT_CODES: dict[type[BaseException], int] = {
     cls: cls.exit_code
-    for cls in (ConfigError, DataError, CheckpointError, NonFiniteLoss, WriteError, RunDirBusy, Preempted, PeerLost)
+    for cls in (ConfigError, DataError, CheckpointError, NonFiniteLoss, WriteError, RunDirBusy, Preempted, PeerLost,
+                GraphUnavailable)
 }

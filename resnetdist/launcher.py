@@ -14,6 +14,27 @@ from .errors import INTERRUPTED, PREEMPTED
 # what torchrun passes on to its workers: its defaults and Slurm's SIGUSR1 warning, which
 # otherwise kills torchrun itself (the default action) and orphans the workers
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+# a stop (Ctrl-C, SIGTERM) lets the workers reach their next log point and write a checkpoint
+# before torchrun's SIGKILL: its default grace of 30 s is less than a log interval of a slow run
+SHUTDOWN_GRACE_S = "300"
+
+
+def torch_at_least(major: int, minor: int, version: str | None = None) -> bool:
+    """torch's version (or `version`) is major.minor or newer ("2.11.0+cu130", "2.13.0a0")."""
+    import torch
+
+    parts = (version or torch.__version__).split("+")[0].split(".")
+    try:
+        return (int(parts[0]), int(parts[1])) >= (major, minor)
+    except (IndexError, ValueError):
+        return True  # an unreadable version: a source build, assumed current
+
+
+def shutdown_grace_env() -> dict[str, str]:
+    """TORCH_ELASTIC_SHUTDOWN_TIMEOUT, where torchrun reads it: torch 2.12 and newer. Torch 2.11's
+    torchrun has no such setting and always waits 30 s between SIGTERM and SIGKILL (a stop then
+    checkpoints only if its log point comes within those 30 s; docs/faults.md)."""
+    return {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": SHUTDOWN_GRACE_S} if torch_at_least(2, 12) else {}
 
 
 def torchrun(nproc: int, max_restarts: int, argv: list[str]) -> None:
@@ -24,9 +45,8 @@ def torchrun(nproc: int, max_restarts: int, argv: list[str]) -> None:
     # torchrun restarts with gloo hang unless each attempt gets its own store (pytorch#135712)
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # TORCH_NCCL_ASYNC_ERROR_HANDLING is decided in the worker, for every launcher (dist.py)
-    # a stop (Ctrl-C, SIGTERM) lets the workers reach their next log point and write a checkpoint
-    # before torchrun's SIGKILL: its default grace of 30 s is less than a log interval of a slow run
-    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
+    for key, value in shutdown_grace_env().items():
+        os.environ.setdefault(key, value)
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
     try:

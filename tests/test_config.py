@@ -200,15 +200,19 @@ def test_train_step_resolution(monkeypatch):
     compile step's mode."""
     from resnetdist.training.step import choose_kind
 
-    assert choose_kind("auto", True, "bf16") == ("graph", None)  # the fast path by default on a GPU
-    assert choose_kind("auto", True, "fp16") == ("eager", None)
-    assert choose_kind("auto", False, "fp32") == ("eager", None)
-    assert choose_kind("compile", True, "bf16") == ("compile", None)
-    assert choose_kind("eager", True, "bf16") == ("eager", None)
-    kind, note = choose_kind("graph", False, "fp32")
-    assert kind == "eager" and "needs CUDA" in note
-    cpu = load_config(overrides=["train.device=cpu", "train.compile=max-autotune"])
-    assert (resolve(cpu, 1).step, cpu.train.compile) == ("eager", "max-autotune")  # compile asks for no kind
+    assert choose_kind("auto", True, "bf16").kind == "graph"  # the fast path by default on a GPU
+    assert choose_kind("auto", True, "fp16").kind == "eager" and "fp16" in choose_kind("auto", True, "fp16").reason
+    assert choose_kind("auto", False, "fp32").reason == "auto: no CUDA device, so no CUDA graph"
+    assert choose_kind("compile", True, "bf16").kind == "compile"
+    assert choose_kind("eager", True, "bf16").kind == "eager"
+    with pytest.raises(ConfigError, match="train.step = graph needs a CUDA device"):
+        choose_kind("graph", False, "fp32")  # asked for by name: it runs or the run stops
+    with pytest.raises(ConfigError, match="train.step = graph needs a CUDA device"):
+        resolve(load_config(overrides=["train.device=cpu", "train.step=graph"]), 1)  # at preflight, before workers
+    cfg = load_config(overrides=["train.device=cpu", "train.compile=max-autotune"])
+    plan = resolve(cfg, 1)
+    assert (plan.step, plan.step_asked, cfg.train.compile) == ("eager", "auto", "max-autotune")  # compile asks for no kind
+    assert cfg.train.step == "auto"  # the configuration stays as asked
     with pytest.raises(ConfigError, match="train.step must be one of"):
         load_config(overrides=["train.step=fast"])
     with pytest.raises(ConfigError, match="does not support fp16"):

@@ -144,6 +144,21 @@ def test_augmentation_params_do_not_depend_on_world_size():
     halves = torch.cat([A.draw_params(5, 99, 128, r, 2) for r in range(2)], dim=1)
     assert torch.equal(whole, halves)
     assert not torch.equal(whole, A.draw_params(5, 100, 128, 0, 1))
+    assert not torch.equal(whole, A.draw_params(6, 99, 128, 0, 1))
+
+
+def test_an_epochs_draws_are_one_block_equal_to_each_iterations_own_and_fair():
+    """draw_block (the epoch-ahead thread's few array operations) gives each iteration's
+    draw_params (the per-step feed's) exactly; crops are uniform over 0..8, flips a fair coin,
+    and the rows independent of each other."""
+    block = A.draw_block(7, 390, 390, 128, 1, 2)
+    assert block.shape == (390, 3, 64) and block.dtype == np.int64
+    assert all(torch.equal(torch.from_numpy(block[i]), A.draw_params(7, 390 + i, 128, 1, 2)) for i in (0, 1, 200, 389))
+    many = A.draw_block(0, 0, 2000, 128, 0, 1)
+    crops = np.bincount(many[:, :2].ravel(), minlength=9) / many[:, :2].size
+    assert crops.shape == (9,) and np.abs(crops - 1 / 9).max() < 0.005
+    assert abs(many[:, 2].mean() - 0.5) < 0.005
+    assert abs(np.corrcoef(many[:, 0].ravel(), many[:, 1].ravel())[0, 1]) < 0.01
 
 
 # ----- sample order and the resident loader ---------------------------------------------------

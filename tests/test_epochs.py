@@ -14,14 +14,16 @@ import torch
 from resnetdist.config import load_config
 from resnetdist.data import epochs as epochs_mod
 from resnetdist.data import load_data, open_loaders
-from resnetdist.data.augment import draw_params, training_mean
+from resnetdist.data.augment import draw_block, draw_params, training_mean
 from resnetdist.data.epochs import EpochTable, epoch_table_for
 from resnetdist.data.resident import ResidentTrainLoader
 from resnetdist.dist import DistContext
 from resnetdist.data.feed import Feed
 from resnetdist.training.loop import Progress, take_steps
 from resnetdist.training.schedule import lr_table
-from resnetdist.training.step import build_step
+from resnetdist.training import graph as graph_mod
+from resnetdist.training.graph import StaticInputs
+from resnetdist.training.step import StepChoice, build_step
 from resnetdist.training.trainer import build, make_model
 
 from .fake_cuda import FakeOps
@@ -81,7 +83,7 @@ def test_the_device_fed_step_trains_bitwise_as_the_per_step_fed_one_and_resumes_
 
 
 @pytest.mark.timeout(300)
-def test_a_graphed_device_fed_step_replays_with_no_arguments_and_gathers_in_the_graph(tiny_data):
+def test_a_graphed_device_fed_step_replays_with_no_arguments_and_gathers_in_the_graph(tiny_data, monkeypatch):
     """Through a stand-in for torch.cuda's graphs (a replay runs the captured body): the replay
     gets no batch, copies nothing into its inputs, and trains as the per-step eager step."""
     cfg = config(tiny_data)
@@ -90,14 +92,17 @@ def test_a_graphed_device_fed_step_replays_with_no_arguments_and_gathers_in_the_
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
     source = epoch_table_for(open_loaders(cfg.data, data, DistContext(0, 0, 1, CPU), B, SEED).train, SEED, B, 0, 1)
     source.load(0)
-    graphed = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), kind="graph", precision="fp32", batch_per_rank=B,
-                         ops=FakeOps(), source=source)
+    monkeypatch.setattr(graph_mod, "cuda_ops", FakeOps())  # the tests' stand-in for torch.cuda's graphs
+    loads = []
+    monkeypatch.setattr(StaticInputs, "load", lambda *a: loads.append(a))
+    graphed = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", batch_per_rank=B,
+                         choice=StepChoice("graph", "asked for by name (train.step)", "graph"), source=source)
     assert graphed.kind == "graph" and int(graphed.it) == 0
     old, feed = per_step(tiny_data)
     take_steps(graphed, source.batches(0), 40)
     take_steps(old, feed.batches(0), 40)
     assert_bitwise(graphed.model, old.model)
-    assert graphed.inputs.copies == 0 and source.uploads == 2
+    assert loads == [] and source.uploads == 2  # nothing loaded into the graph's inputs from outside
 
 
 def test_every_iteration_gathers_the_per_step_feeds_batch_and_draws(tiny_data):
@@ -124,23 +129,21 @@ def test_the_next_epoch_is_built_ahead_and_the_boundary_only_uploads_it(tiny_dat
     cfg = config(tiny_data)
     data = load_data(cfg.data)
     epochs = EpochTable(ResidentTrainLoader(data.train, B, SEED, 0, 1, CPU), SEED, B)
-    calls = []  # (iteration drawn, thread)
-    monkeypatch.setattr(epochs_mod, "draw_params",
-                        lambda *a: calls.append((a[1], threading.current_thread().name)) or draw_params(*a))
+    calls = []  # (first iteration, count drawn, thread): one block of draws per epoch
+    monkeypatch.setattr(epochs_mod, "draw_block",
+                        lambda *a: calls.append((a[1], a[2], threading.current_thread().name)) or draw_block(*a))
     here = threading.current_thread().name
     feed = epochs.batches(0)
-    assert next(feed) == () and calls[:epochs.steps] == [(it, here) for it in range(epochs.steps)]
+    assert next(feed) == () and calls[:1] == [(0, epochs.steps, here)]
     for _ in range(epochs.steps - 1):
         assert next(feed) == ()
     deadline = time.monotonic() + 30
-    while not (epochs.ahead[0] == 1 and epochs.ahead[1].done()):  # in a run: 390 steps of >= 2 ms vs ~0.1 s
+    while not (epochs.ahead[0] == 1 and epochs.ahead[1].done()):  # in a run: 390 steps of >= 2 ms vs a few ms
         assert time.monotonic() < deadline, "the next epoch was not built ahead"
         time.sleep(0.01)
-    assert epochs.uploads == 1 and [c for c in calls if c[1] == here] == calls[:epochs.steps]
-    assert {thread for it, thread in calls[epochs.steps:2 * epochs.steps]} == {"resnetdist-epochs_0"}
-    assert [it for it, _ in calls[epochs.steps:2 * epochs.steps]] == list(range(epochs.steps, 2 * epochs.steps))
+    assert epochs.uploads == 1 and calls == [(0, epochs.steps, here), (epochs.steps, epochs.steps, "resnetdist-epochs_0")]
     next(feed)  # the boundary: epoch 1 uploaded, not built here
-    assert epochs.uploads == 2 and [c for c in calls if c[1] == here] == calls[:epochs.steps]
+    assert epochs.uploads == 2 and [c for c in calls if c[2] == here] == calls[:1]
     order, draws = EpochTable(ResidentTrainLoader(data.train, B, SEED, 0, 1, CPU), SEED, B).numbers(1)
     assert torch.equal(epochs.order, torch.from_numpy(order)) and torch.equal(epochs.aug, torch.from_numpy(draws))
 

@@ -13,7 +13,10 @@ import sys
 import pytest
 import torch
 
+from resnetdist.errors import GRAPH_UNAVAILABLE, GraphUnavailable
+from resnetdist.training import graph as graph_mod
 from resnetdist.training import step as step_mod
+from resnetdist.training import trainer as trainer_mod
 from resnetdist.config import load_config
 from resnetdist.data import load_data, open_loaders
 from resnetdist.data.augment import training_mean
@@ -22,8 +25,10 @@ from resnetdist.training import wrap as wrap_mod
 from resnetdist.training.evaluate import error_rates
 from resnetdist.training.loop import take_steps
 from resnetdist.training.schedule import lr_table
-from resnetdist.training.step import build_step
+from resnetdist.training.graph import GRAPH_WARMUP, StaticInputs
+from resnetdist.training.step import StepChoice, build_step
 from resnetdist.data.feed import feed_for
+from resnetdist.training import plan as plan_mod
 from resnetdist.training.plan import resolve
 from resnetdist.training.trainer import make_model
 
@@ -46,10 +51,36 @@ def parts(tiny_data):
     return cfg, model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), loaders
 
 
+GRAPH = StepChoice("graph", "asked for by name (train.step)", "graph")
+AUTO_GRAPH = StepChoice("graph", "auto: CUDA with fp32", "auto")  # what auto chooses on CUDA
+
+
 def build(tiny_data, **kw):
     cfg, model, optimizer, mean, lrs, loaders = parts(tiny_data)
     step = build_step(model, optimizer, mean, lrs, precision="fp32", batch_per_rank=B, **kw)
     return step, loaders
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """The tests' stand-in for torch.cuda's streams and graphs, in the one place capture reads
+    them (graph.cuda_ops); FakeOps(fail=True) makes every capture fail."""
+
+    def use(ops: FakeOps | None = None) -> FakeOps:
+        ops = ops or FakeOps()
+        monkeypatch.setattr(graph_mod, "cuda_ops", ops)
+        return ops
+
+    return use
+
+
+@pytest.fixture
+def copies(monkeypatch):
+    """How many batches were copied into a graph's inputs (a loader that gathers in place copies none)."""
+    seen = []
+    real = StaticInputs.load
+    monkeypatch.setattr(StaticInputs, "load", lambda self, x, *rest: seen.append(x is not self.x) or real(self, x, *rest))
+    return seen
 
 
 def drive(step, loaders, count, first=0):
@@ -65,18 +96,19 @@ def assert_same_weights(a, b):
 # ----- defect 1 (one side stream) and 8 (inputs gathered in place), on the CPU ---------------------
 
 
-def test_ddp_warmup_and_capture_share_one_side_stream_and_replays_train_as_eager(tiny_data, monkeypatch):
-    ops, seen = FakeOps(), {"ddp": [], "steps": [], "state": []}
+def test_ddp_warmup_and_capture_share_one_side_stream_and_replays_train_as_eager(tiny_data, monkeypatch, fake_cuda,
+                                                                                 copies):
+    ops, seen = fake_cuda(), {"ddp": [], "steps": [], "state": []}
     real_augment, real_state = step_mod.augment, step_mod.TrainStep.device_state
     monkeypatch.setattr(step_mod.TrainStep, "device_state",
                         lambda self: seen["state"].append(list(ops.joins)) or real_state(self))
     monkeypatch.setattr(wrap_mod, "DDP", lambda model, device_ids=None, **_: seen["ddp"].append(ops.current) or model)
     monkeypatch.setattr(step_mod, "augment", lambda *a: seen["steps"].append(ops.current) or real_augment(*a))
-    graphed, loaders = build(tiny_data, kind="graph", ddp=True, ops=ops)
+    graphed, loaders = build(tiny_data, choice=GRAPH, ddp=True)
     (side,) = ops.made
-    assert graphed.kind == "graph" and graphed.capture_error is None
+    assert graphed.kind == "graph" and graphed.choice == GRAPH
     assert seen["ddp"] == [side]  # DDP built on the side stream ...
-    assert seen["steps"] == [side] * (step_mod.GRAPH_WARMUP + 1)  # ... warm-up and capture too
+    assert seen["steps"] == [side] * (GRAPH_WARMUP + 1)  # ... warm-up and capture too
     assert ops.captures == [(side, side)]  # torch.cuda.graph(g, stream=side), entered on side
     # the pre-capture state was cloned after the default stream joined the side stream (DDP's
     # broadcast ran there), before the capture; the join after capture comes with the restore
@@ -87,7 +119,7 @@ def test_ddp_warmup_and_capture_share_one_side_stream_and_replays_train_as_eager
     drive(graphed, loaders, 5)
     drive(eager, loaders, 5)
     assert_same_weights(graphed, eager)
-    assert graphed.inputs.copies == 0  # the loader gathered into the graph's inputs: one copy per batch
+    assert copies == [False] * 5  # the loader gathered into the graph's inputs: no copy per batch
 
 
 def test_resident_loader_gathers_into_given_buffers(tiny_data):
@@ -100,26 +132,84 @@ def test_resident_loader_gathers_into_given_buffers(tiny_data):
         assert torch.equal(x, xo) and torch.equal(y, yo)
 
 
-def test_a_failed_capture_says_so_once_and_trains_eagerly_from_the_same_state(tiny_data, capsys):
-    failed, loaders = build(tiny_data, kind="graph", ops=FakeOps(fail=True))
+def test_a_failed_auto_capture_trains_eagerly_from_the_same_state_and_says_why(tiny_data, fake_cuda):
+    fake_cuda(FakeOps(fail=True))
+    failed, loaders = build(tiny_data, choice=AUTO_GRAPH)
     eager, _ = build(tiny_data)
-    assert failed.kind == "eager" and failed.inputs is None
-    assert failed.capture_error == "RuntimeError: CUDA error: operation not permitted when stream is capturing"
-    assert capsys.readouterr().err.count("CUDA-graph capture failed") == 1
+    assert failed.kind == "eager" and failed.inputs is None and failed.choice.fell_back
+    assert failed.choice.reason.startswith("auto: CUDA-graph capture failed (RuntimeError: CUDA error: operation "
+                                           "not permitted when stream is capturing)")
     assert_same_weights(failed, eager)  # the warm-up steps were undone
     drive(failed, loaders, 3)
     drive(eager, loaders, 3)
     assert_same_weights(failed, eager)
 
 
+def test_a_failed_capture_of_a_graph_asked_for_by_name_stops_the_build(tiny_data, fake_cuda):
+    fake_cuda(FakeOps(fail=True))
+    with pytest.raises(GraphUnavailable, match=r"^train.step = graph: CUDA-graph capture failed \(RuntimeError: CUDA "
+                                               r"error: operation not permitted when stream is capturing\)"):
+        build(tiny_data, choice=GRAPH)
+
+
+def test_graph_by_name_on_the_cpu_stops_before_training_with_one_line(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    result = cli_in_process(["train", *TINY, "--iters", "4", "--data-dir", str(tiny_data),
+                             "--out", str(out), "--set", "train.step=graph"], check=False)
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: train.step = graph needs a CUDA device") and "train.step=auto" in line
+    assert not out.exists()  # nothing written
+
+
+def pretend_cuda_chose(monkeypatch, asked: str) -> None:
+    """choose_kind as on a GPU (graph; the plan asks it), the rest of the run on the CPU through
+    the fake ops."""
+    choice = GRAPH if asked == "graph" else AUTO_GRAPH
+    monkeypatch.setattr(plan_mod, "choose_kind", lambda *_: choice)
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_capture_stops_graph_by_name_and_auto_records_eager_and_why(tmp_path, tiny_data, monkeypatch,
+                                                                            fake_cuda):
+    """Through the trainer and the CLI, a capture failure forced by the fake CUDA ops: graph by
+    name exits 8 with one line and trains nothing; auto trains eagerly, and the header, the
+    progress bar's label, summary.json, resolved.toml and report's runs table say so."""
+    fake_cuda(FakeOps(fail=True))
+    args = [*TINY, "--iters", "4", "--data-dir", str(tiny_data), "--set", "train.eval_every=4"]
+    pretend_cuda_chose(monkeypatch, "graph")
+    stopped = cli_in_process(["train", *args, "--out", str(tmp_path / "graph"), "--set", "train.step=graph"],
+                             check=False)
+    assert stopped.exit_code == GRAPH_UNAVAILABLE, stopped.output
+    (line,) = [x for x in stopped.stderr.splitlines() if x.startswith("error:")]
+    assert "train.step = graph: CUDA-graph capture failed (RuntimeError" in line and "train.step=auto" in line
+    assert not list((tmp_path / "graph").glob("ckpt_*")) and not (tmp_path / "graph" / "summary.json").exists()
+
+    pretend_cuda_chose(monkeypatch, "auto")
+    ran = cli_in_process(["train", *args, "--out", str(tmp_path / "auto")])
+    summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    assert summary["step"] == "eager" and summary["step_reason"].startswith("auto: CUDA-graph capture failed (")
+    from resnetdist.config import read_toml
+
+    resolved = read_toml(tmp_path / "auto" / "resolved.toml")["resolved"]  # the plan with the step that ran
+    assert (resolved["step"], resolved["step_reason"], resolved["step_asked"]) == ("eager", summary["step_reason"], "auto")
+    assert any(x.split()[:3] == ["step", "eager", "(auto:"] and "capture failed" in x for x in ran.stdout.splitlines())
+    assert trainer_mod.step_label(step_mod.StepChoice("eager", summary["step_reason"], "auto")) == \
+        "eager, graph capture failed"
+    from resnetdist.suite.tables import step_cell
+
+    assert step_cell(summary).startswith("eager (auto: CUDA-graph capture failed")
+
+
 # ----- defect 7: loading into a built step keeps every address -------------------------------------
 
 
-def test_loading_state_into_a_built_step_copies_in_place(tiny_data):
+def test_loading_state_into_a_built_step_copies_in_place(tiny_data, fake_cuda):
     source, loaders = build(tiny_data)
     drive(source, loaders, 4)
     state = copy.deepcopy({"model": source.model.state_dict(), "optimizer": source.optimizer.state_dict()})
-    target, _ = build(tiny_data, kind="graph", ops=FakeOps())  # "captured" before the load
+    fake_cuda()
+    target, _ = build(tiny_data, choice=GRAPH)  # "captured" before the load
     momentum = [s["momentum_buffer"] for s in target.optimizer.state.values()]
     ptrs = [t.data_ptr() for t in [*target.model.state_dict().values(), *momentum]]
     target.load_state(state["model"], state["optimizer"], 4)
@@ -260,18 +350,18 @@ def cuda_parts(tiny_data):
 @cuda
 @pytest.mark.cuda
 @pytest.mark.timeout(600)
-def test_cuda_graph_is_the_default_and_gathers_in_place_and_loads_in_place(tiny_data):
+def test_cuda_graph_is_the_default_and_gathers_in_place_and_loads_in_place(tiny_data, copies):
     from resnetdist.training.trainer import make_step
 
     cfg, ctx, data, model, optimizer = cuda_parts(tiny_data)
     plan = resolve(cfg, 1)
-    assert plan.step == "graph"
+    assert plan.choice == StepChoice("graph", "auto: CUDA with bf16", "auto"), plan
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
     step = make_step(cfg, plan, ctx, model, optimizer, mean)
-    assert step.kind == "graph", step.capture_error
+    assert step.choice == StepChoice("graph", "auto: CUDA with bf16", "auto"), step.choice
     loaders = open_loaders(cfg.data, data, ctx, B, 0)
     drive(step, loaders, 5)
-    assert step.inputs.copies == 0
+    assert copies == [False] * 5
     ptrs = [s["momentum_buffer"].data_ptr() for s in optimizer.state.values()]
     state = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
     step.load_state(state["model"], state["optimizer"], 5)

@@ -81,7 +81,8 @@ def test_a_stage_without_progress_for_the_timeout_ends_the_process_with_7_and_on
     assert code == 7 and first == "healthy part done\n" and proc.stdout.read() == "", proc.stderr.read()
     (line,) = proc.stderr.read().splitlines()
     assert HANG_LINE.match(line).groups()[::2] == ("3", "0.5", "checkpoint barrier at iteration 3"), line
-    assert "torchrun (--max-restarts) restarts the job from the newest checkpoint" in line
+    assert line.endswith("exiting 7: not under torchrun, so nothing restarts it: run the same command again to "
+                         "resume from the newest checkpoint")
     assert timeout < elapsed < timeout + 2, elapsed  # the watchdog looks every timeout / 10
 
 
@@ -237,3 +238,145 @@ def test_compilation_stops_the_clock_and_cleanup_stops_the_watchdog():
     proc = subprocess.run([sys.executable, "-c", COMPILED.format(timeout=0.5)], cwd=REPO, env=cli_env(),
                           capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0 and proc.stdout.split() == ["compiled", "done"], proc.stderr[-3000:]
+
+
+# ----- issue 29: the bounds, the phases watched, an exit that cannot block, the raise mode ---------
+
+
+def test_the_hang_timeout_must_be_below_the_collective_timeout_with_one_line_naming_both():
+    default = load_config().dist
+    assert default.hang_timeout_s < default.timeout_s and default.timeout_s - default.hang_timeout_s >= 300
+    with pytest.raises(ConfigError, match=r"^dist.hang_timeout_s \(600\) must be below dist.timeout_s \(600\)"):
+        load_config(flags={"dist": {"hang_timeout_s": 600, "timeout_s": 600}})
+    assert load_config(flags={"dist": {"hang_timeout_s": 0, "timeout_s": 20}}).dist.timeout_s == 20  # off: any
+
+
+def test_on_hang_raise_ends_the_main_threads_wait_with_peer_lost_in_this_process(monkeypatch):
+    """setup(on_hang="raise") (resnetdist.train's mode in a notebook): the hang is raised as
+    PeerLost in the main thread, the process lives on, the watchdog is gone."""
+    from resnetdist import dist
+    from resnetdist.errors import PeerLost
+
+    monkeypatch.delenv("TORCHELASTIC_MAX_RESTARTS", raising=False)
+    dist.setup("cpu", timeout_s=60, hang_timeout_s=0.3, on_hang="raise")
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(PeerLost, match=r"no progress for 0.3 s \(dist.hang_timeout_s\) after iteration 1, waiting "
+                                           r"in the checkpoint barrier at iteration 1: .*raising PeerLost \(7\): not "
+                                           r"under torchrun"):
+            with dist.stage("checkpoint barrier at iteration 1"):
+                dist.progress(0)
+                dist.progress(1)  # armed
+                while time.monotonic() - t0 < 10:
+                    time.sleep(0.01)  # a wait in Python: the exception lands at the next instruction
+    finally:
+        dist.cleanup()
+    assert time.monotonic() - t0 < 0.3 + 2 and dist.HangWatch.current is None
+    with pytest.raises(ValueError, match="on_hang must be one of"):
+        dist.setup("cpu", timeout_s=60, on_hang="abort")
+
+
+def test_the_restart_hint_says_what_comes_next(monkeypatch):
+    from resnetdist.dist import restart_hint
+
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    assert "restarts are off (--max-restarts 0)" in restart_hint() and "MAX_RESTARTS=N" in restart_hint()
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert restart_hint() == "torchrun restarts the job from the newest checkpoint (restart 2 of --max-restarts 3)"
+
+
+def test_a_compile_pauses_the_clock_only_up_to_compile_pause_s():
+    from resnetdist import dist
+
+    watch = dist.HangWatch(1.0, 0, compile_pause_s=5.0)
+    try:
+        watch.enter("training step in iterations 1-1")
+        watch.beat(0)
+        watch.beat(1)
+        dist.HangWatch.current, saved = watch, dist.HangWatch.current
+        dist.HangWatch._compiling(True)
+        dist.HangWatch.current = saved
+        watch.last = watch.compiling_since = time.monotonic() - 4.0  # 4 s into a compile: paused
+        assert watch.stalled_for() == 0.0
+        watch.last = watch.compiling_since = time.monotonic() - 7.0  # 7 s: 2 s past the pause
+        assert 1.9 < watch.stalled_for() < 2.5
+        assert "compiling for longer than dist.compile_pause_s=5 s" in dist.hang_report(watch)
+    finally:
+        watch.stopped = True
+
+
+BLOCKED = """
+import sys, threading, time
+from resnetdist import dist
+dist.HangWatch.start({timeout}, rank=0)
+with dist.stage("metrics all-reduce at iteration 1"):
+    dist.progress(0)
+    dist.progress(1)  # armed
+    sys.stderr.write("x" * (1 << 22))  # nobody reads the pipe: this write blocks, holding stderr's lock
+    sys.stderr.flush()
+"""
+
+
+@pytest.mark.slow  # a process of its own: the exit is what is tested
+@pytest.mark.timeout(60)
+def test_the_exit_comes_within_the_bound_with_stderr_blocked():
+    """stderr is a pipe nobody reads and the main thread is blocked writing to it: fire()'s
+    report cannot be written, and the process still exits 7 within hang_timeout_s plus the
+    report's wait (HangWatch.REPORT_WAIT_S) and a poll."""
+    from resnetdist.dist import HangWatch
+
+    timeout = 0.5
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKED.format(timeout=timeout)], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        t0 = time.monotonic()
+        code = proc.wait(timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    assert code == 7
+    assert elapsed < 10 + timeout + HangWatch.REPORT_WAIT_S + 1, elapsed  # torch's import (~3-8 s here) included
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_a_hang_in_rank_0s_checkpoint_write_is_reported_by_the_other_rank(tmp_path, tiny_data):
+    """Rank 0 freezes as its checkpoint write at iteration 10 starts (tests/_stall_checkpoint.py;
+    its own watchdog frozen with it): rank 1, waiting in the checkpoint barrier, reports it
+    after dist.hang_timeout_s and exits 7. Restarts are off here: the line says how to turn
+    them on. (The test ends the job then, rather than wait for torchrun's 30 s grace.)"""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--tee=3",
+           "--max-restarts=0", str(REPO / "tests" / "_stall_checkpoint.py"), "10", "train", *ARGS,
+           "--data-dir", str(tiny_data), "--out", str(out)]
+    proc = popen(cmd, tmp_path, PYTHONPATH=str(REPO))
+    stderr = tmp_path / "stderr"
+    try:
+        wait_for(lambda: any(line.startswith("[default1]:error: rank 1") for line in stderr.read_text().splitlines()),
+                 150, "rank 1's report", proc)
+        time.sleep(0.5)
+    finally:
+        kill_tree(proc)
+    lines = {int(m.group(1)): (m, line) for line in stderr.read_text().splitlines() if (m := HANG_LINE.search(line))}
+    match, line = lines[1]
+    assert match.group(3) == str(HANG_S) and match.group(5) == "checkpoint barrier at iteration 10", line
+    assert "restarts are off (--max-restarts 0)" in line and "--max-restarts N" in line
+    assert 0 not in lines  # frozen
+    assert not RunDir(out).checkpoints.path(10).exists()
+
+
+def test_torchruns_shutdown_grace_is_set_only_where_torchrun_reads_it(monkeypatch):
+    """TORCH_ELASTIC_SHUTDOWN_TIMEOUT exists from torch 2.12 on; on 2.11 (the GPU machines')
+    torchrun waits a fixed 30 s, and the launcher sets nothing."""
+    import torch
+
+    from resnetdist import launcher
+
+    assert not launcher.torch_at_least(2, 12, "2.11.0+cu130") and launcher.torch_at_least(2, 12, "2.12.1")
+    assert launcher.torch_at_least(2, 12, "2.13.0a0+git1234") and not launcher.torch_at_least(3, 0, "2.13.0")
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    assert launcher.shutdown_grace_env() == {}
+    monkeypatch.setattr(torch, "__version__", "2.12.0")
+    assert launcher.shutdown_grace_env() == {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"}

@@ -17,6 +17,7 @@ from resnetdist.training import preempt
 from resnetdist.data.feed import Feed
 from resnetdist.training.plan import resolve
 from resnetdist.training.loop import Cadence, NonFiniteLoss, Progress
+from resnetdist.training.step import StepChoice
 from resnetdist.training.preempt import Preempted
 from resnetdist.training.trainer import Trainer
 
@@ -43,7 +44,8 @@ class FakeStep:
         self.it, self.losses, self.crash_at = start, losses or {}, crash_at
         self.stats, self.bad = np.zeros(3), -1
         self.seen = []  # (iteration, first pixel) of every call: which batch came when
-        self.kind, self.capture_error, self.model = "eager", None, torch.nn.Linear(1, 1)
+        self.kind, self.model = "eager", torch.nn.Linear(1, 1)
+        self.choice = StepChoice("eager", "asked for by name (train.step)", "eager")
 
     def __call__(self, images, labels, aug):
         if self.it == self.crash_at:

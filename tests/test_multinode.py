@@ -32,10 +32,11 @@ from .helpers import assert_bitwise_equal
 pytestmark = [pytest.mark.slow]
 
 SCRIPT = str(REPO / "launch" / "torchrun-multi-node.sh")
-# dist.timeout_s: a lost peer that no socket error reveals fails a collective within a minute
+# dist.timeout_s: a lost peer that no socket error reveals fails a collective within a minute (the
+# hang watchdog off, as it must be below dist.timeout_s; the hang test turns it on)
 # --json: each rank ends with its result as a JSON line (the tests read rank 1's on node1)
 ARGS = [*TINY, "--iters", "40", "--set", "train.eval_every=20", "--set", "train.checkpoint_every=10",
-        "--set", "dist.timeout_s=60", "--json"]
+        "--set", "dist.timeout_s=60", "--set", "dist.hang_timeout_s=0", "--json"]  # hang: the collective timeout alone
 RUN_TIMEOUT = 300
 
 

@@ -17,7 +17,8 @@ from resnetdist.models import BasicBlock, CifarResNet, ZeroPadShortcut, build_mo
 from resnetdist.pack import (build_pack, fuse_optimizer_states, fuse_states, member_losses, split_optimizer_state,
                              split_state)
 from resnetdist.training.optim import TensorLRSGD
-from resnetdist.training.step import build_step
+from resnetdist.training import graph as graph_mod
+from resnetdist.training.step import StepChoice, build_step
 
 from .conftest import cli_in_process
 from .fake_cuda import FakeOps
@@ -237,8 +238,8 @@ def pack_step(cfg, k, kind="eager", lr=0.1, **kw):
     model = build_pack(cfg, SEEDS[:k])
     optimizer = TensorLRSGD(model.parameters(), torch.zeros(()), 0.9, 1e-4)
     mean = torch.full((3, 32, 32), 0.5)
-    return build_step(model, optimizer, mean, torch.full((10,), lr), kind=kind, precision="fp32",
-                      batch_per_rank=B, **kw)
+    return build_step(model, optimizer, mean, torch.full((10,), lr), choice=StepChoice(kind, "asked for by name", kind),
+                      precision="fp32", batch_per_rank=B, **kw)
 
 
 def test_one_member_step_is_todays_step_bitwise():
@@ -308,12 +309,13 @@ def test_pack_step_matches_each_seeds_single_step():
         assert sums[j, 2] == stats[2] and sums[j, 0] == pytest.approx(stats[0], rel=1e-5)
 
 
-def test_pack_graph_step_replays_as_the_eager_step():
+def test_pack_graph_step_replays_as_the_eager_step(monkeypatch):
     """The whole-step graph (captured through the CPU stand-in for torch.cuda): warm-up state
     restored, replays train bitwise as the eager pack step, one input row per member."""
     cfg = ModelConfig(n=1)
     images, labels, aug = uint8_batches(3, 2)
-    eager, graphed = pack_step(cfg, 2), pack_step(cfg, 2, kind="graph", ops=FakeOps())
+    monkeypatch.setattr(graph_mod, "cuda_ops", FakeOps())  # the tests' stand-in for torch.cuda's graphs
+    eager, graphed = pack_step(cfg, 2), pack_step(cfg, 2, kind="graph")
     assert graphed.kind == "graph" and graphed.inputs.x.shape == (2, B, 3, 32, 32) and graphed.inputs.aug.shape == (2, 3, B)
     for i in range(3):
         eager(images[i], labels[i], aug[i])

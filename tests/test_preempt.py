@@ -39,7 +39,7 @@ except ImportError:
     psutil = None
 
 # log every 5 iterations: a stop lands at most 5 iterations after the signal
-ARGS = [*RESUMABLE, "--set", "dist.timeout_s=20"]
+ARGS = [*RESUMABLE, "--set", "dist.timeout_s=20", "--set", "dist.hang_timeout_s=0"]  # the collective timeout alone
 STOPPED = re.compile(r"(?:preempted|interrupted): stopped on (SIG\w+) at iteration (\d+), after writing its checkpoint")
 
 

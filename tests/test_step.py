@@ -110,12 +110,23 @@ def test_graph_step_matches_eager_and_follows_the_lr_schedule(tiny_data):
 
 @pytest.fixture
 def deterministic_cudnn(monkeypatch):
-    """For the tests that claim bitwise equality between two separately captured graphs: by
-    default cuDNN may pick backward kernels that accumulate with atomics, so two runs of the
-    same code differ in the last bits. With cudnn.deterministic, cudnn.benchmark (which
-    make_model turns on) chooses among deterministic kernels only, and both graphs reuse the
-    first one's choices (the benchmark cache is per process)."""
+    """For the tests that compare two separately captured graphs: by default cuDNN may pick
+    backward kernels that accumulate with atomics, so two runs of the same code differ in the
+    last bits. With cudnn.deterministic, cudnn.benchmark (which make_model turns on) chooses
+    among deterministic kernels only, and both graphs reuse the first one's choices (the
+    benchmark cache is per process). cuBLAS and BN's reductions promise no bitwise equality
+    across captures even so: the comparison allows the doctor's tolerance (CUDA_TOLERANCE)."""
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+
+
+def assert_within_doctor_tolerance(a: dict, b: dict) -> None:
+    from resnetdist.tools.doctor import CUDA_TOLERANCE
+
+    for (name, x), y in zip(a.items(), b.values()):
+        if x.is_floating_point():
+            assert (x.double() - y.double()).abs().max().item() <= CUDA_TOLERANCE, name
+        else:
+            assert torch.equal(x, y), name  # counters (BN's num_batches_tracked)
 
 
 @cuda
@@ -124,8 +135,8 @@ def deterministic_cudnn(monkeypatch):
 def test_graph_evaluation_between_replays_and_resume(tiny_data, deterministic_cudnn):
     """An evaluation between replays changes nothing the graph trains with; weights and
     optimizer state loaded into another captured step (in place, as a resume loads them) give
-    a graphed step that continues identically. Bitwise (torch.equal), under deterministic
-    cuDNN kernels (the fixture)."""
+    a graphed step that continues as the first: within the doctor's tolerance, under
+    deterministic cuDNN kernels (the fixture)."""
     plain, evaluated = Trial(tiny_data, CUDA, "graph", "bf16"), Trial(tiny_data, CUDA, "graph", "bf16")
     for d in (plain, evaluated):
         d.run(5)
@@ -133,17 +144,15 @@ def test_graph_evaluation_between_replays_and_resume(tiny_data, deterministic_cu
     evaluated.run(5, first=5)  # replays after an evaluation keep training in train mode
     plain.run(5, first=5)
     assert evaluated.model.training
-    for (name, x), y in zip(plain.weights().items(), evaluated.weights().values()):
-        assert torch.equal(x, y), name
+    assert_within_doctor_tolerance(plain.weights(), evaluated.weights())
     state = {"model": evaluated.weights(), "optimizer": evaluated.optimizer.state_dict()}
     resumed = Trial(tiny_data, CUDA, "graph", "bf16")
     resumed.step.load_state(state["model"], state["optimizer"], 10)
     assert int(resumed.step.it) == 10
-    assert resumed.trainer.evaluate() == evaluated.trainer.evaluate()
+    assert resumed.trainer.evaluate() == evaluated.trainer.evaluate()  # the same weights, evaluated alike
     resumed.run(3, first=10)
     evaluated.run(3, first=10)
-    for (name, x), y in zip(resumed.weights().items(), evaluated.weights().values()):
-        assert torch.equal(x, y), name
+    assert_within_doctor_tolerance(resumed.weights(), evaluated.weights())
 
 
 @cuda
@@ -155,7 +164,7 @@ def test_graph_run_end_to_end(tmp_path, tiny_data):
     run_cli(["train", "-n", "1", "--iters", "60", "--device", "cuda", "--data-dir", str(tiny_data), "--out", str(out),
              "--set", "optim.batch_size=32", "--set", "train.eval_every=30", "--set", "log.wandb_mode=disabled"])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["test_error"] < 60 and summary["step"] == "graph" and summary["capture_error"] is None
+    assert summary["test_error"] < 60 and summary["step"] == "graph" and summary["step_reason"] == "auto: CUDA with bf16"
     assert 'step = "graph"' in (out / "config.toml").read_text()
     evaluated = json.loads(run_cli(["eval", str(out / "model.pt"), "--data-dir", str(tiny_data), "--json"]).stdout)
     assert evaluated["test_error"] == summary["test_error"]

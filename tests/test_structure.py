@@ -161,7 +161,7 @@ def test_exit_codes_come_from_one_table():
     assert not literal, f"exit codes written as numbers in cli.py: {literal}"
     assert {cls.__name__: code for cls, code in errors.EXIT_CODES.items()} == {
         "ConfigError": 2, "DataError": 2, "CheckpointError": 2, "NonFiniteLoss": 3, "WriteError": 4, "RunDirBusy": 5, "Preempted": 6,
-        "PeerLost": 7}
+        "PeerLost": 7, "GraphUnavailable": 8}
 
 
 def imported_test_modules(source: str) -> set[str]:

@@ -2,8 +2,8 @@
 then needs no host work per iteration beyond launching it (one CUDA-graph replay).
 
 Once per epoch the host builds this rank's sample order (data/order.py) and every iteration's
-augmentation draws (data/augment.draw_params, one call per iteration, as the per-step feed
-makes them: 390 generators, ~30-100 ms), and uploads both into fixed device buffers: from
+augmentation draws (data/augment.draw_block: the per-step feed's numbers, for the whole epoch
+in a few array operations, a few ms: `bench` reports the figure), and uploads both into fixed device buffers: from
 pinned memory with a non-blocking copy on CUDA, queued behind the previous epoch's steps on
 the same stream. The next epoch's numbers are built ahead, on a thread of their own, while
 the current epoch trains: at the boundary the loop finds them ready and only queues the upload. The
@@ -23,19 +23,14 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .augment import draw_params
+from .augment import draw_block
 from .order import rank_epoch_order
 from .resident import ResidentTrainLoader
 
 
-def draw_epoch(seed: int, first_iter: int, count: int, global_batch: int, rank: int, world_size: int) -> np.ndarray:
-    """Iterations first_iter .. first_iter+count-1's draws (count, 3, b): draw_params' numbers."""
-    return np.stack([draw_params(seed, it, global_batch, rank, world_size).numpy()
-                     for it in range(first_iter, first_iter + count)])
-
-
 # one thread for every EpochTable of the process: epochs are built one at a time, each well within
-# an epoch's training (390 steps of >= 2 ms against ~100 ms of host work)
+# an epoch's training (390 steps of >= 2 ms against a few ms of host work, most of it in numpy
+# with the GIL released)
 _AHEAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resnetdist-epochs")
 
 
@@ -54,7 +49,7 @@ class EpochTable:
     def numbers(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """`epoch`'s sample order (steps, b) and draws (steps, 3, b), on the host."""
         order = rank_epoch_order(len(self.labels), self.global_batch, self.seed, epoch, self.rank, self.world_size)
-        draws = draw_epoch(self.seed, epoch * self.steps, self.steps, self.global_batch, self.rank, self.world_size)
+        draws = draw_block(self.seed, epoch * self.steps, self.steps, self.global_batch, self.rank, self.world_size)
         return order.reshape(self.steps, self.b), draws
 
     def load(self, epoch: int) -> None:

@@ -168,7 +168,7 @@ def markdown_table(runs: list[RunRecords], paper: bool = True) -> str:
 
 def runs_table(runs: list[RunRecords]) -> str:
     head = ("| run | net | seed | iterations | data | test error % | train error % | train time (s) | images/s | "
-            "device | folder |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "device | step | folder |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for r in sorted(runs, key=lambda r: (r.plain, r.depth, r.iterations, r.seed, r.name)):
         s = r.summary or {}
@@ -177,10 +177,17 @@ def runs_table(runs: list[RunRecords]) -> str:
         secs = s.get("train_seconds", last.get("train_seconds"))
         ips = s.get("images_per_second", last.get("images_per_second"))
         rows.append(
-            f"| {r.name} | {r.net} | {r.seed} | {its} | {images_words(r) or '–'}, {r.data_identity} | {_fmt(r.test_error)} | {_fmt(r.train_error)} | "
-            f"{_fmt(secs, 0)} | {_fmt(ips, 0)} | {s.get('device', '–')} | `{r.path}` |"
+            f"| {r.name} | {r.net} | {r.seed} | {its} | {images_words(r) or '–'}, {r.data_identity} | {_fmt(r.test_error)} | "
+            f"{_fmt(r.train_error)} | {_fmt(secs, 0)} | {_fmt(ips, 0)} | {s.get('device', '–')} | {step_cell(s)} | `{r.path}` |"
         )
     return head + "\n".join(rows) + "\n"
+
+
+def step_cell(summary: dict) -> str:
+    """The step a run trained with, and why when it is not the one asked for (summary.json's
+    step and step_reason: an auto graph whose capture failed ran eagerly, ~4x slower)."""
+    step, reason = summary.get("step", "–"), summary.get("step_reason") or ""
+    return f"{step} ({reason.replace('|', '/')})" if reason.startswith("auto: CUDA-graph capture failed") else step
 
 
 def reference_table() -> str:

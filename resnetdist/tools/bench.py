@@ -259,10 +259,10 @@ def bench_setting(setting: Setting, data: Cifar10, n: int, iters: int, warmup: i
     step, batches = trainer.step, trainer.feed.batches(0)
     setup = time.perf_counter() - t_setup
     warm_s, seconds, host = timed(lambda count: take_steps(step, batches, count), warmup, iters, device)
-    # step: what ran (a failed capture runs eagerly, and says so in capture_error)
+    # step: what ran, and why (step_reason: an auto graph whose capture failed runs eagerly)
     # feed: "device" when the step gathers its own batches (data/epochs.py), else "per-step"
     return {**_result(setting, iters, seconds, setup + warm_s, host), "step": step.kind,
-            "feed": "device" if step.source is not None else "per-step", "capture_error": step.capture_error}
+            "feed": "device" if step.source is not None else "per-step", "step_reason": step.choice.reason}
 
 
 def bench_loader(loader_name: str, data: Cifar10, device: torch.device, beton_dir: Path, iters: int,
@@ -308,6 +308,20 @@ def open_data(data_dir: Path | None, scratch: Path) -> tuple[Cifar10, Path]:
     return data, data.folder.parent / "beton"
 
 
+def epoch_draw_ms(global_batch: int = BATCH, train_images: int = 50_000, repeats: int = 5) -> float:
+    """Host ms to draw one epoch's augmentation numbers (data/augment.draw_block, what the
+    device-fed step's epoch-ahead thread builds per epoch), the median of `repeats`."""
+    from ..data.augment import draw_block
+
+    steps = train_images // global_batch
+    times = []
+    for epoch in range(repeats):
+        t0 = time.perf_counter()
+        draw_block(0, epoch * steps, steps, global_batch, 0, 1)
+        times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
 def run_step_bench(n: int, iters: int, warmup: int, device_pref: str, loaders: list[str], modes: list[str],
                    precisions: list[str], data_dir: Path | None, workers: int,
                    out: Path | None = None) -> dict[str, Any]:
@@ -317,7 +331,7 @@ def run_step_bench(n: int, iters: int, warmup: int, device_pref: str, loaders: l
     settings, skipped = settings_for(device, loaders, modes, precisions, have_ffcv)
     report = {"kind": "step", "model": model_name(n, plain=False), "batch": BATCH, **environment(device),
               "data": str(data_dir) if data_dir else "synthetic", "complete": False, "results": [],
-              "skipped": skipped}
+              "skipped": skipped, "epoch_draw_ms": epoch_draw_ms()}
     with tempfile.TemporaryDirectory(prefix="resnetdist-bench-") as scratch:
         data, betons = open_data(data_dir, Path(scratch))
         for s in settings:
@@ -373,6 +387,8 @@ def format_table(report: dict[str, Any]) -> str:
             for r in report["results"]
         ]
     notes = [f"- skipped: {s}" for s in report["skipped"]]
+    if report.get("epoch_draw_ms") is not None:  # the device-fed step's host work per epoch
+        notes.append(f"- augmentation draws of one epoch (390 iterations, host): {report['epoch_draw_ms']:.1f} ms")
     return "\n".join([head, "", *rows, *([""] + notes if notes else [])])
 
 

@@ -21,16 +21,15 @@ import torch
 from .. import dist
 from ..config import ModelConfig, model_name
 from ..pack import build_pack
-from ..training.graph import CudaOps
 from ..training.optim import TensorLRSGD
-from ..training.step import TrainStep, build_step, choose_kind, default_precision
+from ..training.step import StepChoice, TrainStep, build_step, choose_kind, default_precision
 from .bench import BATCH, environment, sync, write_report
 
 PACK_ROUNDS = 3  # each setting's best of 3 rounds, taken in turns
 
 
-def pack_step(cfg: ModelConfig, seeds: list[int], batch: int, device: torch.device, kind: str, precision: str,
-              ops: CudaOps | None = None) -> TrainStep:
+def pack_step(cfg: ModelConfig, seeds: list[int], batch: int, device: torch.device, choice: StepChoice,
+              precision: str) -> TrainStep:
     """A training step of the pack of `seeds` (one seed: a single run's), as a run builds it."""
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     # 4 stem channels per member only where they help: channels_last packs (models.CifarResNet)
@@ -38,8 +37,8 @@ def pack_step(cfg: ModelConfig, seeds: list[int], batch: int, device: torch.devi
     model = build_pack(cfg, seeds, stem).to(device, memory_format=layout)
     optimizer = TensorLRSGD(model.parameters(), torch.zeros((), device=device), 0.9, 1e-4)
     mean = torch.full((3, 32, 32), 0.5, device=device)
-    return build_step(model, optimizer, mean, torch.full((1,), 0.1), kind=kind, precision=precision,
-                      memory_format=layout, batch_per_rank=batch, ops=ops)
+    return build_step(model, optimizer, mean, torch.full((1,), 0.1), choice=choice, precision=precision,
+                      memory_format=layout, batch_per_rank=batch)
 
 
 def synthetic_batch(members: int, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -69,12 +68,12 @@ def time_best(runs: dict[str, Callable[[int], None]], warmup: int, iters: int, r
     return best
 
 
-def bench_one_k(cfg: ModelConfig, k: int, iters: int, warmup: int, rounds: int, device: torch.device, kind: str,
-                precision: str) -> dict[str, Any]:
+def bench_one_k(cfg: ModelConfig, k: int, iters: int, warmup: int, rounds: int, device: torch.device,
+                choice: StepChoice, precision: str) -> dict[str, Any]:
     seeds = list(range(k))
-    packed = pack_step(cfg, seeds, BATCH, device, kind, precision)
-    alone = [pack_step(cfg, [s], BATCH, device, kind, precision) for s in seeds]
-    dense = pack_step(cfg, [0], BATCH * k, device, kind, precision)
+    packed = pack_step(cfg, seeds, BATCH, device, choice, precision)
+    alone = [pack_step(cfg, [s], BATCH, device, choice, precision) for s in seeds]
+    dense = pack_step(cfg, [0], BATCH * k, device, choice, precision)
     pack_batch, single_batch, dense_batch = (synthetic_batch(k, BATCH, device), synthetic_batch(1, BATCH, device),
                                              synthetic_batch(1, BATCH * k, device))
 
@@ -89,7 +88,7 @@ def bench_one_k(cfg: ModelConfig, k: int, iters: int, warmup: int, rounds: int, 
                          "dense": repeat([dense], dense_batch)}, warmup, iters, rounds, device)
     images = k * BATCH
     ips = {name: images / s for name, s in seconds.items()}
-    return {"k": k, "images_per_step": images, "step": packed.kind, "capture_error": packed.capture_error,
+    return {"k": k, "images_per_step": images, "step": packed.kind, "step_reason": packed.choice.reason,
             "ms_per_iter": {name: 1000 * s for name, s in seconds.items()},
             "images_per_second": ips, "pack_vs_one_after_another": ips["pack"] / ips["one_after_another"],
             "pack_vs_dense": ips["pack"] / ips["dense"]}
@@ -104,14 +103,14 @@ def run_pack_bench(n: int, ks: list[int], iters: int, warmup: int, rounds: int, 
     if on_cuda:
         torch.backends.cudnn.benchmark = True  # as trainer.make_model sets it for a run
     precision = default_precision(on_cuda)
-    kind, _ = choose_kind("auto", on_cuda, precision)
+    choice = choose_kind("auto", on_cuda, precision)
     cfg = ModelConfig(n=n)
-    report = {"kind": "pack", "model": model_name(n, plain=False), "batch_per_member": BATCH, "step": kind,
+    report = {"kind": "pack", "model": model_name(n, plain=False), "batch_per_member": BATCH, "step": choice.kind,
               "precision": precision, "layout": "channels_last" if on_cuda else "NCHW", **environment(device),
               "rounds": rounds, "iters": iters, "complete": False, "results": []}
     for k in ks:
         print(f"  timing K = {k} ...", flush=True)
-        report["results"].append(bench_one_k(cfg, k, iters, warmup, rounds, device, kind, precision))
+        report["results"].append(bench_one_k(cfg, k, iters, warmup, rounds, device, choice, precision))
         if out is not None:
             write_report(report, out)
     report["complete"] = True

@@ -176,12 +176,17 @@ def deterministic_cudnn():
         torch.backends.cudnn.deterministic = saved
 
 
+# two CUDA trials of the same steps agree within this (max abs weight difference): cuBLAS and
+# BN's reductions promise no bitwise equality across two captures or streams
+CUDA_TOLERANCE = 1e-4
+
+
 def _same(a: Trial, b: Trial, device: torch.device) -> tuple[bool, float]:
-    """Bitwise on the CPU; on CUDA within 1e-4, the trials built and run under
+    """Bitwise on the CPU; on CUDA within CUDA_TOLERANCE, the trials built and run under
     deterministic_cudnn (the tolerance is a margin: with deterministic kernels they agree to the
     last bits or nearly, where autotuned atomics could drift apart over the steps)."""
     diff = max_difference(a, b)
-    return (diff == 0.0 if device.type == "cpu" else diff <= 1e-4), diff
+    return (diff == 0.0 if device.type == "cpu" else diff <= CUDA_TOLERANCE), diff
 
 
 # ----- device checks ----------------------------------------------------------------------------
@@ -193,9 +198,8 @@ def graph_vs_eager(data_dir: Path, device: torch.device, steps: int) -> tuple[st
     if device.type != "cuda":
         return "skip", NEEDS_CUDA
     milestone = max(1, steps // 2)
-    eager, graph = (Trial(data_dir, device, kind, iters=64, milestones=[milestone]) for kind in ("eager", "graph"))
-    if graph.step.kind != "graph":
-        return "fail", f"capture failed: {graph.step.capture_error}"
+    eager = Trial(data_dir, device, "eager", iters=64, milestones=[milestone])
+    graph = Trial(data_dir, device, "graph", iters=64, milestones=[milestone])  # by name: a failed capture raises
     for t in (eager, graph):
         t.run(steps)
     lr, diff = graph.step.lr.item(), max_difference(eager, graph)
@@ -251,7 +255,7 @@ def evaluation_between_steps(data_dir: Path, device: torch.device, steps: int) -
         for t in (plain, evaluated):
             t.run(steps, first=steps)
     same, diff = _same(plain, evaluated, device)
-    ok = same and evaluated.model.training and evaluated.step.capture_error is None
+    ok = same and evaluated.model.training and not evaluated.step.choice.fell_back
     return ("ok" if ok else "fail"), (f"{evaluated.step.kind}: test error {errors['test_error']:.1f}% between "
                                       f"steps; max abs weight diff {diff:.2e}")
 

@@ -34,8 +34,9 @@ def where(start: Start, iters: int) -> str:
     return "fresh start (no checkpoint in the run directory)"
 
 
-def facts(cfg: RunConfig, plan: Plan, start: Start) -> list[tuple[str, str]]:
-    """(what, value) lines of the header: what will run (the plan), where, from where."""
+def facts(cfg: RunConfig, plan: Plan, start: Start, fallback: str = "") -> list[tuple[str, str]]:
+    """(what, value) lines of the header: what will run (the plan: the step that runs and why,
+    step.StepChoice.describe, and `fallback`, what would run instead), where, from where."""
     from ..models import build_model, count_parameters
 
     o, t, ranks = cfg.optim, cfg.train, plan.world_size
@@ -43,7 +44,7 @@ def facts(cfg: RunConfig, plan: Plan, start: Start) -> list[tuple[str, str]]:
         ("net", f"{paper_name(cfg)} ({count_parameters(build_model(cfg.model)):,} parameters)"),
         ("device", f"{plan.device}, {ranks} rank{'s' if ranks > 1 else ''}"),
         ("precision", plan.precision),
-        ("step", f"{plan.step} ({plan.step_reason})"),
+        ("step", plan.choice.describe() + fallback),
         ("loader", plan.loader),
         ("iterations", f"{o.iters:,} ({lr_words(cfg)}; {cadence_words(o.iters, t.eval_every, t.checkpoint_every)})"),
         ("batch per rank", f"{plan.batch_per_rank} ({plan.global_batch} per iteration)"),
@@ -90,7 +91,8 @@ def format_facts(rows: list[tuple[str, str]]) -> str:
 def dry_run(cfg: RunConfig, plan: Plan, start: Start, notes: list[str] = ()) -> str:
     """`train --dry-run`: the configuration and what this machine resolved of it (the two files
     a run writes: config.toml and resolved.toml) as TOML, then what would run."""
-    rows = facts(cfg, plan, start)
+    auto_graph = plan.step_asked == "auto" and plan.step == "graph"  # not built here: no capture tried
+    rows = facts(cfg, plan, start, "; if its capture fails, eager" if auto_graph else "")
     if plan.device == "cpu":  # not measured here: the dry run takes no step
         rows.append(("estimate", cpu_estimate(cfg, plan, start.iteration) + "; the run measures its own"))
     config, resolved = config_texts(cfg, asdict(plan))
@@ -125,8 +127,10 @@ def cpu_estimate(cfg: RunConfig, plan: Plan, start_iter: int, eval_images: int =
 
 
 def header(cfg: RunConfig, plan: Plan, start: Start, eval_images: int = 10_000, data: str = "") -> str:
-    """What opens a run on rank 0: what will run, on which data (and whether it is verified
-    CIFAR-10), where, from where (and on a CPU, how long)."""
+    """What opens a run on rank 0: what will run (the plan, once the step is built: the step
+    that runs, and why), on which data (and whether it is verified CIFAR-10), where, from where
+    (and on a CPU, how long; on a GPU the bar measures it at the first log point, from the step
+    that runs)."""
     rows = facts(cfg, plan, start)
     if data:
         rows.insert(1, ("data", data))

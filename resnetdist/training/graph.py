@@ -1,16 +1,16 @@
-"""CUDA-graph capture of the training step: the torch.cuda calls it makes (CudaOps, a seam a
-test replaces on a CPU), the graph's static input buffers, warm-up -> capture -> restore, and
-capture-or-eager with the ranks agreeing, so that no rank waits in a collective the others skip.
+"""CUDA-graph capture of the training step: the torch.cuda calls it makes (CudaOps, in one
+place: `cuda_ops`, the module's instance, is what every capture uses), the graph's static input
+buffers, warm-up -> capture -> restore, and the ranks agreeing on the outcome, so that no rank
+waits in a collective the others skip.
 
 One side stream serves DDP construction, warm-up and capture: DDP's reducer keeps the
 gradient-accumulator nodes made on the stream it was built on, and a capture on any other
 stream fails (PyTorch's CUDA-graph notes; Megatron-LM met it on H100s). So the step's builder
-wraps the model inside `GraphCapture.on_side()`, then calls `capture_or_eager`.
+wraps the model inside `GraphCapture.on_side()`, then calls `capture_agreed`.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Callable, Protocol
 
 import torch
@@ -22,9 +22,13 @@ GRAPH_WARMUP = 11  # DDP needs 11 warm-up iterations before capture (PyTorch's C
 Replay = Callable[..., None]  # (images_u8, labels, aug), or () for a step that gathers its own
 
 
+class CaptureFailed(RuntimeError):
+    """CUDA-graph capture failed on this rank or another; the message says why."""
+
+
 class CudaOps:
-    """The torch.cuda calls that graph capture makes, in one place, so that a test can pass a
-    stand-in and check on a CPU which stream each phase runs on."""
+    """The torch.cuda calls that graph capture makes, in one place (a CPU test puts a stand-in
+    in `cuda_ops` and sees which stream each phase runs on)."""
 
     def side_stream(self):
         """A new stream that first waits for the work already queued on the current one."""
@@ -54,18 +58,19 @@ class CudaOps:
             body()
 
 
+cuda_ops = CudaOps()  # the calls every GraphCapture makes
+
+
 class StaticInputs:
     """The graphed step's input buffers. A loader that gathers straight into `out` (images,
-    labels) spares the copy into them; a batch from anywhere else is copied (`copies` counts
-    those, so a test or the doctor can see which path ran). A pack of K members (pack.py) has
-    one row per member: (K, b, 3, 32, 32), (K, b), (K, 3, b)."""
+    labels) spares the copy into them; a batch from anywhere else is copied. A pack of K members
+    (pack.py) has one row per member: (K, b, 3, 32, 32), (K, b), (K, 3, b)."""
 
     def __init__(self, b: int, device: torch.device, members: int = 1):
         lead = (b,) if members == 1 else (members, b)
         self.x = torch.zeros((*lead, 3, 32, 32), dtype=torch.uint8, device=device)
         self.y = torch.zeros(lead, dtype=torch.long, device=device)
         self.aug = torch.zeros((*lead[:-1], 3, b), dtype=torch.long, device=device)
-        self.copies = 0
 
     @property
     def out(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +80,6 @@ class StaticInputs:
         if images_u8 is not self.x:
             self.x.copy_(images_u8, non_blocking=True)
             self.y.copy_(labels, non_blocking=True)
-            self.copies += 1
         self.aug.copy_(aug, non_blocking=True)
 
 
@@ -93,31 +97,29 @@ class Graphable(Protocol):
 
 class GraphCapture:
     """One step's capture: the side stream (made at once, so the step's builder can wrap the
-    model in DDP on it), then `capture_or_eager`."""
+    model in DDP on it), then `capture_agreed`."""
 
-    def __init__(self, ops: CudaOps | None = None):
-        self.ops = ops or CudaOps()
+    def __init__(self):
+        self.ops = cuda_ops
         self.side = self.ops.side_stream()
 
     def on_side(self):
         return self.ops.use(self.side)
 
-    def capture_or_eager(self, step: Graphable, b: int) -> tuple[Replay | None, StaticInputs | None, str | None]:
-        """(replay, its inputs, None) when every rank captured; (None, None, why) when capture
-        failed on any rank (one line on stderr says so), the step's state as before the warm-up."""
+    def capture_agreed(self, step: Graphable, b: int) -> tuple[Replay, StaticInputs]:
+        """(replay, its inputs) when every rank captured; else CaptureFailed saying why (this
+        rank's error, or that another rank failed), the step's state as before the warm-up, so
+        that the caller may run the eager step instead (train.step = auto) or stop (graph)."""
         try:
             (run, inputs), error = self.capture(step, b), None
-        except Exception as e:  # noqa: BLE001 - any capture failure falls back to the eager step
+        except Exception as e:  # noqa: BLE001 - any capture failure is reported, with its reason
             run, inputs = None, None
             error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         failed = dist.all_reduce_sum(torch.tensor([float(error is not None)], device=step.device))
         if error is None and failed.item() == 0:
-            return run, inputs, None
+            return run, inputs
         step.optimizer.zero_grad(set_to_none=True)  # the warm-up's last gradients
-        error = error or "capture failed on another rank"
-        print(f"warning: CUDA-graph capture failed ({error}); training continues with "
-              f"the eager step", file=sys.stderr, flush=True)
-        return None, None, error
+        raise CaptureFailed(error or "capture failed on another rank")
 
     def capture(self, step: Graphable, b: int) -> tuple[Replay, StaticInputs]:
         """Record the whole step as one CUDA graph. Warm-up steps (needed before capture, and

@@ -12,16 +12,19 @@ CUDA graph, and the schedule needs no re-capture. Loss and error sums stay on th
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from .. import dist
+from ..config import ConfigError
 from ..data.augment import augment
 from ..data.epochs import EpochTable
+from ..errors import GraphUnavailable
 from ..pack import member_losses, member_sums, pack_batch
-from .graph import GRAPH_WARMUP, CudaOps, GraphCapture, StaticInputs  # noqa: F401 - GRAPH_WARMUP for tests
+from .graph import CaptureFailed, GraphCapture, StaticInputs
 from .optim import TensorLRSGD
 from .wrap import wrap_model
 
@@ -41,36 +44,65 @@ def default_precision(on_cuda: bool) -> str:
     return "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def choose_kind(step: str, on_cuda: bool, precision: str) -> tuple[str, str | None]:
-    """The step that runs, from train.step alone (the one place that decides it), and a note
-    when the step asked for cannot run here. auto: the whole-step graph on CUDA with bf16 or
-    fp32 (measured on an H100, DESIGN.md: 4x the eager step at batch 128), else eager (fp16's
-    loss scaler syncs with the host, which a graph cannot hold; config.validate refuses graph +
-    fp16 when asked for by name)."""
+@dataclass(frozen=True)
+class StepChoice:
+    """The step that runs and why: choose_kind's answer, then build_step's (an auto graph whose
+    capture failed becomes eager, saying so). summary.json, the header, the progress bar and
+    `report` show it."""
+
+    kind: str  # eager | compile | graph
+    reason: str  # why this one, in words
+    asked: str  # train.step as given: auto may fall back to eager, a step named may not
+
+    @property
+    def fell_back(self) -> bool:
+        """auto wanted the graph here and the eager step runs instead (its capture failed)."""
+        return self.asked == "auto" and self.reason.startswith("auto: CUDA-graph capture failed")
+
+    def describe(self) -> str:
+        return f"{self.kind} ({self.reason})"
+
+
+def choose_kind(step: str, on_cuda: bool, precision: str) -> StepChoice:
+    """The step that runs, from train.step alone (the one place that decides it). auto: the
+    whole-step graph on CUDA with bf16 or fp32 (measured on an H100 with a plain script of this
+    recipe, DESIGN.md: 4x the eager step at batch 128), else eager (fp16's loss scaler syncs
+    with the host, which a graph cannot hold). A step asked for by name runs or the run stops:
+    graph without CUDA is a ConfigError here, before any worker starts (graph + fp16 is one in
+    config.validate), and a graph whose capture fails stops the run in build_step."""
     if step == "auto":
-        return ("graph" if on_cuda and precision in ("bf16", "fp32") else "eager"), None
+        if not on_cuda:
+            return StepChoice("eager", "auto: no CUDA device, so no CUDA graph", step)
+        if precision not in ("bf16", "fp32"):
+            return StepChoice("eager", f"auto: {precision}'s loss scaler syncs with the host, which a graph cannot hold", step)
+        return StepChoice("graph", f"auto: CUDA with {precision}", step)
     if step == "graph" and not on_cuda:
-        return "eager", "train.step = graph needs CUDA; the step runs eagerly on the CPU"
-    return step, None
+        raise ConfigError("train.step = graph needs a CUDA device, and this run's device is cpu: use "
+                          "train.step=auto (the graph where it can run, else eager) or train.step=eager")
+    return StepChoice(step, "asked for by name (train.step)", step)
+
+
+EAGER = StepChoice("eager", "asked for by name (train.step)", "eager")  # the plain step, as tests and tools build it
 
 
 class TrainStep:
     """The step of one rank. `model` is the plain module (what checkpoints save); `train_model`
-    is what trains (the model wrapped in DDP / torch.compile, wrap.py). `kind` says which step
-    runs: eager, compile, or graph (a replayed CUDA graph, graph.py). Counters start at
-    `start_iter`. A graph points at the model's and optimizer's tensors: load a checkpoint into
-    a built step only with `load_state`, which copies in place. Build one with `build_step`."""
+    is what trains (the model wrapped in DDP / torch.compile, wrap.py). `choice` says which step
+    runs (`kind`: eager, compile, or graph, a replayed CUDA graph, graph.py) and why. Counters
+    start at `start_iter`. A graph points at the model's and optimizer's tensors: load a
+    checkpoint into a built step only with `load_state`, which copies in place. Build one with
+    `build_step`."""
 
     def __init__(self, model: nn.Module, train_model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor,
                  lrs: torch.Tensor, *, precision: str, memory_format=torch.contiguous_format, start_iter: int = 0,
-                 kind: str = "eager", source: EpochTable | None = None):
+                 choice: StepChoice = EAGER, source: EpochTable | None = None):
         self.model, self.train_model, self.optimizer, self.mean = model, train_model, optimizer, mean
         # with a source, the step gathers its own inputs on the device (data/epochs.py) and is
         # called with no arguments; without one, it is handed each batch (loop.Feed)
         self.source = source
         self.device = mean.device
         self.precision, self.memory_format = precision, memory_format
-        self.kind = kind
+        self.choice = choice
         self.lrs_host = lrs
         # device-side state the step reads and writes (static addresses, for graph capture)
         self.lrs = lrs.to(self.device)
@@ -86,12 +118,13 @@ class TrainStep:
         self.bad_iter = torch.full((self.members,), -1, dtype=torch.long, device=self.device)
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         self.inputs: StaticInputs | None = None  # the graph's input buffers
-        self.capture_error: str | None = None  # why capture failed, when it did
         self._run = self._eager
 
     def __call__(self, *batch: torch.Tensor) -> None:
         """step(images_u8, labels, aug), or step() when the step has a source."""
         self._run(*batch)
+
+    kind = property(lambda self: self.choice.kind)  # the step that runs: eager, compile or graph
 
     def lr_of(self, it: int) -> float:
         """The lr iteration `it` (1-based, as counted after the step) trained with."""
@@ -175,23 +208,28 @@ class TrainStep:
 
 
 def build_step(model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor, lrs: torch.Tensor, *,
-               kind: str = "eager", compile_mode: str = "default", precision: str,
-               memory_format=torch.contiguous_format, ddp: bool = False, batch_per_rank: int = 0,
-               ops: CudaOps | None = None, source: EpochTable | None = None) -> TrainStep:
-    """The step of `kind` (choose_kind's answer): the model wrapped in DDP, and in
-    torch.compile (`compile_mode`) for the compile step (wrap.py); the graph step captured once
-    (CUDA only, graph.py) and replayed. If capture fails, it says so in one line and runs
-    eagerly (`kind` and `capture_error` say what runs)."""
-    graph = kind == "graph"
-    capture = GraphCapture(ops) if graph else None
+               choice: StepChoice = EAGER,
+               compile_mode: str = "default", precision: str, memory_format=torch.contiguous_format,
+               ddp: bool = False, batch_per_rank: int = 0, source: EpochTable | None = None) -> TrainStep:
+    """The step choose_kind chose: the model wrapped in DDP, and in torch.compile
+    (`compile_mode`) for the compile step (wrap.py); the graph step captured once (CUDA only,
+    graph.py) and replayed. A failed capture stops a graph asked for by name (GraphUnavailable,
+    before any training step); under auto the eager step runs from the same state, and its
+    choice says why."""
+    graph = choice.kind == "graph"
+    capture = GraphCapture() if graph else None
     with capture.on_side() if capture is not None else nullcontext():  # DDP built where capture runs
-        train_model = wrap_model(model, mean.device, ddp, compile_mode if kind == "compile" else "none", graph)
+        train_model = wrap_model(model, mean.device, ddp, compile_mode if choice.kind == "compile" else "none", graph)
     step = TrainStep(model, train_model, optimizer, mean, lrs, precision=precision, memory_format=memory_format,
-                     kind=kind, source=source)
+                     choice=choice, source=source)
     if capture is not None:
-        replay, inputs, step.capture_error = capture.capture_or_eager(step, batch_per_rank)
-        if replay is not None:
-            step.use_graph(replay, inputs)
-        else:
-            step.kind = "eager"
+        try:
+            step.use_graph(*capture.capture_agreed(step, batch_per_rank))
+        except CaptureFailed as e:
+            if choice.asked != "auto":
+                raise GraphUnavailable(f"train.step = graph: CUDA-graph capture failed ({e}); the run stops "
+                                       f"before training. train.step=auto runs the eager step instead "
+                                       f"(about 4x slower), saying so") from e
+            step.choice = StepChoice("eager", f"auto: CUDA-graph capture failed ({e}); the eager step runs, "
+                                              f"about 4x slower", choice.asked)
     return step

@@ -28,13 +28,12 @@ from ..models import build_model, count_parameters
 from .bar import RunBar
 from ..rundir import RunDir
 from .evaluate import error_rates, model_layout as memory_format  # evaluation uses the same layout
-from .graph import CudaOps
 from .loop import Cadence, Progress, after_step, drain, evaluation, take_steps
 from .optim import TensorLRSGD
 from .preempt import Notice
 from .plan import Plan, resolve
 from .schedule import lr_table
-from .step import TrainStep, build_step
+from .step import StepChoice, TrainStep, build_step
 
 
 def make_model(cfg: RunConfig, ctx: dist.DistContext) -> tuple[nn.Module, TensorLRSGD]:
@@ -50,19 +49,20 @@ def make_model(cfg: RunConfig, ctx: dist.DistContext) -> tuple[nn.Module, Tensor
 
 
 def make_step(cfg: RunConfig, plan: Plan, ctx: dist.DistContext, model: nn.Module, optimizer: TensorLRSGD,
-              mean: torch.Tensor, ops: CudaOps | None = None, source: EpochTable | None = None) -> TrainStep:
-    """The step of plan.step, inputs normalised with `mean` (the data's mean image, on the
-    device); a graph whose capture fails becomes the eager step (step.kind says which runs).
-    With a source, the step gathers its own inputs."""
+              mean: torch.Tensor, source: EpochTable | None = None) -> TrainStep:
+    """The step the plan chose (step.choose_kind), inputs normalised with `mean` (the data's mean
+    image, on the device); step.choice says which runs and why: auto's graph whose capture fails
+    becomes the eager step, a graph asked for by name stops the run (GraphUnavailable). With a
+    source, the step gathers its own inputs."""
     with dist.stage("model broadcast (DDP set-up)"):
         return build_step(model, optimizer, mean, lr_table(cfg.optim, plan.lr_scale, cfg.dist.scale_warmup_iters),
-                          kind=plan.step, compile_mode=cfg.train.compile, precision=plan.precision,
+                          choice=plan.choice, compile_mode=cfg.train.compile, precision=plan.precision,
                           memory_format=memory_format(cfg, ctx.device), ddp=ctx.distributed,
-                          batch_per_rank=plan.batch_per_rank, ops=ops, source=source)
+                          batch_per_rank=plan.batch_per_rank, source=source)
 
 
 def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | None = None,
-          ops: CudaOps | None = None, plan: Plan | None = None) -> Trainer:
+          plan: Plan | None = None) -> Trainer:
     """The run of this rank: loaders, model and optimizer, step, and the data's feed of the
     step. `plan`: what preflight resolved (None: resolved here, for bench, doctor and tests);
     `stop`: the preemption notice fit() asks at its log points (None: nothing stops it early).
@@ -75,8 +75,8 @@ def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | N
         source.load(0)  # before capture: the warm-up reads it
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
     model, optimizer = make_model(cfg, ctx)
-    step = make_step(cfg, plan, ctx, model, optimizer, mean, ops, source)
-    plan = plan.ran(step.kind, step.capture_error)
+    step = make_step(cfg, plan, ctx, model, optimizer, mean, source)
+    plan = plan.ran(step.choice)
     feed = feed_for(loaders.train, source, cfg.train.seed, plan.global_batch, ctx.rank, ctx.world_size,
                     out=step.inputs.out if step.inputs else None)
     data_facts = {"train_images": len(data.train), "test_images": len(data.test),
@@ -117,9 +117,9 @@ class Trainer:
         NonFiniteLoss) and logged, then come the evaluation and the checkpoint when due. A stop
         asked for (self.stop, agreed by all ranks) checkpoints there and raises Preempted."""
         step, progress, cadence = self.step, self.progress, Cadence.of(self.cfg)
-        self.wandb_id = logger.wandb_id  # this attempt's W&B run: its checkpoints hand it on
-        it = progress.iteration
-        bar = RunBar(self.cfg.name, cadence.total, it, self.ctx.is_main, next_stop=cadence.next_stop)
+        it, self.wandb_id = progress.iteration, logger.wandb_id  # this attempt's W&B run: its checkpoints hand it on
+        bar = RunBar(f"{self.cfg.name} ({step_label(step.choice)})", cadence.total, it, self.ctx.is_main,
+                     next_stop=cadence.next_stop)
         batches = self.feed.batches(it)
         try:
             t0 = time.perf_counter()
@@ -196,11 +196,12 @@ class Trainer:
                         f"this run has {self.ctx.world_size}")
 
     def checkpoint(self) -> None:
-        """state_dict() written by rank 0 (RunDir.save_checkpoint: atomic, checksummed, the last
+        """state_dict() written by rank 0 (RunDir's checkpoints: atomic, checksummed, the last
         train.keep_checkpoints kept); every rank waits, so none runs ahead of a save."""
         cfg, iteration = self.cfg, self.progress.iteration
-        if self.ctx.is_main:
-            RunDir(cfg.run_dir).checkpoints.save(iteration, self.state_dict(), cfg.train.keep_checkpoints)
+        if self.ctx.is_main:  # watched: the other ranks wait for it in the barrier
+            with dist.stage(f"checkpoint write at iteration {iteration}"):
+                RunDir(cfg.run_dir).checkpoints.save(iteration, self.state_dict(), cfg.train.keep_checkpoints)
         with dist.stage(f"checkpoint barrier at iteration {iteration}"):
             dist.barrier()
 
@@ -208,12 +209,16 @@ class Trainer:
         """The run's summary; rank 0 writes the final weights (two files) and the summary."""
         summary, cfg = summarize(self), self.cfg
         if self.ctx.is_main:
-            weights = final_weights(self.model, cfg, cfg.optim.iters, self.step.mean)
-            run = RunDir(cfg.run_dir)
+            weights, run = final_weights(self.model, cfg, cfg.optim.iters, self.step.mean), RunDir(cfg.run_dir)
             run.write_model(weights)
             pretrained.save(run.safetensors, self.model, weights["mean"], cfg)  # the same, no pickle
             run.write_summary(summary)
         return summary
+
+
+def step_label(choice: StepChoice) -> str:
+    """The progress bar's word for the step: its kind, and a fall-back said at a glance."""
+    return f"{choice.kind}, graph capture failed" if choice.fell_back else choice.kind
 
 
 def final_weights(model: nn.Module, cfg: RunConfig, iteration: int, mean: torch.Tensor) -> dict[str, Any]:
@@ -241,6 +246,6 @@ def summarize(trainer: Trainer) -> dict[str, Any]:
         "train_seconds": progress.train_seconds, "images_per_second": record["images_per_second"],
         "parameters": count_parameters(step.model), "world_size": ctx.world_size, "global_batch": batch,
         "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
-        "precision": trainer.plan.precision, "step": step.kind, "capture_error": step.capture_error,
+        "precision": trainer.plan.precision, "step": step.kind, "step_reason": step.choice.reason,
         "loader": trainer.plan.loader, **trainer.data_facts,
     }

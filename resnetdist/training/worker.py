@@ -1,8 +1,8 @@
 """What each worker process (one per rank under torchrun, or this process alone) does for
 `resnetdist train`, top to bottom:
 checks (preflight) -> process group -> where the run starts (finished, the newest checkpoint,
-or fresh: found once, by rank 0, and shared) -> lock, header, config.toml -> the trainer
-(trainer.build, then Trainer.load of that checkpoint) -> logger -> Trainer.fit -> summary ->
+or fresh: found once, by rank 0, and shared) -> lock -> the trainer (trainer.build, then
+Trainer.load of that checkpoint) -> header, config.toml and resolved.toml -> logger -> Trainer.fit -> summary ->
 clean-up. Rank 0 alone writes files; other ranks get a NullLogger and skip the writes.
 """
 
@@ -68,7 +68,7 @@ def load_checked_data(cfg: RunConfig, plan: Plan) -> Cifar10:
     trains, so a node without the data stops the job with one line naming the host and path."""
     if not dist.under_torchrun() or dist.world_size_from_env() <= 1:
         return load_data(cfg.data)
-    dist.setup(plan.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s)
+    dist.setup(plan.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s, compile_pause_s=cfg.dist.compile_pause_s)
     return load_data_on_every_rank(cfg.data)
 
 
@@ -141,7 +141,8 @@ def main(cfg: RunConfig, prepared: Prepared | None = None, signals: bool = True,
     a SIGTERM or SIGUSR1 noted to stop the run at the next log point with a checkpoint (Preempted)."""
     with preempt.notice(install=signals) as notice:
         prepared = prepared or preflight(cfg, dist.world_size_from_env())
-        ctx = dist.setup(prepared.plan.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s, on_hang)
+        ctx = dist.setup(prepared.plan.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s,
+                         compile_pause_s=cfg.dist.compile_pause_s, on_hang=on_hang)
         try:
             return train_rank(cfg, prepared, ctx, notice)
         finally:
@@ -159,25 +160,30 @@ def train_rank(cfg: RunConfig, prepared: Prepared, ctx: dist.DistContext, notice
         if ctx.is_main and data.record_count_note():  # a stand-in or a cut file: say what trains
             print(data.record_count_note(), file=sys.stderr, flush=True)
         if ctx.is_main:
-            print(announce.header(cfg, plan, start, data.eval_images(), data.describe()), flush=True)
             run = RunDir(cfg.run_dir)  # rank 0's: the other ranks write nothing
             run_lock = run.acquire()  # before anything is written there (RunDirBusy if held; preflight probed it)
         trainer = build(cfg, ctx, data, stop=notice, plan=plan)
         if start.state is not None:
             trainer.load(start.state)
-        if ctx.is_main:  # the configuration as loaded, and beside it what ran (the step built)
-            run.write_config(cfg, asdict(trainer.plan))
+        if ctx.is_main:  # after the build: the header names the step that runs (auto's failed capture: eager, and why)
+            print(announce.header(cfg, trainer.plan, start, data.eval_images(), data.describe()), flush=True)
+            run.write_config(cfg, asdict(trainer.plan))  # the configuration as loaded, and beside it what ran
         logger = open_logger(cfg.log, cfg.run_dir, cfg.to_dict(), cfg.name, cfg.model.name, cfg.tags,
                              trainer.progress.iteration, trainer.wandb_id) if ctx.is_main else NullLogger()
         try:
             trainer.fit(logger)
-            summary = trainer.finish()
-            logger.summary(summary)
-            logger.log_model(cfg.run_dir, trainer.step.mean.cpu().numpy(), summary)  # W&B model artifact (rank 0)
+            # watched: a write to a stuck disk must not leave torchrun waiting for rank 0 forever;
+            # the W&B upload has its own limit (log.wandb_finish_timeout_s), allowed on top
+            with dist.stage("finish (model.pt, summary.json, the logger's upload)", early=True,
+                            extra_s=cfg.log.wandb_finish_timeout_s):
+                summary = trainer.finish()
+                logger.summary(summary)
+                logger.log_model(cfg.run_dir, trainer.step.mean.cpu().numpy(), summary)  # W&B model artifact (rank 0)
+                closing, logger = logger, NullLogger()  # closed once, whatever happens in close
+                closing.close()
         except BaseException as e:
             logger.close_after(e)  # stopped (a notice, Ctrl-C) or failed: metrics.py tells them apart
             raise
-        logger.close()
         return summary
     finally:
         if run_lock is not None:
