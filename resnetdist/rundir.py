@@ -217,16 +217,6 @@ class RunDir:
         except Exception:  # noqa: BLE001 - any fault of the file means "unknown" to a reader
             return None
 
-    def planned_iterations(self) -> int | None:
-        """The run's planned length (config.toml's optim.iters), None when it cannot be read."""
-        cfg = self.read_config()
-        return cfg.optim.iters if cfg is not None else None
-
-    def latest(self) -> Latest:
-        """What the run recorded last: its newest training record (progress.jsonl, every log
-        point) and evaluation (metrics.jsonl); the iteration is the newer of the two."""
-        return Latest(last_record(self.progress), last_record(self.metrics))
-
     def read_summary(self) -> dict[str, Any] | None:
         """summary.json as written, or None: absent, unreadable or not an object."""
         return read_json(self.summary)
@@ -257,7 +247,7 @@ class RunDir:
         """Where the run stands, from the folder alone (any process, any time; the lock is only
         probed). `iterations`: the run's planned length."""
         if self.is_running():
-            return RunState("running", self.latest().iteration, holder=self.holder())
+            return RunState("running", Latest.of(self).iteration, holder=self.holder())
         summary = self.finished(iterations, name)
         if summary is not None:
             return RunState("finished", summary.get("iterations"), summary=summary)
@@ -306,11 +296,16 @@ class RunDir:
 
 @dataclass(frozen=True)
 class Latest:
-    """A run's newest records (RunDir.latest): `training` (iter, train_loss, train_error, lr)
-    and `evaluation` (also test_error, train_seconds, images_per_second); either may be None."""
+    """What a run recorded last (Latest.of): its newest training record (progress.jsonl, each
+    log point: iter, train_loss, train_error, lr) and evaluation (metrics.jsonl: also test_error,
+    train_seconds, images_per_second); either may be None. Any process may read it, any time."""
 
     training: dict[str, Any] | None
     evaluation: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, run: RunDir) -> Latest:
+        return cls(last_record(run.progress), last_record(run.metrics))
 
     @property
     def iteration(self) -> int | None:

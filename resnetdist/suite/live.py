@@ -1,4 +1,4 @@
-"""What `reproduce` shows while its runs train, read from their run folders (RunDir.latest and
+"""What `reproduce` shows while its runs train, read from their run folders (rundir.Latest and
 metrics.jsonl), never from the runs' output:
 
 - on a terminal, one bar per running run under the suite's own lines (start, done, FAIL),
@@ -150,7 +150,7 @@ class Watch:
 
     def _read(self, watched: Watched, now: float) -> None:
         """The run's newest records; its new evaluations said as lines."""
-        watched.latest = watched.run.latest()
+        watched.latest = Latest.of(watched.run)
         it = watched.latest.iteration
         if it is not None and (watched.first is None or it < watched.first[0]):
             watched.first = (it, now)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..progress import duration, plural
-from ..rundir import RunDir, RunState
+from ..rundir import Latest, RunDir, RunState
 
 STATES = ("running", "interrupted", "stopped", "done", "failed", "not started")
 
@@ -47,6 +47,12 @@ class RunStatus:
         return asdict(self)
 
 
+def planned_iterations(run: RunDir) -> int | None:
+    """The run's planned length (its config.toml's), None when that cannot be read."""
+    cfg = run.read_config()
+    return cfg.optim.iters if cfg is not None else None
+
+
 # RunDir.state's kinds in the words of the table
 SHOWN = {"fresh": "not started", "resumable": "stopped", "running": "running", "stopped": "interrupted",
          "failed": "failed", "finished": "done"}
@@ -56,7 +62,7 @@ def run_status(run_dir: Path, name: str | None = None, iterations: int | None = 
     """The state of one run folder (`iterations`: its planned length, else its config.toml's)."""
     run = RunDir(run_dir)
     status = RunStatus(name or run.path.name, str(run.path), "not started",
-                       iterations=iterations or run.planned_iterations())
+                       iterations=iterations or planned_iterations(run))
     state = run.state(status.iterations, name)
     status.state, status.iteration = SHOWN[state.kind], state.iteration
     if state.kind == "running":
@@ -85,7 +91,7 @@ def running(status: RunStatus, state: RunState, run: RunDir) -> RunStatus:
     if status.iteration is None:
         status.detail = f"starting {where}"
         return status
-    latest = run.latest()
+    latest = Latest.of(run)
     of = f" of {status.iterations:,}" if status.iterations else ""
     status.detail = f"iteration {status.iteration:,}{of} {where}"
     if latest.training and latest.training.get("train_error") is not None:
