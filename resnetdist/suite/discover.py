@@ -195,12 +195,12 @@ def share_data_facts(runs: list[RunRecords]) -> None:
     for r in runs:
         if r.data:
             continue
-        same_net = {r2.data_key for r2 in runs if r2.data and (r2.plain, r2.depth, r2.iterations) ==
-                    (r.plain, r.depth, r.iterations)}
         if r.data_dir in by_folder:
             r.data = dict(by_folder[r.data_dir])
-        elif len(same_net) == 1:
-            r.data = next(dict(r2.data) for r2 in runs if r2.data_key in same_net)
+            continue
+        same_net = [o.data for o in runs if o.data and (o.plain, o.depth, o.iterations) == (r.plain, r.depth, r.iterations)]
+        if same_net and all(d == same_net[0] for d in same_net):
+            r.data = dict(same_net[0])
 
 
 GroupKey = tuple[bool, int, int, Any]  # plain, depth, iterations, data_key
