@@ -310,7 +310,7 @@ def test_export_check_fails_loudly(tiny_model, onnx_export, tmp_path):
 
 # ----- reproduce ---------------------------------------------------------------------------------
 
-REPRO = ["reproduce", "--depths", "8,14", "--no-plain", "--seeds", "1", "--iters", "12", "--device", "cpu",
+REPRO = ["reproduce", "--depths", "8,14", "--resnet", "--seeds", "1", "--iters", "12", "--device", "cpu",
          "--set", "optim.batch_size=32", "--set", "data.eval_batch=100", "--set", "train.eval_every=6",
          "--set", "train.checkpoint_every=3", "--set", "log.log_every=3", "--set", "log.tensorboard=false",
          "--set", "log.wandb_mode=disabled"]
