@@ -81,7 +81,7 @@ def same_losses(run: Path, alone: Path) -> None:
 
 
 @pytest.mark.timeout(240)
-def test_a_pack_writes_each_seed_as_a_run_like_any_other(pack, alone_s1, reference_run, tiny_data, tmp_path):
+def test_a_pack_writes_each_seed_as_a_run_like_any_other(pack, alone_s1, reference_run, tiny_data):
     s0, s1 = pack / "resnet8-s0", pack / "resnet8-s1"
     for seed, run in enumerate((s0, s1)):
         assert {"config.toml", "resolved.toml", "metrics.jsonl", "summary.json", "model.pt", "model.safetensors",
@@ -98,10 +98,8 @@ def test_a_pack_writes_each_seed_as_a_run_like_any_other(pack, alone_s1, referen
     for run, alone in ((s0, reference_run(RESUMABLE)), (s1, alone_s1)):
         assert [r["iter"] for r in read_jsonl(run / "metrics.jsonl")] == [15, 30]
         same_losses(run, alone)
-    listed = json.loads(cli(["runs", "--json", pack]).stdout)["runs"]
+    listed = json.loads(cli(["runs", "--json", pack]).stdout)["runs"]  # (the report: the reproduce --pack test)
     assert sorted((r["name"], r["state"]) for r in listed) == [("resnet8-s0", "done"), ("resnet8-s1", "done")]
-    report = cli(["report", pack, "--out", tmp_path / "report"])
-    assert "from 2 run(s)" in report.stdout
 
 
 @pytest.mark.timeout(240)
