@@ -65,8 +65,8 @@ class StepChoice:
 
 def choose_kind(step: str, on_cuda: bool, precision: str) -> StepChoice:
     """The step that runs, from train.step alone (the one place that decides it). auto: the
-    whole-step graph on CUDA with bf16 or fp32 (measured on an H100 with a plain script of this
-    recipe, DESIGN.md: 4x the eager step at batch 128), else eager (fp16's loss scaler syncs
+    whole-step graph on CUDA with bf16 or fp32 (4x the eager step at batch 128 on one H100,
+    measured by a plain PyTorch script of this recipe, not by resnetdist: docs/gpu-acceptance.md), else eager (fp16's loss scaler syncs
     with the host, which a graph cannot hold). A step asked for by name runs or the run stops:
     graph without CUDA is a ConfigError here, before any worker starts (graph + fp16 is one in
     config.validate), and a graph whose capture fails stops the run in build_step."""
