@@ -215,6 +215,14 @@ class RunDir:
         except Exception:  # noqa: BLE001 - any fault of the file means "unknown" to a reader
             return None
 
+    def read_resolved(self) -> dict[str, Any] | None:
+        """resolved.toml's table (training/plan.Plan's fields), or None: absent or unreadable."""
+        try:
+            resolved = read_toml(self.resolved).get("resolved")
+        except Exception:  # noqa: BLE001 - as read_config
+            return None
+        return resolved if isinstance(resolved, dict) else None
+
     def read_summary(self) -> dict[str, Any] | None:
         """summary.json as written, or None: absent, unreadable or not an object."""
         return read_json(self.summary)
