@@ -27,6 +27,7 @@ from resnetdist.training.step import StepChoice, build_step
 from resnetdist.training.trainer import build, make_model
 
 from .fake_cuda import FakeOps
+from .helpers import EAGER
 
 B, SEED = 32, 3
 CPU = torch.device("cpu")
@@ -46,7 +47,8 @@ def per_step(tiny_data, first: int = 0, state: dict | None = None, **kw):
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
-    step = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", batch_per_rank=B, **kw)
+    step = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", batch_per_rank=B,
+                      **{"choice": EAGER, **kw})
     step.it.fill_(first)
     loader = open_loaders(cfg.data, data, DistContext(0, 0, 1, CPU), B, SEED).train
     return step, Feed(loader, SEED, B, out=step.inputs.out if step.inputs else None)

@@ -82,9 +82,6 @@ def choose_kind(step: str, on_cuda: bool, precision: str) -> StepChoice:
     return StepChoice(step, "asked for by name (train.step)", step)
 
 
-EAGER = StepChoice("eager", "asked for by name (train.step)", "eager")  # the plain step, as tests and tools build it
-
-
 class TrainStep:
     """The step of one rank. `model` is the plain module (what checkpoints save); `train_model`
     is what trains (the model wrapped in DDP / torch.compile, wrap.py). `choice` says which step
@@ -95,7 +92,7 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, train_model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor,
                  lrs: torch.Tensor, *, precision: str, memory_format=torch.contiguous_format, start_iter: int = 0,
-                 choice: StepChoice = EAGER, source: EpochTable | None = None):
+                 choice: StepChoice, source: EpochTable | None = None):
         self.model, self.train_model, self.optimizer, self.mean = model, train_model, optimizer, mean
         # with a source, the step gathers its own inputs on the device (data/epochs.py) and is
         # called with no arguments; without one, it is handed each batch (loop.Feed)
@@ -208,8 +205,7 @@ class TrainStep:
 
 
 def build_step(model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor, lrs: torch.Tensor, *,
-               choice: StepChoice = EAGER,
-               compile_mode: str = "default", precision: str, memory_format=torch.contiguous_format,
+               choice: StepChoice, compile_mode: str = "default", precision: str, memory_format=torch.contiguous_format,
                ddp: bool = False, batch_per_rank: int = 0, source: EpochTable | None = None) -> TrainStep:
     """The step choose_kind chose: the model wrapped in DDP, and in torch.compile
     (`compile_mode`) for the compile step (wrap.py); the graph step captured once (CUDA only,
