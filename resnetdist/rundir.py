@@ -215,13 +215,9 @@ class RunDir:
         except Exception:  # noqa: BLE001 - any fault of the file means "unknown" to a reader
             return None
 
-    def read_resolved(self) -> dict[str, Any] | None:
-        """resolved.toml's table (training/plan.Plan's fields), or None: absent or unreadable."""
-        try:
-            resolved = read_toml(self.resolved).get("resolved")
-        except Exception:  # noqa: BLE001 - as read_config
-            return None
-        return resolved if isinstance(resolved, dict) else None
+    def read_resolved(self) -> dict[str, Any]:
+        """resolved.toml's table (training/plan.Plan's fields); {} when absent or unreadable."""
+        return read_table(self.resolved, "resolved")
 
     def read_summary(self) -> dict[str, Any] | None:
         """summary.json as written, or None: absent, unreadable or not an object."""
@@ -342,6 +338,15 @@ def log_ending(log: Path) -> tuple[int | None, str]:
 def config_texts(cfg: RunConfig, resolved: dict[str, Any]) -> tuple[str, str]:
     """The text of config.toml and of resolved.toml (its one table, [resolved])."""
     return to_toml(cfg), dumps_toml({"resolved": resolved})
+
+
+def read_table(path: Path, key: str) -> dict[str, Any]:
+    """The table `key` of a TOML file; {} when the file is absent or unreadable, or has no such table."""
+    try:
+        table = read_toml(path).get(key)
+    except Exception:  # noqa: BLE001 - any fault of the file means "unknown" to a reader
+        return {}
+    return table if isinstance(table, dict) else {}
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

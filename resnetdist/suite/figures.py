@@ -210,7 +210,7 @@ def lr_steps(run: RunRecords) -> list[tuple[int, float]]:
     from ..training import lr_at
 
     folder = RunDir(run.path)
-    cfg, resolved = folder.read_config(), folder.read_resolved() or {}
+    cfg, resolved = folder.read_config(), folder.read_resolved()
     if cfg is None or not isinstance(scale := resolved.get("lr_scale"), (int, float)):  # an older or hand-made run
         return [(int(r["iter"]), float(r["lr"])) for r in run.records if r.get("lr")]
     steps: list[tuple[int, float]] = []
