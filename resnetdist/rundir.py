@@ -180,10 +180,12 @@ class RunDir:
     config = property(lambda self: self.path / "config.toml")
     resolved = property(lambda self: self.path / "resolved.toml")
     metrics = property(lambda self: self.path / "metrics.jsonl")
+    progress = property(lambda self: self.path / "progress.jsonl")  # one training record per log point
     summary = property(lambda self: self.path / "summary.json")
     model = property(lambda self: self.path / "model.pt")
     safetensors = property(lambda self: self.path / "model.safetensors")  # model.pt's weights, no pickle (pretrained.py)
     log = property(lambda self: self.path / "train.log")
+    responses_cache = property(lambda self: self.path / "layer_responses.cache.json")  # the report's Figure 7 values
     lock_file = property(lambda self: self.path / ".lock")
 
     def is_run(self) -> bool:
@@ -249,7 +251,7 @@ class RunDir:
         """Where the run stands, from the folder alone (any process, any time; the lock is only
         probed). `iterations`: the run's planned length."""
         if self.is_running():
-            return RunState("running", newest_records(self.metrics)[0], holder=self.holder())
+            return RunState("running", Latest.of(self).iteration, holder=self.holder())
         summary = self.finished(iterations, name)
         if summary is not None:
             return RunState("finished", summary.get("iterations"), summary=summary)
@@ -296,23 +298,53 @@ class RunDir:
 # ----- what a run recorded, read by any process -----------------------------------------------
 
 
-def newest_records(metrics: Path) -> tuple[int | None, dict | None]:
-    """(iteration of the newest metrics record, the newest record with train_seconds)."""
-    newest, timed = None, None
+@dataclass(frozen=True)
+class Latest:
+    """What a run recorded last (Latest.of): its newest training record (progress.jsonl, each
+    log point: iter, train_loss, train_error, lr) and evaluation (metrics.jsonl: also test_error,
+    train_seconds, images_per_second); either may be None. Any process may read it, any time."""
+
+    training: dict[str, Any] | None
+    evaluation: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, run: RunDir) -> Latest:
+        return cls(last_record(run.progress), last_record(run.metrics))
+
+    @property
+    def iteration(self) -> int | None:
+        found = [r["iter"] for r in (self.training, self.evaluation) if r is not None]
+        return max(found) if found else None
+
+    def seconds_per_iteration(self) -> float | None:
+        """The run's training rate (evaluations apart), from its newest evaluation."""
+        e = self.evaluation
+        return e["train_seconds"] / e["iter"] if e and e.get("train_seconds") and e["iter"] > 0 else None
+
+
+TAIL_BYTES = 16_384  # a record line is ~250 bytes: the newest complete one is always in the tail
+
+
+def last_record(path: Path) -> dict[str, Any] | None:
+    """The newest complete record (a JSON object with an integer `iter`) of a .jsonl file that
+    only grows, read from its tail: polled often, so a long run's file is never read whole. A
+    line being written is skipped; None when there is none (or no file)."""
     try:
-        lines = metrics.read_text(errors="replace").splitlines()
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - TAIL_BYTES))
+            lines = f.read().decode(errors="replace").splitlines()
     except OSError:
-        return None, None
-    for line in lines:
+        return None
+    for line in reversed(lines):
         try:
             record = json.loads(line)
-        except ValueError:  # a line being written
+        except ValueError:  # a line being written, or cut by the tail
             continue
         if isinstance(record, dict) and isinstance(record.get("iter"), int):
-            newest = record["iter"]
-            if record.get("train_seconds"):
-                timed = record
-    return newest, timed
+            return record
+    return None
+
 
 def log_lines(log: Path) -> list[str]:
     """The run's log (a suite's train.log), its non-blank lines; none when it is absent."""

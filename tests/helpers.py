@@ -86,15 +86,17 @@ def check_png(path: Path, min_size: tuple[int, int]) -> np.ndarray:
 
 def write_fixture_run(root: Path, model: str, depth: int, plain: bool, seed: int, final: float,
                       iters: int = 64_000, finished: bool = True, points: int = 17,
-                      data_identity: str | None = "cifar10") -> Path:
+                      data_identity: str | None = "cifar10", train_images: int | None = None,
+                      data_dir: str = "/data/cifar") -> Path:
     """A run folder as `train` leaves it: metrics.jsonl (+ summary.json when finished, saying
-    which data it trained on: verified CIFAR-10 unless told; None: the key is absent)."""
+    which data it trained on: verified CIFAR-10 unless told, None: the key is absent; and, when
+    given, how many training images, with 10,000 test images)."""
     run = root / f"{model}-s{seed}"
     run.mkdir(parents=True)
     n = (depth - 2) // 6
     (run / "config.toml").write_text(
         f'[model]\nn = {n}\nplain = {str(plain).lower()}\n\n[optim]\niters = {iters}\n\n'
-        f'[train]\nseed = {seed}\n\n[data]\ndir = "/data/cifar"\n'
+        f'[train]\nseed = {seed}\n\n[data]\ndir = "{data_dir}"\n'
     )
     steps = [round(iters * (i + 1) / points) for i in range(points)]
     if not finished:
@@ -116,6 +118,8 @@ def write_fixture_run(root: Path, model: str, depth: int, plain: bool, seed: int
                    "global_batch": 128, "device": "NVIDIA H100", "precision": "bf16", "loader": "gpu"}
         if data_identity is not None:
             summary["data_identity"] = data_identity
+        if train_images is not None:
+            summary.update(train_images=train_images, test_images=10_000, val_images=0)
         (run / "summary.json").write_text(json.dumps(summary))
     return run
 

@@ -25,7 +25,7 @@ from resnetdist.config import from_dict
 from resnetdist.models import build_model
 
 from .conftest import REPO, TINY, cli, cli_env, cli_in_process, run_cli
-from .helpers import check_png, png_size, write_fixture_run
+from .helpers import check_png, png_size, read_jsonl, write_fixture_run
 
 # ----- report on hand-written runs ---------------------------------------------------------------
 
@@ -314,7 +314,7 @@ def test_export_check_fails_loudly(tiny_model, onnx_export, tmp_path):
 
 # ----- reproduce ---------------------------------------------------------------------------------
 
-REPRO = ["reproduce", "--depths", "8,14", "--no-plain", "--seeds", "1", "--iters", "12", "--device", "cpu",
+REPRO = ["reproduce", "--depths", "8,14", "--resnet", "--seeds", "1", "--iters", "12", "--device", "cpu",
          "--set", "optim.batch_size=32", "--set", "data.eval_batch=100", "--set", "train.eval_every=6",
          "--set", "train.checkpoint_every=3", "--set", "log.log_every=3", "--set", "log.tensorboard=false",
          "--set", "log.wandb_mode=disabled"]
@@ -350,6 +350,10 @@ def test_reproduce_interrupted_then_resumed(tmp_path, tiny_data):
     assert "skip  resnet14-s0: already finished" in text
     assert "start resnet8-s0" in text and "(resuming)" in text and "done  resnet8-s0" in text
     assert "resuming from" in (second / "train.log").read_text()
+    # in a pipe: each evaluation as a line, read from the run folders, and no bar
+    assert "resnet8-s0  eval at 12/12  train err" in text and "\x1b" not in text, text
+    assert [r["iter"] for r in read_jsonl(second / "progress.jsonl")] == [3, 6, 9, 12]  # each log point once
+    assert f"figures in {out}: figure6.png, figure7.png, curves/resnet14-s0.png, curves/resnet8-s0.png" in text
     for name in ("resnet8-s0", "resnet14-s0"):
         summary = json.loads((out / name / "summary.json").read_text())
         assert summary["iterations"] == 12

@@ -107,6 +107,8 @@ def test_one_ctrl_c_in_the_terminal_stops_the_suite_at_a_checkpoint_and_the_reru
     while newest_iteration(out / NAMES[0]) < 10 and time.monotonic() < deadline:
         term.read(0.2)
     assert newest_iteration(out / NAMES[0]) >= 10, term.text
+    # on a terminal, the running run's bar (read from its folder) under the suite's lines
+    assert re.search(rf"{NAMES[0]}\s+\d+% \|#* *\| \d+/120", term.text), term.text
     # while it trains, both views say so: the lock is held, the newest record's iteration
     status = cli_in_process(["reproduce", "--status", str(out)]).stdout
     assert f"{NAMES[0]}  running      iteration" in status and " of 120 on " in status, status

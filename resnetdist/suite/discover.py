@@ -15,6 +15,7 @@ from ..rundir import RunDir
 
 
 DATA_IDENTITIES = ("cifar10", "modified", "unknown")
+DATA_FACTS = ("data_identity", "train_images", "test_images", "val_images")  # summary.json's words on the data
 
 
 class ReportError(RuntimeError):
@@ -33,12 +34,26 @@ class RunRecords:
     records: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] | None = None
     recipe: dict[str, Any] = field(default_factory=dict)  # the paper's recipe keys, from config.toml
+    data_dir: str | None = None  # config.toml's data.dir
+    # what the data was (DATA_FACTS): summary.json's, or for an unfinished run those of a finished
+    # run on the same data folder (share_data_facts); empty when unknown
+    data: dict[str, Any] = field(default_factory=dict)
 
     @property
     def data_identity(self) -> str:
-        """"cifar10" (md5-verified CIFAR-10), "modified" or "unknown" (summary.json; absent: unknown)."""
-        identity = (self.summary or {}).get("data_identity")
+        """"cifar10" (md5-verified CIFAR-10), "modified" or "unknown" (absent: unknown)."""
+        identity = self.data.get("data_identity")
         return identity if identity in DATA_IDENTITIES else "unknown"
+
+    @property
+    def train_images(self) -> int | None:
+        return self.data.get("train_images")
+
+    @property
+    def data_key(self) -> tuple[str, int | None] | None:
+        """What keeps runs on different data apart (as different lengths are): the data's
+        identity and its number of training images; None: not known (an unfinished run)."""
+        return (self.data_identity, self.train_images) if self.data else None
 
     @property
     def finished(self) -> bool:
@@ -124,7 +139,7 @@ def _config_info(path: Path) -> dict[str, Any]:
     recipe = {"optim.batch_size": o.batch_size, "optim.lr": o.lr, "optim.momentum": o.momentum,
               "optim.weight_decay": o.weight_decay, "optim.milestones": list(o.milestones), "model.shortcut": cfg.model.shortcut}
     return {"model": cfg.model.name, "depth": cfg.model.depth, "plain": cfg.model.plain, "seed": cfg.train.seed,
-            "iterations": cfg.optim.iters, "name": cfg.name, "recipe": recipe}
+            "iterations": cfg.optim.iters, "name": cfg.name, "recipe": recipe, "data_dir": cfg.data.dir or None}
 
 
 def load_run(path: Path) -> RunRecords:
@@ -142,7 +157,8 @@ def load_run(path: Path) -> RunRecords:
         raise ReportError(f"{path}: cannot tell which net this is (no summary.json and no readable config.toml)")
     return RunRecords(path=path, name=str(info.get("name", path.name)), model=str(info["model"]), depth=int(info["depth"]),
                plain=bool(info["plain"]), seed=int(info.get("seed", 0)), iterations=int(info["iterations"]),
-               records=records, summary=summary, recipe=info.get("recipe", {}))
+               records=records, summary=summary, recipe=info.get("recipe", {}), data_dir=info.get("data_dir"),
+               data={k: summary[k] for k in DATA_FACTS if k in summary} if summary else {})
 
 
 def load_runs(paths: list[Path], skip_empty: bool = False) -> tuple[list[RunRecords], list[str]]:
@@ -167,20 +183,40 @@ def load_runs(paths: list[Path], skip_empty: bool = False) -> tuple[list[RunReco
             raise
     if not runs:
         raise ReportError("no run with metrics found in " + ", ".join(map(str, paths)))
+    share_data_facts(runs)
     return runs, notes
 
 
-def config_data_dir(path: Path) -> str | None:
-    cfg = RunDir(path).read_config()
-    return (cfg.data.dir or None) if cfg is not None else None
-
-
-def group_runs(runs: list[RunRecords]) -> dict[tuple[bool, int, int], list[RunRecords]]:
-    groups: dict[tuple[bool, int, int], list[RunRecords]] = defaultdict(list)
+def share_data_facts(runs: list[RunRecords]) -> None:
+    """An unfinished run has no summary.json to say what data it trains on: it takes the facts
+    of a finished run on the same data folder, else those of its net's finished runs of the same
+    length when they all agree (else it stays unknown and is kept apart)."""
+    by_folder = {r.data_dir: r.data for r in runs if r.finished and r.data and r.data_dir}
     for r in runs:
-        groups[(r.plain, r.depth, r.iterations)].append(r)
-    # ResNets first (as in Table 6), then plain nets; each by depth
-    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])))
+        if r.data:
+            continue
+        if r.data_dir in by_folder:
+            r.data = dict(by_folder[r.data_dir])
+            continue
+        same_net = [o.data for o in runs if o.data and (o.plain, o.depth, o.iterations) == (r.plain, r.depth, r.iterations)]
+        if same_net and all(d == same_net[0] for d in same_net):
+            r.data = dict(same_net[0])
+
+
+GroupKey = tuple[bool, int, int, Any]  # plain, depth, iterations, data_key
+
+
+def group_runs(runs: list[RunRecords]) -> dict[GroupKey, list[RunRecords]]:
+    """Runs of one net, one length and one data set (data_key) together."""
+    groups: dict[GroupKey, list[RunRecords]] = defaultdict(list)
+    for r in runs:
+        groups[(r.plain, r.depth, r.iterations, r.data_key)].append(r)
+    # ResNets first (as in Table 6), then plain nets; each by depth, the longest run and most data first
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], -(_images(kv[0][3])))))
+
+
+def _images(key) -> int:
+    return (key[1] or 0) if key else 0
 
 
 def distinct_seeds(group: list[RunRecords]) -> tuple[list[RunRecords], list[str]]:

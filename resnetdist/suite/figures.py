@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..rundir import RunDir
-from .discover import RunRecords, distinct_seeds
+from .discover import GroupKey, RunRecords, distinct_seeds, group_runs
 
 
 # Figure 6 colours: one per depth, the same on both panels.
@@ -121,36 +121,49 @@ def figure6_panels(runs: list[RunRecords]) -> list[tuple[str, list[RunRecords]]]
     return panels + ([("ResNet-110 and ResNet-1202", deep)] if deep else [])
 
 
-def net_label(net: str, iterations: int, lengths: int, seeds: int) -> str:
+def net_key(run: RunRecords) -> GroupKey:
+    """A net drawn as one line: its seeds together, each length and each data set apart."""
+    return run.plain, run.depth, run.iterations, run.data_key
+
+
+def net_label(run: RunRecords, runs: list[RunRecords], seeds: int) -> str:
     """A net's legend entry, named as in the table: its length when the net ran at several
-    lengths, its seed count when they are averaged."""
-    return net + (f", {iterations:,} it." if lengths > 1 else "") + (f" (mean of {seeds} seeds)" if seeds > 1 else "")
+    lengths, its data when it ran on several data sets, its seed count when they are averaged."""
+    same = [r for r in runs if (r.plain, r.depth) == (run.plain, run.depth)]
+    lengths = len({r.iterations for r in same}) > 1
+    data = ""
+    if len({r.data_key for r in same}) > 1:  # the amount tells the data sets apart, else their origin
+        data = (f", {run.train_images:,} images" if len({r.train_images for r in same}) > 1 and run.train_images
+                else f", {run.data_identity if run.data else 'data unknown'}")
+    return (run.net + (f", {run.iterations:,} it." if lengths else "") + data
+            + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
 
 
-def net_colours(runs: list[RunRecords]) -> dict[tuple[bool, int, int], str]:
-    """One colour per depth (the same on every panel); a shorter run of the same net, drawn
-    apart, takes a colour of its own."""
+def net_colours(runs: list[RunRecords]) -> dict[GroupKey, str]:
+    """One colour per depth (the same on every panel); a shorter run of the same net, or one on
+    other data, drawn apart, takes a colour of its own."""
     depths = sorted({r.depth for r in runs})
     colours, extra = {}, iter(EXTRA_COLOURS[::-1] * 4)
     for plain, depth in sorted({(r.plain, r.depth) for r in runs}):
-        lengths = sorted({r.iterations for r in runs if (r.plain, r.depth) == (plain, depth)}, reverse=True)
-        for i, iters in enumerate(lengths):
-            colours[(plain, depth, iters)] = depth_colour(depth, depths) if i == 0 else next(extra)
+        # group_runs' order: the longest length and the most data first, it keeps the depth's colour
+        keys = [k for k in group_runs(runs) if k[:2] == (plain, depth)]
+        keys.sort(key=lambda k: -k[2])
+        for i, key in enumerate(keys):
+            colours[key] = depth_colour(depth, depths) if i == 0 else next(extra)
     return colours
 
 
 def figure6_nets(runs: list[RunRecords]) -> list[tuple[str, list[tuple[str, str, list[RunRecords]]]]]:
     """Figure 6's panels, each with its nets as (legend label, colour, the runs averaged):
-    each net's distinct seeds together, each length of a net apart. The PNG and the report
-    run's W&B line plots (figure6_series) both draw this."""
+    each net's distinct seeds together, each length and data set of a net apart. The PNG and
+    the report run's W&B line plots (figure6_series) both draw this."""
     colours = net_colours(runs)
     panels = []
     for panel_title, members in figure6_panels(runs):
         nets = []
-        for key in sorted({(r.plain, r.depth, r.iterations) for r in members}):
-            group = distinct_seeds([r for r in members if (r.plain, r.depth, r.iterations) == key])[0]
-            lengths = len({r.iterations for r in runs if (r.plain, r.depth) == key[:2]})
-            nets.append((net_label(group[0].net, key[2], lengths, len(group)), colours[key], group))
+        for key, group in group_runs(members).items():
+            group = distinct_seeds(group)[0]
+            nets.append((net_label(group[0], runs, len(group)), colours[key], group))
         panels.append((panel_title, nets))
     return panels
 
@@ -221,7 +234,9 @@ def lr_steps(run: RunRecords) -> list[tuple[int, float]]:
     return steps + [(cfg.optim.iters, steps[-1][1])] if steps else []
 
 
-def run_figure(run: RunRecords, out: Path) -> Path:
+def run_figure(run: RunRecords, out: Path, note: str = "") -> Path:
+    """One run's curves (errors, and the learning rate on its own axis); `note`, under the
+    title, says its length and data as Figures 6 and 7 do."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     it = [int(r["iter"]) for r in run.records]
@@ -243,7 +258,8 @@ def run_figure(run: RunRecords, out: Path) -> Path:
         ax2.set_ylabel("learning rate", color="gray")
     state = "" if run.finished else f", unfinished at {run.last_iter:,}"
     err = f"test error {run.test_error:.2f}%" if run.test_error is not None else ""
-    ax.set_title(f"{run.name} ({run.net}, seed {run.seed}{state}) {err}", fontsize=10)
+    ax.set_title(f"{run.name} ({run.net}, seed {run.seed}{state}) {err}"
+                 + (f"\n{textwrap.fill(note, 90)}" if note else ""), fontsize=10 if not note else 9)
     if it:
         ax.set_xlim(0, 1.03 * max(it))
         _iteration_axis(ax, max(it))
@@ -271,16 +287,18 @@ class NetResponses:
     iterations: int
     stds: list[float]
     runs: int
+    key: GroupKey  # net_key: its length and data set
+    label: str  # in the legend (net_label)
 
 
-def net_responses(per_run: list[tuple[RunRecords, list[float]]]) -> list[NetResponses]:
-    """Runs grouped by net and length, each layer's std averaged over the group's runs; the
-    paper's Figure 7 nets first, then by plain/ResNet and depth."""
-    groups: dict[tuple[bool, int, int], list[tuple[RunRecords, list[float]]]] = {}
+def net_responses(per_run: list[tuple[RunRecords, list[float]]], runs: list[RunRecords]) -> list[NetResponses]:
+    """Runs grouped by net, length and data set, each layer's std averaged over the group's
+    runs; the paper's Figure 7 nets first, then by plain/ResNet and depth."""
+    groups: dict[GroupKey, list[tuple[RunRecords, list[float]]]] = {}
     for run, stds in per_run:
-        groups.setdefault((run.plain, run.depth, run.iterations), []).append((run, stds))
+        groups.setdefault(net_key(run), []).append((run, stds))
 
-    def order(key: tuple[bool, int, int]):
+    def order(key: GroupKey):
         paper = (key[0], key[1])
         return (PAPER_FIGURE7.index(paper) if paper in PAPER_FIGURE7 else len(PAPER_FIGURE7), not key[0], key[1], -key[2])
 
@@ -289,7 +307,8 @@ def net_responses(per_run: list[tuple[RunRecords, list[float]]]) -> list[NetResp
         members = groups[key]
         layers = list(zip(*(stds for _, stds in members)))
         nets.append(NetResponses(members[0][0].net, key[0], key[1], key[2],
-                                 [statistics.fmean(v) for v in layers], len(members)))
+                                 [statistics.fmean(v) for v in layers], len(members), key,
+                                 net_label(members[0][0], runs, len(members))))
     return nets
 
 
@@ -300,9 +319,7 @@ def figure7(nets: list[NetResponses], runs: list[RunRecords], out: Path, title: 
     colours = net_colours(runs)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9.5, 7))
     for net in nets:
-        lengths = len({r.iterations for r in runs if (r.plain, r.depth) == (net.plain, net.depth)})
-        label = net_label(net.net, net.iterations, lengths, net.runs)
-        colour = colours[(net.plain, net.depth, net.iterations)]
+        label, colour = net.label, colours[net.key]
         style = dict(color=colour, linestyle="--" if net.plain else "-", linewidth=1.4, label=label,
                      marker=("s" if net.plain else "o") if len(net.stds) <= 60 else None, markersize=3.5,
                      markerfacecolor="white" if net.plain else colour)

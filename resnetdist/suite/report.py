@@ -21,11 +21,11 @@ from typing import Any
 import json
 
 from ..config import PAPER_ITERS
-from .discover import ReportError, RunRecords, config_data_dir, load_runs
+from .discover import ReportError, RunRecords, load_runs
 from .figures import NetResponses, figure6, figure6_panels, figure6_series, figure7, net_responses, run_figure
 from .responses import all_responses, write_caches
-from .tables import (DATA_WORDS, comparable_split, markdown_table, paper_table6, reference_table, repeated_seeds,
-                     runs_table, table_rows)
+from .tables import (comparable_split, data_words, markdown_table, paper_table6, reference_table, repeated_seeds,
+                     runs_table, setting_words, table_rows)
 
 FIGURE7_DEFINITION = (
     "std of each 3x3 layer's response (its output after BN, before the ReLU or the addition) over the whole "
@@ -36,20 +36,21 @@ FIGURE7_DEFINITION = (
 def what_the_runs_are(runs: list[RunRecords]) -> list[str]:
     """The runs in words: data identity, iterations run of the paper's 64,000, seeds. Printed
     in the terminal and at the top of report.md."""
-    identities: dict[str, int] = {}
+    data_sets: dict[str, int] = {}  # each data set in words (its amount, its identity): its number of runs
     for r in runs:
-        identities[r.data_identity] = identities.get(r.data_identity, 0) + 1
+        words = data_words([r])
+        data_sets[words] = data_sets.get(words, 0) + 1
     per_net: dict[str, set[int]] = {}
     for r in runs:
         per_net.setdefault(r.net, set()).add(r.seed)
     _, other = comparable_split(runs)
-    lines = ["data: " + "; ".join(f"{n} run(s) on {DATA_WORDS[i]}" for i, n in sorted(identities.items())),
+    lines = ["data: " + "; ".join(f"{n} run(s) on {words}" for words, n in data_sets.items()),
              f"iterations: {', '.join(f'{i:,}' for i in sorted({r.iterations for r in runs}))} "
              f"of the paper's {PAPER_ITERS:,}",
              "seeds per net: " + ", ".join(f"{net} {len(seeds)}" for net, seeds in per_net.items())]
     if other:
         lines.append(f"not comparable with the paper's figures: {len(other)} of {len(runs)} run(s) "
-                     f"(other data, length or recipe; their own table, without the paper's column)")
+                     f"(other data, amount of data, length or recipe; their own table, without the paper's column)")
     return lines
 
 
@@ -57,9 +58,7 @@ def default_title(runs: list[RunRecords]) -> str:
     comparable, _ = comparable_split(runs)
     if len(comparable) == len(runs):
         return "ResNets and plain nets on CIFAR-10: reproduction of He et al. 2015, section 4.2"
-    iters = "/".join(f"{i:,}" for i in sorted({r.iterations for r in runs}))
-    data = " / ".join(sorted({DATA_WORDS[r.data_identity] for r in runs}))
-    return f"ResNets and plain nets, {iters} of the paper's {PAPER_ITERS:,} iterations, on {data}: not the paper's setting"
+    return f"ResNets and plain nets, {setting_words(runs)}: not the paper's setting"
 
 
 def error_tables(runs: list[RunRecords]) -> str:
@@ -87,7 +86,7 @@ def figure7_section(figure: str | None, nets: list[NetResponses]) -> str:
 
 def markdown(runs: list[RunRecords], figure: str | None, curves: dict[str, str], title: str, notes: list[str],
              warnings: list[str] = (), figure7_md: str = "") -> str:
-    data = sorted({str(config_data_dir(r.path)) for r in runs} - {"None"})
+    data = sorted({r.data_dir for r in runs} - {None})
     parts = [f"# {title}\n\n"]
     parts.append(f"{len(runs)} run(s)" + (f"; data folder: {', '.join(f'`{d}`' for d in data)}" if data else "")
                  + ". Errors in %, single-view test error at the end of training.\n\n")
@@ -170,7 +169,7 @@ def write_report(paths: list[Path], out: Path | None = None, title: str = "", sk
     title = title or default_title(runs)
     figure, warnings = figure6(runs, out / "figure6.png", title)
     warnings = repeated_seeds(runs) + warnings
-    nets = net_responses([(r.run, r.stds) for r in responses])
+    nets = net_responses([(r.run, r.stds) for r in responses], runs)
     fig7 = figure7(nets, runs, out / "figure7.png", title) if nets else None
     if nets:
         (out / "layer_responses.json").write_text(responses_json(responses, nets))
@@ -178,7 +177,7 @@ def write_report(paths: list[Path], out: Path | None = None, title: str = "", sk
     curves = {}
     for i, name in _file_names(runs).items():
         if runs[i].records:
-            curves[name] = str(run_figure(runs[i], out / "curves" / f"{name}.png").relative_to(out))
+            curves[name] = str(run_figure(runs[i], out / "curves" / f"{name}.png", setting_words([runs[i]])).relative_to(out))
     md = out / "report.md"
     md.write_text(markdown(runs, figure.name, curves, title, notes, warnings,
                            figure7_section(fig7.name if fig7 else None, nets)))

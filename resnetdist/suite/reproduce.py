@@ -24,8 +24,11 @@ Four steps:
 3. wait / status: a run is done when its summary.json records the planned iterations;
    otherwise the scheduler's state says whether it is queued, running or failed. All of it
    is read from files and from squeue/sacct, so `--status OUT` works from any process later.
-4. report: report.md, figure6.png and curves/ in OUT from whatever finished, and, with W&B
-   on, a summary run of the suite holding the table and the figure.
+   While runs train, each one's progress is shown from its folder (live.py): a bar per running
+   run on a terminal, its evaluations as lines in a pipe or a file.
+4. report: report.md, figure6.png, figure7.png and curves/ in OUT from whatever finished (the
+   closing line names them), and, with W&B on, a summary run of the suite holding the table
+   and the figures.
 
 Restarting the same command is safe: finished runs are skipped; an interrupted or failed one
 is started (submitted) again and `train` resumes it from its newest checkpoint; on Slurm a
@@ -51,13 +54,14 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, TextIO
 
 from ..checkpoint import atomic_write_text
 from ..config import ConfigError, RunConfig, depth_to_n, load_config, to_toml
 from ..errors import INTERRUPTED, PREEMPTED
 from ..progress import plural
 from ..rundir import RunDir, append_exit, log_ending
+from .live import Watch
 
 SUITE_DIR = "suite"  # inside OUT: suite.json, configs/, the Slurm script and its logs, W&B summary run
 MANIFEST = "suite.json"
@@ -304,10 +308,11 @@ def _collect(proc: subprocess.Popen, job: Job, secs: float, echo: Callable[[str]
 
 
 def run_all(jobs: list[Job], pool: list[str | None], echo: Callable[[str], None] = print,
-            poll_s: float = 0.25) -> list[Outcome]:
-    """Run the jobs in order over the slots (a device listed K times takes K runs at once).
-    After Ctrl-C or SIGTERM (Stop) no new run starts and the running ones stop at a checkpoint;
-    the runs never started are left out of the outcomes."""
+            poll_s: float = 0.25, bars: TextIO | None = None) -> list[Outcome]:
+    """Run the jobs in order over the slots (a device listed K times takes K runs at once),
+    showing each running run's progress (live.Watch: `bars`, a terminal to draw them on; else
+    evaluation lines). After Ctrl-C or SIGTERM (Stop) no new run starts and the running ones
+    stop at a checkpoint; the runs never started are left out of the outcomes."""
     outcomes = [Outcome(j, "skipped") for j in jobs if finished(j)]
     for o in outcomes:
         echo(f"skip  {o.job.name}: already finished ({summary_line(o.job)})")
@@ -315,21 +320,28 @@ def run_all(jobs: list[Job], pool: list[str | None], echo: Callable[[str], None]
     free = list(pool)
     running: dict[subprocess.Popen, tuple[Job, str | None, float]] = {}
     total, started = len(pending), 0
+    watch = Watch(echo, bars)
     with Stop().installed() as stop:
-        while (pending and not stop.presses) or running:
-            while pending and free and not stop.presses:
-                job, gpu = pending.pop(0), free.pop(0)
-                started += 1
-                resume = " (resuming)" if job.run.checkpoints.newest_first() else ""
-                where = f"GPU {gpu}" if gpu is not None else "this machine"
-                echo(f"[{started}/{total}] start {job.name} on {where}{resume}; log {job.log}")
-                running[start(job, gpu)] = (job, gpu, time.monotonic())
-            stop.pass_on(running, echo)
-            time.sleep(poll_s)
-            for proc in [p for p in running if p.poll() is not None]:
-                job, gpu, t0 = running.pop(proc)
-                free.append(gpu)
-                outcomes.append(_collect(proc, job, time.monotonic() - t0, echo))
+        try:
+            while (pending and not stop.presses) or running:
+                while pending and free and not stop.presses:
+                    job, gpu = pending.pop(0), free.pop(0)
+                    started += 1
+                    resume = " (resuming)" if job.run.checkpoints.newest_first() else ""
+                    where = f"GPU {gpu}" if gpu is not None else "this machine"
+                    watch.say(f"[{started}/{total}] start {job.name} on {where}{resume}; log {job.log}")
+                    running[start(job, gpu)] = (job, gpu, time.monotonic())
+                    watch.add(job.name, job.run, job.iterations)
+                stop.pass_on(running, watch.say)
+                time.sleep(poll_s)
+                watch.poll()
+                for proc in [p for p in running if p.poll() is not None]:
+                    job, gpu, t0 = running.pop(proc)
+                    free.append(gpu)
+                    watch.remove(job.name)
+                    outcomes.append(_collect(proc, job, time.monotonic() - t0, watch.say))
+        finally:
+            watch.close()  # no bar left on the terminal, whatever ends the loop
     if stop.presses:
         return outcomes + [Outcome(j, "not started") for j in pending]
     return outcomes
@@ -348,7 +360,7 @@ def report(jobs: list[Job], out: Path, base: RunConfig, echo: Callable[[str], No
     except ReportError as e:
         echo(f"no report: {e}")
         return None
-    echo(f"report: {written['report']} (figure {written['figure']})")
+    echo(written_line(written))
     manifest = read_manifest(out) or {}
     group = base.log.wandb_group or suite_name(out)
     run_id = log_suite_report(base.log, out / SUITE_DIR, group, manifest.get("wandb_report_id"),
@@ -365,6 +377,19 @@ def report(jobs: list[Job], out: Path, base: RunConfig, echo: Callable[[str], No
         else:
             echo(f"W&B: report logged to the summary run {group}-report ({run_id}) in group {group}")
     return written
+
+
+def written_line(written: dict) -> str:
+    """The closing line: the report and every figure written beside it (the per-run curves
+    named one by one up to CURVES_NAMED, then counted)."""
+    out = Path(written["report"]).parent
+    figures = [Path(written["figure"]).name] + ([Path(written["figure7"]).name] if written.get("figure7") else [])
+    curves = [str(Path(c).relative_to(out)) for c in written.get("curves", [])]
+    figures += curves if len(curves) <= CURVES_NAMED else [f"curves/ ({len(curves)} per-run PNGs)"]
+    return f"report: {written['report']}; figures in {out}: {', '.join(figures)}"
+
+
+CURVES_NAMED = 6
 
 
 def list_failures(outcomes: list[Outcome], total: int, echo: Callable[[str], None]) -> None:
@@ -404,7 +429,7 @@ def reproduce(depths: list[int], plain: bool, seeds: int, out: Path, gpus: str |
         where = (f"GPUs {','.join(p for p in dict.fromkeys(pool))}{per}" if pool[0] is not None
                  else f"{len(pool)} at a time on this machine")
         echo(f"{len(jobs)} runs into {out}, longest first: {', '.join(j.name for j in jobs)}; {where}")
-        outcomes = run_all(jobs, pool, echo)
+        outcomes = run_all(jobs, pool, echo, bars=sys.stdout if sys.stdout.isatty() else None)
     if interrupted(outcomes):
         list_failures(outcomes, len(jobs), echo)
         say_how_to_resume(outcomes, echo)

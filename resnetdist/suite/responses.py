@@ -6,7 +6,7 @@ all values of that output (images x channels x positions), in true fp32. Layers 
 order: the first conv, then each block's two convs. Option B's 1x1 projection convs (and
 their BN) are not 3x3 layers and are left out.
 
-Each run's values are cached in its folder (CACHE_FILE) with model.pt's sha256, so a second
+Each run's values are cached in its folder (RunDir.responses_cache) with model.pt's sha256, so a second
 report reads them back unless model.pt changed.
 """
 
@@ -21,9 +21,9 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from ..rundir import RunDir
 from .discover import ReportError, RunRecords
 
-CACHE_FILE = "layer_responses.cache.json"
 BATCH = 500  # test images per forward pass
 BAR_DELAY_S = 3.0  # the progress bar appears only when the work takes longer than this
 
@@ -96,7 +96,7 @@ def _sha256(path: Path) -> str:
 
 def _cached(run: RunRecords, sha: str) -> list[float] | None:
     try:
-        data = json.loads((run.path / CACHE_FILE).read_text())
+        data = json.loads(RunDir(run.path).responses_cache.read_text())
     except (OSError, ValueError):
         return None
     if isinstance(data, dict) and data.get("model_sha256") == sha and isinstance(data.get("stds"), list):
@@ -128,7 +128,7 @@ def run_responses(run: RunRecords, images: CifarTestSets) -> Responses:
     from ..config import from_dict
     from ..models import build_model
 
-    path = run.path / "model.pt"
+    path = RunDir(run.path).model
     sha = _sha256(path)
     if (stds := _cached(run, sha)) is not None:
         return Responses(run, stds, True, sha)
@@ -157,7 +157,7 @@ def all_responses(runs: list[RunRecords]) -> tuple[list[Responses], list[str]]:
     images = CifarTestSets(resolve_device("auto", 0))
     found, notes = [], []
     for run in runs:
-        if not (run.path / "model.pt").exists():
+        if not RunDir(run.path).model.exists():
             notes.append(f"{run.path}: no model.pt (unfinished), left out of Figure 7")
             continue
         try:
@@ -176,6 +176,6 @@ def write_caches(responses: list[Responses]) -> None:
     for r in responses:
         if not r.cached:
             try:
-                atomic_write_text(r.run.path / CACHE_FILE, r.cache_text())
+                atomic_write_text(RunDir(r.run.path).responses_cache, r.cache_text())
             except (OSError, WriteError):
                 pass

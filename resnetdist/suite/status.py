@@ -2,8 +2,9 @@
 Slurm suite's wait; RunDir.state (rundir.py) decides it, from the folder alone:
 
 - running: a live process holds the run directory's lock (rundir.py): its host and pid
-  from the lock file, the iteration of the newest metrics record, and the time left at the
-  rate of its newest evaluation record;
+  from the lock file, the iteration of its newest record (progress.jsonl's training record of
+  the last log point, or metrics.jsonl's evaluation), the training error there, and the time
+  left at the rate of its newest evaluation record;
 - done: summary.json records the run's planned iterations (its test error);
 - interrupted / stopped: not running, a checkpoint to resume from; `interrupted` when the log's
   last line says a Ctrl-C or a preemption notice stopped it, `stopped` when nothing says why
@@ -20,9 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import read_toml
 from ..progress import duration, plural
-from ..rundir import RunDir, RunState, newest_records
+from ..rundir import Latest, RunDir, RunState
 
 STATES = ("running", "interrupted", "stopped", "done", "failed", "not started")
 
@@ -39,6 +39,7 @@ class RunStatus:
     pid: int | None = None
     eta_s: float | None = None
     test_error: float | None = None
+    train_error: float | None = None  # running: at its newest log point
     exit_code: int | None = None
     last_line: str | None = None
 
@@ -47,10 +48,9 @@ class RunStatus:
 
 
 def planned_iterations(run: RunDir) -> int | None:
-    try:
-        return int(read_toml(run.config)["optim"]["iters"])
-    except Exception:  # absent or unreadable: the length is unknown, not an error here
-        return None
+    """The run's planned length (its config.toml's), None when that cannot be read."""
+    cfg = run.read_config()
+    return cfg.optim.iters if cfg is not None else None
 
 
 # RunDir.state's kinds in the words of the table
@@ -91,11 +91,15 @@ def running(status: RunStatus, state: RunState, run: RunDir) -> RunStatus:
     if status.iteration is None:
         status.detail = f"starting {where}"
         return status
+    latest = Latest.of(run)
     of = f" of {status.iterations:,}" if status.iterations else ""
     status.detail = f"iteration {status.iteration:,}{of} {where}"
-    timed = newest_records(run.metrics)[1]
-    if timed and status.iterations:
-        status.eta_s = timed["train_seconds"] / timed["iter"] * (status.iterations - status.iteration)
+    if latest.training and latest.training.get("train_error") is not None:
+        status.train_error = latest.training["train_error"]
+        status.detail += f", train error {status.train_error:.1f}%"
+    rate = latest.seconds_per_iteration()
+    if rate and status.iterations:
+        status.eta_s = rate * max(status.iterations - status.iteration, 0)
         status.detail += f", about {duration(status.eta_s)} left"
     return status
 
@@ -105,10 +109,29 @@ def total_line(statuses: list[RunStatus]) -> str:
     return f"{len(statuses)} run(s): " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
 
 
+def labels(statuses: list[RunStatus]) -> list[str]:
+    """Each run's name, and where two runs share a name (runs a/ b/, each with resnet20-s0), the
+    end of its folder's path that tells them apart (a/resnet20-s0, b/resnet20-s0)."""
+    out = []
+    for r in statuses:
+        same = [Path(o.run_dir) for o in statuses if o.name == r.name]
+        if len(same) < 2:
+            out.append(r.name)
+            continue
+        parts = Path(r.run_dir).parts
+        for k in range(1, len(parts) + 1):  # the shortest tail of the path no other folder shares
+            if all(p.parts[-k:] != parts[-k:] for p in same if p != Path(r.run_dir)):
+                break
+        tail = str(Path(*parts[-k:]))
+        out.append(tail if tail.endswith(r.name) else f"{r.name} ({tail})")
+    return out
+
+
 def table(statuses: list[RunStatus], title: str = "") -> str:
     """One line per run, then the total line."""
-    width = max((len(r.name) for r in statuses), default=0)
-    lines = [f"  {r.name:<{width}}  {r.state:<11}  {r.detail}".rstrip() for r in statuses]
+    names = labels(statuses)
+    width = max((len(n) for n in names), default=0)
+    lines = [f"  {n:<{width}}  {r.state:<11}  {r.detail}".rstrip() for n, r in zip(names, statuses)]
     total = total_line(statuses)
     return "\n".join([*lines, f"{title}: {total}" if title else total])
 

@@ -33,6 +33,37 @@ PAPER_RECIPE: dict[str, Any] = {"optim.batch_size": 128, "optim.lr": 0.1, "optim
                                 "optim.weight_decay": 0.0001, "optim.milestones": [32_000, 48_000], "model.shortcut": "A"}
 DATA_WORDS = {"cifar10": "md5-verified CIFAR-10", "modified": "a modified copy of CIFAR-10 (not verified CIFAR-10)",
               "unknown": "data that is not verified CIFAR-10 (unknown origin)"}
+PAPER_TRAIN_IMAGES = (50_000, 45_000)  # the whole training set, or 45k with the 5k validation split held out
+
+
+def images_words(run: RunRecords) -> str:
+    """How much data a run used: "5,000 training / 10,000 test images" ("" when not known)."""
+    d = run.data
+    if d.get("train_images") is None:
+        return ""
+    return f"{d['train_images']:,} training" + (f" / {d['test_images']:,} test" if d.get("test_images") else "") + " images"
+
+
+def data_words(runs: list[RunRecords]) -> str:
+    """The runs' data in words: one data set in full ("5,000 training / 10,000 test images of
+    data that is not verified CIFAR-10 (unknown origin)"), several by their amounts of training
+    images per origin ("5,000/50,000 training images of ..."); an amount not known is left out."""
+    sets = dict.fromkeys((images_words(r), r.data_identity) for r in runs)
+    if len(sets) == 1:
+        ((amount, identity),) = sets
+        return f"{amount} of {DATA_WORDS[identity]}" if amount else DATA_WORDS[identity]
+    parts = []
+    for identity in dict.fromkeys(identity for _, identity in sets):
+        amounts = sorted({r.train_images for r in runs if r.data_identity == identity and r.train_images}, reverse=True)
+        words = f"{'/'.join(f'{a:,}' for a in amounts)} training images of " if amounts else ""
+        parts.append(words + DATA_WORDS[identity])
+    return " and ".join(parts)
+
+
+def setting_words(runs: list[RunRecords]) -> str:
+    """The runs' length and data in words, for the figures' titles (Figures 6, 7, each run's curves)."""
+    iters = "/".join(f"{i:,}" for i in sorted({r.iterations for r in runs}))
+    return f"{iters} of the paper's {PAPER_ITERS:,} iterations, on {data_words(runs)}"
 
 
 def not_comparable(run: RunRecords, data_known: bool = True) -> list[str]:
@@ -42,6 +73,8 @@ def not_comparable(run: RunRecords, data_known: bool = True) -> list[str]:
     reasons = []
     if data_known and run.data_identity != "cifar10":
         reasons.append(DATA_WORDS[run.data_identity])
+    if run.train_images is not None and run.train_images not in PAPER_TRAIN_IMAGES:
+        reasons.append(f"{run.train_images:,} training images (the paper: 50,000)")
     if run.iterations != PAPER_ITERS:
         reasons.append(f"{run.iterations:,} of the paper's {PAPER_ITERS:,} iterations")
     if not run.recipe:
@@ -93,7 +126,7 @@ def table_rows(runs: list[RunRecords]) -> list[dict[str, Any]]:
     """Table 6 as data, one row per net and iteration count: what report.md prints and what
     the suite's W&B summary run logs as a table. `runs` counts distinct seeds."""
     rows = []
-    for (plain, depth, iters), group in group_runs(runs).items():
+    for (plain, depth, iters, _), group in group_runs(runs).items():
         group = distinct_seeds(group)[0]
         done = [r for r in group if r.finished and r.test_error is not None]
         errs = [r.test_error for r in done]
@@ -105,7 +138,8 @@ def table_rows(runs: list[RunRecords]) -> list[dict[str, Any]]:
                      "train_error_mean": statistics.fmean(train) if train else None,
                      "paper": paper_value(plain, depth), "seed_repo": seed_repo_value(plain, depth),
                      "comparable": not group_reasons(group),
-                     "data_identity": ",".join(sorted({r.data_identity for r in group}))})
+                     "data_identity": ",".join(sorted({r.data_identity for r in group})),
+                     "train_images": group[0].train_images, "data": images_words(group[0])})
     return rows
 
 
@@ -117,19 +151,24 @@ def markdown_table(runs: list[RunRecords], paper: bool = True) -> str:
             + "\n|---|---|---|---|---|---|---|" + ("---|" if paper else "") + "\n")
     groups = list(group_runs(runs).values())
     lines = []
-    for row, group in zip(table_rows(runs), groups):
+    rows = table_rows(runs)
+    # a net run on several data sets (a 5,000-image subset beside the whole set): each row says which
+    several = {(r["plain"], r["depth"]) for r in rows
+               if sum((o["plain"], o["depth"], o["iterations"]) == (r["plain"], r["depth"], r["iterations"]) for o in rows) > 1}
+    for row, group in zip(rows, groups):
         cell = "–" if row["test_error_mean"] is None else f"{row['test_error_mean']:.2f}" + (
             f" ± {row['test_error_std']:.2f}" if row["test_error_std"] is not None else "")
         count = f"{row['runs']}" + (f" (+{row['unfinished']} unfinished)" if row["unfinished"] else "")
         why = f"{row['paper']} | {row['seed_repo']}" if paper else "; ".join(group_reasons(group))
-        lines.append(f"| {row['net']} | {row['iterations']:,} | {count} | {cell} | {_fmt(row['test_error_best'])} | "
+        net = row["net"] + (f" ({row['data'] or 'data unknown'})" if (row["plain"], row["depth"]) in several else "")
+        lines.append(f"| {net} | {row['iterations']:,} | {count} | {cell} | {_fmt(row['test_error_best'])} | "
                      f"{_fmt(row['train_error_mean'])} | {why} |")
     return head + "\n".join(lines) + "\n"
 
 
 def runs_table(runs: list[RunRecords]) -> str:
-    head = ("| run | net | seed | iterations | test error % | train error % | train time (s) | images/s | "
-            "device | step | folder |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| run | net | seed | iterations | data | test error % | train error % | train time (s) | images/s | "
+            "device | step | folder |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for r in sorted(runs, key=lambda r: (r.plain, r.depth, r.iterations, r.seed, r.name)):
         s = r.summary or {}
@@ -138,8 +177,8 @@ def runs_table(runs: list[RunRecords]) -> str:
         secs = s.get("train_seconds", last.get("train_seconds"))
         ips = s.get("images_per_second", last.get("images_per_second"))
         rows.append(
-            f"| {r.name} | {r.net} | {r.seed} | {its} | {_fmt(r.test_error)} | {_fmt(r.train_error)} | "
-            f"{_fmt(secs, 0)} | {_fmt(ips, 0)} | {s.get('device', '–')} | {step_cell(s)} | `{r.path}` |"
+            f"| {r.name} | {r.net} | {r.seed} | {its} | {images_words(r) or '–'}, {r.data_identity} | {_fmt(r.test_error)} | "
+            f"{_fmt(r.train_error)} | {_fmt(secs, 0)} | {_fmt(ips, 0)} | {s.get('device', '–')} | {step_cell(s)} | `{r.path}` |"
         )
     return head + "\n".join(rows) + "\n"
 

@@ -85,11 +85,13 @@ def _clean(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class JsonlSink:
-    """One JSON object per evaluation, appended and flushed, so a crash loses at most the line
-    being written. On resume, records past the resume point are dropped first."""
+    """One JSON object per record of one kind (metrics.jsonl: each evaluation; progress.jsonl:
+    each log point's training record, which `runs` and `reproduce` read to show where a run is),
+    appended and flushed, so a crash loses at most the line being written. On resume, records
+    past the resume point are dropped first."""
 
-    def __init__(self, path: Path, resume_iter: int):
-        self.path = path
+    def __init__(self, path: Path, resume_iter: int, kind: str = "eval"):
+        self.path, self.kind = path, kind
         if path.exists():
             kept = [
                 line for line in path.read_text().splitlines()
@@ -100,7 +102,7 @@ class JsonlSink:
             self.file = open(path, "a")
 
     def log(self, record: dict[str, Any], kind: str) -> None:
-        if kind == "eval":
+        if kind == self.kind:
             with _write_errors(self.path):  # a full disk: one clear WriteError, not a traceback
                 self.file.write(json.dumps(_clean(record)) + "\n")
                 self.file.flush()
@@ -373,7 +375,8 @@ class MetricLogger:
 def open_logger(cfg: LogConfig, run_dir: Path, run_config: dict[str, Any], name: str, group: str,
                 tags: list[str], resume_iter: int, wandb_id: str | None) -> MetricLogger:
     """The sinks of rank 0; W&B's among them unless log.wandb_mode resolves to disabled."""
-    sinks: list = [JsonlSink(RunDir(run_dir).metrics, resume_iter)]
+    run = RunDir(run_dir)
+    sinks: list = [JsonlSink(run.metrics, resume_iter), JsonlSink(run.progress, resume_iter, "train")]
     if cfg.tensorboard:
         sinks.append(TensorBoardSink(run_dir / "tb", resume_iter))
     wandb_sink = None
