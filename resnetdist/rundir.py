@@ -217,10 +217,6 @@ class RunDir:
         except Exception:  # noqa: BLE001 - any fault of the file means "unknown" to a reader
             return None
 
-    def read_resolved(self) -> dict[str, Any]:
-        """resolved.toml's table (training/plan.Plan's fields); {} when absent or unreadable."""
-        return read_table(self.resolved, "resolved")
-
     def read_summary(self) -> dict[str, Any] | None:
         """summary.json as written, or None: absent, unreadable or not an object."""
         return read_json(self.summary)
@@ -373,7 +369,8 @@ def config_texts(cfg: RunConfig, resolved: dict[str, Any]) -> tuple[str, str]:
 
 
 def read_table(path: Path, key: str) -> dict[str, Any]:
-    """The table `key` of a TOML file; {} when the file is absent or unreadable, or has no such table."""
+    """The table `key` of a TOML file (resolved.toml's "resolved": training/plan.Plan's fields); {}
+    when the file is absent or unreadable, or has no such table."""
     try:
         table = read_toml(path).get(key)
     except Exception:  # noqa: BLE001 - any fault of the file means "unknown" to a reader

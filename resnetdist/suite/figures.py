@@ -9,7 +9,7 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..rundir import RunDir
+from ..rundir import RunDir, read_table
 from .discover import GroupKey, RunRecords, distinct_seeds, group_runs
 
 
@@ -223,7 +223,7 @@ def lr_steps(run: RunRecords) -> list[tuple[int, float]]:
     from ..training import lr_at
 
     folder = RunDir(run.path)
-    cfg, resolved = folder.read_config(), folder.read_resolved()
+    cfg, resolved = folder.read_config(), read_table(folder.resolved, "resolved")
     if cfg is None or not isinstance(scale := resolved.get("lr_scale"), (int, float)):  # an older or hand-made run
         return [(int(r["iter"]), float(r["lr"])) for r in run.records if r.get("lr")]
     steps: list[tuple[int, float]] = []
