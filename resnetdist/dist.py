@@ -265,7 +265,6 @@ class HangWatch:
         self.armed = False  # an iteration has completed (the feed handed out a second one)
         self.compiling_since: float | None = None
         self.stopped = False
-        self.fired: str | None = None  # the report, once it fired
         threading.Thread(target=self.watch, name="resnetdist-hang-watch", daemon=True).start()
 
     @classmethod
@@ -342,7 +341,7 @@ class HangWatch:
         """Report the hang and end the wait: the process (exit 7), or the main thread's call
         (on_hang="raise"). The report is written by a thread of its own, waited for at most
         REPORT_WAIT_S: the exit never blocks on output."""
-        self.fired = line = hang_report(self)
+        line = hang_report(self)
         writer = threading.Thread(target=_write_report, args=(line,), name="resnetdist-hang-report", daemon=True)
         writer.start()
         writer.join(self.REPORT_WAIT_S)

@@ -18,7 +18,7 @@ from resnetdist.data.feed import Feed
 from resnetdist.training.plan import resolve
 from resnetdist.training.loop import Cadence, NonFiniteLoss, Progress
 from resnetdist.training.step import StepChoice
-from resnetdist.training.preempt import Preempted
+from resnetdist.errors import Preempted
 from resnetdist.training.trainer import Trainer
 
 BATCH = 4

@@ -343,11 +343,9 @@ def run_step_bench(n: int, iters: int, warmup: int, device_pref: str, loaders: l
                 result = bench_setting(s, data, n, iters, warmup, device, betons)
             report["results"].append(result)
             add_ratios(report["results"])
-            if out is not None:
-                write_report(report, out)
+            write_report(report, out)
     report["complete"] = True
-    if out is not None:
-        write_report(report, out)
+    write_report(report, out)
     return report
 
 
@@ -396,6 +394,9 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def write_report(report: dict[str, Any], out: Path) -> None:
+def write_report(report: dict[str, Any], out: Path | None) -> None:
+    """The report so far as JSON in `out` (None: not written): after each setting, a cut keeps it."""
+    if out is None:
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")

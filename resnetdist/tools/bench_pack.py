@@ -111,11 +111,9 @@ def run_pack_bench(n: int, ks: list[int], iters: int, warmup: int, rounds: int, 
     for k in ks:
         print(f"  timing K = {k} ...", flush=True)
         report["results"].append(bench_one_k(cfg, k, iters, warmup, rounds, device, choice, precision))
-        if out is not None:
-            write_report(report, out)
-    report["complete"] = True
-    if out is not None:
         write_report(report, out)
+    report["complete"] = True
+    write_report(report, out)
     return report
 
 
