@@ -105,7 +105,7 @@ def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
-def resolve_device(pref: str, local_rank: int) -> torch.device:
+def device_for(pref: str, local_rank: int) -> torch.device:
     if pref == "auto":
         pref = "cuda" if torch.cuda.is_available() else "cpu"
     if pref == "cuda":
@@ -127,7 +127,7 @@ def setup(device_pref: str, timeout_s: int, hang_timeout_s: int = 0, *, compile_
     if on_hang not in ON_HANG:
         raise ValueError(f"on_hang must be one of {ON_HANG}, got {on_hang!r}")
     rank, local, world_size = launch_rank(), local_rank(), world_size_from_env()
-    device = resolve_device(device_pref, local)
+    device = device_for(device_pref, local)
     if hang_timeout_s > 0:
         HangWatch.start(hang_timeout_s, rank, compile_pause_s=compile_pause_s, on_hang=on_hang)
     if world_size > 1 and not dist.is_initialized():

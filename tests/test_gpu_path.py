@@ -79,8 +79,8 @@ def fake_cuda(monkeypatch):
 def copies(monkeypatch):
     """How many batches were copied into a graph's inputs (a loader that gathers in place copies none)."""
     seen = []
-    real = StaticInputs.load
-    monkeypatch.setattr(StaticInputs, "load", lambda self, x, *rest: seen.append(x is not self.x) or real(self, x, *rest))
+    real = StaticInputs.fill
+    monkeypatch.setattr(StaticInputs, "fill", lambda self, x, *rest: seen.append(x is not self.x) or real(self, x, *rest))
     return seen
 
 
