@@ -212,7 +212,7 @@ if [[ "$DRY_RUN" != 1 ]]; then
     has_module ffcv && FFCV_OK=1
 fi
 
-# ----- the stages: limit >= 1.5x the estimate, from DESIGN.md's H100 figures (torch 2.11, CUDA 13) -----
+# ----- the stages: limit >= 1.5x the estimate, from a plain script's H100 figures (docs/gpu-acceptance.md) -----
 # A process's start: python + torch import ~4 s, CUDA context ~2 s, CIFAR-10 parsed ~1 s (S = ~7 s).
 # cuDNN's autotune (cudnn.benchmark) of a new net/batch's shapes ~1-2 s; a capture = 11 warm-up
 # steps + the capture, ~1 s. Step times (bf16, channels_last, batch 128): ResNet-20 eager 10.7

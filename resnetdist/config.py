@@ -402,7 +402,7 @@ def load_config(
     for tree, source in sources[1:]:
         merge(cfg, tree, source)
     scale_schedule(cfg, schedule_lengths(sources))
-    resolve_recipe(cfg)
+    fill_recipe_defaults(cfg)
     cfg.validate()
     return cfg
 
@@ -410,7 +410,7 @@ def load_config(
 # ----- resolving "auto" ---------------------------------------------------------------------------
 
 
-def resolve_recipe(cfg: RunConfig) -> None:
+def fill_recipe_defaults(cfg: RunConfig) -> None:
     """The values whose default depends on other keys, the same on every machine."""
     if cfg.optim.warmup_iters < 0:
         # The paper warms ResNet-110 up at lr 0.01 "until the training error is below 80% (about
@@ -442,7 +442,7 @@ def schedule_lengths(sources: list[tuple[dict[str, Any], str]]) -> dict[str, int
 def scale_schedule(cfg: RunConfig, written_for: dict[str, int | None]) -> None:
     """Move each schedule value written for another run length to optim.iters, in proportion:
     milestones that would fall at or past the end are dropped, the warm-up keeps its length in
-    iterations (at most half the run: resolve_recipe says why), and the evaluation and checkpoint cadence are whole multiples of
+    iterations (at most half the run: fill_recipe_defaults says why), and the evaluation and checkpoint cadence are whole multiples of
     log.log_every (so evaluations land on log points; a 2,000-iteration run of the defaults
     evaluates and checkpoints every 100 iterations, the paper's 64k every 2000 / 4000)."""
     iters = cfg.optim.iters
@@ -454,7 +454,7 @@ def scale_schedule(cfg: RunConfig, written_for: dict[str, int | None]) -> None:
     o, t, every = cfg.optim, cfg.train, cfg.log.log_every
     if written_for.get("optim.milestones") not in (None, iters):
         o.milestones = [m for m in (moved("optim.milestones", m) for m in o.milestones) if m and m < iters]
-    if written_for.get("optim.warmup_iters") not in (None, iters):  # a length in iterations: kept, capped (resolve_recipe)
+    if written_for.get("optim.warmup_iters") not in (None, iters):  # a length in iterations: kept, capped (fill_recipe_defaults)
         o.warmup_iters = min(o.warmup_iters, iters // 2)
     for key in ("eval_every", "checkpoint_every"):
         value = moved(f"train.{key}", getattr(t, key))
@@ -468,7 +468,7 @@ def scale_schedule(cfg: RunConfig, written_for: dict[str, int | None]) -> None:
 def from_dict(tree: dict[str, Any], source: str) -> RunConfig:
     cfg = RunConfig()
     merge(cfg, tree, source)
-    resolve_recipe(cfg)
+    fill_recipe_defaults(cfg)
     return cfg
 
 

@@ -105,7 +105,7 @@ def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
-def resolve_device(pref: str, local_rank: int) -> torch.device:
+def device_for(pref: str, local_rank: int) -> torch.device:
     if pref == "auto":
         pref = "cuda" if torch.cuda.is_available() else "cpu"
     if pref == "cuda":
@@ -127,7 +127,7 @@ def setup(device_pref: str, timeout_s: int, hang_timeout_s: int = 0, *, compile_
     if on_hang not in ON_HANG:
         raise ValueError(f"on_hang must be one of {ON_HANG}, got {on_hang!r}")
     rank, local, world_size = launch_rank(), local_rank(), world_size_from_env()
-    device = resolve_device(device_pref, local)
+    device = device_for(device_pref, local)
     if hang_timeout_s > 0:
         HangWatch.start(hang_timeout_s, rank, compile_pause_s=compile_pause_s, on_hang=on_hang)
     if world_size > 1 and not dist.is_initialized():
@@ -265,7 +265,6 @@ class HangWatch:
         self.armed = False  # an iteration has completed (the feed handed out a second one)
         self.compiling_since: float | None = None
         self.stopped = False
-        self.fired: str | None = None  # the report, once it fired
         threading.Thread(target=self.watch, name="resnetdist-hang-watch", daemon=True).start()
 
     @classmethod
@@ -342,7 +341,7 @@ class HangWatch:
         """Report the hang and end the wait: the process (exit 7), or the main thread's call
         (on_hang="raise"). The report is written by a thread of its own, waited for at most
         REPORT_WAIT_S: the exit never blocks on output."""
-        self.fired = line = hang_report(self)
+        line = hang_report(self)
         writer = threading.Thread(target=_write_report, args=(line,), name="resnetdist-hang-report", daemon=True)
         writer.start()
         writer.join(self.REPORT_WAIT_S)

@@ -82,11 +82,3 @@ class GraphUnavailable(RuntimeError):
     run stops before its first training step (auto would have run the eager step)."""
 
     exit_code = GRAPH_UNAVAILABLE
-
-
-# every error `resnetdist train` exits with, and its code (the one each class carries)
-EXIT_CODES: dict[type[BaseException], int] = {
-    cls: cls.exit_code
-    for cls in (ConfigError, DataError, CheckpointError, NonFiniteLoss, WriteError, RunDirBusy, Preempted, PeerLost,
-                GraphUnavailable)
-}

@@ -19,11 +19,11 @@ TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 SHUTDOWN_GRACE_S = "300"
 
 
-def torch_at_least(major: int, minor: int, version: str | None = None) -> bool:
-    """torch's version (or `version`) is major.minor or newer ("2.11.0+cu130", "2.13.0a0")."""
+def torch_at_least(major: int, minor: int) -> bool:
+    """torch's version is major.minor or newer ("2.11.0+cu130", "2.13.0a0")."""
     import torch
 
-    parts = (version or torch.__version__).split("+")[0].split(".")
+    parts = torch.__version__.split("+")[0].split(".")
     try:
         return (int(parts[0]), int(parts[1])) >= (major, minor)
     except (IndexError, ValueError):

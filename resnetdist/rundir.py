@@ -382,6 +382,16 @@ def config_texts(cfg: RunConfig, resolved: dict[str, Any]) -> tuple[str, str]:
     return to_toml(cfg), dumps_toml({"resolved": resolved})
 
 
+def read_table(path: Path, key: str) -> dict[str, Any]:
+    """The table `key` of a TOML file (resolved.toml's "resolved": training/plan.Plan's fields); {}
+    when the file is absent or unreadable, or has no such table."""
+    try:
+        table = read_toml(path).get(key)
+    except Exception:  # noqa: BLE001 - any fault of the file means "unknown" to a reader
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object file, or None: absent, unreadable or not an object."""
     try:

@@ -15,8 +15,11 @@ import pytest
 import torch
 
 from resnetdist import checkpoint
+from resnetdist.training.step import StepChoice
 
 from .conftest import REPO, cli_env
+
+EAGER = StepChoice("eager", "asked for by name (train.step)", "eager")  # the plain step, as the tests build it
 
 try:  # a stock PyTorch CUDA image may lack it: `pytest -m cuda` must still collect the modules using it
     import psutil

@@ -216,7 +216,7 @@ def test_a_bad_deadline_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "ACCEPTANCE_DEADLINE_S" in proc.stderr
 
 
-# a module finder that refuses what the GPU machine lacks (docs/DESIGN: no tomli-w, ffcv, wandb)
+# a module finder that refuses what the GPU machine lacks (docs/gpu-acceptance.md: no tomli-w, ffcv, wandb)
 # and what a stock PyTorch CUDA image need not have
 BLOCKER = '''import sys
 class Block:

@@ -43,9 +43,19 @@ BINS = cifar.FOLDER  # tests write their .bin files to tmp/<BINS>, the official 
 def write_bins(folder: Path, per_file: int = TRAIN_PER_FILE, test: int = TEST_RECORDS,
                seed: int = 0) -> tuple[Split, Split]:
     """The tests' data set with numbered records (data_batch_1..5 + test_batch) in `folder`,
-    which must be named cifar-10-batches-bin; return (train, test)."""
+    which must be named cifar-10-batches-bin; return (train, test). Record i of the training
+    files (0.. across the five) and of the test file carries i in pixels [0,0,0] and [0,0,1]
+    (low, high byte), so a test can tell which records a loader delivered (`ids`)."""
     assert folder.name == BINS
-    cifar.write_synthetic(folder.parent, per_file, test, seed, stamp_ids=True)
+    cifar.write_synthetic(folder.parent, per_file, test, seed)
+    for names in (cifar.TRAIN_FILES, cifar.TEST_FILES):
+        first = 0
+        for name in names:
+            split = cifar.read_batch_file(folder / name)
+            images, numbers = split.images.copy(), np.arange(first, first + len(split))
+            images[:, 0, 0, 0], images[:, 0, 0, 1] = numbers % 256, numbers // 256
+            cifar.write_batch_file(folder / name, Split(images, split.labels))
+            first += len(split)
     return cifar.read_files(folder, cifar.TRAIN_FILES), cifar.read_files(folder, cifar.TEST_FILES)
 
 

@@ -1,16 +1,21 @@
-"""The documentation holds together: README.md is a front page (short, the two first commands
-first, a map of every package folder and module), and every relative link in README.md,
+"""The documentation holds together: README.md is a front page (the two first commands first,
+every `resnetdist` command it shows one the CLI has, a map of every package folder and module), and every relative link in README.md,
 docs/*.md and tests/README.md reaches an existing file (and heading, for #anchors)."""
 
 from __future__ import annotations
 
+import itertools
 import re
+import shlex
 import sys
 from pathlib import Path
 
+import typer.main
+
+from resnetdist.cli import app
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-MAX_README_LINES = 150
 FIRST_COMMANDS = ("bash launch/setup.sh && .venv/bin/resnetdist train --n 3", "bash .ci/run")
 
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
@@ -56,9 +61,45 @@ def test_every_relative_link_reaches_a_file_and_heading():
     assert not broken, broken
 
 
-def test_readme_is_a_front_page():
-    lines = README.read_text().splitlines()
-    assert len(lines) <= MAX_README_LINES, f"README.md has {len(lines)} lines (at most {MAX_README_LINES})"
+def readme_commands(text: str) -> list[list[str]]:
+    """The words of each `resnetdist ...` command in README.md's code blocks, after the program
+    name, its comment cut off."""
+    found = []
+    for block in FENCE.finditer(text):
+        for line in block.group(0).splitlines()[1:-1]:
+            words = shlex.split(line, comments=True)
+            for i, word in enumerate(words):
+                if word.endswith("resnetdist") and (i == 0 or words[i - 1] == "&&"):
+                    found.append(list(itertools.takewhile(lambda w: w != "&&", words[i + 1:])))
+    return found
+
+
+def unknown_words(words: list[str], command) -> list[str]:
+    """The subcommands and options of `words` that the CLI (a click command tree) does not have."""
+    while words and words[0] in getattr(command, "commands", {}):
+        command, words = command.commands[words[0]], words[1:]
+    options = {name for p in command.params for name in (*p.opts, *p.secondary_opts)}
+    options |= {"--help", "-h"} | ({"--install-completion", "--show-completion"} if command is ROOT else set())
+    return [w.split("=")[0] for w in words if w.startswith("-") and w.split("=")[0] not in options]
+
+
+ROOT = typer.main.get_command(app)
+
+
+def test_readme_commands_are_the_clis():
+    """Every `resnetdist` command README.md shows names a subcommand and options the CLI has:
+    a renamed flag or command fails here, not in a newcomer's terminal."""
+    commands = readme_commands(README.read_text())
+    assert len(commands) >= 10 and ["train", "--n", "3"] in commands, commands
+    wrong = {" ".join(words): bad for words in commands if (bad := unknown_words(words, ROOT))}
+    assert not wrong, f"README.md shows options the CLI does not have: {wrong}"
+    assert unknown_words(["train", "--depht", "20"], ROOT) == ["--depht"]  # the check sees a wrong one
+
+
+def test_readme_names_only_commands_the_cli_has():
+    commands = readme_commands(README.read_text())
+    unknown = sorted({words[0] for words in commands if words and not words[0].startswith("-")} - set(ROOT.commands))
+    assert not unknown, f"README.md shows commands the CLI does not have: {unknown}"
 
 
 def test_readme_opens_with_the_two_first_commands():

@@ -83,7 +83,7 @@ def test_acceptance_dry_run_prints_every_stage(tmp_path):
     # 9.5 minutes (570 s): the deadline, and inside it the limits (the pack stage's 45 s among
     # them) and the summary's 5 s (a 15-minute device lease: start-up + one run + a partial rerun)
     assert total + 5 <= 570 and limits["bench-pack"] == 45 and "overall deadline 570 s (ACCEPTANCE_DEADLINE_S)" in lines[-1]
-    assert limits["train-resnet20"] >= 1.5 * 156  # 64k graphed iterations at 2.43 ms on an H100 (DESIGN.md)
+    assert limits["train-resnet20"] >= 1.5 * 156  # 64k graphed iterations at 2.43 ms on an H100 (a plain script's figure: docs/gpu-acceptance.md)
     text = "\n".join(lines)
     assert "pip install --no-index --no-deps --target" in text and "/wheels/*.whl" in text
     assert "-m pytest -q -m cuda" in text

@@ -27,6 +27,7 @@ from resnetdist.training.step import StepChoice, build_step
 from resnetdist.training.trainer import build, make_model
 
 from .fake_cuda import FakeOps
+from .helpers import EAGER
 
 B, SEED = 32, 3
 CPU = torch.device("cpu")
@@ -46,7 +47,8 @@ def per_step(tiny_data, first: int = 0, state: dict | None = None, **kw):
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
-    step = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", batch_per_rank=B, **kw)
+    step = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", batch_per_rank=B,
+                      **{"choice": EAGER, **kw})
     step.it.fill_(first)
     loader = open_loaders(cfg.data, data, DistContext(0, 0, 1, CPU), B, SEED).train
     return step, Feed(loader, SEED, B, out=step.inputs.out if step.inputs else None)
@@ -90,6 +92,7 @@ def test_a_graphed_device_fed_step_replays_with_no_arguments_and_gathers_in_the_
     data = load_data(cfg.data)
     model, optimizer = make_model(cfg, DistContext(0, 0, 1, CPU))
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
+    uploads = uploaded_epochs(monkeypatch)
     source = epoch_table_for(open_loaders(cfg.data, data, DistContext(0, 0, 1, CPU), B, SEED).train, SEED, B, 0, 1)
     source.load(0)
     monkeypatch.setattr(graph_mod, "cuda_ops", FakeOps())  # the tests' stand-in for torch.cuda's graphs
@@ -102,7 +105,21 @@ def test_a_graphed_device_fed_step_replays_with_no_arguments_and_gathers_in_the_
     take_steps(graphed, source.batches(0), 40)
     take_steps(old, feed.batches(0), 40)
     assert_bitwise(graphed.model, old.model)
-    assert loads == [] and source.uploads == 2  # nothing loaded into the graph's inputs from outside
+    assert loads == [] and len(uploads) == 2  # epochs 0 and 1 uploaded once each, nothing loaded into the graph's inputs from outside
+
+
+def uploaded_epochs(monkeypatch) -> list:
+    """The epochs' draws (steps, 3, b) EpochTables upload to their device buffers from now on,
+    one entry per epoch loaded (its sample order goes with it)."""
+    seen, real = [], epochs_mod.upload
+
+    def upload(dst, src):
+        if dst.dim() == 3:
+            seen.append(src)
+        real(dst, src)
+
+    monkeypatch.setattr(epochs_mod, "upload", upload)
+    return seen
 
 
 def test_every_iteration_gathers_the_per_step_feeds_batch_and_draws(tiny_data):
@@ -129,6 +146,7 @@ def test_the_next_epoch_is_built_ahead_and_the_boundary_only_uploads_it(tiny_dat
     cfg = config(tiny_data)
     data = load_data(cfg.data)
     epochs = EpochTable(ResidentTrainLoader(data.train, B, SEED, 0, 1, CPU), SEED, B)
+    uploads = uploaded_epochs(monkeypatch)
     calls = []  # (first iteration, count drawn, thread): one block of draws per epoch
     monkeypatch.setattr(epochs_mod, "draw_block",
                         lambda *a: calls.append((a[1], a[2], threading.current_thread().name)) or draw_block(*a))
@@ -141,9 +159,9 @@ def test_the_next_epoch_is_built_ahead_and_the_boundary_only_uploads_it(tiny_dat
     while not (epochs.ahead[0] == 1 and epochs.ahead[1].done()):  # in a run: 390 steps of >= 2 ms vs a few ms
         assert time.monotonic() < deadline, "the next epoch was not built ahead"
         time.sleep(0.01)
-    assert epochs.uploads == 1 and calls == [(0, epochs.steps, here), (epochs.steps, epochs.steps, "resnetdist-epochs_0")]
+    assert len(uploads) == 1 and calls == [(0, epochs.steps, here), (epochs.steps, epochs.steps, "resnetdist-epochs_0")]
     next(feed)  # the boundary: epoch 1 uploaded, not built here
-    assert epochs.uploads == 2 and [c for c in calls if c[2] == here] == calls[:1]
+    assert len(uploads) == 2 and [c for c in calls if c[2] == here] == calls[:1]
     order, draws = EpochTable(ResidentTrainLoader(data.train, B, SEED, 0, 1, CPU), SEED, B).numbers(1)
     assert torch.equal(epochs.order, torch.from_numpy(order)) and torch.equal(epochs.aug, torch.from_numpy(draws))
 

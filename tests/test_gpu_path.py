@@ -34,6 +34,7 @@ from resnetdist.training.trainer import make_model
 
 from .conftest import REPO, TINY, cli_env, cli_in_process, run_torchrun
 from .fake_cuda import FakeOps
+from .helpers import EAGER
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CPU = torch.device("cpu")
@@ -57,7 +58,7 @@ AUTO_GRAPH = StepChoice("graph", "auto: CUDA with fp32", "auto")  # what auto ch
 
 def build(tiny_data, **kw):
     cfg, model, optimizer, mean, lrs, loaders = parts(tiny_data)
-    step = build_step(model, optimizer, mean, lrs, precision="fp32", batch_per_rank=B, **kw)
+    step = build_step(model, optimizer, mean, lrs, precision="fp32", batch_per_rank=B, **{"choice": EAGER, **kw})
     return step, loaders
 
 
@@ -78,8 +79,8 @@ def fake_cuda(monkeypatch):
 def copies(monkeypatch):
     """How many batches were copied into a graph's inputs (a loader that gathers in place copies none)."""
     seen = []
-    real = StaticInputs.load
-    monkeypatch.setattr(StaticInputs, "load", lambda self, x, *rest: seen.append(x is not self.x) or real(self, x, *rest))
+    real = StaticInputs.fill
+    monkeypatch.setattr(StaticInputs, "fill", lambda self, x, *rest: seen.append(x is not self.x) or real(self, x, *rest))
     return seen
 
 

@@ -374,8 +374,12 @@ def test_torchruns_shutdown_grace_is_set_only_where_torchrun_reads_it(monkeypatc
 
     from resnetdist import launcher
 
-    assert not launcher.torch_at_least(2, 12, "2.11.0+cu130") and launcher.torch_at_least(2, 12, "2.12.1")
-    assert launcher.torch_at_least(2, 12, "2.13.0a0+git1234") and not launcher.torch_at_least(3, 0, "2.13.0")
+    def at_least(major: int, minor: int, version: str) -> bool:
+        monkeypatch.setattr(torch, "__version__", version)
+        return launcher.torch_at_least(major, minor)
+
+    assert not at_least(2, 12, "2.11.0+cu130") and at_least(2, 12, "2.12.1")
+    assert at_least(2, 12, "2.13.0a0+git1234") and not at_least(3, 0, "2.13.0")
     monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
     assert launcher.shutdown_grace_env() == {}
     monkeypatch.setattr(torch, "__version__", "2.12.0")

@@ -253,20 +253,20 @@ def test_unreachable_wandb_server_falls_back_to_offline(tmp_path):
 
 @pytest.mark.timeout(30)
 def test_wandb_mode_resolution(monkeypatch, tmp_path):
-    from resnetdist.training.metrics import resolve_wandb_mode
+    from resnetdist.training.metrics import wandb_mode_here
 
     for var in ("WANDB_MODE", "WANDB_DISABLED", "WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
-    assert resolve_wandb_mode("auto") == "offline"
+    assert wandb_mode_here("auto") == "offline"
     (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
-    assert resolve_wandb_mode("auto") == "online"
+    assert wandb_mode_here("auto") == "online"
     (tmp_path / "netrc").unlink()
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
-    assert resolve_wandb_mode("auto") == "online"
+    assert wandb_mode_here("auto") == "online"
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert resolve_wandb_mode("auto") == "offline"  # the environment wins over a login ...
-    assert resolve_wandb_mode("online") == "online"  # ... and the config over the environment
+    assert wandb_mode_here("auto") == "offline"  # the environment wins over a login ...
+    assert wandb_mode_here("online") == "online"  # ... and the config over the environment
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert resolve_wandb_mode("auto") == "disabled"
-    assert resolve_wandb_mode("offline") == "offline"
+    assert wandb_mode_here("auto") == "disabled"
+    assert wandb_mode_here("offline") == "offline"

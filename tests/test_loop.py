@@ -19,7 +19,7 @@ from resnetdist.training.plan import resolve
 from resnetdist.errors import NonFiniteLoss
 from resnetdist.training.loop import Cadence, Progress
 from resnetdist.training.step import StepChoice
-from resnetdist.training.preempt import Preempted
+from resnetdist.errors import Preempted
 from resnetdist.training.trainer import Member, Trainer
 
 BATCH = 4

@@ -22,6 +22,7 @@ from resnetdist.training.step import StepChoice, build_step
 
 from .conftest import cli_in_process
 from .fake_cuda import FakeOps
+from .helpers import EAGER
 
 CL = torch.channels_last
 F64 = torch.float64
@@ -300,7 +301,7 @@ def test_pack_step_matches_each_seeds_single_step():
     for j in range(2):
         model = single(cfg, SEEDS[j], torch.float32)
         alone = build_step(model, TensorLRSGD(model.parameters(), torch.zeros(()), 0.9, 1e-4), step.mean,
-                           torch.full((10,), 0.1), precision="fp32")
+                           torch.full((10,), 0.1), choice=EAGER, precision="fp32")
         for i in range(2):
             alone(images[i, j], labels[i, j], aug[i, j])
         for (key, a), b in zip(split_state(step.model.state_dict(), 2)[j].items(), model.state_dict().values()):
@@ -331,7 +332,7 @@ def test_a_pack_refuses_fp16_and_duplicate_seeds():
     model = build_pack(ModelConfig(n=1), [0, 1])
     with pytest.raises(ValueError, match="fp16 cannot train a pack"):
         build_step(model, TensorLRSGD(model.parameters(), torch.zeros(()), 0.9, 1e-4), torch.zeros(3, 32, 32),
-                   torch.ones(2), precision="fp16")
+                   torch.ones(2), choice=EAGER, precision="fp16")
 
 
 # ----- bench --pack -----------------------------------------------------------------------------

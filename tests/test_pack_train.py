@@ -21,12 +21,12 @@ from resnetdist.dist import DistContext
 from resnetdist.training import graph as graph_mod
 from resnetdist.training.loop import take_steps
 from resnetdist.training.schedule import lr_table
-from resnetdist.training.step import EAGER, StepChoice, build_step
+from resnetdist.training.step import StepChoice, build_step
 from resnetdist.training.trainer import make_model
 
 from .conftest import RESUMABLE, TINY, cli, cli_in_process
 from .fake_cuda import FakeOps
-from .helpers import assert_bitwise_equal, final_weights, read_jsonl
+from .helpers import EAGER, assert_bitwise_equal, final_weights, read_jsonl
 
 PACK = [*RESUMABLE, "--seeds", "0,1"]
 # float32: a grouped conv over two members sums in another order than one member's conv, so a

@@ -27,7 +27,7 @@ import torch.distributed as tdist
 from resnetdist import checkpoint, dist
 from resnetdist.rundir import RunDir
 from resnetdist.training import preempt
-from resnetdist.training.preempt import Preempted
+from resnetdist.errors import Preempted
 
 from .conftest import REPO, RESUMABLE, TINY, cli_env, run_cli, run_torchrun
 from .slurm_cluster import slurm_cluster  # noqa: F401 - the fixture

@@ -187,16 +187,20 @@ def test_short_suite_draws_every_point_and_warns(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_lr_panel_steps_at_the_runs_own_milestones(tmp_path):
-    """The run's lr fell at 150 and 225 (its config.toml); evaluations every 100 iterations
-    must not move the drawn steps to 200 and 300."""
+    """The run's lr fell at 150 and 225 (its config.toml), scaled as its machine resolved
+    (resolved.toml: 2 ranks, batch per rank); evaluations every 100 iterations must not move the
+    drawn steps to 200 and 300. Without resolved.toml the logged lrs are drawn."""
     from resnetdist.suite.discover import load_run
     from resnetdist.suite.figures import lr_steps
 
     run = write_fixture_run(tmp_path, "resnet20", 20, False, 0, 20.0, iters=300, points=3)
     (run / "config.toml").write_text(
-        "[model]\nn = 3\n\n[optim]\niters = 300\nmilestones = [150, 225]\nwarmup_iters = 0\n\n[train]\nseed = 0\n")
-    assert lr_steps(load_run(run)) == [(0, 0.1), (150, pytest.approx(0.01)), (225, pytest.approx(0.001)),
-                                       (300, pytest.approx(0.001))]
+        "[model]\nn = 3\n\n[optim]\niters = 300\nmilestones = [150, 225]\nwarmup_iters = 0\n\n[train]\nseed = 0\n\n[dist]\nscale_warmup_iters = 0\n")
+    logged = [(int(r["iter"]), float(r["lr"])) for r in load_run(run).records if r.get("lr")]
+    assert lr_steps(load_run(run)) == logged and logged
+    (run / "resolved.toml").write_text("[resolved]\nworld_size = 2\nlr_scale = 2.0\n")
+    assert lr_steps(load_run(run)) == [(0, 0.2), (150, pytest.approx(0.02)), (225, pytest.approx(0.002)),
+                                       (300, pytest.approx(0.002))]
     cli(["report", run])
     check_png(run / "curves" / "resnet20-s0.png", (500, 300))
 

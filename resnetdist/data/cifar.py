@@ -359,31 +359,26 @@ def write_batch_file(path: Path, split: Split) -> None:
     records.tofile(path)
 
 
-def synthetic_split(n: int, seed: int, stamp_ids: bool = False) -> Split:
+def synthetic_split(n: int, seed: int) -> Split:
     """Noise plus a class-specific bright band: a small net gets well below chance quickly, and
-    speed does not depend on content. With stamp_ids, record i carries i in pixels [0,0,0] and
-    [0,0,1] (low, high byte), so a test can tell which records a loader delivered."""
+    speed does not depend on content."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, size=n)
     images = rng.integers(0, 90, size=(n, 3, 32, 32), dtype=np.uint8)
     for i, k in enumerate(labels):
         images[i, k % 3, 3 * k : 3 * k + 3, :] = 230
-    if stamp_ids:
-        images[:, 0, 0, 0] = np.arange(n) % 256
-        images[:, 0, 0, 1] = np.arange(n) // 256
     return Split(images, labels.astype(np.int64))
 
 
-def write_synthetic(root: Path, per_train_file: int, test_size: int, seed: int = 0, stamp_ids: bool = False) -> Path:
-    """A small stand-in in the official layout under root/cifar-10-batches-bin (tests, bench).
-    With stamp_ids the training records are numbered 0.. across the five files."""
+def write_synthetic(root: Path, per_train_file: int, test_size: int, seed: int = 0) -> Path:
+    """A small stand-in in the official layout under root/cifar-10-batches-bin (tests, bench)."""
     folder = root / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    train = synthetic_split(5 * per_train_file, seed, stamp_ids)
+    train = synthetic_split(5 * per_train_file, seed)
     for i, name in enumerate(TRAIN_FILES):
         part = slice(i * per_train_file, (i + 1) * per_train_file)
         write_batch_file(folder / name, Split(train.images[part], train.labels[part]))
-    write_batch_file(folder / TEST_FILES[0], synthetic_split(test_size, seed + 100, stamp_ids))
+    write_batch_file(folder / TEST_FILES[0], synthetic_split(test_size, seed + 100))
     (folder / "batches.meta.txt").write_text("\n".join(f"class{i}" for i in range(10)) + "\n")
     return root
 

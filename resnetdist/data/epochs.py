@@ -43,7 +43,6 @@ class EpochTable:
         self.order = torch.zeros((self.steps, self.b), dtype=torch.long, device=device)
         self.aug = torch.zeros((self.steps, 3, self.b), dtype=torch.long, device=device)
         self.loaded: int | None = None  # the epoch in the buffers
-        self.uploads = 0  # epochs uploaded (tests, doctor)
         self.ahead: tuple[int, Future] | None = None  # the next epoch's numbers, being built
 
     def numbers(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +61,7 @@ class EpochTable:
         order, draws = self.ahead[1].result() if ready else self.numbers(epoch)
         upload(self.order, order)
         upload(self.aug, draws)
-        self.loaded, self.uploads = epoch, self.uploads + 1
+        self.loaded = epoch
         self.ahead = (epoch + 1, _AHEAD.submit(self.numbers, epoch + 1))
 
     def gather(self, it: torch.Tensor, x: torch.Tensor, y: torch.Tensor, aug: torch.Tensor) -> None:

@@ -57,7 +57,7 @@ class RunRecords:
 
     @property
     def finished(self) -> bool:
-        return self.summary is not None
+        return self.summary is not None  # load_run keeps a summary only when RunDir.finished says so
 
     @property
     def last_iter(self) -> int:
@@ -146,11 +146,13 @@ def load_run(path: Path) -> RunRecords:
     path = Path(path)
     run = RunDir(path)
     records = read_metrics(run.metrics)
-    summary = run.read_summary()
-    if not records and (summary is None or summary.get("test_error") is None):
+    info = _config_info(path)
+    # finished by the one rule (RunDir.finished) at the length config.toml plans; without a
+    # readable config.toml, at the length the summary itself records
+    summary = run.finished(info.get("iterations") or (run.read_summary() or {}).get("iterations"))
+    if not records and summary is None:
         raise ReportError(f"{path}: no metrics to report (metrics.jsonl is missing or empty and there is "
                           f"no summary.json): the run has not reached its first evaluation")
-    info = _config_info(path)
     if summary:
         info.update({k: summary[k] for k in ("name", "model", "depth", "plain", "seed", "iterations") if k in summary})
     if "depth" not in info:

@@ -9,7 +9,7 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..rundir import RunDir
+from ..rundir import RunDir, read_table
 from .discover import GroupKey, RunRecords, distinct_seeds, group_runs
 
 
@@ -218,14 +218,14 @@ def figure6(runs: list[RunRecords], out: Path, title: str = "") -> tuple[Path, l
 
 def lr_steps(run: RunRecords) -> list[tuple[int, float]]:
     """(iteration, lr) wherever the lr changes, from the run's config.toml (its real milestones
-    and warm-up); the logged lr of each evaluation when there is no readable config."""
+    and warm-up) and resolved.toml (the lr scale its machine decided: training/plan.py); the
+    logged lr of each evaluation when either is missing or unreadable."""
     from ..training import lr_at
 
-    cfg = RunDir(run.path).read_config()
-    if cfg is None:  # an older or hand-made run folder
+    folder = RunDir(run.path)
+    cfg, resolved = folder.read_config(), read_table(folder.resolved, "resolved")
+    if cfg is None or not isinstance(scale := resolved.get("lr_scale"), (int, float)):  # an older or hand-made run
         return [(int(r["iter"]), float(r["lr"])) for r in run.records if r.get("lr")]
-    world = int((run.summary or {}).get("world_size", 1))
-    scale = world if cfg.dist.batch_scaling == "per_rank" else 1
     steps: list[tuple[int, float]] = []
     for it in range(cfg.optim.iters):
         lr = lr_at(cfg.optim, it, scale, cfg.dist.scale_warmup_iters)

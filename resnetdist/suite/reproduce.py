@@ -405,9 +405,9 @@ def report(jobs: list[Job], out: Path, base: RunConfig, echo: Callable[[str], No
     if run_id:
         manifest["wandb_report_id"] = run_id
         write_manifest(out, manifest)
-        from ..training import resolve_wandb_mode
+        from ..training import wandb_mode_here
 
-        if resolve_wandb_mode(base.log.wandb_mode) == "offline":  # nothing reached W&B yet
+        if wandb_mode_here(base.log.wandb_mode) == "offline":  # nothing reached W&B yet
             echo(f"W&B (offline): report recorded, not uploaded, in the summary run {group}-report ({run_id}) "
                  f"in group {group}; `wandb sync {out / SUITE_DIR / 'wandb'}/offline-run-*` uploads it")
         else:

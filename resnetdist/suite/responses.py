@@ -151,10 +151,10 @@ def run_responses(run: RunRecords, images: CifarTestSets) -> Responses:
 def all_responses(runs: list[RunRecords]) -> tuple[list[Responses], list[str]]:
     """Layer responses of every finished run with a model.pt, and one note per run left out.
     Nothing is written here: the caller writes the caches once every run has succeeded."""
-    from ..dist import resolve_device
+    from ..dist import device_for
     from ..errors import DataError
 
-    images = CifarTestSets(resolve_device("auto", 0))
+    images = CifarTestSets(device_for("auto", 0))
     found, notes = [], []
     for run in runs:
         if not RunDir(run.path).model.exists():

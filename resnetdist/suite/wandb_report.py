@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import LogConfig
-from ..training import env_tags, quiet_wandb_telemetry, resolve_wandb_mode, wandb_settings, warn
+from ..training import env_tags, quiet_wandb_telemetry, wandb_mode_here, wandb_settings, warn
 
 SUITE_TABLE_KEY = "table6"  # the summary run's history key for the report's table
 RESPONSES_TABLE_KEY = "layer_responses"  # ... and for Figure 7's values
@@ -48,7 +48,7 @@ def log_suite_report(cfg: LogConfig, wandb_dir: Path, group: str, run_id: str | 
     one row per run and layer, and each net's mean std in the summary). `run_id`
     continues an earlier summary run of the same suite. Returns the run id, None when W&B is
     disabled or not installed."""
-    mode = resolve_wandb_mode(cfg.wandb_mode)
+    mode = wandb_mode_here(cfg.wandb_mode)
     if mode == "disabled":
         return None
     try:

@@ -326,7 +326,7 @@ def run_step_bench(n: int, iters: int, warmup: int, device_pref: str, loaders: l
                    precisions: list[str], data_dir: Path | None, workers: int,
                    out: Path | None = None) -> dict[str, Any]:
     """Time each setting; with `out`, the report is written there after every setting."""
-    device = dist.resolve_device(device_pref, 0)
+    device = dist.device_for(device_pref, 0)
     have_ffcv = ffcv_available()
     settings, skipped = settings_for(device, loaders, modes, precisions, have_ffcv)
     report = {"kind": "step", "model": model_name(n, plain=False), "batch": BATCH, **environment(device),
@@ -343,11 +343,9 @@ def run_step_bench(n: int, iters: int, warmup: int, device_pref: str, loaders: l
                 result = bench_setting(s, data, n, iters, warmup, device, betons)
             report["results"].append(result)
             add_ratios(report["results"])
-            if out is not None:
-                write_report(report, out)
+            write_report(report, out)
     report["complete"] = True
-    if out is not None:
-        write_report(report, out)
+    write_report(report, out)
     return report
 
 
@@ -360,7 +358,7 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
 
 
 def run_loader_bench(iters: int, warmup: int, device_pref: str, loaders: list[str], data_dir: Path | None) -> dict:
-    device = dist.resolve_device(device_pref, 0)
+    device = dist.device_for(device_pref, 0)
     have_ffcv = ffcv_available()
     chosen = [name for name in loaders if name != "ffcv" or have_ffcv]
     skipped = [f"{name} loader: FFCV is not installed" for name in loaders if name not in chosen]
@@ -396,6 +394,9 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def write_report(report: dict[str, Any], out: Path) -> None:
+def write_report(report: dict[str, Any], out: Path | None) -> None:
+    """The report so far as JSON in `out` (None: not written): after each setting, a cut keeps it."""
+    if out is None:
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")

@@ -98,7 +98,7 @@ def run_pack_bench(n: int, ks: list[int], iters: int, warmup: int, rounds: int, 
                    out: Path | None = None) -> dict[str, Any]:
     if not ks or any(k < 1 for k in ks):
         raise ValueError(f"--pack {','.join(map(str, ks))}: pack sizes are whole numbers >= 1")
-    device = dist.resolve_device(device_pref, 0)
+    device = dist.device_for(device_pref, 0)
     on_cuda = device.type == "cuda"
     if on_cuda:
         torch.backends.cudnn.benchmark = True  # as trainer.make_model sets it for a run
@@ -111,11 +111,9 @@ def run_pack_bench(n: int, ks: list[int], iters: int, warmup: int, rounds: int, 
     for k in ks:
         print(f"  timing K = {k} ...", flush=True)
         report["results"].append(bench_one_k(cfg, k, iters, warmup, rounds, device, choice, precision))
-        if out is not None:
-            write_report(report, out)
-    report["complete"] = True
-    if out is not None:
         write_report(report, out)
+    report["complete"] = True
+    write_report(report, out)
     return report
 
 

@@ -398,7 +398,7 @@ def run_doctor(device_pref: str = "auto", data_dir: Path | None = None, steps: i
     before the process group exists, so a rank's own checks never wait for another rank."""
     local_rank = dist.local_rank()
     rows = environment_rows(data_dir)
-    device = dist.resolve_device(device_pref, local_rank)
+    device = dist.device_for(device_pref, local_rank)
     with tempfile.TemporaryDirectory(prefix="resnetdist-doctor-") as scratch:
         synthetic = write_synthetic(Path(scratch), 128, 200)
         rows += device_rows(synthetic, device, steps, set(skip), compile_timeout_s)

@@ -81,7 +81,7 @@ def evaluate_checkpoint(path: Path, data_dir: Path | None, device: str = "auto")
     if data_dir is not None:
         cfg.data.dir = str(data_dir)
     cfg.data.loader = "resident"  # one process reads the whole set: no .beton files needed
-    dev = dist.resolve_device(device, 0)
+    dev = dist.device_for(device, 0)
     layout = model_layout(cfg, dev)  # the layout it trained (and was evaluated) in
     model = build_model(cfg.model).to(dev, memory_format=layout)
     checkpoint.load_weights(model, state, path)

@@ -76,7 +76,7 @@ class StaticInputs:
     def out(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x, self.y
 
-    def load(self, images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
+    def fill(self, images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
         if images_u8 is not self.x:
             self.x.copy_(images_u8, non_blocking=True)
             self.y.copy_(labels, non_blocking=True)
@@ -148,7 +148,7 @@ class GraphCapture:
 
         def replay(*batch: torch.Tensor) -> None:
             if batch:  # a step with a source gathers its batch inside the graph: nothing to load
-                inputs.load(*batch)
+                inputs.fill(*batch)
             graph.replay()
 
         return replay, inputs

@@ -25,7 +25,7 @@ from ..rundir import RunDir
 # once); the configuration keeps "auto" ----------------------------------------------------------
 
 
-def resolve_wandb_mode(mode: str) -> str:
+def wandb_mode_here(mode: str) -> str:
     """auto -> $WANDB_MODE when set, else online when logged in, else offline. An explicit
     log.wandb_mode (online/offline/disabled) wins over the environment."""
     if mode != "auto":
@@ -239,7 +239,7 @@ class WandbSink:
         # a checkpoint's id continues its run; else $WANDB_RUN_ID, which a W&B sweep agent sets for
         # the run it starts (so the run joins the sweep); else a new one
         self.id = run_id or os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:12]
-        self.mode = mode  # online or offline (resolve_wandb_mode)
+        self.mode = mode  # online or offline (wandb_mode_here)
         kwargs = dict(
             project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "resnetdist",
             entity=cfg.wandb_entity or os.environ.get("WANDB_ENTITY") or None,
@@ -382,7 +382,7 @@ def open_logger(cfg: LogConfig, run_dir: Path, run_config: dict[str, Any], name:
     if cfg.tensorboard:
         sinks.append(TensorBoardSink(run_dir / "tb", resume_iter))
     wandb_sink = None
-    mode = resolve_wandb_mode(cfg.wandb_mode)
+    mode = wandb_mode_here(cfg.wandb_mode)
     if mode != "disabled":
         try:
             import wandb  # noqa: F401

@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from .. import dist
-from ..errors import Preempted
 from .bar import RunBar
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)

@@ -65,8 +65,8 @@ class StepChoice:
 
 def choose_kind(step: str, on_cuda: bool, precision: str) -> StepChoice:
     """The step that runs, from train.step alone (the one place that decides it). auto: the
-    whole-step graph on CUDA with bf16 or fp32 (measured on an H100 with a plain script of this
-    recipe, DESIGN.md: 4x the eager step at batch 128), else eager (fp16's loss scaler syncs
+    whole-step graph on CUDA with bf16 or fp32 (4x the eager step at batch 128 on one H100,
+    measured by a plain PyTorch script of this recipe, not by resnetdist: docs/gpu-acceptance.md), else eager (fp16's loss scaler syncs
     with the host, which a graph cannot hold). A step asked for by name runs or the run stops:
     graph without CUDA is a ConfigError here, before any worker starts (graph + fp16 is one in
     config.validate), and a graph whose capture fails stops the run in build_step."""
@@ -82,9 +82,6 @@ def choose_kind(step: str, on_cuda: bool, precision: str) -> StepChoice:
     return StepChoice(step, "asked for by name (train.step)", step)
 
 
-EAGER = StepChoice("eager", "asked for by name (train.step)", "eager")  # the plain step, as tests and tools build it
-
-
 class TrainStep:
     """The step of one rank. `model` is the plain module (what checkpoints save); `train_model`
     is what trains (the model wrapped in DDP / torch.compile, wrap.py). `choice` says which step
@@ -95,7 +92,7 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, train_model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor,
                  lrs: torch.Tensor, *, precision: str, memory_format=torch.contiguous_format, start_iter: int = 0,
-                 choice: StepChoice = EAGER, source: EpochTable | None = None):
+                 choice: StepChoice, source: EpochTable | None = None):
         self.model, self.train_model, self.optimizer, self.mean = model, train_model, optimizer, mean
         # with a source, the step gathers its own inputs on the device (data/epochs.py) and is
         # called with no arguments; without one, it is handed each batch (loop.Feed)
@@ -208,8 +205,7 @@ class TrainStep:
 
 
 def build_step(model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor, lrs: torch.Tensor, *,
-               choice: StepChoice = EAGER,
-               compile_mode: str = "default", precision: str, memory_format=torch.contiguous_format,
+               choice: StepChoice, compile_mode: str = "default", precision: str, memory_format=torch.contiguous_format,
                ddp: bool = False, batch_per_rank: int = 0, source: EpochTable | None = None) -> TrainStep:
     """The step choose_kind chose: the model wrapped in DDP, and in torch.compile
     (`compile_mode`) for the compile step (wrap.py); the graph step captured once (CUDA only,
