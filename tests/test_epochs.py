@@ -97,7 +97,7 @@ def test_a_graphed_device_fed_step_replays_with_no_arguments_and_gathers_in_the_
     source.load(0)
     monkeypatch.setattr(graph_mod, "cuda_ops", FakeOps())  # the tests' stand-in for torch.cuda's graphs
     loads = []
-    monkeypatch.setattr(StaticInputs, "load", lambda *a: loads.append(a))
+    monkeypatch.setattr(StaticInputs, "fill", lambda *a: loads.append(a))
     graphed = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", batch_per_rank=B,
                          choice=StepChoice("graph", "asked for by name (train.step)", "graph"), source=source)
     assert graphed.kind == "graph" and int(graphed.it) == 0
