@@ -84,6 +84,9 @@ def train(
     out: Optional[Path] = typer.Option(None, help="run directory (default runs/<name>)"),
     device: Optional[Device] = typer.Option(None, help="default: auto (cuda when torch sees a GPU)"),
     seed: Optional[int] = typer.Option(None),
+    seeds: Optional[str] = typer.Option(None, help="several seeds, e.g. 0,1,2,3, trained in one process as one fused "
+                                        "model (a pack: docs/suite.md), each a run of its own; --out is then the "
+                                        "folder of their run directories <net>-s<seed> (default runs/)"),
     loader: Optional[Loader] = typer.Option(None, help="resident (the dataset kept on the training device) or ffcv"),
     nproc_per_node: int = typer.Option(0, help="launch N workers with torchrun (0: this process only)"),
     max_restarts: int = typer.Option(0, help=(
@@ -103,6 +106,7 @@ def train(
             data={"dir": str(data_dir) if data_dir else None, "loader": _value(loader)},
             train={"out": str(out) if out else None, "device": _value(device), "seed": seed},
         ), [*overrides, *bare_overrides(settings or [])], iters)
+        members = pack_members(cfg, seeds, seed)
         from .dist import under_torchrun, world_size_from_env
         from .rundir import RunDir
         from .training.worker import preflight
@@ -110,24 +114,48 @@ def train(
         launching = bool(nproc_per_node) and not under_torchrun()  # this process starts torchrun
         world_size = nproc_per_node if launching else world_size_from_env()
         if dry_run:
-            return show_dry_run(cfg, world_size)
-        prepared = preflight(cfg, world_size)
+            return show_dry_run(members[0] if members else cfg, world_size)
+        prepared = preflight(members or cfg, world_size)
         # a launcher asks before starting torchrun for nothing; each rank asks in training/worker.py
-        done = RunDir(cfg.run_dir).finished(cfg.optim.iters, cfg.name) if launching else None
+        done = [RunDir(m.run_dir).finished(m.optim.iters, m.name) for m in members or [cfg]] if launching else [None]
     except RunDirBusy as e:
         fail(str(e), code=e.exit_code)
     except (ConfigError, DataError, RuntimeError) as e:
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted before training started; nothing was written", code=INTERRUPTED)
-    if done is not None:
-        return show_finished(done, cfg, as_json)
-    if launching:
+    start(members or cfg, prepared, done, nproc_per_node if launching else 0, max_restarts, as_json)
+
+
+def start(runs: RunConfig | list[RunConfig], prepared, done: list, nproc_per_node: int, max_restarts: int,
+          as_json: bool) -> None:
+    """After the checks: the result of runs already finished (`done`: each one's summary or
+    None), or torchrun launched (nproc_per_node workers), or the run (a pack's runs) in this process."""
+    if all(d is not None for d in done):
+        return show_finished(done, runs if isinstance(runs, list) else [runs], as_json)
+    if nproc_per_node:
         from .launcher import strip_launch_args, torchrun
 
         torchrun(nproc_per_node, max_restarts, strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]))
         return
-    train_here(cfg, prepared, as_json)
+    train_here(runs, prepared, as_json)
+
+
+def pack_members(cfg: RunConfig, seeds: str | None, seed: int | None) -> list[RunConfig]:
+    """--seeds: the pack's member configurations (pack.member_configs); [] without it."""
+    if seeds is None:
+        return []
+    if seed is not None:
+        raise ConfigError(f"--seed {seed} and --seeds {seeds}: give one of them")
+    try:
+        values = [int(v) for v in seeds.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers, got {seeds!r}") from None
+    if not values:
+        raise ConfigError("--seeds: no seed given")
+    from .pack import member_configs
+
+    return member_configs(cfg, values)
 
 
 def blocks_per_stage(depth: int | None, n: int | None) -> int | None:
@@ -153,45 +181,54 @@ def bare_overrides(settings: list[str]) -> list[str]:
     return settings
 
 
-def train_here(cfg: RunConfig, prepared, as_json: bool = False) -> None:
-    """This process's rank of the run: its faults turned into one line and an exit code, its
-    result into a summary in words (rank 0) or a JSON line per rank (--json)."""
+def train_here(cfg: RunConfig | list[RunConfig], prepared, as_json: bool = False) -> None:
+    """This process's rank of the run (or of a pack's runs, `cfg` a list): its faults turned
+    into one line and an exit code, its result into a summary in words (rank 0) or a JSON line
+    per rank and run (--json)."""
     from .dist import launch_rank
     from .errors import GraphUnavailable, NonFiniteLoss, PeerLost, Preempted, RunDirBusy, WriteError
     from .training.announce import closing
     from .training.worker import AlreadyFinished, main
 
+    members = cfg if isinstance(cfg, list) else [cfg]
+    where = (f"run directory {members[0].run_dir}" if len(members) == 1
+             else f"run directories {', '.join(str(m.run_dir) for m in members)}")
     try:
-        summary = main(cfg, prepared)
+        result = main(cfg, prepared)
     except AlreadyFinished as e:  # under torchrun: rank 0's run directory holds the result
-        return show_finished(e.summary, cfg, as_json)
+        return show_finished(e.summaries, members, as_json)
     except NonFiniteLoss as e:
-        fail(f"{e} (run directory {cfg.run_dir})", code=e.exit_code)
+        if launch_rank() == 0:  # a pack's members that finished: their results first
+            for summary in getattr(e, "done", []):
+                typer.echo(closing(summary, next(m for m in members if m.name == summary["name"])))
+        fail(f"{e} ({where})", code=e.exit_code)
     except (WriteError, RunDirBusy, PeerLost, DataError, GraphUnavailable) as e:  # errors.py: their exit codes (DataError: a node without betons)
         fail(str(e), code=e.exit_code)
     except Preempted as e:  # exit 6: not a failure, the scheduler's notice was obeyed (130: Ctrl-C)
         interrupted = e.reason == "SIGINT"
         if not interrupted or launch_rank() == 0:  # a person reads one line
-            typer.echo(f"{'interrupted' if interrupted else 'preempted'}: {e} (run directory {cfg.run_dir})", err=True)
+            typer.echo(f"{'interrupted' if interrupted else 'preempted'}: {e} ({where})", err=True)
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:  # a second Ctrl-C
         fail(f"interrupted at once, without a checkpoint of this moment; run the same command again to "
-             f"resume from the newest checkpoint in {cfg.run_dir}, if any", code=INTERRUPTED)
+             f"resume from the newest checkpoint in the {where}, if any", code=INTERRUPTED)
     rank = launch_rank()
-    if as_json:  # every rank prints its view of the result: the all-reduced errors must agree
-        keys = ("name", "test_error", "iterations", "train_seconds", "images_per_second")
-        typer.echo(json.dumps({"rank": rank, **{k: summary[k] for k in keys}}))
-    elif rank == 0:
-        typer.echo(closing(summary, cfg))
+    for member, summary in zip(members, result if isinstance(cfg, list) else [result]):
+        if as_json:  # every rank prints its view of the result: the all-reduced errors must agree
+            keys = ("name", "test_error", "iterations", "train_seconds", "images_per_second")
+            typer.echo(json.dumps({"rank": rank, **{k: summary[k] for k in keys}}))
+        elif rank == 0:
+            typer.echo(closing(summary, member))
 
 
-def show_finished(summary: dict[str, Any], cfg: RunConfig, as_json: bool) -> None:
-    """A rerun of a finished run: its result (rank 0), and nothing else."""
+def show_finished(summaries: list[dict[str, Any]], members: list[RunConfig], as_json: bool) -> None:
+    """A rerun of a finished run (a pack's finished runs): its result (rank 0), and nothing else."""
     from .dist import launch_rank
     from .training.announce import finished
 
     if launch_rank() == 0:
-        typer.echo(json.dumps(summary) if as_json else finished(summary, cfg))
+        for summary, cfg in zip(summaries, members):
+            typer.echo(json.dumps(summary) if as_json else finished(summary, cfg))
 
 
 def show_dry_run(cfg: RunConfig, world_size: int) -> None:
@@ -392,6 +429,7 @@ def reproduce(
     seeds: int = typer.Option(1, help="seeds 0..K-1 of every net"),
     gpus: Optional[str] = typer.Option(None, help="GPU ids, e.g. 0,1,2,3 (default: all visible)"),
     runs_per_gpu: int = typer.Option(1, help="runs sharing each GPU at a time, as separate processes"),
+    pack: int = typer.Option(1, help="up to K seeds of each net trained in one process as one fused model (train --seeds; docs/suite.md)"),
     out: Path = typer.Option(Path("runs"), help="one folder per run inside, and the report"),
     iters: Optional[int] = typer.Option(None, help="iterations per run (default: the paper's 64k); milestones scale"),
     data_dir: Optional[Path] = typer.Option(None, help="folder holding cifar-10-batches-bin/ (or -py/) or its tarball"),
@@ -423,8 +461,9 @@ def reproduce(
 
         from .suite.slurm import SlurmOptions, run_suite as slurm_suite
 
-        if gpus or runs_per_gpu != 1:
-            fail("--gpus and --runs-per-gpu are for the local launcher; on Slurm use --gpus-per-task and --runs-per-task")
+        if gpus or runs_per_gpu != 1 or pack != 1:
+            fail("--gpus, --runs-per-gpu and --pack are for the local launcher; on Slurm use --gpus-per-task and "
+                 "--runs-per-task")
         opts = SlurmOptions(partition, account, time_limit, gpus_per_task, runs_per_task, list(sbatch_args),
                             wait, dry_run, poll_s)
         schedule = partial(slurm_suite, out=out, opts=opts, echo=typer.echo)
@@ -432,7 +471,7 @@ def reproduce(
         fail("--dry-run and --no-wait are for --launcher slurm")
     try:
         outcomes, _ = run_suite(parse_ints(depths, "--depths"), plain, seeds, out, gpus, iters, overrides,
-                                config, data_dir, device, runs_per_gpu, schedule, echo=typer.echo)
+                                config, data_dir, device, runs_per_gpu, schedule, echo=typer.echo, pack=pack)
     except ConfigError as e:
         fail(str(e))
     except KeyboardInterrupt:  # a Ctrl-C while planning or writing the report (the runs' own is handled there)

@@ -157,10 +157,14 @@ class Checkpoints:
             if sidecar.with_name(sidecar.name[: -len(SIDECAR)]) not in found[:keep]:
                 sidecar.unlink(missing_ok=True)
 
-    def load_newest(self, warn: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]] | None:
-        """The newest readable checkpoint and its state (checksum verified); an unreadable or
-        damaged one is reported and the previous tried."""
+    def load_newest(self, warn: Callable[[str], None] = print,
+                    at_most: int | None = None) -> tuple[Path, dict[str, Any]] | None:
+        """The newest readable checkpoint and its state (checksum verified), of iteration
+        `at_most` or before when given (a pack's members agree on one); an unreadable or damaged
+        one is reported and the previous tried."""
         for path in self.newest_first():
+            if at_most is not None and int(CHECKPOINT.search(path.name).group(1)) > at_most:
+                continue
             try:
                 state = load(path)
                 if "model" not in state or "iteration" not in state:
@@ -353,6 +357,16 @@ def append_exit(log: Path, code: int) -> None:
     """A suite run's exit code, last in its log: `state` reads it back from there."""
     with open(log, "a") as f:
         f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} exit code {code}\n")
+
+
+def append_failure(log: Path, message: str) -> None:
+    """Say in a run's log that it failed (RunDir.state reads it so): a pack's member whose loss
+    turned NaN, while the process trains the other members on."""
+    try:
+        with open(log, "a") as f:
+            f.write(f"error: {message}\n")
+    except OSError as e:
+        raise WriteError(log, e) from e
 
 
 def log_ending(log: Path) -> tuple[int | None, str]:

@@ -58,7 +58,7 @@ def device_fed(tiny_data, state: dict | None = None):
     cfg = config(tiny_data)
     trainer = build(cfg, DistContext(0, 0, 1, CPU), load_data(cfg.data))
     if state is not None:
-        trainer.load(state)  # as a resumed run loads its checkpoint
+        trainer.load([state])  # as a resumed run loads its checkpoint
     return trainer
 
 
@@ -76,8 +76,8 @@ def test_the_device_fed_step_trains_bitwise_as_the_per_step_fed_one_and_resumes_
     take_steps(trainer.step, trainer.feed.batches(0), 45)
     take_steps(old, feed.batches(0), 45)
     assert_bitwise(trainer.model, old.model)
-    trainer.progress = Progress(45)  # where fit() would stand
-    resumed = device_fed(tiny_data, trainer.state_dict())  # mid-epoch, as a checkpoint resumes
+    trainer.members[0].progress = Progress(45)  # where fit() would stand
+    resumed = device_fed(tiny_data, trainer.state_dicts()[0])  # mid-epoch, as a checkpoint resumes
     assert resumed.step.source.loaded == 45 // steps
     take_steps(resumed.step, resumed.feed.batches(45), 25)
     take_steps(old, feed.batches(45), 25)
@@ -97,7 +97,7 @@ def test_a_graphed_device_fed_step_replays_with_no_arguments_and_gathers_in_the_
     source.load(0)
     monkeypatch.setattr(graph_mod, "cuda_ops", FakeOps())  # the tests' stand-in for torch.cuda's graphs
     loads = []
-    monkeypatch.setattr(StaticInputs, "load", lambda *a: loads.append(a))
+    monkeypatch.setattr(StaticInputs, "fill", lambda *a: loads.append(a))
     graphed = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", batch_per_rank=B,
                          choice=StepChoice("graph", "asked for by name (train.step)", "graph"), source=source)
     assert graphed.kind == "graph" and int(graphed.it) == 0

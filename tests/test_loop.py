@@ -16,10 +16,11 @@ from resnetdist.dist import DistContext
 from resnetdist.training import preempt
 from resnetdist.data.feed import Feed
 from resnetdist.training.plan import resolve
-from resnetdist.training.loop import Cadence, NonFiniteLoss, Progress
+from resnetdist.errors import NonFiniteLoss
+from resnetdist.training.loop import Cadence, Progress
 from resnetdist.training.step import StepChoice
 from resnetdist.errors import Preempted
-from resnetdist.training.trainer import Trainer
+from resnetdist.training.trainer import Member, Trainer
 
 BATCH = 4
 
@@ -57,9 +58,9 @@ class FakeStep:
             self.bad = self.it - 1
         self.stats += [loss * BATCH, 1, BATCH]
 
-    def drain(self):
+    def drain_members(self):  # one run: a pack of one member
         stats, self.stats = self.stats, np.zeros(3)
-        return stats, self.bad
+        return stats[None], np.array([self.bad])
 
     def lr_of(self, it: int) -> float:
         return 0.1 if it <= 30 else 0.01
@@ -67,6 +68,8 @@ class FakeStep:
 
 class Recorder(Trainer):
     """A Trainer around the fake step: records what fit() logs, evaluates and checkpoints."""
+
+    wandb_id = None  # as its own logger: no W&B run
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -76,7 +79,7 @@ class Recorder(Trainer):
         (self.evals if kind == "eval" else self.logs).append(record)
 
     def evaluate(self):
-        return {"test_error": 50.0}
+        return [{"test_error": 50.0}]
 
     def checkpoint(self):
         progress = self.progress
@@ -93,7 +96,7 @@ def recorder(step, progress, loader=None, cadence=CADENCE) -> Recorder:
                              "log": {"log_every": cadence.log_every}})
     feed = Feed(loader or FakeLoader(), seed=0, global_batch=BATCH)
     trainer = Recorder(cfg, resolve(cfg, 1), DistContext(0, 0, 1, torch.device("cpu")), step.model, None, step, None, feed,
-                       steps_per_epoch=10, data_facts={}, progress=progress)
+                       steps_per_epoch=10, data_facts={}, members=[Member(cfg, progress)])
     return trainer
 
 
@@ -236,9 +239,9 @@ def test_the_bar_moves_between_log_points_from_the_host_counter_without_draining
             time.sleep(0.005)
             super().__call__(*batch)
 
-        def drain(self):
+        def drain_members(self):
             self.drains += 1
-            return super().drain()
+            return super().drain_members()
 
     monkeypatch.setattr(trainer, "RunBar", SeenBar)
     step = SlowStep()

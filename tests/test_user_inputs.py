@@ -21,7 +21,7 @@ def model_pt(tmp_path_factory):
     """A real model.pt (untrained weights, as `train` writes it), without training."""
     cfg = load_config(None, {"model": {"n": 1}, "train": {"device": "cpu"}})
     path = tmp_path_factory.mktemp("run") / "model.pt"
-    checkpoint.atomic_save(final_weights(build_model(cfg.model), cfg, 0, torch.zeros(3, 32, 32)), path)
+    checkpoint.atomic_save(final_weights(build_model(cfg.model).state_dict(), cfg, 0, torch.zeros(3, 32, 32)), path)
     return path
 
 

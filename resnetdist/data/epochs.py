@@ -102,9 +102,38 @@ def upload(dst: torch.Tensor, src: np.ndarray) -> None:
     dst.copy_(host.view(dst.shape), non_blocking=dst.is_cuda)
 
 
-def epoch_table_for(loader, seed: int, global_batch: int, rank: int, world_size: int) -> EpochTable | None:
-    """The device-side epochs of a resident loader; None for other loaders (FFCV's batches come
-    from its own pipeline, fed per step)."""
+class PackTable:
+    """A pack's epochs (pack.py): one EpochTable per member over the same resident images, each
+    with its own seed's sample order and draws, so member j sees exactly the batches of its run
+    alone. Member j's batch goes to row j of (K, b, ...) buffers (graph.StaticInputs of a
+    pack): 3 gathers per member, inside the graph as for one run."""
+
+    def __init__(self, tables: list[EpochTable]):
+        self.tables = tables
+        self.steps, self.b = tables[0].steps, tables[0].b
+
+    def load(self, epoch: int) -> None:
+        for table in self.tables:
+            table.load(epoch)
+
+    def gather(self, it: torch.Tensor, x: torch.Tensor, y: torch.Tensor, aug: torch.Tensor) -> None:
+        for j, table in enumerate(self.tables):
+            table.gather(it, x[j], y[j], aug[j])
+
+    def batch(self, it: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Iteration `it`'s inputs of every member, stacked (the eager step)."""
+        images, labels, aug = zip(*(table.batch(it) for table in self.tables))
+        return torch.stack(images), torch.stack(labels), torch.stack(aug)
+
+    batches = EpochTable.batches  # the same feed: every member's epoch loaded before its first iteration
+
+
+def epoch_table_for(loader, seeds: int | list[int], global_batch: int, rank: int,
+                    world_size: int) -> EpochTable | PackTable | None:
+    """The device-side epochs of a resident loader, of one seed or of a pack's (a list of
+    several); None for other loaders (FFCV's batches come from its own pipeline, fed per step)."""
     if not isinstance(loader, ResidentTrainLoader):
         return None
-    return EpochTable(loader, seed, global_batch, rank, world_size)
+    if isinstance(seeds, int) or len(seeds) == 1:
+        return EpochTable(loader, seeds if isinstance(seeds, int) else seeds[0], global_batch, rank, world_size)
+    return PackTable([EpochTable(loader, seed, global_batch, rank, world_size) for seed in seeds])

@@ -2,6 +2,7 @@
 
     resnetdist reproduce --depths 20,32,44,56,110 --plain --seeds 5 --out runs/
     resnetdist reproduce ... --runs-per-gpu 2                     # two runs share each GPU
+    resnetdist reproduce ... --seeds 4 --pack 4                    # a net's 4 seeds as one fused model
     resnetdist reproduce ... --launcher slurm --partition gpu      # one Slurm job array
     resnetdist reproduce --status runs/                            # where a suite stands
 
@@ -222,21 +223,52 @@ def slots(pool: list[str | None], runs_per_gpu: int) -> list[str | None]:
     return [device for _ in range(runs_per_gpu) for device in pool]
 
 
-def start(job: Job, gpu: str | None) -> subprocess.Popen:
-    job.run_dir.mkdir(parents=True, exist_ok=True)
+def packs(jobs: list[Job], size: int) -> list[list[Job]]:
+    """The jobs in groups of up to `size` seeds of one net (--pack: each group one process, one
+    fused model, pack.py), in the jobs' order (the longest first); size 1: one job each."""
+    if size < 1:
+        raise ConfigError(f"--pack must be >= 1, got {size}")
+    groups: dict[tuple[int, bool], list[list[Job]]] = {}
+    order = []
+    for job in jobs:
+        chunks = groups.setdefault((job.n, job.plain), [])
+        if not chunks or len(chunks[-1]) == size:
+            chunks.append([])
+            order.append(chunks[-1])
+        chunks[-1].append(job)
+    return order
+
+
+def pack_argv(jobs: list[Job], out: Path) -> list[str]:
+    """One job's train command, or a pack's: the first member's configuration with every
+    member's seed (train --seeds), each run in out/<net>-s<seed> as planned."""
+    if len(jobs) == 1:
+        return jobs[0].argv
+    return [*jobs[0].argv, "--seeds", ",".join(str(j.seed) for j in jobs), "--out", str(out.resolve())]
+
+
+def start(jobs: list[Job], gpu: str | None, out: Path) -> subprocess.Popen:
+    """The process of a job, or of a pack of jobs: its output in the first one's train.log (the
+    others' logs say where it is)."""
+    job, argv = jobs[0], pack_argv(jobs, out)
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
+    stamp = f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {sys.executable} -m resnetdist {' '.join(argv)}"
+    for other in jobs[1:]:
+        other.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(other.log, "a") as f:
+            f.write(f"{stamp}  (packed with {job.name}: the output is in {job.log})\n")
+    job.run_dir.mkdir(parents=True, exist_ok=True)
     log = open(job.log, "a")
-    log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {sys.executable} -m resnetdist {' '.join(job.argv)}"
-              f"{f'  (CUDA_VISIBLE_DEVICES={gpu})' if gpu is not None else ''}\n")
+    log.write(f"{stamp}{f'  (CUDA_VISIBLE_DEVICES={gpu})' if gpu is not None else ''}\n")
     log.flush()
     try:
         # a session of its own: the terminal's Ctrl-C reaches this command alone, which passes it on
         # once (Stop); were the run in the terminal's group too, it would count two presses. If this
         # command dies without passing anything on (SIGKILL, a closed terminal), the kernel sends the
         # run SIGTERM, which stops it at a checkpoint
-        return subprocess.Popen([sys.executable, "-m", "resnetdist", *job.argv], stdout=log,
+        return subprocess.Popen([sys.executable, "-m", "resnetdist", *argv], stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True, preexec_fn=_terminate_with_parent)
     finally:
@@ -308,42 +340,46 @@ def _collect(proc: subprocess.Popen, job: Job, secs: float, echo: Callable[[str]
 
 
 def run_all(jobs: list[Job], pool: list[str | None], echo: Callable[[str], None] = print,
-            poll_s: float = 0.25, bars: TextIO | None = None) -> list[Outcome]:
-    """Run the jobs in order over the slots (a device listed K times takes K runs at once),
-    showing each running run's progress (live.Watch: `bars`, a terminal to draw them on; else
-    evaluation lines). After Ctrl-C or SIGTERM (Stop) no new run starts and the running ones
-    stop at a checkpoint; the runs never started are left out of the outcomes."""
+            poll_s: float = 0.25, bars: TextIO | None = None, pack: int = 1, out: Path | None = None) -> list[Outcome]:
+    """Run the jobs in order over the slots (a device listed K times takes K processes at
+    once), with `pack` > 1 up to that many seeds of a net in one process (packs), showing each
+    running run's progress (live.Watch: `bars`, a terminal to draw them on; else evaluation
+    lines). After Ctrl-C or SIGTERM (Stop) no new run starts and the running ones stop at a
+    checkpoint; the runs never started are left out of the outcomes."""
     outcomes = [Outcome(j, "skipped") for j in jobs if finished(j)]
     for o in outcomes:
         echo(f"skip  {o.job.name}: already finished ({summary_line(o.job)})")
-    pending = [j for j in jobs if not finished(j)]
+    pending = packs([j for j in jobs if not finished(j)], pack)
     free = list(pool)
-    running: dict[subprocess.Popen, tuple[Job, str | None, float]] = {}
+    running: dict[subprocess.Popen, tuple[list[Job], str | None, float]] = {}
     total, started = len(pending), 0
     watch = Watch(echo, bars)
     with Stop().installed() as stop:
         try:
             while (pending and not stop.presses) or running:
                 while pending and free and not stop.presses:
-                    job, gpu = pending.pop(0), free.pop(0)
+                    group, gpu = pending.pop(0), free.pop(0)
                     started += 1
-                    resume = " (resuming)" if job.run.checkpoints.newest_first() else ""
+                    resume = " (resuming)" if group[0].run.checkpoints.newest_first() else ""
                     where = f"GPU {gpu}" if gpu is not None else "this machine"
-                    watch.say(f"[{started}/{total}] start {job.name} on {where}{resume}; log {job.log}")
-                    running[start(job, gpu)] = (job, gpu, time.monotonic())
-                    watch.add(job.name, job.run, job.iterations)
+                    names = " + ".join(j.name for j in group) + (" as one fused model" if len(group) > 1 else "")
+                    watch.say(f"[{started}/{total}] start {names} on {where}{resume}; log {group[0].log}")
+                    running[start(group, gpu, out or group[0].run_dir.parent)] = (group, gpu, time.monotonic())
+                    for job in group:
+                        watch.add(job.name, job.run, job.iterations)
                 stop.pass_on(running, watch.say)
                 time.sleep(poll_s)
                 watch.poll()
                 for proc in [p for p in running if p.poll() is not None]:
-                    job, gpu, t0 = running.pop(proc)
+                    group, gpu, t0 = running.pop(proc)
                     free.append(gpu)
-                    watch.remove(job.name)
-                    outcomes.append(_collect(proc, job, time.monotonic() - t0, watch.say))
+                    for job in group:
+                        watch.remove(job.name)
+                        outcomes.append(_collect(proc, job, time.monotonic() - t0, watch.say))
         finally:
             watch.close()  # no bar left on the terminal, whatever ends the loop
     if stop.presses:
-        return outcomes + [Outcome(j, "not started") for j in pending]
+        return outcomes + [Outcome(j, "not started") for group in pending for j in group]
     return outcomes
 
 
@@ -408,7 +444,8 @@ Schedule = Callable[[list[Job]], Optional[list[Outcome]]]
 def reproduce(depths: list[int], plain: bool, seeds: int, out: Path, gpus: str | None = None,
               iters: int | None = None, overrides: list[str] | None = None, config: Path | None = None,
               data_dir: Path | None = None, device: str | None = None, runs_per_gpu: int = 1,
-              schedule: Schedule | None = None, echo: Callable[[str], None] = print) -> tuple[list[Outcome], dict | None]:
+              schedule: Schedule | None = None, echo: Callable[[str], None] = print,
+              pack: int = 1) -> tuple[list[Outcome], dict | None]:
     """Plan, schedule (the local pool, or `schedule`), report. Returns the outcomes and what
     the report wrote (None if nothing to report, or not waited for)."""
     overrides = list(overrides or [])
@@ -428,8 +465,9 @@ def reproduce(depths: list[int], plain: bool, seeds: int, out: Path, gpus: str |
         per = f", {runs_per_gpu} at a time on each" if runs_per_gpu > 1 else ""
         where = (f"GPUs {','.join(p for p in dict.fromkeys(pool))}{per}" if pool[0] is not None
                  else f"{len(pool)} at a time on this machine")
-        echo(f"{len(jobs)} runs into {out}, longest first: {', '.join(j.name for j in jobs)}; {where}")
-        outcomes = run_all(jobs, pool, echo, bars=sys.stdout if sys.stdout.isatty() else None)
+        packed = f"; up to {pack} seeds of a net in one process (packs)" if pack > 1 else ""
+        echo(f"{len(jobs)} runs into {out}, longest first: {', '.join(j.name for j in jobs)}; {where}{packed}")
+        outcomes = run_all(jobs, pool, echo, bars=sys.stdout if sys.stdout.isatty() else None, pack=pack, out=out)
     if interrupted(outcomes):
         list_failures(outcomes, len(jobs), echo)
         say_how_to_resume(outcomes, echo)

@@ -251,7 +251,7 @@ def evaluation_between_steps(data_dir: Path, device: torch.device, steps: int) -
         plain, evaluated = Trial(data_dir, device, "auto"), Trial(data_dir, device, "auto")  # the default step
         for t in (plain, evaluated):
             t.run(steps)
-        errors = evaluated.trainer.evaluate()
+        errors = evaluated.trainer.evaluate()[0]
         for t in (plain, evaluated):
             t.run(steps, first=steps)
     same, diff = _same(plain, evaluated, device)

@@ -116,27 +116,38 @@ def evaluations(start_iter: int, iters: int, every: int) -> int:
     return iters // every - start_iter // every + (iters % every != 0)
 
 
-def cpu_estimate(cfg: RunConfig, plan: Plan, start_iter: int, eval_images: int = 10_000) -> str:
-    """How long the rest of a CPU run may take, training and evaluations, from the measured
-    constants above."""
-    per_image = CPU_S_PER_ITER_RESNET20 / 128 * (cfg.model.n / 3)
+def cpu_estimate(cfg: RunConfig, plan: Plan, start_iter: int, eval_images: int = 10_000, members: int = 1) -> str:
+    """How long the rest of a CPU run (a pack of `members` runs) may take, training and
+    evaluations, from the measured constants above (a pack costs its members' sum on a CPU)."""
+    per_image = CPU_S_PER_ITER_RESNET20 / 128 * (cfg.model.n / 3) * members
     train_s = per_image * plan.batch_per_rank * (cfg.optim.iters - start_iter)
     count = evaluations(start_iter, cfg.optim.iters, cfg.train.eval_every)
     eval_s = CPU_EVAL_COST * per_image * eval_images / plan.world_size * count
     return f"about {duration(train_s + eval_s)}, {plural(count, 'evaluation')} included (2-core CPU rates)"
 
 
-def header(cfg: RunConfig, plan: Plan, start: Start, eval_images: int = 10_000, data: str = "") -> str:
+def header(cfg: RunConfig, plan: Plan, start: Start, eval_images: int = 10_000, data: str = "",
+           members: list[RunConfig] = (), starts: list[Start] = (), finished: list[RunConfig] = ()) -> str:
     """What opens a run on rank 0: what will run (the plan, once the step is built: the step
     that runs, and why), on which data (and whether it is verified CIFAR-10), where, from where
     (and on a CPU, how long; on a GPU the bar measures it at the first log point, from the step
-    that runs)."""
+    that runs). A pack (pack.py): `cfg` and `start` are its first member's; `members` and
+    `starts` the others, each with its folder and start; `finished`: runs asked for that are
+    finished already (not trained again)."""
     rows = facts(cfg, plan, start)
     if data:
         rows.insert(1, ("data", data))
+    k = 1 + len(members)
     if plan.device == "cpu":
-        rows.append(("estimate", cpu_estimate(cfg, plan, start.iteration, eval_images)))
-    return f"{cfg.name}:\n{format_facts(rows)}"
+        rows.append(("estimate", cpu_estimate(cfg, plan, start.iteration, eval_images, k)))
+    name = cfg.name
+    if k > 1:
+        name = f"a pack of {k} runs of {paper_name(cfg)} in one fused model: {cfg.name}"
+        rows.insert(1, ("pack", f"{k} seeds ({', '.join(str(m.train.seed) for m in (cfg, *members))}), "
+                                f"each run as if alone, in its own run directory"))
+        rows += [(m.name, f"{m.run_dir}: {where(s, m.optim.iters)}") for m, s in zip(members, starts)]
+    rows += [(m.name, f"{m.run_dir}: finished (summary.json holds its result)") for m in finished]
+    return f"{name}:\n{format_facts(rows)}"
 
 
 def closing(summary: dict[str, Any], cfg: RunConfig) -> str:

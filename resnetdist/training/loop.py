@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from .. import dist
 from ..config import RunConfig
-from ..errors import NonFiniteLoss
 from .bar import RunBar
 
 
@@ -26,7 +25,7 @@ class Step(Protocol):
     # step(images_u8, labels, aug) from a host feed, or step() when the step gathers its own
     # batch on the device (data/epochs.py): the loop passes on whatever the feed yields
     def __call__(self, *batch: torch.Tensor) -> None: ...
-    def drain(self) -> tuple[np.ndarray, int]: ...
+    def drain_members(self) -> tuple[np.ndarray, np.ndarray]: ...
     def lr_of(self, it: int) -> float: ...
 
 
@@ -82,18 +81,40 @@ def take_steps(step: Callable, batches: Iterator, count: int, tick: Callable[[in
         tick(done)
 
 
-def drain(step: Step, progress: Progress, it: int) -> dict[str, float]:
-    """Move the step's device-side sums into the progress window; stop on a non-finite loss."""
-    stats, bad = step.drain()
-    # a non-finite loss on any rank makes the all-reduced loss sum non-finite on every rank
-    if bad >= 0 or not math.isfinite(stats[0]):
-        raise NonFiniteLoss(
-            f"loss became NaN or inf at iteration {max(bad, 0) + 1} (checked at {it}); the last good "
-            f"checkpoint is kept. Try a lower optim.lr or train.precision=fp32"
-        )
-    progress.window += stats
-    count = max(stats[2], 1)
-    return {"iter": it, "train_loss": stats[0] / count, "train_error": 100.0 * stats[1] / count, "lr": step.lr_of(it)}
+class Member(Protocol):
+    """What drain needs of a run (trainer.Member): a pack has one per seed, a single run one."""
+
+    progress: Progress
+    failed: str
+    cfg: RunConfig
+
+
+def drain(step: Step, members: Sequence[Member], it: int) -> list[dict[str, float] | None]:
+    """Move the step's device-side sums into each member's progress window, and make its train
+    record. A member whose loss was not finite stops here (its `failed` says why; its record is
+    None from now on); the others go on, their numbers untouched (pack.py)."""
+    stats, bad = step.drain_members()
+    records = []
+    for member, sums, first_bad in zip(members, stats, bad):
+        # a non-finite loss on any rank makes the all-reduced loss sum non-finite on every rank
+        if not member.failed and (first_bad >= 0 or not math.isfinite(sums[0])):
+            member.failed = (f"loss became NaN or inf at iteration {max(int(first_bad), 0) + 1} (checked at {it}); "
+                             f"the last good checkpoint is kept. Try a lower optim.lr or train.precision=fp32")
+        if member.failed:
+            records.append(None)
+            continue
+        member.progress.window += sums
+        count = max(sums[2], 1)
+        records.append({"iter": it, "train_loss": sums[0] / count, "train_error": 100.0 * sums[1] / count,
+                        "lr": step.lr_of(it)})
+    return records
+
+
+def failures(members: Sequence[Member]) -> str:
+    """The failed members' reasons in one line (a single run's: its reason alone)."""
+    if len(members) == 1:
+        return members[0].failed
+    return "; ".join(f"{m.cfg.name}: {m.failed}" for m in members if m.failed)
 
 
 def evaluation(step: Step, progress: Progress, errors: dict[str, float], it: int, steps_per_epoch: int,

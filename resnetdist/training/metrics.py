@@ -246,7 +246,9 @@ class WandbSink:
             group=cfg.wandb_group or os.environ.get("WANDB_RUN_GROUP") or group,
             tags=sorted(set(tags) | set(cfg.wandb_tags) | set(env_tags())),
             name=name, id=self.id, resume="allow", job_type=cfg.wandb_job_type or "train",
-            config={**run_params(run_config), **run_config}, dir=str(run_dir), reinit="finish_previous",
+            # create_new: a pack's members are W&B runs open side by side in one process (each
+            # closed by its own sink)
+            config={**run_params(run_config), **run_config}, dir=str(run_dir), reinit="create_new",
         )
         settings = wandb_settings(wandb, cfg)
         if self.mode == "offline":

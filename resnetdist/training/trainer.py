@@ -1,10 +1,15 @@
 """One rank's run: `build(cfg, ctx, data, stop)` makes the model and its optimizer, the step
 (step.build_step: DDP / compile wrapping, graph capture) and the loaders and the feed, once.
 The Trainer it returns owns the run from there: `fit()` is the training loop, `evaluate()`
-the error rates, `state_dict()` / `load()` what a checkpoint holds and how a run continues
+the error rates, `state_dicts()` / `load()` what a checkpoint holds and how a run continues
 from one, `checkpoint()` writes one, and the stop (a preemption notice) is asked at the log
 points. worker.py (a training run), bench, doctor and the tests all build through here, so
 what they drive is what trains.
+
+A pack (pack.py: K seeds of one net as one fused model) is K `Member`s of one Trainer: one
+model, optimizer, step and feed, and per member its configuration and run directory, its
+metrics window, its logger, checkpoints and summary, each in the single run's format. A single
+run is the pack of one.
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ from ..data import Cifar10, Loaders, open_loaders
 from ..data.augment import training_mean
 from ..data.epochs import EpochTable, epoch_table_for
 from ..data.feed import Feed, feed_for
-from ..errors import Preempted
+from ..errors import NonFiniteLoss, Preempted
 from ..models import build_model, count_parameters
+from ..pack import build_pack, fuse_optimizer_states, fuse_states, split_optimizer_state, split_state
 from .bar import RunBar
-from ..rundir import RunDir
+from ..rundir import RunDir, append_failure
 from .evaluate import error_rates, model_layout as memory_format  # evaluation uses the same layout
-from .loop import Cadence, Progress, after_step, drain, evaluation, take_steps
+from .loop import Cadence, Progress, after_step, drain, evaluation, failures, take_steps
 from .optim import TensorLRSGD
 from .preempt import Notice
 from .plan import Plan, resolve
@@ -36,12 +42,16 @@ from .schedule import lr_table
 from .step import StepChoice, TrainStep, build_step
 
 
-def make_model(cfg: RunConfig, ctx: dist.DistContext) -> tuple[nn.Module, TensorLRSGD]:
-    """The net with its initial weights (the same on every rank) and its optimizer."""
+def make_model(cfg: RunConfig, ctx: dist.DistContext, seeds: list[int] | None = None) -> tuple[nn.Module, TensorLRSGD]:
+    """The net with its initial weights (the same on every rank) and its optimizer; with
+    several `seeds`, the pack of those runs (pack.build_pack: member j initialised exactly as
+    the run of seeds[j] alone; in channels_last with the stem's 4th zero channel per member)."""
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model).to(ctx.device, memory_format=memory_format(cfg, ctx.device))
+    seeds = seeds or [cfg.train.seed]
+    layout = memory_format(cfg, ctx.device)
+    stem = 4 if len(seeds) > 1 and layout == torch.channels_last else 3
+    model = build_pack(cfg.model, seeds, stem).to(ctx.device, memory_format=layout)
     if cfg.dist.sync_bn and ctx.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     lr = torch.zeros((), device=ctx.device)  # the step writes each iteration's lr here
@@ -62,19 +72,22 @@ def make_step(cfg: RunConfig, plan: Plan, ctx: dist.DistContext, model: nn.Modul
 
 
 def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | None = None,
-          plan: Plan | None = None) -> Trainer:
+          plan: Plan | None = None, members: list[RunConfig] | None = None) -> Trainer:
     """The run of this rank: loaders, model and optimizer, step, and the data's feed of the
     step. `plan`: what preflight resolved (None: resolved here, for bench, doctor and tests);
-    `stop`: the preemption notice fit() asks at its log points (None: nothing stops it early).
+    `stop`: the preemption notice fit() asks at its log points (None: nothing stops it early);
+    `members`: a pack's runs (pack.member_configs; None: `cfg` alone; cfg is then the first).
     It starts at iteration 0; Trainer.load continues from a checkpoint."""
+    members = members or [cfg]
+    cfg, seeds = members[0], [m.train.seed for m in members]
     plan = plan or resolve(cfg, ctx.world_size)
     loaders = open_loaders(cfg.data, data, ctx, plan.global_batch, cfg.train.seed)
     # a resident loader's epochs go to the device whole: the step gathers each batch itself
-    source = epoch_table_for(loaders.train, cfg.train.seed, plan.global_batch, ctx.rank, ctx.world_size)
+    source = epoch_table_for(loaders.train, seeds, plan.global_batch, ctx.rank, ctx.world_size)
     if source is not None:
         source.load(0)  # before capture: the warm-up reads it
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
-    model, optimizer = make_model(cfg, ctx)
+    model, optimizer = make_model(cfg, ctx, seeds)
     step = make_step(cfg, plan, ctx, model, optimizer, mean, source)
     plan = plan.ran(step.choice)
     feed = feed_for(loaders.train, source, cfg.train.seed, plan.global_batch, ctx.rank, ctx.world_size,
@@ -82,7 +95,8 @@ def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | N
     data_facts = {"train_images": len(data.train), "test_images": len(data.test),
                   "val_images": len(data.val) if data.val is not None else 0,
                   "data_identity": data.identity}  # cifar10 | modified | unknown (data/cifar.py identity)
-    return Trainer(cfg, plan, ctx, model, optimizer, step, loaders, feed, loaders.train.steps, data_facts, stop)
+    return Trainer(cfg, plan, ctx, model, optimizer, step, loaders, feed, loaders.train.steps, data_facts, stop,
+                   [Member(m) for m in members])
 
 
 class Logger(Protocol):
@@ -94,8 +108,39 @@ class Logger(Protocol):
 
 
 @dataclass
+class Member:
+    """One run of a Trainer (a pack has one per seed): what is its own."""
+
+    cfg: RunConfig
+    progress: Progress = field(default_factory=Progress)  # where the run stands; a checkpoint carries it
+    wandb_id: str | None = None  # the W&B run a checkpoint hands on to the next attempt
+    failed: str = ""  # why it stopped early (its loss turned NaN or inf); its last good checkpoint is kept
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.cfg.run_dir)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Its progress and W&B run from its checkpoint's state."""
+        self.progress = Progress(int(state["iteration"]), float(state["train_seconds"]),
+                                 state["train_window"].numpy().astype(np.float64))
+        self.wandb_id = state.get("wandb_id") or None
+
+    def write_results(self, model: dict[str, torch.Tensor], net: nn.Module, mean: torch.Tensor,
+                      summary: dict[str, Any]) -> None:
+        """model.pt (`model`: its state), model.safetensors (`net` holding it: the same, no
+        pickle) and summary.json."""
+        cfg, run = self.cfg, self.run
+        weights = final_weights(model, cfg, cfg.optim.iters, mean)
+        run.write_model(weights)
+        pretrained.save(run.safetensors, net, weights["mean"], cfg)
+        run.write_summary(summary)
+
+
+@dataclass
 class Trainer:
-    """One rank's run, built (build()); fit() trains it from `progress` to the end."""
+    """One rank's run, built (build()); fit() trains it from `progress` to the end. A pack's
+    members share the model, the step and the feed; each has its own Member."""
 
     cfg: RunConfig
     plan: Plan  # what this machine resolved, with the step that runs
@@ -108,17 +153,28 @@ class Trainer:
     steps_per_epoch: int
     data_facts: dict[str, Any]  # train/test/val images in use and the data's identity (summary.json: a cut or stand-in data set shows)
     stop: Notice | None = None  # asked at every log point: a signal noted there stops the run (Preempted)
-    progress: Progress = field(default_factory=Progress)  # where the run stands; a checkpoint carries it
-    wandb_id: str | None = None  # the W&B run a checkpoint hands on to the next attempt
+    members: list[Member] = field(default_factory=list)  # [] : the run of cfg alone
 
-    def fit(self, logger: Logger) -> Progress:
-        """The training loop, from self.progress to optim.iters. Between stops only steps run
-        (take_steps); at a log point the device's sums are drained (a non-finite loss raises
-        NonFiniteLoss) and logged, then come the evaluation and the checkpoint when due. A stop
-        asked for (self.stop, agreed by all ranks) checkpoints there and raises Preempted."""
-        step, progress, cadence = self.step, self.progress, Cadence.of(self.cfg)
-        it, self.wandb_id = progress.iteration, logger.wandb_id  # this attempt's W&B run: its checkpoints hand it on
-        bar = RunBar(f"{self.cfg.name} ({step_label(step.choice)})", cadence.total, it, self.ctx.is_main,
+    def __post_init__(self):
+        self.members = self.members or [Member(self.cfg)]
+        self.nets = MemberNets(self.model, len(self.members), self.cfg, self.ctx.device, memory_format(self.cfg, self.ctx.device))
+
+    @property
+    def progress(self) -> Progress:
+        """Where the run stands (a pack's members stand at the same iteration)."""
+        return self.members[0].progress
+
+    def fit(self, logger: Logger | list[Logger]) -> Progress:
+        """The training loop, from self.progress to optim.iters; `logger`: one per member. Between
+        stops only steps run (take_steps); at a log point the device's sums are drained and logged
+        per member (log_point), then come the evaluation and the checkpoint when due. A stop asked
+        for (self.stop, agreed by all ranks) checkpoints there and raises Preempted."""
+        loggers = logger if isinstance(logger, list) else [logger]
+        step, cadence = self.step, Cadence.of(self.cfg)
+        for member, member_logger in zip(self.members, loggers):
+            member.wandb_id = member_logger.wandb_id  # this attempt's W&B run: its checkpoints hand it on
+        it = self.progress.iteration
+        bar = RunBar(f"{pack_label(self.members)} ({step_label(step.choice)})", cadence.total, it, self.ctx.is_main,
                      next_stop=cadence.next_stop)
         batches = self.feed.batches(it)
         try:
@@ -132,21 +188,18 @@ class Trainer:
                 log_now, eval_now, ckpt_now = cadence.due(it)
                 if not (log_now or eval_now or ckpt_now):
                     continue
+                failed_before = [m.failed for m in self.members]
                 with dist.stage(f"metrics all-reduce at iteration {it}"):
-                    record = drain(step, progress, it)  # syncs with the device, so the time below is real
-                progress.train_seconds += time.perf_counter() - t0
-                progress.iteration = it
-                logger.log(record, "train")
-                bar.show(record["train_loss"], record["train_error"])
+                    records = drain(step, self.members, it)  # syncs with the device, so the time below is real
+                live = log_point(self.members, loggers, records, failed_before, it, time.perf_counter() - t0, bar,
+                                 self.ctx.is_main)
                 # the last iteration just finishes; a collective, so every rank asks at the same points
                 reason = self.stop.agreed(it) if self.stop is not None and it < cadence.total else ""
                 if eval_now:
                     with dist.stage(f"evaluation at iteration {it}"):
                         errors = self.evaluate()
-                    progress.last_eval, line = evaluation(step, progress, errors, it, self.steps_per_epoch,
-                                                          self.plan.global_batch)
-                    bar.write(line)
-                    logger.log(progress.last_eval, "eval")
+                    log_evaluation(live, [e for e in errors if e is not None], step, it, self.steps_per_epoch,
+                                   self.plan.global_batch, bar, named=len(self.members) > 1)
                 if ckpt_now or reason:
                     self.checkpoint()
                 if reason:
@@ -154,66 +207,157 @@ class Trainer:
                 t0 = time.perf_counter()
         finally:
             bar.close()  # also on a stop or an error: no stale bar left on the terminal
-        return progress
+        return self.progress
 
-    def evaluate(self) -> dict[str, float]:
-        """Error (%) of the model on each evaluation set (evaluate.error_rates)."""
-        return error_rates(self.model, self.loaders.evals, self.step.mean, self.step.memory_format)
+    def evaluate(self) -> list[dict[str, float] | None]:
+        """Error (%) of each member on each evaluation set (evaluate.error_rates); None: it failed."""
+        evals, mean, layout = self.loaders.evals, self.step.mean, self.step.memory_format
+        return [None if m.failed else error_rates(self.nets.single(state), evals, mean, layout)
+                for m, state in zip(self.members, self.nets.states())]
 
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint holds: the uncompiled model, the optimizer, the progress (iteration,
-        training time, the metric window), the RNG states, the config, the mean image,
-        the world size and the W&B run id: everything needed to continue bit for bit, and to
-        evaluate or export alone."""
-        progress, device = self.progress, self.ctx.device
-        state = {
-            **final_weights(self.model, self.cfg, progress.iteration, self.step.mean),
-            "optimizer": self.optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
-            "train_window": torch.from_numpy(progress.window.copy()), "train_seconds": progress.train_seconds,
-            "world_size": self.ctx.world_size, "wandb_id": self.wandb_id or "",
-        }
-        if device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(device)
-        return state
+    def state_dicts(self) -> list[dict[str, Any]]:
+        """What each member's checkpoint holds (checkpoint_state), split off the pack's (MemberNets)."""
+        return [checkpoint_state(self, member, model, optimizer) for member, model, optimizer
+                in zip(self.members, self.nets.states(), self.nets.optimizer_states(self.optimizer))]
 
-    def load(self, state: dict[str, Any]) -> None:
-        """Continue from a checkpoint's state (state_dict's), in place: every tensor a captured
-        graph reads keeps its address (TrainStep.load_state), and a step's source holds the
-        epoch of that iteration."""
-        iteration, device = int(state["iteration"]), self.ctx.device
-        self.step.load_state(state["model"], state["optimizer"], iteration)
+    def load(self, states: list[dict[str, Any]]) -> None:
+        """Continue from each member's checkpoint state (state_dicts', of one iteration; a pack's
+        are fused: pack.fuse_states), in place: every tensor a captured graph reads keeps its
+        address (TrainStep.load_state), and a step's source holds the epoch of that iteration."""
+        first, device = states[0], self.ctx.device
+        iteration = int(first["iteration"])
+        self.step.load_state(*fuse_run_states(states), iteration)
         if self.step.source is not None:
             self.step.source.load(iteration // self.step.source.steps)
-        torch.set_rng_state(state["rng_cpu"])
-        if "rng_cuda" in state and device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
-        self.progress = Progress(iteration, float(state["train_seconds"]),
-                                 state["train_window"].numpy().astype(np.float64))
-        self.wandb_id = state.get("wandb_id") or None
-        saved_world = int(state.get("world_size", 0))
-        if saved_world and saved_world != self.ctx.world_size:
-            dist.print0(f"world size changed: the checkpoint was written by {saved_world} rank(s), "
-                        f"this run has {self.ctx.world_size}")
+        torch.set_rng_state(first["rng_cpu"])
+        if "rng_cuda" in first and device.type == "cuda":
+            torch.cuda.set_rng_state(first["rng_cuda"], device)
+        for member, state in zip(self.members, states):
+            member.restore(state)
+        note_world_change(int(first.get("world_size", 0)), self.ctx.world_size)
 
     def checkpoint(self) -> None:
-        """state_dict() written by rank 0 (RunDir's checkpoints: atomic, checksummed, the last
-        train.keep_checkpoints kept); every rank waits, so none runs ahead of a save."""
-        cfg, iteration = self.cfg, self.progress.iteration
+        """state_dicts() written by rank 0 into each member's folder (atomic, checksummed, the last
+        train.keep_checkpoints kept; a failed member's last good one stays); every rank waits."""
+        iteration = self.progress.iteration
         if self.ctx.is_main:  # watched: the other ranks wait for it in the barrier
             with dist.stage(f"checkpoint write at iteration {iteration}"):
-                RunDir(cfg.run_dir).checkpoints.save(iteration, self.state_dict(), cfg.train.keep_checkpoints)
+                for member, state in zip(self.members, self.state_dicts()):
+                    if not member.failed:
+                        member.run.checkpoints.save(iteration, state, member.cfg.train.keep_checkpoints)
         with dist.stage(f"checkpoint barrier at iteration {iteration}"):
             dist.barrier()
 
-    def finish(self) -> dict[str, Any]:
-        """The run's summary; rank 0 writes the final weights (two files) and the summary."""
-        summary, cfg = summarize(self), self.cfg
+    def finish(self) -> list[dict[str, Any] | None]:
+        """Each member's summary (None: it failed); rank 0 writes each one's results (Member.write_results)."""
+        summaries = summarize(self)
         if self.ctx.is_main:
-            weights, run = final_weights(self.model, cfg, cfg.optim.iters, self.step.mean), RunDir(cfg.run_dir)
-            run.write_model(weights)
-            pretrained.save(run.safetensors, self.model, weights["mean"], cfg)  # the same, no pickle
-            run.write_summary(summary)
-        return summary
+            for member, model, summary in zip(self.members, self.nets.states(), summaries):
+                if summary is not None:
+                    member.write_results(model, self.nets.single(model), self.step.mean, summary)
+        return summaries
+
+
+class MemberNets:
+    """A pack's members as single nets: their states in the single net's format and keys
+    (pack.split_state), and one single net (built once) holding a member's state, through which
+    members are evaluated and saved, so that summary.json's errors are what `eval model.pt`
+    computes, with the same kernels. A single run is its own model."""
+
+    def __init__(self, model: nn.Module, members: int, cfg: RunConfig, device: torch.device, layout):
+        self.model, self.members, self.cfg, self.device, self.layout = model, members, cfg, device, layout
+        self.net: nn.Module | None = None
+
+    def states(self) -> list[dict[str, torch.Tensor]]:
+        state = self.model.state_dict()
+        return [state] if self.members == 1 else split_state(state, self.members)
+
+    def optimizer_states(self, optimizer: TensorLRSGD) -> list[dict[str, Any]]:
+        state = optimizer.state_dict()
+        return [state] if self.members == 1 else split_optimizer_state(state, self.members)
+
+    def single(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        if self.members == 1:
+            return self.model
+        if self.net is None:
+            with torch.random.fork_rng(devices=[]):  # built without drawing from the run's RNG
+                self.net = build_model(self.cfg.model).to(self.device, memory_format=self.layout)
+        self.net.load_state_dict(state)
+        return self.net
+
+
+def note_world_change(saved: int, now: int) -> None:
+    if saved and saved != now:
+        dist.print0(f"world size changed: the checkpoint was written by {saved} rank(s), this run has {now}")
+
+
+def fuse_run_states(states: list[dict[str, Any]]) -> tuple[dict, dict]:
+    """The model and optimizer states of the members' checkpoints, as the pack's (pack.py)."""
+    if len(states) == 1:
+        return states[0]["model"], states[0]["optimizer"]
+    return fuse_states([s["model"] for s in states]), fuse_optimizer_states([s["optimizer"] for s in states])
+
+
+def checkpoint_state(trainer: Trainer, member: Member, model: dict, optimizer: dict) -> dict[str, Any]:
+    """What a member's checkpoint holds: its part of the uncompiled model and of the optimizer
+    (the single run's format), its progress (iteration, training time, the metric window), the
+    RNG states, its config, the mean image, the world size and its W&B run id: everything
+    needed to continue bit for bit, alone or in a pack, and to evaluate or export alone."""
+    progress, device = member.progress, trainer.ctx.device
+    state = {
+        **final_weights(model, member.cfg, progress.iteration, trainer.step.mean),
+        "optimizer": optimizer, "rng_cpu": torch.get_rng_state(),
+        "train_window": torch.from_numpy(progress.window.copy()), "train_seconds": progress.train_seconds,
+        "world_size": trainer.ctx.world_size, "wandb_id": member.wandb_id or "",
+    }
+    if device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def log_point(members: list[Member], loggers: list[Logger], records: list[dict | None], failed_before: list[str],
+              it: int, seconds: float, bar: RunBar, is_main: bool) -> list[tuple[Member, Logger]]:
+    """A log point after the drain: every member at `it` with `seconds` more of training, the
+    failures said (stop_failed), the train records logged and shown (a pack's: their mean on
+    the bar); the members still training, with their loggers."""
+    for member in members:
+        member.progress.train_seconds += seconds
+        member.progress.iteration = it
+    stop_failed(members, failed_before, bar, is_main)
+    live = [(m, lg, r) for m, lg, r in zip(members, loggers, records) if r is not None]
+    for _, member_logger, record in live:
+        member_logger.log(record, "train")
+    bar.show(*(sum(r[key] for _, _, r in live) / len(live) for key in ("train_loss", "train_error")))
+    return [(m, lg) for m, lg, _ in live]
+
+
+def log_evaluation(live: list[tuple[Member, Logger]], errors: list[dict[str, float]], step: TrainStep, it: int,
+                   steps_per_epoch: int, global_batch: int, bar: RunBar, named: bool) -> None:
+    """Each training member's evaluation record (loop.evaluation), logged and shown (`named`: a
+    pack's lines start with the run's name)."""
+    for (member, member_logger), member_errors in zip(live, errors):
+        member.progress.last_eval, line = evaluation(step, member.progress, member_errors, it, steps_per_epoch,
+                                                     global_batch)
+        bar.write(f"{member.cfg.name}  {line}" if named else line)
+        member_logger.log(member.progress.last_eval, "eval")
+
+
+def stop_failed(members: list[Member], failed_before: list[str], bar: RunBar, is_main: bool) -> None:
+    """After a drain: members whose loss just turned NaN are said and, in a pack, noted as
+    failed in their folders while the others go on; NonFiniteLoss when none is left."""
+    if all(m.failed for m in members):
+        raise NonFiniteLoss(failures(members))
+    for member, before in zip(members, failed_before):
+        if member.failed and not before and is_main:
+            bar.write(f"{member.cfg.name}: {member.failed}. The pack's other runs go on.")
+            append_failure(member.run.log, member.failed)
+
+
+def pack_label(members: list[Member]) -> str:
+    """The run's name; a pack's: resnet20-s0+1+2."""
+    if len(members) == 1:
+        return members[0].cfg.name
+    return f"{members[0].cfg.model.name}-s" + "+".join(str(m.cfg.train.seed) for m in members)
 
 
 def step_label(choice: StepChoice) -> str:
@@ -221,30 +365,43 @@ def step_label(choice: StepChoice) -> str:
     return f"{choice.kind}, graph capture failed" if choice.fell_back else choice.kind
 
 
-def final_weights(model: nn.Module, cfg: RunConfig, iteration: int, mean: torch.Tensor) -> dict[str, Any]:
-    """What model.pt holds: enough to evaluate or export the net without this run's files."""
-    return {"model": model.state_dict(), "config": cfg.to_dict(), "iteration": iteration,
+def final_weights(model: dict[str, torch.Tensor], cfg: RunConfig, iteration: int, mean: torch.Tensor) -> dict[str, Any]:
+    """What model.pt holds (`model`: the net's state): enough to evaluate or export the net
+    without this run's files."""
+    return {"model": model, "config": cfg.to_dict(), "iteration": iteration,
             "mean": mean.cpu()}  # the preprocessing mean image, for export / inference
 
 
-def summarize(trainer: Trainer) -> dict[str, Any]:
-    """summary.json: the run's result and what produced it; evaluates once more when the last
-    evaluation is not at the end (a run resumed at its very end)."""
-    cfg, ctx, step, progress = trainer.cfg, trainer.ctx, trainer.step, trainer.progress
-    batch = trainer.plan.global_batch  # images per iteration over all ranks
-    total = cfg.optim.iters
-    record = progress.last_eval
-    if record is None or record["iter"] != total:  # resumed at the very end: evaluate again
+def summarize(trainer: Trainer) -> list[dict[str, Any] | None]:
+    """Each member's summary.json (None for a member that failed): its result and what produced
+    it; evaluates once more when the last evaluation is not at the end (a run resumed at its
+    very end)."""
+    total = trainer.cfg.optim.iters
+    if any(not m.failed and (m.progress.last_eval is None or m.progress.last_eval["iter"] != total)
+           for m in trainer.members):  # resumed at the very end: evaluate again
         with dist.stage("final evaluation"):
             errors = trainer.evaluate()
+    else:
+        errors = [None] * len(trainer.members)
+    return [None if m.failed else member_summary(trainer, m, e) for m, e in zip(trainer.members, errors)]
+
+
+def member_summary(trainer: Trainer, member: Member, errors: dict[str, float] | None) -> dict[str, Any]:
+    cfg, ctx, step, progress = member.cfg, trainer.ctx, trainer.step, member.progress
+    batch = trainer.plan.global_batch  # images per iteration over all ranks (a pack: of each member)
+    total = cfg.optim.iters
+    record = progress.last_eval
+    if errors is not None:
         record = {"iter": total, **errors, "images_per_second": total * batch / max(progress.train_seconds, 1e-9)}
+    pack = {"pack": len(trainer.members)} if len(trainer.members) > 1 else {}
     return {
         "name": cfg.name, "model": cfg.model.name, "depth": cfg.model.depth, "plain": cfg.model.plain,
         "seed": cfg.train.seed, "iterations": total,
         "test_error": record["test_error"], "val_error": record.get("val_error"),
         "train_error": record.get("train_error"),
         "train_seconds": progress.train_seconds, "images_per_second": record["images_per_second"],
-        "parameters": count_parameters(step.model), "world_size": ctx.world_size, "global_batch": batch,
+        "parameters": count_parameters(step.model) // len(trainer.members), "world_size": ctx.world_size,
+        "global_batch": batch, **pack,
         "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
         "precision": trainer.plan.precision, "step": step.kind, "step_reason": step.choice.reason,
         "loader": trainer.plan.loader, **trainer.data_facts,

@@ -4,6 +4,11 @@ checks (preflight) -> process group -> where the run starts (finished, the newes
 or fresh: found once, by rank 0, and shared) -> lock -> the trainer (trainer.build, then
 Trainer.load of that checkpoint) -> header, config.toml and resolved.toml -> logger -> Trainer.fit -> summary ->
 clean-up. Rank 0 alone writes files; other ranks get a NullLogger and skip the writes.
+
+A pack (`train --seeds`, pack.py) is several runs in one process: a list of member
+configurations wherever one configuration goes here; each member has its own run directory,
+lock, start, logger and summary, and the pack starts at the newest iteration all its members
+have a checkpoint of (a run started alone joins a pack there, and the other way round).
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ from ..rundir import RunDir
 from . import announce, preempt
 from ..config import ConfigError, RunConfig, check_same_experiment
 from ..data import Cifar10, load_data, load_data_on_every_rank
+from ..errors import NonFiniteLoss
+from ..pack import check_members
+from .loop import failures
 from .metrics import NullLogger, open_logger
 from .plan import Plan, resolve
-from .trainer import build
+from .trainer import Member, build
 
 
 @dataclass(frozen=True)
@@ -35,19 +43,30 @@ class Prepared:
     data: Cifar10
 
 
-def preflight(cfg: RunConfig, world_size: int) -> Prepared:
+def as_members(cfg: RunConfig | list[RunConfig]) -> list[RunConfig]:
+    """A run's configuration, or a pack's member configurations, as a list."""
+    return list(cfg) if isinstance(cfg, (list, tuple)) else [cfg]
+
+
+def preflight(cfg: RunConfig | list[RunConfig], world_size: int) -> Prepared:
     """Everything that can be checked before workers start: the plan (batch split, device,
-    precision, step: plan.resolve), devices, optional packages, data files, run directory."""
+    precision, step: plan.resolve), devices, optional packages, data files, run directories
+    (`cfg`: a run, or a pack's members, which must pack: pack.check_members)."""
+    members = as_members(cfg)
+    check_members(members)
+    cfg = members[0]
     plan = resolve(cfg, world_size)
-    check_out_folder(cfg.run_dir)
-    if dist.launch_rank() == 0:  # the launcher or rank 0; rank 0's own lock comes later
-        RunDir(cfg.run_dir).check_free()  # a run directory held by a live run: RunDirBusy, before torchrun starts
+    for member in members:
+        check_out_folder(member.run_dir)
+        if dist.launch_rank() == 0:  # the launcher or rank 0; rank 0's own lock comes later
+            RunDir(member.run_dir).check_free()  # held by a live run: RunDirBusy, before torchrun starts
     if plan.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device = cuda, but torch sees no CUDA device")
     if cfg.dist.sync_bn and world_size > 1 and plan.device != "cuda":
         raise ConfigError("dist.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
     data = load_checked_data(cfg, plan)  # parses and checks every file; a bad one is named
-    check_same_experiment(cfg, RunDir(cfg.run_dir).config)
+    for member in members:
+        check_same_experiment(member, RunDir(member.run_dir).config)
     return Prepared(plan, data)
 
 
@@ -87,105 +106,164 @@ class Start:
 
 
 class AlreadyFinished(Exception):
-    """The run directory holds this run's summary.json: nothing to train (not an error)."""
+    """The run directory holds this run's summary.json (a pack's: every member's): nothing to
+    train (not an error)."""
 
-    def __init__(self, summary: dict[str, Any]):
-        self.summary = summary
-        super().__init__(f"{summary.get('name')} is finished")
+    def __init__(self, summaries: list[dict[str, Any]]):
+        self.summaries = summaries
+        self.summary = summaries[0]
+        super().__init__(f"{', '.join(str(s.get('name')) for s in summaries)} finished")
 
 
 def where_it_starts(cfg: RunConfig) -> Start:
     """The run directory, looked at once: finished (RunDir.finished), else its newest readable
     checkpoint (RunDir.load_newest: sha256-checked, a damaged one named and skipped), else fresh."""
-    run = RunDir(cfg.run_dir)
-    summary = run.finished(cfg.optim.iters, cfg.name)
-    if summary is not None:
-        return Start(cfg.optim.iters, summary=summary)
-    found = run.checkpoints.load_newest(warn=dist.print0)
-    if found is None:
-        return Start()
-    return Start(int(found[1]["iteration"]), found[0], found[1])
+    return where_they_start([cfg])[0]
 
 
-def agreed_start(cfg: RunConfig, ctx: dist.DistContext) -> Start:
-    """Rank 0's where_it_starts on every rank (the run directory need only be on rank 0's
-    disk). The checkpoint's state travels as torch.save bytes and is read back with
+def where_they_start(members: list[RunConfig]) -> list[Start]:
+    """where_it_starts of each member of a pack, which trains its unfinished members from one
+    iteration: the newest that every one of them has a readable checkpoint of (none: all start
+    afresh). One run: its newest readable checkpoint."""
+    runs = [RunDir(m.run_dir) for m in members]
+    summaries = [run.finished(m.optim.iters, m.name) for run, m in zip(runs, members)]
+    todo = [run for run, summary in zip(runs, summaries) if summary is None]
+    found, newest = [], None
+    while todo:  # lower the iteration asked for until every member's newest readable one agrees
+        found = [run.checkpoints.load_newest(warn=dist.print0, at_most=newest) for run in todo]
+        if any(f is None for f in found):
+            found = []
+            break
+        iterations = {int(state["iteration"]) for _, state in found}
+        if len(iterations) == 1:
+            break
+        newest = min(iterations)
+    loaded = iter(found)
+    starts = []
+    for m, summary in zip(members, summaries):
+        if summary is not None:
+            starts.append(Start(m.optim.iters, summary=summary))
+        elif found:
+            path, state = next(loaded)
+            starts.append(Start(int(state["iteration"]), path, state))
+        else:
+            starts.append(Start())
+    return starts
+
+
+def agreed_start(members: list[RunConfig], ctx: dist.DistContext) -> list[Start]:
+    """Rank 0's where_they_start on every rank (the run directories need only be on rank 0's
+    disk). The checkpoints' states travel as torch.save bytes and are read back with
     weights_only=True, as from the file: a round trip that keeps every bit."""
-    start = where_it_starts(cfg) if ctx.is_main else None
+    starts = where_they_start(members) if ctx.is_main else None
     if not ctx.distributed:
-        return start
+        return starts
     payload = None
-    if start is not None:
-        state = None
-        if start.state is not None:
-            buf = io.BytesIO()
-            torch.save(start.state, buf)
-            state = buf.getvalue()
-        payload = (start.iteration, str(start.checkpoint) if start.checkpoint else None, state, start.summary)
+    if starts is not None:
+        payload = []
+        for start in starts:
+            state = None
+            if start.state is not None:
+                buf = io.BytesIO()
+                torch.save(start.state, buf)
+                state = buf.getvalue()
+            payload.append((start.iteration, str(start.checkpoint) if start.checkpoint else None, state, start.summary))
     with dist.stage("start agreement (finished, or the newest checkpoint's state)"):
         payload = dist.broadcast_object(payload)
-    if start is not None:
-        return start
-    iteration, path, state, summary = payload
-    loaded = torch.load(io.BytesIO(state), map_location="cpu", weights_only=True) if state is not None else None
-    return Start(iteration, Path(path) if path else None, loaded, summary)
+    if starts is not None:
+        return starts
+    return [Start(iteration, Path(path) if path else None,
+                  torch.load(io.BytesIO(state), map_location="cpu", weights_only=True) if state is not None else None,
+                  summary)
+            for iteration, path, state, summary in payload]
 
 
 # ----- the run ----------------------------------------------------------------------------------
 
 
-def main(cfg: RunConfig, prepared: Prepared | None = None, signals: bool = True, on_hang: str = "exit") -> dict[str, Any]:
-    """Train on this rank; `prepared` is what preflight found, if it ran here. The process's
+def main(cfg: RunConfig | list[RunConfig], prepared: Prepared | None = None, signals: bool = True,
+         on_hang: str = "exit") -> dict[str, Any] | list[dict[str, Any]]:
+    """Train on this rank: a run (its summary), or a pack's members (their summaries, a list);
+    `prepared` is what preflight found, if it ran here. The process's
     part: the process group (and the hang watchdog; on_hang: dist.setup's, "raise" for
     resnetdist.train, which must not end the calling process) and, with `signals`, from here on
     a SIGTERM or SIGUSR1 noted to stop the run at the next log point with a checkpoint (Preempted)."""
     with preempt.notice(install=signals) as notice:
         prepared = prepared or preflight(cfg, dist.world_size_from_env())
-        ctx = dist.setup(prepared.plan.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s,
-                         compile_pause_s=cfg.dist.compile_pause_s, on_hang=on_hang)
+        first = as_members(cfg)[0]
+        ctx = dist.setup(prepared.plan.device, first.dist.timeout_s, first.dist.hang_timeout_s,
+                         compile_pause_s=first.dist.compile_pause_s, on_hang=on_hang)
         try:
-            return train_rank(cfg, prepared, ctx, notice)
+            summaries = train_rank(as_members(cfg), prepared, ctx, notice)
+            return summaries if isinstance(cfg, (list, tuple)) else summaries[0]
         finally:
             dist.cleanup()
 
 
-def train_rank(cfg: RunConfig, prepared: Prepared, ctx: dist.DistContext, notice: preempt.Notice) -> dict[str, Any]:
-    """The run on this rank, in its process group (main)."""
+def open_member(member: Member, plan: Plan, ctx: dist.DistContext):
+    """Rank 0 writes a member's config.toml (the configuration as loaded) and resolved.toml (what
+    ran) and opens its logger; other ranks get a NullLogger."""
+    if not ctx.is_main:
+        return NullLogger()
+    cfg = member.cfg
+    member.run.write_config(cfg, asdict(plan))
+    return open_logger(cfg.log, cfg.run_dir, cfg.to_dict(), cfg.name, cfg.model.name, cfg.tags,
+                       member.progress.iteration, member.wandb_id)
+
+
+def train_rank(members: list[RunConfig], prepared: Prepared, ctx: dist.DistContext,
+               notice: preempt.Notice) -> list[dict[str, Any]]:
+    """The run (a pack: its members) on this rank, in its process group (main); the summaries
+    of the members, in order (a finished member's as found). A member whose loss turned NaN
+    is reported once the others are done: NonFiniteLoss, carrying their summaries (`done`)."""
     plan, data = prepared.plan, prepared.data
-    run_lock = None
+    locks = []
     try:
-        start = agreed_start(cfg, ctx)
-        if start.summary is not None:  # a rerun of a finished run does nothing
-            raise AlreadyFinished(start.summary)
+        starts = agreed_start(members, ctx)
+        if all(start.summary is not None for start in starts):  # a rerun of a finished run does nothing
+            raise AlreadyFinished([start.summary for start in starts])
+        todo = [(m, start) for m, start in zip(members, starts) if start.summary is None]
         if ctx.is_main and data.record_count_note():  # a stand-in or a cut file: say what trains
             print(data.record_count_note(), file=sys.stderr, flush=True)
         if ctx.is_main:
-            run = RunDir(cfg.run_dir)  # rank 0's: the other ranks write nothing
-            run_lock = run.acquire()  # before anything is written there (RunDirBusy if held; preflight probed it)
-        trainer = build(cfg, ctx, data, stop=notice, plan=plan)
-        if start.state is not None:
-            trainer.load(start.state)
+            # before anything is written there (RunDirBusy if held; preflight probed them); the
+            # other ranks write nothing
+            locks = [RunDir(m.run_dir).acquire() for m, _ in todo]
+        trainer = build(todo[0][0], ctx, data, stop=notice, plan=plan, members=[m for m, _ in todo])
+        if todo[0][1].state is not None:
+            trainer.load([start.state for _, start in todo])
         if ctx.is_main:  # after the build: the header names the step that runs (auto's failed capture: eager, and why)
-            print(announce.header(cfg, trainer.plan, start, data.eval_images(), data.describe()), flush=True)
-            run.write_config(cfg, asdict(trainer.plan))  # the configuration as loaded, and beside it what ran
-        logger = open_logger(cfg.log, cfg.run_dir, cfg.to_dict(), cfg.name, cfg.model.name, cfg.tags,
-                             trainer.progress.iteration, trainer.wandb_id) if ctx.is_main else NullLogger()
+            print(announce.header(todo[0][0], trainer.plan, todo[0][1], data.eval_images(), data.describe(),
+                                  members=[m for m, _ in todo[1:]], starts=[s for _, s in todo[1:]],
+                                  finished=[m for m, s in zip(members, starts) if s.summary is not None]), flush=True)
+        loggers = [open_member(member, trainer.plan, ctx) for member in trainer.members]
         try:
-            trainer.fit(logger)
+            trainer.fit(loggers)
             # watched: a write to a stuck disk must not leave torchrun waiting for rank 0 forever;
             # the W&B upload has its own limit (log.wandb_finish_timeout_s), allowed on top
             with dist.stage("finish (model.pt, summary.json, the logger's upload)", early=True,
-                            extra_s=cfg.log.wandb_finish_timeout_s):
-                summary = trainer.finish()
-                logger.summary(summary)
-                logger.log_model(cfg.run_dir, trainer.step.mean.cpu().numpy(), summary)  # W&B model artifact (rank 0)
-                closing, logger = logger, NullLogger()  # closed once, whatever happens in close
-                closing.close()
+                            extra_s=len(loggers) * trainer.cfg.log.wandb_finish_timeout_s):
+                summaries = trainer.finish()
+                for j, (member, summary) in enumerate(zip(trainer.members, summaries)):
+                    closing, loggers[j] = loggers[j], NullLogger()  # closed once, whatever happens in close
+                    if summary is None:  # its loss turned NaN (its folder says so: Trainer.stop_failed)
+                        closing.close(NonFiniteLoss.exit_code)
+                        continue
+                    closing.summary(summary)
+                    closing.log_model(member.cfg.run_dir, trainer.step.mean.cpu().numpy(), summary)  # W&B model artifact
+                    closing.close()
         except BaseException as e:
-            logger.close_after(e)  # stopped (a notice, Ctrl-C) or failed: metrics.py tells them apart
+            for logger in loggers:
+                logger.close_after(e)  # stopped (a notice, Ctrl-C) or failed: metrics.py tells them apart
             raise
-        return summary
+        done = iter(summaries)
+        found = [start.summary if start.summary is not None else next(done) for start in starts]
+        if any(m.failed for m in trainer.members):
+            error = NonFiniteLoss(failures(trainer.members))
+            error.done = [s for s in found if s is not None]
+            raise error
+        return found
     finally:
-        if run_lock is not None:
-            run_lock.release()
+        for lock in locks:
+            lock.release()
 
