@@ -192,3 +192,21 @@ def test_a_graphed_pack_gathers_every_members_batch_in_the_graph(tiny_data, monk
     graphed, eager = steps
     assert isinstance(graphed.source, PackTable) and graphed.kind == "graph" and graphed.inputs.x.shape[:2] == (2, 32)
     assert_bitwise_equal(graphed.model.state_dict(), eager.model.state_dict())
+
+
+@pytest.mark.timeout(120)
+def test_a_pack_reads_each_members_ffcv_order(tiny_data, tmp_path):
+    """data.loader = ffcv: each member reads its own seed's order and augmentation from the
+    .beton (one FFCV Loader per member, data/ffcv_loader.FfcvPackLoader), so the pack's first
+    logged losses are those of the single ffcv runs of seeds 0 and 1."""
+    args = [*TINY, "--iters", "1", "--loader", "ffcv", "--set", "log.log_every=1", "--set", "train.eval_every=1",
+            "--set", f"data.beton_dir={tmp_path / 'beton'}"]
+    train([*args, "--seeds", "0,1"], tiny_data, tmp_path / "pack")
+    for seed in (0, 1):
+        train([*args, "--seed", seed], tiny_data, tmp_path / f"alone{seed}")
+        losses = [[r["train_loss"] for r in read_jsonl(folder / "metrics.jsonl")]
+                  for folder in (tmp_path / "pack" / f"resnet8-s{seed}", tmp_path / f"alone{seed}")]
+        assert len(losses[0]) == len(losses[1]) >= 1
+        assert losses[0] == pytest.approx(losses[1], rel=FIRST_RTOL), (seed, losses)
+    seed0, seed1 = (read_jsonl(tmp_path / f"alone{s}" / "metrics.jsonl")[0]["train_loss"] for s in (0, 1))
+    assert seed0 != seed1  # the members' orders differ: the comparison above could tell them apart
