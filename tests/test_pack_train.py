@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -210,3 +211,33 @@ def test_a_pack_reads_each_members_ffcv_order(tiny_data, tmp_path):
         assert losses[0] == pytest.approx(losses[1], rel=FIRST_RTOL), (seed, losses)
     seed0, seed1 = (read_jsonl(tmp_path / f"alone{s}" / "metrics.jsonl")[0]["train_loss"] for s in (0, 1))
     assert seed0 != seed1  # the members' orders differ: the comparison above could tell them apart
+
+
+@pytest.mark.slow  # torch.compile builds the pack's kernels (tens of seconds on a small CPU)
+@pytest.mark.timeout(300)
+def test_a_compiled_pack_steps_each_member_as_the_eager_pack(tiny_data):
+    """train.step = compile with a pack: torch.compile of the fused model (grouped convs, the
+    members' batches in (K, b, ...) rows) gives each member the eager pack's losses over 2 steps,
+    to float32 rounding (the compiler's kernels sum in their own order)."""
+    cfg = load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": 32},
+                             "train": {"device": "cpu"}, "log": {"wandb_mode": "disabled"}})
+    data, ctx = load_data(cfg.data), DistContext(0, 0, 1, torch.device("cpu"))
+    mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
+    results = []
+    for choice in (StepChoice("compile", "asked for by name (train.step)", "compile"), EAGER):
+        model, optimizer = make_model(cfg, ctx, seeds=[0, 1])
+        source = epoch_table_for(open_loaders(cfg.data, data, ctx, 32, [0, 1]).train, [0, 1], 32, 0, 1)
+        source.load(0)
+        step = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", batch_per_rank=32,
+                          choice=choice, source=source)
+        batches = source.batches(0)
+        losses = []
+        for _ in range(2):
+            take_steps(step, batches, 1)
+            stats, bad = step.drain_members()
+            losses.append(stats[:, 0] / stats[:, 2])  # each member's mean loss of the step
+        assert step.kind == choice.kind and (bad == -1).all()
+        results.append(torch.tensor(np.array(losses)))
+    compiled, eager = results
+    assert compiled[0, 0] != compiled[0, 1]  # two members with their own numbers
+    torch.testing.assert_close(compiled, eager, rtol=FIRST_RTOL, atol=0)
