@@ -25,7 +25,7 @@ from resnetdist.training.schedule import lr_table
 from resnetdist.training.step import StepChoice, build_step
 from resnetdist.training.trainer import make_model
 
-from .conftest import RESUMABLE, TINY, cli, cli_in_process
+from .conftest import RESUMABLE, TINY, cli, cli_in_process, run_cli
 from .fake_cuda import FakeOps
 from .helpers import EAGER, assert_bitwise_equal, final_weights, read_jsonl
 
@@ -241,3 +241,20 @@ def test_a_compiled_pack_steps_each_member_as_the_eager_pack(tiny_data):
     compiled, eager = results
     assert compiled[0, 0] != compiled[0, 1]  # two members with their own numbers
     torch.testing.assert_close(compiled, eager, rtol=FIRST_RTOL, atol=0)
+
+
+@pytest.mark.slow  # two 2-rank runs (torchrun + gloo)
+@pytest.mark.timeout(300)
+def test_a_pack_under_ddp_matches_each_seeds_two_rank_run(tiny_data, reference_run, tmp_path):
+    """--nproc-per-node 2 with a pack: every rank holds the fused model and its shard of each
+    member's batch; member s0's first logged loss is that of seed 0's 2-rank run alone."""
+    args = [*TINY, "--iters", "4", "--set", "log.log_every=2", "--set", "train.eval_every=4"]
+    alone = reference_run([*args, "--seed", "0"], nproc=2)
+    run_cli(["train", *args, "--seeds", "0,1", "--nproc-per-node", "2", "--data-dir", str(tiny_data),
+             "--out", str(tmp_path / "pack")], timeout=240)
+    member, single = (read_jsonl(folder / "metrics.jsonl") for folder in (tmp_path / "pack" / "resnet8-s0", alone))
+    assert json.loads((tmp_path / "pack" / "resnet8-s0" / "summary.json").read_text())["world_size"] == 2
+    print(f"pack member s0 under 2 ranks: first loss {member[0]['train_loss']}, seed 0 alone: {single[0]['train_loss']}")
+    assert member[0]["train_loss"] == pytest.approx(single[0]["train_loss"], rel=FIRST_RTOL), (member, single)
+    other = read_jsonl(tmp_path / "pack" / "resnet8-s1" / "metrics.jsonl")
+    assert other[0]["train_loss"] != member[0]["train_loss"]
