@@ -409,3 +409,14 @@ def _alive(pid) -> bool:
     except (PermissionError, TypeError, ValueError):
         return True
     return True
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """Where a run starts in its directory (training/worker.py finds it once, the header says it): finished (`summary`: its summary.json), resumable (the
+    newest readable `checkpoint` and its `state`), or fresh."""
+
+    iteration: int = 0
+    checkpoint: Path | None = None
+    state: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None

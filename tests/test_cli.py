@@ -118,11 +118,11 @@ def test_the_header_says_the_warm_up_and_when_a_short_run_evaluates():
     from resnetdist.config import load_config
     from resnetdist.training.announce import facts
     from resnetdist.training.plan import resolve
-    from resnetdist.training.worker import Start
+    from resnetdist.rundir import StartPoint
 
     def iterations(flags, iters, overrides=()):
         cfg = load_config(None, flags, list(overrides), iters)
-        return dict(facts(cfg, resolve(cfg, 1), Start()))["iterations"]
+        return dict(facts(cfg, resolve(cfg, 1), StartPoint()))["iterations"]
 
     # ResNet-110's warm-up is in the header, and a short run keeps it (it used to become 1 iteration)
     assert iterations({"model": {"n": 18}}, 200) == (

@@ -58,7 +58,7 @@ def device_fed(tiny_data, state: dict | None = None):
     cfg = config(tiny_data)
     trainer = build(cfg, DistContext(0, 0, 1, CPU), load_data(cfg.data))
     if state is not None:
-        trainer.load([state])  # as a resumed run loads its checkpoint
+        trainer.load_state_dicts([state])  # as a resumed run loads its checkpoint
     return trainer
 
 
@@ -94,7 +94,7 @@ def test_a_graphed_device_fed_step_replays_with_no_arguments_and_gathers_in_the_
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
     uploads = uploaded_epochs(monkeypatch)
     source = epoch_table_for(open_loaders(cfg.data, data, DistContext(0, 0, 1, CPU), B, SEED).train, SEED, B, 0, 1)
-    source.load(0)
+    source.use_epoch(0)
     monkeypatch.setattr(graph_mod, "cuda_ops", FakeOps())  # the tests' stand-in for torch.cuda's graphs
     loads = []
     monkeypatch.setattr(StaticInputs, "fill", lambda *a: loads.append(a))

@@ -185,7 +185,7 @@ def test_a_graphed_pack_gathers_every_members_batch_in_the_graph(tiny_data, monk
     for choice in (StepChoice("graph", "asked for by name (train.step)", "graph"), EAGER):
         model, optimizer = make_model(cfg, ctx, seeds=[0, 1])
         source = epoch_table_for(open_loaders(cfg.data, data, ctx, 32, 0).train, [0, 1], 32, 0, 1)
-        source.load(0)
+        source.use_epoch(0)
         step = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", batch_per_rank=32,
                           choice=choice, source=source)
         take_steps(step, source.batches(0), 6)

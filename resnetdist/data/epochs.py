@@ -51,7 +51,7 @@ class EpochTable:
         draws = draw_block(self.seed, epoch * self.steps, self.steps, self.global_batch, self.rank, self.world_size)
         return order.reshape(self.steps, self.b), draws
 
-    def load(self, epoch: int) -> None:
+    def use_epoch(self, epoch: int) -> None:
         """Put `epoch`'s order and draws in the device buffers (nothing to do if they hold it),
         taking them from the thread that built them ahead if it did; then start building the
         next epoch's."""
@@ -85,10 +85,10 @@ class EpochTable:
         """The feed of a step that gathers its own inputs: () for every iteration from
         start_iter on, each epoch loaded before its first iteration."""
         it = start_iter
-        self.load(it // self.steps)
+        self.use_epoch(it // self.steps)
         while True:
             if it % self.steps == 0:
-                self.load(it // self.steps)
+                self.use_epoch(it // self.steps)
             yield ()
             it += 1
 
@@ -112,9 +112,9 @@ class PackTable:
         self.tables = tables
         self.steps, self.b = tables[0].steps, tables[0].b
 
-    def load(self, epoch: int) -> None:
+    def use_epoch(self, epoch: int) -> None:
         for table in self.tables:
-            table.load(epoch)
+            table.use_epoch(epoch)
 
     def gather(self, it: torch.Tensor, x: torch.Tensor, y: torch.Tensor, aug: torch.Tensor) -> None:
         for j, table in enumerate(self.tables):

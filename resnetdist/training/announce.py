@@ -9,23 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 from dataclasses import asdict
-from typing import Any, Protocol
+from typing import Any
 
 from ..config import RunConfig
 from ..progress import duration, plural
-from ..rundir import RunDir, config_texts
+from ..rundir import RunDir, StartPoint, config_texts
 from .plan import Plan
 
 
-class Start(Protocol):
-    """What the header says of where a run starts (worker.Start: worker.py finds it)."""
-
-    iteration: int
-    checkpoint: Path | None
-    summary: dict[str, Any] | None
-
-
-def where(start: Start, iters: int) -> str:
+def where(start: StartPoint, iters: int) -> str:
     """The header's "start" line: finished, resuming from which checkpoint, or fresh."""
     if start.summary is not None:
         return "finished (summary.json holds its result)"
@@ -34,7 +26,7 @@ def where(start: Start, iters: int) -> str:
     return "fresh start (no checkpoint in the run directory)"
 
 
-def facts(cfg: RunConfig, plan: Plan, start: Start, fallback: str = "") -> list[tuple[str, str]]:
+def facts(cfg: RunConfig, plan: Plan, start: StartPoint, fallback: str = "") -> list[tuple[str, str]]:
     """(what, value) lines of the header: what will run (the plan: the step that runs and why,
     step.StepChoice.describe, and `fallback`, what would run instead), where, from where."""
     from ..models import build_model, count_parameters
@@ -88,7 +80,7 @@ def format_facts(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
-def dry_run(cfg: RunConfig, plan: Plan, start: Start, notes: list[str] = ()) -> str:
+def dry_run(cfg: RunConfig, plan: Plan, start: StartPoint, notes: list[str] = ()) -> str:
     """`train --dry-run`: the configuration and what this machine resolved of it (the two files
     a run writes: config.toml and resolved.toml) as TOML, then what would run."""
     auto_graph = plan.step_asked == "auto" and plan.step == "graph"  # not built here: no capture tried
@@ -126,8 +118,8 @@ def cpu_estimate(cfg: RunConfig, plan: Plan, start_iter: int, eval_images: int =
     return f"about {duration(train_s + eval_s)}, {plural(count, 'evaluation')} included (2-core CPU rates)"
 
 
-def header(cfg: RunConfig, plan: Plan, start: Start, eval_images: int = 10_000, data: str = "",
-           members: list[RunConfig] = (), starts: list[Start] = (), finished: list[RunConfig] = ()) -> str:
+def header(cfg: RunConfig, plan: Plan, start: StartPoint, eval_images: int = 10_000, data: str = "",
+           members: list[RunConfig] = (), starts: list[StartPoint] = (), finished: list[RunConfig] = ()) -> str:
     """What opens a run on rank 0: what will run (the plan, once the step is built: the step
     that runs, and why), on which data (and whether it is verified CIFAR-10), where, from where
     (and on a CPU, how long; on a GPU the bar measures it at the first log point, from the step

@@ -86,7 +86,7 @@ def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | N
     # a resident loader's epochs go to the device whole: the step gathers each batch itself
     source = epoch_table_for(loaders.train, seeds, plan.global_batch, ctx.rank, ctx.world_size)
     if source is not None:
-        source.load(0)  # before capture: the warm-up reads it
+        source.use_epoch(0)  # before capture: the warm-up reads it
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
     model, optimizer = make_model(cfg, ctx, seeds)
     step = make_step(cfg, plan, ctx, model, optimizer, mean, source)
@@ -221,7 +221,7 @@ class Trainer:
         return [checkpoint_state(self, member, model, optimizer) for member, model, optimizer
                 in zip(self.members, self.nets.states(), self.nets.optimizer_states(self.optimizer))]
 
-    def load(self, states: list[dict[str, Any]]) -> None:
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
         """Continue from each member's checkpoint state (state_dicts', of one iteration; a pack's
         are fused: pack.fuse_states), in place: every tensor a captured graph reads keeps its
         address (TrainStep.load_state), and a step's source holds the epoch of that iteration."""
@@ -229,7 +229,7 @@ class Trainer:
         iteration = int(first["iteration"])
         self.step.load_state(*fuse_run_states(states), iteration)
         if self.step.source is not None:
-            self.step.source.load(iteration // self.step.source.steps)
+            self.step.source.use_epoch(iteration // self.step.source.steps)
         torch.set_rng_state(first["rng_cpu"])
         if "rng_cuda" in first and device.type == "cuda":
             torch.cuda.set_rng_state(first["rng_cuda"], device)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .. import checkpoint, dist
-from ..rundir import RunDir
+from ..rundir import RunDir, StartPoint
 from . import announce, preempt
 from ..config import ConfigError, RunConfig, check_same_experiment
 from ..data import Cifar10, load_data, load_data_on_every_rank
@@ -94,15 +94,6 @@ def load_checked_data(cfg: RunConfig, plan: Plan) -> Cifar10:
 # ----- where the run starts ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Start:
-    """Where a run directory stands: finished (`summary`: its summary.json), resumable (the
-    newest readable `checkpoint` and its `state`), or fresh."""
-
-    iteration: int = 0
-    checkpoint: Path | None = None
-    state: dict[str, Any] | None = None
-    summary: dict[str, Any] | None = None
 
 
 class AlreadyFinished(Exception):
@@ -115,13 +106,13 @@ class AlreadyFinished(Exception):
         super().__init__(f"{', '.join(str(s.get('name')) for s in summaries)} finished")
 
 
-def where_it_starts(cfg: RunConfig) -> Start:
+def where_it_starts(cfg: RunConfig) -> StartPoint:
     """The run directory, looked at once: finished (RunDir.finished), else its newest readable
     checkpoint (RunDir.load_newest: sha256-checked, a damaged one named and skipped), else fresh."""
     return where_they_start([cfg])[0]
 
 
-def where_they_start(members: list[RunConfig]) -> list[Start]:
+def where_they_start(members: list[RunConfig]) -> list[StartPoint]:
     """where_it_starts of each member of a pack, which trains its unfinished members from one
     iteration: the newest that every one of them has a readable checkpoint of (none: all start
     afresh). One run: its newest readable checkpoint."""
@@ -142,16 +133,16 @@ def where_they_start(members: list[RunConfig]) -> list[Start]:
     starts = []
     for m, summary in zip(members, summaries):
         if summary is not None:
-            starts.append(Start(m.optim.iters, summary=summary))
+            starts.append(StartPoint(m.optim.iters, summary=summary))
         elif found:
             path, state = next(loaded)
-            starts.append(Start(int(state["iteration"]), path, state))
+            starts.append(StartPoint(int(state["iteration"]), path, state))
         else:
-            starts.append(Start())
+            starts.append(StartPoint())
     return starts
 
 
-def agreed_start(members: list[RunConfig], ctx: dist.DistContext) -> list[Start]:
+def agreed_start(members: list[RunConfig], ctx: dist.DistContext) -> list[StartPoint]:
     """Rank 0's where_they_start on every rank (the run directories need only be on rank 0's
     disk). The checkpoints' states travel as torch.save bytes and are read back with
     weights_only=True, as from the file: a round trip that keeps every bit."""
@@ -172,7 +163,7 @@ def agreed_start(members: list[RunConfig], ctx: dist.DistContext) -> list[Start]
         payload = dist.broadcast_object(payload)
     if starts is not None:
         return starts
-    return [Start(iteration, Path(path) if path else None,
+    return [StartPoint(iteration, Path(path) if path else None,
                   torch.load(io.BytesIO(state), map_location="cpu", weights_only=True) if state is not None else None,
                   summary)
             for iteration, path, state, summary in payload]
@@ -231,7 +222,7 @@ def train_rank(members: list[RunConfig], prepared: Prepared, ctx: dist.DistConte
             locks = [RunDir(m.run_dir).acquire() for m, _ in todo]
         trainer = build(todo[0][0], ctx, data, stop=notice, plan=plan, members=[m for m, _ in todo])
         if todo[0][1].state is not None:
-            trainer.load([start.state for _, start in todo])
+            trainer.load_state_dicts([start.state for _, start in todo])
         if ctx.is_main:  # after the build: the header names the step that runs (auto's failed capture: eager, and why)
             print(announce.header(todo[0][0], trainer.plan, todo[0][1], data.eval_images(), data.describe(),
                                   members=[m for m, _ in todo[1:]], starts=[s for _, s in todo[1:]],
