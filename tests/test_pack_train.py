@@ -227,7 +227,7 @@ def test_a_compiled_pack_steps_each_member_as_the_eager_pack(tiny_data):
     for choice in (StepChoice("compile", "asked for by name (train.step)", "compile"), EAGER):
         model, optimizer = make_model(cfg, ctx, seeds=[0, 1])
         source = epoch_table_for(open_loaders(cfg.data, data, ctx, 32, [0, 1]).train, [0, 1], 32, 0, 1)
-        source.load(0)
+        source.use_epoch(0)
         step = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", batch_per_rank=32,
                           choice=choice, source=source)
         batches = source.batches(0)
