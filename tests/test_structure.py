@@ -140,6 +140,16 @@ def test_every_environment_switch_of_the_package_is_documented():
     assert not undocumented, f"environment variables the docs do not name: {undocumented}"
 
 
+def test_suite_and_tools_use_only_trainings_public_surface():
+    """suite/ and tools/ import resnetdist.training (its __init__'s documented names), never one of
+    its modules: what they may use is listed in one place."""
+    mods = modules()
+    inside = sorted(f"{name} imports {imported}" for name, path in mods.items()
+                    if name.startswith(("resnetdist.suite", "resnetdist.tools"))
+                    for imported in imports_of(name, path, set(mods)) if imported.startswith("resnetdist.training."))
+    assert not inside, inside
+
+
 def test_tools_do_not_import_the_run():
     """bench and doctor build through the trainer, not through worker.py (one rank's whole run)."""
     mods = modules()

@@ -21,8 +21,7 @@ import torch
 from .. import dist
 from ..config import ModelConfig, model_name
 from ..pack import build_pack
-from ..training.optim import TensorLRSGD
-from ..training.step import StepChoice, TrainStep, build_step, choose_kind, default_precision
+from ..training import StepChoice, TensorLRSGD, TrainStep, build_step, choose_kind, default_precision
 from .bench import BATCH, environment, sync, write_report
 
 PACK_ROUNDS = 3  # each setting's best of 3 rounds, taken in turns
