@@ -441,7 +441,7 @@ def reproduce(
     account: str = typer.Option("", help="slurm: account"),
     time_limit: str = typer.Option("", "--time", help="slurm: time limit per array task, e.g. 04:00:00"),
     gpus_per_task: int = typer.Option(1, help="slurm: GPUs per array task (0: CPU only)"),
-    runs_per_task: int = typer.Option(1, help="slurm: runs per array task, side by side on its GPUs"),
+    runs_per_task: int = typer.Option(1, help="slurm: runs (with --pack: packs) per array task, side by side on its GPUs"),
     sbatch_args: list[str] = typer.Option([], "--sbatch-arg", help="slurm: one more sbatch option, e.g. --sbatch-arg=--mem=8G"),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="slurm: wait for the array and write the report"),
     dry_run: bool = typer.Option(False, help="slurm: print the job array script, submit nothing"),
@@ -461,10 +461,10 @@ def reproduce(
 
         from .suite.slurm import SlurmOptions, run_suite as slurm_suite
 
-        if gpus or runs_per_gpu != 1 or pack != 1:
-            fail("--gpus, --runs-per-gpu and --pack are for the local launcher; on Slurm use --gpus-per-task and "
+        if gpus or runs_per_gpu != 1:
+            fail("--gpus and --runs-per-gpu are for the local launcher; on Slurm use --gpus-per-task and "
                  "--runs-per-task")
-        opts = SlurmOptions(partition, account, time_limit, gpus_per_task, runs_per_task, list(sbatch_args),
+        opts = SlurmOptions(partition, account, time_limit, gpus_per_task, runs_per_task, pack, list(sbatch_args),
                             wait, dry_run, poll_s)
         schedule = partial(slurm_suite, out=out, opts=opts, echo=typer.echo)
     elif dry_run or not wait:

@@ -62,7 +62,7 @@ def member_configs(cfg: RunConfig, seeds: Sequence[int]) -> list[RunConfig]:
 def check_members(members: Sequence[RunConfig]) -> None:
     """ConfigError unless the runs can train as one pack: one net and recipe (only MEMBER_KEYS
     differ), each seed and folder once, and no setting that would couple them (fp16's loss
-    scaler) or that packs do not have yet (the FFCV loader)."""
+    scaler)."""
     if not members:
         raise ConfigError("a pack needs at least one run")
     first = members[0]
@@ -76,8 +76,6 @@ def check_members(members: Sequence[RunConfig]) -> None:
     if len(members) > 1 and first.train.precision == "fp16":
         raise ConfigError("train.precision = fp16 cannot train a pack: its loss scaler would skip every member's "
                           "step when one member overflows; use bf16 or fp32")
-    if len(members) > 1 and first.data.loader != "resident":
-        raise ConfigError(f"data.loader = {first.data.loader}: packs train with the resident loader so far")
 
 
 def build_pack(cfg: ModelConfig, seeds: Sequence[int], stem_channels: int = 3) -> CifarResNet:

@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,7 +25,7 @@ from resnetdist.training.schedule import lr_table
 from resnetdist.training.step import StepChoice, build_step
 from resnetdist.training.trainer import make_model
 
-from .conftest import RESUMABLE, TINY, cli, cli_in_process
+from .conftest import RESUMABLE, TINY, cli, cli_in_process, run_cli
 from .fake_cuda import FakeOps
 from .helpers import EAGER, assert_bitwise_equal, final_weights, read_jsonl
 
@@ -192,3 +193,68 @@ def test_a_graphed_pack_gathers_every_members_batch_in_the_graph(tiny_data, monk
     graphed, eager = steps
     assert isinstance(graphed.source, PackTable) and graphed.kind == "graph" and graphed.inputs.x.shape[:2] == (2, 32)
     assert_bitwise_equal(graphed.model.state_dict(), eager.model.state_dict())
+
+
+@pytest.mark.timeout(120)
+def test_a_pack_reads_each_members_ffcv_order(tiny_data, tmp_path):
+    """data.loader = ffcv: each member reads its own seed's order and augmentation from the
+    .beton (one FFCV Loader per member, data/ffcv_loader.FfcvPackLoader), so the pack's first
+    logged losses are those of the single ffcv runs of seeds 0 and 1."""
+    args = [*TINY, "--iters", "1", "--loader", "ffcv", "--set", "log.log_every=1", "--set", "train.eval_every=1",
+            "--set", f"data.beton_dir={tmp_path / 'beton'}"]
+    train([*args, "--seeds", "0,1"], tiny_data, tmp_path / "pack")
+    for seed in (0, 1):
+        train([*args, "--seed", seed], tiny_data, tmp_path / f"alone{seed}")
+        losses = [[r["train_loss"] for r in read_jsonl(folder / "metrics.jsonl")]
+                  for folder in (tmp_path / "pack" / f"resnet8-s{seed}", tmp_path / f"alone{seed}")]
+        assert len(losses[0]) == len(losses[1]) >= 1
+        assert losses[0] == pytest.approx(losses[1], rel=FIRST_RTOL), (seed, losses)
+    seed0, seed1 = (read_jsonl(tmp_path / f"alone{s}" / "metrics.jsonl")[0]["train_loss"] for s in (0, 1))
+    assert seed0 != seed1  # the members' orders differ: the comparison above could tell them apart
+
+
+@pytest.mark.slow  # torch.compile builds the pack's kernels (tens of seconds on a small CPU)
+@pytest.mark.timeout(300)
+def test_a_compiled_pack_steps_each_member_as_the_eager_pack(tiny_data):
+    """train.step = compile with a pack: torch.compile of the fused model (grouped convs, the
+    members' batches in (K, b, ...) rows) gives each member the eager pack's losses over 2 steps,
+    to float32 rounding (the compiler's kernels sum in their own order)."""
+    cfg = load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": 32},
+                             "train": {"device": "cpu"}, "log": {"wandb_mode": "disabled"}})
+    data, ctx = load_data(cfg.data), DistContext(0, 0, 1, torch.device("cpu"))
+    mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
+    results = []
+    for choice in (StepChoice("compile", "asked for by name (train.step)", "compile"), EAGER):
+        model, optimizer = make_model(cfg, ctx, seeds=[0, 1])
+        source = epoch_table_for(open_loaders(cfg.data, data, ctx, 32, [0, 1]).train, [0, 1], 32, 0, 1)
+        source.use_epoch(0)
+        step = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", batch_per_rank=32,
+                          choice=choice, source=source)
+        batches = source.batches(0)
+        losses = []
+        for _ in range(2):
+            take_steps(step, batches, 1)
+            stats, bad = step.drain_members()
+            losses.append(stats[:, 0] / stats[:, 2])  # each member's mean loss of the step
+        assert step.kind == choice.kind and (bad == -1).all()
+        results.append(torch.tensor(np.array(losses)))
+    compiled, eager = results
+    assert compiled[0, 0] != compiled[0, 1]  # two members with their own numbers
+    torch.testing.assert_close(compiled, eager, rtol=FIRST_RTOL, atol=0)
+
+
+@pytest.mark.slow  # two 2-rank runs (torchrun + gloo)
+@pytest.mark.timeout(300)
+def test_a_pack_under_ddp_matches_each_seeds_two_rank_run(tiny_data, reference_run, tmp_path):
+    """--nproc-per-node 2 with a pack: every rank holds the fused model and its shard of each
+    member's batch; member s0's first logged loss is that of seed 0's 2-rank run alone."""
+    args = [*TINY, "--iters", "4", "--set", "log.log_every=2", "--set", "train.eval_every=4"]
+    alone = reference_run([*args, "--seed", "0"], nproc=2)
+    run_cli(["train", *args, "--seeds", "0,1", "--nproc-per-node", "2", "--data-dir", str(tiny_data),
+             "--out", str(tmp_path / "pack")], timeout=240)
+    member, single = (read_jsonl(folder / "metrics.jsonl") for folder in (tmp_path / "pack" / "resnet8-s0", alone))
+    assert json.loads((tmp_path / "pack" / "resnet8-s0" / "summary.json").read_text())["world_size"] == 2
+    print(f"pack member s0 under 2 ranks: first loss {member[0]['train_loss']}, seed 0 alone: {single[0]['train_loss']}")
+    assert member[0]["train_loss"] == pytest.approx(single[0]["train_loss"], rel=FIRST_RTOL), (member, single)
+    other = read_jsonl(tmp_path / "pack" / "resnet8-s1" / "metrics.jsonl")
+    assert other[0]["train_loss"] != member[0]["train_loss"]

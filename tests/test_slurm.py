@@ -163,6 +163,26 @@ def test_dry_run_script_passes_shellcheck(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_dry_run_script_of_packs_trains_each_nets_seeds_in_one_process(tmp_path):
+    """--pack 2 on Slurm: each process of a task trains up to 2 seeds of a net (train --seeds,
+    each run in <out>/<net>-s<seed>), the packs' other runs' logs saying where the output is."""
+    out = tmp_path / "dry"
+    script = cli(["reproduce", "--depths", "8,14", "--seeds", "3", "--launcher", "slurm", "--dry-run",
+                  "--pack", "2", "--runs-per-task", "2", "--out", out]).stdout
+    # 12 runs: per net a pack of seeds 0,1 and seed 2 alone; two processes per task, longest first
+    assert "# resnetdist suite dry: 12 run(s) in 4 array task(s)." in script and "#SBATCH --array=0-3\n" in script
+    assert ('    0) runs=(resnet14-s0 plain14-s0) seeds=("0,1" "0,1") packed=("resnet14-s1" "plain14-s1") ;;'
+            in script), script
+    assert "    1) runs=(resnet14-s2 plain14-s2) ;;" in script  # runs alone: the script of unpacked runs
+    assert '    2) runs=(resnet8-s0 plain8-s0) seeds=("0,1" "0,1") packed=("resnet8-s1" "plain8-s1") ;;' in script
+    assert f'args+=(--seeds "${{seeds[$i]}}" --out "$out")' in script and f"out={out.resolve()}" in script
+    assert not out.exists(), "--dry-run wrote files"
+    if shutil.which("shellcheck"):
+        check = subprocess.run(["shellcheck", "-"], input=script, capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0, check.stdout
+
+
+@pytest.mark.timeout(60)
 def test_bad_slurm_input_is_named_before_submission(tmp_path, monkeypatch):
     base = ["reproduce", "--depths", "8", "--launcher", "slurm", "--out", tmp_path / "s"]
     assert "21 is not 6n+2" in cli([*base, "--depths", "8,21"], code=2).stderr
@@ -170,6 +190,7 @@ def test_bad_slurm_input_is_named_before_submission(tmp_path, monkeypatch):
     assert "--sbatch-arg '--mem 8G'" in proc.stderr and "--name=value" in proc.stderr
     assert "--array is set by reproduce itself" in cli([*base, "--sbatch-arg=--array=0-3"], code=2).stderr
     assert "--runs-per-task must be >= 1" in cli([*base, "--runs-per-task", "0"], code=2).stderr
+    assert "--pack must be >= 1" in cli([*base, "--pack", "0"], code=2).stderr
     bad_launcher = cli([*base, "--launcher", "pbs"], code=2).stderr  # a choice: listed in -h, completed
     assert "Invalid value for '--launcher'" in bad_launcher and "'pbs' is not one of 'local'," in bad_launcher
     assert "on Slurm use --gpus-per-task and --runs-per-task" in cli([*base, "--runs-per-gpu", "2"], code=2).stderr

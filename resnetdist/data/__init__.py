@@ -39,10 +39,12 @@ class Loaders:
     evals: dict[str, Iterable[Batch]]  # "test", and "val" when the run holds 5k images out
 
 
-def open_loaders(cfg: DataConfig, data: Cifar10, ctx: dist.DistContext, global_batch: int, seed: int,
+def open_loaders(cfg: DataConfig, data: Cifar10, ctx: dist.DistContext, global_batch: int, seed: int | list[int],
                  train: bool = True) -> Loaders:
     """This rank's training loader (with `train`) and evaluation shards, of the kind
-    data.loader names: of the test set, and of the validation set when the run holds one out."""
+    data.loader names: of the test set, and of the validation set when the run holds one out.
+    A pack's seeds (a list of several): FFCV reads each member's order (ffcv_loader.FfcvPackLoader);
+    the resident loader's set is one for all, each seed's order being its EpochTable's."""
     if cfg.loader == "ffcv":
         from .ffcv_loader import open_ffcv_loaders
 
@@ -50,6 +52,8 @@ def open_loaders(cfg: DataConfig, data: Cifar10, ctx: dist.DistContext, global_b
     evals = {"test": ResidentEvalLoader(data.test, cfg.eval_batch, ctx.rank, ctx.world_size, ctx.device)}
     if data.val is not None:
         evals["val"] = ResidentEvalLoader(data.val, cfg.eval_batch, ctx.rank, ctx.world_size, ctx.device)
+    if isinstance(seed, list):
+        seed = seed[0]
     loader = ResidentTrainLoader(data.train, global_batch, seed, ctx.rank, ctx.world_size, ctx.device) if train else None
     return Loaders(loader, evals)
 

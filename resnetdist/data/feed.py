@@ -20,7 +20,7 @@ from .resident import Batch, TrainLoader
 @dataclass
 class Feed:
     loader: TrainLoader
-    seed: int
+    seed: int | list[int]  # a pack's seeds: its loader yields (K, b, ...) batches, member j's in row j
     global_batch: int
     rank: int = 0
     world_size: int = 1
@@ -29,11 +29,17 @@ class Feed:
     def batches(self, start_iter: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         it = start_iter
         for images, labels in self.loader.batches(start_iter, out=self.out):
-            yield images, labels, draw_params(self.seed, it, self.global_batch, self.rank, self.world_size)
+            yield images, labels, self.draws(it)
             it += 1
 
+    def draws(self, it: int) -> torch.Tensor:
+        """Iteration `it`'s augmentation numbers: (3, b), or a pack's (K, 3, b), each member's of its seed."""
+        if isinstance(self.seed, list):
+            return torch.stack([draw_params(s, it, self.global_batch, self.rank, self.world_size) for s in self.seed])
+        return draw_params(self.seed, it, self.global_batch, self.rank, self.world_size)
 
-def feed_for(loader: TrainLoader, source: EpochTable | None, seed: int, global_batch: int, rank: int,
+
+def feed_for(loader: TrainLoader, source: EpochTable | None, seed: int | list[int], global_batch: int, rank: int,
              world_size: int, out: Batch | None = None) -> Feed | EpochTable:
     """The device-side epochs when there are (`source`: the step gathers each batch itself),
     else the loader's batches, gathered into `out` when given."""

@@ -243,6 +243,29 @@ class FfcvTrainLoader:
             yield from _epoch(self.loader, out)
 
 
+class FfcvPackLoader:
+    """A pack's training batches (pack.py) through FFCV: one FfcvTrainLoader per member, each
+    with its own seed's order (its own FFCV Loader and epoch thread), so member j reads exactly
+    the batches of its run alone. Yields (K, b, 3, 32, 32) images and (K, b) labels, member j in
+    row j; with `out` (a graphed step's inputs) each member's batch is copied straight into its
+    row."""
+
+    def __init__(self, members: list[FfcvTrainLoader]):
+        self.members = members
+        self.steps, self.b = members[0].steps, members[0].b
+
+    def batches(self, start_iter: int, out: Batch | None = None) -> Iterator[Batch]:
+        streams = [m.batches(start_iter, None if out is None else (out[0][j], out[1][j]))
+                   for j, m in enumerate(self.members)]
+        try:
+            while True:
+                images, labels = zip(*(next(stream) for stream in streams))
+                yield out if out is not None else (torch.stack(images), torch.stack(labels))
+        finally:
+            for stream in streams:  # each stops its FFCV epoch thread
+                stream.close()
+
+
 class FfcvEvalLoader:
     """This rank's contiguous shard of an evaluation set, in order; re-iterable."""
 
@@ -281,15 +304,19 @@ def ensure_betons(cfg: DataConfig, data: Cifar10) -> Path:
     return out
 
 
-def open_ffcv_loaders(cfg: DataConfig, data: Cifar10, ctx: dist.DistContext, global_batch: int, seed: int,
-                      train: bool) -> tuple[FfcvTrainLoader | None, dict[str, FfcvEvalLoader]]:
-    """data/__init__.open_loaders for data.loader = ffcv: the training loader (with `train`) and
-    the evaluation shards, read from the .beton files."""
+def open_ffcv_loaders(cfg: DataConfig, data: Cifar10, ctx: dist.DistContext, global_batch: int,
+                      seed: int | list[int], train: bool
+                      ) -> tuple[FfcvTrainLoader | FfcvPackLoader | None, dict[str, FfcvEvalLoader]]:
+    """data/__init__.open_loaders for data.loader = ffcv: the training loader (with `train`; of
+    each seed of a pack's, a list of several: FfcvPackLoader) and the evaluation shards, read
+    from the .beton files."""
     train_beton, test_beton = beton_paths(ensure_betons(cfg, data))
     args = (cfg.eval_batch, ctx.rank, ctx.world_size, ctx.device, cfg.ffcv_workers)
     evals = {"test": FfcvEvalLoader(test_beton, None, *args)}
     if data.val is not None:
         evals["val"] = FfcvEvalLoader(train_beton, data.val_indices, *args)
-    loader = FfcvTrainLoader(train_beton, data.train_indices, global_batch, seed, ctx.rank, ctx.world_size,
-                             ctx.device, cfg.ffcv_workers) if train else None
-    return loader, evals
+    if not train:
+        return None, evals
+    loaders = [FfcvTrainLoader(train_beton, data.train_indices, global_batch, s, ctx.rank, ctx.world_size,
+                               ctx.device, cfg.ffcv_workers) for s in (seed if isinstance(seed, list) else [seed])]
+    return (loaders[0] if len(loaders) == 1 else FfcvPackLoader(loaders)), evals

@@ -3,7 +3,9 @@
 One array task per run (or per --runs-per-task runs, started side by side and spread over the
 task's GPUs). Each task runs `python -m resnetdist train --config OUT/suite/configs/<run>.toml`,
 the run's resolved configuration written before submission, with its output appended to
-OUT/<run>/train.log. The script asks for `--requeue` and for USR1 shortly before the time
+OUT/<run>/train.log. With --pack K a task's process trains up to K seeds of a net as one fused
+model (reproduce.packs; `train --seeds`, its output in the first member's train.log, the
+others' logs saying so), and --runs-per-task counts such processes. The script asks for `--requeue` and for USR1 shortly before the time
 limit, on which it requeues its own task; `train` resumes a run from its newest checkpoint
 whenever it starts, so a requeued or resubmitted task continues where it stopped.
 
@@ -29,8 +31,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import ConfigError
-from .reproduce import (SUITE_DIR, Job, Outcome, jobs_from_manifest, read_manifest, suite_name, write_manifest,
-                        write_plan)
+from .reproduce import (SUITE_DIR, Job, Outcome, jobs_from_manifest, packs, read_manifest, suite_name,
+                        write_manifest, write_plan)
 from .status import RunStatus, run_status, table, to_json
 
 QUEUED_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESIZING", "SUSPENDED",
@@ -50,7 +52,8 @@ class SlurmOptions:
     account: str = ""
     time: str = ""  # Slurm time limit, e.g. 04:00:00
     gpus_per_task: int = 1
-    runs_per_task: int = 1
+    runs_per_task: int = 1  # processes per task (with pack > 1, each a pack)
+    pack: int = 1  # up to this many seeds of a net in one process (train --seeds)
     sbatch_args: list[str] = field(default_factory=list)
     wait: bool = True
     dry_run: bool = False
@@ -61,6 +64,8 @@ class SlurmOptions:
             raise ConfigError(f"--gpus-per-task must be >= 0, got {self.gpus_per_task}")
         if self.runs_per_task < 1:
             raise ConfigError(f"--runs-per-task must be >= 1, got {self.runs_per_task}")
+        if self.pack < 1:
+            raise ConfigError(f"--pack must be >= 1, got {self.pack}")
         for arg in self.sbatch_args:
             name = arg.split("=", 1)[0]
             if not SBATCH_ARG.match(arg):
@@ -84,13 +89,19 @@ def require(tool: str) -> str:
 # ----- the array script ------------------------------------------------------------------------------
 
 
-def pack(jobs: list[Job], runs_per_task: int) -> dict[int, list[str]]:
-    """Array task id -> the runs it trains, in order (longest first stays first)."""
-    names = [j.name for j in jobs]
-    return {t: names[i : i + runs_per_task] for t, i in enumerate(range(0, len(names), runs_per_task))}
+def pack(jobs: list[Job], runs_per_task: int, size: int = 1) -> dict[int, list[list[Job]]]:
+    """Array task id -> its processes, in order (longest first stays first): each the runs it
+    trains, one, or a pack of up to `size` seeds of a net (reproduce.packs)."""
+    groups = packs(jobs, size)
+    return {t: groups[i : i + runs_per_task] for t, i in enumerate(range(0, len(groups), runs_per_task))}
 
 
-def sbatch_lines(out: Path, tasks: dict[int, list[str]], opts: SlurmOptions) -> list[str]:
+def task_runs(tasks: dict[int, list[list[Job]]]) -> dict[int, list[str]]:
+    """Array task id -> the names of every run it trains (suite.json's record)."""
+    return {t: [j.name for group in groups for j in group] for t, groups in tasks.items()}
+
+
+def sbatch_lines(out: Path, tasks: dict[int, list[list[Job]]], opts: SlurmOptions) -> list[str]:
     suite = out / SUITE_DIR
     lines = [f"--job-name=resnetdist-{suite_name(out)}", f"--array=0-{len(tasks) - 1}",
              f"--output={suite / 'slurm'}/%A_%a.out", "--open-mode=append", "--ntasks=1",
@@ -128,13 +139,23 @@ for i in "${{!runs[@]}}"; do
     run="${{runs[$i]}}"
     mkdir -p "$out/$run"
     echo "=== $(date '+%F %T') array task ${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}} on $(hostname): $run" >> "$out/$run/train.log"
+    # a pack (--pack): the first run's config with every member's seed, each run in $out/<net>-s<seed>
+    args=(--config "$out/{suite}/configs/$run.toml")
+    if [[ -n "${{seeds[$i]:-}}" ]]; then
+        args+=(--seeds "${{seeds[$i]}}" --out "$out")
+        read -r -a others <<< "${{packed[$i]}}"
+        for other in "${{others[@]}}"; do
+            mkdir -p "$out/$other"
+            echo "=== $(date '+%F %T') packed with $run: the output is in $out/$run/train.log" >> "$out/$other/train.log"
+        done
+    fi
     (
         if (( ${{#gpus[@]}} )); then
             export CUDA_VISIBLE_DEVICES="${{gpus[i % ${{#gpus[@]}}]}}"
         fi
         # the exit code last in the log: `reproduce --status` and `resnetdist runs` read it
         code=0
-        "$python" -m resnetdist train --config "$out/{suite}/configs/$run.toml" || code=$?
+        "$python" -m resnetdist train "${{args[@]}}" || code=$?
         echo "=== $(date '+%F %T') exit code $code"
         exit "$code"
     ) >> "$out/$run/train.log" 2>&1 &
@@ -157,14 +178,29 @@ exit "$status"
 """
 
 
-def array_script(out: Path, tasks: dict[int, list[str]], opts: SlurmOptions) -> str:
-    """The job array's batch script: task id -> runs, then one `train` per run, side by side."""
+def task_case(t: int, groups: list[list[Job]]) -> str:
+    """Task t's line of the script's case: its processes' first runs, and for packs each one's
+    seeds and other runs (empty for a run alone)."""
+    q = shlex.quote
+    line = f"    {t}) runs=({' '.join(q(g[0].name) for g in groups)})"
+    if any(len(g) > 1 for g in groups):
+        # double-quoted: run names are [a-z0-9-] and seeds digits, and "0,1" is one element
+        seeds = " ".join('"' + (",".join(str(j.seed) for j in g) if len(g) > 1 else "") + '"' for g in groups)
+        others = " ".join('"' + " ".join(j.name for j in g[1:]) + '"' for g in groups)
+        line += f" seeds=({seeds}) packed=({others})"
+    return line + " ;;"
+
+
+def array_script(out: Path, tasks: dict[int, list[list[Job]]], opts: SlurmOptions) -> str:
+    """The job array's batch script: task id -> processes, then one `train` per process (a run,
+    or a pack's runs: train --seeds), side by side."""
     out = out.resolve()
     q = shlex.quote
-    cases = "\n".join(f"    {t}) runs=({' '.join(q(n) for n in names)}) ;;" for t, names in tasks.items())
+    cases = "\n".join(task_case(t, groups) for t, groups in tasks.items())
     header = "\n".join(f"#SBATCH {line}" for line in sbatch_lines(out, tasks, opts))
+    runs = sum(len(g) for groups in tasks.values() for g in groups)
     return f"""#!/usr/bin/env bash
-# resnetdist suite {suite_name(out)}: {sum(map(len, tasks.values()))} run(s) in {len(tasks)} array task(s).
+# resnetdist suite {suite_name(out)}: {runs} run(s) in {len(tasks)} array task(s).
 # Written by `resnetdist reproduce --launcher slurm`; each run trains with its resolved config
 # {out / SUITE_DIR}/configs/<run>.toml and resumes from its newest checkpoint when restarted.
 {header}
@@ -173,6 +209,7 @@ set -euo pipefail
 out={q(str(out))}
 python="${{RESNETDIST_PYTHON:-{q(sys.executable)}}}"
 
+seeds=() packed=()  # per process of a pack (--pack): its seeds and its other runs; set below
 case "${{SLURM_ARRAY_TASK_ID:?submit this with sbatch: it is a job array}}" in
 {cases}
     *) echo "array task $SLURM_ARRAY_TASK_ID has no runs" >&2; exit 2 ;;
@@ -193,7 +230,7 @@ def _sbatch(args: list[str], script: Path) -> str:
 
 def submit(out: Path, jobs: list[Job], opts: SlurmOptions) -> tuple[str, dict[int, list[str]]]:
     """Write, check (sbatch --test-only) and submit the array for `jobs`; record it in suite.json."""
-    tasks = pack(jobs, opts.runs_per_task)
+    tasks = pack(jobs, opts.runs_per_task, opts.pack)
     manifest = read_manifest(out) or {}
     submissions = manifest.setdefault("submissions", [])
     script = out / SUITE_DIR / f"array-{len(submissions) + 1}.sbatch"
@@ -202,7 +239,7 @@ def submit(out: Path, jobs: list[Job], opts: SlurmOptions) -> tuple[str, dict[in
     _sbatch(["--test-only"], script)
     job_id = _sbatch(["--parsable"], script).split(";")[0]
     submissions.append({"job_id": job_id, "script": str(script), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                        "tasks": {str(t): names for t, names in tasks.items()}})
+                        "tasks": {str(t): names for t, names in task_runs(tasks).items()}})
     write_manifest(out, manifest)
     return job_id, tasks
 
@@ -301,7 +338,7 @@ def run_suite(jobs: list[Job], out: Path, opts: SlurmOptions, echo: Callable[[st
     return the outcomes; None when nothing is waited for (--dry-run, --no-wait)."""
     opts.validate()
     if opts.dry_run:
-        echo(array_script(out, pack(jobs, opts.runs_per_task), opts))
+        echo(array_script(out, pack(jobs, opts.runs_per_task, opts.pack), opts))
         return None
     require("sbatch")
     require("squeue")

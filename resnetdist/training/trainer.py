@@ -81,7 +81,8 @@ def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | N
     members = members or [cfg]
     cfg, seeds = members[0], [m.train.seed for m in members]
     plan = plan or resolve(cfg, ctx.world_size)
-    loaders = open_loaders(cfg.data, data, ctx, plan.global_batch, cfg.train.seed)
+    seed = seeds if len(seeds) > 1 else seeds[0]  # a pack's: FFCV reads each member's order
+    loaders = open_loaders(cfg.data, data, ctx, plan.global_batch, seed)
     # a resident loader's epochs go to the device whole: the step gathers each batch itself
     source = epoch_table_for(loaders.train, seeds, plan.global_batch, ctx.rank, ctx.world_size)
     if source is not None:
@@ -90,7 +91,7 @@ def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | N
     model, optimizer = make_model(cfg, ctx, seeds)
     step = make_step(cfg, plan, ctx, model, optimizer, mean, source)
     plan = plan.ran(step.choice)
-    feed = feed_for(loaders.train, source, cfg.train.seed, plan.global_batch, ctx.rank, ctx.world_size,
+    feed = feed_for(loaders.train, source, seed, plan.global_batch, ctx.rank, ctx.world_size,
                     out=step.inputs.out if step.inputs else None)
     data_facts = {"train_images": len(data.train), "test_images": len(data.test),
                   "val_images": len(data.val) if data.val is not None else 0,
