@@ -1,12 +1,8 @@
-"""One run's configuration: a small dataclass per concern, composed into RunConfig; loaded
-from TOML (configs/*.toml) plus `--set section.key=value` overrides.
-
-Order of precedence: dataclass defaults < --config file < CLI flags < --set. Everything is
-checked (unknown section or key, wrong type, impossible value) before any worker starts, and
-the error names the key at fault. The recipe's "auto" (warm-up) is resolved here; what
-depends on the machine (device, precision, step) by training/plan.resolve, at preflight,
-into a record of its own: a configuration is never rewritten after it is loaded. What may change between a
-run directory's restarts (RESUME_KEYS, check_same_experiment) is decided here too.
+"""One run's configuration: a dataclass per section, composed into RunConfig; defaults <
+--config file < CLI flags < --set, every key checked before any worker starts, the error naming
+it. The recipe's "auto" (warm-up) is resolved here; what depends on the machine (device,
+precision, step) by training/plan.resolve, into a record of its own: a configuration is never
+rewritten after it is loaded. What may change between restarts (RESUME_KEYS) is decided here.
 
 This module imports nothing from the package: every other module may import it.
 """
@@ -63,8 +59,7 @@ def depth_to_n(depth: int) -> int:
 
 
 def doc(text: str) -> dict[str, str]:
-    """A field's one-line description, as field metadata: docs/configuration.md is generated
-    from it (python -m resnetdist.configdoc)."""
+    """A field's description, as metadata: docs/configuration.md is generated from it (configdoc)."""
     return {"doc": text}
 
 
@@ -154,10 +149,9 @@ class OptimConfig:
             raise ValueError(f"optim.milestones must be increasing positive iterations, got {self.milestones}")
         if self.milestones and self.milestones[-1] >= self.iters:
             # an lr step at or past the end never happens: the run would not be the schedule asked for
-            raise ValueError(
-                f"optim.milestones {self.milestones}: {self.milestones[-1]} is at or past the end of the run "
-                f"(optim.iters = {self.iters}); give milestones below {self.iters}, or leave optim.milestones "
-                f"unset so that the paper's move with the run length")
+            raise ValueError(f"optim.milestones {self.milestones}: {self.milestones[-1]} is at or past the end of the "
+                             f"run (optim.iters = {self.iters}); give milestones below {self.iters}, or leave "
+                             f"optim.milestones unset so that the paper's move with the run length")
 
 
 @dataclass
@@ -174,12 +168,10 @@ class TrainConfig:
     precision: str = field(default="auto", metadata=doc(
         "fp32, bf16, fp16; auto = bf16 on a GPU that has it, else fp32"))
     channels_last: bool = field(default=True, metadata=doc("NHWC memory format (CUDA only)"))
-    # the one key that decides which step runs (training/step.py's choose_kind reads it, once)
     step: str = field(default="auto", metadata=doc(
         "graph: the whole step captured once as a CUDA graph and replayed; compile: torch.compile of the "
         "model, eager step; eager. auto = graph on CUDA with bf16/fp32, else eager; a failed capture "
         "trains eagerly and resolved.toml / summary.json record what ran"))
-    # a setting of the compile step, not a kind of step: read only when step = compile
     compile: str = field(default="default", metadata=doc(
         "torch.compile's mode for train.step = compile: default, max-autotune (other steps ignore it)"))
 
@@ -203,29 +195,25 @@ HANG_TIMEOUT_FLOOR_S = 10
 
 @dataclass
 class DistConfig:
-    # split: optim.batch_size is the global batch, divided across ranks (the paper's 128 on
-    # any number of GPUs). per_rank: every rank takes optim.batch_size, the global batch grows
-    # with the world size and the lr is scaled linearly with a warm-up (Goyal et al. 2017).
     batch_scaling: str = field(default="split", metadata=doc(
         "split: the global batch is divided across ranks; per_rank: every rank takes optim.batch_size, lr"
         " scaled by the world size after a linear warm-up (Goyal et al. 2017)"))
     scale_warmup_iters: int = field(default=500, metadata=doc("the per_rank lr warm-up, in iterations"))
     sync_bn: bool = field(default=False, metadata=doc("SyncBatchNorm across ranks (CUDA)"))
-    # above hang_timeout_s with a clear margin (validate): on an eagerly launched collective the
-    # hang watchdog's one line and exit 7 come before NCCL's own watchdog aborts the process
+    # above hang_timeout_s (validate): on an eager collective the hang watchdog's one line and
+    # exit 7 come before NCCL's own watchdog aborts the process
     timeout_s: int = field(default=900, metadata=doc(
         "process-group init and every collective launched eagerly (NCCL's watchdog aborts after it); must be"
         " above dist.hang_timeout_s"))
-    # measured against progress, not against the cadence: log_every, eval_every and a long
-    # evaluation do not matter, the longest healthy silence is one iteration, one evaluation
-    # batch or rank 0's checkpoint write (dist.HangWatch). The default is far above those on
-    # any device; the floor keeps a typo (1 for 100) from tripping it on a loaded CPU
+    # measured against progress, not the cadence: the longest healthy silence is one iteration,
+    # evaluation batch or checkpoint write (dist.HangWatch); the floor keeps a typo (1 for 100)
+    # from tripping it on a loaded CPU
     hang_timeout_s: int = field(default=300, metadata=doc(
         "a rank that has made no progress (an iteration, an evaluation batch) for this long while waiting on"
         " other ranks reports the hang and exits 7, so torchrun restarts the job (0 = off; else >= 10 and below"
         " dist.timeout_s)"))
-    # a cold torch.compile takes 30-90 s on an H100 for these nets, minutes in max-autotune; one
-    # that never returns must still end the run
+    # a cold torch.compile takes 30-90 s on an H100, minutes in max-autotune; one that never
+    # returns must still end the run
     compile_pause_s: int = field(default=1200, metadata=doc(
         "the hang watchdog's clock pauses for a torch.compile compilation at most this long"))
 
@@ -306,9 +294,7 @@ class RunConfig:
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         if self.optim.warmup_iters > self.optim.iters:
-            raise ConfigError(
-                f"optim.warmup_iters ({self.optim.warmup_iters}) exceeds optim.iters ({self.optim.iters})"
-            )
+            raise ConfigError(f"optim.warmup_iters ({self.optim.warmup_iters}) exceeds optim.iters ({self.optim.iters})")
 
 
 # ----- reading and merging ------------------------------------------------------------------------
@@ -328,26 +314,19 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def _merge_section(obj: Any, section: str, values: dict[str, Any], source: str) -> None:
-    hints = typing.get_type_hints(type(obj))
-    for key, value in values.items():
-        if key not in hints:
-            known = ", ".join(hints)
-            raise ConfigError(f"{source}: unknown key {section}.{key} (known: {known})")
-        setattr(obj, key, _check_type(f"{source}: {section}.{key}", value, hints[key]))
-
-
 def merge(cfg: RunConfig, tree: dict[str, Any], source: str) -> None:
     """Apply a {section: {key: value}} tree onto cfg, checking names and types."""
     sections = {f.name for f in dataclasses.fields(cfg)}
     for section, values in tree.items():
         if section not in sections:
-            raise ConfigError(
-                f"{source}: unknown section [{section}] (known: {', '.join(sorted(sections))})"
-            )
+            raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(sorted(sections))})")
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: [{section}] must be a table, got {values!r}")
-        _merge_section(getattr(cfg, section), section, values, source)
+        hints = typing.get_type_hints(type(getattr(cfg, section)))
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"{source}: unknown key {section}.{key} (known: {', '.join(hints)})")
+            setattr(getattr(cfg, section), key, _check_type(f"{source}: {section}.{key}", value, hints[key]))
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -381,12 +360,10 @@ def load_config(
     overrides: list[str] | None = None,
     iters: int | None = None,
 ) -> RunConfig:
-    """Defaults < file < flags (--iters among them: it sets optim.iters) < --set, checked on the
-    final values. The schedule (milestones, warm-up, evaluation and checkpoint cadence) moves
-    with the run length only where it was written for another length (scale_schedule); a value
-    given on its own is kept as written. Device, precision, step and W&B mode stay as given
-    ("auto" stays "auto"): training/plan.resolve reads them, once, on the machine that trains (a
-    Slurm suite's runs resolve them on their own nodes)."""
+    """Defaults < file < flags (--iters sets optim.iters) < --set, checked on the final values.
+    The schedule moves with the run length only where it was written for another length
+    (scale_schedule). "auto" values stay "auto": training/plan.resolve reads them on the machine
+    that trains (a Slurm suite's runs on their own nodes)."""
     if iters is not None and iters < 1:
         raise ConfigError(f"--iters must be >= 1, got {iters}")
     cfg = RunConfig()
@@ -414,10 +391,9 @@ def fill_recipe_defaults(cfg: RunConfig) -> None:
     """The values whose default depends on other keys, the same on every machine."""
     if cfg.optim.warmup_iters < 0:
         # The paper warms ResNet-110 up at lr 0.01 "until the training error is below 80% (about
-        # 400 iterations)"; shallower nets need none. That point comes after about as many
-        # iterations in a short run as in a long one, so the warm-up is not scaled with the run
-        # length (scaled, a 200-iteration run warmed up for 1 iteration: no warm-up at all); a
-        # run too short for it spends half its iterations warming up and half at the full lr.
+        # 400 iterations)"; shallower nets need none. That point comes after as many iterations
+        # in a short run as in a long one, so it is not scaled (a 200-iteration run would warm up
+        # for 1); a run too short for it spends half its iterations warming up.
         cfg.optim.warmup_iters = min(PAPER_WARMUP_ITERS, cfg.optim.iters // 2) if cfg.model.n >= 18 else 0
 
 
@@ -427,9 +403,8 @@ SCHEDULE_KEYS = ("optim.milestones", "optim.warmup_iters", "train.eval_every", "
 
 
 def schedule_lengths(sources: list[tuple[dict[str, Any], str]]) -> dict[str, int | None]:
-    """For each schedule key, the run length it was written for: optim.iters as given by the
-    source that set the key last (the defaults: 64k), or None when that source gave no length
-    (a --set, a file without optim.iters): those values are iterations, kept as written."""
+    """For each schedule key, the optim.iters of the source that set it last (the defaults: 64k),
+    or None when that source gave none (a --set, a file without optim.iters): kept as written."""
     lengths: dict[str, int | None] = {}
     for tree, _ in sources:
         for key in SCHEDULE_KEYS:
@@ -441,10 +416,9 @@ def schedule_lengths(sources: list[tuple[dict[str, Any], str]]) -> dict[str, int
 
 def scale_schedule(cfg: RunConfig, written_for: dict[str, int | None]) -> None:
     """Move each schedule value written for another run length to optim.iters, in proportion:
-    milestones that would fall at or past the end are dropped, the warm-up keeps its length in
-    iterations (at most half the run: fill_recipe_defaults says why), and the evaluation and checkpoint cadence are whole multiples of
-    log.log_every (so evaluations land on log points; a 2,000-iteration run of the defaults
-    evaluates and checkpoints every 100 iterations, the paper's 64k every 2000 / 4000)."""
+    milestones at or past the end are dropped, the warm-up keeps its length (at most half the
+    run), and the evaluation and checkpoint cadence are whole multiples of log.log_every (so
+    evaluations land on log points: a 2,000-iteration run of the defaults every 100)."""
     iters = cfg.optim.iters
 
     def moved(key: str, value: int) -> int | None:
@@ -476,7 +450,7 @@ def to_toml(cfg: RunConfig) -> str:
     return tomli_w.dumps(cfg.to_dict()) if tomli_w is not None else dumps_toml(cfg.to_dict())
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -484,30 +458,22 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, str):
         return json.dumps(v)  # a JSON string is a valid TOML basic string
     if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
 def dumps_toml(tree: dict[str, dict[str, Any]]) -> str:
-    """A {section: {key: scalar or list}} tree as TOML, for machines without tomli-w (the
-    config has no deeper nesting)."""
+    """A {section: {key: scalar or list}} tree as TOML (no deeper nesting), without tomli-w."""
     out = []
     for section, values in tree.items():
-        out.append(f"[{section}]")
-        out += [f"{key} = {_toml_value(v)}" for key, v in values.items()]
-        out.append("")
+        out += [f"[{section}]", *(f"{key} = {toml_value(v)}" for key, v in values.items()), ""]
     return "\n".join(out)
 
 
 def diff(a: RunConfig, b: RunConfig) -> list[tuple[str, Any, Any]]:
     """(section.key, value in a, value in b) for every key whose values differ."""
     da, db = a.to_dict(), b.to_dict()
-    return [
-        (f"{section}.{key}", da[section][key], db[section][key])
-        for section in da
-        for key in da[section]
-        if da[section][key] != db[section][key]
-    ]
+    return [(f"{s}.{k}", da[s][k], db[s][k]) for s in da for k in da[s] if da[s][k] != db[s][k]]
 
 
 # What a run directory's results depend on: resuming with any of these changed would splice
@@ -518,18 +484,11 @@ RESUME_KEYS = ("model", "optim", "train.seed", "data.val_split", "data.mean", "d
 
 
 def check_same_experiment(cfg: RunConfig, path: Path) -> None:
-    """Refuse to continue a run directory whose configuration (`path`, its config.toml) holds a
-    different experiment."""
+    """Refuse to continue a run directory whose config.toml (`path`) holds another experiment."""
     if not path.exists():
         return
-    old = from_dict(read_toml(path), str(path))
-    changed = [
-        f"{key}: {was!r} -> {now!r}"
-        for key, was, now in diff(old, cfg)
-        if key in RESUME_KEYS or key.split(".")[0] in RESUME_KEYS
-    ]
+    changed = [f"{key}: {was!r} -> {now!r}" for key, was, now in diff(from_dict(read_toml(path), str(path)), cfg)
+               if key in RESUME_KEYS or key.split(".")[0] in RESUME_KEYS]
     if changed:
-        raise ConfigError(
-            f"{cfg.run_dir} holds a run with a different configuration ({'; '.join(changed)}); "
-            f"pass another --out, or delete that folder to start over"
-        )
+        raise ConfigError(f"{cfg.run_dir} holds a run with a different configuration ({'; '.join(changed)}); "
+                          f"pass another --out, or delete that folder to start over")
