@@ -107,7 +107,7 @@ def _read_manifest(out_dir: Path) -> dict | None:
 def _source_md5s(bin_folder: Path) -> dict[str, str] | None:
     """md5 of every source .bin by name, or None when one is missing/unreadable."""
     try:
-        return {p.name: cifar.md5sum(p) for p in cifar.source_files(bin_folder)}
+        return {name: cifar.md5sum(bin_folder / name) for name in cifar.version_of(bin_folder).files}
     except OSError:
         return None
 
