@@ -66,7 +66,6 @@ BENCH_LOADERS = typer.Option("resident,ffcv", help="comma-separated: resident, f
 RUN_DIRS = typer.Argument(..., help="run folders, or folders holding runs (searched one level down)")
 WEIGHTS = typer.Argument(..., help="model.pt or ckpt_*.pt, or a run folder (its model.pt, else its newest checkpoint)")
 JSON_RESULT = typer.Option(False, "--json", help="print the result as one JSON object")
-OVERRIDES = "section.key=value, repeatable"
 TORCHRUN_N = ("under torchrun write -n 7 or --depth 44: torchrun's own parser takes --n for an abbreviation "
               "of its --nnodes/--nproc-per-node and stops (pytorch#120601)")
 
@@ -81,7 +80,7 @@ def train(
     plain: Optional[bool] = typer.Option(None, "--plain/--resnet", help="plain net (no shortcuts) or ResNet (the default)"),
     shortcut: Optional[Shortcut] = typer.Option(None, help="A: identity/zero-pad (paper), B: 1x1 projection"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file, e.g. configs/resnet20.toml"),
-    overrides: list[str] = typer.Option([], "--set", help=OVERRIDES),
+    overrides: list[str] = typer.Option([], "--set", help="section.key=value, repeatable"),
     iters: Optional[int] = typer.Option(None, help="run N iterations (sets optim.iters); the default milestones and evaluation/checkpoint cadence move in proportion, a warm-up keeps its length (at most half the run), values given with --set are kept"),
     data_dir: Optional[Path] = DATA_DIR,
     out: Optional[Path] = typer.Option(None, help="run directory (default runs/<name>)"),
@@ -110,14 +109,28 @@ def train(
         cfg = load_config(config, {s: {k: v for k, v in kv.items() if v is not None} for s, kv in flags.items()},
                           [*overrides, *bare_overrides(settings or [])], iters)
         members = pack_members(cfg, seeds, seed)
-        from .dist import under_torchrun, world_size_from_env
+        from .dist import launch_rank, under_torchrun, world_size_from_env
         from .rundir import RunDir
         from .training.worker import preflight
 
         launching = bool(nproc_per_node) and not under_torchrun()  # this process starts torchrun
         world_size = nproc_per_node if launching else world_size_from_env()
-        if dry_run:
-            return show_dry_run(members[0] if members else cfg, world_size)
+        if dry_run:  # the checks a run makes before it starts (the data read, not downloaded), nothing written
+            from .data.cifar import locate
+            from .training.announce import dry_run as describe_dry_run
+            from .training.plan import resolve
+            from .training.worker import where_it_starts
+
+            first, notes = members[0] if members else cfg, []
+            try:
+                cached = bool(first.data.dir) or bool(locate(None, download_ok=False))
+            except DataError:
+                cached = False
+                notes.append("CIFAR-10 is not in the download cache: the run would download it first (163 MB)")
+            plan = preflight(first, world_size).plan if cached else resolve(first, world_size)
+            if launch_rank() == 0:
+                typer.echo(describe_dry_run(first, plan, where_it_starts(first), notes))
+            return
         prepared = preflight(members or cfg, world_size)
         # a launcher asks before starting torchrun for nothing; each rank asks in training/worker.py
         done = [RunDir(m.run_dir).finished(m.optim.iters, m.name) for m in members or [cfg]] if launching else [None]
@@ -167,8 +180,7 @@ def blocks_per_stage(depth: int | None, n: int | None) -> int | None:
 
 
 def bare_overrides(settings: list[str]) -> list[str]:
-    """The positional section.key=value words; a word that is not one (a typo'd flag, a
-    stray path) is named, rather than read as a setting."""
+    """The positional section.key=value words; another word (a typo'd flag, a stray path) is named."""
     for word in settings:
         key = word.split("=", 1)[0]
         if "=" not in word or "." not in key or key.startswith("-"):
@@ -177,9 +189,8 @@ def bare_overrides(settings: list[str]) -> list[str]:
 
 
 def train_here(cfg: RunConfig | list[RunConfig], prepared, as_json: bool = False) -> None:
-    """This process's rank of the run (or of a pack's runs, `cfg` a list): its faults turned
-    into one line and an exit code, its result into a summary in words (rank 0) or a JSON line
-    per rank and run (--json)."""
+    """This process's rank of the run (a pack's runs: `cfg` a list): its faults as one line and an
+    exit code, its result as a summary in words (rank 0) or a JSON line per rank and run."""
     from .dist import launch_rank
     from .errors import GraphUnavailable, NonFiniteLoss, PeerLost, Preempted, RunDirBusy, WriteError
     from .training.announce import closing
@@ -224,26 +235,6 @@ def show_finished(summaries: list[dict[str, Any]], members: list[RunConfig], as_
     if launch_rank() == 0:
         for summary, cfg in zip(summaries, members):
             typer.echo(json.dumps(summary) if as_json else finished(summary, cfg))
-
-
-def show_dry_run(cfg: RunConfig, world_size: int) -> None:
-    """The checks a run makes before it starts (the data read, not downloaded), then the
-    configuration with what this machine resolves of it, and what would run; nothing is written."""
-    from .data.cifar import locate
-    from .dist import launch_rank
-    from .training.announce import dry_run
-    from .training.plan import resolve
-    from .training.worker import preflight, where_it_starts
-
-    notes = []
-    try:
-        cached = bool(cfg.data.dir) or bool(locate(None, download_ok=False))
-    except DataError:
-        cached = False
-        notes.append("CIFAR-10 is not in the download cache: the run would download it first (163 MB)")
-    plan = preflight(cfg, world_size).plan if cached else resolve(cfg, world_size)
-    if launch_rank() == 0:
-        typer.echo(dry_run(cfg, plan, where_it_starts(cfg), notes))
 
 
 def show_weights_result(run, checkpoint: Path, describe, as_json: bool, *args) -> None:
