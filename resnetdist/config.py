@@ -55,8 +55,6 @@ def depth_to_n(depth: int) -> int:
     return (depth - 2) // 6
 
 
-# ----- the sections -----------------------------------------------------------------------------
-
 
 def doc(text: str) -> dict[str, str]:
     """A field's description, as metadata: docs/configuration.md is generated from it (configdoc)."""
@@ -297,8 +295,6 @@ class RunConfig:
             raise ConfigError(f"optim.warmup_iters ({self.optim.warmup_iters}) exceeds optim.iters ({self.optim.iters})")
 
 
-# ----- reading and merging ------------------------------------------------------------------------
-
 
 def _check_type(key: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
@@ -384,8 +380,6 @@ def load_config(
     return cfg
 
 
-# ----- resolving "auto" ---------------------------------------------------------------------------
-
 
 def fill_recipe_defaults(cfg: RunConfig) -> None:
     """The values whose default depends on other keys, the same on every machine."""
@@ -435,8 +429,6 @@ def scale_schedule(cfg: RunConfig, written_for: dict[str, int | None]) -> None:
         if value is not None and every >= 1:
             setattr(t, key, max(every, round(value / every) * every))
 
-
-# ----- run directories ----------------------------------------------------------------------------
 
 
 def from_dict(tree: dict[str, Any], source: str) -> RunConfig:
