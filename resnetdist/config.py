@@ -56,19 +56,20 @@ def depth_to_n(depth: int) -> int:
 
 
 
-def doc(text: str) -> dict[str, str]:
-    """A field's description, as metadata: docs/configuration.md is generated from it (configdoc)."""
-    return {"doc": text}
+def key(default: Any, text: str) -> Any:
+    """A config key: its default and its description (metadata "doc": docs/configuration.md is
+    generated from it, configdoc)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
 
 
 @dataclass
 class ModelConfig:
-    n: int = field(default=3, metadata=doc(
-        "blocks per stage; depth 6n+2 (3 -> 20, 5 -> 32, 7 -> 44, 9 -> 56, 18 -> 110)"))
-    plain: bool = field(default=False, metadata=doc("no shortcuts (the paper's plain baselines)"))
-    shortcut: str = field(default="A", metadata=doc(
-        "A: identity, zero-padded channels where width doubles (paper); B: 1x1 projection there"))
-    num_classes: int = field(default=10, metadata=doc("classes of the last layer"))
+    n: int = key(3, "blocks per stage; depth 6n+2 (3 -> 20, 5 -> 32, 7 -> 44, 9 -> 56, 18 -> 110)")
+    plain: bool = key(False, "no shortcuts (the paper's plain baselines)")
+    shortcut: str = key("A", "A: identity, zero-padded channels where width doubles (paper); B: 1x1 projection there")
+    num_classes: int = key(10, "classes of the last layer")
 
     def validate(self) -> None:
         if self.n < 1:
@@ -89,20 +90,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dir: str = field(default="", metadata=doc(
-        "folder with cifar-10-batches-bin/ or cifar-10-batches-py/ (torchvision's) or a tarball; \"\" downloads to the cache"))
-    loader: str = field(default="resident", metadata=doc(
-        "resident: the whole dataset on the training device; ffcv: .beton files through FFCV's Loader"))
-    beton_dir: str = field(default="", metadata=doc(
-        "where the .beton files live (\"\" = beton/ beside cifar-10-batches-bin/)"))
-    ffcv_workers: int = field(default=4, metadata=doc("FFCV decoding threads"))
-    val_split: bool = field(default=False, metadata=doc(
-        "hold out 5k of the 50k training images (the paper's 45k/5k protocol)"))
-    mean: str = field(default="pixel", metadata=doc(
-        "pixel: subtract the per-pixel mean image of the training set; channel: data.channel_mean"))
-    channel_mean: list[float] = field(default_factory=lambda: [125.3, 123.0, 113.9], metadata=doc(
-        "per-channel means, 0-255 units"))
-    eval_batch: int = field(default=1000, metadata=doc("evaluation batch"))
+    dir: str = key("",
+        "folder with cifar-10-batches-bin/ or cifar-10-batches-py/ (torchvision's) or a tarball; \"\" downloads to "
+        "the cache")
+    loader: str = key("resident",
+        "resident: the whole dataset on the training device; ffcv: .beton files through FFCV's Loader")
+    beton_dir: str = key("", 'where the .beton files live ("" = beton/ beside cifar-10-batches-bin/)')
+    ffcv_workers: int = key(4, "FFCV decoding threads")
+    val_split: bool = key(False, "hold out 5k of the 50k training images (the paper's 45k/5k protocol)")
+    mean: str = key("pixel", "pixel: subtract the per-pixel mean image of the training set; channel: data.channel_mean")
+    channel_mean: list[float] = key([125.3, 123.0, 113.9], "per-channel means, 0-255 units")
+    eval_batch: int = key(1000, "evaluation batch")
 
     def validate(self) -> None:
         if self.loader not in LOADERS:
@@ -117,24 +115,24 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    batch_size: int = field(default=128, metadata=doc("global batch (see dist.batch_scaling)"))
-    lr: float = field(default=0.1, metadata=doc("SGD learning rate"))
-    momentum: float = field(default=0.9, metadata=doc("SGD momentum"))
-    weight_decay: float = field(default=1e-4, metadata=doc("SGD weight decay"))
-    iters: int = field(default=PAPER_ITERS, metadata=doc(
-        "length of the run; --iters N (or this key) sets it. Milestones and the evaluation and "
-        "checkpoint cadence written for another length (the defaults, a config file's values given with "
-        "its optim.iters) move in proportion (the warm-up keeps its length: optim.warmup_iters); values "
-        "given without a length (--set) are kept as written"))
-    milestones: list[int] = field(default_factory=lambda: [32_000, 48_000], metadata=doc(
-        "iterations at which the lr is multiplied by gamma; each before optim.iters (one at or past "
-        "the end is refused)"))
-    gamma: float = field(default=0.1, metadata=doc("lr factor at each milestone"))
-    warmup_iters: int = field(default=-1, metadata=doc(
-        "iterations at the constant warm-up lr; -1 = the paper's 400 for n >= 18 (ResNet-110, 1202), else "
-        "none. Not scaled with optim.iters (it lasts until the net starts learning, whatever the run's "
-        "length); the default, or a file's value written for another length, is at most half the run"))
-    warmup_lr: float = field(default=0.01, metadata=doc("the warm-up lr"))
+    batch_size: int = key(128, "global batch (see dist.batch_scaling)")
+    lr: float = key(0.1, "SGD learning rate")
+    momentum: float = key(0.9, "SGD momentum")
+    weight_decay: float = key(1e-4, "SGD weight decay")
+    iters: int = key(PAPER_ITERS,
+        "length of the run; --iters N (or this key) sets it. Milestones and the evaluation and checkpoint cadence "
+        "written for another length (the defaults, a config file's values given with its optim.iters) move in "
+        "proportion (the warm-up keeps its length: optim.warmup_iters); values given without a length (--set) are "
+        "kept as written")
+    milestones: list[int] = key([32_000, 48_000],
+        "iterations at which the lr is multiplied by gamma; each before optim.iters (one at or past the end is "
+        "refused)")
+    gamma: float = key(0.1, "lr factor at each milestone")
+    warmup_iters: int = key(-1,
+        "iterations at the constant warm-up lr; -1 = the paper's 400 for n >= 18 (ResNet-110, 1202), else none. Not "
+        "scaled with optim.iters (it lasts until the net starts learning, whatever the run's length); the default, or "
+        "a file's value written for another length, is at most half the run")
+    warmup_lr: float = key(0.01, "the warm-up lr")
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.iters < 1:
@@ -154,24 +152,23 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = field(default=0, metadata=doc("weights, data order and augmentation all derive from it"))
-    device: str = field(default="auto", metadata=doc("auto, cpu, cuda"))
-    out: str = field(default="", metadata=doc("run directory (\"\" = runs/<name>)"))
-    eval_every: int = field(default=2_000, metadata=doc(
-        "iterations between evaluations; the default moves with optim.iters (multiples of log.log_every: "
-        "100 for a 2,000-iteration run)"))
-    checkpoint_every: int = field(default=4_000, metadata=doc(
-        "iterations between checkpoints; the default moves with optim.iters like eval_every"))
-    keep_checkpoints: int = field(default=3, metadata=doc("checkpoints kept in the run directory"))
-    precision: str = field(default="auto", metadata=doc(
-        "fp32, bf16, fp16; auto = bf16 on a GPU that has it, else fp32"))
-    channels_last: bool = field(default=True, metadata=doc("NHWC memory format (CUDA only)"))
-    step: str = field(default="auto", metadata=doc(
-        "graph: the whole step captured once as a CUDA graph and replayed; compile: torch.compile of the "
-        "model, eager step; eager. auto = graph on CUDA with bf16/fp32, else eager; a failed capture "
-        "trains eagerly and resolved.toml / summary.json record what ran"))
-    compile: str = field(default="default", metadata=doc(
-        "torch.compile's mode for train.step = compile: default, max-autotune (other steps ignore it)"))
+    seed: int = key(0, "weights, data order and augmentation all derive from it")
+    device: str = key("auto", "auto, cpu, cuda")
+    out: str = key("", 'run directory ("" = runs/<name>)')
+    eval_every: int = key(2_000,
+        "iterations between evaluations; the default moves with optim.iters (multiples of log.log_every: 100 for a "
+        "2,000-iteration run)")
+    checkpoint_every: int = key(4_000,
+        "iterations between checkpoints; the default moves with optim.iters like eval_every")
+    keep_checkpoints: int = key(3, "checkpoints kept in the run directory")
+    precision: str = key("auto", "fp32, bf16, fp16; auto = bf16 on a GPU that has it, else fp32")
+    channels_last: bool = key(True, "NHWC memory format (CUDA only)")
+    step: str = key("auto",
+        "graph: the whole step captured once as a CUDA graph and replayed; compile: torch.compile of the model, eager "
+        "step; eager. auto = graph on CUDA with bf16/fp32, else eager; a failed capture trains eagerly and "
+        "resolved.toml / summary.json record what ran")
+    compile: str = key("default",
+        "torch.compile's mode for train.step = compile: default, max-autotune (other steps ignore it)")
 
     def validate(self) -> None:
         if self.device not in DEVICES:
@@ -193,27 +190,27 @@ HANG_TIMEOUT_FLOOR_S = 10
 
 @dataclass
 class DistConfig:
-    batch_scaling: str = field(default="split", metadata=doc(
-        "split: the global batch is divided across ranks; per_rank: every rank takes optim.batch_size, lr"
-        " scaled by the world size after a linear warm-up (Goyal et al. 2017)"))
-    scale_warmup_iters: int = field(default=500, metadata=doc("the per_rank lr warm-up, in iterations"))
-    sync_bn: bool = field(default=False, metadata=doc("SyncBatchNorm across ranks (CUDA)"))
+    batch_scaling: str = key("split",
+        "split: the global batch is divided across ranks; per_rank: every rank takes optim.batch_size, lr scaled by "
+        "the world size after a linear warm-up (Goyal et al. 2017)")
+    scale_warmup_iters: int = key(500, "the per_rank lr warm-up, in iterations")
+    sync_bn: bool = key(False, "SyncBatchNorm across ranks (CUDA)")
     # above hang_timeout_s (validate): on an eager collective the hang watchdog's one line and
     # exit 7 come before NCCL's own watchdog aborts the process
-    timeout_s: int = field(default=900, metadata=doc(
-        "process-group init and every collective launched eagerly (NCCL's watchdog aborts after it); must be"
-        " above dist.hang_timeout_s"))
+    timeout_s: int = key(900,
+        "process-group init and every collective launched eagerly (NCCL's watchdog aborts after it); must be above "
+        "dist.hang_timeout_s")
     # measured against progress, not the cadence: the longest healthy silence is one iteration,
     # evaluation batch or checkpoint write (dist.HangWatch); the floor keeps a typo (1 for 100)
     # from tripping it on a loaded CPU
-    hang_timeout_s: int = field(default=300, metadata=doc(
-        "a rank that has made no progress (an iteration, an evaluation batch) for this long while waiting on"
-        " other ranks reports the hang and exits 7, so torchrun restarts the job (0 = off; else >= 10 and below"
-        " dist.timeout_s)"))
+    hang_timeout_s: int = key(300,
+        "a rank that has made no progress (an iteration, an evaluation batch) for this long while waiting on other "
+        "ranks reports the hang and exits 7, so torchrun restarts the job (0 = off; else >= 10 and below "
+        "dist.timeout_s)")
     # a cold torch.compile takes 30-90 s on an H100, minutes in max-autotune; one that never
     # returns must still end the run
-    compile_pause_s: int = field(default=1200, metadata=doc(
-        "the hang watchdog's clock pauses for a torch.compile compilation at most this long"))
+    compile_pause_s: int = key(1200,
+        "the hang watchdog's clock pauses for a torch.compile compilation at most this long")
 
     def validate(self) -> None:
         if self.batch_scaling not in BATCH_SCALING:
@@ -233,23 +230,19 @@ class DistConfig:
 
 @dataclass
 class LogConfig:
-    name: str = field(default="", metadata=doc("run name (\"\" = <net>-s<seed>, e.g. resnet20-s0)"))
-    log_every: int = field(default=100, metadata=doc(
-        "iterations between train-loss records (TensorBoard, W&B, progress bar) and NaN checks"))
-    tensorboard: bool = field(default=True, metadata=doc("event files in <run>/tb"))
-    wandb_mode: str = field(default="auto", metadata=doc(
-        "auto (online when logged in or WANDB_API_KEY is set, else offline), online, offline, disabled"))
-    wandb_project: str = field(default="", metadata=doc("\"\" = $WANDB_PROJECT or resnetdist"))
-    wandb_entity: str = field(default="", metadata=doc("\"\" = $WANDB_ENTITY or your default entity"))
-    wandb_group: str = field(default="", metadata=doc(
-        "\"\" = the net name, so seeds of one net group together (reproduce: the suite)"))
-    wandb_job_type: str = field(default="train", metadata=doc(
-        "the run's role in W&B (a suite's report run is \"report\"); the net and seed are in its config and tags"))
-    wandb_tags: list[str] = field(default_factory=list, metadata=doc("extra W&B tags"))
-    wandb_init_timeout_s: int = field(default=60, metadata=doc(
-        "online init gives up after this, and the run goes on offline"))
-    wandb_finish_timeout_s: int = field(default=300, metadata=doc(
-        "upload wait at the end; the rest stays on disk for wandb sync"))
+    name: str = key("", 'run name ("" = <net>-s<seed>, e.g. resnet20-s0)')
+    log_every: int = key(100, "iterations between train-loss records (TensorBoard, W&B, progress bar) and NaN checks")
+    tensorboard: bool = key(True, "event files in <run>/tb")
+    wandb_mode: str = key("auto",
+        "auto (online when logged in or WANDB_API_KEY is set, else offline), online, offline, disabled")
+    wandb_project: str = key("", '"" = $WANDB_PROJECT or resnetdist')
+    wandb_entity: str = key("", '"" = $WANDB_ENTITY or your default entity')
+    wandb_group: str = key("", '"" = the net name, so seeds of one net group together (reproduce: the suite)')
+    wandb_job_type: str = key("train",
+        "the run's role in W&B (a suite's report run is \"report\"); the net and seed are in its config and tags")
+    wandb_tags: list[str] = key([], "extra W&B tags")
+    wandb_init_timeout_s: int = key(60, "online init gives up after this, and the run goes on offline")
+    wandb_finish_timeout_s: int = key(300, "upload wait at the end; the rest stays on disk for wandb sync")
 
     def validate(self) -> None:
         if self.wandb_mode not in WANDB_MODES:
