@@ -277,24 +277,6 @@ def identity(folder: Path) -> str:
     return "cifar10"
 
 
-def read_batch_file(path: Path) -> Split:
-    if not path.exists():
-        raise DataError(f"{path}: missing")
-    raw = np.fromfile(path, dtype=np.uint8)
-    if raw.size == 0 or raw.size % RECORD_BYTES:
-        raise DataError(
-            f"{path}: size {raw.size} bytes is not a positive multiple of {RECORD_BYTES} "
-            f"(truncated or corrupt)"
-        )
-    records = raw.reshape(-1, RECORD_BYTES)
-    labels = records[:, 0].astype(np.int64)
-    if labels.max() > 9:
-        bad = int(np.argmax(labels > 9))
-        raise DataError(f"{path}: record {bad} has label {labels[bad]} (must be 0-9)")
-    images = np.ascontiguousarray(records[:, 1:].reshape(-1, 3, 32, 32))
-    return Split(images, labels)
-
-
 class NumpyOnlyUnpickler(pickle.Unpickler):
     """Builds numpy arrays and plain containers, nothing else: a batch file that names any other
     callable is refused instead of run."""
@@ -309,21 +291,30 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_python_batch(path: Path) -> Split:
-    """A batch of the Python version: a pickled dict with `data` (uint8 (N, 3072), R, G, B planes
-    row-major, as the binary records) and `labels` (N ints in 0-9)."""
+def read_batch_file(path: Path) -> Split:
+    """One batch file, checked: binary (.bin) records, or the Python version's pickled dict with
+    `data` (uint8 (N, 3072), R, G, B planes row-major, as the binary records) and `labels`."""
     if not path.exists():
         raise DataError(f"{path}: missing")
-    try:
-        # latin1: the official batches are Python 2 pickles, whose numpy arrays are byte strings
-        batch = NumpyOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
-    except Exception as e:  # noqa: BLE001 - pickle raises many kinds on a damaged file; the file is named
-        raise DataError(f"{path}: not a CIFAR-10 Python batch (unpickling failed: {str(e)[:120] or type(e).__name__})") from None
-    data = batch.get("data") if isinstance(batch, dict) else None
-    labels = np.asarray(batch.get("labels", []) if isinstance(batch, dict) else [])
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 \
-            or len(data) == 0 or labels.shape != (len(data),) or labels.dtype.kind not in "iu":
-        raise DataError(f"{path}: not a CIFAR-10 Python batch (want 'data': uint8 (N, 3072) and 'labels': N ints)")
+    if path.name.endswith(".bin"):
+        raw = np.fromfile(path, dtype=np.uint8)
+        if raw.size == 0 or raw.size % RECORD_BYTES:
+            raise DataError(f"{path}: size {raw.size} bytes is not a positive multiple of {RECORD_BYTES} "
+                            f"(truncated or corrupt)")
+        records = raw.reshape(-1, RECORD_BYTES)
+        data, labels = records[:, 1:], records[:, 0]
+    else:
+        try:
+            # latin1: the official batches are Python 2 pickles, whose numpy arrays are byte strings
+            batch = NumpyOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+        except Exception as e:  # noqa: BLE001 - pickle raises many kinds on a damaged file; the file is named
+            raise DataError(f"{path}: not a CIFAR-10 Python batch (unpickling failed: "
+                            f"{str(e)[:120] or type(e).__name__})") from None
+        data = batch.get("data") if isinstance(batch, dict) else None
+        labels = np.asarray(batch.get("labels", []) if isinstance(batch, dict) else [])
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 \
+                or len(data) == 0 or labels.shape != (len(data),) or labels.dtype.kind not in "iu":
+            raise DataError(f"{path}: not a CIFAR-10 Python batch (want 'data': uint8 (N, 3072) and 'labels': N ints)")
     if labels.min() < 0 or labels.max() > 9:
         bad = int(np.argmax((labels < 0) | (labels > 9)))
         raise DataError(f"{path}: record {bad} has label {labels[bad]} (must be 0-9)")
@@ -363,7 +354,7 @@ def write_synthetic(root: Path, per_train_file: int, test_size: int, seed: int =
 
 def read_files(folder: Path, names: tuple[str, ...], counts: dict[str, int] | None = None) -> Split:
     """The files' records, in order; `counts` (if given) receives each file's record count."""
-    parts = [(read_batch_file if name.endswith(".bin") else read_python_batch)(folder / name) for name in names]
+    parts = [read_batch_file(folder / name) for name in names]
     if counts is not None:
         counts.update({name: len(part) for name, part in zip(names, parts)})
     return Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
