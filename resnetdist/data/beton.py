@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..checkpoint import fsync_path
+from ..checkpoint import atomic_write_text, fsync_path
 from . import cifar
 from .cifar import DataError, Split
 
@@ -199,11 +199,7 @@ def prepare_betons(bin_folder: Path, out_dir: Path, force: bool = False,
             os.replace(test_path.with_name(TEST_BETON + PARTIAL), test_path)
             fsync_path(out_dir)
             manifest = {"format_version": FORMAT_VERSION, "layout": LAYOUT, "sources": sources, "betons": done}
-            tmp = out_dir / (MANIFEST + PARTIAL)
-            tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            fsync_path(tmp)
-            os.replace(tmp, out_dir / MANIFEST)
-            fsync_path(out_dir)
+            atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         except BaseException:
             _remove_outputs(out_dir)
             raise
