@@ -6,9 +6,10 @@ import json
 import os
 import sys
 import traceback
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 
@@ -51,6 +52,17 @@ def fail(message: str, code: int = BAD_INPUT) -> None:
     if message:  # empty: another rank prints the line (data/presence.py)
         typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+@contextmanager
+def bad_input(*errors: type[Exception]) -> Iterator[None]:
+    """The errors a command expects of what it was given: each one line and exit 2."""
+    try:
+        yield
+    except typer.Exit:  # a RuntimeError too: a line already printed
+        raise
+    except errors as e:
+        fail(str(e))
 
 
 def _split(text: str) -> list[str]:
@@ -245,10 +257,8 @@ def show_weights_result(run, checkpoint: Path, describe, as_json: bool, *args) -
     from .rundir import RunDir
     from .tools.export import ExportError
 
-    try:
+    with bad_input(ConfigError, DataError, CheckpointError, ExportError):
         result = run((RunDir(checkpoint).weights() or checkpoint) if checkpoint.is_dir() else checkpoint, *args)
-    except (ConfigError, DataError, CheckpointError, ExportError) as e:
-        fail(str(e))
     typer.echo(json.dumps(result) if as_json else describe(result))
 
 
@@ -277,14 +287,12 @@ def prepare(
     from .data.beton import prepare_betons, require_ffcv
     from .data.cifar import locate
 
-    try:
+    with bad_input(DataError, RuntimeError):
         require_ffcv()
         folder = locate(data_dir)
         target = out or folder.parent / "beton"
         train_path, test_path, rebuilt = prepare_betons(folder, target, force=force,
                                                         announce=lambda what: typer.echo(what, err=True))
-    except (DataError, RuntimeError) as e:
-        fail(str(e))
     typer.echo(f"{'wrote' if rebuilt else 'up to date, nothing to do:'} {train_path} {test_path}")
 
 
@@ -314,7 +322,7 @@ def bench(
     if ctx.invoked_subcommand is not None:
         return
     out = out or Path("bench/pack.json" if pack else "bench/step.json")
-    try:
+    with bad_input(DataError, RuntimeError, ValueError):
         if pack:
             from .tools.bench_pack import PACK_ROUNDS, format_pack_table, run_pack_bench
 
@@ -328,8 +336,6 @@ def bench(
 
             table = format_table(run_step_bench(n, iters, warmup, device, _split(loaders), _split(modes),
                                                 _split(precisions), data_dir, workers, out))  # written after every setting
-    except (DataError, RuntimeError, ValueError) as e:
-        fail(str(e))
     typer.echo(f"{table}\n\nwrote {out}")
 
 
@@ -345,10 +351,8 @@ def bench_loader(
     """Images/s each loader delivers, augmented, on the device."""
     from .tools.bench import format_table, run_loader_bench, write_report
 
-    try:
+    with bad_input(DataError, RuntimeError, ValueError):
         report = run_loader_bench(iters, warmup, device, _split(loaders), data_dir)
-    except (DataError, RuntimeError, ValueError) as e:
-        fail(str(e))
     write_report(report, out)
     typer.echo(f"{format_table(report)}\n\nwrote {out}")
 
@@ -362,10 +366,8 @@ def report(
     """Error table vs the paper's Table 6, Figure 6-style curves, Figure 7 (layer responses), one curve figure per run."""
     from .suite.report import ReportError, write_report
 
-    try:
+    with bad_input(ReportError):
         written = write_report(run_dirs, out, title)
-    except ReportError as e:
-        fail(str(e))
     for note in written["skipped"]:
         typer.echo(f"skipped: {note}", err=True)
     for note in written["warnings"]:
@@ -424,10 +426,8 @@ def reproduce(
     if status is not None:
         from .suite.slurm import show_status
 
-        try:
+        with bad_input(ConfigError):
             return show_status(status, as_json, echo=typer.echo)
-        except ConfigError as e:
-            fail(str(e))
     plain, device = plain and not no_plain, _value(device)
     schedule = None
     if launcher == Launcher.slurm:
@@ -444,10 +444,9 @@ def reproduce(
     elif dry_run or not wait:
         fail("--dry-run and --no-wait are for --launcher slurm")
     try:
-        outcomes, _ = run_suite(parse_ints(depths, "--depths"), plain, seeds, out, gpus, iters, overrides,
-                                config, data_dir, device, runs_per_gpu, schedule, echo=typer.echo, pack=pack)
-    except ConfigError as e:
-        fail(str(e))
+        with bad_input(ConfigError):
+            outcomes, _ = run_suite(parse_ints(depths, "--depths"), plain, seeds, out, gpus, iters, overrides,
+                                    config, data_dir, device, runs_per_gpu, schedule, echo=typer.echo, pack=pack)
     except KeyboardInterrupt:  # a Ctrl-C while planning or writing the report (the runs' own is handled there)
         fail("interrupted; run the same command again to resume", code=INTERRUPTED)
     if interrupted(outcomes):  # Ctrl-C or SIGTERM: the runs stopped at a checkpoint, the suite is unfinished
@@ -466,10 +465,8 @@ def runs(
     from .suite.discover import ReportError, find_runs  # finding run folders: the report's rule
     from .suite.status import run_status, table, to_json
 
-    try:
+    with bad_input(ReportError):
         found, _ = find_runs(run_dirs)
-    except ReportError as e:
-        fail(str(e))
     if not found:
         fail(f"no run folders in {', '.join(map(str, run_dirs))} (a run folder holds config.toml, "
              f"metrics.jsonl or summary.json)")
@@ -494,10 +491,8 @@ def doctor(
 
     if compile_timeout <= 0:
         fail(f"--compile-timeout must be more than 0 seconds, got {compile_timeout:g}")
-    try:
+    with bad_input(RuntimeError):  # e.g. --device cuda without a GPU
         report = run_doctor(device, data_dir, steps, set(_split(skip)), compile_timeout)
-    except RuntimeError as e:  # e.g. --device cuda without a GPU
-        fail(str(e))
     if launch_rank() == 0:
         typer.echo(json.dumps(report, indent=2) if as_json else format_table(report))
     if not report["ok"]:
