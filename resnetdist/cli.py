@@ -121,28 +121,14 @@ def train(
         cfg = load_config(config, {s: {k: v for k, v in kv.items() if v is not None} for s, kv in flags.items()},
                           [*overrides, *bare_overrides(settings or [])], iters)
         members = pack_members(cfg, seeds, seed)
-        from .dist import launch_rank, under_torchrun, world_size_from_env
+        from .dist import under_torchrun, world_size_from_env
         from .rundir import RunDir
         from .training.worker import preflight
 
         launching = bool(nproc_per_node) and not under_torchrun()  # this process starts torchrun
         world_size = nproc_per_node if launching else world_size_from_env()
-        if dry_run:  # the checks a run makes before it starts (the data read, not downloaded), nothing written
-            from .data.cifar import locate
-            from .training.announce import dry_run as describe_dry_run
-            from .training.plan import resolve
-            from .training.worker import where_it_starts
-
-            first, notes = members[0] if members else cfg, []
-            try:
-                cached = bool(first.data.dir) or bool(locate(None, download_ok=False))
-            except DataError:
-                cached = False
-                notes.append("CIFAR-10 is not in the download cache: the run would download it first (163 MB)")
-            plan = preflight(first, world_size).plan if cached else resolve(first, world_size)
-            if launch_rank() == 0:
-                typer.echo(describe_dry_run(first, plan, where_it_starts(first), notes))
-            return
+        if dry_run:
+            return show_dry_run(members[0] if members else cfg, world_size)
         prepared = preflight(members or cfg, world_size)
         # a launcher asks before starting torchrun for nothing; each rank asks in training/worker.py
         done = [RunDir(m.run_dir).finished(m.optim.iters, m.name) for m in members or [cfg]] if launching else [None]
@@ -152,13 +138,20 @@ def train(
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted before training started; nothing was written", code=INTERRUPTED)
-    if all(d is not None for d in done):  # every run already finished: its result, and nothing else
-        return show_finished(done, members or [cfg], as_json)
-    if launching:
+    start(members or cfg, prepared, done, nproc_per_node if launching else 0, max_restarts, as_json)
+
+
+def start(runs: RunConfig | list[RunConfig], prepared, done: list, nproc_per_node: int, max_restarts: int,
+          as_json: bool) -> None:
+    """After the checks: the result of runs already finished (`done`: each one's summary or None),
+    or torchrun launched (nproc_per_node workers), or the run (a pack's runs) in this process."""
+    if all(d is not None for d in done):
+        return show_finished(done, runs if isinstance(runs, list) else [runs], as_json)
+    if nproc_per_node:
         from .launcher import strip_launch_args, torchrun
 
         return torchrun(nproc_per_node, max_restarts, strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]))
-    train_here(members or cfg, prepared, as_json)
+    train_here(runs, prepared, as_json)
 
 
 def pack_members(cfg: RunConfig, seeds: str | None, seed: int | None) -> list[RunConfig]:
@@ -247,6 +240,26 @@ def show_finished(summaries: list[dict[str, Any]], members: list[RunConfig], as_
     if launch_rank() == 0:
         for summary, cfg in zip(summaries, members):
             typer.echo(json.dumps(summary) if as_json else finished(summary, cfg))
+
+
+def show_dry_run(cfg: RunConfig, world_size: int) -> None:
+    """The checks a run makes before it starts (the data read, not downloaded), then the
+    configuration with what this machine resolves of it, and what would run; nothing is written."""
+    from .data.cifar import locate
+    from .dist import launch_rank
+    from .training.announce import dry_run
+    from .training.plan import resolve
+    from .training.worker import preflight, where_it_starts
+
+    notes = []
+    try:
+        cached = bool(cfg.data.dir) or bool(locate(None, download_ok=False))
+    except DataError:
+        cached = False
+        notes.append("CIFAR-10 is not in the download cache: the run would download it first (163 MB)")
+    plan = preflight(cfg, world_size).plan if cached else resolve(cfg, world_size)
+    if launch_rank() == 0:
+        typer.echo(dry_run(cfg, plan, where_it_starts(cfg), notes))
 
 
 def show_weights_result(run, checkpoint: Path, describe, as_json: bool, *args) -> None:

@@ -312,19 +312,24 @@ class HangWatch:
         self.stopped = True
         if HangWatch.current is self:
             HangWatch.current = None
-        # raised in the main thread at its next Python instruction (a blocked C call: once it returns)
-        import ctypes
+        raise_in_main_thread(self.main_thread, line)
 
-        error = type("PeerHang", (PeerLost,), {"__init__": lambda e: PeerLost.__init__(e, line)})
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.main_thread), ctypes.py_object(error))
-        # a collective blocked in NCCL returns (with an error) only when its communicators are
-        # aborted; gloo's return at dist.timeout_s (as do NCCL's on a torch without the call)
-        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-        if abort is not None and dist.is_initialized():
-            try:
-                abort()
-            except Exception:  # noqa: BLE001 - best effort: the PeerLost is raised either way
-                pass
+
+def raise_in_main_thread(thread_id: int, line: str) -> None:
+    """PeerLost(line) raised in the main thread at its next Python instruction (a blocked C call:
+    once it returns). A collective blocked in NCCL returns (with an error) only when its
+    communicators are aborted; gloo's return at dist.timeout_s (NCCL's too, on a torch without
+    the call)."""
+    import ctypes
+
+    error = type("PeerHang", (PeerLost,), {"__init__": lambda e: PeerLost.__init__(e, line)})
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(error))
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if abort is not None and dist.is_initialized():
+        try:
+            abort()
+        except Exception:  # noqa: BLE001 - best effort: the PeerLost is raised either way
+            pass
 
 
 def hang_report(watch: HangWatch) -> str:

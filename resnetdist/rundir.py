@@ -50,7 +50,7 @@ class RunState:
 
 
 class RunLock:
-    """A held run-directory lock (RunDir.acquire); `release()` (or the process's end) drops it."""
+    """A held run-directory lock; `release()` (or the end of the process) lets it go."""
 
     def __init__(self, fd: int):
         self.fd = fd
@@ -65,6 +65,43 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+    @classmethod
+    def take(cls, folder: Path, path: Path) -> RunLock:
+        """The exclusive flock on `path` (close-on-exec), the holder's details written into it."""
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise WriteError(path, e) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunDirBusy(busy_message(folder, path)) from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        except OSError as e:  # a full disk: the lock is held, but say so rather than train on
+            os.close(fd)
+            raise WriteError(path, e) from e
+        return cls(fd)
+
+    @staticmethod
+    def probe(folder: Path, path: Path) -> None:
+        """RunDirBusy if a live process holds `path`."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # no lock file yet (or no folder): nobody has ever held it
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: probes never block each other
+        except BlockingIOError:
+            raise RunDirBusy(busy_message(folder, path)) from None
+        finally:
+            os.close(fd)
 
 
 def busy_message(folder: Path, path: Path) -> str:
@@ -219,44 +256,16 @@ class RunDir:
     # ----- the lock ---------------------------------------------------------------------------
 
     def acquire(self) -> RunLock:
-        """Create the folder if needed and hold its lock (close-on-exec), the holder's details
-        written into it, or raise RunDirBusy naming the holder. Temporaries left by a writer killed
-        mid-write are removed: we are the only writer now."""
-        path = self.lock_file
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise WriteError(path, e) from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RunDirBusy(busy_message(self.path, path)) from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)}
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        except OSError as e:  # a full disk: the lock is held, but say so rather than train on
-            os.close(fd)
-            raise WriteError(path, e) from e
+        """Create the folder if needed and hold its lock, or raise RunDirBusy naming the holder.
+        Temporaries left by a writer killed mid-write are removed: we are the only writer now."""
+        lock = RunLock.take(self.path, self.lock_file)
         for p in self.path.glob(".*.tmp-*"):
             p.unlink(missing_ok=True)
-        return RunLock(fd)
+        return lock
 
     def check_free(self) -> None:
         """Raise RunDirBusy if a live process holds the folder; create nothing."""
-        try:
-            fd = os.open(self.lock_file, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:  # no lock file yet (or no folder): nobody has ever held it
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: probes never block each other
-        except BlockingIOError:
-            raise RunDirBusy(busy_message(self.path, self.lock_file)) from None
-        finally:
-            os.close(fd)
+        RunLock.probe(self.path, self.lock_file)
 
     def is_running(self) -> bool:
         try:
