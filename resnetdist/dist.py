@@ -119,11 +119,9 @@ def setup(device_pref: str, timeout_s: int, hang_timeout_s: int = 0, *, compile_
         # with device_id, NCCL's communicators are made here, eagerly: a rank that never comes
         # leaves the others in a call no process-group timeout bounds, so it is watched
         with stage("process-group init (every rank's communicator)", early=True):
-            dist.init_process_group(
-                backend="nccl" if device.type == "cuda" else "gloo",
-                timeout=timedelta(seconds=timeout_s),
-                device_id=device if device.type == "cuda" else None,
-            )
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                    timeout=timedelta(seconds=timeout_s),
+                                    device_id=device if device.type == "cuda" else None)
     return DistContext(rank, local, world_size, device)
 
 
@@ -167,11 +165,9 @@ def stage(what: str, *, early: bool = False, extra_s: float = 0.0) -> Iterator[N
         peer_failure = isinstance(e, dist.DistError) or any(m in str(e) for m in PEER_FAILURE_MARKERS)
         if not dist.is_initialized() or isinstance(e, PeerLost) or not peer_failure:
             raise
-        raise PeerLost(
-            f"rank {dist.get_rank()}: the {what} failed: another rank stopped answering within "
-            f"dist.timeout_s={_timeout_s} s or died (hung, stopped or killed); {restart_hint()}. "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from e
+        raise PeerLost(f"rank {dist.get_rank()}: the {what} failed: another rank stopped answering within "
+                       f"dist.timeout_s={_timeout_s} s or died (hung, stopped or killed); {restart_hint()}. "
+                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     finally:
         if watch is not None:
             watch.leave()

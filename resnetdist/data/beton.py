@@ -156,12 +156,10 @@ def _remove_outputs(out_dir: Path) -> None:
 
 def prepare_betons(bin_folder: Path, out_dir: Path, force: bool = False,
                    announce: Callable[[str], None] | None = None) -> tuple[Path, Path, bool]:
-    """Write out_dir/train.beton and out_dir/test.beton from the .bin files in bin_folder.
-
-    Returns (train, test, rebuilt). Does nothing (rebuilt=False) when beton.json matches the
-    sources' md5s and both betons, unless `force`. Bad inputs raise cifar.DataError naming
-    the file, and leave no beton behind. `announce` gets one line saying what will be written
-    where, and how large, before the first beton byte is."""
+    """out_dir/train.beton and test.beton from the batch files in bin_folder: (train, test, rebuilt).
+    Nothing is done (rebuilt=False) when beton.json matches the sources and both betons, unless
+    `force`. A bad input is a DataError naming the file, and leaves no beton behind. `announce`
+    gets one line saying what will be written where, and how large, before the first byte is."""
     bin_folder, out_dir = Path(bin_folder), Path(out_dir)
     require_ffcv()
     out_dir.mkdir(parents=True, exist_ok=True)

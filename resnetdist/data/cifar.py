@@ -164,10 +164,8 @@ def download(dest_dir: Path, url: str = URL, md5: str = MD5) -> Path:
                     bar.update(len(block))
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise DataError(
-            f"could not download {url}: {e}. Download it by hand and pass --data-dir DIR "
-            f"(a folder holding {TARBALL} or {FOLDER}/)"
-        ) from e
+        raise DataError(f"could not download {url}: {e}. Download it by hand and pass --data-dir DIR "
+                        f"(a folder holding {TARBALL} or {FOLDER}/)") from e
     got = md5sum(tmp)
     if got != md5:
         tmp.unlink()
@@ -323,9 +321,7 @@ def read_batch_file(path: Path) -> Split:
 
 def write_batch_file(path: Path, split: Split) -> None:
     """Write records in the official layout (used by tests and tools that make small sets)."""
-    records = np.concatenate(
-        [split.labels.astype(np.uint8)[:, None], split.images.reshape(len(split), -1)], axis=1
-    )
+    records = np.concatenate([split.labels.astype(np.uint8)[:, None], split.images.reshape(len(split), -1)], axis=1)
     records.tofile(path)
 
 
