@@ -55,7 +55,6 @@ def depth_to_n(depth: int) -> int:
     return (depth - 2) // 6
 
 
-
 def key(default: Any, text: str) -> Any:
     """A config key: its default and its description (metadata "doc": docs/configuration.md is
     generated from it, configdoc)."""
@@ -288,7 +287,6 @@ class RunConfig:
             raise ConfigError(f"optim.warmup_iters ({self.optim.warmup_iters}) exceeds optim.iters ({self.optim.iters})")
 
 
-
 def _check_type(key: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin is list:
@@ -343,12 +341,8 @@ def parse_override(text: str) -> dict[str, Any]:
     return {section: {key: value}}
 
 
-def load_config(
-    config_file: Path | None = None,
-    flags: dict[str, dict[str, Any]] | None = None,
-    overrides: list[str] | None = None,
-    iters: int | None = None,
-) -> RunConfig:
+def load_config(config_file: Path | None = None, flags: dict[str, dict[str, Any]] | None = None,
+                overrides: list[str] | None = None, iters: int | None = None) -> RunConfig:
     """Defaults < file < flags (--iters sets optim.iters) < --set, checked on the final values.
     The schedule moves with the run length only where it was written for another length
     (scale_schedule). "auto" values stay "auto": training/plan.resolve reads them on the machine
@@ -371,7 +365,6 @@ def load_config(
     fill_recipe_defaults(cfg)
     cfg.validate()
     return cfg
-
 
 
 def fill_recipe_defaults(cfg: RunConfig) -> None:
@@ -421,7 +414,6 @@ def scale_schedule(cfg: RunConfig, written_for: dict[str, int | None]) -> None:
         value = moved(f"train.{key}", getattr(t, key))
         if value is not None and every >= 1:
             setattr(t, key, max(every, round(value / every) * every))
-
 
 
 def from_dict(tree: dict[str, Any], source: str) -> RunConfig:
