@@ -31,23 +31,23 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, ModelConfig, RunConfig, diff
+from .config import ConfigError, ModelConfig, RunConfig
 from .data.augment import augment
 from .models import CifarResNet, build_model
 
 
-# ----- a pack's runs ---------------------------------------------------------------------------
-
-# What may differ between the members of one pack: the seed, and with it each run's name and
-# folder. Anything else (the net, the recipe, the data, the step) is the pack's, shared.
-MEMBER_KEYS = ("train.seed", "train.out", "log.name")
-
-
 def member_configs(cfg: RunConfig, seeds: Sequence[int]) -> list[RunConfig]:
     """`train --seeds 0,1,...`: `cfg` once per seed, each run in <parent>/<net>-s<seed>, the
-    parent being train.out (--out) or runs/: the layout `reproduce` uses."""
+    parent being train.out (--out) or runs/: the layout `reproduce` uses. Only the seed, and
+    with it the name and folder, differ; fp16 is refused: its loss scaler skips every member's
+    step when one overflows, coupling them."""
     if cfg.log.name:
         raise ConfigError(f"log.name = {cfg.log.name!r} names one run; with --seeds each run is named <net>-s<seed>")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"a pack's runs need one train.seed each, got {list(seeds)}")
+    if len(seeds) > 1 and cfg.train.precision == "fp16":
+        raise ConfigError("train.precision = fp16 cannot train a pack: its loss scaler would skip every member's "
+                          "step when one member overflows; use bf16 or fp32")
     parent = Path(cfg.train.out) if cfg.train.out else Path("runs")
     members = []
     for seed in seeds:
@@ -55,27 +55,7 @@ def member_configs(cfg: RunConfig, seeds: Sequence[int]) -> list[RunConfig]:
         member.train.seed = seed
         member.train.out = str(parent / member.name)
         members.append(member)
-    check_members(members)
     return members
-
-
-def check_members(members: Sequence[RunConfig]) -> None:
-    """ConfigError unless the runs can train as one pack: one net and recipe (only MEMBER_KEYS
-    differ), each seed and folder once, and no setting that would couple them (fp16's loss
-    scaler)."""
-    if not members:
-        raise ConfigError("a pack needs at least one run")
-    first = members[0]
-    for key, values in (("train.seed", [m.train.seed for m in members]), ("run directory", [str(m.run_dir) for m in members])):
-        if len(set(values)) != len(values):
-            raise ConfigError(f"a pack's runs need one {key} each, got {values}")
-    for m in members[1:]:
-        other = [f"{key} ({a!r} in {first.name}, {b!r} in {m.name})" for key, a, b in diff(first, m) if key not in MEMBER_KEYS]
-        if other:
-            raise ConfigError(f"runs packed together may differ only in their seed: {'; '.join(other)}")
-    if len(members) > 1 and first.train.precision == "fp16":
-        raise ConfigError("train.precision = fp16 cannot train a pack: its loss scaler would skip every member's "
-                          "step when one member overflows; use bf16 or fp32")
 
 
 def build_pack(cfg: ModelConfig, seeds: Sequence[int], stem_channels: int = 3) -> CifarResNet:

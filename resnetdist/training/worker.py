@@ -13,7 +13,6 @@ have a checkpoint of (a run started alone joins a pack there, and the other way 
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -28,7 +27,6 @@ from . import announce, preempt
 from ..config import ConfigError, RunConfig, check_same_experiment
 from ..data import Cifar10, load_data, load_data_on_every_rank
 from ..errors import NonFiniteLoss
-from ..pack import check_members
 from .loop import failures
 from .metrics import NullLogger, open_logger
 from .plan import Plan, resolve
@@ -49,46 +47,35 @@ def as_members(cfg: RunConfig | list[RunConfig]) -> list[RunConfig]:
 
 
 def preflight(cfg: RunConfig | list[RunConfig], world_size: int) -> Prepared:
-    """Everything that can be checked before workers start: the plan (batch split, device,
-    precision, step: plan.resolve), devices, optional packages, data files, run directories
-    (`cfg`: a run, or a pack's members, which must pack: pack.check_members)."""
+    """Everything that can be checked before workers start, cheapest first: the plan (batch
+    split, device, precision, step: plan.resolve), devices, each run directory (a folder or
+    creatable, not held by a live run, not holding another experiment), then the data, every
+    file parsed and checked (a bad one named). `cfg`: a run, or a pack's members
+    (pack.member_configs). Under torchrun with several ranks (possibly on nodes with their own
+    disks) every rank checks its node's data and all agree before any trains, so a node
+    without it stops the job with one line naming the host and path."""
     members = as_members(cfg)
-    check_members(members)
     cfg = members[0]
     plan = resolve(cfg, world_size)
-    for member in members:
-        check_out_folder(member.run_dir)
-        if dist.launch_rank() == 0:  # the launcher or rank 0; rank 0's own lock comes later
-            RunDir(member.run_dir).check_free()  # held by a live run: RunDirBusy, before torchrun starts
     if plan.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device = cuda, but torch sees no CUDA device")
     if cfg.dist.sync_bn and world_size > 1 and plan.device != "cuda":
         raise ConfigError("dist.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
-    data = load_checked_data(cfg, plan)  # parses and checks every file; a bad one is named
     for member in members:
-        check_same_experiment(member, RunDir(member.run_dir).config)
-    return Prepared(plan, data)
-
-
-def check_out_folder(run_dir: Path) -> None:
-    """The run directory must be a folder, or creatable: a file in its place (or in its path)
-    or a read-only parent is named now, before anything is written."""
-    label = f"--out {run_dir}"
-    if (blocker := checkpoint.not_a_folder(run_dir)) is not None:
-        raise ConfigError(label + ("" if blocker == run_dir else f": {blocker}") + " is a file, not a folder")
-    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{label}: {existing} is not writable")
-
-
-def load_checked_data(cfg: RunConfig, plan: Plan) -> Cifar10:
-    """The data, read by this process. Under torchrun with several ranks (workers, possibly on
-    other nodes with their own disks) every rank checks its node and all agree before any
-    trains, so a node without the data stops the job with one line naming the host and path."""
-    if not dist.under_torchrun() or dist.world_size_from_env() <= 1:
-        return load_data(cfg.data)
-    dist.setup(plan.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s, compile_pause_s=cfg.dist.compile_pause_s)
-    return load_data_on_every_rank(cfg.data)
+        run, label = RunDir(member.run_dir), f"--out {member.run_dir}"
+        # a file in the folder's place (or in its path) or a read-only parent, named before anything is written
+        if (blocker := checkpoint.not_a_folder(run.path)) is not None:
+            raise ConfigError(label + ("" if blocker == run.path else f": {blocker}") + " is a file, not a folder")
+        existing = next((p for p in (run.path, *run.path.parents) if p.exists()), None)
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{label}: {existing} is not writable")
+        if dist.launch_rank() == 0:  # the launcher or rank 0; rank 0's own lock comes later
+            run.check_free()  # held by a live run: RunDirBusy, before torchrun starts
+        check_same_experiment(member, run.config)
+    if dist.under_torchrun() and dist.world_size_from_env() > 1:
+        dist.setup(plan.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s, compile_pause_s=cfg.dist.compile_pause_s)
+        return Prepared(plan, load_data_on_every_rank(cfg.data))
+    return Prepared(plan, load_data(cfg.data))
 
 
 # ----- where the run starts ---------------------------------------------------------------------
@@ -144,29 +131,13 @@ def where_they_start(members: list[RunConfig]) -> list[StartPoint]:
 
 def agreed_start(members: list[RunConfig], ctx: dist.DistContext) -> list[StartPoint]:
     """Rank 0's where_they_start on every rank (the run directories need only be on rank 0's
-    disk). The checkpoints' states travel as torch.save bytes and are read back with
-    weights_only=True, as from the file: a round trip that keeps every bit."""
+    disk). The checkpoints' states travel pickled (torch pickles a tensor's storage whole): every
+    bit kept."""
     starts = where_they_start(members) if ctx.is_main else None
     if not ctx.distributed:
         return starts
-    payload = None
-    if starts is not None:
-        payload = []
-        for start in starts:
-            state = None
-            if start.state is not None:
-                buf = io.BytesIO()
-                torch.save(start.state, buf)
-                state = buf.getvalue()
-            payload.append((start.iteration, str(start.checkpoint) if start.checkpoint else None, state, start.summary))
     with dist.stage("start agreement (finished, or the newest checkpoint's state)"):
-        payload = dist.broadcast_object(payload)
-    if starts is not None:
-        return starts
-    return [StartPoint(iteration, Path(path) if path else None,
-                  torch.load(io.BytesIO(state), map_location="cpu", weights_only=True) if state is not None else None,
-                  summary)
-            for iteration, path, state, summary in payload]
+        return dist.broadcast_object(starts)
 
 
 # ----- the run ----------------------------------------------------------------------------------
@@ -189,17 +160,6 @@ def main(cfg: RunConfig | list[RunConfig], prepared: Prepared | None = None, sig
             return summaries if isinstance(cfg, (list, tuple)) else summaries[0]
         finally:
             dist.cleanup()
-
-
-def open_member(member: Member, plan: Plan, ctx: dist.DistContext):
-    """Rank 0 writes a member's config.toml (the configuration as loaded) and resolved.toml (what
-    ran) and opens its logger; other ranks get a NullLogger."""
-    if not ctx.is_main:
-        return NullLogger()
-    cfg = member.cfg
-    member.run.write_config(cfg, asdict(plan))
-    return open_logger(cfg.log, cfg.run_dir, cfg.to_dict(), cfg.name, cfg.model.name, cfg.tags,
-                       member.progress.iteration, member.wandb_id)
 
 
 def train_rank(members: list[RunConfig], prepared: Prepared, ctx: dist.DistContext,
@@ -227,7 +187,13 @@ def train_rank(members: list[RunConfig], prepared: Prepared, ctx: dist.DistConte
             print(announce.header(todo[0][0], trainer.plan, todo[0][1], data.eval_images(), data.describe(),
                                   members=[m for m, _ in todo[1:]], starts=[s for _, s in todo[1:]],
                                   finished=[m for m, s in zip(members, starts) if s.summary is not None]), flush=True)
-        loggers = [open_member(member, trainer.plan, ctx) for member in trainer.members]
+        loggers = [NullLogger() for _ in trainer.members]
+        if ctx.is_main:  # rank 0 writes each member's config.toml (as loaded), resolved.toml (what runs) and log
+            for j, member in enumerate(trainer.members):
+                member.run.write_config(member.cfg, asdict(trainer.plan))
+                loggers[j] = open_logger(member.cfg.log, member.cfg.run_dir, member.cfg.to_dict(), member.cfg.name,
+                                         member.cfg.model.name, member.cfg.tags, member.progress.iteration,
+                                         member.wandb_id)
         try:
             trainer.fit(loggers)
             # watched: a write to a stuck disk must not leave torchrun waiting for rank 0 forever;
