@@ -1,5 +1,5 @@
-"""Where metrics go: metrics.jsonl (always), TensorBoard, W&B. Rank 0 gets the real sinks;
-every other rank gets NullLogger, so training code logs without asking which rank it is.
+"""Where metrics go: metrics.jsonl (always), TensorBoard, W&B. Rank 0's MetricLogger has the
+sinks; every other rank's has none, so training code logs without asking which rank it is.
 
 Records carry `iter` (the x-axis everywhere); errors are in percent.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import WriteError, atomic_write_text
-from ..config import LogConfig, model_name
+from ..config import LogConfig, RunConfig
 from ..errors import INTERRUPTED, Preempted
 from ..rundir import RunDir
 
@@ -57,27 +57,6 @@ def wandb_logged_in() -> bool:
         return netrc.is_file() and host in netrc.read_text(errors="ignore")
     except OSError:
         return False
-
-
-class NullLogger:
-    """What ranks other than 0 log to: nothing."""
-
-    wandb_id: str | None = None
-
-    def log(self, record: dict[str, Any], kind: str = "eval") -> None:
-        pass
-
-    def summary(self, values: dict[str, Any]) -> None:
-        pass
-
-    def log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
-        pass
-
-    def close_after(self, error: BaseException) -> None:
-        pass
-
-    def close(self, exit_code: int = 0, stopped: bool = False) -> None:
-        pass
 
 
 def _clean(record: dict[str, Any]) -> dict[str, Any]:
@@ -191,15 +170,11 @@ def quiet_wandb_telemetry() -> None:
     os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
 
 
-def run_params(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The keys a person filters and groups a project's runs by, beside the full config:
-    net, depth, plain/resnet, seed, run length, batch and lr."""
-    model, optim = cfg.get("model", {}), cfg.get("optim", {})
-    n = int(model.get("n", 0))
-    plain = bool(model.get("plain", False))
-    return {"net": model_name(n, plain), "depth": 6 * n + 2, "plain": plain,
-            "seed": cfg.get("train", {}).get("seed", 0), "iters": optim.get("iters"),
-            "batch_size": optim.get("batch_size"), "lr": optim.get("lr")}
+def run_params(cfg: RunConfig) -> dict[str, Any]:
+    """The keys a person filters and groups a project's runs by, beside the full config."""
+    m, o = cfg.model, cfg.optim
+    return {"net": m.name, "depth": m.depth, "plain": m.plain, "seed": cfg.train.seed, "iters": o.iters,
+            "batch_size": o.batch_size, "lr": o.lr}
 
 
 def wandb_settings(wandb, cfg: LogConfig):
@@ -231,11 +206,10 @@ class WandbSink:
     bounded by log.wandb_finish_timeout_s; what did not upload stays on disk for `wandb sync`.
     """
 
-    def __init__(self, cfg: LogConfig, mode: str, run_dir: Path, run_config: dict[str, Any], name: str,
-                 group: str, tags: list[str], run_id: str | None):
+    def __init__(self, run_cfg: RunConfig, mode: str, run_id: str | None):
         import wandb
 
-        self.wandb = wandb
+        self.wandb, cfg, run_dir = wandb, run_cfg.log, run_cfg.run_dir
         # a checkpoint's id continues its run; else $WANDB_RUN_ID, which a W&B sweep agent sets for
         # the run it starts (so the run joins the sweep); else a new one
         self.id = run_id or os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:12]
@@ -243,12 +217,12 @@ class WandbSink:
         kwargs = dict(
             project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "resnetdist",
             entity=cfg.wandb_entity or os.environ.get("WANDB_ENTITY") or None,
-            group=cfg.wandb_group or os.environ.get("WANDB_RUN_GROUP") or group,
-            tags=sorted(set(tags) | set(cfg.wandb_tags) | set(env_tags())),
-            name=name, id=self.id, resume="allow", job_type=cfg.wandb_job_type or "train",
+            group=cfg.wandb_group or os.environ.get("WANDB_RUN_GROUP") or run_cfg.model.name,
+            tags=sorted(set(run_cfg.tags) | set(cfg.wandb_tags) | set(env_tags())),
+            name=run_cfg.name, id=self.id, resume="allow", job_type=cfg.wandb_job_type or "train",
             # create_new: a pack's members are W&B runs open side by side in one process (each
             # closed by its own sink)
-            config={**run_params(run_config), **run_config}, dir=str(run_dir), reinit="create_new",
+            config={**run_params(run_cfg), **run_cfg.to_dict()}, dir=str(run_dir), reinit="create_new",
         )
         settings = wandb_settings(wandb, cfg)
         if self.mode == "offline":
@@ -291,18 +265,18 @@ class WandbSink:
         whatever its name, as Lightning's WandbLogger names them), aliases `final` and `latest`:
         model.pt and model.safetensors, the mean image the inputs are normalised with (mean.npy, float32 (3, 32, 32),
         [0, 1] units), config.toml and resolved.toml, so the artifact alone is enough to run the net."""
-        self._call(self._log_model, run_dir, mean, metadata)
+        def log() -> None:
+            import numpy as np
 
-    def _log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
-        import numpy as np
+            np.save(run_dir / "mean.npy", np.asarray(mean, dtype=np.float32))
+            artifact = self.wandb.Artifact(f"model-{self.run.id}", type="model", metadata=_clean(metadata))
+            run = RunDir(run_dir)
+            for file in (run.model, run.safetensors, run_dir / "mean.npy", run.config, run.resolved):
+                if file.exists():
+                    artifact.add_file(str(file), name=file.name)
+            self.run.log_artifact(artifact, aliases=["final", "latest"])
 
-        np.save(run_dir / "mean.npy", np.asarray(mean, dtype=np.float32))
-        artifact = self.wandb.Artifact(f"model-{self.run.id}", type="model", metadata=_clean(metadata))
-        run = RunDir(run_dir)
-        for file in (run.model, run.safetensors, run_dir / "mean.npy", run.config, run.resolved):
-            if file.exists():
-                artifact.add_file(str(file), name=file.name)
-        self.run.log_artifact(artifact, aliases=["final", "latest"])
+        self._call(log)
 
     def close(self, exit_code: int = 0, stopped: bool = False) -> None:
         """Finish the W&B run with the process's exit code: 0 finished, non-zero failed, unless
@@ -326,11 +300,11 @@ class WandbSink:
 
 
 class MetricLogger:
-    """Fans records out to the sinks of rank 0."""
+    """Fans records out to the sinks of rank 0; with none (MetricLogger()), logs nothing."""
 
-    def __init__(self, sinks: list, wandb_sink: WandbSink | None, wandb_id: str | None = None,
+    def __init__(self, sinks: list = (), wandb_sink: WandbSink | None = None, wandb_id: str | None = None,
                  params: dict[str, Any] | None = None):
-        self.sinks = sinks
+        self.sinks = list(sinks)
         self.wandb = wandb_sink
         self.params = params or {}  # run_params: the HParams row's hyperparameters
         # with W&B off for this attempt, keep the id a checkpoint carried for the next one
@@ -374,21 +348,20 @@ class MetricLogger:
                 sink.close()
 
 
-def open_logger(cfg: LogConfig, run_dir: Path, run_config: dict[str, Any], name: str, group: str,
-                tags: list[str], resume_iter: int, wandb_id: str | None) -> MetricLogger:
-    """The sinks of rank 0; W&B's among them unless log.wandb_mode resolves to disabled."""
-    run = RunDir(run_dir)
+def open_logger(cfg: RunConfig, resume_iter: int, wandb_id: str | None) -> MetricLogger:
+    """Rank 0's logger of a run; W&B among its sinks unless log.wandb_mode resolves to disabled."""
+    run = RunDir(cfg.run_dir)
     sinks: list = [JsonlSink(run.metrics, resume_iter), JsonlSink(run.progress, resume_iter, "train")]
-    if cfg.tensorboard:
-        sinks.append(TensorBoardSink(run_dir / "tb", resume_iter))
+    if cfg.log.tensorboard:
+        sinks.append(TensorBoardSink(run.path / "tb", resume_iter))
     wandb_sink = None
-    mode = wandb_mode_here(cfg.wandb_mode)
+    mode = wandb_mode_here(cfg.log.wandb_mode)
     if mode != "disabled":
         try:
             import wandb  # noqa: F401
         except ImportError:
             warn("wandb is not installed (pip install 'resnetdist[wandb]'); not logging to W&B")
         else:
-            wandb_sink = WandbSink(cfg, mode, run_dir, run_config, name, group, tags, wandb_id)
+            wandb_sink = WandbSink(cfg, mode, wandb_id)
             sinks.append(wandb_sink)
-    return MetricLogger(sinks, wandb_sink, wandb_id, run_params(run_config))
+    return MetricLogger(sinks, wandb_sink, wandb_id, run_params(cfg))

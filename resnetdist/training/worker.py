@@ -28,7 +28,7 @@ from ..config import ConfigError, RunConfig, check_same_experiment
 from ..data import Cifar10, load_data, load_data_on_every_rank
 from ..errors import NonFiniteLoss
 from .loop import failures
-from .metrics import NullLogger, open_logger
+from .metrics import MetricLogger, open_logger
 from .plan import Plan, resolve
 from .trainer import Member, build
 
@@ -187,13 +187,11 @@ def train_rank(members: list[RunConfig], prepared: Prepared, ctx: dist.DistConte
             print(announce.header(todo[0][0], trainer.plan, todo[0][1], data.eval_images(), data.describe(),
                                   members=[m for m, _ in todo[1:]], starts=[s for _, s in todo[1:]],
                                   finished=[m for m, s in zip(members, starts) if s.summary is not None]), flush=True)
-        loggers = [NullLogger() for _ in trainer.members]
-        if ctx.is_main:  # rank 0 writes each member's config.toml (as loaded), resolved.toml (what runs) and log
+        loggers = [MetricLogger() for _ in trainer.members]  # other ranks log nothing
+        if ctx.is_main:  # each member's config.toml (as loaded), resolved.toml (what runs) and logger
             for j, member in enumerate(trainer.members):
                 member.run.write_config(member.cfg, asdict(trainer.plan))
-                loggers[j] = open_logger(member.cfg.log, member.cfg.run_dir, member.cfg.to_dict(), member.cfg.name,
-                                         member.cfg.model.name, member.cfg.tags, member.progress.iteration,
-                                         member.wandb_id)
+                loggers[j] = open_logger(member.cfg, member.progress.iteration, member.wandb_id)
         try:
             trainer.fit(loggers)
             # watched: a write to a stuck disk must not leave torchrun waiting for rank 0 forever;
@@ -202,7 +200,7 @@ def train_rank(members: list[RunConfig], prepared: Prepared, ctx: dist.DistConte
                             extra_s=len(loggers) * trainer.cfg.log.wandb_finish_timeout_s):
                 summaries = trainer.finish()
                 for j, (member, summary) in enumerate(zip(trainer.members, summaries)):
-                    closing, loggers[j] = loggers[j], NullLogger()  # closed once, whatever happens in close
+                    closing, loggers[j] = loggers[j], MetricLogger()  # closed once, whatever happens in close
                     if summary is None:  # its loss turned NaN (its folder says so: Trainer.stop_failed)
                         closing.close(NonFiniteLoss.exit_code)
                         continue
