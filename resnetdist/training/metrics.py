@@ -37,7 +37,7 @@ def wandb_mode_here(mode: str) -> str:
 
 
 def wandb_env_mode() -> str | None:
-    """The mode asked for by WANDB_MODE / WANDB_DISABLED, normalised; None when unset."""
+    """WANDB_MODE / WANDB_DISABLED's mode, normalised; None when unset."""
     if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
         return "disabled"
     mode = os.environ.get("WANDB_MODE", "").strip().lower()
@@ -72,10 +72,7 @@ class JsonlSink:
     def __init__(self, path: Path, resume_iter: int, kind: str = "eval"):
         self.path, self.kind = path, kind
         if path.exists():
-            kept = [
-                line for line in path.read_text().splitlines()
-                if line.strip() and _parse_iter(line) is not None and _parse_iter(line) <= resume_iter
-            ]
+            kept = [line for line in path.read_text().splitlines() if -1 < _parse_iter(line) <= resume_iter]
             atomic_write_text(path, "".join(line + "\n" for line in kept))  # WriteError on failure
         with _write_errors(path):
             self.file = open(path, "a")
@@ -101,11 +98,12 @@ def _write_errors(path: Path):
         raise WriteError(path, e) from e
 
 
-def _parse_iter(line: str) -> int | None:
+def _parse_iter(line: str) -> int:
+    """A record's `iter`; -1 for a line that is not a record (a torn last line)."""
     try:
         return int(json.loads(line)["iter"])
     except (ValueError, KeyError, TypeError):
-        return None
+        return -1
 
 
 # ----- names: one per quantity, the same in TensorBoard and W&B (metrics.jsonl keeps its flat keys) ---
@@ -123,7 +121,6 @@ CHART_NAMES = {
 
 
 def chart_values(record: dict[str, Any], kind: str) -> dict[str, float]:
-    """A record's values under their chart names (CHART_NAMES), without `iter`."""
     names = CHART_NAMES[kind]
     return {names[k]: v for k, v in _clean(record).items() if k in names and isinstance(v, (int, float))}
 
@@ -189,22 +186,12 @@ def wandb_settings(wandb, cfg: LogConfig):
 
 
 class WandbSink:
-    """One W&B run per training run, its id kept in the checkpoints so that a resumed run
-    (same process or a later one) continues the same W&B run. Every chart's x-axis is `iter`.
-
-    As W&B's users navigate a project: job_type = the run's role (log.wandb_job_type, "train";
-    the suite's report run is "report"), name = <net>-s<seed> (log.name), group = <net> for a
-    lone run and the suite for reproduce's runs, tags = net, plain|resnet, depth<d>, seed<s>
-    plus log.wandb_tags and $WANDB_TAGS, config = the resolved config plus net, depth, seed ...
-    at its top level (run_params) to filter and group by. Charts: train/loss, train/error,
-    train/lr, eval/test_error (CHART_NAMES); the summary holds summary.json's final values.
-    project / entity / group come from the config, else $WANDB_PROJECT / $WANDB_ENTITY /
-    $WANDB_RUN_GROUP, else the defaults above.
-
-    Online init is bounded by log.wandb_init_timeout_s; when it fails (server unreachable,
-    bad key) the run carries on offline under the same id, with a warning. finish() is
-    bounded by log.wandb_finish_timeout_s; what did not upload stays on disk for `wandb sync`.
-    """
+    """One W&B run per training run, as docs/tracking.md describes it (name, group, tags, config,
+    charts, summary, artifact). Its id is kept in the checkpoints, so a resumed run (this process
+    or a later one) continues the same W&B run. Online init is bounded by
+    log.wandb_init_timeout_s; when it fails (server unreachable, bad key) the run carries on
+    offline under the same id, with a warning. finish() is bounded by log.wandb_finish_timeout_s;
+    what did not upload stays on disk for `wandb sync`."""
 
     def __init__(self, run_cfg: RunConfig, mode: str, run_id: str | None):
         import wandb
@@ -302,21 +289,19 @@ class WandbSink:
 class MetricLogger:
     """Fans records out to the sinks of rank 0; with none (MetricLogger()), logs nothing."""
 
-    def __init__(self, sinks: list = (), wandb_sink: WandbSink | None = None, wandb_id: str | None = None,
-                 params: dict[str, Any] | None = None):
+    def __init__(self, sinks: list = (), wandb_id: str | None = None, params: dict[str, Any] | None = None):
         self.sinks = list(sinks)
-        self.wandb = wandb_sink
+        self.wandb = next((sink for sink in self.sinks if isinstance(sink, WandbSink)), None)
         self.params = params or {}  # run_params: the HParams row's hyperparameters
         # with W&B off for this attempt, keep the id a checkpoint carried for the next one
-        self.wandb_id = wandb_sink.id if wandb_sink else wandb_id
+        self.wandb_id = self.wandb.id if self.wandb else wandb_id
 
     def log(self, record: dict[str, Any], kind: str = "eval") -> None:
         for sink in self.sinks:
             sink.log(record, kind)
 
     def summary(self, values: dict[str, Any]) -> None:
-        """The run's result (summary.json): W&B's summary, and TensorBoard's HParams row with the
-        final errors."""
+        """summary.json's values: W&B's summary, and TensorBoard's HParams row with the final errors."""
         if self.wandb:
             self.wandb.summary(values)
         results = {k: values[k] for k in ("test_error", "val_error", "train_error") if values.get(k) is not None}
@@ -340,7 +325,6 @@ class MetricLogger:
             self.close(1)
 
     def close(self, exit_code: int = 0, stopped: bool = False) -> None:
-        """exit_code: the process's; stopped: a stop asked for (SIGTERM, SIGUSR1, Ctrl-C), not a failure."""
         for sink in self.sinks:
             if sink is self.wandb:
                 sink.close(exit_code, stopped)
@@ -354,7 +338,6 @@ def open_logger(cfg: RunConfig, resume_iter: int, wandb_id: str | None) -> Metri
     sinks: list = [JsonlSink(run.metrics, resume_iter), JsonlSink(run.progress, resume_iter, "train")]
     if cfg.log.tensorboard:
         sinks.append(TensorBoardSink(run.path / "tb", resume_iter))
-    wandb_sink = None
     mode = wandb_mode_here(cfg.log.wandb_mode)
     if mode != "disabled":
         try:
@@ -362,6 +345,5 @@ def open_logger(cfg: RunConfig, resume_iter: int, wandb_id: str | None) -> Metri
         except ImportError:
             warn("wandb is not installed (pip install 'resnetdist[wandb]'); not logging to W&B")
         else:
-            wandb_sink = WandbSink(cfg, mode, wandb_id)
-            sinks.append(wandb_sink)
-    return MetricLogger(sinks, wandb_sink, wandb_id, run_params(cfg))
+            sinks.append(WandbSink(cfg, mode, wandb_id))
+    return MetricLogger(sinks, wandb_id, run_params(cfg))

@@ -1,9 +1,9 @@
 """What each worker process (one per rank under torchrun, or this process alone) does for
-`resnetdist train`, top to bottom:
-checks (preflight) -> process group -> where the run starts (finished, the newest checkpoint,
-or fresh: found once, by rank 0, and shared) -> lock -> the trainer (trainer.build, then
-Trainer.load of that checkpoint) -> header, config.toml and resolved.toml -> logger -> Trainer.fit -> summary ->
-clean-up. Rank 0 alone writes files; other ranks get a NullLogger and skip the writes.
+`resnetdist train`, top to bottom: checks (preflight) -> process group -> where the run starts
+(finished, the newest checkpoint, or fresh: found once, by rank 0, and shared) -> lock -> the
+trainer (trainer.build, then that checkpoint's state) -> header, config.toml and resolved.toml
+-> logger -> Trainer.fit -> summary -> clean-up. Rank 0 alone writes files; other ranks log to
+a MetricLogger without sinks and skip the writes.
 
 A pack (`train --seeds`, pack.py) is several runs in one process: a list of member
 configurations wherever one configuration goes here; each member has its own run directory,
@@ -81,8 +81,6 @@ def preflight(cfg: RunConfig | list[RunConfig], world_size: int) -> Prepared:
 # ----- where the run starts ---------------------------------------------------------------------
 
 
-
-
 class AlreadyFinished(Exception):
     """The run directory holds this run's summary.json (a pack's: every member's): nothing to
     train (not an error)."""
@@ -109,24 +107,16 @@ def where_they_start(members: list[RunConfig]) -> list[StartPoint]:
     found, newest = [], None
     while todo:  # lower the iteration asked for until every member's newest readable one agrees
         found = [run.checkpoints.load_newest(warn=dist.print0, at_most=newest) for run in todo]
-        if any(f is None for f in found):
+        if None in found:
             found = []
             break
-        iterations = {int(state["iteration"]) for _, state in found}
-        if len(iterations) == 1:
+        if len(iterations := {int(state["iteration"]) for _, state in found}) == 1:
             break
         newest = min(iterations)
     loaded = iter(found)
-    starts = []
-    for m, summary in zip(members, summaries):
-        if summary is not None:
-            starts.append(StartPoint(m.optim.iters, summary=summary))
-        elif found:
-            path, state = next(loaded)
-            starts.append(StartPoint(int(state["iteration"]), path, state))
-        else:
-            starts.append(StartPoint())
-    return starts
+    return [StartPoint(m.optim.iters, summary=summary) if summary is not None
+            else StartPoint(int(start[1]["iteration"]), *start) if (start := next(loaded, None)) else StartPoint()
+            for m, summary in zip(members, summaries)]
 
 
 def agreed_start(members: list[RunConfig], ctx: dist.DistContext) -> list[StartPoint]:
@@ -146,10 +136,10 @@ def agreed_start(members: list[RunConfig], ctx: dist.DistContext) -> list[StartP
 def main(cfg: RunConfig | list[RunConfig], prepared: Prepared | None = None, signals: bool = True,
          on_hang: str = "exit") -> dict[str, Any] | list[dict[str, Any]]:
     """Train on this rank: a run (its summary), or a pack's members (their summaries, a list);
-    `prepared` is what preflight found, if it ran here. The process's
-    part: the process group (and the hang watchdog; on_hang: dist.setup's, "raise" for
-    resnetdist.train, which must not end the calling process) and, with `signals`, from here on
-    a SIGTERM or SIGUSR1 noted to stop the run at the next log point with a checkpoint (Preempted)."""
+    `prepared`: what preflight found, if it ran here. The process's part: the process group and
+    the hang watchdog (on_hang: dist.setup's; "raise" for resnetdist.train, which must not end
+    the calling process) and, with `signals`, a SIGTERM or SIGUSR1 noted from here on to stop
+    the run at the next log point with a checkpoint (Preempted)."""
     with preempt.notice(install=signals) as notice:
         prepared = prepared or preflight(cfg, dist.world_size_from_env())
         first = as_members(cfg)[0]
@@ -174,11 +164,10 @@ def train_rank(members: list[RunConfig], prepared: Prepared, ctx: dist.DistConte
         if all(start.summary is not None for start in starts):  # a rerun of a finished run does nothing
             raise AlreadyFinished([start.summary for start in starts])
         todo = [(m, start) for m, start in zip(members, starts) if start.summary is None]
-        if ctx.is_main and data.record_count_note():  # a stand-in or a cut file: say what trains
-            print(data.record_count_note(), file=sys.stderr, flush=True)
         if ctx.is_main:
-            # before anything is written there (RunDirBusy if held; preflight probed them); the
-            # other ranks write nothing
+            if data.record_count_note():  # a stand-in or a cut file: say what trains
+                print(data.record_count_note(), file=sys.stderr, flush=True)
+            # before anything is written there (RunDirBusy if held; preflight probed them)
             locks = [RunDir(m.run_dir).acquire() for m, _ in todo]
         trainer = build(todo[0][0], ctx, data, stop=notice, plan=plan, members=[m for m, _ in todo])
         if todo[0][1].state is not None:
