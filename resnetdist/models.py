@@ -45,14 +45,6 @@ class ZeroPadShortcut(nn.Module):
         return x.flatten(1, 2).contiguous(memory_format=layout)
 
 
-def projection_shortcut(in_ch: int, out_ch: int, stride: int, members: int = 1) -> nn.Module:
-    """Option B: 1x1 conv + BN where the shape changes."""
-    return nn.Sequential(
-        nn.Conv2d(members * in_ch, members * out_ch, 1, stride=stride, bias=False, groups=members),
-        nn.BatchNorm2d(members * out_ch),
-    )
-
-
 class MemberLinear(nn.Module):
     """K linear layers (in_features -> out_features) as one batched matmul: member j reads input
     features [j*in, (j+1)*in) and writes outputs [j*out, (j+1)*out). weight (K*out, in) and bias
@@ -85,8 +77,9 @@ class BasicBlock(nn.Module):
         if residual and (stride != 1 or in_ch != out_ch):
             if shortcut == "A":
                 self.shortcut = ZeroPadShortcut(out_ch - in_ch, k)
-            else:
-                self.shortcut = projection_shortcut(in_ch, out_ch, stride, k)
+            else:  # option B: 1x1 conv + BN where the shape changes
+                self.shortcut = nn.Sequential(nn.Conv2d(k * in_ch, k * out_ch, 1, stride=stride, bias=False, groups=k),
+                                              nn.BatchNorm2d(k * out_ch))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
