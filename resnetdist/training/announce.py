@@ -7,7 +7,6 @@ Output for programs stays in summary.json and `train --json`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from dataclasses import asdict
 from typing import Any
 

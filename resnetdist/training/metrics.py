@@ -21,13 +21,10 @@ from ..errors import INTERRUPTED, Preempted
 from ..rundir import RunDir
 
 
-# ----- the W&B mode: log.wandb_mode "auto" decided here, where the logger lives (open_logger asks
-# once); the configuration keeps "auto" ----------------------------------------------------------
-
-
 def wandb_mode_here(mode: str) -> str:
-    """auto -> $WANDB_MODE when set, else online when logged in, else offline. An explicit
-    log.wandb_mode (online/offline/disabled) wins over the environment."""
+    """log.wandb_mode as this machine resolves it, where the logger lives (the configuration
+    keeps "auto"): auto -> $WANDB_MODE when set, else online when logged in, else offline. An
+    explicit log.wandb_mode (online/offline/disabled) wins over the environment."""
     if mode != "auto":
         return mode
     env = wandb_env_mode()
@@ -126,9 +123,7 @@ def chart_values(record: dict[str, Any], kind: str) -> dict[str, float]:
 
 
 class TensorBoardSink:
-    """Scalars under the chart names, and the run's hyperparameters with its final errors in
-    TensorBoard's HParams dashboard (hparams(): one row per run, so a suite's runs under one
-    --logdir compare there)."""
+    """Scalars under the chart names; the HParams dashboard's row of the run (hparams())."""
 
     def __init__(self, log_dir: Path, resume_iter: int):
         from torch.utils.tensorboard import SummaryWriter
@@ -248,10 +243,9 @@ class WandbSink:
         self._call(self.run.summary.update, _clean(values))
 
     def log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
-        """The final weights as the W&B model artifact `model-<run id>` (one artifact per run,
-        whatever its name, as Lightning's WandbLogger names them), aliases `final` and `latest`:
-        model.pt and model.safetensors, the mean image the inputs are normalised with (mean.npy, float32 (3, 32, 32),
-        [0, 1] units), config.toml and resolved.toml, so the artifact alone is enough to run the net."""
+        """The artifact `model-<run id>` (one per run, whatever its name, as Lightning's
+        WandbLogger names them): the run's weights files, config.toml, resolved.toml and the mean
+        image (mean.npy, float32 (3, 32, 32), [0, 1] units): enough to run the net."""
         def log() -> None:
             import numpy as np
 
@@ -266,10 +260,8 @@ class WandbSink:
         self._call(log)
 
     def close(self, exit_code: int = 0, stopped: bool = False) -> None:
-        """Finish the W&B run with the process's exit code: 0 finished, non-zero failed, unless
-        `stopped` (a preemption notice or Ctrl-C obeyed at a checkpoint): then the run is first
-        marked preempting (W&B's run.mark_preempting), so W&B shows it preempted, resumable,
-        not failed, and a sweep agent requeues it; the exit code (6 or 130) says which stop."""
+        """Finish with the process's exit code; a run `stopped` at a checkpoint (a notice or
+        Ctrl-C) is marked preempting first, so W&B shows it resumable and a sweep requeues it."""
         if stopped:
             self._call(self.run.mark_preempting)
         self._call(self.run.finish, exit_code)

@@ -16,21 +16,20 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import checkpoint, dist
-from ..rundir import RunDir, StartPoint
-from . import announce, preempt
 from ..config import ConfigError, RunConfig, check_same_experiment
 from ..data import Cifar10, load_data, load_data_on_every_rank
 from ..errors import NonFiniteLoss
+from ..rundir import RunDir, StartPoint
+from . import announce, preempt
 from .loop import failures
 from .metrics import MetricLogger, open_logger
 from .plan import Plan, resolve
-from .trainer import Member, build
+from .trainer import build
 
 
 @dataclass(frozen=True)
@@ -42,18 +41,16 @@ class Prepared:
 
 
 def as_members(cfg: RunConfig | list[RunConfig]) -> list[RunConfig]:
-    """A run's configuration, or a pack's member configurations, as a list."""
     return list(cfg) if isinstance(cfg, (list, tuple)) else [cfg]
 
 
 def preflight(cfg: RunConfig | list[RunConfig], world_size: int) -> Prepared:
-    """Everything that can be checked before workers start, cheapest first: the plan (batch
-    split, device, precision, step: plan.resolve), devices, each run directory (a folder or
-    creatable, not held by a live run, not holding another experiment), then the data, every
-    file parsed and checked (a bad one named). `cfg`: a run, or a pack's members
-    (pack.member_configs). Under torchrun with several ranks (possibly on nodes with their own
-    disks) every rank checks its node's data and all agree before any trains, so a node
-    without it stops the job with one line naming the host and path."""
+    """Everything that can be checked before workers start, cheapest first: the plan, devices,
+    each run directory (a folder or creatable, not held by a live run, not holding another
+    experiment), then every data file (a bad one named). `cfg`: a run, or a pack's members.
+    Under torchrun with several ranks (possibly on nodes with their own disks) every rank checks
+    its node's data and all agree before any trains, so a node without it stops the job with
+    one line naming the host and path."""
     members = as_members(cfg)
     cfg = members[0]
     plan = resolve(cfg, world_size)
