@@ -115,24 +115,23 @@ def cpu_estimate(cfg: RunConfig, plan: Plan, start_iter: int, eval_images: int =
     return f"about {duration(train_s + eval_s)}, {plural(count, 'evaluation')} included (2-core CPU rates)"
 
 
-def header(cfg: RunConfig, plan: Plan, start: StartPoint, eval_images: int = 10_000, data: str = "",
-           members: list[RunConfig] = (), starts: list[StartPoint] = (), finished: list[RunConfig] = ()) -> str:
+def header(runs: list[tuple[RunConfig, StartPoint]], plan: Plan, eval_images: int, data: str,
+           finished: list[RunConfig] = ()) -> str:
     """What opens a run on rank 0, once the step is built (the step that runs, and why): the
     facts, the data (verified CIFAR-10 or not) and on a CPU how long (on a GPU the bar measures
-    it at the first log point). A pack: `cfg` and `start` are its first member's, `members` and
-    `starts` the others'; `finished`: runs asked for that are finished already."""
+    it at the first log point). `runs`: each training run's configuration and start (a pack's
+    members, the first leading); `finished`: runs asked for that are finished already."""
+    (cfg, start), k = runs[0], len(runs)
     rows = facts(cfg, plan, start)
-    if data:
-        rows.insert(1, ("data", data))
-    k = 1 + len(members)
+    rows.insert(1, ("data", data))
     if plan.device == "cpu":
         rows.append(("estimate", cpu_estimate(cfg, plan, start.iteration, eval_images, k)))
     name = cfg.name
     if k > 1:
         name = f"a pack of {k} runs of {paper_name(cfg)} in one fused model: {cfg.name}"
-        rows.insert(1, ("pack", f"{k} seeds ({', '.join(str(m.train.seed) for m in (cfg, *members))}), "
+        rows.insert(1, ("pack", f"{k} seeds ({', '.join(str(m.train.seed) for m, _ in runs)}), "
                                 f"each run as if alone, in its own run directory"))
-        rows += [(m.name, f"{m.run_dir}: {where(s, m.optim.iters)}") for m, s in zip(members, starts)]
+        rows += [(m.name, f"{m.run_dir}: {where(s, m.optim.iters)}") for m, s in runs[1:]]
     rows += [(m.name, f"{m.run_dir}: finished (summary.json holds its result)") for m in finished]
     return f"{name}:\n{format_facts(rows)}"
 

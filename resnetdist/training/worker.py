@@ -170,9 +170,8 @@ def train_rank(members: list[RunConfig], prepared: Prepared, ctx: dist.DistConte
         if todo[0][1].state is not None:
             trainer.load_state_dicts([start.state for _, start in todo])
         if ctx.is_main:  # after the build: the header names the step that runs (auto's failed capture: eager, and why)
-            print(announce.header(todo[0][0], trainer.plan, todo[0][1], data.eval_images(), data.describe(),
-                                  members=[m for m, _ in todo[1:]], starts=[s for _, s in todo[1:]],
-                                  finished=[m for m, s in zip(members, starts) if s.summary is not None]), flush=True)
+            print(announce.header(todo, trainer.plan, data.eval_images(), data.describe(),
+                                  [m for m, s in zip(members, starts) if s.summary is not None]), flush=True)
         loggers = [MetricLogger() for _ in trainer.members]  # other ranks log nothing
         if ctx.is_main:  # each member's config.toml (as loaded), resolved.toml (what runs) and logger
             for j, member in enumerate(trainer.members):
