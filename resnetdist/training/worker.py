@@ -110,10 +110,13 @@ def where_they_start(members: list[RunConfig]) -> list[StartPoint]:
         if len(iterations := {int(state["iteration"]) for _, state in found}) == 1:
             break
         newest = min(iterations)
-    loaded = iter(found)
-    return [StartPoint(m.optim.iters, summary=summary) if summary is not None
-            else StartPoint(int(start[1]["iteration"]), *start) if (start := next(loaded, None)) else StartPoint()
-            for m, summary in zip(members, summaries)]
+    loaded = iter(found)  # a (path, state) per unfinished member, in order; none: they start afresh
+    starts = []
+    for m, summary in zip(members, summaries):
+        path, state = (None, None) if summary is not None else next(loaded, (None, None))
+        iteration = m.optim.iters if summary is not None else int(state["iteration"]) if state else 0
+        starts.append(StartPoint(iteration, path, state, summary))
+    return starts
 
 
 def agreed_start(members: list[RunConfig], ctx: dist.DistContext) -> list[StartPoint]:
