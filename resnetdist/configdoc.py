@@ -1,5 +1,5 @@
 """docs/configuration.md, generated from the config dataclasses (each field's default and its
-one-line description, config.doc), so the page cannot drift from the code:
+one-line description, config.key), so the page cannot drift from the code:
 
     python -m resnetdist.configdoc > docs/configuration.md
 
