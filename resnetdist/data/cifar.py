@@ -356,12 +356,12 @@ def read_files(folder: Path, names: tuple[str, ...], counts: dict[str, int] | No
     return Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
 
 
-def validation_indices(num_train: int, size: int = VAL_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def validation_indices(num_train: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) record indices of the 45k/5k split; fixed, so every run holds out the same."""
-    if not 0 < size < num_train:
-        raise DataError(f"validation size {size} does not fit a training set of {num_train}")
+    if not 0 < VAL_SIZE < num_train:
+        raise DataError(f"validation size {VAL_SIZE} does not fit a training set of {num_train}")
     perm = np.random.default_rng(VAL_SPLIT_SEED).permutation(num_train)
-    return np.sort(perm[size:]), np.sort(perm[:size])
+    return np.sort(perm[VAL_SIZE:]), np.sort(perm[:VAL_SIZE])
 
 
 def load_cifar10(data_dir: Path | None, val_split: bool = False) -> Cifar10:
