@@ -146,10 +146,11 @@ def md5sum(path: Path, algorithm: str = "md5") -> str:
         return stream_digest(f, algorithm)
 
 
-def download(dest_dir: Path, url: str = URL, md5: str = MD5) -> Path:
+def download(dest_dir: Path) -> Path:
     """Download the tarball into dest_dir (atomically) and check its md5."""
     from ..progress import progress_bar
 
+    url, md5 = URL, MD5
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / TARBALL
     if dest.exists() and md5sum(dest) == md5:
