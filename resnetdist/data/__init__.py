@@ -43,8 +43,8 @@ def open_loaders(cfg: DataConfig, data: Cifar10, ctx: dist.DistContext, global_b
                  train: bool = True) -> Loaders:
     """This rank's training loader (with `train`) and evaluation shards, of the kind
     data.loader names: of the test set, and of the validation set when the run holds one out.
-    A pack's seeds (a list of several): FFCV reads each member's order (ffcv_loader.FfcvPackLoader);
-    the resident loader's set is one for all, each seed's order being its EpochTable's."""
+    A pack's seeds (a list of several): each member's batch in its seed's order (FFCV: one Loader
+    per member, ffcv_loader.FfcvPackLoader; resident: one gather from the set for all)."""
     if cfg.loader == "ffcv":
         from .ffcv_loader import open_ffcv_loaders
 
@@ -52,9 +52,8 @@ def open_loaders(cfg: DataConfig, data: Cifar10, ctx: dist.DistContext, global_b
     evals = {"test": ResidentEvalLoader(data.test, cfg.eval_batch, ctx.rank, ctx.world_size, ctx.device)}
     if data.val is not None:
         evals["val"] = ResidentEvalLoader(data.val, cfg.eval_batch, ctx.rank, ctx.world_size, ctx.device)
-    if isinstance(seed, list):
-        seed = seed[0]
-    loader = ResidentTrainLoader(data.train, global_batch, seed, ctx.rank, ctx.world_size, ctx.device) if train else None
+    seeds = seed if isinstance(seed, list) else [seed]
+    loader = ResidentTrainLoader(data.train, global_batch, seeds, ctx.rank, ctx.world_size, ctx.device) if train else None
     return Loaders(loader, evals)
 
 

@@ -27,9 +27,10 @@ from .bench import BATCH, environment, sync, write_report
 PACK_ROUNDS = 3  # each setting's best of 3 rounds, taken in turns
 
 
-def pack_step(cfg: ModelConfig, seeds: list[int], batch: int, device: torch.device, choice: StepChoice,
-              precision: str) -> TrainStep:
-    """A training step of the pack of `seeds` (one seed: a single run's), as a run builds it."""
+def pack_step(cfg: ModelConfig, seeds: list[int], inputs: tuple[torch.Tensor, ...], device: torch.device,
+              choice: StepChoice, precision: str) -> TrainStep:
+    """A training step of the pack of `seeds` (one seed: a single run's), as a run builds it; a
+    graph captured with `inputs` (the synthetic batch it is then handed: no copy per replay)."""
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     # 4 stem channels per member only where they help: channels_last packs (models.CifarResNet)
     stem = 4 if layout == torch.channels_last and len(seeds) > 1 else 3
@@ -37,7 +38,7 @@ def pack_step(cfg: ModelConfig, seeds: list[int], batch: int, device: torch.devi
     optimizer = TensorLRSGD(model.parameters(), torch.zeros((), device=device), 0.9, 1e-4)
     mean = torch.full((3, 32, 32), 0.5, device=device)
     return build_step(model, optimizer, mean, torch.full((1,), 0.1), choice=choice, precision=precision,
-                      memory_format=layout, batch_per_rank=batch)
+                      memory_format=layout, inputs=inputs)
 
 
 def synthetic_batch(members: int, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -70,11 +71,11 @@ def time_best(runs: dict[str, Callable[[int], None]], warmup: int, iters: int, r
 def bench_one_k(cfg: ModelConfig, k: int, iters: int, warmup: int, rounds: int, device: torch.device,
                 choice: StepChoice, precision: str) -> dict[str, Any]:
     seeds = list(range(k))
-    packed = pack_step(cfg, seeds, BATCH, device, choice, precision)
-    alone = [pack_step(cfg, [s], BATCH, device, choice, precision) for s in seeds]
-    dense = pack_step(cfg, [0], BATCH * k, device, choice, precision)
     pack_batch, single_batch, dense_batch = (synthetic_batch(k, BATCH, device), synthetic_batch(1, BATCH, device),
                                              synthetic_batch(1, BATCH * k, device))
+    packed = pack_step(cfg, seeds, pack_batch, device, choice, precision)
+    alone = [pack_step(cfg, [s], single_batch, device, choice, precision) for s in seeds]
+    dense = pack_step(cfg, [0], dense_batch, device, choice, precision)
 
     def repeat(step_fns, batch):
         def run(count: int) -> None:
