@@ -172,7 +172,7 @@ def test_reproduce_pack_trains_a_nets_seeds_in_one_process_and_reports_as_unpack
 
 
 @pytest.mark.timeout(120)
-def test_a_graphed_pack_gathers_every_members_batch_in_the_graph(tiny_data, monkeypatch):
+def test_a_graphed_pack_captured_with_the_feeds_rows_trains_as_the_eager_pack(tiny_data, monkeypatch):
     """The whole-step graph of a pack, through the tests' stand-in for torch.cuda's graphs (a
     replay runs the captured body), captured with the feed's (K, b, ...) buffers: each member's
     batch gathered from its own seed's epochs, bitwise the eager pack."""
