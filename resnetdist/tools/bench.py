@@ -385,7 +385,7 @@ def format_table(report: dict[str, Any]) -> str:
             for r in report["results"]
         ]
     notes = [f"- skipped: {s}" for s in report["skipped"]]
-    if report.get("epoch_draw_ms") is not None:  # the device-fed step's host work per epoch
+    if report.get("epoch_draw_ms") is not None:  # the feed's host work per epoch
         notes.append(f"- augmentation draws of one epoch (390 iterations, host): {report['epoch_draw_ms']:.1f} ms")
     return "\n".join([head, "", *rows, *([""] + notes if notes else [])])
 
