@@ -202,8 +202,8 @@ class FfcvTrainLoader:
     """The "ffcv" training loader: the same samples, in the same order, as ResidentTrainLoader.
 
     Loader epoch k (FFCV's epoch counter) covers iterations start_iter + k*iters up to
-    start_iter + (k+1)*iters - 1 (iters per epoch), so a run resumed mid-epoch starts at the right batch
-    without decoding skipped ones, and every FFCV epoch has the same length. One stream
+    start_iter + (k+1)*iters - 1 (iters per epoch), so a run resumed mid-epoch starts at the
+    right batch without decoding skipped ones, and every FFCV epoch has the same length. One stream
     at a time: a new batches() call re-targets the shared Loader."""
 
     def __init__(
@@ -247,8 +247,8 @@ class FfcvPackLoader:
     def __init__(self, members: list[FfcvTrainLoader]):
         self.members, first = members, members[0]
         self.seeds = [m.seed for m in members]
-        self.global_batch, self.rank, self.world_size, self.b = first.global_batch, first.rank, first.world_size, first.b
-        self.iters_per_epoch, self.device = first.iters_per_epoch, first.device
+        self.global_batch, self.rank, self.world_size = first.global_batch, first.rank, first.world_size
+        self.b, self.iters_per_epoch, self.device = first.b, first.iters_per_epoch, first.device
 
     def batches(self, start_iter: int, out: Batch) -> Iterator[Batch]:
         streams = [m.batches(start_iter, (out[0][j], out[1][j])) for j, m in enumerate(self.members)]

@@ -29,7 +29,8 @@ from .bench import BATCH, environment, sync, write_report
 PACK_ROUNDS = 3  # each setting's best of 3 rounds, taken in turns
 
 
-def pack_run(n: int, seeds: list[int], batch: int, device: torch.device, data: Cifar10) -> tuple[Any, Callable[[int], None]]:
+def pack_run(n: int, seeds: list[int], batch: int, device: torch.device,
+             data: Cifar10) -> tuple[Any, Callable[[int], None]]:
     """The Trainer of the pack of `seeds` (one seed: a single run's) at `batch` images per
     member, built as `train --seeds` builds it, and run(count): `count` of its training steps."""
     cfg = load_config(flags={"model": {"n": n}, "optim": {"batch_size": batch},

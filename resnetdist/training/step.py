@@ -212,7 +212,7 @@ def build_step(model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor, lrs
                      choice=choice)
     if capture is not None:
         if inputs is None:
-            raise ValueError("the graph step is captured with sample inputs: build_step(..., inputs=(images, labels, aug))")
+            raise ValueError("a graph step is captured with sample inputs: build_step(..., inputs=...)")
         static = StaticInputs(*inputs)
         try:
             step.use_graph(capture.capture_agreed(step, static), static)

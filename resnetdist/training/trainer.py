@@ -89,8 +89,8 @@ def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | N
     data_facts = {"train_images": len(data.train), "test_images": len(data.test),
                   "val_images": len(data.val) if data.val is not None else 0,
                   "data_identity": data.identity}  # cifar10 | modified | unknown (data/cifar.py identity)
-    return Trainer(cfg, plan, ctx, model, optimizer, step, loaders, feed, loaders.train.iters_per_epoch, data_facts, stop,
-                   [Member(m) for m in members])
+    return Trainer(cfg, plan, ctx, model, optimizer, step, loaders, feed, loaders.train.iters_per_epoch, data_facts,
+                   stop, [Member(m) for m in members])
 
 
 class Logger(Protocol):
