@@ -101,7 +101,7 @@ def recorder(step, progress, loader=None, cadence=CADENCE) -> Recorder:
                              "log": {"log_every": cadence.log_every}})
     feed = Feed(loader or FakeLoader())
     trainer = Recorder(cfg, resolve(cfg, 1), DistContext(0, 0, 1, torch.device("cpu")), step.model, None, step, None, feed,
-                       iters_per_epoch=10, data_facts={}, members=[Member(cfg, progress)])
+                       data_facts={}, members=[Member(cfg, progress)])
     return trainer
 
 

@@ -89,8 +89,7 @@ def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | N
     data_facts = {"train_images": len(data.train), "test_images": len(data.test),
                   "val_images": len(data.val) if data.val is not None else 0,
                   "data_identity": data.identity}  # cifar10 | modified | unknown (data/cifar.py identity)
-    return Trainer(cfg, plan, ctx, model, optimizer, step, loaders, feed, loaders.train.iters_per_epoch, data_facts,
-                   stop, [Member(m) for m in members])
+    return Trainer(cfg, plan, ctx, model, optimizer, step, loaders, feed, data_facts, stop, [Member(m) for m in members])
 
 
 class Logger(Protocol):
@@ -144,7 +143,6 @@ class Trainer:
     step: TrainStep
     loaders: Loaders
     feed: Feed
-    iters_per_epoch: int
     data_facts: dict[str, Any]  # train/test/val images in use and the data's identity (summary.json: a cut or stand-in data set shows)
     stop: Notice | None = None  # asked at every log point: a signal noted there stops the run (Preempted)
     members: list[Member] = field(default_factory=list)  # [] : the run of cfg alone
@@ -192,7 +190,7 @@ class Trainer:
                 if eval_now:
                     with dist.stage(f"evaluation at iteration {it}"):
                         errors = self.evaluate()
-                    log_evaluation(live, [e for e in errors if e is not None], step, it, self.iters_per_epoch,
+                    log_evaluation(live, [e for e in errors if e is not None], step, it, self.feed.loader.iters_per_epoch,
                                    self.plan.global_batch, bar, named=len(self.members) > 1)
                 if ckpt_now or reason:
                     self.checkpoint()
