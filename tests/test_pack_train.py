@@ -232,7 +232,7 @@ def test_a_compiled_pack_steps_each_member_as_the_eager_pack(tiny_data):
         losses = []
         for _ in range(2):
             take_steps(step, batches, 1)
-            stats, bad = step.drain_members()
+            stats, bad = step.drain()
             losses.append(stats[:, 0] / stats[:, 2])  # each member's mean loss of the step
         assert step.kind == choice.kind and (bad == -1).all()
         results.append(torch.tensor(np.array(losses)))

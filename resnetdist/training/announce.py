@@ -34,7 +34,7 @@ def facts(cfg: RunConfig, plan: Plan, start: StartPoint, fallback: str = "") -> 
         ("net", f"{paper_name(cfg)} ({count_parameters(build_model(cfg.model)):,} parameters)"),
         ("device", f"{plan.device}, {ranks} rank{'s' if ranks > 1 else ''}"),
         ("precision", plan.precision),
-        ("step", plan.choice.describe() + fallback),
+        ("step", f"{plan.step} ({plan.step_reason}){fallback}"),
         ("loader", plan.loader),
         ("iterations", f"{o.iters:,} ({lr_words(cfg)}; {cadence_words(o.iters, t.eval_every, t.checkpoint_every)})"),
         ("batch per rank", f"{plan.batch_per_rank} ({plan.global_batch} per iteration)"),
