@@ -83,9 +83,7 @@ def _record_indices(beton: Path, indices: np.ndarray | None) -> np.ndarray:
     return idx
 
 
-def _make_loader(
-    beton: Path, batch: int, order, drop_last: bool, device: torch.device, workers: int
-):
+def _make_loader(beton: Path, batch: int, order, drop_last: bool, device: torch.device, workers: int):
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.ndarray import NDArrayDecoder
     from ffcv.loader import Loader
@@ -206,10 +204,8 @@ class FfcvTrainLoader:
     right batch without decoding skipped ones, and every FFCV epoch has the same length. One stream
     at a time: a new batches() call re-targets the shared Loader."""
 
-    def __init__(
-        self, beton: Path, indices: np.ndarray | None, global_batch: int, seed: int, rank: int,
-        world_size: int, device: torch.device, workers: int,
-    ):
+    def __init__(self, beton: Path, indices: np.ndarray | None, global_batch: int, seed: int, rank: int,
+                 world_size: int, device: torch.device, workers: int):
         require_ffcv()
         self.global_batch, self.seed, self.seeds = global_batch, seed, [seed]
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
@@ -220,16 +216,13 @@ class FfcvTrainLoader:
         self.start_iter = 0
         self.loader = _make_loader(self.beton, self.b, _order_class()(self._window), True, self.device, workers)
 
-    def _rank_order(self, epoch: int) -> np.ndarray:
-        return rank_epoch_order(
-            len(self.idx), self.global_batch, self.seed, epoch, self.rank, self.world_size
-        )
-
     def _window(self, k: int) -> np.ndarray:
         epoch, pos = divmod(self.start_iter + k * self.iters_per_epoch, self.iters_per_epoch)
-        order = self._rank_order(epoch)[pos * self.b :]
+        n, cut = len(self.idx), pos * self.b  # the rest of `epoch`, then the start of the next
+        order = rank_epoch_order(n, self.global_batch, self.seed, epoch, self.rank, self.world_size)
         if pos:
-            order = np.concatenate([order, self._rank_order(epoch + 1)[: pos * self.b]])
+            after = rank_epoch_order(n, self.global_batch, self.seed, epoch + 1, self.rank, self.world_size)
+            order = np.concatenate([order[cut:], after[:cut]])
         return self.idx[order]
 
     def batches(self, start_iter: int, out: Batch) -> Iterator[Batch]:
@@ -265,20 +258,15 @@ class FfcvPackLoader:
 class FfcvEvalLoader:
     """This rank's contiguous shard of an evaluation set, in order; re-iterable."""
 
-    def __init__(
-        self, beton: Path, indices: np.ndarray | None, batch: int, rank: int, world_size: int,
-        device: torch.device, workers: int,
-    ):
+    def __init__(self, beton: Path, indices: np.ndarray | None, batch: int, rank: int, world_size: int,
+                 device: torch.device, workers: int):
         require_ffcv()
-        beton = Path(beton)
-        idx = _record_indices(beton, indices)
+        idx = _record_indices(Path(beton), indices)
         self.order = idx[eval_shard(len(idx), rank, world_size)]
         self.loader = None
         if len(self.order):
-            self.loader = _make_loader(
-                beton, batch, _order_class()(lambda _: self.order), False, torch.device(device),
-                workers,
-            )
+            self.loader = _make_loader(Path(beton), batch, _order_class()(lambda _: self.order), False,
+                                       torch.device(device), workers)
 
     def __iter__(self) -> Iterator[Batch]:
         if self.loader is not None:
@@ -303,9 +291,8 @@ def ensure_betons(cfg: DataConfig, data: Cifar10) -> Path:
 def open_ffcv_loaders(cfg: DataConfig, data: Cifar10, ctx: dist.DistContext, global_batch: int,
                       seed: int | list[int], train: bool
                       ) -> tuple[FfcvTrainLoader | FfcvPackLoader | None, dict[str, FfcvEvalLoader]]:
-    """data/__init__.open_loaders for data.loader = ffcv: the training loader (with `train`; of
-    each seed of a pack's, a list of several: FfcvPackLoader) and the evaluation shards, read
-    from the .beton files."""
+    """data/__init__.open_loaders for data.loader = ffcv: the training loader (with `train`; a
+    pack's: FfcvPackLoader) and the evaluation shards."""
     train_beton, test_beton = beton_paths(ensure_betons(cfg, data))
     args = (cfg.eval_batch, ctx.rank, ctx.world_size, ctx.device, cfg.ffcv_workers)
     evals = {"test": FfcvEvalLoader(test_beton, None, *args)}

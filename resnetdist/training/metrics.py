@@ -11,7 +11,6 @@ import math
 import os
 import sys
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,7 @@ def wandb_mode_here(mode: str) -> str:
     return "online" if wandb_logged_in() else "offline"
 
 
-def wandb_env_mode() -> str | None:
-    """WANDB_MODE / WANDB_DISABLED's mode, normalised; None when unset."""
+def wandb_env_mode() -> str | None:  # None: WANDB_MODE / WANDB_DISABLED unset
     if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
         return "disabled"
     mode = os.environ.get("WANDB_MODE", "").strip().lower()
@@ -61,38 +59,33 @@ def _clean(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class JsonlSink:
-    """One JSON object per record of one kind (metrics.jsonl: each evaluation; progress.jsonl:
-    each log point's training record, which `runs` and `reproduce` read to show where a run is),
-    appended and flushed, so a crash loses at most the line being written. On resume, records
-    past the resume point are dropped first."""
+    """One JSON object per record of one kind (metrics.jsonl: each evaluation; progress.jsonl: each
+    log point's training record, which `runs` and `reproduce` read), appended and flushed, so a
+    crash loses at most the line being written. On resume, records past the resume point go first."""
 
     def __init__(self, path: Path, resume_iter: int, kind: str = "eval"):
         self.path, self.kind = path, kind
         if path.exists():
             kept = [line for line in path.read_text().splitlines() if -1 < _parse_iter(line) <= resume_iter]
             atomic_write_text(path, "".join(line + "\n" for line in kept))  # WriteError on failure
-        with _write_errors(path):
+        try:
             self.file = open(path, "a")
+        except OSError as e:
+            raise WriteError(path, e) from e
 
     def log(self, record: dict[str, Any], kind: str) -> None:
         if kind == self.kind:
-            with _write_errors(self.path):  # a full disk: one clear WriteError, not a traceback
+            try:
                 self.file.write(json.dumps(_clean(record)) + "\n")
                 self.file.flush()
+            except OSError as e:  # a full disk: one clear WriteError, not a traceback
+                raise WriteError(self.path, e) from e
 
     def close(self) -> None:
         try:
             self.file.close()
         except OSError:  # the failed write was already raised as WriteError from log()
             pass
-
-
-@contextmanager
-def _write_errors(path: Path):
-    try:
-        yield
-    except OSError as e:
-        raise WriteError(path, e) from e
 
 
 def _parse_iter(line: str) -> int:
@@ -123,7 +116,7 @@ def chart_values(record: dict[str, Any], kind: str) -> dict[str, float]:
 
 
 class TensorBoardSink:
-    """Scalars under the chart names; the HParams dashboard's row of the run (hparams())."""
+    """Scalars under the chart names, and the HParams dashboard's row of the run."""
 
     def __init__(self, log_dir: Path, resume_iter: int):
         from torch.utils.tensorboard import SummaryWriter
@@ -150,8 +143,7 @@ def env_tags() -> list[str]:
     return [t.strip() for t in os.environ.get("WANDB_TAGS", "").split(",") if t.strip()]
 
 
-def warn(message: str) -> None:
-    """A W&B problem, said in one line on stderr (the run goes on)."""
+def warn(message: str) -> None:  # a W&B problem: the run goes on
     print(f"W&B: {message}", file=sys.stderr, flush=True)
 
 
@@ -170,10 +162,10 @@ def run_params(cfg: RunConfig) -> dict[str, Any]:
 
 
 def wandb_settings(wandb, cfg: LogConfig):
-    """The settings every run of this package opens W&B with (training runs and the suite's
-    report run): bounded init and finish, no console capture (the run's own log is train.log).
-    The finish bound is a public setting of wandb releases from 2026 on (`finish_timeout`);
-    an older wandb (>= 0.19.10, pyproject's floor) has none, and its finish waits for the upload."""
+    """The settings every W&B run of this package opens with (training and the suite's report):
+    bounded init and finish, no console capture (the run's own log is train.log). `finish_timeout`
+    is a setting of wandb releases from 2026 on; an older wandb (>= 0.19.10, pyproject's floor)
+    has none, and its finish waits for the upload."""
     bounds = {"init_timeout": float(cfg.wandb_init_timeout_s)}
     if "finish_timeout" in wandb.Settings.model_fields:
         bounds["finish_timeout"] = float(cfg.wandb_finish_timeout_s)
@@ -181,12 +173,10 @@ def wandb_settings(wandb, cfg: LogConfig):
 
 
 class WandbSink:
-    """One W&B run per training run, as docs/tracking.md describes it (name, group, tags, config,
-    charts, summary, artifact). Its id is kept in the checkpoints, so a resumed run (this process
-    or a later one) continues the same W&B run. Online init is bounded by
-    log.wandb_init_timeout_s; when it fails (server unreachable, bad key) the run carries on
-    offline under the same id, with a warning. finish() is bounded by log.wandb_finish_timeout_s;
-    what did not upload stays on disk for `wandb sync`."""
+    """One W&B run per training run (docs/tracking.md). Its id is kept in the checkpoints, so a
+    resumed run continues the same W&B run. When the bounded online init fails (server
+    unreachable, bad key) the run carries on offline under the same id, with a warning; what a
+    bounded finish did not upload stays on disk for `wandb sync`."""
 
     def __init__(self, run_cfg: RunConfig, mode: str, run_id: str | None):
         import wandb
@@ -195,7 +185,7 @@ class WandbSink:
         # a checkpoint's id continues its run; else $WANDB_RUN_ID, which a W&B sweep agent sets for
         # the run it starts (so the run joins the sweep); else a new one
         self.id = run_id or os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:12]
-        self.mode = mode  # online or offline (wandb_mode_here)
+        self.mode = mode  # online or offline
         kwargs = dict(
             project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "resnetdist",
             entity=cfg.wandb_entity or os.environ.get("WANDB_ENTITY") or None,
@@ -306,9 +296,8 @@ class MetricLogger:
             self.wandb.log_model(run_dir, mean, metadata)
 
     def close_after(self, error: BaseException) -> None:
-        """Close on the way out of a run that did not finish: stopped as asked (a preemption
-        notice or a first Ctrl-C, obeyed at a checkpoint: Preempted, exit 6 or 130; a second
-        Ctrl-C: KeyboardInterrupt, 130) is not a failure; anything else is (exit 1)."""
+        """Close a run that did not finish: stopped as asked (Preempted: a notice or a first Ctrl-C,
+        exit 6 or 130; a second Ctrl-C, 130) is not a failure; anything else is (exit 1)."""
         if isinstance(error, Preempted):
             self.close(error.exit_code, stopped=True)
         elif isinstance(error, KeyboardInterrupt):
