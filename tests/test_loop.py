@@ -230,8 +230,7 @@ def test_the_bar_moves_between_log_points_from_the_host_counter_without_draining
     moves = []
 
     class SeenBar(bar_module.RunBar):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "every_s": 0.05})
+        every_s = 0.05
 
         def to(self, it):
             moves.append(it)

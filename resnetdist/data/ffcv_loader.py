@@ -198,53 +198,40 @@ def _epoch(loader, out: Batch | None = None) -> Iterator[Batch]:
 
 class FfcvTrainLoader:
     """The "ffcv" training loader: the same samples, in the same order, as ResidentTrainLoader.
+    A pack's (several `seeds`, pack.py) has one FFCV Loader per member, each in its own seed's
+    order, so member j reads exactly the batches of its run alone, copied into row j of the
+    (K, b, ...) buffers.
 
     Loader epoch k (FFCV's epoch counter) covers iterations start_iter + k*iters up to
     start_iter + (k+1)*iters - 1 (iters per epoch), so a run resumed mid-epoch starts at the
     right batch without decoding skipped ones, and every FFCV epoch has the same length. One stream
-    at a time: a new batches() call re-targets the shared Loader."""
+    at a time: a new batches() call re-targets the shared Loaders."""
 
-    def __init__(self, beton: Path, indices: np.ndarray | None, global_batch: int, seed: int, rank: int,
+    def __init__(self, beton: Path, indices: np.ndarray | None, global_batch: int, seeds: list[int], rank: int,
                  world_size: int, device: torch.device, workers: int):
         require_ffcv()
-        self.global_batch, self.seed, self.seeds = global_batch, seed, [seed]
+        self.global_batch, self.seeds = global_batch, seeds
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.b = rank_batch(global_batch, world_size)
-        self.beton = Path(beton)
-        self.idx = _record_indices(self.beton, indices)
+        self.idx = _record_indices(Path(beton), indices)
         self.iters_per_epoch = iters_per_epoch(len(self.idx), global_batch)
         self.start_iter = 0
-        self.loader = _make_loader(self.beton, self.b, _order_class()(self._window), True, self.device, workers)
+        self.loaders = [_make_loader(Path(beton), self.b, _order_class()(lambda k, s=seed: self._window(s, k)), True,
+                                     self.device, workers) for seed in seeds]
 
-    def _window(self, k: int) -> np.ndarray:
+    def _window(self, seed: int, k: int) -> np.ndarray:
         epoch, pos = divmod(self.start_iter + k * self.iters_per_epoch, self.iters_per_epoch)
         n, cut = len(self.idx), pos * self.b  # the rest of `epoch`, then the start of the next
-        order = rank_epoch_order(n, self.global_batch, self.seed, epoch, self.rank, self.world_size)
+        order = rank_epoch_order(n, self.global_batch, seed, epoch, self.rank, self.world_size)
         if pos:
-            after = rank_epoch_order(n, self.global_batch, self.seed, epoch + 1, self.rank, self.world_size)
+            after = rank_epoch_order(n, self.global_batch, seed, epoch + 1, self.rank, self.world_size)
             order = np.concatenate([order[cut:], after[:cut]])
         return self.idx[order]
 
     def batches(self, start_iter: int, out: Batch) -> Iterator[Batch]:
         self.start_iter = start_iter
-        self.loader.next_epoch = 0
-        while True:
-            yield from _epoch(self.loader, out)
-
-
-class FfcvPackLoader:
-    """A pack's training batches (pack.py) through FFCV: one FfcvTrainLoader per member, each
-    with its own seed's order (its own FFCV Loader and epoch thread), so member j reads exactly
-    the batches of its run alone: copied into row j of (K, b, 3, 32, 32) images and (K, b) labels."""
-
-    def __init__(self, members: list[FfcvTrainLoader]):
-        self.members, first = members, members[0]
-        self.seeds = [m.seed for m in members]
-        self.global_batch, self.rank, self.world_size = first.global_batch, first.rank, first.world_size
-        self.b, self.iters_per_epoch, self.device = first.b, first.iters_per_epoch, first.device
-
-    def batches(self, start_iter: int, out: Batch) -> Iterator[Batch]:
-        streams = [m.batches(start_iter, (out[0][j], out[1][j])) for j, m in enumerate(self.members)]
+        rows = [out] if len(self.seeds) == 1 else [(out[0][j], out[1][j]) for j in range(len(self.seeds))]
+        streams = [_endless(loader, row) for loader, row in zip(self.loaders, rows)]
         try:
             while True:
                 for stream in streams:
@@ -253,6 +240,12 @@ class FfcvPackLoader:
         finally:
             for stream in streams:  # each stops its FFCV epoch thread
                 stream.close()
+
+
+def _endless(loader, out: Batch) -> Iterator[Batch]:
+    loader.next_epoch = 0
+    while True:
+        yield from _epoch(loader, out)
 
 
 class FfcvEvalLoader:
@@ -289,10 +282,9 @@ def ensure_betons(cfg: DataConfig, data: Cifar10) -> Path:
 
 
 def open_ffcv_loaders(cfg: DataConfig, data: Cifar10, ctx: dist.DistContext, global_batch: int,
-                      seed: int | list[int], train: bool
-                      ) -> tuple[FfcvTrainLoader | FfcvPackLoader | None, dict[str, FfcvEvalLoader]]:
-    """data/__init__.open_loaders for data.loader = ffcv: the training loader (with `train`; a
-    pack's: FfcvPackLoader) and the evaluation shards."""
+                      seeds: list[int], train: bool) -> tuple[FfcvTrainLoader | None, dict[str, FfcvEvalLoader]]:
+    """data/__init__.open_loaders for data.loader = ffcv: the training loader (with `train`) and
+    the evaluation shards."""
     train_beton, test_beton = beton_paths(ensure_betons(cfg, data))
     args = (cfg.eval_batch, ctx.rank, ctx.world_size, ctx.device, cfg.ffcv_workers)
     evals = {"test": FfcvEvalLoader(test_beton, None, *args)}
@@ -300,6 +292,5 @@ def open_ffcv_loaders(cfg: DataConfig, data: Cifar10, ctx: dist.DistContext, glo
         evals["val"] = FfcvEvalLoader(train_beton, data.val_indices, *args)
     if not train:
         return None, evals
-    loaders = [FfcvTrainLoader(train_beton, data.train_indices, global_batch, s, ctx.rank, ctx.world_size,
-                               ctx.device, cfg.ffcv_workers) for s in (seed if isinstance(seed, list) else [seed])]
-    return (loaders[0] if len(loaders) == 1 else FfcvPackLoader(loaders)), evals
+    return FfcvTrainLoader(train_beton, data.train_indices, global_batch, seeds, ctx.rank, ctx.world_size,
+                           ctx.device, cfg.ffcv_workers), evals

@@ -1,11 +1,10 @@
 """One training step as a callable: step(images_u8, labels, aug) does augmentation, forward
 (autocast), backward, the SGD update and the metric sums, all on the device.
 
-The step reads its lr from a per-iteration table on the device and counts iterations on the
-device, so the host only hands it a batch already on the device (the data's feed,
-data/feed.py). That keeps the step identical whether it runs eagerly, compiled, or replayed as
-one CUDA graph, and the schedule needs no re-capture. Loss and error sums stay on the device until
-`drain()`: no host sync per step. bench, the trainer and the tests all drive this one object.
+The step reads its lr from a per-iteration table on the device and counts iterations there, so
+the host only hands it a batch already on the device (data/feed.py). That keeps the step
+identical whether it runs eagerly, compiled, or replayed as one CUDA graph, and the schedule
+needs no re-capture. Loss and error sums stay on the device until `drain()`: no host sync per step.
 """
 
 from __future__ import annotations
@@ -40,8 +39,7 @@ def autocast(precision: str, device: torch.device):
 @dataclass(frozen=True)
 class StepChoice:
     """The step that runs and why: choose_kind's answer, then build_step's (an auto graph whose
-    capture failed becomes eager, saying so). summary.json, the header, the progress bar and
-    `report` show it."""
+    capture failed becomes eager, saying so)."""
 
     kind: str  # eager | compile | graph
     reason: str  # why this one, in words
@@ -54,12 +52,11 @@ class StepChoice:
 
 
 def choose_kind(step: str, on_cuda: bool, precision: str) -> StepChoice:
-    """The step that runs, from train.step alone (the one place that decides it). auto: the
-    whole-step graph on CUDA with bf16 or fp32 (4x the eager step at batch 128 on one H100,
-    measured by a plain PyTorch script of this recipe, not by resnetdist: docs/gpu-acceptance.md), else eager (fp16's loss scaler syncs
-    with the host, which a graph cannot hold). A step asked for by name runs or the run stops:
-    graph without CUDA is a ConfigError here, before any worker starts (graph + fp16 is one in
-    config.validate), and a graph whose capture fails stops the run in build_step."""
+    """The step that runs, from train.step (the one place that decides it). auto: the whole-step
+    graph on CUDA with bf16 or fp32 (4x the eager step at batch 128 on one H100, measured by a
+    plain PyTorch script of this recipe: docs/gpu-acceptance.md), else eager. A step asked for by
+    name runs or the run stops: graph without CUDA is a ConfigError here, before any worker starts
+    (graph + fp16 is one in config.validate); a failed capture stops it in build_step."""
     if step == "auto":
         if not on_cuda:
             return StepChoice("eager", "auto: no CUDA device, so no CUDA graph", step)
@@ -102,7 +99,6 @@ class TrainStep:
         self.inputs: StaticInputs | None = None  # the graph's input buffers
 
     def __call__(self, images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
-        """One iteration on a batch on the step's device: uint8 images, labels, augmentation draws."""
         self._run(images_u8, labels, aug)
 
     kind = property(lambda self: self.choice.kind)  # the step that runs: eager, compile or graph
@@ -120,9 +116,8 @@ class TrainStep:
         return stats, self.bad_iter.cpu().numpy()
 
     def load_state(self, model_state: dict, optimizer_state: dict, iteration: int) -> None:
-        """Load weights, optimizer state and the iteration into this step, in place: every
-        tensor a captured graph reads keeps its address (TensorLRSGD.load_state_dict copies
-        momentum into the existing buffers; Module.load_state_dict copies into parameters)."""
+        """Weights, optimizer state and the iteration, copied in place: every tensor a captured
+        graph reads keeps its address (TensorLRSGD.load_state_dict copies into the momentum buffers)."""
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optimizer_state)
         self.it.fill_(iteration)
@@ -175,13 +170,10 @@ class TrainStep:
 def build_step(model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor, lrs: torch.Tensor, *,
                choice: StepChoice, compile_mode: str = "default", precision: str, memory_format=torch.contiguous_format,
                ddp: bool = False, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> TrainStep:
-    """The step choose_kind chose: the model wrapped in DDP, and in torch.compile
-    (`compile_mode`) for the compile step (wrap.py); the graph step captured once (CUDA only,
-    graph.py) with `inputs` as its static inputs (sample images, labels, draws: the data's feed's
-    buffers, so a replay handed them copies nothing; as torch.cuda.make_graphed_callables takes
-    sample args) and replayed. A failed capture stops a graph asked for by name (GraphUnavailable,
-    before any training step); under auto the eager step runs from the same state, and its
-    choice says why."""
+    """The step `choice` names: the model wrapped in DDP, and in torch.compile for the compile step
+    (wrap.py); the graph step captured once with `inputs` (the feed's buffers) as its static
+    inputs. A failed capture stops a graph asked for by name (GraphUnavailable, before any
+    training step); under auto the eager step runs from the same state, and its choice says why."""
     graph = choice.kind == "graph"
     capture = GraphCapture() if graph else None
     with capture.on_side() if capture is not None else nullcontext():  # DDP built where capture runs

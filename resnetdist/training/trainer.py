@@ -270,13 +270,19 @@ def checkpoint_state(trainer: Trainer, member: Member, model: dict, optimizer: d
 
 def log_point(members: list[Member], loggers: list[MetricLogger], records: list[dict | None], failed_before: list[str],
               it: int, seconds: float, bar: RunBar, is_main: bool) -> list[tuple[Member, MetricLogger]]:
-    """A log point after the drain: every member at `it` with `seconds` more of training, the
-    failures said (stop_failed), the train records logged and shown (a pack's: their mean on
-    the bar); the members still training, with their loggers."""
+    """A log point after the drain: every member at `it` with `seconds` more of training; a
+    member whose loss just turned NaN said and, in a pack, noted as failed in its folder while the
+    others go on (NonFiniteLoss when none is left); the train records logged and shown (a pack's:
+    their mean on the bar). Returns the members still training, with their loggers."""
     for member in members:
         member.progress.train_seconds += seconds
         member.progress.iteration = it
-    stop_failed(members, failed_before, bar, is_main)
+    if all(m.failed for m in members):
+        raise NonFiniteLoss(failures(members))
+    for member, before in zip(members, failed_before):
+        if member.failed and not before and is_main:
+            bar.write(f"{member.cfg.name}: {member.failed}. The pack's other runs go on.")
+            append_failure(member.run.log, member.failed)
     live = [(m, lg, r) for m, lg, r in zip(members, loggers, records) if r is not None]
     for _, member_logger, record in live:
         member_logger.log(record, "train")
@@ -293,17 +299,6 @@ def log_evaluation(live: list[tuple[Member, MetricLogger]], errors: list[dict[st
                                                      global_batch)
         bar.write(f"{member.cfg.name}  {line}" if named else line)
         member_logger.log(member.progress.last_eval, "eval")
-
-
-def stop_failed(members: list[Member], failed_before: list[str], bar: RunBar, is_main: bool) -> None:
-    """After a drain: members whose loss just turned NaN are said and, in a pack, noted as
-    failed in their folders while the others go on; NonFiniteLoss when none is left."""
-    if all(m.failed for m in members):
-        raise NonFiniteLoss(failures(members))
-    for member, before in zip(members, failed_before):
-        if member.failed and not before and is_main:
-            bar.write(f"{member.cfg.name}: {member.failed}. The pack's other runs go on.")
-            append_failure(member.run.log, member.failed)
 
 
 def pack_label(members: list[Member]) -> str:

@@ -182,7 +182,7 @@ def train_rank(members: list[RunConfig], prepared: Prepared, ctx: dist.DistConte
                 summaries = trainer.finish()
                 for j, (member, summary) in enumerate(zip(trainer.members, summaries)):
                     closing, loggers[j] = loggers[j], MetricLogger()  # closed once, whatever happens in close
-                    if summary is None:  # its loss turned NaN (its folder says so: Trainer.stop_failed)
+                    if summary is None:  # its loss turned NaN (its folder says so: trainer.log_point)
                         closing.close(NonFiniteLoss.exit_code)
                         continue
                     closing.summary(summary)
