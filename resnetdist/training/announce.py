@@ -133,12 +133,9 @@ def closing(summary: dict[str, Any], cfg: RunConfig) -> str:
     if cfg.log.tensorboard:
         rows.append(("TensorBoard", f"tensorboard --logdir {run.path / 'tb'}"))
     rows.append(("report", f"resnetdist report {run.path}"))
-    return f"{result_line(summary)}\n{format_facts(rows)}"
-
-
-def result_line(summary: dict[str, Any]) -> str:
-    return (f"{summary['name']}: test error {summary['test_error']:.2f}% after {plural(summary['iterations'], 'iteration')}, "
-            f"{duration(summary['train_seconds'])} of training ({summary['images_per_second']:,.0f} img/s)")
+    result = (f"{summary['name']}: test error {summary['test_error']:.2f}% after {plural(summary['iterations'], 'iteration')}, "
+              f"{duration(summary['train_seconds'])} of training ({summary['images_per_second']:,.0f} img/s)")
+    return f"{result}\n{format_facts(rows)}"
 
 
 def finished(summary: dict[str, Any], cfg: RunConfig) -> str:

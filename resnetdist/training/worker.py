@@ -84,15 +84,10 @@ class AlreadyFinished(Exception):
         super().__init__(f"{', '.join(str(s.get('name')) for s in summaries)} finished")
 
 
-def where_it_starts(cfg: RunConfig) -> StartPoint:
-    """The run directory, looked at once: finished (RunDir.finished), else its newest readable
-    checkpoint (RunDir.load_newest: sha256-checked, a damaged one named and skipped), else fresh."""
-    return where_they_start([cfg])[0]
-
-
 def where_they_start(members: list[RunConfig]) -> list[StartPoint]:
-    """where_it_starts of each member of a pack, which trains its unfinished members from the
-    newest iteration that every one of them has a readable checkpoint of (none: afresh)."""
+    """Each run directory, looked at once: finished (RunDir.finished), else its newest readable
+    checkpoint (sha256-checked, a damaged one named and skipped), else fresh. A pack trains its
+    unfinished members from the newest iteration that every one of them has a checkpoint of."""
     runs = [RunDir(m.run_dir) for m in members]
     summaries = [run.finished(m.optim.iters, m.name) for run, m in zip(runs, members)]
     todo = [run for run, summary in zip(runs, summaries) if summary is None]
