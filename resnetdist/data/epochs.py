@@ -37,10 +37,16 @@ class EpochTable:
         from the thread that built them ahead if it did; then the next epoch's are started."""
         if epoch != self.loaded:
             ready = self.ahead is not None and self.ahead[0] == epoch
-            host = torch.from_numpy(np.ascontiguousarray(self.ahead[1].result() if ready else self.numbers(epoch)))
-            if self.table.is_cuda:  # pinned: the caching host allocator keeps the block until the copy has run
-                host = host.pin_memory()
-            self.table.copy_(host.view(self.table.shape), non_blocking=self.table.is_cuda)
+            upload(self.table, self.ahead[1].result() if ready else self.numbers(epoch))
             self.loaded = epoch
             self.ahead = (epoch + 1, _AHEAD.submit(self.numbers, epoch + 1))
         return self.table
+
+
+def upload(dst: torch.Tensor, src: np.ndarray) -> None:
+    """Copy host numbers into a device buffer without blocking the host: on CUDA from pinned
+    memory (the caching host allocator keeps the block until the copy has run)."""
+    host = torch.from_numpy(np.ascontiguousarray(src))
+    if dst.is_cuda:
+        host = host.pin_memory()
+    dst.copy_(host.view(dst.shape), non_blocking=dst.is_cuda)

@@ -68,8 +68,7 @@ def _order_class():
     return FunctionOrder
 
 
-def _record_indices(beton: Path, indices: np.ndarray | None) -> np.ndarray:
-    """The beton records a loader draws from: `indices`, or all of them."""
+def _record_indices(beton: Path, indices: np.ndarray | None) -> np.ndarray:  # `indices`, or all records
     from ffcv.reader import Reader
 
     if not beton.is_file():
@@ -127,8 +126,7 @@ def _wait_for_batch(it) -> None:
             q.not_empty.wait(0.5)
 
 
-def bind_thread(device: torch.device) -> None:
-    """Make `device` the current CUDA device of the calling thread (a no-op off CUDA)."""
+def bind_thread(device: torch.device) -> None:  # the calling thread's CUDA device
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
@@ -267,8 +265,8 @@ class FfcvEvalLoader:
 
 
 def ensure_betons(cfg: DataConfig, data: Cifar10) -> Path:
-    """The .beton files, converted from the binaries on first use (a no-op when up to date; data.beton_dir,
-    else beside the binaries). Rank 0 converts while the others wait; every node must then hold them."""
+    """The .beton files' folder (data.beton_dir, else beside the binaries), converted on first use
+    by rank 0 while the others wait; every node must then hold them."""
     out = Path(cfg.beton_dir) if cfg.beton_dir else data.folder.parent / "beton"
     if dist.is_main_process():
         prepare_betons(data.folder, out, announce=lambda what: print(
