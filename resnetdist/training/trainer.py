@@ -52,16 +52,6 @@ def make_model(cfg: RunConfig, ctx: dist.DistContext, seeds: list[int] | None = 
     return model, TensorLRSGD(model.parameters(), lr, cfg.optim.momentum, cfg.optim.weight_decay)
 
 
-def make_step(cfg: RunConfig, plan: Plan, ctx: dist.DistContext, model: nn.Module, optimizer: TensorLRSGD,
-              mean: torch.Tensor, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> TrainStep:
-    """The step the plan chose; a graph is captured with `inputs` (the feed's buffers) as its own."""
-    with dist.stage("model broadcast (DDP set-up)"):
-        return build_step(model, optimizer, mean, lr_table(cfg.optim, plan.lr_scale, cfg.dist.scale_warmup_iters),
-                          choice=plan.choice, compile_mode=cfg.train.compile, precision=plan.precision,
-                          memory_format=memory_format(cfg, ctx.device), ddp=ctx.distributed,
-                          inputs=inputs)
-
-
 def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | None = None,
           plan: Plan | None = None, members: list[RunConfig] | None = None) -> Trainer:
     """The run of this rank at iteration 0 (Trainer.load_state_dicts continues from a checkpoint).
@@ -74,7 +64,10 @@ def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | N
     feed = Feed(loaders.train)
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
     model, optimizer = make_model(cfg, ctx, seeds)
-    step = make_step(cfg, plan, ctx, model, optimizer, mean, feed.inputs)
+    with dist.stage("model broadcast (DDP set-up)"):  # a graph is captured with the feed's buffers as its inputs
+        step = build_step(model, optimizer, mean, lr_table(cfg.optim, plan.lr_scale, cfg.dist.scale_warmup_iters),
+                          choice=plan.choice, compile_mode=cfg.train.compile, precision=plan.precision,
+                          memory_format=memory_format(cfg, ctx.device), ddp=ctx.distributed, inputs=feed.inputs)
     plan = plan.ran(step.choice)
     data_facts = {"train_images": len(data.train), "test_images": len(data.test),
                   "val_images": len(data.val) if data.val is not None else 0,
