@@ -116,10 +116,13 @@ def chart_values(record: dict[str, Any], kind: str) -> dict[str, float]:
 
 
 class TensorBoardSink:
-    """Scalars under the chart names, and the HParams dashboard's row of the run."""
+    """Scalars under the chart names, and the HParams dashboard's row of the run (`params`:
+    run_params, with the final errors)."""
 
-    def __init__(self, log_dir: Path, resume_iter: int):
+    def __init__(self, log_dir: Path, resume_iter: int, params: dict[str, Any]):
         from torch.utils.tensorboard import SummaryWriter
+
+        self.params = {k: v for k, v in params.items() if v is not None}
 
         # purge_step drops events past the checkpoint that a restarted run will write again
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resume_iter + 1 if resume_iter else None)
@@ -129,10 +132,12 @@ class TensorBoardSink:
             self.writer.add_scalar(tag, value, record["iter"])
         self.writer.flush()
 
-    def hparams(self, params: dict[str, Any], results: dict[str, float]) -> None:
+    def summary(self, values: dict[str, Any]) -> None:
         """The HParams row, written into this run's own event folder (run_name "."): without it
         add_hparams makes a sub-run per call, and the dashboard shows a row apart from the curves."""
-        self.writer.add_hparams(params, {f"hparams/{k}": v for k, v in results.items()}, run_name=".")
+        results = {f"hparams/{k}": values[k] for k in ("test_error", "val_error", "train_error")
+                   if values.get(k) is not None}
+        self.writer.add_hparams(self.params, results, run_name=".")
         self.writer.flush()
 
     def close(self) -> None:
@@ -271,10 +276,9 @@ class WandbSink:
 class MetricLogger:
     """Fans records out to the sinks of rank 0; with none (MetricLogger()), logs nothing."""
 
-    def __init__(self, sinks: list = (), wandb_id: str | None = None, params: dict[str, Any] | None = None):
+    def __init__(self, sinks: list = (), wandb_id: str | None = None):
         self.sinks = list(sinks)
         self.wandb = next((sink for sink in self.sinks if isinstance(sink, WandbSink)), None)
-        self.params = params or {}  # run_params: the HParams row's hyperparameters
         # with W&B off for this attempt, keep the id a checkpoint carried for the next one
         self.wandb_id = self.wandb.id if self.wandb else wandb_id
 
@@ -284,12 +288,9 @@ class MetricLogger:
 
     def summary(self, values: dict[str, Any]) -> None:
         """summary.json's values: W&B's summary, and TensorBoard's HParams row with the final errors."""
-        if self.wandb:
-            self.wandb.summary(values)
-        results = {k: values[k] for k in ("test_error", "val_error", "train_error") if values.get(k) is not None}
         for sink in self.sinks:
-            if isinstance(sink, TensorBoardSink):
-                sink.hparams({k: v for k, v in self.params.items() if v is not None}, results)
+            if isinstance(sink, (WandbSink, TensorBoardSink)):
+                sink.summary(values)
 
     def log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
         if self.wandb:
@@ -318,7 +319,7 @@ def open_logger(cfg: RunConfig, resume_iter: int, wandb_id: str | None) -> Metri
     run = RunDir(cfg.run_dir)
     sinks: list = [JsonlSink(run.metrics, resume_iter), JsonlSink(run.progress, resume_iter, "train")]
     if cfg.log.tensorboard:
-        sinks.append(TensorBoardSink(run.path / "tb", resume_iter))
+        sinks.append(TensorBoardSink(run.path / "tb", resume_iter, run_params(cfg)))
     mode = wandb_mode_here(cfg.log.wandb_mode)
     if mode != "disabled":
         try:
@@ -327,4 +328,4 @@ def open_logger(cfg: RunConfig, resume_iter: int, wandb_id: str | None) -> Metri
             warn("wandb is not installed (pip install 'resnetdist[wandb]'); not logging to W&B")
         else:
             sinks.append(WandbSink(cfg, mode, wandb_id))
-    return MetricLogger(sinks, wandb_id, run_params(cfg))
+    return MetricLogger(sinks, wandb_id)
