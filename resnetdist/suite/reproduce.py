@@ -1,46 +1,27 @@
-"""`resnetdist reproduce`: the whole section 4.2 suite in one command, then the report.
+"""`resnetdist reproduce`: the whole section 4.2 suite in one command, then the report
+(docs/suite.md shows it in use).
 
-    resnetdist reproduce --depths 20,32,44,56,110 --plain --seeds 5 --out runs/
-    resnetdist reproduce ... --runs-per-gpu 2                     # two runs share each GPU
-    resnetdist reproduce ... --seeds 4 --pack 4                    # a net's 4 seeds as one fused model
-    resnetdist reproduce ... --launcher slurm --partition gpu      # one Slurm job array
-    resnetdist reproduce --status runs/                            # where a suite stands
+1. plan: each run (ResNet and, with --plain, plain net, at each depth, seeds 0..K-1) gets its
+   resolved config in OUT/suite/configs/<name>.toml, listed in OUT/suite/suite.json; each is one
+   `python -m resnetdist train --config <that file>` in OUT/<name>, output in its train.log.
+   Longest first (depth x iterations), so the short runs fill the end and the suite ends sooner.
+2. schedule: locally a pool of --runs-per-gpu slots per device (--gpus, else every visible GPU,
+   else one CPU slot). Packing runs as separate processes gained 12% / 23% total throughput
+   (2 / 4 ResNet-20s on an H100, launch bound at batch 128) and keeps each run independent:
+   a seed gives the same weights alone or packed. Or on Slurm (slurm.py): one job array.
+3. wait: a run is done when RunDir.finished says so; everything is read from files (and
+   squeue/sacct), so `--status OUT` works from any process. Progress is shown from the run
+   folders (live.py).
+4. report: report.md and the figures from whatever finished, and with W&B on a summary run.
 
-Four steps:
+Rerunning the same command is safe: finished runs are skipped, the others resume from their
+newest checkpoint (on Slurm a run still queued or running is left alone). A failed run does
+not stop the others; failures are listed at the end, exit 1.
 
-1. plan: every run (ResNet and, with --plain, plain net, at each depth, seeds 0..K-1) gets
-   its resolved configuration written to OUT/suite/configs/<name>.toml, and OUT/suite/suite.json
-   lists the runs. Each run is one `python -m resnetdist train --config <that file>` with its
-   own folder OUT/<name> (e.g. runs/resnet20-s0) and its output in OUT/<name>/train.log. Runs
-   are ordered longest first (depth x iterations: ResNet-110 before ResNet-20), so the last
-   runs to start are the short ones and the suite ends sooner.
-2. schedule, locally: a pool of slots, --runs-per-gpu of them per device. With --gpus 0,1,...
-   each run gets CUDA_VISIBLE_DEVICES=<one id>; with no --gpus and CUDA present, every visible
-   GPU is in the pool; on the CPU the pool is one device. At batch 128 one ResNet-20 run
-   leaves an H100 partly idle (kernel-launch bound); packing 2 or 4 runs as separate
-   processes gained 12% / 23% total throughput in a measurement, at the price of every run's
-   own timing. Each run stays a single independent process, so a seed gives the same weights
-   whether it ran alone or packed.
-   Or on Slurm (slurm.py): one job array, one task per run (or per --runs-per-task runs).
-3. wait / status: a run is done when its summary.json records the planned iterations;
-   otherwise the scheduler's state says whether it is queued, running or failed. All of it
-   is read from files and from squeue/sacct, so `--status OUT` works from any process later.
-   While runs train, each one's progress is shown from its folder (live.py): a bar per running
-   run on a terminal, its evaluations as lines in a pipe or a file.
-4. report: report.md, figure6.png, figure7.png and curves/ in OUT from whatever finished (the
-   closing line names them), and, with W&B on, a summary run of the suite holding the table
-   and the figures.
-
-Restarting the same command is safe: finished runs are skipped; an interrupted or failed one
-is started (submitted) again and `train` resumes it from its newest checkpoint; on Slurm a
-run still queued or running is left alone. A run that fails does not stop the others; at the
-end every failure is listed with its log, and the command exits 1.
-
-Ctrl-C (locally): the runs live in sessions of their own, so the terminal's SIGINT reaches this
-process alone, which passes each press on to every running run once (`Stop`): the first stops
-each at its next log point with a checkpoint, a second at once, as with `train`. No new run
-starts; the command lists the runs as `interrupted`, says how to resume and exits 130
-(SIGTERM likewise: the runs stop at a checkpoint, exit 6).
+Ctrl-C (locally): the runs live in sessions of their own, so SIGINT reaches this process alone,
+which passes each press on to every running run once (`Stop`): the first stops each at its next
+log point with a checkpoint, a second at once, as with `train`. No new run starts; exit 130
+(SIGTERM likewise, exit 6).
 """
 
 from __future__ import annotations
@@ -91,10 +72,6 @@ class Job:
     def cost(self) -> int:
         """Relative length: blocks x iterations (the step time grows with depth)."""
         return self.n * self.iterations
-
-    @property
-    def argv(self) -> list[str]:
-        return ["train", "--config", str(self.config)]
 
 
 @dataclass
@@ -239,18 +216,12 @@ def packs(jobs: list[Job], size: int) -> list[list[Job]]:
     return order
 
 
-def pack_argv(jobs: list[Job], out: Path) -> list[str]:
-    """One job's train command, or a pack's: the first member's configuration with every
-    member's seed (train --seeds), each run in out/<net>-s<seed> as planned."""
-    if len(jobs) == 1:
-        return jobs[0].argv
-    return [*jobs[0].argv, "--seeds", ",".join(str(j.seed) for j in jobs), "--out", str(out.resolve())]
-
-
 def start(jobs: list[Job], gpu: str | None, out: Path) -> subprocess.Popen:
-    """The process of a job, or of a pack of jobs: its output in the first one's train.log (the
-    others' logs say where it is)."""
-    job, argv = jobs[0], pack_argv(jobs, out)
+    """The process of a job, or of a pack (the first one's config with every member's seed, each
+    run in out/<net>-s<seed>): its output in the first one's train.log (the others' logs say so)."""
+    job, argv = jobs[0], ["train", "--config", str(jobs[0].config)]
+    if len(jobs) > 1:
+        argv += ["--seeds", ",".join(str(j.seed) for j in jobs), "--out", str(out.resolve())]
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
