@@ -1,16 +1,12 @@
-"""`resnetdist doctor`: will this machine run resnetdist correctly, and fast?
+"""`resnetdist doctor`: will this machine run resnetdist correctly, and fast? (docs/gpu-acceptance.md)
 
-Three parts, each a list of rows (name, status ok / fail / skip / info, detail, seconds):
-* environment: Python, torch, CUDA, cuDNN, NCCL and driver versions, GPUs and memory, bf16,
-  FFCV / W&B / TensorBoard present or not, data found or not;
-* device checks, on this rank's device, one process (before any process group exists, so
-  nothing in them waits for another rank): graphed steps against eager steps across an lr
-  milestone, compile against eager, evaluation between steps, a checkpoint loaded into a built
-  (graphed) step, a short speed sample. The graph checks need CUDA and say so on a CPU;
-* under torchrun with N ranks: all-reduce correctness, weights identical on every rank after
-  K DDP steps, all-reduce bandwidth.
-The steps run on a small synthetic set in the official layout (written to a temporary folder),
-through the trainer's own build (training/trainer.py), so what passes here is what trains.
+Rows of (section, name, ok / fail / skip / info, detail, seconds) in three sections: the
+environment (versions, GPUs, packages, data); device checks on this rank's device, in one
+process before any process group exists, so none waits for another rank (graph against eager
+across an lr milestone, compile against eager, evaluation between steps, a checkpoint into a
+built step, a speed sample); under torchrun, the distributed ones (all-reduce, identical
+weights after DDP steps, bandwidth). The steps run on a small synthetic set through the
+trainer's own build, so what passes here is what trains.
 """
 
 from __future__ import annotations
@@ -34,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from .. import dist
-from .bench import sync, timed
+from .bench import ffcv_state, sync, timed
 from ..config import load_config
 from ..data import load_data
 from ..data.cifar import IDENTITY_WORDS, DataError, identity, locate, write_synthetic
@@ -67,16 +63,6 @@ def check(section: str, name: str, fn: Callable[[], tuple[str, str]]) -> Row:
 
 def _present(module: str) -> str:
     return "present" if importlib.util.find_spec(module) is not None else "absent"
-
-
-def _ffcv() -> str:
-    from ..data.beton import require_ffcv  # FFCV imports its native libraries: find_spec is not enough
-
-    try:
-        require_ffcv()
-        return "present"
-    except RuntimeError as e:
-        return f"absent or broken ({type(e.__cause__).__name__ if e.__cause__ else 'import failed'})"
 
 
 def _driver() -> str:
@@ -112,10 +98,10 @@ def environment_rows(data_dir: Path | None) -> list[Row]:
         ("driver", _driver),
         ("GPUs", lambda: _gpus() if cuda else "none"),
         ("bf16", lambda: str(torch.cuda.is_bf16_supported()) if cuda else "n/a (CPU runs fp32)"),
-        ("FFCV", _ffcv),
+        ("FFCV", ffcv_state),
         ("W&B", lambda: _present("wandb")),
         ("TensorBoard", lambda: _present("torch.utils.tensorboard") if _present("tensorboard") == "present" else "absent"),
-        ("tomli-w", lambda: "present" if _present("tomli_w") == "present" else "absent (a built-in writer stands in)"),
+        ("tomli-w", lambda: _present("tomli_w").replace("absent", "absent (a built-in writer stands in)")),
     ]
     rows = [check("environment", name, lambda fn=fn: ("info", fn())) for name, fn in facts]
     rows.append(check("environment", "data", lambda: _data(data_dir)))
@@ -137,18 +123,12 @@ class Trial:
             "train": {"device": device.type, "precision": precision, "step": kind},
             "log": {"wandb_mode": "disabled", "tensorboard": False},
         })
-        self.ctx = ctx or dist.DistContext(0, 0, 1, device)
-        self.trainer = build(self.cfg, self.ctx, load_data(self.cfg.data))
-        self.model, self.optimizer = self.trainer.model, self.trainer.optimizer
-        self.step, self.loaders = self.trainer.step, self.trainer.loaders
-
-    def batches(self, first: int):
-        """The training loop's batches from iteration `first` on."""
-        return self.trainer.feed.batches(first)
+        self.trainer = build(self.cfg, ctx or dist.DistContext(0, 0, 1, device), load_data(self.cfg.data))
+        self.model, self.optimizer, self.step = self.trainer.model, self.trainer.optimizer, self.trainer.step
 
     def run(self, count: int, first: int = 0) -> None:
         """Iterations first .. first+count-1 of the step, nothing else."""
-        take_steps(self.step, self.batches(first), count)
+        take_steps(self.step, self.trainer.feed.batches(first), count)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
@@ -162,12 +142,11 @@ def max_difference(a: Trial, b: Trial) -> float:
 
 @contextmanager
 def deterministic_cudnn():
-    """For the checks that compare two separately built (captured) trials: by default cuDNN may
-    pick backward kernels that accumulate with atomics, so two runs of the same code differ in
-    the last bits, and over steps by more. With cudnn.deterministic, cudnn.benchmark (which
-    make_model turns on) chooses among deterministic kernels only, and the second trial reuses
-    the first one's choices (the benchmark cache is per process): the pytest version of these
-    claims (tests/test_step.py's deterministic_cudnn) runs the same way. Restored afterwards."""
+    """For the checks that compare two separately built (captured) trials: cuDNN may pick backward
+    kernels that accumulate with atomics, so two runs of the same code differ in the last bits,
+    and over steps by more. With cudnn.deterministic, cudnn.benchmark (on: make_model) picks among
+    deterministic kernels only and the second trial reuses the first one's picks (the cache is
+    per process), as tests/test_step.py's deterministic_cudnn does."""
     saved = torch.backends.cudnn.deterministic
     torch.backends.cudnn.deterministic = True
     try:
@@ -230,10 +209,8 @@ def compile_bounded(data_dir: Path, device: torch.device, steps: int,
 
 
 def _compile_child(data_dir: str, device: str, steps: int, results) -> None:
-    try:
-        results.put(compile_vs_eager(Path(data_dir), torch.device(device), steps))
-    except Exception as e:  # noqa: BLE001 - reported as the check's failure
-        results.put(("fail", f"{type(e).__name__}: {str(e).strip()[:300]}"))
+    row = check("device", "compile_vs_eager", lambda: compile_vs_eager(Path(data_dir), torch.device(device), steps))
+    results.put((row.status, row.detail))
 
 
 def compile_vs_eager(data_dir: Path, device: torch.device, steps: int) -> tuple[str, str]:
@@ -283,7 +260,7 @@ def checkpoint_round_trip(data_dir: Path, device: torch.device, steps: int) -> t
 
 
 def ms_per_iter(trial: Trial, iters: int, warmup: int) -> float:
-    batches = trial.batches(0)
+    batches = trial.trainer.feed.batches(0)
     _, seconds, _ = timed(lambda count: take_steps(trial.step, batches, count), warmup, iters, trial.step.device)
     return 1000 * seconds / iters
 
@@ -321,16 +298,14 @@ DEVICE_CHECKS = {
 }
 
 
-def device_rows(data_dir: Path, device: torch.device, steps: int, skip: set[str],
-                compile_timeout_s: float = COMPILE_TIMEOUT_S) -> list[Row]:
+def device_rows(data_dir: Path, device: torch.device, steps: int, skip: set[str], compile_timeout_s: float) -> list[Row]:
     rows = []
     for name, fn in DEVICE_CHECKS.items():
         if name in skip or name.split("_")[0] in skip:
             rows.append(Row("device", name, "skip", "skipped: --skip"))
-        else:
-            if fn is compile_bounded:
-                fn = partial(compile_bounded, timeout_s=compile_timeout_s)
-            rows.append(check("device", name, lambda fn=fn: fn(data_dir, device, steps)))
+            continue
+        fn = partial(compile_bounded, timeout_s=compile_timeout_s) if fn is compile_bounded else fn
+        rows.append(check("device", name, lambda fn=fn: fn(data_dir, device, steps)))
     return rows
 
 
