@@ -67,26 +67,19 @@ class RunRecords:
 
     @property
     def test_error(self) -> float | None:
-        if self.summary and self.summary.get("test_error") is not None:
-            return float(self.summary["test_error"])
-        return _last(self.records, "test_error")
+        return self._final("test_error")
 
     @property
     def train_error(self) -> float | None:
-        if self.summary and self.summary.get("train_error") is not None:
-            return float(self.summary["train_error"])
-        return _last(self.records, "train_error")
+        return self._final("train_error")
+
+    def _final(self, key: str) -> float | None:
+        """summary.json's value, else the newest evaluation's."""
+        return next((float(r[key]) for r in [self.summary or {}, *reversed(self.records)] if r.get(key) is not None), None)
 
     @property
     def net(self) -> str:
         return f"{'Plain' if self.plain else 'ResNet'}-{self.depth}"
-
-
-def _last(records: list[dict[str, Any]], key: str) -> float | None:
-    for r in reversed(records):
-        if r.get(key) is not None:
-            return float(r[key])
-    return None
 
 
 def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -103,16 +96,14 @@ def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
         if RunDir(p).is_run():
             runs.append(p)
             continue
-        found = sorted(c for c in p.iterdir() if RunDir(c).is_run()) if p.is_dir() else []
+        found = sorted(c for c in p.iterdir() if RunDir(c).is_run())
         if not found:
             empty.append(p)
         runs.extend(found)
-    seen, unique = set(), []
+    unique: dict[Path, Path] = {}  # each folder once, however it was reached
     for r in runs:
-        if r.resolve() not in seen:
-            seen.add(r.resolve())
-            unique.append(r)
-    return unique, empty
+        unique.setdefault(r.resolve(), r)
+    return list(unique.values()), empty
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -163,23 +154,20 @@ def load_run(path: Path) -> RunRecords:
                data={k: summary[k] for k in DATA_FACTS if k in summary} if summary else {})
 
 
-def load_runs(paths: list[Path], skip_empty: bool = False) -> tuple[list[RunRecords], list[str]]:
-    """All runs under the given paths, and notes on what was skipped. With skip_empty, a
-    sub-folder run that has no metrics yet is noted and skipped; a folder named on the command
-    line that holds no metrics is always an error."""
+def load_runs(paths: list[Path]) -> tuple[list[RunRecords], list[str]]:
+    """All runs under the given paths, and notes on what was skipped: a sub-folder run that has
+    no metrics yet is noted and skipped; a folder named on the command line is always an error."""
     run_dirs, empty = find_runs(paths)
     if empty:
-        raise ReportError(
-            f"{', '.join(map(str, empty))}: no runs here (a run folder holds metrics.jsonl or summary.json; "
-            f"parent folders are searched one level down)"
-        )
+        raise ReportError(f"{', '.join(map(str, empty))}: no runs here (a run folder holds metrics.jsonl or "
+                          f"summary.json; parent folders are searched one level down)")
     given = {Path(p).resolve() for p in paths}
     runs, notes = [], []
     for d in run_dirs:
         try:
             runs.append(load_run(d))
         except ReportError as e:
-            if skip_empty and d.resolve() not in given:
+            if d.resolve() not in given:
                 notes.append(str(e))
                 continue
             raise
@@ -214,11 +202,8 @@ def group_runs(runs: list[RunRecords]) -> dict[GroupKey, list[RunRecords]]:
     for r in runs:
         groups[(r.plain, r.depth, r.iterations, r.data_key)].append(r)
     # ResNets first (as in Table 6), then plain nets; each by depth, the longest run and most data first
-    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], -(_images(kv[0][3])))))
-
-
-def _images(key) -> int:
-    return (key[1] or 0) if key else 0
+    # (data_key None: unknown, as 0 images)
+    return dict(sorted(groups.items(), key=lambda kv: (*kv[0][:3], -((kv[0][3] or (0, 0))[1] or 0))))
 
 
 def distinct_seeds(group: list[RunRecords]) -> tuple[list[RunRecords], list[str]]:
