@@ -28,13 +28,6 @@ def _pyplot():
     return plt
 
 
-def depth_colour(depth: int, depths: list[int]) -> str:
-    if depth in DEPTH_COLOURS:
-        return DEPTH_COLOURS[depth]
-    extra = [d for d in sorted(depths) if d not in DEPTH_COLOURS]
-    return EXTRA_COLOURS[extra.index(depth) % len(EXTRA_COLOURS)]
-
-
 def mean_curve(group: list[RunRecords], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
     """Iterations logged by every run of the group, with the mean, min and max of `key`."""
     per_run = [{int(r["iter"]): float(r[key]) for r in run.records if r.get(key) is not None} for run in group]
@@ -142,14 +135,13 @@ def net_label(run: RunRecords, runs: list[RunRecords], seeds: int) -> str:
 def net_colours(runs: list[RunRecords]) -> dict[GroupKey, str]:
     """One colour per depth (the same on every panel); a shorter run of the same net, or one on
     other data, drawn apart, takes a colour of its own."""
-    depths = sorted({r.depth for r in runs})
+    unusual = sorted({r.depth for r in runs} - set(DEPTH_COLOURS))  # depths the paper's colours leave out
     colours, extra = {}, iter(EXTRA_COLOURS[::-1] * 4)
     for plain, depth in sorted({(r.plain, r.depth) for r in runs}):
         # group_runs' order: the longest length and the most data first, it keeps the depth's colour
-        keys = [k for k in group_runs(runs) if k[:2] == (plain, depth)]
-        keys.sort(key=lambda k: -k[2])
-        for i, key in enumerate(keys):
-            colours[key] = depth_colour(depth, depths) if i == 0 else next(extra)
+        keys = sorted((k for k in group_runs(runs) if k[:2] == (plain, depth)), key=lambda k: -k[2])
+        colours[keys[0]] = DEPTH_COLOURS.get(depth) or EXTRA_COLOURS[unusual.index(depth) % len(EXTRA_COLOURS)]
+        colours.update((key, next(extra)) for key in keys[1:])
     return colours
 
 

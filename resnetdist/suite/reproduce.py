@@ -231,10 +231,9 @@ def start(jobs: list[Job], gpu: str | None, out: Path) -> subprocess.Popen:
         with open(other.log, "a") as f:
             f.write(f"{stamp}  (packed with {job.name}: the output is in {job.log})\n")
     job.run_dir.mkdir(parents=True, exist_ok=True)
-    log = open(job.log, "a")
-    log.write(f"{stamp}{f'  (CUDA_VISIBLE_DEVICES={gpu})' if gpu is not None else ''}\n")
-    log.flush()
-    try:
+    with open(job.log, "a") as log:
+        log.write(f"{stamp}{f'  (CUDA_VISIBLE_DEVICES={gpu})' if gpu is not None else ''}\n")
+        log.flush()
         # a session of its own: the terminal's Ctrl-C reaches this command alone, which passes it on
         # once (Stop); were the run in the terminal's group too, it would count two presses. If this
         # command dies without passing anything on (SIGKILL, a closed terminal), the kernel sends the
@@ -242,8 +241,6 @@ def start(jobs: list[Job], gpu: str | None, out: Path) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "resnetdist", *argv], stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True, preexec_fn=_terminate_with_parent)
-    finally:
-        log.close()
 
 
 def _terminate_with_parent() -> None:
@@ -310,13 +307,15 @@ def _collect(proc: subprocess.Popen, job: Job, secs: float, echo: Callable[[str]
     return Outcome(job, "failed", f"{why}; log {job.log}")
 
 
-def run_all(jobs: list[Job], pool: list[str | None], echo: Callable[[str], None] = print,
-            poll_s: float = 0.25, bars: TextIO | None = None, pack: int = 1, out: Path | None = None) -> list[Outcome]:
+POLL_S = 0.25  # how often the running processes are checked
+
+
+def run_all(jobs: list[Job], pool: list[str | None], echo: Callable[[str], None], bars: TextIO | None, pack: int,
+            out: Path) -> list[Outcome]:
     """Run the jobs in order over the slots (a device listed K times takes K processes at
-    once), with `pack` > 1 up to that many seeds of a net in one process (packs), showing each
-    running run's progress (live.Watch: `bars`, a terminal to draw them on; else evaluation
-    lines). After Ctrl-C or SIGTERM (Stop) no new run starts and the running ones stop at a
-    checkpoint; the runs never started are left out of the outcomes."""
+    once), up to `pack` seeds of a net in one process (packs), showing each running run's
+    progress (live.Watch: on `bars`, a terminal, else as lines). After Ctrl-C or SIGTERM (Stop)
+    no new run starts, the running ones stop at a checkpoint and the rest are "not started"."""
     outcomes = [Outcome(j, "skipped") for j in jobs if finished(j)]
     for o in outcomes:
         echo(f"skip  {o.job.name}: already finished ({summary_line(o.job)})")
@@ -335,11 +334,11 @@ def run_all(jobs: list[Job], pool: list[str | None], echo: Callable[[str], None]
                     where = f"GPU {gpu}" if gpu is not None else "this machine"
                     names = " + ".join(j.name for j in group) + (" as one fused model" if len(group) > 1 else "")
                     watch.say(f"[{started}/{total}] start {names} on {where}{resume}; log {group[0].log}")
-                    running[start(group, gpu, out or group[0].run_dir.parent)] = (group, gpu, time.monotonic())
+                    running[start(group, gpu, out)] = (group, gpu, time.monotonic())
                     for job in group:
                         watch.add(job.name, job.run, job.iterations)
                 stop.pass_on(running, watch.say)
-                time.sleep(poll_s)
+                time.sleep(POLL_S)
                 watch.poll()
                 for proc in [p for p in running if p.poll() is not None]:
                     group, gpu, t0 = running.pop(proc)
@@ -357,7 +356,7 @@ def run_all(jobs: list[Job], pool: list[str | None], echo: Callable[[str], None]
 # ----- report --------------------------------------------------------------------------------------
 
 
-def report(jobs: list[Job], out: Path, base: RunConfig, echo: Callable[[str], None]) -> dict | None:
+def report(out: Path, base: RunConfig, echo: Callable[[str], None]) -> dict | None:
     """report.md / figure6.png from whatever finished, then the suite's W&B summary run."""
     from .wandb_report import log_suite_report
     from .report import ReportError, write_report
@@ -370,9 +369,7 @@ def report(jobs: list[Job], out: Path, base: RunConfig, echo: Callable[[str], No
     echo(written_line(written))
     manifest = read_manifest(out) or {}
     group = base.log.wandb_group or suite_name(out)
-    run_id = log_suite_report(base.log, out / SUITE_DIR, group, manifest.get("wandb_report_id"),
-                              written["table"], Path(written["figure"]), Path(written["report"]),
-                              written["figure6_series"])
+    run_id = log_suite_report(base.log, out / SUITE_DIR, group, manifest.get("wandb_report_id"), written)
     if run_id:
         manifest["wandb_report_id"] = run_id
         write_manifest(out, manifest)
@@ -443,7 +440,7 @@ def reproduce(depths: list[int], plain: bool, seeds: int, out: Path, gpus: str |
         list_failures(outcomes, len(jobs), echo)
         say_how_to_resume(outcomes, echo)
         return outcomes, None
-    written = report(jobs, out, base, echo)
+    written = report(out, base, echo)
     list_failures(outcomes, len(jobs), echo)
     return outcomes, written
 
