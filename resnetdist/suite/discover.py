@@ -26,7 +26,6 @@ class ReportError(RuntimeError):
 class RunRecords:
     path: Path
     name: str
-    model: str
     depth: int
     plain: bool
     seed: int
@@ -109,9 +108,9 @@ def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Evaluation records sorted by iteration; a torn last line is skipped; a record logged
     twice for one iteration (a resumed run) keeps the later one."""
-    by_iter: dict[int, dict[str, Any]] = {}
     if not path.exists():
         return []
+    by_iter: dict[int, dict[str, Any]] = {}
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
@@ -122,14 +121,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def _config_info(path: Path) -> dict[str, Any]:
-    """model / seed / iterations from config.toml, for a run that has no summary yet."""
+    """The net, seed, length, recipe and data folder from config.toml ({}: missing or unreadable)."""
     cfg = RunDir(path).read_config()
-    if cfg is None:  # missing or unreadable: fall back to the folder name
+    if cfg is None:
         return {}
     o = cfg.optim
     recipe = {"optim.batch_size": o.batch_size, "optim.lr": o.lr, "optim.momentum": o.momentum,
               "optim.weight_decay": o.weight_decay, "optim.milestones": list(o.milestones), "model.shortcut": cfg.model.shortcut}
-    return {"model": cfg.model.name, "depth": cfg.model.depth, "plain": cfg.model.plain, "seed": cfg.train.seed,
+    return {"depth": cfg.model.depth, "plain": cfg.model.plain, "seed": cfg.train.seed,
             "iterations": cfg.optim.iters, "name": cfg.name, "recipe": recipe, "data_dir": cfg.data.dir or None}
 
 
@@ -145,13 +144,13 @@ def load_run(path: Path) -> RunRecords:
         raise ReportError(f"{path}: no metrics to report (metrics.jsonl is missing or empty and there is "
                           f"no summary.json): the run has not reached its first evaluation")
     if summary:
-        info.update({k: summary[k] for k in ("name", "model", "depth", "plain", "seed", "iterations") if k in summary})
+        info.update({k: summary[k] for k in ("name", "depth", "plain", "seed", "iterations") if k in summary})
     if "depth" not in info:
         raise ReportError(f"{path}: cannot tell which net this is (no summary.json and no readable config.toml)")
-    return RunRecords(path=path, name=str(info.get("name", path.name)), model=str(info["model"]), depth=int(info["depth"]),
-               plain=bool(info["plain"]), seed=int(info.get("seed", 0)), iterations=int(info["iterations"]),
-               records=records, summary=summary, recipe=info.get("recipe", {}), data_dir=info.get("data_dir"),
-               data={k: summary[k] for k in DATA_FACTS if k in summary} if summary else {})
+    return RunRecords(path=path, name=str(info.get("name", path.name)), depth=int(info["depth"]),
+                      plain=bool(info["plain"]), seed=int(info.get("seed", 0)), iterations=int(info["iterations"]),
+                      records=records, summary=summary, recipe=info.get("recipe", {}), data_dir=info.get("data_dir"),
+                      data={k: summary[k] for k in DATA_FACTS if k in summary} if summary else {})
 
 
 def load_runs(paths: list[Path]) -> tuple[list[RunRecords], list[str]]:

@@ -96,9 +96,9 @@ def _panel(ax, title: str, handles: list) -> None:
     ax.grid(True, alpha=0.3)
     if not handles:
         ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes, color="gray")
-    style = [Line2D([], [], color="k", linestyle="--", linewidth=1.2, label="train error"),
-             Line2D([], [], color="k", linestyle="-", linewidth=2, label="test error")]
-    if handles:
+    else:
+        style = [Line2D([], [], color="k", linestyle="--", linewidth=1.2, label="train error"),
+                 Line2D([], [], color="k", linestyle="-", linewidth=2, label="test error")]
         ax.legend(handles=handles + style, loc="best", fontsize=8, framealpha=0.9)
 
 

@@ -91,6 +91,11 @@ def parse_ints(text: str, what: str) -> list[int]:
     return values
 
 
+def at_least(flag: str, value: int, least: int = 1) -> None:
+    if value < least:
+        raise ConfigError(f"{flag} must be >= {least}, got {value}")
+
+
 def suite_name(out: Path) -> str:
     """The suite is named after its folder: the W&B group and the Slurm job name."""
     return out.resolve().name or "suite"
@@ -100,8 +105,7 @@ def plan(depths: list[int], plain: bool, seeds: int, out: Path, iters: int | Non
          overrides: list[str], config: Path | None = None, data_dir: Path | None = None,
          device: str | None = None) -> list[Job]:
     """The runs, longest first, each with its resolved configuration (nothing is written)."""
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    at_least("--seeds", seeds)
     out = out.resolve()
     configs = out / SUITE_DIR / "configs"
     jobs = []
@@ -195,16 +199,14 @@ def device_pool(gpus: str | None, device: str | None) -> list[str | None]:
 
 def slots(pool: list[str | None], runs_per_gpu: int) -> list[str | None]:
     """K slots per device, interleaved (0,1,0,1), so the first runs spread over all devices."""
-    if runs_per_gpu < 1:
-        raise ConfigError(f"--runs-per-gpu must be >= 1, got {runs_per_gpu}")
+    at_least("--runs-per-gpu", runs_per_gpu)
     return [device for _ in range(runs_per_gpu) for device in pool]
 
 
 def packs(jobs: list[Job], size: int) -> list[list[Job]]:
     """The jobs in groups of up to `size` seeds of one net (--pack: each group one process, one
     fused model, pack.py), in the jobs' order (the longest first); size 1: one job each."""
-    if size < 1:
-        raise ConfigError(f"--pack must be >= 1, got {size}")
+    at_least("--pack", size)
     groups: dict[tuple[int, bool], list[list[Job]]] = {}
     order = []
     for job in jobs:
