@@ -42,7 +42,7 @@ from ..checkpoint import atomic_write_text
 from ..config import ConfigError, RunConfig, depth_to_n, load_config, to_toml
 from ..errors import INTERRUPTED, PREEMPTED
 from ..progress import plural
-from ..rundir import RunDir, append_exit, log_ending
+from ..rundir import RunDir, append_exit, log_ending, read_json
 from .live import Watch
 
 SUITE_DIR = "suite"  # inside OUT: suite.json, configs/, the Slurm script and its logs, W&B summary run
@@ -151,10 +151,7 @@ def write_plan(jobs: list[Job], out: Path, launcher: str) -> None:
 
 
 def read_manifest(out: Path) -> dict | None:
-    try:
-        return json.loads((out / SUITE_DIR / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json(out / SUITE_DIR / MANIFEST)
 
 
 def write_manifest(out: Path, manifest: dict) -> None:

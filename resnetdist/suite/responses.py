@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from ..rundir import RunDir
+from ..rundir import RunDir, read_json
 from .discover import ReportError, RunRecords
 
 BATCH = 500  # test images per forward pass
@@ -74,11 +74,8 @@ def layer_stds(model: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor,
 
 
 def _cached(run: RunRecords, sha: str) -> list[float] | None:
-    try:
-        data = json.loads(RunDir(run.path).responses_cache.read_text())
-    except (OSError, ValueError):
-        return None
-    if isinstance(data, dict) and data.get("model_sha256") == sha and isinstance(data.get("stds"), list):
+    data = read_json(RunDir(run.path).responses_cache) or {}
+    if data.get("model_sha256") == sha and isinstance(data.get("stds"), list):
         return [float(v) for v in data["stds"]]
     return None
 

@@ -6,7 +6,6 @@ runs log the same way.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import LogConfig
+from ..rundir import read_json
 from ..training import env_tags, quiet_wandb_telemetry, wandb_mode_here, wandb_settings, warn
 
 SUITE_TABLE_KEY = "table6"  # the summary run's history key for the report's table
@@ -57,10 +57,7 @@ def log_suite_report(cfg: LogConfig, wandb_dir: Path, group: str, run_id: str | 
     )
     rows, report = written["table"], Path(written["report"])
     responses_file = report.parent / "layer_responses.json"
-    try:
-        responses = json.loads(responses_file.read_text())
-    except (OSError, ValueError):
-        responses = None
+    responses = read_json(responses_file)
     values: dict[str, Any] = {SUITE_TABLE_KEY: wandb.Table(columns=list(rows[0]) if rows else [],
                                                            data=[list(r.values()) for r in rows]),
                               **figure6_plots(wandb, written["figure6_series"])}

@@ -22,10 +22,11 @@ import platform
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -287,12 +288,15 @@ def ffcv_state() -> str:
         return f"absent or broken ({type(e.__cause__).__name__ if e.__cause__ else 'import failed'})"
 
 
-def open_data(data_dir: Path | None, scratch: Path) -> tuple[Cifar10, Path]:
+@contextmanager
+def bench_data(data_dir: Path | None) -> Iterator[tuple[Cifar10, Path]]:
     """The data to time with (synthetic when no folder is given), and where its .beton files go."""
-    if data_dir is None:
-        return load_cifar10(write_synthetic(scratch, 10_000, 1_000)), scratch / "beton"
-    data = load_cifar10(data_dir)
-    return data, data.folder.parent / "beton"
+    with tempfile.TemporaryDirectory(prefix="resnetdist-bench-") as scratch:
+        if data_dir is None:
+            yield load_cifar10(write_synthetic(Path(scratch), 10_000, 1_000)), Path(scratch) / "beton"
+        else:
+            data = load_cifar10(data_dir)
+            yield data, data.folder.parent / "beton"
 
 
 def epoch_draw_ms() -> float:
@@ -317,8 +321,7 @@ def run_step_bench(n: int, iters: int, warmup: int, device_pref: str, loaders: l
     report = {"kind": "step", "model": model_name(n, plain=False), "batch": BATCH, **environment(device),
               "data": str(data_dir) if data_dir else "synthetic", "complete": False, "results": [],
               "skipped": skipped, "epoch_draw_ms": epoch_draw_ms()}
-    with tempfile.TemporaryDirectory(prefix="resnetdist-bench-") as scratch:
-        data, betons = open_data(data_dir, Path(scratch))
+    with bench_data(data_dir) as (data, betons):
         for s in settings:
             print(f"  timing {s.label} ...", flush=True)
             if s.loader in ("baseline", "peer"):
@@ -347,8 +350,7 @@ def run_loader_bench(iters: int, warmup: int, device_pref: str, loaders: list[st
     have_ffcv = ffcv_state() == "present"
     chosen = [name for name in loaders if name != "ffcv" or have_ffcv]
     skipped = [f"{name} loader: FFCV is not installed" for name in loaders if name not in chosen]
-    with tempfile.TemporaryDirectory(prefix="resnetdist-bench-") as scratch:
-        data, betons = open_data(data_dir, Path(scratch))
+    with bench_data(data_dir) as (data, betons):
         results = [bench_loader(name, data, device, betons, iters, warmup) for name in chosen]
     return {"kind": "loader", "batch": BATCH, **environment(device), "data": str(data_dir) if data_dir else "synthetic",
             "results": results, "skipped": skipped}

@@ -103,9 +103,8 @@ def environment_rows(data_dir: Path | None) -> list[Row]:
         ("TensorBoard", lambda: _present("torch.utils.tensorboard") if _present("tensorboard") == "present" else "absent"),
         ("tomli-w", lambda: _present("tomli_w").replace("absent", "absent (a built-in writer stands in)")),
     ]
-    rows = [check("environment", name, lambda fn=fn: ("info", fn())) for name, fn in facts]
-    rows.append(check("environment", "data", lambda: _data(data_dir)))
-    return rows
+    return ([check("environment", name, lambda fn=fn: ("info", fn())) for name, fn in facts]
+            + [check("environment", "data", lambda: _data(data_dir))])
 
 
 # ----- one step, driven -------------------------------------------------------------------------
@@ -135,9 +134,8 @@ class Trial:
 
 
 def max_difference(a: Trial, b: Trial) -> float:
-    diffs = [(x.double() - y.double()).abs().max().item()
-             for x, y in zip(a.weights().values(), b.weights().values()) if x.is_floating_point()]
-    return max(diffs)
+    return max((x.double() - y.double()).abs().max().item()
+               for x, y in zip(a.weights().values(), b.weights().values()) if x.is_floating_point())
 
 
 @contextmanager
@@ -342,26 +340,19 @@ def all_reduce_bandwidth(ctx: dist.DistContext) -> tuple[str, str]:
     """Bus bandwidth of an fp32 all-reduce (nccl-tests' definition: 2(n-1)/n x bytes / time)."""
     numel = (64 if ctx.device.type == "cuda" else 4) * 2**20 // 4
     t = torch.ones(numel, device=ctx.device)
-    for _ in range(3):
-        dist.all_reduce_sum(t)
-    sync(ctx.device)
-    iters, t0 = 10, time.perf_counter()
-    for _ in range(iters):
-        dist.all_reduce_sum(t)
-    sync(ctx.device)
-    seconds = (time.perf_counter() - t0) / iters
+    _, seconds, _ = timed(lambda count: [dist.all_reduce_sum(t) for _ in range(count)], 3, 10, ctx.device)
+    seconds /= 10
     bus = 2 * (ctx.world_size - 1) / ctx.world_size * numel * 4 / seconds / 1e9
     return "info", f"{numel * 4 / 2**20:.0f} MiB: {1000 * seconds:.2f} ms, bus bandwidth {bus:.2f} GB/s"
 
 
 def distributed_rows(ctx: dist.DistContext, data_dir: Path, steps: int, local_failures: int) -> list[Row]:
     failed_ranks = dist.all_reduce_sum(torch.tensor([float(local_failures > 0)], device=ctx.device)).item()
-    rows = [Row("distributed", "device_checks_on_every_rank", "ok" if failed_ranks == 0 else "fail",
-                f"{int(failed_ranks)} of {ctx.world_size} rank(s) failed a device check")]
-    rows.append(check("distributed", "all_reduce", lambda: all_reduce_correct(ctx)))
-    rows.append(check("distributed", "ddp_weights_identical", lambda: ddp_weights_identical(ctx, data_dir, steps)))
-    rows.append(check("distributed", "all_reduce_bandwidth", lambda: all_reduce_bandwidth(ctx)))
-    return rows
+    return [Row("distributed", "device_checks_on_every_rank", "ok" if failed_ranks == 0 else "fail",
+                f"{int(failed_ranks)} of {ctx.world_size} rank(s) failed a device check"),
+            check("distributed", "all_reduce", lambda: all_reduce_correct(ctx)),
+            check("distributed", "ddp_weights_identical", lambda: ddp_weights_identical(ctx, data_dir, steps)),
+            check("distributed", "all_reduce_bandwidth", lambda: all_reduce_bandwidth(ctx))]
 
 
 # ----- the command ------------------------------------------------------------------------------
@@ -371,17 +362,15 @@ def run_doctor(device_pref: str = "auto", data_dir: Path | None = None, steps: i
                skip: set[str] = frozenset(), compile_timeout_s: float = COMPILE_TIMEOUT_S) -> dict[str, Any]:
     """Every check on this rank; under torchrun the distributed ones too. The device checks run
     before the process group exists, so a rank's own checks never wait for another rank."""
-    local_rank = dist.local_rank()
     rows = environment_rows(data_dir)
-    device = dist.device_for(device_pref, local_rank)
+    device = dist.device_for(device_pref, dist.local_rank())
     with tempfile.TemporaryDirectory(prefix="resnetdist-doctor-") as scratch:
         synthetic = write_synthetic(Path(scratch), 128, 200)
         rows += device_rows(synthetic, device, steps, set(skip), compile_timeout_s)
         if dist.world_size_from_env() > 1:
             ctx = dist.setup(device_pref, timeout_s=300)
             try:
-                failures = sum(r.status == "fail" for r in rows)
-                rows += distributed_rows(ctx, synthetic, steps, failures)
+                rows += distributed_rows(ctx, synthetic, steps, sum(r.status == "fail" for r in rows))
             finally:
                 dist.cleanup()
     return {"device": str(device), "world_size": dist.world_size_from_env(), "ok": not any(r.status == "fail" for r in rows),
