@@ -114,11 +114,6 @@ def figure6_panels(runs: list[RunRecords]) -> list[tuple[str, list[RunRecords]]]
     return panels + ([("ResNet-110 and ResNet-1202", deep)] if deep else [])
 
 
-def net_key(run: RunRecords) -> GroupKey:
-    """A net drawn as one line: its seeds together, each length and each data set apart."""
-    return run.plain, run.depth, run.iterations, run.data_key
-
-
 def net_label(run: RunRecords, runs: list[RunRecords], seeds: int) -> str:
     """A net's legend entry, named as in the table: its length when the net ran at several
     lengths, its data when it ran on several data sets, its seed count when they are averaged."""
@@ -275,33 +270,26 @@ class NetResponses:
     """One net's layer responses: the mean over its runs (seeds) of each layer's std."""
     net: str
     plain: bool
-    depth: int
     iterations: int
     stds: list[float]
     runs: int
-    key: GroupKey  # net_key: its length and data set
+    key: GroupKey  # group_runs': its length and data set apart
     label: str  # in the legend (net_label)
 
 
 def net_responses(per_run: list[tuple[RunRecords, list[float]]], runs: list[RunRecords]) -> list[NetResponses]:
     """Runs grouped by net, length and data set, each layer's std averaged over the group's
     runs; the paper's Figure 7 nets first, then by plain/ResNet and depth."""
-    groups: dict[GroupKey, list[tuple[RunRecords, list[float]]]] = {}
-    for run, stds in per_run:
-        groups.setdefault(net_key(run), []).append((run, stds))
+    stds = {id(run): values for run, values in per_run}
 
-    def order(key: GroupKey):
-        paper = (key[0], key[1])
-        return (PAPER_FIGURE7.index(paper) if paper in PAPER_FIGURE7 else len(PAPER_FIGURE7), not key[0], key[1], -key[2])
+    def order(item: tuple[GroupKey, list[RunRecords]]):
+        (plain, depth, iterations, _), _ = item
+        paper = PAPER_FIGURE7.index((plain, depth)) if (plain, depth) in PAPER_FIGURE7 else len(PAPER_FIGURE7)
+        return paper, not plain, depth, -iterations
 
-    nets = []
-    for key in sorted(groups, key=order):
-        members = groups[key]
-        layers = list(zip(*(stds for _, stds in members)))
-        nets.append(NetResponses(members[0][0].net, key[0], key[1], key[2],
-                                 [statistics.fmean(v) for v in layers], len(members), key,
-                                 net_label(members[0][0], runs, len(members))))
-    return nets
+    return [NetResponses(group[0].net, key[0], key[2], [statistics.fmean(v) for v in zip(*(stds[id(r)] for r in group))],
+                         len(group), key, net_label(group[0], runs, len(group)))
+            for key, group in sorted(group_runs([run for run, _ in per_run]).items(), key=order)]
 
 
 def figure7(nets: list[NetResponses], runs: list[RunRecords], out: Path, title: str = "") -> Path:
