@@ -214,7 +214,7 @@ def _sbatch(args: list[str], script: Path) -> str:
     return proc.stdout.strip()
 
 
-def submit(out: Path, jobs: list[Job], opts: SlurmOptions) -> tuple[str, dict[int, list[str]]]:
+def submit(out: Path, jobs: list[Job], opts: SlurmOptions) -> tuple[str, dict[int, list[list[Job]]]]:
     """Write, check (sbatch --test-only) and submit the array for `jobs`; record it in suite.json."""
     tasks = pack(jobs, opts.runs_per_task, opts.pack)
     manifest = read_manifest(out) or {}
@@ -293,17 +293,16 @@ def status_table(out: Path, jobs: list[Job]) -> tuple[str, dict[str, RunStatus]]
     return table(list(states.values()), suite_name(out)), states
 
 
-def show_status(out: Path, as_json: bool = False, echo: Callable[[str], None] = print) -> dict[str, RunStatus]:
+def show_status(out: Path, as_json: bool, echo: Callable[[str], None]) -> None:
     """`reproduce --status OUT`: the table, from files and the scheduler, in any process."""
     table_text, states = status_table(out, jobs_from_manifest(out))
     echo(to_json(list(states.values())) if as_json else table_text)
-    return states
 
 
 # ----- the suite ------------------------------------------------------------------------------------
 
 
-def wait(out: Path, jobs: list[Job], poll_s: float, echo: Callable[[str], None]) -> dict[str, tuple[str, str]]:
+def wait(out: Path, jobs: list[Job], poll_s: float, echo: Callable[[str], None]) -> dict[str, RunStatus]:
     """Poll until no run is queued or running, printing the table whenever it changes."""
     last = None
     while True:
