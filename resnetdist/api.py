@@ -17,32 +17,26 @@ from typing import Any
 from .config import RunConfig, load_config
 
 
-def config_of(config: RunConfig | dict[str, Any] | str | Path | None, overrides: list[str] | tuple[str, ...] = ()
-              ) -> RunConfig:
-    """A RunConfig from what train() accepts: a RunConfig (as it is), a dict of sections
-    ({"model": {"n": 3}, "optim": {"iters": 500}}: merged over the defaults as command-line
-    flags are, so a shorter optim.iters moves the default milestones with it), a TOML file,
-    or None (the paper's defaults); then `overrides` ("section.key=value", as --set)."""
-    if isinstance(config, RunConfig):
-        if not overrides:
-            config.validate()
-            return config
-        config = config.to_dict()
-    if isinstance(config, (str, Path)):
-        return load_config(Path(config), overrides=list(overrides))
-    return load_config(flags=config or {}, overrides=list(overrides))
-
-
 def train(config: RunConfig | dict[str, Any] | str | Path | None = None, *, overrides: list[str] | tuple[str, ...] = (),
           handle_signals: bool = False) -> dict[str, Any]:
-    """Train one net with the paper's recipe (config_of: a RunConfig, a dict of sections, a TOML
-    file or None) in this process, and return its summary (summary.json's contents: test_error,
-    iterations, train_seconds, ...). The run folder, its files and resuming are the command's:
+    """Train one net with the paper's recipe in this process and return its summary
+    (summary.json's contents). `config`: a RunConfig, a dict of sections ({"model": {"n": 3}}:
+    merged over the defaults as command-line flags are, so a shorter optim.iters moves the
+    default milestones with it), a TOML file, or None (the paper's defaults); then `overrides`
+    ("section.key=value", as --set). The run folder, its files and resuming are the command's:
     the same config and folder continue from the newest checkpoint."""
     from .dist import world_size_from_env
     from .training.worker import AlreadyFinished, main, preflight
 
-    cfg = config_of(config, overrides)
+    if isinstance(config, RunConfig) and overrides:
+        config = config.to_dict()
+    if isinstance(config, RunConfig):
+        config.validate()
+        cfg = config
+    elif isinstance(config, (str, Path)):
+        cfg = load_config(Path(config), overrides=list(overrides))
+    else:
+        cfg = load_config(flags=config or {}, overrides=list(overrides))
     prepared = preflight(cfg, world_size_from_env())  # every check before anything is written (ConfigError, DataError, RunDirBusy)
     try:
         return main(cfg, prepared, signals=handle_signals, on_hang="raise")

@@ -4,14 +4,11 @@ A 3x3 conv with 16 filters, then three stages of n basic blocks on 32x32 (16 fil
 16x16 (32) and 8x8 (64) maps, global average pooling and a 10-way linear layer. The first
 conv of stages 2 and 3 has stride 2. Every conv is followed by BatchNorm; there is no dropout.
 
-`members` = K > 1 is K copies of that net side by side in one module (a pack: K seeds of one
-run trained as one model, pack.py): every conv a grouped conv (groups = K, channels stacked
-member by member), every BatchNorm one BN over K*C channels (BN is per channel, so that is K
-independent BNs, running statistics included), option A's zero channels appended per member,
-the final linear a batched matmul (MemberLinear). The input holds member j's images in channels
-[j*c, (j+1)*c). Every tensor of the state is the K members' tensors stacked along dim 0, which
-is what makes splitting and fusing states a slice and a cat (pack.py). K = 1 is the single
-net, with today's module classes, keys and shapes.
+`members` = K > 1 is K copies of that net side by side in one module (a pack, pack.py):
+grouped convs (groups = K), one BN over K*C channels (K independent BNs, BN being per
+channel), option A's zeros per member, the final linear a batched matmul (MemberLinear); member
+j's images in input channels [j*c, (j+1)*c), its tensors stacked along dim 0 of every state
+tensor. K = 1 is the single net, with today's module classes, keys and shapes.
 """
 
 from __future__ import annotations
@@ -45,18 +42,9 @@ class ZeroPadShortcut(nn.Module):
         return x.flatten(1, 2).contiguous(memory_format=layout)
 
 
-def projection_shortcut(in_ch: int, out_ch: int, stride: int, members: int = 1) -> nn.Module:
-    """Option B: 1x1 conv + BN where the shape changes."""
-    return nn.Sequential(
-        nn.Conv2d(members * in_ch, members * out_ch, 1, stride=stride, bias=False, groups=members),
-        nn.BatchNorm2d(members * out_ch),
-    )
-
-
 class MemberLinear(nn.Module):
-    """K linear layers (in_features -> out_features) as one batched matmul: member j reads input
-    features [j*in, (j+1)*in) and writes outputs [j*out, (j+1)*out). weight (K*out, in) and bias
-    (K*out) are the K members' nn.Linear tensors stacked along dim 0."""
+    """K nn.Linear (in -> out) as one batched matmul, member j reading features [j*in, (j+1)*in)
+    and writing outputs [j*out, (j+1)*out); weight (K*out, in) and bias (K*out)."""
 
     def __init__(self, members: int, in_features: int, out_features: int):
         super().__init__()
@@ -85,8 +73,9 @@ class BasicBlock(nn.Module):
         if residual and (stride != 1 or in_ch != out_ch):
             if shortcut == "A":
                 self.shortcut = ZeroPadShortcut(out_ch - in_ch, k)
-            else:
-                self.shortcut = projection_shortcut(in_ch, out_ch, stride, k)
+            else:  # option B: 1x1 conv + BN where the shape changes
+                self.shortcut = nn.Sequential(nn.Conv2d(k * in_ch, k * out_ch, 1, stride=stride, bias=False, groups=k),
+                                              nn.BatchNorm2d(k * out_ch))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

@@ -14,12 +14,8 @@ loss scaler (which skips every member's step when one overflows) is refused for 
 Every tensor of the fused state is the members' tensors stacked along dim 0 (models.py), so a
 member's state is a slice of the fused one, in the single net's format and keys: split_state /
 fuse_states (model weights and BN buffers) and split_optimizer_state / fuse_optimizer_states
-(TensorLRSGD's momentum) convert both ways, bitwise.
-
-The step's side (step.py calls these): member j's images, labels and augmentation numbers are
-row j of (K, B, ...) tensors; pack_batch augments them and lays them out as the fused model's
-input; member_losses gives the summed loss and each member's mean loss; member_sums each
-member's (loss sum, wrong, count).
+(TensorLRSGD's momentum) convert both ways, bitwise. On the step's side (step.py), member j's
+images, labels and augmentation numbers are row j of (K, B, ...) tensors.
 """
 
 from __future__ import annotations
@@ -31,16 +27,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, ModelConfig, RunConfig, diff
+from .config import ConfigError, ModelConfig, RunConfig
 from .data.augment import augment
 from .models import CifarResNet, build_model
-
-
-# ----- a pack's runs ---------------------------------------------------------------------------
-
-# What may differ between the members of one pack: the seed, and with it each run's name and
-# folder. Anything else (the net, the recipe, the data, the step) is the pack's, shared.
-MEMBER_KEYS = ("train.seed", "train.out", "log.name")
 
 
 def member_configs(cfg: RunConfig, seeds: Sequence[int]) -> list[RunConfig]:
@@ -48,34 +37,17 @@ def member_configs(cfg: RunConfig, seeds: Sequence[int]) -> list[RunConfig]:
     parent being train.out (--out) or runs/: the layout `reproduce` uses."""
     if cfg.log.name:
         raise ConfigError(f"log.name = {cfg.log.name!r} names one run; with --seeds each run is named <net>-s<seed>")
-    parent = Path(cfg.train.out) if cfg.train.out else Path("runs")
-    members = []
-    for seed in seeds:
-        member = copy.deepcopy(cfg)
-        member.train.seed = seed
-        member.train.out = str(parent / member.name)
-        members.append(member)
-    check_members(members)
-    return members
-
-
-def check_members(members: Sequence[RunConfig]) -> None:
-    """ConfigError unless the runs can train as one pack: one net and recipe (only MEMBER_KEYS
-    differ), each seed and folder once, and no setting that would couple them (fp16's loss
-    scaler)."""
-    if not members:
-        raise ConfigError("a pack needs at least one run")
-    first = members[0]
-    for key, values in (("train.seed", [m.train.seed for m in members]), ("run directory", [str(m.run_dir) for m in members])):
-        if len(set(values)) != len(values):
-            raise ConfigError(f"a pack's runs need one {key} each, got {values}")
-    for m in members[1:]:
-        other = [f"{key} ({a!r} in {first.name}, {b!r} in {m.name})" for key, a, b in diff(first, m) if key not in MEMBER_KEYS]
-        if other:
-            raise ConfigError(f"runs packed together may differ only in their seed: {'; '.join(other)}")
-    if len(members) > 1 and first.train.precision == "fp16":
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"a pack's runs need one train.seed each, got {list(seeds)}")
+    if len(seeds) > 1 and cfg.train.precision == "fp16":
         raise ConfigError("train.precision = fp16 cannot train a pack: its loss scaler would skip every member's "
                           "step when one member overflows; use bf16 or fp32")
+    parent = Path(cfg.train.out) if cfg.train.out else Path("runs")
+    members = [copy.deepcopy(cfg) for _ in seeds]
+    for member, seed in zip(members, seeds):
+        member.train.seed = seed
+        member.train.out = str(parent / member.name)
+    return members
 
 
 def build_pack(cfg: ModelConfig, seeds: Sequence[int], stem_channels: int = 3) -> CifarResNet:
@@ -130,11 +102,9 @@ def split_state(state: dict[str, torch.Tensor], members: int) -> list[dict[str, 
 def fuse_optimizer_states(states: Sequence[dict]) -> dict:
     """K single-net optimizer states (TensorLRSGD.state_dict) -> the fused optimizer's state.
     Parameter indices and groups are the same in every member (the same net)."""
-    fused_state = {}
-    for idx in states[0]["state"]:
-        fused_state[idx] = {key: _fuse([s["state"][idx][key] for s in states], f"optimizer state {idx}.{key}")
-                            for key in states[0]["state"][idx]}
-    return {"state": fused_state, "param_groups": [dict(g) for g in states[0]["param_groups"]]}
+    fused = {idx: {key: _fuse([s["state"][idx][key] for s in states], f"optimizer state {idx}.{key}") for key in keys}
+             for idx, keys in states[0]["state"].items()}
+    return {"state": fused, "param_groups": [dict(g) for g in states[0]["param_groups"]]}
 
 
 def split_optimizer_state(state: dict, members: int) -> list[dict]:
@@ -159,9 +129,8 @@ def pack_batch(images_u8: torch.Tensor, mean: torch.Tensor, aug: torch.Tensor, s
 
 def member_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(the loss to backpropagate, each member's mean loss (K,)). One run: labels (B,), the
-    mean cross-entropy, as ever. A pack: fused logits (B, K*classes), labels (K, B), and the
-    loss is the SUM of the members' mean losses, never their mean: member j's gradient is then
-    that of its own mean loss, as in a single run."""
+    mean cross-entropy. A pack: fused logits (B, K*classes), labels (K, B), and the loss is the
+    SUM of the members' mean losses, never their mean (the module says why)."""
     if labels.dim() == 1:
         loss = F.cross_entropy(logits, labels)
         return loss, loss.view(1)

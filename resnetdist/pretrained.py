@@ -61,11 +61,9 @@ def to_bytes(net: nn.Module, mean: torch.Tensor, meta: dict[str, str]) -> bytes:
     return save(tensors, metadata=meta)
 
 
-def save(path: Path, net: nn.Module, mean: torch.Tensor, cfg: RunConfig) -> Path:
-    """A run's model.safetensors (RunDir.safetensors), written as model.pt is
-    (checkpoint.atomic_save_bytes: atomic, with its sha256 sidecar)."""
+def save(path: Path, net: nn.Module, mean: torch.Tensor, cfg: RunConfig) -> None:
+    """A run's model.safetensors, written as model.pt is: atomic, with its sha256 sidecar."""
     checkpoint.atomic_save_bytes(to_bytes(net, mean, metadata(cfg, cfg.optim.iters)), path)
-    return path
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
@@ -80,10 +78,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
         if found is None:
             raise CheckpointError(f"{path}: a folder without {run.safetensors.name} or {run.model.name} (not a finished run)")
         path = found
-    if path.suffix == ".safetensors":
-        classifier = _from_safetensors(path)
-    else:
-        classifier = _from_torch_file(path)
+    classifier = _from_safetensors(path) if path.suffix == ".safetensors" else _from_torch_file(path)
     return classifier.to(device).eval()
 
 

@@ -216,10 +216,12 @@ class _Blackhole:
 OPEN_LOGGER = """
 import sys, time
 from pathlib import Path
-from resnetdist.training.metrics import LogConfig, open_logger
-cfg = LogConfig(wandb_mode="online", wandb_init_timeout_s=3, tensorboard=False)
+from resnetdist.config import LogConfig, ModelConfig, RunConfig
+from resnetdist.training.metrics import open_logger
+cfg = RunConfig(model=ModelConfig(n=1), log=LogConfig(wandb_mode="online", wandb_init_timeout_s=3, tensorboard=False))
+cfg.train.out = sys.argv[1]
 t = time.monotonic()
-logger = open_logger(cfg, Path(sys.argv[1]), {"model": {"n": 1}}, "resnet8-s0", "resnet8", ["resnet8"], 0, None)
+logger = open_logger(cfg, 0, None)
 print("init_seconds", time.monotonic() - t, flush=True)
 logger.log({"iter": 1, "test_error": 50.0})
 logger.summary({"test_error": 50.0})

@@ -7,7 +7,6 @@ Output for programs stays in summary.json and `train --json`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from dataclasses import asdict
 from typing import Any
 
@@ -18,7 +17,6 @@ from .plan import Plan
 
 
 def where(start: StartPoint, iters: int) -> str:
-    """The header's "start" line: finished, resuming from which checkpoint, or fresh."""
     if start.summary is not None:
         return "finished (summary.json holds its result)"
     if start.checkpoint is not None:
@@ -27,8 +25,8 @@ def where(start: StartPoint, iters: int) -> str:
 
 
 def facts(cfg: RunConfig, plan: Plan, start: StartPoint, fallback: str = "") -> list[tuple[str, str]]:
-    """(what, value) lines of the header: what will run (the plan: the step that runs and why,
-    step.StepChoice.describe, and `fallback`, what would run instead), where, from where."""
+    """The header's (what, value) rows: the plan (the step, why, and `fallback`: what would run
+    instead), where, from where."""
     from ..models import build_model, count_parameters
 
     o, t, ranks = cfg.optim, cfg.train, plan.world_size
@@ -81,8 +79,7 @@ def format_facts(rows: list[tuple[str, str]]) -> str:
 
 
 def dry_run(cfg: RunConfig, plan: Plan, start: StartPoint, notes: list[str] = ()) -> str:
-    """`train --dry-run`: the configuration and what this machine resolved of it (the two files
-    a run writes: config.toml and resolved.toml) as TOML, then what would run."""
+    """`train --dry-run`: config.toml and resolved.toml as the run would write them, then what would run."""
     auto_graph = plan.step_asked == "auto" and plan.step == "graph"  # not built here: no capture tried
     rows = facts(cfg, plan, start, "; if its capture fails, eager" if auto_graph else "")
     if plan.device == "cpu":  # not measured here: the dry run takes no step
@@ -104,13 +101,13 @@ CPU_EVAL_COST = 0.28
 
 
 def evaluations(start_iter: int, iters: int, every: int) -> int:
-    """How many evaluations the loop makes after start_iter: every `every`, and at the end."""
+    """The evaluations after start_iter: every `every`, and at the end."""
     return iters // every - start_iter // every + (iters % every != 0)
 
 
 def cpu_estimate(cfg: RunConfig, plan: Plan, start_iter: int, eval_images: int = 10_000, members: int = 1) -> str:
-    """How long the rest of a CPU run (a pack of `members` runs) may take, training and
-    evaluations, from the measured constants above (a pack costs its members' sum on a CPU)."""
+    """How long the rest of a CPU run (a pack of `members` runs: their sum, on a CPU) may take,
+    evaluations included, from the measured constants above."""
     per_image = CPU_S_PER_ITER_RESNET20 / 128 * (cfg.model.n / 3) * members
     train_s = per_image * plan.batch_per_rank * (cfg.optim.iters - start_iter)
     count = evaluations(start_iter, cfg.optim.iters, cfg.train.eval_every)
@@ -118,32 +115,29 @@ def cpu_estimate(cfg: RunConfig, plan: Plan, start_iter: int, eval_images: int =
     return f"about {duration(train_s + eval_s)}, {plural(count, 'evaluation')} included (2-core CPU rates)"
 
 
-def header(cfg: RunConfig, plan: Plan, start: StartPoint, eval_images: int = 10_000, data: str = "",
-           members: list[RunConfig] = (), starts: list[StartPoint] = (), finished: list[RunConfig] = ()) -> str:
-    """What opens a run on rank 0: what will run (the plan, once the step is built: the step
-    that runs, and why), on which data (and whether it is verified CIFAR-10), where, from where
-    (and on a CPU, how long; on a GPU the bar measures it at the first log point, from the step
-    that runs). A pack (pack.py): `cfg` and `start` are its first member's; `members` and
-    `starts` the others, each with its folder and start; `finished`: runs asked for that are
-    finished already (not trained again)."""
+def header(runs: list[tuple[RunConfig, StartPoint]], plan: Plan, eval_images: int, data: str,
+           finished: list[RunConfig] = ()) -> str:
+    """What opens a run on rank 0, once the step is built (the step that runs, and why): the
+    facts, the data (verified CIFAR-10 or not) and on a CPU how long (on a GPU the bar measures
+    it at the first log point). `runs`: each training run's configuration and start (a pack's
+    members, the first leading); `finished`: runs asked for that are finished already."""
+    (cfg, start), k = runs[0], len(runs)
     rows = facts(cfg, plan, start)
-    if data:
-        rows.insert(1, ("data", data))
-    k = 1 + len(members)
+    rows.insert(1, ("data", data))
     if plan.device == "cpu":
         rows.append(("estimate", cpu_estimate(cfg, plan, start.iteration, eval_images, k)))
     name = cfg.name
     if k > 1:
         name = f"a pack of {k} runs of {paper_name(cfg)} in one fused model: {cfg.name}"
-        rows.insert(1, ("pack", f"{k} seeds ({', '.join(str(m.train.seed) for m in (cfg, *members))}), "
+        rows.insert(1, ("pack", f"{k} seeds ({', '.join(str(m.train.seed) for m, _ in runs)}), "
                                 f"each run as if alone, in its own run directory"))
-        rows += [(m.name, f"{m.run_dir}: {where(s, m.optim.iters)}") for m, s in zip(members, starts)]
+        rows += [(m.name, f"{m.run_dir}: {where(s, m.optim.iters)}") for m, s in runs[1:]]
     rows += [(m.name, f"{m.run_dir}: finished (summary.json holds its result)") for m in finished]
     return f"{name}:\n{format_facts(rows)}"
 
 
 def closing(summary: dict[str, Any], cfg: RunConfig) -> str:
-    """What closes a run on rank 0: the result in words, and where its files are."""
+    """What closes a run on rank 0: the result, and where its files are."""
     run = RunDir(cfg.run_dir)
     rows = [(run.model.name, str(run.model)), (run.summary.name, str(run.summary))]
     if cfg.log.tensorboard:

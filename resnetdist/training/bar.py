@@ -69,17 +69,12 @@ class RunBar:
         if self.stop_at:
             text = f"{'finishing' if self.stop_at >= self.total else 'stopping'} at {self.stop_at:,}"
         self.bar.set_postfix_str(text, refresh=False)
-        if not self.measured:
-            self.measured = True
-            self.say_estimate()
-
-    def say_estimate(self) -> None:
-        """Once, at the first log point: the time left at this run's own measured rate."""
         rate = self.seconds_per_iteration()
-        if rate is None or self.latest >= self.total or self.stop_at:
-            return
-        self.write(f"measured {rate:.3g} s/iteration ({self.start + 1:,}-{self.latest:,}): "
-                   f"{duration(rate * (self.total - self.latest))} to go, evaluations apart")
+        if not self.measured and rate is not None and self.latest < self.total and not self.stop_at:
+            # once, at the first log point: the time left at this run's own measured rate
+            self.write(f"measured {rate:.3g} s/iteration ({self.start + 1:,}-{self.latest:,}): "
+                       f"{duration(rate * (self.total - self.latest))} to go, evaluations apart")
+        self.measured = True
 
     def stopping(self) -> str:
         """The line for a first Ctrl-C: where the run will stop and about when. When the next point
@@ -91,7 +86,7 @@ class RunBar:
         self.stop_at = min(self.total, self.next_stop(self.latest))
         rate = self.seconds_per_iteration()
         left = self.stop_at - self.latest
-        when = f" (about {_short(rate * left)})" if rate else f" ({plural(left, 'iteration')} away)"
+        when = f" (about {duration(rate * left)})" if rate else f" ({plural(left, 'iteration')} away)"
         ends = self.stop_at >= self.total
         # an attribute, drawn at the next tick
         self.bar.set_postfix_str(f"{'finishing' if ends else 'stopping'} at {self.stop_at:,}", refresh=False)
@@ -111,7 +106,3 @@ class RunBar:
         self.bar.close()
         if RunBar.active is self:
             RunBar.active = None
-
-
-def _short(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"

@@ -1,5 +1,5 @@
-"""Where metrics go: metrics.jsonl (always), TensorBoard, W&B. Rank 0 gets the real sinks;
-every other rank gets NullLogger, so training code logs without asking which rank it is.
+"""Where metrics go: metrics.jsonl (always), TensorBoard, W&B. Rank 0's MetricLogger has the
+sinks; every other rank's has none, so training code logs without asking which rank it is.
 
 Records carry `iter` (the x-axis everywhere); errors are in percent.
 """
@@ -16,18 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import WriteError, atomic_write_text
-from ..config import LogConfig, model_name
+from ..config import LogConfig, RunConfig
 from ..errors import INTERRUPTED, Preempted
 from ..rundir import RunDir
 
 
-# ----- the W&B mode: log.wandb_mode "auto" decided here, where the logger lives (open_logger asks
-# once); the configuration keeps "auto" ----------------------------------------------------------
-
-
 def wandb_mode_here(mode: str) -> str:
-    """auto -> $WANDB_MODE when set, else online when logged in, else offline. An explicit
-    log.wandb_mode (online/offline/disabled) wins over the environment."""
+    """log.wandb_mode as this machine resolves it, where the logger lives (the configuration
+    keeps "auto"): auto -> $WANDB_MODE when set, else online when logged in, else offline. An
+    explicit log.wandb_mode (online/offline/disabled) wins over the environment."""
     if mode != "auto":
         return mode
     env = wandb_env_mode()
@@ -37,7 +34,7 @@ def wandb_mode_here(mode: str) -> str:
 
 
 def wandb_env_mode() -> str | None:
-    """The mode asked for by WANDB_MODE / WANDB_DISABLED, normalised; None when unset."""
+    """WANDB_MODE / WANDB_DISABLED's mode, normalised; None when unset."""
     if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
         return "disabled"
     mode = os.environ.get("WANDB_MODE", "").strip().lower()
@@ -59,27 +56,6 @@ def wandb_logged_in() -> bool:
         return False
 
 
-class NullLogger:
-    """What ranks other than 0 log to: nothing."""
-
-    wandb_id: str | None = None
-
-    def log(self, record: dict[str, Any], kind: str = "eval") -> None:
-        pass
-
-    def summary(self, values: dict[str, Any]) -> None:
-        pass
-
-    def log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
-        pass
-
-    def close_after(self, error: BaseException) -> None:
-        pass
-
-    def close(self, exit_code: int = 0, stopped: bool = False) -> None:
-        pass
-
-
 def _clean(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
 
@@ -93,10 +69,7 @@ class JsonlSink:
     def __init__(self, path: Path, resume_iter: int, kind: str = "eval"):
         self.path, self.kind = path, kind
         if path.exists():
-            kept = [
-                line for line in path.read_text().splitlines()
-                if line.strip() and _parse_iter(line) is not None and _parse_iter(line) <= resume_iter
-            ]
+            kept = [line for line in path.read_text().splitlines() if -1 < _parse_iter(line) <= resume_iter]
             atomic_write_text(path, "".join(line + "\n" for line in kept))  # WriteError on failure
         with _write_errors(path):
             self.file = open(path, "a")
@@ -122,11 +95,12 @@ def _write_errors(path: Path):
         raise WriteError(path, e) from e
 
 
-def _parse_iter(line: str) -> int | None:
+def _parse_iter(line: str) -> int:
+    """A record's `iter`; -1 for a line that is not a record (a torn last line)."""
     try:
         return int(json.loads(line)["iter"])
     except (ValueError, KeyError, TypeError):
-        return None
+        return -1
 
 
 # ----- names: one per quantity, the same in TensorBoard and W&B (metrics.jsonl keeps its flat keys) ---
@@ -144,15 +118,12 @@ CHART_NAMES = {
 
 
 def chart_values(record: dict[str, Any], kind: str) -> dict[str, float]:
-    """A record's values under their chart names (CHART_NAMES), without `iter`."""
     names = CHART_NAMES[kind]
     return {names[k]: v for k, v in _clean(record).items() if k in names and isinstance(v, (int, float))}
 
 
 class TensorBoardSink:
-    """Scalars under the chart names, and the run's hyperparameters with its final errors in
-    TensorBoard's HParams dashboard (hparams(): one row per run, so a suite's runs under one
-    --logdir compare there)."""
+    """Scalars under the chart names; the HParams dashboard's row of the run (hparams())."""
 
     def __init__(self, log_dir: Path, resume_iter: int):
         from torch.utils.tensorboard import SummaryWriter
@@ -191,15 +162,11 @@ def quiet_wandb_telemetry() -> None:
     os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
 
 
-def run_params(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The keys a person filters and groups a project's runs by, beside the full config:
-    net, depth, plain/resnet, seed, run length, batch and lr."""
-    model, optim = cfg.get("model", {}), cfg.get("optim", {})
-    n = int(model.get("n", 0))
-    plain = bool(model.get("plain", False))
-    return {"net": model_name(n, plain), "depth": 6 * n + 2, "plain": plain,
-            "seed": cfg.get("train", {}).get("seed", 0), "iters": optim.get("iters"),
-            "batch_size": optim.get("batch_size"), "lr": optim.get("lr")}
+def run_params(cfg: RunConfig) -> dict[str, Any]:
+    """The keys a person filters and groups a project's runs by, beside the full config."""
+    m, o = cfg.model, cfg.optim
+    return {"net": m.name, "depth": m.depth, "plain": m.plain, "seed": cfg.train.seed, "iters": o.iters,
+            "batch_size": o.batch_size, "lr": o.lr}
 
 
 def wandb_settings(wandb, cfg: LogConfig):
@@ -214,28 +181,17 @@ def wandb_settings(wandb, cfg: LogConfig):
 
 
 class WandbSink:
-    """One W&B run per training run, its id kept in the checkpoints so that a resumed run
-    (same process or a later one) continues the same W&B run. Every chart's x-axis is `iter`.
+    """One W&B run per training run, as docs/tracking.md describes it (name, group, tags, config,
+    charts, summary, artifact). Its id is kept in the checkpoints, so a resumed run (this process
+    or a later one) continues the same W&B run. Online init is bounded by
+    log.wandb_init_timeout_s; when it fails (server unreachable, bad key) the run carries on
+    offline under the same id, with a warning. finish() is bounded by log.wandb_finish_timeout_s;
+    what did not upload stays on disk for `wandb sync`."""
 
-    As W&B's users navigate a project: job_type = the run's role (log.wandb_job_type, "train";
-    the suite's report run is "report"), name = <net>-s<seed> (log.name), group = <net> for a
-    lone run and the suite for reproduce's runs, tags = net, plain|resnet, depth<d>, seed<s>
-    plus log.wandb_tags and $WANDB_TAGS, config = the resolved config plus net, depth, seed ...
-    at its top level (run_params) to filter and group by. Charts: train/loss, train/error,
-    train/lr, eval/test_error (CHART_NAMES); the summary holds summary.json's final values.
-    project / entity / group come from the config, else $WANDB_PROJECT / $WANDB_ENTITY /
-    $WANDB_RUN_GROUP, else the defaults above.
-
-    Online init is bounded by log.wandb_init_timeout_s; when it fails (server unreachable,
-    bad key) the run carries on offline under the same id, with a warning. finish() is
-    bounded by log.wandb_finish_timeout_s; what did not upload stays on disk for `wandb sync`.
-    """
-
-    def __init__(self, cfg: LogConfig, mode: str, run_dir: Path, run_config: dict[str, Any], name: str,
-                 group: str, tags: list[str], run_id: str | None):
+    def __init__(self, run_cfg: RunConfig, mode: str, run_id: str | None):
         import wandb
 
-        self.wandb = wandb
+        self.wandb, cfg, run_dir = wandb, run_cfg.log, run_cfg.run_dir
         # a checkpoint's id continues its run; else $WANDB_RUN_ID, which a W&B sweep agent sets for
         # the run it starts (so the run joins the sweep); else a new one
         self.id = run_id or os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:12]
@@ -243,12 +199,12 @@ class WandbSink:
         kwargs = dict(
             project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "resnetdist",
             entity=cfg.wandb_entity or os.environ.get("WANDB_ENTITY") or None,
-            group=cfg.wandb_group or os.environ.get("WANDB_RUN_GROUP") or group,
-            tags=sorted(set(tags) | set(cfg.wandb_tags) | set(env_tags())),
-            name=name, id=self.id, resume="allow", job_type=cfg.wandb_job_type or "train",
+            group=cfg.wandb_group or os.environ.get("WANDB_RUN_GROUP") or run_cfg.model.name,
+            tags=sorted(set(run_cfg.tags) | set(cfg.wandb_tags) | set(env_tags())),
+            name=run_cfg.name, id=self.id, resume="allow", job_type=cfg.wandb_job_type or "train",
             # create_new: a pack's members are W&B runs open side by side in one process (each
             # closed by its own sink)
-            config={**run_params(run_config), **run_config}, dir=str(run_dir), reinit="create_new",
+            config={**run_params(run_cfg), **run_cfg.to_dict()}, dir=str(run_dir), reinit="create_new",
         )
         settings = wandb_settings(wandb, cfg)
         if self.mode == "offline":
@@ -287,28 +243,25 @@ class WandbSink:
         self._call(self.run.summary.update, _clean(values))
 
     def log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
-        """The final weights as the W&B model artifact `model-<run id>` (one artifact per run,
-        whatever its name, as Lightning's WandbLogger names them), aliases `final` and `latest`:
-        model.pt and model.safetensors, the mean image the inputs are normalised with (mean.npy, float32 (3, 32, 32),
-        [0, 1] units), config.toml and resolved.toml, so the artifact alone is enough to run the net."""
-        self._call(self._log_model, run_dir, mean, metadata)
+        """The artifact `model-<run id>` (one per run, whatever its name, as Lightning's
+        WandbLogger names them): the run's weights files, config.toml, resolved.toml and the mean
+        image (mean.npy, float32 (3, 32, 32), [0, 1] units): enough to run the net."""
+        def log() -> None:
+            import numpy as np
 
-    def _log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
-        import numpy as np
+            np.save(run_dir / "mean.npy", np.asarray(mean, dtype=np.float32))
+            artifact = self.wandb.Artifact(f"model-{self.run.id}", type="model", metadata=_clean(metadata))
+            run = RunDir(run_dir)
+            for file in (run.model, run.safetensors, run_dir / "mean.npy", run.config, run.resolved):
+                if file.exists():
+                    artifact.add_file(str(file), name=file.name)
+            self.run.log_artifact(artifact, aliases=["final", "latest"])
 
-        np.save(run_dir / "mean.npy", np.asarray(mean, dtype=np.float32))
-        artifact = self.wandb.Artifact(f"model-{self.run.id}", type="model", metadata=_clean(metadata))
-        run = RunDir(run_dir)
-        for file in (run.model, run.safetensors, run_dir / "mean.npy", run.config, run.resolved):
-            if file.exists():
-                artifact.add_file(str(file), name=file.name)
-        self.run.log_artifact(artifact, aliases=["final", "latest"])
+        self._call(log)
 
     def close(self, exit_code: int = 0, stopped: bool = False) -> None:
-        """Finish the W&B run with the process's exit code: 0 finished, non-zero failed, unless
-        `stopped` (a preemption notice or Ctrl-C obeyed at a checkpoint): then the run is first
-        marked preempting (W&B's run.mark_preempting), so W&B shows it preempted, resumable,
-        not failed, and a sweep agent requeues it; the exit code (6 or 130) says which stop."""
+        """Finish with the process's exit code; a run `stopped` at a checkpoint (a notice or
+        Ctrl-C) is marked preempting first, so W&B shows it resumable and a sweep requeues it."""
         if stopped:
             self._call(self.run.mark_preempting)
         self._call(self.run.finish, exit_code)
@@ -326,23 +279,21 @@ class WandbSink:
 
 
 class MetricLogger:
-    """Fans records out to the sinks of rank 0."""
+    """Fans records out to the sinks of rank 0; with none (MetricLogger()), logs nothing."""
 
-    def __init__(self, sinks: list, wandb_sink: WandbSink | None, wandb_id: str | None = None,
-                 params: dict[str, Any] | None = None):
-        self.sinks = sinks
-        self.wandb = wandb_sink
+    def __init__(self, sinks: list = (), wandb_id: str | None = None, params: dict[str, Any] | None = None):
+        self.sinks = list(sinks)
+        self.wandb = next((sink for sink in self.sinks if isinstance(sink, WandbSink)), None)
         self.params = params or {}  # run_params: the HParams row's hyperparameters
         # with W&B off for this attempt, keep the id a checkpoint carried for the next one
-        self.wandb_id = wandb_sink.id if wandb_sink else wandb_id
+        self.wandb_id = self.wandb.id if self.wandb else wandb_id
 
     def log(self, record: dict[str, Any], kind: str = "eval") -> None:
         for sink in self.sinks:
             sink.log(record, kind)
 
     def summary(self, values: dict[str, Any]) -> None:
-        """The run's result (summary.json): W&B's summary, and TensorBoard's HParams row with the
-        final errors."""
+        """summary.json's values: W&B's summary, and TensorBoard's HParams row with the final errors."""
         if self.wandb:
             self.wandb.summary(values)
         results = {k: values[k] for k in ("test_error", "val_error", "train_error") if values.get(k) is not None}
@@ -366,7 +317,6 @@ class MetricLogger:
             self.close(1)
 
     def close(self, exit_code: int = 0, stopped: bool = False) -> None:
-        """exit_code: the process's; stopped: a stop asked for (SIGTERM, SIGUSR1, Ctrl-C), not a failure."""
         for sink in self.sinks:
             if sink is self.wandb:
                 sink.close(exit_code, stopped)
@@ -374,21 +324,18 @@ class MetricLogger:
                 sink.close()
 
 
-def open_logger(cfg: LogConfig, run_dir: Path, run_config: dict[str, Any], name: str, group: str,
-                tags: list[str], resume_iter: int, wandb_id: str | None) -> MetricLogger:
-    """The sinks of rank 0; W&B's among them unless log.wandb_mode resolves to disabled."""
-    run = RunDir(run_dir)
+def open_logger(cfg: RunConfig, resume_iter: int, wandb_id: str | None) -> MetricLogger:
+    """Rank 0's logger of a run; W&B among its sinks unless log.wandb_mode resolves to disabled."""
+    run = RunDir(cfg.run_dir)
     sinks: list = [JsonlSink(run.metrics, resume_iter), JsonlSink(run.progress, resume_iter, "train")]
-    if cfg.tensorboard:
-        sinks.append(TensorBoardSink(run_dir / "tb", resume_iter))
-    wandb_sink = None
-    mode = wandb_mode_here(cfg.wandb_mode)
+    if cfg.log.tensorboard:
+        sinks.append(TensorBoardSink(run.path / "tb", resume_iter))
+    mode = wandb_mode_here(cfg.log.wandb_mode)
     if mode != "disabled":
         try:
             import wandb  # noqa: F401
         except ImportError:
             warn("wandb is not installed (pip install 'resnetdist[wandb]'); not logging to W&B")
         else:
-            wandb_sink = WandbSink(cfg, mode, run_dir, run_config, name, group, tags, wandb_id)
-            sinks.append(wandb_sink)
-    return MetricLogger(sinks, wandb_sink, wandb_id, run_params(run_config))
+            sinks.append(WandbSink(cfg, mode, wandb_id))
+    return MetricLogger(sinks, wandb_id, run_params(cfg))

@@ -29,13 +29,11 @@ class Plan:
     lr_scale: float  # the linear scaling rule's factor: world_size with dist.batch_scaling = per_rank, else 1
 
     @property
-    def choice(self) -> StepChoice:
-        """The step chosen, as step.build_step takes it."""
+    def choice(self) -> StepChoice:  # as step.build_step takes it
         return StepChoice(self.step, self.step_reason, self.step_asked)
 
     def ran(self, choice: StepChoice) -> Plan:
-        """The plan with the step that runs (build_step's choice: auto's graph whose capture
-        failed runs eagerly, and its reason says so)."""
+        """The plan with the step that runs (auto's graph whose capture failed: eager, and why)."""
         return replace(self, step=choice.kind, step_reason=choice.reason, step_asked=choice.asked)
 
 

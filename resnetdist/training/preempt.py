@@ -69,12 +69,10 @@ def acknowledge() -> None:
 
 @contextmanager
 def notice(install: bool = True) -> Iterator[Notice]:
-    """Note SIGTERM, SIGUSR1 and a first SIGINT while the block runs; the previous handlers come back after,
-    unless a signal came: then the process is on its way out to report the stop, and a repeated
-    signal (schedulers and people send more than one) must not kill it first, so SIGTERM and
-    SIGUSR1 are ignored from then on (a second Ctrl-C still stops at once). Off the main thread (where Python cannot install handlers) nothing is noted.
-    install=False (resnetdist.train, unless asked): the interpreter's handlers are left alone and
-    nothing is noted; a Ctrl-C is then the interpreter's KeyboardInterrupt."""
+    """Note SIGTERM, SIGUSR1 and a first SIGINT while the block runs; the previous handlers come
+    back after, unless a signal came (see the end). Nothing is noted off the main thread (where
+    Python cannot install handlers) or with install=False (resnetdist.train, unless asked: a
+    Ctrl-C is then the interpreter's KeyboardInterrupt)."""
     found = Notice()
     if not install or threading.current_thread() is not threading.main_thread():
         yield found
@@ -86,8 +84,9 @@ def notice(install: bool = True) -> Iterator[Notice]:
         if not found.signum:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        else:  # the stop is decided: repeats change nothing, and must not kill the process while it
-            # reports the stop, nor during the interpreter's shutdown, which drops Python-level handlers
-            # (a repeated SIGTERM then ended the process as -15 instead of its exit code 6)
+        else:  # the stop is decided: a repeated signal (schedulers and people send more than one)
+            # must not kill the process while it reports the stop, nor during the interpreter's
+            # shutdown, which drops Python-level handlers (a repeated SIGTERM then ended the
+            # process as -15 instead of its exit code 6); a second Ctrl-C still stops at once
             for s in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(s, signal.SIG_IGN)

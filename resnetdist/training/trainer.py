@@ -101,7 +101,7 @@ def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | N
 
 
 class Logger(Protocol):
-    """What fit() logs to (metrics.MetricLogger, NullLogger on ranks other than 0)."""
+    """What fit() logs to (metrics.MetricLogger; without sinks on ranks other than 0)."""
 
     wandb_id: str | None
 

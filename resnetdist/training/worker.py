@@ -1,9 +1,9 @@
 """What each worker process (one per rank under torchrun, or this process alone) does for
-`resnetdist train`, top to bottom:
-checks (preflight) -> process group -> where the run starts (finished, the newest checkpoint,
-or fresh: found once, by rank 0, and shared) -> lock -> the trainer (trainer.build, then
-Trainer.load of that checkpoint) -> header, config.toml and resolved.toml -> logger -> Trainer.fit -> summary ->
-clean-up. Rank 0 alone writes files; other ranks get a NullLogger and skip the writes.
+`resnetdist train`, top to bottom: checks (preflight) -> process group -> where the run starts
+(finished, the newest checkpoint, or fresh: found once, by rank 0, and shared) -> lock -> the
+trainer (trainer.build, then that checkpoint's state) -> header, config.toml and resolved.toml
+-> logger -> Trainer.fit -> summary -> clean-up. Rank 0 alone writes files; other ranks log to
+a MetricLogger without sinks and skip the writes.
 
 A pack (`train --seeds`, pack.py) is several runs in one process: a list of member
 configurations wherever one configuration goes here; each member has its own run directory,
@@ -13,26 +13,23 @@ have a checkpoint of (a run started alone joins a pack there, and the other way 
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import checkpoint, dist
-from ..rundir import RunDir, StartPoint
-from . import announce, preempt
 from ..config import ConfigError, RunConfig, check_same_experiment
 from ..data import Cifar10, load_data, load_data_on_every_rank
 from ..errors import NonFiniteLoss
-from ..pack import check_members
+from ..rundir import RunDir, StartPoint
+from . import announce, preempt
 from .loop import failures
-from .metrics import NullLogger, open_logger
+from .metrics import MetricLogger, open_logger
 from .plan import Plan, resolve
-from .trainer import Member, build
+from .trainer import build
 
 
 @dataclass(frozen=True)
@@ -44,56 +41,41 @@ class Prepared:
 
 
 def as_members(cfg: RunConfig | list[RunConfig]) -> list[RunConfig]:
-    """A run's configuration, or a pack's member configurations, as a list."""
     return list(cfg) if isinstance(cfg, (list, tuple)) else [cfg]
 
 
 def preflight(cfg: RunConfig | list[RunConfig], world_size: int) -> Prepared:
-    """Everything that can be checked before workers start: the plan (batch split, device,
-    precision, step: plan.resolve), devices, optional packages, data files, run directories
-    (`cfg`: a run, or a pack's members, which must pack: pack.check_members)."""
+    """Everything that can be checked before workers start, cheapest first: the plan, devices,
+    each run directory (a folder or creatable, not held by a live run, not holding another
+    experiment), then every data file (a bad one named). `cfg`: a run, or a pack's members.
+    Under torchrun with several ranks (possibly on nodes with their own disks) every rank checks
+    its node's data and all agree before any trains, so a node without it stops the job with
+    one line naming the host and path."""
     members = as_members(cfg)
-    check_members(members)
     cfg = members[0]
     plan = resolve(cfg, world_size)
-    for member in members:
-        check_out_folder(member.run_dir)
-        if dist.launch_rank() == 0:  # the launcher or rank 0; rank 0's own lock comes later
-            RunDir(member.run_dir).check_free()  # held by a live run: RunDirBusy, before torchrun starts
     if plan.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device = cuda, but torch sees no CUDA device")
     if cfg.dist.sync_bn and world_size > 1 and plan.device != "cuda":
         raise ConfigError("dist.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
-    data = load_checked_data(cfg, plan)  # parses and checks every file; a bad one is named
     for member in members:
-        check_same_experiment(member, RunDir(member.run_dir).config)
-    return Prepared(plan, data)
-
-
-def check_out_folder(run_dir: Path) -> None:
-    """The run directory must be a folder, or creatable: a file in its place (or in its path)
-    or a read-only parent is named now, before anything is written."""
-    label = f"--out {run_dir}"
-    if (blocker := checkpoint.not_a_folder(run_dir)) is not None:
-        raise ConfigError(label + ("" if blocker == run_dir else f": {blocker}") + " is a file, not a folder")
-    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{label}: {existing} is not writable")
-
-
-def load_checked_data(cfg: RunConfig, plan: Plan) -> Cifar10:
-    """The data, read by this process. Under torchrun with several ranks (workers, possibly on
-    other nodes with their own disks) every rank checks its node and all agree before any
-    trains, so a node without the data stops the job with one line naming the host and path."""
-    if not dist.under_torchrun() or dist.world_size_from_env() <= 1:
-        return load_data(cfg.data)
-    dist.setup(plan.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s, compile_pause_s=cfg.dist.compile_pause_s)
-    return load_data_on_every_rank(cfg.data)
+        run, label = RunDir(member.run_dir), f"--out {member.run_dir}"
+        # a file in the folder's place (or in its path) or a read-only parent, named before anything is written
+        if (blocker := checkpoint.not_a_folder(run.path)) is not None:
+            raise ConfigError(label + ("" if blocker == run.path else f": {blocker}") + " is a file, not a folder")
+        existing = next((p for p in (run.path, *run.path.parents) if p.exists()), None)
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{label}: {existing} is not writable")
+        if dist.launch_rank() == 0:  # the launcher or rank 0; rank 0's own lock comes later
+            run.check_free()  # held by a live run: RunDirBusy, before torchrun starts
+        check_same_experiment(member, run.config)
+    if dist.under_torchrun() and dist.world_size_from_env() > 1:
+        dist.setup(plan.device, cfg.dist.timeout_s, cfg.dist.hang_timeout_s, compile_pause_s=cfg.dist.compile_pause_s)
+        return Prepared(plan, load_data_on_every_rank(cfg.data))
+    return Prepared(plan, load_data(cfg.data))
 
 
 # ----- where the run starts ---------------------------------------------------------------------
-
-
 
 
 class AlreadyFinished(Exception):
@@ -122,51 +104,30 @@ def where_they_start(members: list[RunConfig]) -> list[StartPoint]:
     found, newest = [], None
     while todo:  # lower the iteration asked for until every member's newest readable one agrees
         found = [run.checkpoints.load_newest(warn=dist.print0, at_most=newest) for run in todo]
-        if any(f is None for f in found):
+        if None in found:
             found = []
             break
-        iterations = {int(state["iteration"]) for _, state in found}
-        if len(iterations) == 1:
+        if len(iterations := {int(state["iteration"]) for _, state in found}) == 1:
             break
         newest = min(iterations)
-    loaded = iter(found)
+    loaded = iter(found)  # a (path, state) per unfinished member, in order; none: they start afresh
     starts = []
     for m, summary in zip(members, summaries):
-        if summary is not None:
-            starts.append(StartPoint(m.optim.iters, summary=summary))
-        elif found:
-            path, state = next(loaded)
-            starts.append(StartPoint(int(state["iteration"]), path, state))
-        else:
-            starts.append(StartPoint())
+        path, state = (None, None) if summary is not None else next(loaded, (None, None))
+        iteration = m.optim.iters if summary is not None else int(state["iteration"]) if state else 0
+        starts.append(StartPoint(iteration, path, state, summary))
     return starts
 
 
 def agreed_start(members: list[RunConfig], ctx: dist.DistContext) -> list[StartPoint]:
     """Rank 0's where_they_start on every rank (the run directories need only be on rank 0's
-    disk). The checkpoints' states travel as torch.save bytes and are read back with
-    weights_only=True, as from the file: a round trip that keeps every bit."""
+    disk). The checkpoints' states travel pickled (torch pickles a tensor's storage whole): every
+    bit kept."""
     starts = where_they_start(members) if ctx.is_main else None
     if not ctx.distributed:
         return starts
-    payload = None
-    if starts is not None:
-        payload = []
-        for start in starts:
-            state = None
-            if start.state is not None:
-                buf = io.BytesIO()
-                torch.save(start.state, buf)
-                state = buf.getvalue()
-            payload.append((start.iteration, str(start.checkpoint) if start.checkpoint else None, state, start.summary))
     with dist.stage("start agreement (finished, or the newest checkpoint's state)"):
-        payload = dist.broadcast_object(payload)
-    if starts is not None:
-        return starts
-    return [StartPoint(iteration, Path(path) if path else None,
-                  torch.load(io.BytesIO(state), map_location="cpu", weights_only=True) if state is not None else None,
-                  summary)
-            for iteration, path, state, summary in payload]
+        return dist.broadcast_object(starts)
 
 
 # ----- the run ----------------------------------------------------------------------------------
@@ -175,10 +136,10 @@ def agreed_start(members: list[RunConfig], ctx: dist.DistContext) -> list[StartP
 def main(cfg: RunConfig | list[RunConfig], prepared: Prepared | None = None, signals: bool = True,
          on_hang: str = "exit") -> dict[str, Any] | list[dict[str, Any]]:
     """Train on this rank: a run (its summary), or a pack's members (their summaries, a list);
-    `prepared` is what preflight found, if it ran here. The process's
-    part: the process group (and the hang watchdog; on_hang: dist.setup's, "raise" for
-    resnetdist.train, which must not end the calling process) and, with `signals`, from here on
-    a SIGTERM or SIGUSR1 noted to stop the run at the next log point with a checkpoint (Preempted)."""
+    `prepared`: what preflight found, if it ran here. The process's part: the process group and
+    the hang watchdog (on_hang: dist.setup's; "raise" for resnetdist.train, which must not end
+    the calling process) and, with `signals`, a SIGTERM or SIGUSR1 noted from here on to stop
+    the run at the next log point with a checkpoint (Preempted)."""
     with preempt.notice(install=signals) as notice:
         prepared = prepared or preflight(cfg, dist.world_size_from_env())
         first = as_members(cfg)[0]
@@ -189,17 +150,6 @@ def main(cfg: RunConfig | list[RunConfig], prepared: Prepared | None = None, sig
             return summaries if isinstance(cfg, (list, tuple)) else summaries[0]
         finally:
             dist.cleanup()
-
-
-def open_member(member: Member, plan: Plan, ctx: dist.DistContext):
-    """Rank 0 writes a member's config.toml (the configuration as loaded) and resolved.toml (what
-    ran) and opens its logger; other ranks get a NullLogger."""
-    if not ctx.is_main:
-        return NullLogger()
-    cfg = member.cfg
-    member.run.write_config(cfg, asdict(plan))
-    return open_logger(cfg.log, cfg.run_dir, cfg.to_dict(), cfg.name, cfg.model.name, cfg.tags,
-                       member.progress.iteration, member.wandb_id)
 
 
 def train_rank(members: list[RunConfig], prepared: Prepared, ctx: dist.DistContext,
@@ -214,20 +164,22 @@ def train_rank(members: list[RunConfig], prepared: Prepared, ctx: dist.DistConte
         if all(start.summary is not None for start in starts):  # a rerun of a finished run does nothing
             raise AlreadyFinished([start.summary for start in starts])
         todo = [(m, start) for m, start in zip(members, starts) if start.summary is None]
-        if ctx.is_main and data.record_count_note():  # a stand-in or a cut file: say what trains
-            print(data.record_count_note(), file=sys.stderr, flush=True)
         if ctx.is_main:
-            # before anything is written there (RunDirBusy if held; preflight probed them); the
-            # other ranks write nothing
+            if data.record_count_note():  # a stand-in or a cut file: say what trains
+                print(data.record_count_note(), file=sys.stderr, flush=True)
+            # before anything is written there (RunDirBusy if held; preflight probed them)
             locks = [RunDir(m.run_dir).acquire() for m, _ in todo]
         trainer = build(todo[0][0], ctx, data, stop=notice, plan=plan, members=[m for m, _ in todo])
         if todo[0][1].state is not None:
             trainer.load_state_dicts([start.state for _, start in todo])
         if ctx.is_main:  # after the build: the header names the step that runs (auto's failed capture: eager, and why)
-            print(announce.header(todo[0][0], trainer.plan, todo[0][1], data.eval_images(), data.describe(),
-                                  members=[m for m, _ in todo[1:]], starts=[s for _, s in todo[1:]],
-                                  finished=[m for m, s in zip(members, starts) if s.summary is not None]), flush=True)
-        loggers = [open_member(member, trainer.plan, ctx) for member in trainer.members]
+            print(announce.header(todo, trainer.plan, data.eval_images(), data.describe(),
+                                  [m for m, s in zip(members, starts) if s.summary is not None]), flush=True)
+        loggers = [MetricLogger() for _ in trainer.members]  # other ranks log nothing
+        if ctx.is_main:  # each member's config.toml (as loaded), resolved.toml (what runs) and logger
+            for j, member in enumerate(trainer.members):
+                member.run.write_config(member.cfg, asdict(trainer.plan))
+                loggers[j] = open_logger(member.cfg, member.progress.iteration, member.wandb_id)
         try:
             trainer.fit(loggers)
             # watched: a write to a stuck disk must not leave torchrun waiting for rank 0 forever;
@@ -236,7 +188,7 @@ def train_rank(members: list[RunConfig], prepared: Prepared, ctx: dist.DistConte
                             extra_s=len(loggers) * trainer.cfg.log.wandb_finish_timeout_s):
                 summaries = trainer.finish()
                 for j, (member, summary) in enumerate(zip(trainer.members, summaries)):
-                    closing, loggers[j] = loggers[j], NullLogger()  # closed once, whatever happens in close
+                    closing, loggers[j] = loggers[j], MetricLogger()  # closed once, whatever happens in close
                     if summary is None:  # its loss turned NaN (its folder says so: Trainer.stop_failed)
                         closing.close(NonFiniteLoss.exit_code)
                         continue

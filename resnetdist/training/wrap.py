@@ -12,7 +12,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .. import dist
 
 
-
 def _ddp_options() -> dict[str, bool]:
     """No buffer broadcast before each forward: DDP would otherwise broadcast rank 0's BN
     statistics before every forward (a collective inside every graph replay). Training never
