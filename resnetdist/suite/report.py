@@ -24,15 +24,9 @@ from typing import Any
 from ..config import PAPER_ITERS
 from .discover import ReportError, RunRecords, load_runs
 from .figures import NetResponses, figure6, figure6_panels, figure6_series, figure7, net_responses, run_figure
-from .responses import all_responses, write_caches
+from .responses import FIGURE7_DEFINITION, all_responses, write_caches
 from .tables import (comparable_split, data_words, markdown_table, paper_table6, reference_table, repeated_seeds,
                      runs_table, setting_words, table_rows)
-
-FIGURE7_DEFINITION = (
-    "std of each 3x3 layer's response (its output after BN, before the ReLU or the addition) over the whole "
-    "test set in evaluation mode, over all values (images x channels x positions); layers in forward order "
-    "(the first conv, then each block's two convs); option B's 1x1 projection convs are left out")
-
 
 def what_the_runs_are(runs: list[RunRecords]) -> list[str]:
     """The runs in words: data identity, iterations run of the paper's 64,000, seeds. Printed

@@ -1,22 +1,12 @@
 """`resnetdist reproduce`: the whole section 4.2 suite in one command, then the report
-(docs/suite.md shows it in use).
-
-1. plan: each run (ResNet and, with --plain, plain net, at each depth, seeds 0..K-1) gets its
-   resolved config in OUT/suite/configs/<name>.toml, listed in OUT/suite/suite.json; each is one
-   `python -m resnetdist train --config <that file>` in OUT/<name>, output in its train.log.
-   Longest first (depth x iterations), so the short runs fill the end and the suite ends sooner.
-2. schedule: locally a pool of --runs-per-gpu slots per device (--gpus, else every visible GPU,
-   else one CPU slot). Packing runs as separate processes gained 12% / 23% total throughput
-   (2 / 4 ResNet-20s on an H100, launch bound at batch 128) and keeps each run independent:
-   a seed gives the same weights alone or packed. Or on Slurm (slurm.py): one job array.
-3. wait: a run is done when RunDir.finished says so; everything is read from files (and
-   squeue/sacct), so `--status OUT` works from any process. Progress is shown from the run
-   folders (live.py).
-4. report: report.md and the figures from whatever finished, and with W&B on a summary run.
-
-Rerunning the same command is safe: finished runs are skipped, the others resume from their
-newest checkpoint (on Slurm a run still queued or running is left alone). A failed run does
-not stop the others; failures are listed at the end, exit 1.
+(docs/suite.md). Each run is one `python -m resnetdist train --config OUT/suite/configs/<name>.toml`
+(its resolved config, listed in OUT/suite/suite.json) in OUT/<name>, longest first (depth x
+iterations, so the short runs fill the end), locally over --runs-per-gpu slots per device or on
+Slurm (slurm.py). Separate processes keep each run independent (a seed gives the same weights
+alone or packed) and still gained 12% / 23% total throughput with 2 / 4 ResNet-20s on an H100.
+Everything is read back from files (and squeue/sacct), so `--status OUT` works from any process
+and rerunning the command resumes: finished runs are skipped, the others continue from their
+newest checkpoint. A failed run does not stop the others (exit 1 at the end).
 
 Ctrl-C (locally): the runs live in sessions of their own, so SIGINT reaches this process alone,
 which passes each press on to every running run once (`Stop`): the first stops each at its next

@@ -1,10 +1,6 @@
-"""Layer responses (He et al. 2015, Figure 7), computed from a finished run's model.pt.
-
-A 3x3 layer's response is its output after its BN, before the ReLU or the shortcut addition;
-its std is taken over the whole test set in evaluation mode (BN running statistics), over all
-values of that output (images x channels x positions), in true fp32. Layers in forward order:
-the first conv, then each block's two convs; option B's 1x1 projections are left out. Each
-run's values are cached in its folder (RunDir.responses_cache) with model.pt's sha256.
+"""Layer responses (He et al. 2015, Figure 7), computed from a finished run's model.pt as
+FIGURE7_DEFINITION says, in true fp32, and cached in the run's folder (RunDir.responses_cache)
+with model.pt's sha256.
 """
 
 from __future__ import annotations
@@ -21,6 +17,10 @@ import torch.nn.functional as F
 from ..rundir import RunDir, read_json
 from .discover import ReportError, RunRecords
 
+FIGURE7_DEFINITION = (
+    "std of each 3x3 layer's response (its output after BN, before the ReLU or the addition) over the whole "
+    "test set in evaluation mode, over all values (images x channels x positions); layers in forward order "
+    "(the first conv, then each block's two convs); option B's 1x1 projection convs are left out")
 BATCH = 500  # test images per forward pass
 BAR_DELAY_S = 3.0  # the progress bar appears only when the work takes longer than this
 
