@@ -1,22 +1,15 @@
-"""Checkpoints: written atomically by rank 0, checksummed, the last K kept, loaded safely.
+"""Checkpoint files: written atomically, checksummed, loaded safely. A checkpoint is a dict of
+tensors and plain values, saved with torch.save and read back with torch.load(weights_only=True),
+which refuses anything but tensors and primitive containers.
 
-A checkpoint is a dict of tensors and plain values (model and optimizer state, iteration,
-RNG states, resolved config, W&B run id), saved with torch.save and read back with
-torch.load(weights_only=True), which refuses anything but tensors and primitive containers.
+Checksums. torch.load does not check a zip archive's CRCs, so a flipped bit in a tensor loads
+"fine" as another weight. Every file `atomic_save` writes gets a sidecar `NAME.sha256` in
+`sha256sum` format (`sha256sum -c` checks it by hand), so the checkpoint stays a plain torch.save
+file. The sidecar is in place before the checkpoint is renamed in: a checkpoint without one comes
+from an older version (or by hand) and is loaded unverified; a mismatch is CorruptCheckpoint.
 
-Checksums. torch.load reads a zip archive without checking CRCs, so a flipped bit inside a
-tensor's bytes loads "fine" as a different weight. Every file written by `atomic_save` (the
-checkpoints and model.pt) therefore gets a sidecar `NAME.sha256` in `sha256sum` format
-(`sha256sum -c ckpt_0000020.pt.sha256` checks it by hand). A sidecar rather than a trailer or
-a wrapper dict: the checkpoint stays a plain torch.save file that `torch.load`, `resnetdist
-eval` and `export` read as before. The sidecar is written (atomically) *before* the checkpoint
-is renamed into place, so every checkpoint this code makes is visible only once its checksum
-is; a checkpoint without a sidecar can only come from an older version (or a hand-made file)
-and is loaded unverified. A mismatch raises CorruptCheckpoint.
-
-Failed writes. Any OSError while writing (full disk, file-size limit, quota, I/O error)
-becomes one WriteError naming the file and the OS error; the temporary file is removed, so
-the folder holds what it held before.
+Failed writes. Any OSError while writing (full disk, file-size limit, quota) is one WriteError
+naming the file and the OS error; the temporary file is removed: the folder holds what it held.
 """
 
 from __future__ import annotations
@@ -42,9 +35,8 @@ class CorruptCheckpoint(CheckpointError):
 
 
 def ignore_file_size_signal() -> None:
-    """Exceeding RLIMIT_FSIZE (`ulimit -f`, set by some batch systems) sends SIGXFSZ, which
-    kills the process with no message; ignored, the write fails with EFBIG instead and
-    surfaces as a WriteError naming the file."""
+    """Exceeding RLIMIT_FSIZE (`ulimit -f`, set by some batch systems) sends SIGXFSZ, which kills
+    without a message; ignored, the write fails with EFBIG: a WriteError naming the file."""
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
@@ -64,8 +56,7 @@ def fsync_path(path: Path) -> None:
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write to a temporary file in the same folder, fsync, rename, fsync the folder: a crash
-    leaves either the old state or the complete new file, never a torn one. An OSError on the
-    way raises WriteError(path) after removing the temporary file."""
+    leaves the old state or the complete new file, never a torn one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -95,18 +86,16 @@ def not_a_folder(folder: Path) -> Path | None:
 
 
 def atomic_save(obj: Any, path: Path) -> str:
-    """torch.save `obj` to `path` with its sha256 sidecar (written first); returns the digest.
-    Serialised in memory first, so a write error is a plain OSError from this process's
-    write(), not an error deep inside torch's zip writer, and the bytes hashed are the bytes
-    written."""
+    """torch.save `obj` to `path` with its sha256 sidecar. Serialised in memory first, so a write
+    error is a plain OSError of ours, not one deep in torch's zip writer, and the bytes hashed
+    are the bytes written."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_save_bytes(buf.getbuffer(), path)
 
 
 def atomic_save_bytes(data: bytes | memoryview, path: Path) -> str:
-    """`data` written to `path` atomically with its sha256 sidecar (written first); returns the
-    digest. (model.safetensors is written so, like model.pt.)"""
+    """`data` written to `path` atomically with its sha256 sidecar (written first); the digest."""
     digest = hashlib.sha256(data).hexdigest()
     path, sidecar = Path(path), checksum_path(Path(path))
     atomic_write_text(sidecar, f"{digest}  {path.name}\n")
@@ -118,20 +107,14 @@ def atomic_save_bytes(data: bytes | memoryview, path: Path) -> str:
     return digest
 
 
-def recorded_digest(path: Path) -> str | None:
-    """The sha256 recorded beside `path`, or None when there is no sidecar (older runs)."""
+def read_verified(path: Path) -> bytes:
+    """The file's bytes, checked against its sidecar when it has one (older runs' have none)."""
+    data = Path(path).read_bytes()
     try:
         text = checksum_path(path).read_text()
     except FileNotFoundError:
-        return None
-    return text.split()[0] if text.strip() else ""
-
-
-def read_verified(path: Path) -> bytes:
-    """The file's bytes, checked against its sidecar when it has one."""
-    data = Path(path).read_bytes()
-    expected = recorded_digest(path)
-    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        return data
+    if hashlib.sha256(data).hexdigest() != (text.split()[0] if text.strip() else ""):
         raise CorruptCheckpoint(f"{path} does not match its checksum in {checksum_path(path).name} "
                                 f"(the file is damaged)")
     return data
@@ -140,6 +123,10 @@ def read_verified(path: Path) -> bytes:
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint or model.pt, verifying its checksum if it has one (CorruptCheckpoint)."""
     return torch.load(io.BytesIO(read_verified(path)), map_location=map_location, weights_only=True)
+
+
+ZIP_END = b"PK\x05\x06"  # a zip archive's end-of-central-directory record
+ZIP_END_SPAN = 22 + 0xFFFF  # the record, and at most a 64 KiB comment after it
 
 
 def load_model_file(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -151,10 +138,19 @@ def load_model_file(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder; give a model.pt or ckpt_*.pt inside a run folder")
-    if not _looks_like_torch(path):
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+            f.seek(max(0, path.stat().st_size - ZIP_END_SPAN))
+            tail = f.read()
+    except OSError:  # let torch.load name the failure
+        head, tail = b"PK", ZIP_END
+    # torch.save writes a zip archive (b"PK"), older versions a pickle (protocol 2+: 0x80)
+    if not head.startswith((b"PK", b"\x80")):
         raise CheckpointError(f"{path}: not a readable checkpoint (not a torch file: text, or another format); "
                               f"give a model.pt or ckpt_*.pt from a run folder")
-    if _zip_truncated(path):
+    # a zip archive without its end record was cut short (torch.load's errors vary with where)
+    if head == b"PK" and ZIP_END not in tail:
         raise CheckpointError(f"{path}: truncated (its zip archive lacks the end record every torch file has: "
                               f"an interrupted copy or write); copy it again, or use another checkpoint of the run")
     try:
@@ -178,34 +174,6 @@ def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path) -> N
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:200]
         raise CheckpointError(f"{path}: its weights do not fit the net its config describes ({detail})") from None
-
-
-def _looks_like_torch(path: Path) -> bool:
-    """torch.save writes a zip archive (b"PK"), older versions a pickle (protocol 2+: 0x80)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(2)
-    except OSError:
-        return True  # let torch.load name the failure
-    return head.startswith((b"PK", b"\x80"))
-
-
-ZIP_END = b"PK\x05\x06"  # a zip archive's end-of-central-directory record
-ZIP_END_SPAN = 22 + 0xFFFF  # the record, and at most a 64 KiB comment after it
-
-
-def _zip_truncated(path: Path) -> bool:
-    """A zip archive (torch.save's format) whose end record is missing: cut short. torch.load's
-    own errors for such a file vary with where the cut falls ("failed finding central directory",
-    "negative seek value")."""
-    try:
-        with open(path, "rb") as f:
-            if f.read(2) != b"PK":
-                return False
-            f.seek(max(0, path.stat().st_size - ZIP_END_SPAN))
-            return ZIP_END not in f.read()
-    except OSError:
-        return False  # let torch.load name the failure
 
 
 def _load_failure(e: Exception) -> str:

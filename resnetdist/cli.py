@@ -6,9 +6,10 @@ import json
 import os
 import sys
 import traceback
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 
@@ -37,16 +38,10 @@ def _options(version: bool = typer.Option(False, "--version", callback=_print_ve
     pass
 
 
-def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
-    """A config key's allowed values as a str Enum: --help lists them, the shell completes them,
-    and anything else is refused with one line naming the option."""
-    return Enum(name, {v: v for v in values}, type=str)
-
-
-Device = _choices("Device", DEVICES)
-Loader = _choices("Loader", LOADERS)
-Shortcut = _choices("Shortcut", SHORTCUTS)
-Launcher = _choices("Launcher", ("local", "slurm"))
+# a config key's allowed values as a str Enum: --help lists them, the shell completes them, and
+# anything else is refused with one line naming the option
+Device, Loader, Shortcut, Launcher = (Enum(name, {v: v for v in values}, type=str) for name, values in (
+    ("Device", DEVICES), ("Loader", LOADERS), ("Shortcut", SHORTCUTS), ("Launcher", ("local", "slurm"))))
 
 
 def _value(choice: Enum | None) -> str | None:
@@ -59,11 +54,30 @@ def fail(message: str, code: int = BAD_INPUT) -> None:
     raise typer.Exit(code)
 
 
-def _flags(**sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """CLI flags as a config tree, leaving out those not given."""
-    return {s: {k: v for k, v in kv.items() if v is not None} for s, kv in sections.items()}
+@contextmanager
+def bad_input(*errors: type[Exception]) -> Iterator[None]:
+    """The errors a command expects of what it was given: each one line and exit 2."""
+    try:
+        yield
+    except typer.Exit:  # a RuntimeError too: a line already printed
+        raise
+    except errors as e:
+        fail(str(e))
 
 
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+# options several commands share, declared once
+DATA_DIR = typer.Option(None, help="folder holding cifar-10-batches-bin/ (or -py/) or its tarball")
+RUN_DEVICE = typer.Option(None, help="default: auto (cuda when torch sees a GPU)")
+DEVICE = typer.Option("auto")
+BENCH_DATA = typer.Option(None, help="CIFAR-10 folder (default: synthetic data of the same size)")
+BENCH_LOADERS = typer.Option("resident,ffcv", help="comma-separated: resident, ffcv")
+RUN_DIRS = typer.Argument(..., help="run folders, or folders holding runs (searched one level down)")
+WEIGHTS = typer.Argument(..., help="model.pt or ckpt_*.pt, or a run folder (its model.pt, else its newest checkpoint)")
+JSON_RESULT = typer.Option(False, "--json", help="print the result as one JSON object")
 TORCHRUN_N = ("under torchrun write -n 7 or --depth 44: torchrun's own parser takes --n for an abbreviation "
               "of its --nnodes/--nproc-per-node and stops (pytorch#120601)")
 
@@ -80,9 +94,9 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file, e.g. configs/resnet20.toml"),
     overrides: list[str] = typer.Option([], "--set", help="section.key=value, repeatable"),
     iters: Optional[int] = typer.Option(None, help="run N iterations (sets optim.iters); the default milestones and evaluation/checkpoint cadence move in proportion, a warm-up keeps its length (at most half the run), values given with --set are kept"),
-    data_dir: Optional[Path] = typer.Option(None, help="folder holding cifar-10-batches-bin/ (or -py/) or its tarball"),
+    data_dir: Optional[Path] = DATA_DIR,
     out: Optional[Path] = typer.Option(None, help="run directory (default runs/<name>)"),
-    device: Optional[Device] = typer.Option(None, help="default: auto (cuda when torch sees a GPU)"),
+    device: Optional[Device] = RUN_DEVICE,
     seed: Optional[int] = typer.Option(None),
     seeds: Optional[str] = typer.Option(None, help="several seeds, e.g. 0,1,2,3, trained in one process as one fused "
                                         "model (a pack: docs/suite.md), each a run of its own; --out is then the "
@@ -101,11 +115,11 @@ def train(
 
     ignore_file_size_signal()  # a file-size limit then fails the write (WriteError) instead of killing us
     try:
-        cfg = load_config(config, _flags(
-            model={"n": blocks_per_stage(depth, n), "plain": plain, "shortcut": _value(shortcut)},
-            data={"dir": str(data_dir) if data_dir else None, "loader": _value(loader)},
-            train={"out": str(out) if out else None, "device": _value(device), "seed": seed},
-        ), [*overrides, *bare_overrides(settings or [])], iters)
+        flags = {"model": {"n": blocks_per_stage(depth, n), "plain": plain, "shortcut": _value(shortcut)},
+                 "data": {"dir": str(data_dir) if data_dir else None, "loader": _value(loader)},
+                 "train": {"out": str(out) if out else None, "device": _value(device), "seed": seed}}
+        cfg = load_config(config, {s: {k: v for k, v in kv.items() if v is not None} for s, kv in flags.items()},
+                          [*overrides, *bare_overrides(settings or [])], iters)
         members = pack_members(cfg, seeds, seed)
         from .dist import under_torchrun, world_size_from_env
         from .rundir import RunDir
@@ -129,15 +143,14 @@ def train(
 
 def start(runs: RunConfig | list[RunConfig], prepared, done: list, nproc_per_node: int, max_restarts: int,
           as_json: bool) -> None:
-    """After the checks: the result of runs already finished (`done`: each one's summary or
-    None), or torchrun launched (nproc_per_node workers), or the run (a pack's runs) in this process."""
+    """After the checks: the result of runs already finished (`done`: each one's summary or None),
+    or torchrun launched (nproc_per_node workers), or the run (a pack's runs) in this process."""
     if all(d is not None for d in done):
         return show_finished(done, runs if isinstance(runs, list) else [runs], as_json)
     if nproc_per_node:
         from .launcher import strip_launch_args, torchrun
 
-        torchrun(nproc_per_node, max_restarts, strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]))
-        return
+        return torchrun(nproc_per_node, max_restarts, strip_launch_args(sys.argv[sys.argv.index("train") + 1 :]))
     train_here(runs, prepared, as_json)
 
 
@@ -172,8 +185,7 @@ def blocks_per_stage(depth: int | None, n: int | None) -> int | None:
 
 
 def bare_overrides(settings: list[str]) -> list[str]:
-    """The positional section.key=value words; a word that is not one (a typo'd flag, a
-    stray path) is named, rather than read as a setting."""
+    """The positional section.key=value words; another word (a typo'd flag, a stray path) is named."""
     for word in settings:
         key = word.split("=", 1)[0]
         if "=" not in word or "." not in key or key.startswith("-"):
@@ -182,9 +194,8 @@ def bare_overrides(settings: list[str]) -> list[str]:
 
 
 def train_here(cfg: RunConfig | list[RunConfig], prepared, as_json: bool = False) -> None:
-    """This process's rank of the run (or of a pack's runs, `cfg` a list): its faults turned
-    into one line and an exit code, its result into a summary in words (rank 0) or a JSON line
-    per rank and run (--json)."""
+    """This process's rank of the run (a pack's runs: `cfg` a list): its faults as one line and an
+    exit code, its result as a summary in words (rank 0) or a JSON line per rank and run."""
     from .dist import launch_rank
     from .errors import GraphUnavailable, NonFiniteLoss, PeerLost, Preempted, RunDirBusy, WriteError
     from .training.announce import closing
@@ -251,32 +262,32 @@ def show_dry_run(cfg: RunConfig, world_size: int) -> None:
         typer.echo(dry_run(cfg, plan, where_it_starts(cfg), notes))
 
 
-def weights_in(path: Path) -> Path:
-    """A weights file as given, or the one a run folder holds (RunDir.weights); a folder without
-    one is left for checkpoint.load_model_file to name."""
+def show_weights_result(run, checkpoint: Path, describe, as_json: bool, *args) -> None:
+    """`eval` and `export`: run(weights, *args) on a weights file as given, or on the one a run
+    folder holds (RunDir.weights; a folder without one is left for checkpoint.load_model_file to
+    name), its result printed; any bad input is one line."""
+    from .errors import CheckpointError
     from .rundir import RunDir
+    from .tools.export import ExportError
 
-    return (RunDir(path).weights() or path) if path.is_dir() else path
+    with bad_input(ConfigError, DataError, CheckpointError, ExportError):
+        result = run((RunDir(checkpoint).weights() or checkpoint) if checkpoint.is_dir() else checkpoint, *args)
+    typer.echo(json.dumps(result) if as_json else describe(result))
 
 
 @app.command("eval")
 def eval_(
-    checkpoint: Path = typer.Argument(..., help="ckpt_*.pt or model.pt, or a run directory (its model.pt, else its newest checkpoint)"),
+    checkpoint: Path = WEIGHTS,
     data_dir: Optional[Path] = typer.Option(None, help="override the run's data folder"),
-    device: str = typer.Option("auto"),
-    as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
+    device: str = DEVICE,
+    as_json: bool = JSON_RESULT,
 ) -> None:
     """Test error of a saved checkpoint."""
-    from .errors import CheckpointError
     from .training.evaluate import describe, evaluate_checkpoint
 
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device must be auto, cpu or cuda, got {device!r}")
-    try:
-        result = evaluate_checkpoint(weights_in(checkpoint), data_dir, device)
-    except (ConfigError, DataError, CheckpointError) as e:
-        fail(str(e))
-    typer.echo(json.dumps(result) if as_json else describe(result))
+    show_weights_result(evaluate_checkpoint, checkpoint, describe, as_json, data_dir, device)
 
 
 @app.command()
@@ -289,22 +300,17 @@ def prepare(
     from .data.beton import prepare_betons, require_ffcv
     from .data.cifar import locate
 
-    try:
+    with bad_input(DataError, RuntimeError):
         require_ffcv()
         folder = locate(data_dir)
         target = out or folder.parent / "beton"
         train_path, test_path, rebuilt = prepare_betons(folder, target, force=force,
                                                         announce=lambda what: typer.echo(what, err=True))
-    except (DataError, RuntimeError) as e:
-        fail(str(e))
     typer.echo(f"{'wrote' if rebuilt else 'up to date, nothing to do:'} {train_path} {test_path}")
 
 
 bench_app = typer.Typer(help="Speed: the training step against a plain PyTorch loop, and the loaders.")
 app.add_typer(bench_app, name="bench")
-
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 @bench_app.callback(invoke_without_command=True)
@@ -313,11 +319,11 @@ def bench(
     n: int = typer.Option(3, "--n", "-n", help="blocks per stage (3 = ResNet-20)"),
     iters: int = typer.Option(500, help="timed iterations per setting"),
     warmup: int = typer.Option(30, help="untimed iterations first (compile and graph capture happen here)"),
-    device: str = typer.Option("auto"),
-    loaders: str = typer.Option("resident,ffcv", help="comma-separated: resident, ffcv"),
+    device: str = DEVICE,
+    loaders: str = BENCH_LOADERS,
     modes: str = typer.Option("eager,compile,graph", help="comma-separated: eager, compile, graph"),
     precisions: str = typer.Option("fp32,bf16,fp16", help="comma-separated: fp32, bf16, fp16"),
-    data_dir: Optional[Path] = typer.Option(None, help="CIFAR-10 folder (default: synthetic data of the same size)"),
+    data_dir: Optional[Path] = BENCH_DATA,
     workers: int = typer.Option(min(8, os.cpu_count() or 1), help="DataLoader workers for the baseline"),
     out: Optional[Path] = typer.Option(None, help="where to write the results (JSON; default bench/step.json, "
                                                     "with --pack bench/pack.json)"),
@@ -328,70 +334,53 @@ def bench(
     """Time one training step: the baseline and each loader x mode x precision (or packs: --pack)."""
     if ctx.invoked_subcommand is not None:
         return
-    if pack:
-        _bench_pack(n, pack, iters, warmup, device, out or Path("bench/pack.json"))
-        return
-    out = out or Path("bench/step.json")
-    from .tools.bench import format_table, run_step_bench
+    out = out or Path("bench/pack.json" if pack else "bench/step.json")
+    with bad_input(DataError, RuntimeError, ValueError):
+        if pack:
+            from .tools.bench_pack import PACK_ROUNDS, format_pack_table, run_pack_bench
 
-    try:
-        report = run_step_bench(n, iters, warmup, device, _split(loaders), _split(modes), _split(precisions),
-                                data_dir, workers, out)  # written after every setting
-    except (DataError, RuntimeError, ValueError) as e:
-        fail(str(e))
-    typer.echo(format_table(report))
-    typer.echo(f"\nwrote {out}")
+            try:
+                ks = [int(k) for k in _split(pack)]
+            except ValueError:
+                fail(f"--pack {pack}: pack sizes are whole numbers, comma-separated (e.g. 1,2,4,8)")
+            table = format_pack_table(run_pack_bench(n, ks, iters, warmup, PACK_ROUNDS, device, out))  # written after every K
+        else:
+            from .tools.bench import format_table, run_step_bench
 
-
-def _bench_pack(n: int, sizes: str, iters: int, warmup: int, device: str, out: Path) -> None:
-    from .tools.bench_pack import PACK_ROUNDS, format_pack_table, run_pack_bench
-
-    try:
-        ks = [int(k) for k in _split(sizes)]
-    except ValueError:
-        fail(f"--pack {sizes}: pack sizes are whole numbers, comma-separated (e.g. 1,2,4,8)")
-    try:
-        report = run_pack_bench(n, ks, iters, warmup, PACK_ROUNDS, device, out)  # written after every K
-    except (RuntimeError, ValueError) as e:
-        fail(str(e))
-    typer.echo(format_pack_table(report))
-    typer.echo(f"\nwrote {out}")
+            table = format_table(run_step_bench(n, iters, warmup, device, _split(loaders), _split(modes),
+                                                _split(precisions), data_dir, workers, out))  # written after every setting
+    typer.echo(f"{table}\n\nwrote {out}")
 
 
 @bench_app.command("loader")
 def bench_loader(
     iters: int = typer.Option(200),
     warmup: int = typer.Option(20),
-    device: str = typer.Option("auto"),
-    loaders: str = typer.Option("resident,ffcv", help="comma-separated: resident, ffcv"),
-    data_dir: Optional[Path] = typer.Option(None, help="CIFAR-10 folder (default: synthetic data of the same size)"),
+    device: str = DEVICE,
+    loaders: str = BENCH_LOADERS,
+    data_dir: Optional[Path] = BENCH_DATA,
     out: Path = typer.Option(Path("bench/loader.json")),
 ) -> None:
     """Images/s each loader delivers, augmented, on the device."""
     from .tools.bench import format_table, run_loader_bench, write_report
 
-    try:
+    with bad_input(DataError, RuntimeError, ValueError):
         report = run_loader_bench(iters, warmup, device, _split(loaders), data_dir)
-    except (DataError, RuntimeError, ValueError) as e:
-        fail(str(e))
     write_report(report, out)
-    typer.echo(format_table(report))
-    typer.echo(f"\nwrote {out}")
+    typer.echo(f"{format_table(report)}\n\nwrote {out}")
 
 
 @app.command()
 def report(
-    run_dirs: list[Path] = typer.Argument(..., help="run folders, or folders holding runs (searched one level down)"),
+    run_dirs: list[Path] = RUN_DIRS,
     out: Optional[Path] = typer.Option(None, help="where to write report.md, figure6.png, figure7.png, curves/ (default: the first RUN_DIR)"),
     title: str = typer.Option("", help="heading of report.md and the figure (say which data the runs used)"),
 ) -> None:
     """Error table vs the paper's Table 6, Figure 6-style curves, Figure 7 (layer responses), one curve figure per run."""
     from .suite.report import ReportError, write_report
 
-    try:
+    with bad_input(ReportError):
         written = write_report(run_dirs, out, title)
-    except ReportError as e:
-        fail(str(e))
     for note in written["skipped"]:
         typer.echo(f"skipped: {note}", err=True)
     for note in written["warnings"]:
@@ -404,21 +393,16 @@ def report(
 
 @app.command("export")
 def export_(
-    checkpoint: Path = typer.Argument(..., help="model.pt or ckpt_*.pt, or a run folder (its model.pt, else its newest checkpoint)"),
+    checkpoint: Path = WEIGHTS,
     format: str = typer.Option(..., "--format", "-f", help="safetensors | onnx"),
     out: Optional[Path] = typer.Option(None, help="output file (default: the checkpoint with .safetensors / .onnx)"),
     data_dir: Optional[Path] = typer.Option(None, help="only for old checkpoints without a stored mean image"),
-    as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
+    as_json: bool = JSON_RESULT,
 ) -> None:
     """Weights for use without this package: safetensors or ONNX (checked with onnxruntime), plus <name>.mean.npy."""
-    from .checkpoint import CheckpointError
-    from .tools.export import ExportError, describe, export
+    from .tools.export import describe, export
 
-    try:
-        result = export(weights_in(checkpoint), format, out, data_dir)
-    except (ExportError, CheckpointError, ConfigError) as e:
-        fail(str(e))
-    typer.echo(json.dumps(result) if as_json else describe(result))
+    show_weights_result(export, checkpoint, describe, as_json, format, out, data_dir)
 
 
 @app.command()
@@ -432,10 +416,10 @@ def reproduce(
     pack: int = typer.Option(1, help="up to K seeds of each net trained in one process as one fused model (train --seeds; docs/suite.md)"),
     out: Path = typer.Option(Path("runs"), help="one folder per run inside, and the report"),
     iters: Optional[int] = typer.Option(None, help="iterations per run (default: the paper's 64k); milestones scale"),
-    data_dir: Optional[Path] = typer.Option(None, help="folder holding cifar-10-batches-bin/ (or -py/) or its tarball"),
+    data_dir: Optional[Path] = DATA_DIR,
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="base TOML for every run"),
     overrides: list[str] = typer.Option([], "--set", help="section.key=value for every run, repeatable"),
-    device: Optional[Device] = typer.Option(None, help="default: auto (cuda when torch sees a GPU)"),
+    device: Optional[Device] = RUN_DEVICE,
     launcher: Launcher = typer.Option("local", help="local (this machine) or slurm (one job array)"),
     partition: str = typer.Option("", help="slurm: partition"),
     account: str = typer.Option("", help="slurm: account"),
@@ -450,10 +434,13 @@ def reproduce(
     as_json: bool = typer.Option(False, "--json", help="with --status: the states as JSON"),
 ) -> None:
     """Train the whole suite (depths x ResNet/plain x seeds), resumable, then write the report."""
-    from .suite.reproduce import parse_ints, reproduce as run_suite
+    from .suite.reproduce import interrupted, parse_ints, reproduce as run_suite
 
     if status is not None:
-        return show_suite_status(status, as_json)
+        from .suite.slurm import show_status
+
+        with bad_input(ConfigError):
+            return show_status(status, as_json, echo=typer.echo)
     plain, device = plain and not no_plain, _value(device)
     schedule = None
     if launcher == Launcher.slurm:
@@ -470,32 +457,20 @@ def reproduce(
     elif dry_run or not wait:
         fail("--dry-run and --no-wait are for --launcher slurm")
     try:
-        outcomes, _ = run_suite(parse_ints(depths, "--depths"), plain, seeds, out, gpus, iters, overrides,
-                                config, data_dir, device, runs_per_gpu, schedule, echo=typer.echo, pack=pack)
-    except ConfigError as e:
-        fail(str(e))
+        with bad_input(ConfigError):
+            outcomes, _ = run_suite(parse_ints(depths, "--depths"), plain, seeds, out, gpus, iters, overrides,
+                                    config, data_dir, device, runs_per_gpu, schedule, echo=typer.echo, pack=pack)
     except KeyboardInterrupt:  # a Ctrl-C while planning or writing the report (the runs' own is handled there)
         fail("interrupted; run the same command again to resume", code=INTERRUPTED)
-    from .suite.reproduce import interrupted
-
     if interrupted(outcomes):  # Ctrl-C or SIGTERM: the runs stopped at a checkpoint, the suite is unfinished
         raise typer.Exit(INTERRUPTED)
     if any(o.status == "failed" for o in outcomes):
         raise typer.Exit(FAILED)
 
 
-def show_suite_status(out: Path, as_json: bool) -> None:
-    from .suite.slurm import show_status
-
-    try:
-        show_status(out, as_json, echo=typer.echo)
-    except ConfigError as e:
-        fail(str(e))
-
-
 @app.command()
 def runs(
-    run_dirs: list[Path] = typer.Argument(..., help="run folders, or folders holding runs (searched one level down)"),
+    run_dirs: list[Path] = RUN_DIRS,
     as_json: bool = typer.Option(False, "--json", help="the states as JSON"),
 ) -> None:
     """Where each run stands: running (host, pid, iteration, time left), interrupted or stopped
@@ -503,10 +478,8 @@ def runs(
     from .suite.discover import ReportError, find_runs  # finding run folders: the report's rule
     from .suite.status import run_status, table, to_json
 
-    try:
+    with bad_input(ReportError):
         found, _ = find_runs(run_dirs)
-    except ReportError as e:
-        fail(str(e))
     if not found:
         fail(f"no run folders in {', '.join(map(str, run_dirs))} (a run folder holds config.toml, "
              f"metrics.jsonl or summary.json)")
@@ -531,10 +504,8 @@ def doctor(
 
     if compile_timeout <= 0:
         fail(f"--compile-timeout must be more than 0 seconds, got {compile_timeout:g}")
-    try:
+    with bad_input(RuntimeError):  # e.g. --device cuda without a GPU
         report = run_doctor(device, data_dir, steps, set(_split(skip)), compile_timeout)
-    except RuntimeError as e:  # e.g. --device cuda without a GPU
-        fail(str(e))
     if launch_rank() == 0:
         typer.echo(json.dumps(report, indent=2) if as_json else format_table(report))
     if not report["ok"]:

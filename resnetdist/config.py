@@ -1,12 +1,8 @@
-"""One run's configuration: a small dataclass per concern, composed into RunConfig; loaded
-from TOML (configs/*.toml) plus `--set section.key=value` overrides.
-
-Order of precedence: dataclass defaults < --config file < CLI flags < --set. Everything is
-checked (unknown section or key, wrong type, impossible value) before any worker starts, and
-the error names the key at fault. The recipe's "auto" (warm-up) is resolved here; what
-depends on the machine (device, precision, step) by training/plan.resolve, at preflight,
-into a record of its own: a configuration is never rewritten after it is loaded. What may change between a
-run directory's restarts (RESUME_KEYS, check_same_experiment) is decided here too.
+"""One run's configuration: a dataclass per section, composed into RunConfig; defaults <
+--config file < CLI flags < --set, every key checked before any worker starts, the error naming
+it. The recipe's "auto" (warm-up) is resolved here; what depends on the machine (device,
+precision, step) by training/plan.resolve, into a record of its own: a configuration is never
+rewritten after it is loaded. What may change between restarts (RESUME_KEYS) is decided here.
 
 This module imports nothing from the package: every other module may import it.
 """
@@ -59,23 +55,20 @@ def depth_to_n(depth: int) -> int:
     return (depth - 2) // 6
 
 
-# ----- the sections -----------------------------------------------------------------------------
-
-
-def doc(text: str) -> dict[str, str]:
-    """A field's one-line description, as field metadata: docs/configuration.md is generated
-    from it (python -m resnetdist.configdoc)."""
-    return {"doc": text}
+def key(default: Any, text: str) -> Any:
+    """A config key: its default and its description (metadata "doc": docs/configuration.md is
+    generated from it, configdoc)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
 
 
 @dataclass
 class ModelConfig:
-    n: int = field(default=3, metadata=doc(
-        "blocks per stage; depth 6n+2 (3 -> 20, 5 -> 32, 7 -> 44, 9 -> 56, 18 -> 110)"))
-    plain: bool = field(default=False, metadata=doc("no shortcuts (the paper's plain baselines)"))
-    shortcut: str = field(default="A", metadata=doc(
-        "A: identity, zero-padded channels where width doubles (paper); B: 1x1 projection there"))
-    num_classes: int = field(default=10, metadata=doc("classes of the last layer"))
+    n: int = key(3, "blocks per stage; depth 6n+2 (3 -> 20, 5 -> 32, 7 -> 44, 9 -> 56, 18 -> 110)")
+    plain: bool = key(False, "no shortcuts (the paper's plain baselines)")
+    shortcut: str = key("A", "A: identity, zero-padded channels where width doubles (paper); B: 1x1 projection there")
+    num_classes: int = key(10, "classes of the last layer")
 
     def validate(self) -> None:
         if self.n < 1:
@@ -96,20 +89,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dir: str = field(default="", metadata=doc(
-        "folder with cifar-10-batches-bin/ or cifar-10-batches-py/ (torchvision's) or a tarball; \"\" downloads to the cache"))
-    loader: str = field(default="resident", metadata=doc(
-        "resident: the whole dataset on the training device; ffcv: .beton files through FFCV's Loader"))
-    beton_dir: str = field(default="", metadata=doc(
-        "where the .beton files live (\"\" = beton/ beside cifar-10-batches-bin/)"))
-    ffcv_workers: int = field(default=4, metadata=doc("FFCV decoding threads"))
-    val_split: bool = field(default=False, metadata=doc(
-        "hold out 5k of the 50k training images (the paper's 45k/5k protocol)"))
-    mean: str = field(default="pixel", metadata=doc(
-        "pixel: subtract the per-pixel mean image of the training set; channel: data.channel_mean"))
-    channel_mean: list[float] = field(default_factory=lambda: [125.3, 123.0, 113.9], metadata=doc(
-        "per-channel means, 0-255 units"))
-    eval_batch: int = field(default=1000, metadata=doc("evaluation batch"))
+    dir: str = key("",
+        "folder with cifar-10-batches-bin/ or cifar-10-batches-py/ (torchvision's) or a tarball; \"\" downloads to "
+        "the cache")
+    loader: str = key("resident",
+        "resident: the whole dataset on the training device; ffcv: .beton files through FFCV's Loader")
+    beton_dir: str = key("", 'where the .beton files live ("" = beton/ beside cifar-10-batches-bin/)')
+    ffcv_workers: int = key(4, "FFCV decoding threads")
+    val_split: bool = key(False, "hold out 5k of the 50k training images (the paper's 45k/5k protocol)")
+    mean: str = key("pixel", "pixel: subtract the per-pixel mean image of the training set; channel: data.channel_mean")
+    channel_mean: list[float] = key([125.3, 123.0, 113.9], "per-channel means, 0-255 units")
+    eval_batch: int = key(1000, "evaluation batch")
 
     def validate(self) -> None:
         if self.loader not in LOADERS:
@@ -124,24 +114,24 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    batch_size: int = field(default=128, metadata=doc("global batch (see dist.batch_scaling)"))
-    lr: float = field(default=0.1, metadata=doc("SGD learning rate"))
-    momentum: float = field(default=0.9, metadata=doc("SGD momentum"))
-    weight_decay: float = field(default=1e-4, metadata=doc("SGD weight decay"))
-    iters: int = field(default=PAPER_ITERS, metadata=doc(
-        "length of the run; --iters N (or this key) sets it. Milestones and the evaluation and "
-        "checkpoint cadence written for another length (the defaults, a config file's values given with "
-        "its optim.iters) move in proportion (the warm-up keeps its length: optim.warmup_iters); values "
-        "given without a length (--set) are kept as written"))
-    milestones: list[int] = field(default_factory=lambda: [32_000, 48_000], metadata=doc(
-        "iterations at which the lr is multiplied by gamma; each before optim.iters (one at or past "
-        "the end is refused)"))
-    gamma: float = field(default=0.1, metadata=doc("lr factor at each milestone"))
-    warmup_iters: int = field(default=-1, metadata=doc(
-        "iterations at the constant warm-up lr; -1 = the paper's 400 for n >= 18 (ResNet-110, 1202), else "
-        "none. Not scaled with optim.iters (it lasts until the net starts learning, whatever the run's "
-        "length); the default, or a file's value written for another length, is at most half the run"))
-    warmup_lr: float = field(default=0.01, metadata=doc("the warm-up lr"))
+    batch_size: int = key(128, "global batch (see dist.batch_scaling)")
+    lr: float = key(0.1, "SGD learning rate")
+    momentum: float = key(0.9, "SGD momentum")
+    weight_decay: float = key(1e-4, "SGD weight decay")
+    iters: int = key(PAPER_ITERS,
+        "length of the run; --iters N (or this key) sets it. Milestones and the evaluation and checkpoint cadence "
+        "written for another length (the defaults, a config file's values given with its optim.iters) move in "
+        "proportion (the warm-up keeps its length: optim.warmup_iters); values given without a length (--set) are "
+        "kept as written")
+    milestones: list[int] = key([32_000, 48_000],
+        "iterations at which the lr is multiplied by gamma; each before optim.iters (one at or past the end is "
+        "refused)")
+    gamma: float = key(0.1, "lr factor at each milestone")
+    warmup_iters: int = key(-1,
+        "iterations at the constant warm-up lr; -1 = the paper's 400 for n >= 18 (ResNet-110, 1202), else none. Not "
+        "scaled with optim.iters (it lasts until the net starts learning, whatever the run's length); the default, or "
+        "a file's value written for another length, is at most half the run")
+    warmup_lr: float = key(0.01, "the warm-up lr")
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.iters < 1:
@@ -154,34 +144,30 @@ class OptimConfig:
             raise ValueError(f"optim.milestones must be increasing positive iterations, got {self.milestones}")
         if self.milestones and self.milestones[-1] >= self.iters:
             # an lr step at or past the end never happens: the run would not be the schedule asked for
-            raise ValueError(
-                f"optim.milestones {self.milestones}: {self.milestones[-1]} is at or past the end of the run "
-                f"(optim.iters = {self.iters}); give milestones below {self.iters}, or leave optim.milestones "
-                f"unset so that the paper's move with the run length")
+            raise ValueError(f"optim.milestones {self.milestones}: {self.milestones[-1]} is at or past the end of the "
+                             f"run (optim.iters = {self.iters}); give milestones below {self.iters}, or leave "
+                             f"optim.milestones unset so that the paper's move with the run length")
 
 
 @dataclass
 class TrainConfig:
-    seed: int = field(default=0, metadata=doc("weights, data order and augmentation all derive from it"))
-    device: str = field(default="auto", metadata=doc("auto, cpu, cuda"))
-    out: str = field(default="", metadata=doc("run directory (\"\" = runs/<name>)"))
-    eval_every: int = field(default=2_000, metadata=doc(
-        "iterations between evaluations; the default moves with optim.iters (multiples of log.log_every: "
-        "100 for a 2,000-iteration run)"))
-    checkpoint_every: int = field(default=4_000, metadata=doc(
-        "iterations between checkpoints; the default moves with optim.iters like eval_every"))
-    keep_checkpoints: int = field(default=3, metadata=doc("checkpoints kept in the run directory"))
-    precision: str = field(default="auto", metadata=doc(
-        "fp32, bf16, fp16; auto = bf16 on a GPU that has it, else fp32"))
-    channels_last: bool = field(default=True, metadata=doc("NHWC memory format (CUDA only)"))
-    # the one key that decides which step runs (training/step.py's choose_kind reads it, once)
-    step: str = field(default="auto", metadata=doc(
-        "graph: the whole step captured once as a CUDA graph and replayed; compile: torch.compile of the "
-        "model, eager step; eager. auto = graph on CUDA with bf16/fp32, else eager; a failed capture "
-        "trains eagerly and resolved.toml / summary.json record what ran"))
-    # a setting of the compile step, not a kind of step: read only when step = compile
-    compile: str = field(default="default", metadata=doc(
-        "torch.compile's mode for train.step = compile: default, max-autotune (other steps ignore it)"))
+    seed: int = key(0, "weights, data order and augmentation all derive from it")
+    device: str = key("auto", "auto, cpu, cuda")
+    out: str = key("", 'run directory ("" = runs/<name>)')
+    eval_every: int = key(2_000,
+        "iterations between evaluations; the default moves with optim.iters (multiples of log.log_every: 100 for a "
+        "2,000-iteration run)")
+    checkpoint_every: int = key(4_000,
+        "iterations between checkpoints; the default moves with optim.iters like eval_every")
+    keep_checkpoints: int = key(3, "checkpoints kept in the run directory")
+    precision: str = key("auto", "fp32, bf16, fp16; auto = bf16 on a GPU that has it, else fp32")
+    channels_last: bool = key(True, "NHWC memory format (CUDA only)")
+    step: str = key("auto",
+        "graph: the whole step captured once as a CUDA graph and replayed; compile: torch.compile of the model, eager "
+        "step; eager. auto = graph on CUDA with bf16/fp32, else eager; a failed capture trains eagerly and "
+        "resolved.toml / summary.json record what ran")
+    compile: str = key("default",
+        "torch.compile's mode for train.step = compile: default, max-autotune (other steps ignore it)")
 
     def validate(self) -> None:
         if self.device not in DEVICES:
@@ -203,31 +189,27 @@ HANG_TIMEOUT_FLOOR_S = 10
 
 @dataclass
 class DistConfig:
-    # split: optim.batch_size is the global batch, divided across ranks (the paper's 128 on
-    # any number of GPUs). per_rank: every rank takes optim.batch_size, the global batch grows
-    # with the world size and the lr is scaled linearly with a warm-up (Goyal et al. 2017).
-    batch_scaling: str = field(default="split", metadata=doc(
-        "split: the global batch is divided across ranks; per_rank: every rank takes optim.batch_size, lr"
-        " scaled by the world size after a linear warm-up (Goyal et al. 2017)"))
-    scale_warmup_iters: int = field(default=500, metadata=doc("the per_rank lr warm-up, in iterations"))
-    sync_bn: bool = field(default=False, metadata=doc("SyncBatchNorm across ranks (CUDA)"))
-    # above hang_timeout_s with a clear margin (validate): on an eagerly launched collective the
-    # hang watchdog's one line and exit 7 come before NCCL's own watchdog aborts the process
-    timeout_s: int = field(default=900, metadata=doc(
-        "process-group init and every collective launched eagerly (NCCL's watchdog aborts after it); must be"
-        " above dist.hang_timeout_s"))
-    # measured against progress, not against the cadence: log_every, eval_every and a long
-    # evaluation do not matter, the longest healthy silence is one iteration, one evaluation
-    # batch or rank 0's checkpoint write (dist.HangWatch). The default is far above those on
-    # any device; the floor keeps a typo (1 for 100) from tripping it on a loaded CPU
-    hang_timeout_s: int = field(default=300, metadata=doc(
-        "a rank that has made no progress (an iteration, an evaluation batch) for this long while waiting on"
-        " other ranks reports the hang and exits 7, so torchrun restarts the job (0 = off; else >= 10 and below"
-        " dist.timeout_s)"))
-    # a cold torch.compile takes 30-90 s on an H100 for these nets, minutes in max-autotune; one
-    # that never returns must still end the run
-    compile_pause_s: int = field(default=1200, metadata=doc(
-        "the hang watchdog's clock pauses for a torch.compile compilation at most this long"))
+    batch_scaling: str = key("split",
+        "split: the global batch is divided across ranks; per_rank: every rank takes optim.batch_size, lr scaled by "
+        "the world size after a linear warm-up (Goyal et al. 2017)")
+    scale_warmup_iters: int = key(500, "the per_rank lr warm-up, in iterations")
+    sync_bn: bool = key(False, "SyncBatchNorm across ranks (CUDA)")
+    # above hang_timeout_s (validate): on an eager collective the hang watchdog's one line and
+    # exit 7 come before NCCL's own watchdog aborts the process
+    timeout_s: int = key(900,
+        "process-group init and every collective launched eagerly (NCCL's watchdog aborts after it); must be above "
+        "dist.hang_timeout_s")
+    # measured against progress, not the cadence: the longest healthy silence is one iteration,
+    # evaluation batch or checkpoint write (dist.HangWatch); the floor keeps a typo (1 for 100)
+    # from tripping it on a loaded CPU
+    hang_timeout_s: int = key(300,
+        "a rank that has made no progress (an iteration, an evaluation batch) for this long while waiting on other "
+        "ranks reports the hang and exits 7, so torchrun restarts the job (0 = off; else >= 10 and below "
+        "dist.timeout_s)")
+    # a cold torch.compile takes 30-90 s on an H100, minutes in max-autotune; one that never
+    # returns must still end the run
+    compile_pause_s: int = key(1200,
+        "the hang watchdog's clock pauses for a torch.compile compilation at most this long")
 
     def validate(self) -> None:
         if self.batch_scaling not in BATCH_SCALING:
@@ -247,23 +229,19 @@ class DistConfig:
 
 @dataclass
 class LogConfig:
-    name: str = field(default="", metadata=doc("run name (\"\" = <net>-s<seed>, e.g. resnet20-s0)"))
-    log_every: int = field(default=100, metadata=doc(
-        "iterations between train-loss records (TensorBoard, W&B, progress bar) and NaN checks"))
-    tensorboard: bool = field(default=True, metadata=doc("event files in <run>/tb"))
-    wandb_mode: str = field(default="auto", metadata=doc(
-        "auto (online when logged in or WANDB_API_KEY is set, else offline), online, offline, disabled"))
-    wandb_project: str = field(default="", metadata=doc("\"\" = $WANDB_PROJECT or resnetdist"))
-    wandb_entity: str = field(default="", metadata=doc("\"\" = $WANDB_ENTITY or your default entity"))
-    wandb_group: str = field(default="", metadata=doc(
-        "\"\" = the net name, so seeds of one net group together (reproduce: the suite)"))
-    wandb_job_type: str = field(default="train", metadata=doc(
-        "the run's role in W&B (a suite's report run is \"report\"); the net and seed are in its config and tags"))
-    wandb_tags: list[str] = field(default_factory=list, metadata=doc("extra W&B tags"))
-    wandb_init_timeout_s: int = field(default=60, metadata=doc(
-        "online init gives up after this, and the run goes on offline"))
-    wandb_finish_timeout_s: int = field(default=300, metadata=doc(
-        "upload wait at the end; the rest stays on disk for wandb sync"))
+    name: str = key("", 'run name ("" = <net>-s<seed>, e.g. resnet20-s0)')
+    log_every: int = key(100, "iterations between train-loss records (TensorBoard, W&B, progress bar) and NaN checks")
+    tensorboard: bool = key(True, "event files in <run>/tb")
+    wandb_mode: str = key("auto",
+        "auto (online when logged in or WANDB_API_KEY is set, else offline), online, offline, disabled")
+    wandb_project: str = key("", '"" = $WANDB_PROJECT or resnetdist')
+    wandb_entity: str = key("", '"" = $WANDB_ENTITY or your default entity')
+    wandb_group: str = key("", '"" = the net name, so seeds of one net group together (reproduce: the suite)')
+    wandb_job_type: str = key("train",
+        "the run's role in W&B (a suite's report run is \"report\"); the net and seed are in its config and tags")
+    wandb_tags: list[str] = key([], "extra W&B tags")
+    wandb_init_timeout_s: int = key(60, "online init gives up after this, and the run goes on offline")
+    wandb_finish_timeout_s: int = key(300, "upload wait at the end; the rest stays on disk for wandb sync")
 
     def validate(self) -> None:
         if self.wandb_mode not in WANDB_MODES:
@@ -306,12 +284,7 @@ class RunConfig:
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         if self.optim.warmup_iters > self.optim.iters:
-            raise ConfigError(
-                f"optim.warmup_iters ({self.optim.warmup_iters}) exceeds optim.iters ({self.optim.iters})"
-            )
-
-
-# ----- reading and merging ------------------------------------------------------------------------
+            raise ConfigError(f"optim.warmup_iters ({self.optim.warmup_iters}) exceeds optim.iters ({self.optim.iters})")
 
 
 def _check_type(key: str, value: Any, hint: Any) -> Any:
@@ -328,26 +301,19 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def _merge_section(obj: Any, section: str, values: dict[str, Any], source: str) -> None:
-    hints = typing.get_type_hints(type(obj))
-    for key, value in values.items():
-        if key not in hints:
-            known = ", ".join(hints)
-            raise ConfigError(f"{source}: unknown key {section}.{key} (known: {known})")
-        setattr(obj, key, _check_type(f"{source}: {section}.{key}", value, hints[key]))
-
-
 def merge(cfg: RunConfig, tree: dict[str, Any], source: str) -> None:
     """Apply a {section: {key: value}} tree onto cfg, checking names and types."""
     sections = {f.name for f in dataclasses.fields(cfg)}
     for section, values in tree.items():
         if section not in sections:
-            raise ConfigError(
-                f"{source}: unknown section [{section}] (known: {', '.join(sorted(sections))})"
-            )
+            raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(sorted(sections))})")
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: [{section}] must be a table, got {values!r}")
-        _merge_section(getattr(cfg, section), section, values, source)
+        hints = typing.get_type_hints(type(getattr(cfg, section)))
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"{source}: unknown key {section}.{key} (known: {', '.join(hints)})")
+            setattr(getattr(cfg, section), key, _check_type(f"{source}: {section}.{key}", value, hints[key]))
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -375,18 +341,12 @@ def parse_override(text: str) -> dict[str, Any]:
     return {section: {key: value}}
 
 
-def load_config(
-    config_file: Path | None = None,
-    flags: dict[str, dict[str, Any]] | None = None,
-    overrides: list[str] | None = None,
-    iters: int | None = None,
-) -> RunConfig:
-    """Defaults < file < flags (--iters among them: it sets optim.iters) < --set, checked on the
-    final values. The schedule (milestones, warm-up, evaluation and checkpoint cadence) moves
-    with the run length only where it was written for another length (scale_schedule); a value
-    given on its own is kept as written. Device, precision, step and W&B mode stay as given
-    ("auto" stays "auto"): training/plan.resolve reads them, once, on the machine that trains (a
-    Slurm suite's runs resolve them on their own nodes)."""
+def load_config(config_file: Path | None = None, flags: dict[str, dict[str, Any]] | None = None,
+                overrides: list[str] | None = None, iters: int | None = None) -> RunConfig:
+    """Defaults < file < flags (--iters sets optim.iters) < --set, checked on the final values.
+    The schedule moves with the run length only where it was written for another length
+    (scale_schedule). "auto" values stay "auto": training/plan.resolve reads them on the machine
+    that trains (a Slurm suite's runs on their own nodes)."""
     if iters is not None and iters < 1:
         raise ConfigError(f"--iters must be >= 1, got {iters}")
     cfg = RunConfig()
@@ -407,17 +367,13 @@ def load_config(
     return cfg
 
 
-# ----- resolving "auto" ---------------------------------------------------------------------------
-
-
 def fill_recipe_defaults(cfg: RunConfig) -> None:
     """The values whose default depends on other keys, the same on every machine."""
     if cfg.optim.warmup_iters < 0:
         # The paper warms ResNet-110 up at lr 0.01 "until the training error is below 80% (about
-        # 400 iterations)"; shallower nets need none. That point comes after about as many
-        # iterations in a short run as in a long one, so the warm-up is not scaled with the run
-        # length (scaled, a 200-iteration run warmed up for 1 iteration: no warm-up at all); a
-        # run too short for it spends half its iterations warming up and half at the full lr.
+        # 400 iterations)"; shallower nets need none. That point comes after as many iterations
+        # in a short run as in a long one, so it is not scaled (a 200-iteration run would warm up
+        # for 1); a run too short for it spends half its iterations warming up.
         cfg.optim.warmup_iters = min(PAPER_WARMUP_ITERS, cfg.optim.iters // 2) if cfg.model.n >= 18 else 0
 
 
@@ -427,9 +383,8 @@ SCHEDULE_KEYS = ("optim.milestones", "optim.warmup_iters", "train.eval_every", "
 
 
 def schedule_lengths(sources: list[tuple[dict[str, Any], str]]) -> dict[str, int | None]:
-    """For each schedule key, the run length it was written for: optim.iters as given by the
-    source that set the key last (the defaults: 64k), or None when that source gave no length
-    (a --set, a file without optim.iters): those values are iterations, kept as written."""
+    """For each schedule key, the optim.iters of the source that set it last (the defaults: 64k),
+    or None when that source gave none (a --set, a file without optim.iters): kept as written."""
     lengths: dict[str, int | None] = {}
     for tree, _ in sources:
         for key in SCHEDULE_KEYS:
@@ -441,10 +396,9 @@ def schedule_lengths(sources: list[tuple[dict[str, Any], str]]) -> dict[str, int
 
 def scale_schedule(cfg: RunConfig, written_for: dict[str, int | None]) -> None:
     """Move each schedule value written for another run length to optim.iters, in proportion:
-    milestones that would fall at or past the end are dropped, the warm-up keeps its length in
-    iterations (at most half the run: fill_recipe_defaults says why), and the evaluation and checkpoint cadence are whole multiples of
-    log.log_every (so evaluations land on log points; a 2,000-iteration run of the defaults
-    evaluates and checkpoints every 100 iterations, the paper's 64k every 2000 / 4000)."""
+    milestones at or past the end are dropped, the warm-up keeps its length (at most half the
+    run), and the evaluation and checkpoint cadence are whole multiples of log.log_every (so
+    evaluations land on log points: a 2,000-iteration run of the defaults every 100)."""
     iters = cfg.optim.iters
 
     def moved(key: str, value: int) -> int | None:
@@ -462,9 +416,6 @@ def scale_schedule(cfg: RunConfig, written_for: dict[str, int | None]) -> None:
             setattr(t, key, max(every, round(value / every) * every))
 
 
-# ----- run directories ----------------------------------------------------------------------------
-
-
 def from_dict(tree: dict[str, Any], source: str) -> RunConfig:
     cfg = RunConfig()
     merge(cfg, tree, source)
@@ -476,7 +427,7 @@ def to_toml(cfg: RunConfig) -> str:
     return tomli_w.dumps(cfg.to_dict()) if tomli_w is not None else dumps_toml(cfg.to_dict())
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -484,30 +435,22 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, str):
         return json.dumps(v)  # a JSON string is a valid TOML basic string
     if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
 def dumps_toml(tree: dict[str, dict[str, Any]]) -> str:
-    """A {section: {key: scalar or list}} tree as TOML, for machines without tomli-w (the
-    config has no deeper nesting)."""
+    """A {section: {key: scalar or list}} tree as TOML (no deeper nesting), without tomli-w."""
     out = []
     for section, values in tree.items():
-        out.append(f"[{section}]")
-        out += [f"{key} = {_toml_value(v)}" for key, v in values.items()]
-        out.append("")
+        out += [f"[{section}]", *(f"{key} = {toml_value(v)}" for key, v in values.items()), ""]
     return "\n".join(out)
 
 
 def diff(a: RunConfig, b: RunConfig) -> list[tuple[str, Any, Any]]:
     """(section.key, value in a, value in b) for every key whose values differ."""
     da, db = a.to_dict(), b.to_dict()
-    return [
-        (f"{section}.{key}", da[section][key], db[section][key])
-        for section in da
-        for key in da[section]
-        if da[section][key] != db[section][key]
-    ]
+    return [(f"{s}.{k}", da[s][k], db[s][k]) for s in da for k in da[s] if da[s][k] != db[s][k]]
 
 
 # What a run directory's results depend on: resuming with any of these changed would splice
@@ -518,18 +461,11 @@ RESUME_KEYS = ("model", "optim", "train.seed", "data.val_split", "data.mean", "d
 
 
 def check_same_experiment(cfg: RunConfig, path: Path) -> None:
-    """Refuse to continue a run directory whose configuration (`path`, its config.toml) holds a
-    different experiment."""
+    """Refuse to continue a run directory whose config.toml (`path`) holds another experiment."""
     if not path.exists():
         return
-    old = from_dict(read_toml(path), str(path))
-    changed = [
-        f"{key}: {was!r} -> {now!r}"
-        for key, was, now in diff(old, cfg)
-        if key in RESUME_KEYS or key.split(".")[0] in RESUME_KEYS
-    ]
+    changed = [f"{key}: {was!r} -> {now!r}" for key, was, now in diff(from_dict(read_toml(path), str(path)), cfg)
+               if key in RESUME_KEYS or key.split(".")[0] in RESUME_KEYS]
     if changed:
-        raise ConfigError(
-            f"{cfg.run_dir} holds a run with a different configuration ({'; '.join(changed)}); "
-            f"pass another --out, or delete that folder to start over"
-        )
+        raise ConfigError(f"{cfg.run_dir} holds a run with a different configuration ({'; '.join(changed)}); "
+                          f"pass another --out, or delete that folder to start over")

@@ -1,5 +1,5 @@
 """docs/configuration.md, generated from the config dataclasses (each field's default and its
-one-line description, config.doc), so the page cannot drift from the code:
+one-line description, config.key), so the page cannot drift from the code:
 
     python -m resnetdist.configdoc > docs/configuration.md
 
@@ -9,10 +9,9 @@ tests/test_config.py fails when the committed page differs from what this prints
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 
-from .config import RunConfig
+from .config import RunConfig, toml_value
 
 INTRO = """\
 # Configuration
@@ -27,14 +26,6 @@ any worker starts, naming the key. `auto` values are resolved on the machine tha
 (`training/plan.py`); the run directory's `config.toml` is the configuration as given and its
 `resolved.toml` what ran.
 """
-
-
-def toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    return repr(value) if not isinstance(value, list) else "[" + ", ".join(toml_value(v) for v in value) + "]"
 
 
 def render() -> str:

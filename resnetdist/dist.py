@@ -1,30 +1,18 @@
-"""torch.distributed under torchrun, in the nanoGPT manner: read RANK / LOCAL_RANK /
-WORLD_SIZE, pick the device, init the process group (NCCL on CUDA, gloo on CPU). Without
-torchrun the same code runs as one process with world size 1.
+"""torch.distributed under torchrun, in the nanoGPT manner: RANK / LOCAL_RANK / WORLD_SIZE,
+the device, the process group (NCCL on CUDA, gloo on CPU); without torchrun, world size 1.
 
-A rank that stops answering (hung, SIGSTOPped, dead, its NIC gone with the process alive)
-leaves the others waiting in their next collective. Every wait on other ranks runs inside
-`stage("what")`, and two things end such a wait, whichever comes first:
-
-- the hang watchdog (HangWatch, `dist.hang_timeout_s`): a host thread on every rank that sees
-  the run's progress (stage entries and exits, every iteration the feed hands out, every
-  evaluation batch, compilation up to `dist.compile_pause_s`) and, when a stage has had none
-  for that long, reports one line naming rank, host, iteration and the stage, and ends the
-  process with exit 7 (PeerLost's code; `setup(on_hang="raise")`: raises PeerLost in the main
-  thread instead, for a caller that must outlive the run). It works for every step kind and
-  backend, including collectives replayed inside a CUDA graph, which neither NCCL's watchdog
-  nor the process group's timeout sees;
-- the process group's timeout (`dist.timeout_s`) on collectives launched eagerly: gloo raises
-  in the waiting rank and `stage` turns that into one PeerLost naming the stage (exit 7); NCCL's
-  own watchdog aborts the process (TORCH_NCCL_ASYNC_ERROR_HANDLING, set in `setup`).
-
-config.validate keeps dist.hang_timeout_s below dist.timeout_s, so that on an eager
-collective the hang watchdog's one line comes first, not NCCL's abort and dump (its clock
-starts at the last progress, at or before the collective's launch, where NCCL's starts).
-
-Either way the rank exits, so torchrun's agent (`--max-restarts`) stops the others (SIGTERM,
-then SIGKILL after its shutdown grace: a SIGSTOPped worker only goes with the SIGKILL) and
-restarts the group, which resumes from the newest checkpoint.
+A rank that stops answering (hung, SIGSTOPped, dead, its NIC gone) leaves the others waiting
+in their next collective. Every wait on other ranks runs inside `stage("what")`, and the
+first of two things ends it:
+- the hang watchdog (HangWatch, `dist.hang_timeout_s`): a thread on every rank that sees the
+  run's progress and, when a stage has had none for that long, reports one line (rank, host,
+  iteration, stage) and exits 7 (`setup(on_hang="raise")`: PeerLost in the main thread). It
+  also sees collectives replayed inside a CUDA graph, which no NCCL or process-group timeout does;
+- the process group's timeout (`dist.timeout_s`) on eager collectives: gloo raises and `stage`
+  turns it into one PeerLost (exit 7); NCCL's own watchdog aborts the process. hang_timeout_s
+  is kept below it (config), so the watchdog's one line comes first.
+Either way torchrun's agent (`--max-restarts`) stops the others (SIGTERM, then SIGKILL: a
+SIGSTOPped worker only goes with that) and restarts the group from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -53,19 +41,14 @@ PEER_FAILURE_MARKERS = ("Timed out", "timed out", "timeout", "Connection closed"
 
 _timeout_s: int | None = None  # the process group's, for messages
 
-# NCCL's watchdog on eagerly launched collectives: 1 = on a timeout or an error, abort the
-# communicators and end the process (torchrun's agent then restarts the group). Decided here,
-# in the worker, because it is the one place every launcher reaches (resnetdist's own, the
-# launch/ scripts, Slurm, Docker, a bare torchrun) and because torchrun's agent overwrites any
-# value its own environment has. It used to be 0 for graph runs (PyTorch's early CUDA-graph
-# notes), which left a hung peer stalling the job forever; it is safe on with graphs now: work
-# enqueued during capture is not handed to NCCL's watchdog (PyTorch >= 2.2), and the capture
-# runs in thread_local error mode (training/graph.py), so the watchdog thread's event queries
-# cannot invalidate it. Collectives replayed inside a graph are watched by HangWatch.
+# NCCL's watchdog on eager collectives: 1 = on a timeout or error, abort and end the process.
+# Set in the worker, the one place every launcher reaches (torchrun's agent overwrites its own
+# environment's value). Safe with CUDA graphs: work enqueued during capture is not handed to the
+# watchdog (PyTorch >= 2.2) and the capture runs in thread_local error mode (training/graph.py);
+# 0, as once for graph runs, left a hung peer stalling the job forever.
 NCCL_ASYNC_ERROR_HANDLING = "1"
-# NCCL's heartbeat monitor ends a process whose NCCL watchdog thread has been stuck (in a CUDA
-# call on a stuck device) for TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC (480 s by default in torch 2.11
-# and 2.13): kept above dist.timeout_s by this margin, so that it is never the first to fire
+# NCCL's heartbeat monitor (TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC, 480 s by default) ends a process
+# whose watchdog thread is stuck on the device: kept this far above dist.timeout_s, never first
 NCCL_HEARTBEAT_MARGIN_S = 60
 
 
@@ -119,10 +102,9 @@ def device_for(pref: str, local_rank: int) -> torch.device:
 def setup(device_pref: str, timeout_s: int, hang_timeout_s: int = 0, *, compile_pause_s: float = 1200,
           on_hang: str = "exit") -> DistContext:
     """This rank's context; the process group when there are several ranks; the hang watchdog
-    when hang_timeout_s > 0 (also for one process: a stuck device then ends it too), pausing for
-    a compilation at most compile_pause_s (dist.compile_pause_s, whose default this is). on_hang: "exit" (the default: one line,
-    exit 7, for a worker under torchrun) or "raise" (PeerLost in the main thread, for a caller
-    that must outlive the run, e.g. a notebook)."""
+    when hang_timeout_s > 0 (also for one process: a stuck device ends it too). on_hang: "exit"
+    (one line, exit 7: a worker under torchrun) or "raise" (PeerLost in the main thread, for a
+    caller that must outlive the run, e.g. a notebook)."""
     global _timeout_s
     if on_hang not in ON_HANG:
         raise ValueError(f"on_hang must be one of {ON_HANG}, got {on_hang!r}")
@@ -135,13 +117,11 @@ def setup(device_pref: str, timeout_s: int, hang_timeout_s: int = 0, *, compile_
         os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = NCCL_ASYNC_ERROR_HANDLING  # read at the group's creation
         os.environ.setdefault("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", str(max(480, timeout_s + NCCL_HEARTBEAT_MARGIN_S)))
         # with device_id, NCCL's communicators are made here, eagerly: a rank that never comes
-        # leaves the others in that call, which no process-group timeout bounds. Watched from the start
+        # leaves the others in a call no process-group timeout bounds, so it is watched
         with stage("process-group init (every rank's communicator)", early=True):
-            dist.init_process_group(
-                backend="nccl" if device.type == "cuda" else "gloo",
-                timeout=timedelta(seconds=timeout_s),
-                device_id=device if device.type == "cuda" else None,
-            )
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                    timeout=timedelta(seconds=timeout_s),
+                                    device_id=device if device.type == "cuda" else None)
     return DistContext(rank, local, world_size, device)
 
 
@@ -165,58 +145,44 @@ def distributed() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def print0(*args, **kwargs) -> None:
     if is_main_process():
         print(*args, **kwargs, flush=True)
 
 
-def is_peer_failure(error: BaseException) -> bool:
-    if isinstance(error, dist.DistError):
-        return True
-    return isinstance(error, RuntimeError) and any(m in str(error) for m in PEER_FAILURE_MARKERS)
-
-
 @contextmanager
 def stage(what: str, *, early: bool = False, extra_s: float = 0.0) -> Iterator[None]:
-    """Collectives of one stage of the run: the hang watchdog is armed for it (naming it), and a
-    failure of theirs becomes a PeerLost naming it. Cheap (a try block and two list
-    operations): it wraps whole chunks of steps, not each step. early: watched even before the
-    first iteration (process-group init, teardown, the finish); extra_s: seconds this stage may
-    be silent beyond dist.hang_timeout_s (the finish's W&B upload has its own limit)."""
+    """Collectives of one stage of the run: the hang watchdog is armed for it, and their failure
+    becomes a PeerLost, both naming it. Cheap: it wraps whole chunks of steps. early: watched
+    before the first iteration too (init, teardown, the finish); extra_s: seconds it may be
+    silent beyond dist.hang_timeout_s (the finish's W&B upload has its own limit)."""
     watch = HangWatch.current
     if watch is not None:
         watch.enter(what, early, extra_s)
     try:
         yield
     except RuntimeError as e:
-        if not dist.is_initialized() or isinstance(e, PeerLost) or not is_peer_failure(e):
+        peer_failure = isinstance(e, dist.DistError) or any(m in str(e) for m in PEER_FAILURE_MARKERS)
+        if not dist.is_initialized() or isinstance(e, PeerLost) or not peer_failure:
             raise
-        raise PeerLost(
-            f"rank {dist.get_rank()}: the {what} failed: another rank stopped answering within "
-            f"dist.timeout_s={_timeout_s} s or died (hung, stopped or killed); {restart_hint()}. "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from e
+        raise PeerLost(f"rank {dist.get_rank()}: the {what} failed: another rank stopped answering within "
+                       f"dist.timeout_s={_timeout_s} s or died (hung, stopped or killed); {restart_hint()}. "
+                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     finally:
         if watch is not None:
             watch.leave()
 
 
 def progress(iteration: int | None = None) -> None:
-    """The run moved on (the feed hands out the batch after `iteration` iterations done, an
-    evaluation batch is done): the hang watchdog's clock starts again. A store and a clock
-    read: cheap enough per step."""
+    """The run moved on (the feed hands out the batch after `iteration` iterations, an evaluation
+    batch is done): the hang watchdog's clock starts again. Cheap enough per step."""
     watch = HangWatch.current
     if watch is not None:
         watch.beat(iteration)
 
 
 def restart_hint() -> str:
-    """What happens next, from torchrun's own environment (its agent sets TORCHELASTIC_MAX_RESTARTS
-    in every worker): the restart that comes, or how to turn restarts on."""
+    """What happens next, from the TORCHELASTIC_* variables torchrun's agent sets in every worker."""
     max_restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS")
     if max_restarts is None:
         return ("not under torchrun, so nothing restarts it: run the same command again to resume from the newest "
@@ -231,25 +197,18 @@ def restart_hint() -> str:
     return f"torchrun's restarts are used up ({done} of --max-restarts {restarts}): the job ends here"
 
 
-class PeerHang(PeerLost):
-    """What HangWatch raises in the main thread under setup(on_hang="raise")."""
-
-
 class HangWatch:
-    """The hang watchdog: one daemon thread per process. Armed while the main thread is inside
-    a stage (a wait on other ranks); when such a stage has seen no progress (`progress`, stage
-    entries and exits) for `timeout_s`, it reports one line and ends the process with exit 7
-    (on_hang="raise": raises PeerHang in the main thread instead).
+    """The hang watchdog: one daemon thread per process, armed while the main thread is inside a
+    stage; a stage without progress (`progress`, stage entries and exits) for `timeout_s` is
+    reported in one line and ends the process with exit 7 (on_hang="raise": PeerLost raised in
+    the main thread).
 
-    What counts as progress, and why a healthy run cannot trip it: in training, every
-    iteration (a step takes well under a second on a GPU, a few on a CPU, for the paper's
-    nets); in evaluation, every batch (the final all-reduce waits at most one batch for the
-    slowest rank); a checkpoint barrier waits for rank 0's write of a few MB (which rank 0
-    watches as a stage of its own); torch.compile's compilation (which can take minutes)
-    pauses the clock for at most `compile_pause_s`. Stages are watched from the first completed
-    iteration on, except those marked early (init, finish, teardown): the other set-up waits are
-    eager collectives, which the process group's timeout covers, and a cold start must not count
-    as silence. A blocked main thread leaves this thread running (torch releases the GIL)."""
+    Why a healthy run cannot trip it: progress is every iteration (under a second on a GPU, a
+    few on a CPU), every evaluation batch, the end of rank 0's checkpoint write (a stage of its
+    own); compilation pauses the clock for at most `compile_pause_s`. Stages are watched from
+    the first completed iteration on, except early ones (init, finish, teardown): other set-up
+    waits are eager collectives the group's timeout covers, and a cold start is not silence.
+    A blocked main thread leaves this thread running (torch releases the GIL)."""
 
     current: HangWatch | None = None
     compile_hooked = False
@@ -269,7 +228,7 @@ class HangWatch:
 
     @classmethod
     def start(cls, timeout_s: float, rank: int, compile_pause_s: float = 1200, on_hang: str = "exit") -> HangWatch:
-        """The process's watchdog (one per run: a second call in the same run keeps the first)."""
+        """The process's watchdog (a second call in the same run keeps the first)."""
         if cls.current is None:
             cls.current = cls(timeout_s, rank, compile_pause_s, on_hang)
         return cls.current
@@ -297,9 +256,8 @@ class HangWatch:
 
     @classmethod
     def count_compiling_as_progress(cls) -> None:
-        """torch.compile's compilation (minutes, for max-autotune) pauses the clock of the
-        process's watchdog, whichever is current, for at most its compile_pause_s. Hooked once
-        per process."""
+        """torch.compile's compilation pauses the current watchdog's clock (at most its
+        compile_pause_s); hooked once per process."""
         if cls.compile_hooked:
             return
         try:
@@ -318,8 +276,7 @@ class HangWatch:
             watch.beat()
 
     def stalled_for(self) -> float:
-        """Seconds the current stage has gone without progress beyond what it is allowed
-        (its extra_s, a compile's pause up to compile_pause_s); 0 when not watched."""
+        """Seconds the current stage has gone without progress beyond its allowance; 0 unwatched."""
         if not self.stages:
             return 0.0
         _, early, extra_s = self.stages[-1]
@@ -342,17 +299,33 @@ class HangWatch:
         (on_hang="raise"). The report is written by a thread of its own, waited for at most
         REPORT_WAIT_S: the exit never blocks on output."""
         line = hang_report(self)
-        writer = threading.Thread(target=_write_report, args=(line,), name="resnetdist-hang-report", daemon=True)
+        writer = threading.Thread(target=lambda: (print(line, file=sys.stderr, flush=True), sys.stdout.flush()),
+                                  name="resnetdist-hang-report", daemon=True)
         writer.start()
         writer.join(self.REPORT_WAIT_S)
-        if self.on_hang == "raise":
-            self.stopped = True
-            if HangWatch.current is self:
-                HangWatch.current = None
-            _raise_in_thread(self.main_thread, type("PeerHang", (PeerHang,), {"__init__": lambda e: PeerHang.__init__(e, line)}))
-            _abort_process_group()  # a collective blocked in NCCL returns (with an error) only when aborted
-            return
-        os._exit(PeerLost.exit_code)  # the main thread is blocked: only the process can end it
+        if self.on_hang == "exit":
+            os._exit(PeerLost.exit_code)  # the main thread is blocked: only the process can end it
+        self.stopped = True
+        if HangWatch.current is self:
+            HangWatch.current = None
+        raise_in_main_thread(self.main_thread, line)
+
+
+def raise_in_main_thread(thread_id: int, line: str) -> None:
+    """PeerLost(line) raised in the main thread at its next Python instruction (a blocked C call:
+    once it returns). A collective blocked in NCCL returns (with an error) only when its
+    communicators are aborted; gloo's return at dist.timeout_s (NCCL's too, on a torch without
+    the call)."""
+    import ctypes
+
+    error = type("PeerHang", (PeerLost,), {"__init__": lambda e: PeerLost.__init__(e, line)})
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(error))
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if abort is not None and dist.is_initialized():
+        try:
+            abort()
+        except Exception:  # noqa: BLE001 - best effort: the PeerLost is raised either way
+            pass
 
 
 def hang_report(watch: HangWatch) -> str:
@@ -365,30 +338,6 @@ def hang_report(watch: HangWatch) -> str:
     return (f"error: rank {watch.rank} on {watch.host}: no progress for {watch.timeout_s:g} s "
             f"(dist.hang_timeout_s) {it}, waiting in the {what}{compiling}: another rank hung, was stopped or "
             f"died, or this rank's device is stuck; {ending}: {restart_hint()}")
-
-
-def _write_report(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-    sys.stdout.flush()
-
-
-def _raise_in_thread(thread_id: int, exc_type: type) -> None:
-    """exc_type raised in that thread at its next Python instruction (a thread blocked in a C
-    call gets it once the call returns)."""
-    import ctypes
-
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc_type))
-
-
-def _abort_process_group() -> None:
-    """Abort the default group's communicators (NCCL: its blocked collectives fail at once);
-    gloo's return at dist.timeout_s. A torch without the call leaves them to that timeout."""
-    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-    if abort is not None and dist.is_initialized():
-        try:
-            abort()
-        except Exception:  # noqa: BLE001 - best effort: the PeerLost is raised either way
-            pass
 
 
 def all_reduce_max(value: int) -> int:
@@ -407,11 +356,10 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def broadcast_buffers(model: torch.nn.Module) -> None:
-    """Rank 0's buffers (BatchNorm running statistics and counters) copied in place into every
-    rank's model. Each rank's BN statistics drift apart between DDP's per-forward broadcasts;
-    evaluating after this, every rank evaluates rank 0's model, the one model.pt saves. In
-    place, so a captured graph still points at them (and DDP broadcasts from rank 0 at the next
-    forward anyway, so training is unchanged)."""
+    """Rank 0's buffers (BatchNorm statistics) copied in place into every rank's model: the ranks'
+    statistics drift apart between DDP's per-forward broadcasts, and after this every rank
+    evaluates rank 0's model, the one model.pt saves. In place, so a captured graph still points
+    at them (DDP broadcasts from rank 0 at the next forward anyway: training is unchanged)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     for buf in model.buffers():

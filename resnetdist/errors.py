@@ -1,8 +1,6 @@
-"""The failures `resnetdist` reports, and the exit code of each: one table (README, "Faults and
-bad inputs"). cli.py turns an error into one line on stderr and its code; the modules that
-raise these import them from here.
-
-ConfigError is defined in config.py, which imports nothing of the package; it is listed here.
+"""The failures `resnetdist` reports and the exit code of each: one table (README, "Faults and
+bad inputs"); cli.py turns an error into one line on stderr and its code. ConfigError lives in
+config.py, which imports nothing of the package.
 """
 
 from __future__ import annotations

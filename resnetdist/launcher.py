@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import typer
@@ -68,9 +69,10 @@ def torchrun(nproc: int, max_restarts: int, argv: list[str]) -> None:
 def stop_workers(sig: int, grace_s: float = 30.0) -> None:
     """Send `sig` to this process's children still running (torchrun's workers), then wait for
     them; each has already had the signal once, so a second SIGINT ends it at once."""
-    import time
-
-    children = [int(p) for p in _children(os.getpid())]
+    try:
+        children = [int(p) for p in Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()]
+    except OSError:
+        children = []
     for pid in children:
         try:
             os.kill(pid, sig)
@@ -82,13 +84,6 @@ def stop_workers(sig: int, grace_s: float = 30.0) -> None:
     for pid in children:
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
-
-
-def _children(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return []
 
 
 def _alive(pid: int) -> bool:
@@ -104,15 +99,11 @@ def _alive(pid: int) -> bool:
 
 
 def strip_launch_args(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
+    """The train command's arguments for each worker: the launcher's own options left out."""
+    out, args = [], iter(argv)
+    for arg in args:
         if arg in ("--nproc-per-node", "--max-restarts"):
-            skip = True
-            continue
-        if arg.startswith(("--nproc-per-node=", "--max-restarts=")):
-            continue
-        out.append(arg)
+            next(args, None)  # its value
+        elif not arg.startswith(("--nproc-per-node=", "--max-restarts=")):
+            out.append(arg)
     return out

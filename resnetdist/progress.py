@@ -11,16 +11,8 @@ from tqdm.auto import tqdm
 
 def progress_bar(desc: str, total: int | None = None, unit: str = "it", enabled: bool = True, **kwargs):
     """A tqdm bar that stays quiet when stderr is not a terminal (CI, logs, other ranks)."""
-    return tqdm(
-        desc=desc,
-        total=total,
-        unit=unit,
-        unit_scale=unit == "B",
-        disable=not (enabled and sys.stderr.isatty()),
-        dynamic_ncols=True,
-        leave=False,
-        **kwargs,
-    )
+    return tqdm(desc=desc, total=total, unit=unit, unit_scale=unit == "B", dynamic_ncols=True, leave=False,
+                disable=not (enabled and sys.stderr.isatty()), **kwargs)
 
 
 NARROW = 80

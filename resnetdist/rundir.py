@@ -1,17 +1,14 @@
-"""One run's folder: its layout, its lock, its checkpoints and where it stands. Every part of
-the package that reads or writes a run folder (the worker, `reproduce`, `runs`/`--status`, the
-report, `eval`, `export`) asks a `RunDir`; no other module spells a file name of the folder
-(docs/run-directory.md lists them). A RunDir holds no state but its path: one process may drive
-several.
+"""One run's folder: its layout, its lock, its checkpoints and where it stands. Every module
+that reads or writes a run folder asks a `RunDir`; no other spells a file name of the folder
+(docs/run-directory.md lists them). A RunDir holds no state but its path.
 
-The lock: `acquire` takes an exclusive `fcntl.flock` on .lock, which the kernel drops when the
-holder's descriptor closes, including any death of the process (SIGKILL, OOM kill, reboot): a
-dead run never leaves a lock behind, and there is no stale-lock guessing. The pid, host, start
-and command written into the file are for messages only; the file is never deleted (that races
+The lock: an exclusive `fcntl.flock` on .lock, which the kernel drops when the holder's
+descriptor closes, whatever kills the process: no stale locks, no guessing. The pid, host,
+start and command written into it are for messages only; the file is never deleted (that races
 with a process that has just opened it). Rank 0 holds it from before anything is written until
-training returns; a launcher and `runs` only probe it (`check_free`: a shared, non-blocking
-flock released at once), so they never block the run. The descriptor is close-on-exec. flock
-works on local file systems and NFS v4; where locks do not work every probe sees a free folder.
+training returns; a launcher and `runs` only probe it (a shared, non-blocking flock released at
+once). flock works on local file systems and NFS v4; where locks do not work, every probe sees
+a free folder.
 """
 
 from __future__ import annotations
@@ -39,10 +36,9 @@ STATES = ("fresh", "resumable", "running", "stopped", "failed", "finished")
 @dataclass(frozen=True)
 class RunState:
     """Where a run folder stands (RunDir.state), `kind` one of STATES. fresh: nothing trained;
-    resumable: not running, nothing says why it ended (a kill, a crash, a run started by hand),
-    `checkpoint` to continue from (None: starts over); running: a live process holds the lock
-    (`holder`); stopped: by a Ctrl-C or a preemption notice, at a checkpoint; failed: the log
-    ends with an error or a non-zero exit code (`exit_code`, `last_line`); finished: `summary`."""
+    resumable: nothing says why it ended (a kill, a crash), `checkpoint` to continue from (None:
+    starts over); running: a live process holds the lock (`holder`); stopped: by a Ctrl-C or a
+    preemption notice; failed: the log ends with an error or a non-zero exit code; finished."""
 
     kind: str
     iteration: int | None = None  # running: newest metrics record; others: the newest checkpoint's
@@ -72,7 +68,7 @@ class RunLock:
 
     @classmethod
     def take(cls, folder: Path, path: Path) -> RunLock:
-        """The exclusive flock on `path`, the holder's details written into it (RunDir.acquire)."""
+        """The exclusive flock on `path` (close-on-exec), the holder's details written into it."""
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -95,7 +91,7 @@ class RunLock:
 
     @staticmethod
     def probe(folder: Path, path: Path) -> None:
-        """RunDirBusy if a live process holds `path` (RunDir.check_free)."""
+        """RunDirBusy if a live process holds `path`."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:  # no lock file yet (or no folder): nobody has ever held it
@@ -136,26 +132,22 @@ class Checkpoints:
         return [p for _, p in sorted(found, reverse=True)]
 
     def newest_iteration(self) -> int | None:
-        """The iteration of the newest checkpoint file (None: none yet)."""
         found = self.newest_first()
         return int(CHECKPOINT.search(found[0].name).group(1)) if found else None
 
     def save(self, iteration: int, state: dict[str, Any], keep: int) -> Path:
-        # pruned only after the new checkpoint is safely in place: a failed write keeps every old one
+        """Save, then (only once it is safely in place: a failed write keeps every old one) delete
+        all but the newest `keep`, with their sidecars, and sidecars whose checkpoint is gone
+        (left by a writer killed between sidecar and checkpoint)."""
         path = self.path(iteration)
         atomic_save(state, path)
-        self.prune(keep)
-        return path
-
-    def prune(self, keep: int) -> None:
-        """Delete all but the newest `keep` checkpoints, with their sidecars, and sidecars whose
-        checkpoint is gone (left by a writer killed between sidecar and checkpoint)."""
         found = self.newest_first()
         for old in found[keep:]:
             old.unlink(missing_ok=True)
         for sidecar in self.folder.glob(f"ckpt_*.pt{SIDECAR}"):
             if sidecar.with_name(sidecar.name[: -len(SIDECAR)]) not in found[:keep]:
                 sidecar.unlink(missing_ok=True)
+        return path
 
     def load_newest(self, warn: Callable[[str], None] = print,
                     at_most: int | None = None) -> tuple[Path, dict[str, Any]] | None:
@@ -204,14 +196,6 @@ class RunDir:
         found = self.checkpoints.newest_first()
         return found[0] if found else None
 
-    def remove_temps(self) -> list[Path]:
-        """Delete temporary files left by a writer killed mid-write. Only safe for the folder's
-        sole writer (the lock's holder)."""
-        stale = [p for p in self.path.glob(".*.tmp-*") if ".tmp-" in p.name]
-        for p in stale:
-            p.unlink(missing_ok=True)
-        return stale
-
     # ----- results -----------------------------------------------------------------------------
 
     def read_config(self) -> RunConfig | None:
@@ -222,7 +206,6 @@ class RunDir:
             return None
 
     def read_summary(self) -> dict[str, Any] | None:
-        """summary.json as written, or None: absent, unreadable or not an object."""
         return read_json(self.summary)
 
     def finished(self, iterations: int | None, name: str | None = None) -> dict[str, Any] | None:
@@ -251,14 +234,14 @@ class RunDir:
         """Where the run stands, from the folder alone (any process, any time; the lock is only
         probed). `iterations`: the run's planned length."""
         if self.is_running():
-            return RunState("running", Latest.of(self).iteration, holder=self.holder())
+            return RunState("running", Latest.of(self).iteration, holder=read_json(self.lock_file))
         summary = self.finished(iterations, name)
         if summary is not None:
             return RunState("finished", summary.get("iterations"), summary=summary)
         code, last = log_ending(self.log)
         found = self.checkpoints.newest_first()
         checkpoint = found[0] if found else None
-        iteration = self.checkpoints.newest_iteration() if found else None
+        iteration = self.checkpoints.newest_iteration()
         said_stop = last.startswith(("interrupted:", "preempted:"))
         if code in (INTERRUPTED, PREEMPTED) or (code is None and said_stop):
             kind = "stopped"
@@ -270,13 +253,14 @@ class RunDir:
             kind = "fresh"
         return RunState(kind, iteration, checkpoint, exit_code=code, last_line=last)
 
-    # ----- the lock (RunLock) ------------------------------------------------------------------
+    # ----- the lock ---------------------------------------------------------------------------
 
     def acquire(self) -> RunLock:
         """Create the folder if needed and hold its lock, or raise RunDirBusy naming the holder.
-        Temporaries left by a killed writer are removed: we are the only writer now."""
+        Temporaries left by a writer killed mid-write are removed: we are the only writer now."""
         lock = RunLock.take(self.path, self.lock_file)
-        self.remove_temps()
+        for p in self.path.glob(".*.tmp-*"):
+            p.unlink(missing_ok=True)
         return lock
 
     def check_free(self) -> None:
@@ -289,10 +273,6 @@ class RunDir:
         except RunDirBusy:
             return True
         return False
-
-    def holder(self) -> dict[str, Any] | None:
-        """What the current (or last) holder wrote into the lock file, if readable."""
-        return read_json(self.lock_file)
 
 
 # ----- what a run recorded, read by any process -----------------------------------------------
@@ -346,13 +326,6 @@ def last_record(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def log_lines(log: Path) -> list[str]:
-    """The run's log (a suite's train.log), its non-blank lines; none when it is absent."""
-    try:
-        return [line.rstrip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return []
-
 def append_exit(log: Path, code: int) -> None:
     """A suite run's exit code, last in its log: `state` reads it back from there."""
     with open(log, "a") as f:
@@ -372,7 +345,10 @@ def append_failure(log: Path, message: str) -> None:
 def log_ending(log: Path) -> tuple[int | None, str]:
     """(the exit code a suite appended after the run's last start, the run's own last line:
     the suite's `=== ...` lines left out, '' if none)."""
-    lines = log_lines(log)
+    try:
+        lines = [line.rstrip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        lines = []
     code = int(m.group(1)) if lines and (m := EXIT_LINE.match(lines[-1])) else None
     return code, next((line.strip() for line in reversed(lines) if not line.startswith("===")), "")
 
@@ -413,8 +389,8 @@ def _alive(pid) -> bool:
 
 @dataclass(frozen=True)
 class StartPoint:
-    """Where a run starts in its directory (training/worker.py finds it once, the header says it): finished (`summary`: its summary.json), resumable (the
-    newest readable `checkpoint` and its `state`), or fresh."""
+    """Where a run starts (training/worker.py finds it once, the header says it): finished
+    (`summary`), resumable (the newest readable `checkpoint` and its `state`), or fresh."""
 
     iteration: int = 0
     checkpoint: Path | None = None

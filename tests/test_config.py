@@ -248,7 +248,7 @@ def test_the_configuration_page_is_generated_from_the_dataclasses():
     cfg = RunConfig()
     for section in dataclasses.fields(cfg):
         for f in dataclasses.fields(getattr(cfg, section.name)):
-            assert f.metadata.get("doc"), f"{section.name}.{f.name} has no description (config.doc)"
+            assert f.metadata.get("doc"), f"{section.name}.{f.name} has no description (config.key)"
     page = (REPO / "docs" / "configuration.md").read_text()
     assert page == render(), "docs/configuration.md is stale: python -m resnetdist.configdoc > docs/configuration.md"
     assert "| `train.step` | `\"auto\"` |" in page and "| `log.wandb_finish_timeout_s` | `300` |" in page

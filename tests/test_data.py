@@ -208,22 +208,28 @@ def _official_tarball(tmp_path):
     return tar_path
 
 
-def test_download_checks_md5_and_extracts(tmp_path):
+def test_download_checks_md5_and_extracts(tmp_path, monkeypatch):
+    from resnetdist.data import cifar
     from resnetdist.data.cifar import download, extract, md5sum
 
     tar_path = _official_tarball(tmp_path)
     dest = tmp_path / "cache"
-    got = download(dest, url=tar_path.as_uri(), md5=md5sum(tar_path))
+    # the module's source: the official URL and md5, here a local tarball's
+    monkeypatch.setattr(cifar, "URL", tar_path.as_uri())
+    monkeypatch.setattr(cifar, "MD5", md5sum(tar_path))
+    got = download(dest)
     assert got == dest / "cifar-10-binary.tar.gz" and md5sum(got) == md5sum(tar_path)
     folder = extract(got, dest)
     assert len(read_batch_file(folder / "data_batch_5.bin")) == 8
 
     other = tmp_path / "other"
+    monkeypatch.setattr(cifar, "MD5", "0123")
     with pytest.raises(DataError, match="does not match the expected 0123"):
-        download(other, url=tar_path.as_uri(), md5="0123")
+        download(other)
     assert list(other.iterdir()) == []  # no partial or unchecked file left behind
+    monkeypatch.setattr(cifar, "URL", (tmp_path / "absent.tar.gz").as_uri())
     with pytest.raises(DataError, match="could not download"):
-        download(other, url=(tmp_path / "absent.tar.gz").as_uri())
+        download(other)
 
 
 def test_tarball_in_data_dir_must_be_the_official_one(tmp_path):

@@ -1,7 +1,6 @@
-"""A run's data: CIFAR-10 parsed from its binary files (cifar.py), and the loaders that feed
-the step: the dataset resident on the training device (resident.py) or FFCV's reader of
-.beton files (beton.py, ffcv_loader.py). `open_loaders` is where data.loader is read: the one
-place that picks which."""
+"""A run's data: CIFAR-10 (cifar.py) and its loaders: the dataset resident on the training device
+(resident.py) or FFCV's reader of .beton files (beton.py, ffcv_loader.py). `open_loaders` is the
+one place that reads data.loader to pick which."""
 
 from __future__ import annotations
 
@@ -26,8 +25,8 @@ def load_data(cfg: DataConfig) -> Cifar10:
 
 
 def load_data_on_every_rank(cfg: DataConfig) -> Cifar10:
-    """load_data on each rank (each node reads its own disk), the ranks agreeing to stop when
-    any node lacks the data (presence.py): an initialized process group is needed."""
+    """load_data on each rank (each node reads its own disk), all stopping when any node lacks
+    the data (presence.py)."""
     from .presence import on_every_rank
 
     return on_every_rank(lambda: load_data(cfg), cfg.dir, "data check (every node holds the data)")
@@ -41,10 +40,10 @@ class Loaders:
 
 def open_loaders(cfg: DataConfig, data: Cifar10, ctx: dist.DistContext, global_batch: int, seed: int | list[int],
                  train: bool = True) -> Loaders:
-    """This rank's training loader (with `train`) and evaluation shards, of the kind
-    data.loader names: of the test set, and of the validation set when the run holds one out.
-    A pack's seeds (a list of several): FFCV reads each member's order (ffcv_loader.FfcvPackLoader);
-    the resident loader's set is one for all, each seed's order being its EpochTable's."""
+    """This rank's training loader (with `train`) and evaluation shards (test, and val when the
+    run holds it out), of the kind data.loader names. A pack's seeds (a list): FFCV reads each
+    member's order (FfcvPackLoader); the resident set is one for all, each seed's order its
+    EpochTable's."""
     if cfg.loader == "ffcv":
         from .ffcv_loader import open_ffcv_loaders
 
@@ -52,8 +51,7 @@ def open_loaders(cfg: DataConfig, data: Cifar10, ctx: dist.DistContext, global_b
     evals = {"test": ResidentEvalLoader(data.test, cfg.eval_batch, ctx.rank, ctx.world_size, ctx.device)}
     if data.val is not None:
         evals["val"] = ResidentEvalLoader(data.val, cfg.eval_batch, ctx.rank, ctx.world_size, ctx.device)
-    if isinstance(seed, list):
-        seed = seed[0]
+    seed = seed[0] if isinstance(seed, list) else seed
     loader = ResidentTrainLoader(data.train, global_batch, seed, ctx.rank, ctx.world_size, ctx.device) if train else None
     return Loaders(loader, evals)
 

@@ -1,14 +1,10 @@
 """CIFAR-10: download (md5-checked), safe extraction, parsing, splits, and whether a folder
-holds the official files (`identity`).
-
-Two of its distributions are read, with the same checks and the same identity (VERSIONS):
+holds the official files (`identity`). Two distributions are read, with the same checks (VERSIONS):
 - the binary version (downloaded when nothing is found): a record is 3073 bytes, one label byte
   (0-9), then the 1024 R, 1024 G and 1024 B bytes of a 32x32 image, row-major;
-- the Python version (what torchvision downloads, `cifar-10-batches-py/`): each batch a pickled
-  dict whose `data` is a uint8 (10000, 3072) array in the same R, G, B row-major order and whose
-  `labels` a list. It is unpickled by a restricted unpickler that builds nothing but numpy
-  arrays, so a hostile file cannot run code.
-Files are checked before anything trains, and a bad file is named.
+- the Python version (torchvision's `cifar-10-batches-py/`): each batch a pickled dict, `data` a
+  uint8 (10000, 3072) array in the same order, `labels` a list; unpickled by an unpickler that
+  builds nothing but numpy arrays, so a hostile file cannot run code.
 """
 
 from __future__ import annotations
@@ -68,6 +64,9 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def __getitem__(self, index) -> Split:  # a slice or an index array
+        return Split(self.images[index], self.labels[index])
 
 
 @dataclass
@@ -134,10 +133,6 @@ def version_of(folder: Path) -> Version:
     return next((v for v in VERSIONS if holds(folder, v)), VERSIONS[0])
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("RESNETDIST_DATA", Path.home() / ".cache" / "resnetdist"))
-
-
 def stream_digest(stream: BinaryIO, algorithm: str, chunk: int = 1 << 20) -> str:
     """The hex digest of what `stream` holds, read in chunks (the data files are up to 160 MB)."""
     h = hashlib.new(algorithm)
@@ -146,19 +141,16 @@ def stream_digest(stream: BinaryIO, algorithm: str, chunk: int = 1 << 20) -> str
     return h.hexdigest()
 
 
-def file_digest(path: Path, algorithm: str) -> str:
+def md5sum(path: Path, algorithm: str = "md5") -> str:
     with open(path, "rb") as f:
         return stream_digest(f, algorithm)
 
 
-def md5sum(path: Path) -> str:
-    return file_digest(path, "md5")
-
-
-def download(dest_dir: Path, url: str = URL, md5: str = MD5) -> Path:
+def download(dest_dir: Path) -> Path:
     """Download the tarball into dest_dir (atomically) and check its md5."""
     from ..progress import progress_bar
 
+    url, md5 = URL, MD5
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / TARBALL
     if dest.exists() and md5sum(dest) == md5:
@@ -173,10 +165,8 @@ def download(dest_dir: Path, url: str = URL, md5: str = MD5) -> Path:
                     bar.update(len(block))
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise DataError(
-            f"could not download {url}: {e}. Download it by hand and pass --data-dir DIR "
-            f"(a folder holding {TARBALL} or {FOLDER}/)"
-        ) from e
+        raise DataError(f"could not download {url}: {e}. Download it by hand and pass --data-dir DIR "
+                        f"(a folder holding {TARBALL} or {FOLDER}/)") from e
     got = md5sum(tmp)
     if got != md5:
         tmp.unlink()
@@ -213,7 +203,7 @@ def locate(data_dir: Path | None, download_ok: bool = True) -> Path:
     data_dir itself, or the extracted tarball (binary or Python version) found in (or the binary
     one downloaded to) data_dir / the cache. A folder extracted from an md5-verified tarball
     gets its manifest (MANIFEST)."""
-    base = Path(data_dir) if data_dir else default_cache_dir()
+    base = Path(data_dir) if data_dir else Path(os.environ.get("RESNETDIST_DATA", Path.home() / ".cache" / "resnetdist"))
     if data_dir is not None and base.exists() and not base.is_dir():
         raise DataError(f"--data-dir {base}: is a file, not a folder (give the folder holding {FOLDER}/ or {TARBALL})")
     if data_dir is not None and not base.is_dir():
@@ -231,26 +221,18 @@ def locate(data_dir: Path | None, download_ok: bool = True) -> Path:
         if tarball.exists():
             got = md5sum(tarball)
             if got != version.md5:
+                url = URL.replace(TARBALL, version.tarball)
+                fix = (f"delete it, and the next run downloads it again ({url})"  # the cache
+                       if data_dir is None and version.name == "binary" else
+                       f"delete it and download {url} again into {base} (or put the extracted {version.folder}/ there)")
                 raise DataError(f"{tarball}: md5 {got} is not the official {version.md5} (a cut or damaged "
-                                f"download?): {fix_for(base, data_dir, tarball, version)}")
+                                f"download?): {fix}")
             return write_manifest(extract(tarball, base, version), tarball, version)
     if data_dir is not None or not download_ok:
         raise DataError(f"{base}: holds neither {FOLDER}/ nor {TARBALL} (nor the Python version's {PY_FOLDER}/ "
                         f"or {PY_TARBALL})")
     tarball = download(base)
     return write_manifest(extract(tarball, base), tarball)
-
-
-def fix_for(base: Path, data_dir: Path | None, tarball: Path, version: Version) -> str:
-    """What to do about a tarball that is not the official one."""
-    url = URL.replace(TARBALL, version.tarball)
-    if data_dir is None and version.name == "binary":  # the cache: the next run downloads it again
-        return f"delete it, and the next run downloads it again ({url})"
-    return f"delete it and download {url} again into {base} (or put the extracted {version.folder}/ there)"
-
-
-def sha256sum(path: Path) -> str:
-    return file_digest(path, "sha256")
 
 
 def write_manifest(folder: Path, tarball: Path, version: Version = BINARY) -> Path:
@@ -283,37 +265,15 @@ def identity(folder: Path) -> str:
     try:
         files = json.loads((folder / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
-        return "cifar10" if official_by_md5(folder, version) else "unknown"
+        known = version.file_md5
+        official = bool(known) and all((folder / n).is_file() and md5sum(folder / n) == known[n] for n in version.files)
+        return "cifar10" if official else "unknown"
     for name in version.files:
         path, want = folder / name, files.get(name) if isinstance(files, dict) else None
         if not want or not path.is_file() or path.stat().st_size != want.get("bytes") \
-                or sha256sum(path) != want.get("sha256"):
+                or md5sum(path, "sha256") != want.get("sha256"):
             return "modified"
     return "cifar10"
-
-
-def official_by_md5(folder: Path, version: Version) -> bool:
-    """Every batch file of the folder has the md5 its version's official distribution has."""
-    known = version.file_md5
-    return bool(known) and all((folder / n).is_file() and md5sum(folder / n) == known[n] for n in version.files)
-
-
-def read_batch_file(path: Path) -> Split:
-    if not path.exists():
-        raise DataError(f"{path}: missing")
-    raw = np.fromfile(path, dtype=np.uint8)
-    if raw.size == 0 or raw.size % RECORD_BYTES:
-        raise DataError(
-            f"{path}: size {raw.size} bytes is not a positive multiple of {RECORD_BYTES} "
-            f"(truncated or corrupt)"
-        )
-    records = raw.reshape(-1, RECORD_BYTES)
-    labels = records[:, 0].astype(np.int64)
-    if labels.max() > 9:
-        bad = int(np.argmax(labels > 9))
-        raise DataError(f"{path}: record {bad} has label {labels[bad]} (must be 0-9)")
-    images = np.ascontiguousarray(records[:, 1:].reshape(-1, 3, 32, 32))
-    return Split(images, labels)
 
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
@@ -330,21 +290,30 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_python_batch(path: Path) -> Split:
-    """A batch of the Python version: a pickled dict with `data` (uint8 (N, 3072), R, G, B planes
-    row-major, as the binary records) and `labels` (N ints in 0-9)."""
+def read_batch_file(path: Path) -> Split:
+    """One batch file, checked: binary (.bin) records, or the Python version's pickled dict with
+    `data` (uint8 (N, 3072), R, G, B planes row-major, as the binary records) and `labels`."""
     if not path.exists():
         raise DataError(f"{path}: missing")
-    try:
-        # latin1: the official batches are Python 2 pickles, whose numpy arrays are byte strings
-        batch = NumpyOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
-    except Exception as e:  # noqa: BLE001 - pickle raises many kinds on a damaged file; the file is named
-        raise DataError(f"{path}: not a CIFAR-10 Python batch (unpickling failed: {str(e)[:120] or type(e).__name__})") from None
-    data = batch.get("data") if isinstance(batch, dict) else None
-    labels = np.asarray(batch.get("labels", []) if isinstance(batch, dict) else [])
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 \
-            or len(data) == 0 or labels.shape != (len(data),) or labels.dtype.kind not in "iu":
-        raise DataError(f"{path}: not a CIFAR-10 Python batch (want 'data': uint8 (N, 3072) and 'labels': N ints)")
+    if path.name.endswith(".bin"):
+        raw = np.fromfile(path, dtype=np.uint8)
+        if raw.size == 0 or raw.size % RECORD_BYTES:
+            raise DataError(f"{path}: size {raw.size} bytes is not a positive multiple of {RECORD_BYTES} "
+                            f"(truncated or corrupt)")
+        records = raw.reshape(-1, RECORD_BYTES)
+        data, labels = records[:, 1:], records[:, 0]
+    else:
+        try:
+            # latin1: the official batches are Python 2 pickles, whose numpy arrays are byte strings
+            batch = NumpyOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+        except Exception as e:  # noqa: BLE001 - pickle raises many kinds on a damaged file; the file is named
+            raise DataError(f"{path}: not a CIFAR-10 Python batch (unpickling failed: "
+                            f"{str(e)[:120] or type(e).__name__})") from None
+        data = batch.get("data") if isinstance(batch, dict) else None
+        labels = np.asarray(batch.get("labels", []) if isinstance(batch, dict) else [])
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 \
+                or len(data) == 0 or labels.shape != (len(data),) or labels.dtype.kind not in "iu":
+            raise DataError(f"{path}: not a CIFAR-10 Python batch (want 'data': uint8 (N, 3072) and 'labels': N ints)")
     if labels.min() < 0 or labels.max() > 9:
         bad = int(np.argmax((labels < 0) | (labels > 9)))
         raise DataError(f"{path}: record {bad} has label {labels[bad]} (must be 0-9)")
@@ -353,9 +322,7 @@ def read_python_batch(path: Path) -> Split:
 
 def write_batch_file(path: Path, split: Split) -> None:
     """Write records in the official layout (used by tests and tools that make small sets)."""
-    records = np.concatenate(
-        [split.labels.astype(np.uint8)[:, None], split.images.reshape(len(split), -1)], axis=1
-    )
+    records = np.concatenate([split.labels.astype(np.uint8)[:, None], split.images.reshape(len(split), -1)], axis=1)
     records.tofile(path)
 
 
@@ -376,8 +343,7 @@ def write_synthetic(root: Path, per_train_file: int, test_size: int, seed: int =
     folder.mkdir(parents=True, exist_ok=True)
     train = synthetic_split(5 * per_train_file, seed)
     for i, name in enumerate(TRAIN_FILES):
-        part = slice(i * per_train_file, (i + 1) * per_train_file)
-        write_batch_file(folder / name, Split(train.images[part], train.labels[part]))
+        write_batch_file(folder / name, train[i * per_train_file : (i + 1) * per_train_file])
     write_batch_file(folder / TEST_FILES[0], synthetic_split(test_size, seed + 100))
     (folder / "batches.meta.txt").write_text("\n".join(f"class{i}" for i in range(10)) + "\n")
     return root
@@ -385,24 +351,18 @@ def write_synthetic(root: Path, per_train_file: int, test_size: int, seed: int =
 
 def read_files(folder: Path, names: tuple[str, ...], counts: dict[str, int] | None = None) -> Split:
     """The files' records, in order; `counts` (if given) receives each file's record count."""
-    parts = [(read_batch_file if name.endswith(".bin") else read_python_batch)(folder / name) for name in names]
+    parts = [read_batch_file(folder / name) for name in names]
     if counts is not None:
         counts.update({name: len(part) for name, part in zip(names, parts)})
-    return Split(
-        np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts])
-    )
+    return Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
 
 
-def validation_indices(num_train: int, size: int = VAL_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def validation_indices(num_train: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) record indices of the 45k/5k split; fixed, so every run holds out the same."""
-    if not 0 < size < num_train:
-        raise DataError(f"validation size {size} does not fit a training set of {num_train}")
+    if not 0 < VAL_SIZE < num_train:
+        raise DataError(f"validation size {VAL_SIZE} does not fit a training set of {num_train}")
     perm = np.random.default_rng(VAL_SPLIT_SEED).permutation(num_train)
-    return np.sort(perm[size:]), np.sort(perm[:size])
-
-
-def subset(split: Split, indices: np.ndarray) -> Split:
-    return Split(split.images[indices], split.labels[indices])
+    return np.sort(perm[VAL_SIZE:]), np.sort(perm[:VAL_SIZE])
 
 
 def load_cifar10(data_dir: Path | None, val_split: bool = False) -> Cifar10:
@@ -414,20 +374,14 @@ def load_cifar10(data_dir: Path | None, val_split: bool = False) -> Cifar10:
     if not val_split:
         return Cifar10(train, test, folder=folder, file_records=counts, identity=identity(folder))
     train_idx, val_idx = validation_indices(len(train))
-    return Cifar10(subset(train, train_idx), test, subset(train, val_idx), train_idx, val_idx, folder, counts,
-                   identity(folder))
+    return Cifar10(train[train_idx], test, train[val_idx], train_idx, val_idx, folder, counts, identity(folder))
 
 
 def load_test_only(data_dir: Path | None) -> Cifar10:
     """The test set alone (`eval` of a checkpoint that holds its mean image): the training
     files need not be there."""
-    folder = locate(data_dir)
-    counts: dict[str, int] = {}
+    folder, counts = locate(data_dir), {}
     test = read_files(folder, version_of(folder).test_files, counts)
     empty = Split(np.zeros((0, 3, 32, 32), np.uint8), np.zeros(0, np.int64))
     return Cifar10(empty, test, folder=folder, file_records=counts, identity=identity(folder))
-
-
-def source_files(folder: Path) -> list[Path]:
-    return [folder / n for n in version_of(folder).files]
 

@@ -20,20 +20,14 @@ from .cifar import DataError
 T = TypeVar("T")
 
 
-def missing_folder_message(folder: str | None) -> str | None:
-    """The brief form for the commonest case: the configured folder is not there at all."""
-    if folder and not Path(folder).is_dir():
-        return f"data folder {folder} not found"
-    return None
-
-
 def on_every_rank(check: Callable[[], T], folder: str | None = None, what: str = "data check") -> T:
     """check() on this rank; DataError on every rank when it failed on any (see the module)."""
     result, error = None, None
     try:
         result = check()
-    except DataError as e:
-        error = f"host {socket.gethostname()}: {missing_folder_message(folder) or e}"
+    except DataError as e:  # the commonest case, the configured folder not there at all, in brief
+        missing = folder and not Path(folder).is_dir()
+        error = f"host {socket.gethostname()}: {f'data folder {folder} not found' if missing else e}"
     if not dist.distributed():
         if error:
             raise DataError(error)
