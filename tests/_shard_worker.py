@@ -1,7 +1,8 @@
 """Worker for tests/test_beton.py, run under torchrun (gloo, CPU).
 
 Every rank prepares the betons (the lock serialises them), builds the training and
-evaluation loaders of each kind through data.open_loaders, identifies the samples it is
+evaluation loaders of each kind through data.open_loaders (training batches through the
+feed, data/feed.py, as a run takes them), identifies the samples it is
 given (the record id is stored in pixel bytes [0,0,0] and [0,0,1]), and rank 0 writes what
 every rank saw, gathered with all_gather_object, to OUT as JSON. The training streams are
 left open at exit on purpose.
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from resnetdist.config import DataConfig
 from resnetdist.data import cifar, open_loaders
 from resnetdist.data.beton import prepare_betons
+from resnetdist.data.feed import Feed
 from resnetdist.data.order import iters_per_epoch
 from resnetdist.dist import DistContext
 
@@ -46,7 +48,7 @@ def main() -> None:
     dist.barrier()
     train = cifar.read_files(bins, cifar.TRAIN_FILES)
     test = cifar.read_files(bins, cifar.TEST_FILES)
-    steps = iters_per_epoch(len(train), global_batch)
+    iters = iters_per_epoch(len(train), global_batch)
 
     result: dict = {"rank": rank, "world": world, "rebuilt": rebuilt}
     data = cifar.Cifar10(train, test, folder=bins)
@@ -55,11 +57,11 @@ def main() -> None:
         cfg = DataConfig(loader=kind, ffcv_workers=64, eval_batch=eval_batch, beton_dir=str(beton_dir))
         loaders = open_loaders(cfg, data, DistContext(rank, rank, world, device), global_batch, seed)
         epochs_seen = []
-        gen = loaders.train.batches(0)
+        gen = Feed(loaders.train).batches(0)
         for _ in range(epochs):
             seen = []
-            for _ in range(steps):
-                images, labels = next(gen)
+            for _ in range(iters):
+                images, labels, _ = next(gen)
                 seen.append([ids_of(images), labels.tolist()])
             epochs_seen.append(seen)
         # left open until the interpreter exits, as by a training loop that just ends: the

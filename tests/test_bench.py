@@ -35,7 +35,7 @@ def test_both_baselines_and_both_ratios_on_record(tiny_data, tmp_path):
     assert report["peer"]["loss_read_every"] == 1 and not report["peer"]["non_blocking"]
     assert "RandomCrop" not in report["baseline"]["transforms"]  # written out in torch
     assert "torchvision" in report["peer"]["transforms"] and report["peer"]["dataloader_workers"] == 0
-    assert eager["feed"] == "device"  # the resident loader's epochs on the device: the step gathers its own
+    assert eager["feed"] == "device"  # the batch reaches the step in the feed's device buffers
     for r in report["results"]:
         assert r["speedup_vs_baseline"] == pytest.approx(base["ms_per_iter"] / r["ms_per_iter"])
         assert r["speedup_vs_peer"] == pytest.approx(peer["ms_per_iter"] / r["ms_per_iter"])

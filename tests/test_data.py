@@ -99,11 +99,16 @@ def test_tarball_with_path_traversal_is_refused(tmp_path):
 # ----- augmentation ---------------------------------------------------------------------------
 
 
+def draw_params(seed: int, iteration: int, global_batch: int, rank: int, world_size: int) -> torch.Tensor:
+    """One iteration's draws (3, b): the row the feed copies to the device for it."""
+    return torch.from_numpy(A.draw_block(seed, iteration, 1, global_batch, rank, world_size)[0])
+
+
 def test_every_crop_is_a_window_of_the_padded_image():
     torch.manual_seed(0)
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     mean = torch.rand(3, 32, 32)
-    params = A.draw_params(seed=3, iteration=17, global_batch=64, rank=0, world_size=1)
+    params = draw_params(seed=3, iteration=17, global_batch=64, rank=0, world_size=1)
     out = A.augment(x, mean, params)
     padded = torch.nn.functional.pad(A.normalize(x, mean), (4, 4, 4, 4))
     assert out.shape == (64, 3, 32, 32)
@@ -125,7 +130,7 @@ def test_flip_is_an_exact_mirror_and_happens_about_half_the_time():
     ref = A.normalize(x, mean)
     assert torch.equal(out[flip], ref[flip].flip(-1))
     assert torch.equal(out[~flip], ref[~flip])
-    drawn = A.draw_params(0, 0, 1000, 0, 1)[2]
+    drawn = draw_params(0, 0, 1000, 0, 1)[2]
     assert 400 < int(drawn.sum()) < 600
 
 
@@ -140,20 +145,20 @@ def test_mean_is_removed():
 
 
 def test_augmentation_params_do_not_depend_on_world_size():
-    whole = A.draw_params(5, 99, 128, 0, 1)
-    halves = torch.cat([A.draw_params(5, 99, 128, r, 2) for r in range(2)], dim=1)
+    whole = draw_params(5, 99, 128, 0, 1)
+    halves = torch.cat([draw_params(5, 99, 128, r, 2) for r in range(2)], dim=1)
     assert torch.equal(whole, halves)
-    assert not torch.equal(whole, A.draw_params(5, 100, 128, 0, 1))
-    assert not torch.equal(whole, A.draw_params(6, 99, 128, 0, 1))
+    assert not torch.equal(whole, draw_params(5, 100, 128, 0, 1))
+    assert not torch.equal(whole, draw_params(6, 99, 128, 0, 1))
 
 
 def test_an_epochs_draws_are_one_block_equal_to_each_iterations_own_and_fair():
     """draw_block (the epoch-ahead thread's few array operations) gives each iteration's
-    draw_params (the per-step feed's) exactly; crops are uniform over 0..8, flips a fair coin,
+    draws exactly as a block of that iteration alone; crops are uniform over 0..8, flips a fair coin,
     and the rows independent of each other."""
     block = A.draw_block(7, 390, 390, 128, 1, 2)
     assert block.shape == (390, 3, 64) and block.dtype == np.int64
-    assert all(torch.equal(torch.from_numpy(block[i]), A.draw_params(7, 390 + i, 128, 1, 2)) for i in (0, 1, 200, 389))
+    assert all(torch.equal(torch.from_numpy(block[i]), draw_params(7, 390 + i, 128, 1, 2)) for i in (0, 1, 200, 389))
     many = A.draw_block(0, 0, 2000, 128, 0, 1)
     crops = np.bincount(many[:, :2].ravel(), minlength=9) / many[:, :2].size
     assert crops.shape == (9,) and np.abs(crops - 1 / 9).max() < 0.005
@@ -180,10 +185,11 @@ def test_eval_shards_cover_once():
 
 def test_resident_loader_resumes_mid_epoch_identically():
     split = learnable_split(300, seed=2)
-    loader = ResidentTrainLoader(split, 32, seed=4, rank=0, world_size=1, device=torch.device("cpu"))
-    assert loader.steps == 9
-    full = [lab for _, lab in _take(loader.batches(0), 20)]
-    later = [lab for _, lab in _take(loader.batches(13), 7)]
+    loader = ResidentTrainLoader(split, 32, seeds=[4], rank=0, world_size=1, device=torch.device("cpu"))
+    assert loader.iters_per_epoch == 9
+    out = torch.zeros(32, 3, 32, 32, dtype=torch.uint8), torch.zeros(32, dtype=torch.long)
+    full = [lab.clone() for _, lab in _take(loader.batches(0, out), 20)]
+    later = [lab.clone() for _, lab in _take(loader.batches(13, out), 7)]
     for a, b in zip(full[13:], later):
         assert torch.equal(a, b)
 

@@ -27,7 +27,7 @@ from resnetdist.training.loop import take_steps
 from resnetdist.training.schedule import lr_table
 from resnetdist.training.graph import GRAPH_WARMUP, StaticInputs
 from resnetdist.training.step import StepChoice, build_step
-from resnetdist.data.feed import feed_for
+from resnetdist.data.feed import Feed
 from resnetdist.training import plan as plan_mod
 from resnetdist.training.plan import resolve
 from resnetdist.training.trainer import make_model
@@ -48,7 +48,7 @@ def parts(tiny_data):
     data = load_data(cfg.data)
     model, optimizer = make_model(cfg, ctx)
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
-    loaders = open_loaders(cfg.data, data, ctx, B, cfg.train.seed)
+    loaders = open_loaders(cfg.data, data, ctx, B, [cfg.train.seed])
     return cfg, model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), loaders
 
 
@@ -57,9 +57,11 @@ AUTO_GRAPH = StepChoice("graph", "auto: CUDA with fp32", "auto")  # what auto ch
 
 
 def build(tiny_data, **kw):
+    """A step, and the feed whose buffers it was built with (a graph's inputs)."""
     cfg, model, optimizer, mean, lrs, loaders = parts(tiny_data)
-    step = build_step(model, optimizer, mean, lrs, precision="fp32", batch_per_rank=B, **{"choice": EAGER, **kw})
-    return step, loaders
+    feed = Feed(loaders.train)
+    step = build_step(model, optimizer, mean, lrs, precision="fp32", inputs=feed.inputs, **{"choice": EAGER, **kw})
+    return step, feed
 
 
 @pytest.fixture
@@ -77,15 +79,14 @@ def fake_cuda(monkeypatch):
 
 @pytest.fixture
 def copies(monkeypatch):
-    """How many batches were copied into a graph's inputs (a loader that gathers in place copies none)."""
+    """How many batches were copied into a graph's inputs (the feed it was built with copies none)."""
     seen = []
     real = StaticInputs.fill
     monkeypatch.setattr(StaticInputs, "fill", lambda self, x, *rest: seen.append(x is not self.x) or real(self, x, *rest))
     return seen
 
 
-def drive(step, loaders, count, first=0):
-    feed = feed_for(loaders.train, step.source, 0, B, 0, 1, out=step.inputs.out if step.inputs else None)
+def drive(step, feed, count, first=0):
     take_steps(step, feed.batches(first), count)
 
 
@@ -105,7 +106,7 @@ def test_ddp_warmup_and_capture_share_one_side_stream_and_replays_train_as_eager
                         lambda self: seen["state"].append(list(ops.joins)) or real_state(self))
     monkeypatch.setattr(wrap_mod, "DDP", lambda model, device_ids=None, **_: seen["ddp"].append(ops.current) or model)
     monkeypatch.setattr(step_mod, "augment", lambda *a: seen["steps"].append(ops.current) or real_augment(*a))
-    graphed, loaders = build(tiny_data, choice=GRAPH, ddp=True)
+    graphed, feed = build(tiny_data, choice=GRAPH, ddp=True)
     (side,) = ops.made
     assert graphed.kind == "graph" and graphed.choice == GRAPH
     assert seen["ddp"] == [side]  # DDP built on the side stream ...
@@ -116,33 +117,23 @@ def test_ddp_warmup_and_capture_share_one_side_stream_and_replays_train_as_eager
     assert seen["state"] == [[(side, 0)]] and ops.joins == [(side, 0), (side, 1)]
     assert int(graphed.it) == 0  # warm-up and capture left no trace in the state
     monkeypatch.setattr(step_mod, "augment", real_augment)
-    eager, _ = build(tiny_data)
-    drive(graphed, loaders, 5)
-    drive(eager, loaders, 5)
+    eager, eager_feed = build(tiny_data)
+    drive(graphed, feed, 5)
+    drive(eager, eager_feed, 5)
     assert_same_weights(graphed, eager)
-    assert copies == [False] * 5  # the loader gathered into the graph's inputs: no copy per batch
-
-
-def test_resident_loader_gathers_into_given_buffers(tiny_data):
-    *_, loaders = parts(tiny_data)
-    out = (torch.zeros(B, 3, 32, 32, dtype=torch.uint8), torch.zeros(B, dtype=torch.long))
-    plain, into = loaders.train.batches(3), loaders.train.batches(3, out=out)
-    for _ in range(3):
-        (x, y), (xo, yo) = next(plain), next(into)
-        assert xo.data_ptr() == out[0].data_ptr() and yo.data_ptr() == out[1].data_ptr()
-        assert torch.equal(x, xo) and torch.equal(y, yo)
+    assert copies == [False] * 5  # the feed refilled the graph's inputs: no copy per batch
 
 
 def test_a_failed_auto_capture_trains_eagerly_from_the_same_state_and_says_why(tiny_data, fake_cuda):
     fake_cuda(FakeOps(fail=True))
-    failed, loaders = build(tiny_data, choice=AUTO_GRAPH)
-    eager, _ = build(tiny_data)
+    failed, feed = build(tiny_data, choice=AUTO_GRAPH)
+    eager, eager_feed = build(tiny_data)
     assert failed.kind == "eager" and failed.inputs is None and failed.choice.fell_back
     assert failed.choice.reason.startswith("auto: CUDA-graph capture failed (RuntimeError: CUDA error: operation "
                                            "not permitted when stream is capturing)")
     assert_same_weights(failed, eager)  # the warm-up steps were undone
-    drive(failed, loaders, 3)
-    drive(eager, loaders, 3)
+    drive(failed, feed, 3)
+    drive(eager, eager_feed, 3)
     assert_same_weights(failed, eager)
 
 
@@ -206,11 +197,11 @@ def test_a_failed_capture_stops_graph_by_name_and_auto_records_eager_and_why(tmp
 
 
 def test_loading_state_into_a_built_step_copies_in_place(tiny_data, fake_cuda):
-    source, loaders = build(tiny_data)
-    drive(source, loaders, 4)
+    source, feed = build(tiny_data)
+    drive(source, feed, 4)
     state = copy.deepcopy({"model": source.model.state_dict(), "optimizer": source.optimizer.state_dict()})
     fake_cuda()
-    target, _ = build(tiny_data, choice=GRAPH)  # "captured" before the load
+    target, target_feed = build(tiny_data, choice=GRAPH)  # "captured" before the load
     momentum = [s["momentum_buffer"] for s in target.optimizer.state.values()]
     ptrs = [t.data_ptr() for t in [*target.model.state_dict().values(), *momentum]]
     target.load_state(state["model"], state["optimizer"], 4)
@@ -220,8 +211,8 @@ def test_loading_state_into_a_built_step_copies_in_place(tiny_data, fake_cuda):
     assert int(target.it) == 4
     for a, b in zip(source.optimizer.state.values(), target.optimizer.state.values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
-    drive(source, loaders, 3, first=4)
-    drive(target, loaders, 3, first=4)  # the fake graph replays what was captured before the load
+    drive(source, feed, 3, first=4)
+    drive(target, target_feed, 3, first=4)  # the fake graph replays what was captured before the load
     assert_same_weights(source, target)
 
 
@@ -261,7 +252,8 @@ def test_ffcv_loader_thread_binds_the_loaders_device(tmp_path, tiny_data, monkey
 
 
 def test_evaluation_runs_in_fp32_even_inside_autocast(tiny_data):
-    step, loaders = build(tiny_data)
+    step, _ = build(tiny_data)
+    *_, loaders = parts(tiny_data)
     dtypes = []
     handle = step.model.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -358,10 +350,10 @@ def test_cuda_graph_is_the_default_and_gathers_in_place_and_loads_in_place(tiny_
     plan = resolve(cfg, 1)
     assert plan.choice == StepChoice("graph", "auto: CUDA with bf16", "auto"), plan
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
-    step = make_step(cfg, plan, ctx, model, optimizer, mean)
+    feed = Feed(open_loaders(cfg.data, data, ctx, B, [0]).train)
+    step = make_step(cfg, plan, ctx, model, optimizer, mean, feed.inputs)
     assert step.choice == StepChoice("graph", "auto: CUDA with bf16", "auto"), step.choice
-    loaders = open_loaders(cfg.data, data, ctx, B, 0)
-    drive(step, loaders, 5)
+    drive(step, feed, 5)
     assert copies == [False] * 5
     ptrs = [s["momentum_buffer"].data_ptr() for s in optimizer.state.values()]
     state = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})

@@ -26,14 +26,19 @@ BATCH = 4
 
 
 class FakeLoader:
+    """A training loader (data/resident.TrainLoader) whose batch i is all pixels i % 256."""
+
+    seeds, global_batch, rank, world_size, b, iters_per_epoch, device = [0], BATCH, 0, 1, BATCH, 10, torch.device("cpu")
+
     def __init__(self):
         self.starts = []
 
-    def batches(self, start_iter: int, out=None):
+    def batches(self, start_iter: int, out):
         self.starts.append(start_iter)
         it = start_iter
         while True:
-            yield torch.full((BATCH, 3, 32, 32), it % 256, dtype=torch.uint8), torch.zeros(BATCH, dtype=torch.long)
+            out[0].fill_(it % 256)
+            yield out
             it += 1
 
 
@@ -94,9 +99,9 @@ def recorder(step, progress, loader=None, cadence=CADENCE) -> Recorder:
                                        "checkpoint_every": cadence.checkpoint_every},
                              "optim": {"iters": cadence.total, "milestones": []},
                              "log": {"log_every": cadence.log_every}})
-    feed = Feed(loader or FakeLoader(), seed=0, global_batch=BATCH)
+    feed = Feed(loader or FakeLoader())
     trainer = Recorder(cfg, resolve(cfg, 1), DistContext(0, 0, 1, torch.device("cpu")), step.model, None, step, None, feed,
-                       steps_per_epoch=10, data_facts={}, members=[Member(cfg, progress)])
+                       data_facts={}, members=[Member(cfg, progress)])
     return trainer
 
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from resnetdist.config import ModelConfig
-from resnetdist.data.augment import augment, draw_params
+from resnetdist.data.augment import augment, draw_block
 from resnetdist.models import BasicBlock, CifarResNet, ZeroPadShortcut, build_model
 from resnetdist.pack import (build_pack, fuse_optimizer_states, fuse_states, member_losses, split_optimizer_state,
                              split_state)
@@ -231,7 +232,7 @@ def uint8_batches(steps: int, k: int, b: int = B):
     g = torch.Generator().manual_seed(7)
     images = torch.randint(0, 256, (steps, k, b, 3, 32, 32), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, 10, (steps, k, b), generator=g)
-    aug = torch.stack([torch.stack([draw_params(SEEDS[j], i, b, 0, 1) for j in range(k)]) for i in range(steps)])
+    aug = torch.from_numpy(np.stack([draw_block(SEEDS[j], 0, steps, b, 0, 1) for j in range(k)], axis=1))
     return images, labels, aug
 
 
@@ -239,8 +240,11 @@ def pack_step(cfg, k, kind="eager", lr=0.1, **kw):
     model = build_pack(cfg, SEEDS[:k])
     optimizer = TensorLRSGD(model.parameters(), torch.zeros(()), 0.9, 1e-4)
     mean = torch.full((3, 32, 32), 0.5)
+    lead = (B,) if k == 1 else (k, B)  # a graph's inputs: a row per member
+    inputs = (torch.zeros((*lead, 3, 32, 32), dtype=torch.uint8), torch.zeros(lead, dtype=torch.long),
+              torch.zeros((*lead[:-1], 3, B), dtype=torch.long))
     return build_step(model, optimizer, mean, torch.full((10,), lr), choice=StepChoice(kind, "asked for by name", kind),
-                      precision="fp32", batch_per_rank=B, **kw)
+                      precision="fp32", inputs=inputs, **kw)
 
 
 def test_one_member_step_is_todays_step_bitwise():

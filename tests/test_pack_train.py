@@ -17,7 +17,7 @@ from resnetdist import checkpoint
 from resnetdist.config import load_config, read_toml
 from resnetdist.data import load_data, open_loaders
 from resnetdist.data.augment import training_mean
-from resnetdist.data.epochs import PackTable, epoch_table_for
+from resnetdist.data.feed import Feed
 from resnetdist.dist import DistContext
 from resnetdist.training import graph as graph_mod
 from resnetdist.training.loop import take_steps
@@ -172,10 +172,10 @@ def test_reproduce_pack_trains_a_nets_seeds_in_one_process_and_reports_as_unpack
 
 
 @pytest.mark.timeout(120)
-def test_a_graphed_pack_gathers_every_members_batch_in_the_graph(tiny_data, monkeypatch):
+def test_a_graphed_pack_captured_with_the_feeds_rows_trains_as_the_eager_pack(tiny_data, monkeypatch):
     """The whole-step graph of a pack, through the tests' stand-in for torch.cuda's graphs (a
-    replay runs the captured body): each member's batch gathered inside the graph from its own
-    seed's epochs (data/epochs.PackTable), bitwise the eager pack."""
+    replay runs the captured body), captured with the feed's (K, b, ...) buffers: each member's
+    batch gathered from its own seed's epochs, bitwise the eager pack."""
     cfg = load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": 32},
                              "train": {"device": "cpu"}, "log": {"wandb_mode": "disabled"}})
     data, ctx = load_data(cfg.data), DistContext(0, 0, 1, torch.device("cpu"))
@@ -184,14 +184,13 @@ def test_a_graphed_pack_gathers_every_members_batch_in_the_graph(tiny_data, monk
     steps = []
     for choice in (StepChoice("graph", "asked for by name (train.step)", "graph"), EAGER):
         model, optimizer = make_model(cfg, ctx, seeds=[0, 1])
-        source = epoch_table_for(open_loaders(cfg.data, data, ctx, 32, 0).train, [0, 1], 32, 0, 1)
-        source.use_epoch(0)
-        step = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", batch_per_rank=32,
-                          choice=choice, source=source)
-        take_steps(step, source.batches(0), 6)
+        feed = Feed(open_loaders(cfg.data, data, ctx, 32, [0, 1]).train)
+        step = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", choice=choice,
+                          inputs=feed.inputs)
+        take_steps(step, feed.batches(0), 6)
         steps.append(step)
     graphed, eager = steps
-    assert isinstance(graphed.source, PackTable) and graphed.kind == "graph" and graphed.inputs.x.shape[:2] == (2, 32)
+    assert graphed.kind == "graph" and graphed.inputs.x.shape[:2] == (2, 32)
     assert_bitwise_equal(graphed.model.state_dict(), eager.model.state_dict())
 
 
@@ -226,11 +225,10 @@ def test_a_compiled_pack_steps_each_member_as_the_eager_pack(tiny_data):
     results = []
     for choice in (StepChoice("compile", "asked for by name (train.step)", "compile"), EAGER):
         model, optimizer = make_model(cfg, ctx, seeds=[0, 1])
-        source = epoch_table_for(open_loaders(cfg.data, data, ctx, 32, [0, 1]).train, [0, 1], 32, 0, 1)
-        source.use_epoch(0)
-        step = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", batch_per_rank=32,
-                          choice=choice, source=source)
-        batches = source.batches(0)
+        feed = Feed(open_loaders(cfg.data, data, ctx, 32, [0, 1]).train)
+        step = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", choice=choice,
+                          inputs=feed.inputs)
+        batches = feed.batches(0)
         losses = []
         for _ in range(2):
             take_steps(step, batches, 1)

@@ -41,9 +41,9 @@ class Loaders:
 def open_loaders(cfg: DataConfig, data: Cifar10, ctx: dist.DistContext, global_batch: int, seed: int | list[int],
                  train: bool = True) -> Loaders:
     """This rank's training loader (with `train`) and evaluation shards (test, and val when the
-    run holds it out), of the kind data.loader names. A pack's seeds (a list): FFCV reads each
-    member's order (FfcvPackLoader); the resident set is one for all, each seed's order its
-    EpochTable's."""
+    run holds it out), of the kind data.loader names. A pack's seeds (a list): each member's
+    batch in its seed's order (FFCV: one Loader per member, FfcvPackLoader; resident: one gather
+    from the set for all)."""
     if cfg.loader == "ffcv":
         from .ffcv_loader import open_ffcv_loaders
 
@@ -51,8 +51,8 @@ def open_loaders(cfg: DataConfig, data: Cifar10, ctx: dist.DistContext, global_b
     evals = {"test": ResidentEvalLoader(data.test, cfg.eval_batch, ctx.rank, ctx.world_size, ctx.device)}
     if data.val is not None:
         evals["val"] = ResidentEvalLoader(data.val, cfg.eval_batch, ctx.rank, ctx.world_size, ctx.device)
-    seed = seed[0] if isinstance(seed, list) else seed
-    loader = ResidentTrainLoader(data.train, global_batch, seed, ctx.rank, ctx.world_size, ctx.device) if train else None
+    seeds = seed if isinstance(seed, list) else [seed]
+    loader = ResidentTrainLoader(data.train, global_batch, seeds, ctx.rank, ctx.world_size, ctx.device) if train else None
     return Loaders(loader, evals)
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .order import rank_slice
+
 PAD = 4
 SIZE = 32
 
@@ -38,22 +40,16 @@ def draw_block(seed: int, first_iter: int, count: int, global_batch: int, rank: 
     """This rank's augmentation for iterations first_iter .. first_iter+count-1: int64
     (count, 3, b), rows = crop row offset, crop column offset (both in [0, 2*PAD]) and flip
     (0/1). One hash per number, computed for the whole block at once."""
-    b = global_batch // world_size
+    cols = rank_slice(global_batch, rank, world_size)
     with np.errstate(over="ignore"):  # uint64 arithmetic wraps, by design
         key = _mix(np.uint64(seed) * GOLDEN + np.uint64(AUG_STREAM))
         its = _mix(key + (np.arange(first_iter, first_iter + count, dtype=np.uint64) + np.uint64(1)) * GOLDEN)
-        cols = np.arange(rank * b, (rank + 1) * b, dtype=np.uint64)
+        cols = np.arange(cols.start, cols.stop, dtype=np.uint64)
         cell = (np.arange(3, dtype=np.uint64)[:, None] << np.uint64(32)) | cols  # (3, b): row and position
         h = _mix(its[:, None, None] ^ _mix(cell + GOLDEN)[None])  # (count, 3, b)
     out = (h % np.uint64(2 * PAD + 1)).astype(np.int64)
     out[:, 2] = (h[:, 2] >> np.uint64(63)).astype(np.int64)  # flip: the top bit, a fair coin
     return out
-
-
-def draw_params(seed: int, iteration: int, global_batch: int, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's augmentation for one iteration (draw_block's numbers): int64 (3, b). One
-    tensor, so one host-to-device copy."""
-    return torch.from_numpy(draw_block(seed, iteration, 1, global_batch, rank, world_size)[0])
 
 
 def normalize(images_u8: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -75,8 +71,8 @@ def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.T
 
 
 def augment(images_u8: torch.Tensor, mean: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """Training view: normalize, pad, random crop, random flip; params from draw_params, on the
-    images' device."""
+    """Training view: normalize, pad, random crop, random flip; params: one iteration's (3, b)
+    of draw_block, on the images' device."""
     return crop_flip(normalize(images_u8, mean), params[0], params[1], params[2].bool())
 
 

@@ -2,9 +2,9 @@
 data/beton.py writes, in the same order as the resident loader.
 
 Both loaders follow data/order.py exactly, via a custom FFCV TraversalOrder; the Loader
-itself never shards (distributed=False), and its seed is unused by our orders. Batches are
-cloned before they are yielded because FFCV reuses its output buffers (batches_ahead + 2
-slots per pipeline), or copied into a graphed step's input buffers.
+itself never shards (distributed=False), and its seed is unused by our orders. FFCV reuses its
+output buffers (batches_ahead + 2 slots per pipeline), so training batches are copied into the
+feed's buffers (data/feed.py) and evaluation batches cloned.
 
 Process-wide patches of FFCV 1.0.2, all here: its epoch thread is made to set the rank's CUDA
 device (_install_device_hook); an exception in that thread no longer leaves the consumer
@@ -31,7 +31,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from .beton import beton_paths, prepare_betons, require_ffcv
 from .cifar import Cifar10
-from .order import eval_shard, iters_per_epoch, rank_epoch_order
+from .order import eval_shard, iters_per_epoch, rank_batch, rank_epoch_order
 from .resident import Batch
 
 
@@ -178,8 +178,8 @@ def _stop_all() -> None:  # epochs whose generator was never closed (e.g. traini
 
 
 def _epoch(loader, out: Batch | None = None) -> Iterator[Batch]:
-    """One pass of an FFCV Loader, yielding clones (or `out`, copied into); stops its thread
-    if abandoned."""
+    """One pass of an FFCV Loader, yielding `out` copied into (without: clones); stops its
+    thread if abandoned."""
     with _keep_torch_threads():
         it = iter(loader)
     _live_epochs.add(it)
@@ -192,7 +192,7 @@ def _epoch(loader, out: Batch | None = None) -> Iterator[Batch]:
                 return
             if out is None:
                 yield images.clone(), labels.clone()  # FFCV will overwrite its buffers
-            else:  # straight into a graphed step's input buffers: one copy, not two
+            else:
                 yield out[0].copy_(images, non_blocking=True), out[1].copy_(labels, non_blocking=True)
     finally:
         _stop(it)
@@ -201,9 +201,9 @@ def _epoch(loader, out: Batch | None = None) -> Iterator[Batch]:
 class FfcvTrainLoader:
     """The "ffcv" training loader: the same samples, in the same order, as ResidentTrainLoader.
 
-    Loader epoch k (FFCV's epoch counter) covers iterations start_iter + k*steps up to
-    start_iter + (k+1)*steps - 1, so a run resumed mid-epoch starts at the right batch
-    without decoding skipped ones, and every FFCV epoch has the same length. One stream
+    Loader epoch k (FFCV's epoch counter) covers iterations start_iter + k*iters up to
+    start_iter + (k+1)*iters - 1 (iters per epoch), so a run resumed mid-epoch starts at the
+    right batch without decoding skipped ones, and every FFCV epoch has the same length. One stream
     at a time: a new batches() call re-targets the shared Loader."""
 
     def __init__(
@@ -211,18 +211,14 @@ class FfcvTrainLoader:
         world_size: int, device: torch.device, workers: int,
     ):
         require_ffcv()
-        if global_batch % world_size:
-            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} ranks")
-        self.global_batch, self.seed = global_batch, seed
-        self.rank, self.world_size = rank, world_size
-        self.b = global_batch // world_size
+        self.global_batch, self.seed, self.seeds = global_batch, seed, [seed]
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.b = rank_batch(global_batch, world_size)
         self.beton = Path(beton)
         self.idx = _record_indices(self.beton, indices)
-        self.steps = iters_per_epoch(len(self.idx), global_batch)
+        self.iters_per_epoch = iters_per_epoch(len(self.idx), global_batch)
         self.start_iter = 0
-        self.loader = _make_loader(
-            self.beton, self.b, _order_class()(self._window), True, torch.device(device), workers
-        )
+        self.loader = _make_loader(self.beton, self.b, _order_class()(self._window), True, self.device, workers)
 
     def _rank_order(self, epoch: int) -> np.ndarray:
         return rank_epoch_order(
@@ -230,13 +226,13 @@ class FfcvTrainLoader:
         )
 
     def _window(self, k: int) -> np.ndarray:
-        epoch, pos = divmod(self.start_iter + k * self.steps, self.steps)
+        epoch, pos = divmod(self.start_iter + k * self.iters_per_epoch, self.iters_per_epoch)
         order = self._rank_order(epoch)[pos * self.b :]
         if pos:
             order = np.concatenate([order, self._rank_order(epoch + 1)[: pos * self.b]])
         return self.idx[order]
 
-    def batches(self, start_iter: int, out: Batch | None = None) -> Iterator[Batch]:
+    def batches(self, start_iter: int, out: Batch) -> Iterator[Batch]:
         self.start_iter = start_iter
         self.loader.next_epoch = 0
         while True:
@@ -246,21 +242,21 @@ class FfcvTrainLoader:
 class FfcvPackLoader:
     """A pack's training batches (pack.py) through FFCV: one FfcvTrainLoader per member, each
     with its own seed's order (its own FFCV Loader and epoch thread), so member j reads exactly
-    the batches of its run alone. Yields (K, b, 3, 32, 32) images and (K, b) labels, member j in
-    row j; with `out` (a graphed step's inputs) each member's batch is copied straight into its
-    row."""
+    the batches of its run alone: copied into row j of (K, b, 3, 32, 32) images and (K, b) labels."""
 
     def __init__(self, members: list[FfcvTrainLoader]):
-        self.members = members
-        self.steps, self.b = members[0].steps, members[0].b
+        self.members, first = members, members[0]
+        self.seeds = [m.seed for m in members]
+        self.global_batch, self.rank, self.world_size = first.global_batch, first.rank, first.world_size
+        self.b, self.iters_per_epoch, self.device = first.b, first.iters_per_epoch, first.device
 
-    def batches(self, start_iter: int, out: Batch | None = None) -> Iterator[Batch]:
-        streams = [m.batches(start_iter, None if out is None else (out[0][j], out[1][j]))
-                   for j, m in enumerate(self.members)]
+    def batches(self, start_iter: int, out: Batch) -> Iterator[Batch]:
+        streams = [m.batches(start_iter, (out[0][j], out[1][j])) for j, m in enumerate(self.members)]
         try:
             while True:
-                images, labels = zip(*(next(stream) for stream in streams))
-                yield out if out is not None else (torch.stack(images), torch.stack(labels))
+                for stream in streams:
+                    next(stream)
+                yield out
         finally:
             for stream in streams:  # each stops its FFCV epoch thread
                 stream.close()

@@ -247,9 +247,9 @@ def bench_setting(setting: Setting, data: Cifar10, n: int, iters: int, warmup: i
     setup = time.perf_counter() - t_setup
     warm_s, seconds, host = timed(lambda count: take_steps(step, batches, count), warmup, iters, device)
     # step: what ran, and why (step_reason: an auto graph whose capture failed runs eagerly)
-    # feed: "device" when the step gathers its own batches (data/epochs.py), else "per-step"
+    # feed: every loader's batches reach the step in the feed's device buffers (data/feed.py)
     return {**_result(setting, iters, seconds, setup + warm_s, host), "step": step.kind,
-            "feed": "device" if step.source is not None else "per-step", "step_reason": step.choice.reason}
+            "feed": "device", "step_reason": step.choice.reason}
 
 
 def bench_loader(loader_name: str, data: Cifar10, device: torch.device, beton_dir: Path, iters: int,
@@ -257,11 +257,11 @@ def bench_loader(loader_name: str, data: Cifar10, device: torch.device, beton_di
     """Images/s delivered by one loader, augmented on the device, with no model step."""
     cfg = bench_config(Setting(loader_name, "eager", "fp32"), 1, device, beton_dir)
     ctx = dist.DistContext(0, 0, 1, device)
-    batches = Feed(open_loaders(cfg.data, data, ctx, BATCH, 0).train, 0, BATCH).batches(0)
+    batches = Feed(open_loaders(cfg.data, data, ctx, BATCH, 0).train).batches(0)
     mean = torch.zeros(3, 32, 32, device=device)
 
     def augment_only(images, labels, aug):
-        augment(images, mean, aug.to(device, non_blocking=True))
+        augment(images, mean, aug)
 
     _, seconds, _ = timed(lambda count: take_steps(augment_only, batches, count), warmup, iters, device)
     return {"loader": loader_name, "images_per_second": BATCH * iters / seconds, "iters": iters}
@@ -301,13 +301,13 @@ def bench_data(data_dir: Path | None) -> Iterator[tuple[Cifar10, Path]]:
 
 def epoch_draw_ms() -> float:
     """Host ms to draw one 50,000-image epoch's augmentation numbers (data/augment.draw_block,
-    what the device-fed step's epoch-ahead thread builds per epoch), the median of 5."""
+    what the feed's epoch-ahead thread builds per epoch), the median of 5."""
     from ..data.augment import draw_block
 
-    steps, times = 50_000 // BATCH, []
+    iters, times = 50_000 // BATCH, []
     for epoch in range(5):
         t0 = time.perf_counter()
-        draw_block(0, epoch * steps, steps, BATCH, 0, 1)
+        draw_block(0, epoch * iters, iters, BATCH, 0, 1)
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)
 
@@ -372,7 +372,7 @@ def format_table(report: dict[str, Any]) -> str:
             for r in report["results"]
         ]
     notes = [f"- skipped: {s}" for s in report["skipped"]]
-    if report.get("epoch_draw_ms") is not None:  # the device-fed step's host work per epoch
+    if report.get("epoch_draw_ms") is not None:  # the feed's host work per epoch
         notes.append(f"- augmentation draws of one epoch (390 iterations, host): {report['epoch_draw_ms']:.1f} ms")
     return "\n".join([head, "", *rows, *([""] + notes if notes else [])])
 

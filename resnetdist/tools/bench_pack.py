@@ -2,16 +2,17 @@
 (pack.py) against the same K runs' steps taken one after another, and against one dense model
 at batch 128*K (the ceiling: the same images per step through one un-grouped net).
 
-All three run the training step of a run here (step.build_step: the step kind and precision a
-run gets on this device, channels_last on CUDA as train.channels_last sets it), on synthetic
-batches already on the device, so the figures are the step's and not a loader's. The three are
-timed in turns, `rounds` times over, and each keeps its best round: load from other processes
-(a shared machine) then skews the ratios less than it skews the absolute figures. The JSON is
-rewritten after every K, so a run cut short keeps what it measured.
+All three are built as `train` builds them (training.build: the step kind and precision a run
+gets on this device, channels_last on CUDA as train.channels_last sets it, the resident feed),
+on a synthetic training set already on the device, and timed as the training loop drives them
+(take_steps). The three are timed in turns, `rounds` times over, and each keeps its best round:
+load from other processes (a shared machine) then skews the ratios less than it skews the
+absolute figures. The JSON is rewritten after every K, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,36 +20,28 @@ from typing import Any, Callable
 import torch
 
 from .. import dist
-from ..config import ModelConfig, model_name
-from ..pack import build_pack
-from ..training import StepChoice, TensorLRSGD, TrainStep, build_step, choose_kind, default_precision
+from ..config import load_config, model_name
+from ..data.cifar import Cifar10, load_cifar10, write_synthetic
+from ..pack import member_configs
+from ..training import build, take_steps
 from .bench import BATCH, environment, sync, write_report
 
 PACK_ROUNDS = 3  # each setting's best of 3 rounds, taken in turns
 
 
-def pack_step(cfg: ModelConfig, seeds: list[int], batch: int, device: torch.device, choice: StepChoice,
-              precision: str) -> TrainStep:
-    """A training step of the pack of `seeds` (one seed: a single run's), as a run builds it."""
-    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    # 4 stem channels per member only where they help: channels_last packs (models.CifarResNet)
-    stem = 4 if layout == torch.channels_last and len(seeds) > 1 else 3
-    model = build_pack(cfg, seeds, stem).to(device, memory_format=layout)
-    optimizer = TensorLRSGD(model.parameters(), torch.zeros((), device=device), 0.9, 1e-4)
-    mean = torch.full((3, 32, 32), 0.5, device=device)
-    return build_step(model, optimizer, mean, torch.full((1,), 0.1), choice=choice, precision=precision,
-                      memory_format=layout, batch_per_rank=batch)
+def pack_run(n: int, seeds: list[int], batch: int, device: torch.device,
+             data: Cifar10) -> tuple[Any, Callable[[int], None]]:
+    """The Trainer of the pack of `seeds` (one seed: a single run's) at `batch` images per
+    member, built as `train --seeds` builds it, and run(count): `count` of its training steps."""
+    cfg = load_config(flags={"model": {"n": n}, "optim": {"batch_size": batch},
+                             "train": {"device": device.type}, "log": {"wandb_mode": "disabled"}})
+    trainer = build(cfg, dist.DistContext(0, 0, 1, device), data, members=member_configs(cfg, seeds))
+    batches = trainer.feed.batches(0)
 
+    def run(count: int) -> None:
+        take_steps(trainer.step, batches, count)
 
-def synthetic_batch(members: int, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Images, labels and augmentation numbers of one step: a row per member for a pack."""
-    lead = (batch,) if members == 1 else (members, batch)
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (*lead, 3, 32, 32), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, 10, lead, generator=g)
-    aug = torch.randint(0, 9, (*lead[:-1], 3, batch), generator=g)
-    aug.select(-2, 2).remainder_(2)  # the flip row is 0/1
-    return images.to(device), labels.to(device), aug.to(device)
+    return trainer, run
 
 
 def time_best(runs: dict[str, Callable[[int], None]], warmup: int, iters: int, rounds: int,
@@ -67,28 +60,24 @@ def time_best(runs: dict[str, Callable[[int], None]], warmup: int, iters: int, r
     return best
 
 
-def bench_one_k(cfg: ModelConfig, k: int, iters: int, warmup: int, rounds: int, device: torch.device,
-                choice: StepChoice, precision: str) -> dict[str, Any]:
+def bench_one_k(n: int, k: int, iters: int, warmup: int, rounds: int, device: torch.device,
+                data: Cifar10) -> dict[str, Any]:
     seeds = list(range(k))
-    packed = pack_step(cfg, seeds, BATCH, device, choice, precision)
-    alone = [pack_step(cfg, [s], BATCH, device, choice, precision) for s in seeds]
-    dense = pack_step(cfg, [0], BATCH * k, device, choice, precision)
-    pack_batch, single_batch, dense_batch = (synthetic_batch(k, BATCH, device), synthetic_batch(1, BATCH, device),
-                                             synthetic_batch(1, BATCH * k, device))
+    (packed, pack), (_, dense) = pack_run(n, seeds, BATCH, device, data), pack_run(n, [0], BATCH * k, device, data)
+    alone = [pack_run(n, [s], BATCH, device, data)[1] for s in seeds]
 
-    def repeat(step_fns, batch):
-        def run(count: int) -> None:
-            for _ in range(count):
-                for step in step_fns:
-                    step(*batch)
-        return run
+    def one_after_another(count: int) -> None:
+        for _ in range(count):
+            for run in alone:
+                run(1)
 
-    seconds = time_best({"pack": repeat([packed], pack_batch), "one_after_another": repeat(alone, single_batch),
-                         "dense": repeat([dense], dense_batch)}, warmup, iters, rounds, device)
+    seconds = time_best({"pack": pack, "one_after_another": one_after_another, "dense": dense},
+                        warmup, iters, rounds, device)
     images = k * BATCH
     ips = {name: images / s for name, s in seconds.items()}
-    return {"k": k, "images_per_step": images, "step": packed.kind, "step_reason": packed.choice.reason,
-            "ms_per_iter": {name: 1000 * s for name, s in seconds.items()},
+    step = packed.step
+    return {"k": k, "images_per_step": images, "step": step.kind, "step_reason": step.choice.reason,
+            "precision": packed.plan.precision, "ms_per_iter": {name: 1000 * s for name, s in seconds.items()},
             "images_per_second": ips, "pack_vs_one_after_another": ips["pack"] / ips["one_after_another"],
             "pack_vs_dense": ips["pack"] / ips["dense"]}
 
@@ -98,19 +87,17 @@ def run_pack_bench(n: int, ks: list[int], iters: int, warmup: int, rounds: int, 
     if not ks or any(k < 1 for k in ks):
         raise ValueError(f"--pack {','.join(map(str, ks))}: pack sizes are whole numbers >= 1")
     device = dist.device_for(device_pref, 0)
-    on_cuda = device.type == "cuda"
-    if on_cuda:
-        torch.backends.cudnn.benchmark = True  # as trainer.make_model sets it for a run
-    precision = default_precision(on_cuda)
-    choice = choose_kind("auto", on_cuda, precision)
-    cfg = ModelConfig(n=n)
-    report = {"kind": "pack", "model": model_name(n, plain=False), "batch_per_member": BATCH, "step": choice.kind,
-              "precision": precision, "layout": "channels_last" if on_cuda else "NCHW", **environment(device),
+    report = {"kind": "pack", "model": model_name(n, plain=False), "batch_per_member": BATCH, "step": None,
+              "precision": None, "layout": "channels_last" if device.type == "cuda" else "NCHW", **environment(device),
               "rounds": rounds, "iters": iters, "complete": False, "results": []}
-    for k in ks:
-        print(f"  timing K = {k} ...", flush=True)
-        report["results"].append(bench_one_k(cfg, k, iters, warmup, rounds, device, choice, precision))
-        write_report(report, out)
+    with tempfile.TemporaryDirectory(prefix="resnetdist-bench-pack-") as scratch:
+        data = load_cifar10(write_synthetic(Path(scratch), 10_000, 1_000))  # a dense step of 128*8 fits 9 times
+        for k in ks:
+            print(f"  timing K = {k} ...", flush=True)
+            result = bench_one_k(n, k, iters, warmup, rounds, device, data)
+            report.update(step=result["step"], precision=result.pop("precision"))  # what a run here gets
+            report["results"].append(result)
+            write_report(report, out)
     report["complete"] = True
     write_report(report, out)
     return report

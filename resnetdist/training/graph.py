@@ -19,7 +19,7 @@ from .. import dist
 
 GRAPH_WARMUP = 11  # DDP needs 11 warm-up iterations before capture (PyTorch's CUDA graph notes)
 
-Replay = Callable[..., None]  # (images_u8, labels, aug), or () for a step that gathers its own
+Replay = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # (images_u8, labels, aug)
 
 
 class CaptureFailed(RuntimeError):
@@ -62,25 +62,18 @@ cuda_ops = CudaOps()  # the calls every GraphCapture makes
 
 
 class StaticInputs:
-    """The graphed step's input buffers. A loader that gathers straight into `out` (images,
-    labels) spares the copy into them; a batch from anywhere else is copied. A pack of K members
-    (pack.py) has one row per member: (K, b, 3, 32, 32), (K, b), (K, 3, b)."""
+    """The graphed step's input buffers: the sample inputs it was built with (the data's feed's
+    buffers, data/feed.py, which it refills in place). A replay handed those very tensors copies
+    nothing; handed others, it copies them in. A pack of K members (pack.py) has one row per
+    member: (K, b, 3, 32, 32), (K, b), (K, 3, b)."""
 
-    def __init__(self, b: int, device: torch.device, members: int = 1):
-        lead = (b,) if members == 1 else (members, b)
-        self.x = torch.zeros((*lead, 3, 32, 32), dtype=torch.uint8, device=device)
-        self.y = torch.zeros(lead, dtype=torch.long, device=device)
-        self.aug = torch.zeros((*lead[:-1], 3, b), dtype=torch.long, device=device)
-
-    @property
-    def out(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x, self.y
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, aug: torch.Tensor):
+        self.x, self.y, self.aug = x, y, aug
 
     def fill(self, images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
-        if images_u8 is not self.x:
-            self.x.copy_(images_u8, non_blocking=True)
-            self.y.copy_(labels, non_blocking=True)
-        self.aug.copy_(aug, non_blocking=True)
+        for buffer, given in ((self.x, images_u8), (self.y, labels), (self.aug, aug)):
+            if given is not buffer:
+                buffer.copy_(given, non_blocking=True)
 
 
 class Graphable(Protocol):
@@ -89,7 +82,6 @@ class Graphable(Protocol):
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     device: torch.device
-    members: int  # 1, or a pack's K (its inputs have a row per member)
 
     def graph_body(self, inputs: StaticInputs) -> None: ...
     def device_state(self) -> list[torch.Tensor]: ...
@@ -106,27 +98,26 @@ class GraphCapture:
     def on_side(self):
         return self.ops.use(self.side)
 
-    def capture_agreed(self, step: Graphable, b: int) -> tuple[Replay, StaticInputs]:
-        """(replay, its inputs) when every rank captured; else CaptureFailed saying why (this
+    def capture_agreed(self, step: Graphable, inputs: StaticInputs) -> Replay:
+        """The replay when every rank captured; else CaptureFailed saying why (this
         rank's error, or that another rank failed), the step's state as before the warm-up, so
         that the caller may run the eager step instead (train.step = auto) or stop (graph)."""
         try:
-            (run, inputs), error = self.capture(step, b), None
+            run, error = self.capture(step, inputs), None
         except Exception as e:  # noqa: BLE001 - any capture failure is reported, with its reason
-            run, inputs = None, None
+            run = None
             error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         failed = dist.all_reduce_sum(torch.tensor([float(error is not None)], device=step.device))
         if error is None and failed.item() == 0:
-            return run, inputs
+            return run
         step.optimizer.zero_grad(set_to_none=True)  # the warm-up's last gradients
         raise CaptureFailed(error or "capture failed on another rank")
 
-    def capture(self, step: Graphable, b: int) -> tuple[Replay, StaticInputs]:
+    def capture(self, step: Graphable, inputs: StaticInputs) -> Replay:
         """Record the whole step as one CUDA graph. Warm-up steps (needed before capture, and
         by DDP) change weights, optimizer state and BN statistics, so those are restored in
         place afterwards, whether capture worked or not: the graph keeps pointing at the same
         tensors, and an eager fall-back starts from the same state."""
-        inputs = StaticInputs(b, step.device, step.members)
         # DDP's construction broadcast rank 0's weights on the side stream: the default stream
         # waits for it before cloning them, or the clone could read a rank's own initial
         # weights (equal today only because every rank starts from the same seed)
@@ -134,7 +125,7 @@ class GraphCapture:
         keep = step.device_state()
         saved = [t.detach().clone() for t in keep]
         graph = self.ops.new_graph()
-        self.ops.wait_for_current(self.side)  # the buffers and copies above come first
+        self.ops.wait_for_current(self.side)  # the clones above (and the inputs' last writes) come first
         try:
             with self.on_side():
                 for _ in range(GRAPH_WARMUP):
@@ -146,9 +137,8 @@ class GraphCapture:
                 for t, s in zip(keep, saved):
                     t.copy_(s)
 
-        def replay(*batch: torch.Tensor) -> None:
-            if batch:  # a step with a source gathers its batch inside the graph: nothing to load
-                inputs.fill(*batch)
+        def replay(images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
+            inputs.fill(images_u8, labels, aug)
             graph.replay()
 
-        return replay, inputs
+        return replay

@@ -1,7 +1,7 @@
 """The parts of the training loop (the loop itself is Trainer.fit in trainer.py): what it
 carries (Progress), when it stops to log, evaluate and checkpoint (Cadence), the hot loop
 between those stops (take_steps: only `step(*next(batches))`, the batches from the data's feed,
-data/feed.py), and what it does at a stop: drain the device-side sums (a
+data/feed.py, already on the device), and what it does at a stop: drain the device-side sums (a
 non-finite loss ends the run) and make the evaluation record and its line.
 """
 
@@ -22,9 +22,7 @@ from .bar import RunBar
 class Step(Protocol):
     """What the loop needs of a step (step.TrainStep, or a fake in tests)."""
 
-    # step(images_u8, labels, aug) from a host feed, or step() when the step gathers its own
-    # batch on the device (data/epochs.py): the loop passes on whatever the feed yields
-    def __call__(self, *batch: torch.Tensor) -> None: ...
+    def __call__(self, images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None: ...
     def drain_members(self) -> tuple[np.ndarray, np.ndarray]: ...
     def lr_of(self, it: int) -> float: ...
 
@@ -117,14 +115,14 @@ def failures(members: Sequence[Member]) -> str:
     return "; ".join(f"{m.cfg.name}: {m.failed}" for m in members if m.failed)
 
 
-def evaluation(step: Step, progress: Progress, errors: dict[str, float], it: int, steps_per_epoch: int,
+def evaluation(step: Step, progress: Progress, errors: dict[str, float], it: int, iters_per_epoch: int,
                global_batch: int) -> tuple[dict[str, float], str]:
     """The evaluation record (the training window since the last evaluation, with this
     evaluation's errors; the window is reset) and its line for the terminal."""
     loss_sum, wrong, count = progress.window
     record = {
         "iter": it,
-        "epoch": it / steps_per_epoch,
+        "epoch": it / iters_per_epoch,
         "lr": step.lr_of(it),
         "train_loss": loss_sum / max(count, 1),
         "train_error": 100.0 * wrong / max(count, 1),

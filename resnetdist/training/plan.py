@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..config import ConfigError, RunConfig
+from ..data.order import rank_batch
 from .step import StepChoice, choose_kind, default_precision
 
 
@@ -52,4 +53,4 @@ def resolve(cfg: RunConfig, world_size: int) -> Plan:
             f"choose a multiple of {world_size} or set dist.batch_scaling=per_rank")
     batch = cfg.optim.batch_size * world_size if per_rank else cfg.optim.batch_size
     return Plan(device, precision, choice.kind, choice.reason, choice.asked, cfg.data.loader, world_size, batch,
-                batch // world_size, float(world_size) if per_rank else 1.0)
+                rank_batch(batch, world_size), float(world_size) if per_rank else 1.0)

@@ -2,10 +2,9 @@
 (autocast), backward, the SGD update and the metric sums, all on the device.
 
 The step reads its lr from a per-iteration table on the device and counts iterations on the
-device, so the host only feeds a batch and its augmentation numbers; with a source (a
-resident loader's epochs on the device, data/epochs.py) not even that: step() gathers its own
-batch. That keeps the step identical whether it runs eagerly, compiled, or replayed as one
-CUDA graph, and the schedule needs no re-capture. Loss and error sums stay on the device until
+device, so the host only hands it a batch already on the device (the data's feed,
+data/feed.py). That keeps the step identical whether it runs eagerly, compiled, or replayed as
+one CUDA graph, and the schedule needs no re-capture. Loss and error sums stay on the device until
 `drain()`: no host sync per step. bench, the trainer and the tests all drive this one object.
 """
 
@@ -21,10 +20,9 @@ from torch import nn
 from .. import dist
 from ..config import ConfigError
 from ..data.augment import augment
-from ..data.epochs import EpochTable
 from ..errors import GraphUnavailable
 from ..pack import member_losses, member_sums, pack_batch
-from .graph import CaptureFailed, GraphCapture, StaticInputs
+from .graph import CaptureFailed, GraphCapture, Replay, StaticInputs
 from .optim import TensorLRSGD
 from .wrap import wrap_model
 
@@ -92,11 +90,8 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, train_model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor,
                  lrs: torch.Tensor, *, precision: str, memory_format=torch.contiguous_format, start_iter: int = 0,
-                 choice: StepChoice, source: EpochTable | None = None):
+                 choice: StepChoice):
         self.model, self.train_model, self.optimizer, self.mean = model, train_model, optimizer, mean
-        # with a source, the step gathers its own inputs on the device (data/epochs.py) and is
-        # called with no arguments; without one, it is handed each batch (loop.Feed)
-        self.source = source
         self.device = mean.device
         self.precision, self.memory_format = precision, memory_format
         self.choice = choice
@@ -117,9 +112,9 @@ class TrainStep:
         self.inputs: StaticInputs | None = None  # the graph's input buffers
         self._run = self._eager
 
-    def __call__(self, *batch: torch.Tensor) -> None:
-        """step(images_u8, labels, aug), or step() when the step has a source."""
-        self._run(*batch)
+    def __call__(self, images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
+        """One iteration on a batch on the step's device: uint8 images, labels, augmentation draws."""
+        self._run(images_u8, labels, aug)
 
     kind = property(lambda self: self.choice.kind)  # the step that runs: eager, compile or graph
 
@@ -157,13 +152,13 @@ class TrainStep:
         momentum = [s["momentum_buffer"] for s in self.optimizer.state.values()]
         return list(self.model.state_dict().values()) + momentum + [self.it, self.stats, self.bad_iter]
 
-    def use_graph(self, replay, inputs: StaticInputs) -> None:
+    def use_graph(self, replay: Replay, inputs: StaticInputs) -> None:
         """Run `replay` (a captured graph reading `inputs`) instead of the eager step."""
         self._run, self.inputs = replay, inputs
 
     # ----- the step's math ---------------------------------------------------------------------
 
-    def _step(self, images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
+    def _compute(self, images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
         # index_select, not lrs[it]: a 0-d index tensor would be read back to the host
         self.lr.copy_(self.lrs.index_select(0, self.it.clamp(max=len(self.lrs) - 1).view(1)).squeeze(0))
         if self.members == 1:
@@ -187,11 +182,8 @@ class TrainStep:
             self.bad_iter.copy_(torch.where(first_bad, self.it, self.bad_iter))
             self.it.add_(1)
 
-    def _eager(self, *batch: torch.Tensor) -> None:
-        if self.source is not None:
-            batch = self.source.batch(self.it)
-        images_u8, labels, aug = batch
-        self._step(images_u8, labels, aug.to(self.device, non_blocking=True))
+    def _eager(self, images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
+        self._compute(images_u8, labels, aug)
         self.optimizer.zero_grad(set_to_none=True)
 
     def graph_body(self, inputs: StaticInputs) -> None:
@@ -199,17 +191,17 @@ class TrainStep:
         allocates them from the graph's pool, and each replay overwrites them instead of
         accumulating."""
         self.optimizer.zero_grad(set_to_none=True)
-        if self.source is not None:  # captured too: a replay gathers its own batch
-            self.source.gather(self.it, inputs.x, inputs.y, inputs.aug)
-        self._step(inputs.x, inputs.y, inputs.aug)
+        self._compute(inputs.x, inputs.y, inputs.aug)
 
 
 def build_step(model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor, lrs: torch.Tensor, *,
                choice: StepChoice, compile_mode: str = "default", precision: str, memory_format=torch.contiguous_format,
-               ddp: bool = False, batch_per_rank: int = 0, source: EpochTable | None = None) -> TrainStep:
+               ddp: bool = False, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> TrainStep:
     """The step choose_kind chose: the model wrapped in DDP, and in torch.compile
     (`compile_mode`) for the compile step (wrap.py); the graph step captured once (CUDA only,
-    graph.py) and replayed. A failed capture stops a graph asked for by name (GraphUnavailable,
+    graph.py) with `inputs` as its static inputs (sample images, labels, draws: the data's feed's
+    buffers, so a replay handed them copies nothing; as torch.cuda.make_graphed_callables takes
+    sample args) and replayed. A failed capture stops a graph asked for by name (GraphUnavailable,
     before any training step); under auto the eager step runs from the same state, and its
     choice says why."""
     graph = choice.kind == "graph"
@@ -217,10 +209,13 @@ def build_step(model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor, lrs
     with capture.on_side() if capture is not None else nullcontext():  # DDP built where capture runs
         train_model = wrap_model(model, mean.device, ddp, compile_mode if choice.kind == "compile" else "none", graph)
     step = TrainStep(model, train_model, optimizer, mean, lrs, precision=precision, memory_format=memory_format,
-                     choice=choice, source=source)
+                     choice=choice)
     if capture is not None:
+        if inputs is None:
+            raise ValueError("a graph step is captured with sample inputs: build_step(..., inputs=...)")
+        static = StaticInputs(*inputs)
         try:
-            step.use_graph(*capture.capture_agreed(step, batch_per_rank))
+            step.use_graph(capture.capture_agreed(step, static), static)
         except CaptureFailed as e:
             if choice.asked != "auto":
                 raise GraphUnavailable(f"train.step = graph: CUDA-graph capture failed ({e}); the run stops "

@@ -26,8 +26,7 @@ from .. import dist, pretrained
 from ..config import RunConfig
 from ..data import Cifar10, Loaders, open_loaders
 from ..data.augment import training_mean
-from ..data.epochs import EpochTable, epoch_table_for
-from ..data.feed import Feed, feed_for
+from ..data.feed import Feed
 from ..errors import NonFiniteLoss, Preempted
 from ..models import build_model, count_parameters
 from ..pack import build_pack, fuse_optimizer_states, fuse_states, split_optimizer_state, split_state
@@ -59,45 +58,38 @@ def make_model(cfg: RunConfig, ctx: dist.DistContext, seeds: list[int] | None = 
 
 
 def make_step(cfg: RunConfig, plan: Plan, ctx: dist.DistContext, model: nn.Module, optimizer: TensorLRSGD,
-              mean: torch.Tensor, source: EpochTable | None = None) -> TrainStep:
+              mean: torch.Tensor, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> TrainStep:
     """The step the plan chose (step.choose_kind), inputs normalised with `mean` (the data's mean
-    image, on the device); step.choice says which runs and why: auto's graph whose capture fails
-    becomes the eager step, a graph asked for by name stops the run (GraphUnavailable). With a
-    source, the step gathers its own inputs."""
+    image, on the device); a graph captured with `inputs` (the feed's buffers) as its own.
+    step.choice says which runs and why: auto's graph whose capture fails becomes the eager
+    step, a graph asked for by name stops the run (GraphUnavailable)."""
     with dist.stage("model broadcast (DDP set-up)"):
         return build_step(model, optimizer, mean, lr_table(cfg.optim, plan.lr_scale, cfg.dist.scale_warmup_iters),
                           choice=plan.choice, compile_mode=cfg.train.compile, precision=plan.precision,
                           memory_format=memory_format(cfg, ctx.device), ddp=ctx.distributed,
-                          batch_per_rank=plan.batch_per_rank, source=source)
+                          inputs=inputs)
 
 
 def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | None = None,
           plan: Plan | None = None, members: list[RunConfig] | None = None) -> Trainer:
-    """The run of this rank: loaders, model and optimizer, step, and the data's feed of the
-    step. `plan`: what preflight resolved (None: resolved here, for bench, doctor and tests);
-    `stop`: the preemption notice fit() asks at its log points (None: nothing stops it early);
+    """The run of this rank: loaders and the data's feed, model and optimizer, and the step
+    (a graph captured with the feed's buffers as its inputs). `plan`: what preflight resolved
+    (None: resolved here, for bench, doctor and tests); `stop`: the preemption notice fit() asks at its log points (None: nothing stops it early);
     `members`: a pack's runs (pack.member_configs; None: `cfg` alone; cfg is then the first).
     It starts at iteration 0; Trainer.load continues from a checkpoint."""
     members = members or [cfg]
     cfg, seeds = members[0], [m.train.seed for m in members]
     plan = plan or resolve(cfg, ctx.world_size)
-    seed = seeds if len(seeds) > 1 else seeds[0]  # a pack's: FFCV reads each member's order
-    loaders = open_loaders(cfg.data, data, ctx, plan.global_batch, seed)
-    # a resident loader's epochs go to the device whole: the step gathers each batch itself
-    source = epoch_table_for(loaders.train, seeds, plan.global_batch, ctx.rank, ctx.world_size)
-    if source is not None:
-        source.use_epoch(0)  # before capture: the warm-up reads it
+    loaders = open_loaders(cfg.data, data, ctx, plan.global_batch, seeds)
+    feed = Feed(loaders.train)
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
     model, optimizer = make_model(cfg, ctx, seeds)
-    step = make_step(cfg, plan, ctx, model, optimizer, mean, source)
+    step = make_step(cfg, plan, ctx, model, optimizer, mean, feed.inputs)
     plan = plan.ran(step.choice)
-    feed = feed_for(loaders.train, source, seed, plan.global_batch, ctx.rank, ctx.world_size,
-                    out=step.inputs.out if step.inputs else None)
     data_facts = {"train_images": len(data.train), "test_images": len(data.test),
                   "val_images": len(data.val) if data.val is not None else 0,
                   "data_identity": data.identity}  # cifar10 | modified | unknown (data/cifar.py identity)
-    return Trainer(cfg, plan, ctx, model, optimizer, step, loaders, feed, loaders.train.steps, data_facts, stop,
-                   [Member(m) for m in members])
+    return Trainer(cfg, plan, ctx, model, optimizer, step, loaders, feed, data_facts, stop, [Member(m) for m in members])
 
 
 class Logger(Protocol):
@@ -150,8 +142,7 @@ class Trainer:
     optimizer: TensorLRSGD
     step: TrainStep
     loaders: Loaders
-    feed: Feed | EpochTable
-    steps_per_epoch: int
+    feed: Feed
     data_facts: dict[str, Any]  # train/test/val images in use and the data's identity (summary.json: a cut or stand-in data set shows)
     stop: Notice | None = None  # asked at every log point: a signal noted there stops the run (Preempted)
     members: list[Member] = field(default_factory=list)  # [] : the run of cfg alone
@@ -199,7 +190,7 @@ class Trainer:
                 if eval_now:
                     with dist.stage(f"evaluation at iteration {it}"):
                         errors = self.evaluate()
-                    log_evaluation(live, [e for e in errors if e is not None], step, it, self.steps_per_epoch,
+                    log_evaluation(live, [e for e in errors if e is not None], step, it, self.feed.loader.iters_per_epoch,
                                    self.plan.global_batch, bar, named=len(self.members) > 1)
                 if ckpt_now or reason:
                     self.checkpoint()
@@ -224,12 +215,10 @@ class Trainer:
     def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
         """Continue from each member's checkpoint state (state_dicts', of one iteration; a pack's
         are fused: pack.fuse_states), in place: every tensor a captured graph reads keeps its
-        address (TrainStep.load_state), and a step's source holds the epoch of that iteration."""
+        address (TrainStep.load_state)."""
         first, device = states[0], self.ctx.device
         iteration = int(first["iteration"])
         self.step.load_state(*fuse_run_states(states), iteration)
-        if self.step.source is not None:
-            self.step.source.use_epoch(iteration // self.step.source.steps)
         torch.set_rng_state(first["rng_cpu"])
         if "rng_cuda" in first and device.type == "cuda":
             torch.cuda.set_rng_state(first["rng_cuda"], device)
@@ -333,11 +322,11 @@ def log_point(members: list[Member], loggers: list[Logger], records: list[dict |
 
 
 def log_evaluation(live: list[tuple[Member, Logger]], errors: list[dict[str, float]], step: TrainStep, it: int,
-                   steps_per_epoch: int, global_batch: int, bar: RunBar, named: bool) -> None:
+                   iters_per_epoch: int, global_batch: int, bar: RunBar, named: bool) -> None:
     """Each training member's evaluation record (loop.evaluation), logged and shown (`named`: a
     pack's lines start with the run's name)."""
     for (member, member_logger), member_errors in zip(live, errors):
-        member.progress.last_eval, line = evaluation(step, member.progress, member_errors, it, steps_per_epoch,
+        member.progress.last_eval, line = evaluation(step, member.progress, member_errors, it, iters_per_epoch,
                                                      global_batch)
         bar.write(f"{member.cfg.name}  {line}" if named else line)
         member_logger.log(member.progress.last_eval, "eval")
