@@ -26,7 +26,6 @@ class ReportError(RuntimeError):
 class RunRecords:
     path: Path
     name: str
-    model: str
     depth: int
     plain: bool
     seed: int
@@ -67,26 +66,19 @@ class RunRecords:
 
     @property
     def test_error(self) -> float | None:
-        if self.summary and self.summary.get("test_error") is not None:
-            return float(self.summary["test_error"])
-        return _last(self.records, "test_error")
+        return self._final("test_error")
 
     @property
     def train_error(self) -> float | None:
-        if self.summary and self.summary.get("train_error") is not None:
-            return float(self.summary["train_error"])
-        return _last(self.records, "train_error")
+        return self._final("train_error")
+
+    def _final(self, key: str) -> float | None:
+        """summary.json's value, else the newest evaluation's."""
+        return next((float(r[key]) for r in [self.summary or {}, *reversed(self.records)] if r.get(key) is not None), None)
 
     @property
     def net(self) -> str:
         return f"{'Plain' if self.plain else 'ResNet'}-{self.depth}"
-
-
-def _last(records: list[dict[str, Any]], key: str) -> float | None:
-    for r in reversed(records):
-        if r.get(key) is not None:
-            return float(r[key])
-    return None
 
 
 def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -103,24 +95,22 @@ def find_runs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
         if RunDir(p).is_run():
             runs.append(p)
             continue
-        found = sorted(c for c in p.iterdir() if RunDir(c).is_run()) if p.is_dir() else []
+        found = sorted(c for c in p.iterdir() if RunDir(c).is_run())
         if not found:
             empty.append(p)
         runs.extend(found)
-    seen, unique = set(), []
+    unique: dict[Path, Path] = {}  # each folder once, however it was reached
     for r in runs:
-        if r.resolve() not in seen:
-            seen.add(r.resolve())
-            unique.append(r)
-    return unique, empty
+        unique.setdefault(r.resolve(), r)
+    return list(unique.values()), empty
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Evaluation records sorted by iteration; a torn last line is skipped; a record logged
     twice for one iteration (a resumed run) keeps the later one."""
-    by_iter: dict[int, dict[str, Any]] = {}
     if not path.exists():
         return []
+    by_iter: dict[int, dict[str, Any]] = {}
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
@@ -131,14 +121,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def _config_info(path: Path) -> dict[str, Any]:
-    """model / seed / iterations from config.toml, for a run that has no summary yet."""
+    """The net, seed, length, recipe and data folder from config.toml ({}: missing or unreadable)."""
     cfg = RunDir(path).read_config()
-    if cfg is None:  # missing or unreadable: fall back to the folder name
+    if cfg is None:
         return {}
     o = cfg.optim
     recipe = {"optim.batch_size": o.batch_size, "optim.lr": o.lr, "optim.momentum": o.momentum,
               "optim.weight_decay": o.weight_decay, "optim.milestones": list(o.milestones), "model.shortcut": cfg.model.shortcut}
-    return {"model": cfg.model.name, "depth": cfg.model.depth, "plain": cfg.model.plain, "seed": cfg.train.seed,
+    return {"depth": cfg.model.depth, "plain": cfg.model.plain, "seed": cfg.train.seed,
             "iterations": cfg.optim.iters, "name": cfg.name, "recipe": recipe, "data_dir": cfg.data.dir or None}
 
 
@@ -154,32 +144,29 @@ def load_run(path: Path) -> RunRecords:
         raise ReportError(f"{path}: no metrics to report (metrics.jsonl is missing or empty and there is "
                           f"no summary.json): the run has not reached its first evaluation")
     if summary:
-        info.update({k: summary[k] for k in ("name", "model", "depth", "plain", "seed", "iterations") if k in summary})
+        info.update({k: summary[k] for k in ("name", "depth", "plain", "seed", "iterations") if k in summary})
     if "depth" not in info:
         raise ReportError(f"{path}: cannot tell which net this is (no summary.json and no readable config.toml)")
-    return RunRecords(path=path, name=str(info.get("name", path.name)), model=str(info["model"]), depth=int(info["depth"]),
-               plain=bool(info["plain"]), seed=int(info.get("seed", 0)), iterations=int(info["iterations"]),
-               records=records, summary=summary, recipe=info.get("recipe", {}), data_dir=info.get("data_dir"),
-               data={k: summary[k] for k in DATA_FACTS if k in summary} if summary else {})
+    return RunRecords(path=path, name=str(info.get("name", path.name)), depth=int(info["depth"]),
+                      plain=bool(info["plain"]), seed=int(info.get("seed", 0)), iterations=int(info["iterations"]),
+                      records=records, summary=summary, recipe=info.get("recipe", {}), data_dir=info.get("data_dir"),
+                      data={k: summary[k] for k in DATA_FACTS if k in summary} if summary else {})
 
 
-def load_runs(paths: list[Path], skip_empty: bool = False) -> tuple[list[RunRecords], list[str]]:
-    """All runs under the given paths, and notes on what was skipped. With skip_empty, a
-    sub-folder run that has no metrics yet is noted and skipped; a folder named on the command
-    line that holds no metrics is always an error."""
+def load_runs(paths: list[Path]) -> tuple[list[RunRecords], list[str]]:
+    """All runs under the given paths, and notes on what was skipped: a sub-folder run that has
+    no metrics yet is noted and skipped; a folder named on the command line is always an error."""
     run_dirs, empty = find_runs(paths)
     if empty:
-        raise ReportError(
-            f"{', '.join(map(str, empty))}: no runs here (a run folder holds metrics.jsonl or summary.json; "
-            f"parent folders are searched one level down)"
-        )
+        raise ReportError(f"{', '.join(map(str, empty))}: no runs here (a run folder holds metrics.jsonl or "
+                          f"summary.json; parent folders are searched one level down)")
     given = {Path(p).resolve() for p in paths}
     runs, notes = [], []
     for d in run_dirs:
         try:
             runs.append(load_run(d))
         except ReportError as e:
-            if skip_empty and d.resolve() not in given:
+            if d.resolve() not in given:
                 notes.append(str(e))
                 continue
             raise
@@ -214,11 +201,8 @@ def group_runs(runs: list[RunRecords]) -> dict[GroupKey, list[RunRecords]]:
     for r in runs:
         groups[(r.plain, r.depth, r.iterations, r.data_key)].append(r)
     # ResNets first (as in Table 6), then plain nets; each by depth, the longest run and most data first
-    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], -(_images(kv[0][3])))))
-
-
-def _images(key) -> int:
-    return (key[1] or 0) if key else 0
+    # (data_key None: unknown, as 0 images)
+    return dict(sorted(groups.items(), key=lambda kv: (*kv[0][:3], -((kv[0][3] or (0, 0))[1] or 0))))
 
 
 def distinct_seeds(group: list[RunRecords]) -> tuple[list[RunRecords], list[str]]:

@@ -28,13 +28,6 @@ def _pyplot():
     return plt
 
 
-def depth_colour(depth: int, depths: list[int]) -> str:
-    if depth in DEPTH_COLOURS:
-        return DEPTH_COLOURS[depth]
-    extra = [d for d in sorted(depths) if d not in DEPTH_COLOURS]
-    return EXTRA_COLOURS[extra.index(depth) % len(EXTRA_COLOURS)]
-
-
 def mean_curve(group: list[RunRecords], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
     """Iterations logged by every run of the group, with the mean, min and max of `key`."""
     per_run = [{int(r["iter"]): float(r[key]) for r in run.records if r.get(key) is not None} for run in group]
@@ -103,9 +96,9 @@ def _panel(ax, title: str, handles: list) -> None:
     ax.grid(True, alpha=0.3)
     if not handles:
         ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes, color="gray")
-    style = [Line2D([], [], color="k", linestyle="--", linewidth=1.2, label="train error"),
-             Line2D([], [], color="k", linestyle="-", linewidth=2, label="test error")]
-    if handles:
+    else:
+        style = [Line2D([], [], color="k", linestyle="--", linewidth=1.2, label="train error"),
+                 Line2D([], [], color="k", linestyle="-", linewidth=2, label="test error")]
         ax.legend(handles=handles + style, loc="best", fontsize=8, framealpha=0.9)
 
 
@@ -119,11 +112,6 @@ def figure6_panels(runs: list[RunRecords]) -> list[tuple[str, list[RunRecords]]]
     panels = [("plain networks", [r for r in runs if r.plain]), ("ResNets", [r for r in resnets if r.depth != 1202])]
     deep = [r for r in resnets if r.depth in DEEP]
     return panels + ([("ResNet-110 and ResNet-1202", deep)] if deep else [])
-
-
-def net_key(run: RunRecords) -> GroupKey:
-    """A net drawn as one line: its seeds together, each length and each data set apart."""
-    return run.plain, run.depth, run.iterations, run.data_key
 
 
 def net_label(run: RunRecords, runs: list[RunRecords], seeds: int) -> str:
@@ -142,14 +130,13 @@ def net_label(run: RunRecords, runs: list[RunRecords], seeds: int) -> str:
 def net_colours(runs: list[RunRecords]) -> dict[GroupKey, str]:
     """One colour per depth (the same on every panel); a shorter run of the same net, or one on
     other data, drawn apart, takes a colour of its own."""
-    depths = sorted({r.depth for r in runs})
+    unusual = sorted({r.depth for r in runs} - set(DEPTH_COLOURS))  # depths the paper's colours leave out
     colours, extra = {}, iter(EXTRA_COLOURS[::-1] * 4)
     for plain, depth in sorted({(r.plain, r.depth) for r in runs}):
         # group_runs' order: the longest length and the most data first, it keeps the depth's colour
-        keys = [k for k in group_runs(runs) if k[:2] == (plain, depth)]
-        keys.sort(key=lambda k: -k[2])
-        for i, key in enumerate(keys):
-            colours[key] = depth_colour(depth, depths) if i == 0 else next(extra)
+        keys = sorted((k for k in group_runs(runs) if k[:2] == (plain, depth)), key=lambda k: -k[2])
+        colours[keys[0]] = DEPTH_COLOURS.get(depth) or EXTRA_COLOURS[unusual.index(depth) % len(EXTRA_COLOURS)]
+        colours.update((key, next(extra)) for key in keys[1:])
     return colours
 
 
@@ -283,33 +270,26 @@ class NetResponses:
     """One net's layer responses: the mean over its runs (seeds) of each layer's std."""
     net: str
     plain: bool
-    depth: int
     iterations: int
     stds: list[float]
     runs: int
-    key: GroupKey  # net_key: its length and data set
+    key: GroupKey  # group_runs': its length and data set apart
     label: str  # in the legend (net_label)
 
 
 def net_responses(per_run: list[tuple[RunRecords, list[float]]], runs: list[RunRecords]) -> list[NetResponses]:
     """Runs grouped by net, length and data set, each layer's std averaged over the group's
     runs; the paper's Figure 7 nets first, then by plain/ResNet and depth."""
-    groups: dict[GroupKey, list[tuple[RunRecords, list[float]]]] = {}
-    for run, stds in per_run:
-        groups.setdefault(net_key(run), []).append((run, stds))
+    stds = {id(run): values for run, values in per_run}
 
-    def order(key: GroupKey):
-        paper = (key[0], key[1])
-        return (PAPER_FIGURE7.index(paper) if paper in PAPER_FIGURE7 else len(PAPER_FIGURE7), not key[0], key[1], -key[2])
+    def order(item: tuple[GroupKey, list[RunRecords]]):
+        (plain, depth, iterations, _), _ = item
+        paper = PAPER_FIGURE7.index((plain, depth)) if (plain, depth) in PAPER_FIGURE7 else len(PAPER_FIGURE7)
+        return paper, not plain, depth, -iterations
 
-    nets = []
-    for key in sorted(groups, key=order):
-        members = groups[key]
-        layers = list(zip(*(stds for _, stds in members)))
-        nets.append(NetResponses(members[0][0].net, key[0], key[1], key[2],
-                                 [statistics.fmean(v) for v in layers], len(members), key,
-                                 net_label(members[0][0], runs, len(members))))
-    return nets
+    return [NetResponses(group[0].net, key[0], key[2], [statistics.fmean(v) for v in zip(*(stds[id(r)] for r in group))],
+                         len(group), key, net_label(group[0], runs, len(group)))
+            for key, group in sorted(group_runs([run for run, _ in per_run]).items(), key=order)]
 
 
 def figure7(nets: list[NetResponses], runs: list[RunRecords], out: Path, title: str = "") -> Path:

@@ -1,13 +1,8 @@
 """What `reproduce` shows while its runs train, read from their run folders (rundir.Latest and
-metrics.jsonl), never from the runs' output:
-
-- on a terminal, one bar per running run under the suite's own lines (start, done, FAIL),
-  redrawn in place about once a second, and each evaluation as a line above them;
-- in a pipe or a file, no bar: each evaluation as a line, and for a run that has said nothing
-  for QUIET_S a line of where it stands, so a log shows progress without filling up.
-
-The lines are made by plain functions (bar_line, evaluation_line, progress_line); `Watch`
-only decides when to read and where to write.
+metrics.jsonl), never from the runs' output: on a terminal one bar per running run under the
+suite's own lines, redrawn about once a second, each evaluation as a line above them; in a pipe
+or a file no bar, each evaluation as a line, and a line of where a run stands when it has said
+nothing for QUIET_S. Plain functions make the lines; `Watch` decides when to read and write.
 """
 
 from __future__ import annotations
@@ -25,16 +20,11 @@ QUIET_S = 60.0  # off a terminal: a run quiet this long gets a line of where it 
 BAR_MAX = 30  # the bar's own width at most, in characters
 
 
-def _errors(record: dict[str, Any] | None, keys: tuple[str, ...]) -> str:
-    if not record:
-        return ""
-    return "  ".join(f"{k.removesuffix('_error').replace('_', ' ')} err {record[k]:.2f}%"
-                     for k in keys if record.get(k) is not None)
-
-
 def evaluation_line(name: str, record: dict[str, Any], total: int) -> str:
     """`resnet20-s0  eval at 400/2,000  train err 35.20%  test err 40.10%`"""
-    return f"{name}  eval at {record['iter']:,}/{total:,}  " + _errors(record, ("train_error", "val_error", "test_error"))
+    return f"{name}  eval at {record['iter']:,}/{total:,}  " + "  ".join(
+        f"{k.removesuffix('_error')} err {record[k]:.2f}%" for k in ("train_error", "val_error", "test_error")
+        if record.get(k) is not None)
 
 
 def time_left(latest: Latest, total: int, rate: float | None) -> str:

@@ -15,34 +15,24 @@ marked unfinished. Runs of the same net with different iteration counts are kept
 
 from __future__ import annotations
 
+import json
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
-
-import json
 
 from ..config import PAPER_ITERS
 from .discover import ReportError, RunRecords, load_runs
 from .figures import NetResponses, figure6, figure6_panels, figure6_series, figure7, net_responses, run_figure
-from .responses import all_responses, write_caches
+from .responses import FIGURE7_DEFINITION, all_responses, write_caches
 from .tables import (comparable_split, data_words, markdown_table, paper_table6, reference_table, repeated_seeds,
                      runs_table, setting_words, table_rows)
-
-FIGURE7_DEFINITION = (
-    "std of each 3x3 layer's response (its output after BN, before the ReLU or the addition) over the whole "
-    "test set in evaluation mode, over all values (images x channels x positions); layers in forward order "
-    "(the first conv, then each block's two convs); option B's 1x1 projection convs are left out")
-
 
 def what_the_runs_are(runs: list[RunRecords]) -> list[str]:
     """The runs in words: data identity, iterations run of the paper's 64,000, seeds. Printed
     in the terminal and at the top of report.md."""
-    data_sets: dict[str, int] = {}  # each data set in words (its amount, its identity): its number of runs
-    for r in runs:
-        words = data_words([r])
-        data_sets[words] = data_sets.get(words, 0) + 1
-    per_net: dict[str, set[int]] = {}
-    for r in runs:
-        per_net.setdefault(r.net, set()).add(r.seed)
+    data_sets = Counter(data_words([r]) for r in runs)  # each data set in words (amount, identity): its runs
+    per_net = {r.net: {o.seed for o in runs if o.net == r.net} for r in runs}
     _, other = comparable_split(runs)
     lines = ["data: " + "; ".join(f"{n} run(s) on {words}" for words, n in data_sets.items()),
              f"iterations: {', '.join(f'{i:,}' for i in sorted({r.iterations for r in runs}))} "
@@ -134,36 +124,31 @@ def responses_json(responses, nets: list[NetResponses]) -> str:
     }, indent=2) + "\n"
 
 
-def not_drawn(runs: list[RunRecords]) -> list[str]:
-    """Runs Figure 6 cannot draw, named with the reason."""
-    return [f"{r.path}: no evaluation records in metrics.jsonl, not drawn in Figure 6" for r in runs if not r.records]
-
-
-def _file_names(runs: list[RunRecords]) -> dict[int, str]:
-    names: dict[int, str] = {}
-    used: set[str] = set()
-    for i, r in enumerate(runs):
-        base = "".join(c if c.isalnum() or c in "-_." else "_" for c in (r.path.name or r.name))
+def _file_names(runs: list[RunRecords]) -> list[str]:
+    """Each run's curve file name: its folder's name made safe, -2, -3 ... where two share one."""
+    names: list[str] = []
+    for r in runs:
+        base = re.sub(r"[^\w.-]", "_", r.path.name or r.name)
         name, k = base, 2
-        while name in used:
+        while name in names:
             name, k = f"{base}-{k}", k + 1
-        used.add(name)
-        names[i] = name
+        names.append(name)
     return names
 
 
-def write_report(paths: list[Path], out: Path | None = None, title: str = "", skip_empty: bool = True) -> dict[str, Any]:
+def write_report(paths: list[Path], out: Path | None = None, title: str = "") -> dict[str, Any]:
     """Read the runs and their layer responses, then write report.md, figure6.png, figure7.png,
     layer_responses.json and curves/*.png into `out` (default: the first path given). Every
     input is read and checked before anything is written. Returns what was written."""
-    runs, notes = load_runs([Path(p) for p in paths], skip_empty=skip_empty)
+    runs, notes = load_runs([Path(p) for p in paths])
     out = Path(out) if out else Path(paths[0])
     from ..checkpoint import not_a_folder  # (torch: loaded only when a report is written)
 
     if (taken := not_a_folder(out)) is not None:
         raise ReportError(f"--out {out}" + ("" if taken == out else f": {taken}") + " is a file, not a folder")
     responses, left_out = all_responses(runs)
-    notes = notes + left_out + not_drawn(runs)
+    notes += left_out + [f"{r.path}: no evaluation records in metrics.jsonl, not drawn in Figure 6"
+                         for r in runs if not r.records]
     out.mkdir(parents=True, exist_ok=True)
     write_caches(responses)
     title = title or default_title(runs)
@@ -174,10 +159,8 @@ def write_report(paths: list[Path], out: Path | None = None, title: str = "", sk
     if nets:
         (out / "layer_responses.json").write_text(responses_json(responses, nets))
     (out / "curves").mkdir(exist_ok=True)
-    curves = {}
-    for i, name in _file_names(runs).items():
-        if runs[i].records:
-            curves[name] = str(run_figure(runs[i], out / "curves" / f"{name}.png", setting_words([runs[i]])).relative_to(out))
+    curves = {name: str(run_figure(r, out / "curves" / f"{name}.png", setting_words([r])).relative_to(out))
+              for r, name in zip(runs, _file_names(runs)) if r.records}
     md = out / "report.md"
     md.write_text(markdown(runs, figure.name, curves, title, notes, warnings,
                            figure7_section(fig7.name if fig7 else None, nets)))

@@ -1,46 +1,17 @@
-"""`resnetdist reproduce`: the whole section 4.2 suite in one command, then the report.
+"""`resnetdist reproduce`: the whole section 4.2 suite in one command, then the report
+(docs/suite.md). Each run is one `python -m resnetdist train --config OUT/suite/configs/<name>.toml`
+(its resolved config, listed in OUT/suite/suite.json) in OUT/<name>, longest first (depth x
+iterations, so the short runs fill the end), locally over --runs-per-gpu slots per device or on
+Slurm (slurm.py). Separate processes keep each run independent (a seed gives the same weights
+alone or packed) and still gained 12% / 23% total throughput with 2 / 4 ResNet-20s on an H100.
+Everything is read back from files (and squeue/sacct), so `--status OUT` works from any process
+and rerunning the command resumes: finished runs are skipped, the others continue from their
+newest checkpoint. A failed run does not stop the others (exit 1 at the end).
 
-    resnetdist reproduce --depths 20,32,44,56,110 --plain --seeds 5 --out runs/
-    resnetdist reproduce ... --runs-per-gpu 2                     # two runs share each GPU
-    resnetdist reproduce ... --seeds 4 --pack 4                    # a net's 4 seeds as one fused model
-    resnetdist reproduce ... --launcher slurm --partition gpu      # one Slurm job array
-    resnetdist reproduce --status runs/                            # where a suite stands
-
-Four steps:
-
-1. plan: every run (ResNet and, with --plain, plain net, at each depth, seeds 0..K-1) gets
-   its resolved configuration written to OUT/suite/configs/<name>.toml, and OUT/suite/suite.json
-   lists the runs. Each run is one `python -m resnetdist train --config <that file>` with its
-   own folder OUT/<name> (e.g. runs/resnet20-s0) and its output in OUT/<name>/train.log. Runs
-   are ordered longest first (depth x iterations: ResNet-110 before ResNet-20), so the last
-   runs to start are the short ones and the suite ends sooner.
-2. schedule, locally: a pool of slots, --runs-per-gpu of them per device. With --gpus 0,1,...
-   each run gets CUDA_VISIBLE_DEVICES=<one id>; with no --gpus and CUDA present, every visible
-   GPU is in the pool; on the CPU the pool is one device. At batch 128 one ResNet-20 run
-   leaves an H100 partly idle (kernel-launch bound); packing 2 or 4 runs as separate
-   processes gained 12% / 23% total throughput in a measurement, at the price of every run's
-   own timing. Each run stays a single independent process, so a seed gives the same weights
-   whether it ran alone or packed.
-   Or on Slurm (slurm.py): one job array, one task per run (or per --runs-per-task runs).
-3. wait / status: a run is done when its summary.json records the planned iterations;
-   otherwise the scheduler's state says whether it is queued, running or failed. All of it
-   is read from files and from squeue/sacct, so `--status OUT` works from any process later.
-   While runs train, each one's progress is shown from its folder (live.py): a bar per running
-   run on a terminal, its evaluations as lines in a pipe or a file.
-4. report: report.md, figure6.png, figure7.png and curves/ in OUT from whatever finished (the
-   closing line names them), and, with W&B on, a summary run of the suite holding the table
-   and the figures.
-
-Restarting the same command is safe: finished runs are skipped; an interrupted or failed one
-is started (submitted) again and `train` resumes it from its newest checkpoint; on Slurm a
-run still queued or running is left alone. A run that fails does not stop the others; at the
-end every failure is listed with its log, and the command exits 1.
-
-Ctrl-C (locally): the runs live in sessions of their own, so the terminal's SIGINT reaches this
-process alone, which passes each press on to every running run once (`Stop`): the first stops
-each at its next log point with a checkpoint, a second at once, as with `train`. No new run
-starts; the command lists the runs as `interrupted`, says how to resume and exits 130
-(SIGTERM likewise: the runs stop at a checkpoint, exit 6).
+Ctrl-C (locally): the runs live in sessions of their own, so SIGINT reaches this process alone,
+which passes each press on to every running run once (`Stop`): the first stops each at its next
+log point with a checkpoint, a second at once, as with `train`. No new run starts; exit 130
+(SIGTERM likewise, exit 6).
 """
 
 from __future__ import annotations
@@ -61,7 +32,7 @@ from ..checkpoint import atomic_write_text
 from ..config import ConfigError, RunConfig, depth_to_n, load_config, to_toml
 from ..errors import INTERRUPTED, PREEMPTED
 from ..progress import plural
-from ..rundir import RunDir, append_exit, log_ending
+from ..rundir import RunDir, append_exit, log_ending, read_json
 from .live import Watch
 
 SUITE_DIR = "suite"  # inside OUT: suite.json, configs/, the Slurm script and its logs, W&B summary run
@@ -92,10 +63,6 @@ class Job:
         """Relative length: blocks x iterations (the step time grows with depth)."""
         return self.n * self.iterations
 
-    @property
-    def argv(self) -> list[str]:
-        return ["train", "--config", str(self.config)]
-
 
 @dataclass
 class Outcome:
@@ -114,6 +81,11 @@ def parse_ints(text: str, what: str) -> list[int]:
     return values
 
 
+def at_least(flag: str, value: int, least: int = 1) -> None:
+    if value < least:
+        raise ConfigError(f"{flag} must be >= {least}, got {value}")
+
+
 def suite_name(out: Path) -> str:
     """The suite is named after its folder: the W&B group and the Slurm job name."""
     return out.resolve().name or "suite"
@@ -123,8 +95,7 @@ def plan(depths: list[int], plain: bool, seeds: int, out: Path, iters: int | Non
          overrides: list[str], config: Path | None = None, data_dir: Path | None = None,
          device: str | None = None) -> list[Job]:
     """The runs, longest first, each with its resolved configuration (nothing is written)."""
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    at_least("--seeds", seeds)
     out = out.resolve()
     configs = out / SUITE_DIR / "configs"
     jobs = []
@@ -170,10 +141,7 @@ def write_plan(jobs: list[Job], out: Path, launcher: str) -> None:
 
 
 def read_manifest(out: Path) -> dict | None:
-    try:
-        return json.loads((out / SUITE_DIR / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json(out / SUITE_DIR / MANIFEST)
 
 
 def write_manifest(out: Path, manifest: dict) -> None:
@@ -218,16 +186,14 @@ def device_pool(gpus: str | None, device: str | None) -> list[str | None]:
 
 def slots(pool: list[str | None], runs_per_gpu: int) -> list[str | None]:
     """K slots per device, interleaved (0,1,0,1), so the first runs spread over all devices."""
-    if runs_per_gpu < 1:
-        raise ConfigError(f"--runs-per-gpu must be >= 1, got {runs_per_gpu}")
+    at_least("--runs-per-gpu", runs_per_gpu)
     return [device for _ in range(runs_per_gpu) for device in pool]
 
 
 def packs(jobs: list[Job], size: int) -> list[list[Job]]:
     """The jobs in groups of up to `size` seeds of one net (--pack: each group one process, one
     fused model, pack.py), in the jobs' order (the longest first); size 1: one job each."""
-    if size < 1:
-        raise ConfigError(f"--pack must be >= 1, got {size}")
+    at_least("--pack", size)
     groups: dict[tuple[int, bool], list[list[Job]]] = {}
     order = []
     for job in jobs:
@@ -239,18 +205,12 @@ def packs(jobs: list[Job], size: int) -> list[list[Job]]:
     return order
 
 
-def pack_argv(jobs: list[Job], out: Path) -> list[str]:
-    """One job's train command, or a pack's: the first member's configuration with every
-    member's seed (train --seeds), each run in out/<net>-s<seed> as planned."""
-    if len(jobs) == 1:
-        return jobs[0].argv
-    return [*jobs[0].argv, "--seeds", ",".join(str(j.seed) for j in jobs), "--out", str(out.resolve())]
-
-
 def start(jobs: list[Job], gpu: str | None, out: Path) -> subprocess.Popen:
-    """The process of a job, or of a pack of jobs: its output in the first one's train.log (the
-    others' logs say where it is)."""
-    job, argv = jobs[0], pack_argv(jobs, out)
+    """The process of a job, or of a pack (the first one's config with every member's seed, each
+    run in out/<net>-s<seed>): its output in the first one's train.log (the others' logs say so)."""
+    job, argv = jobs[0], ["train", "--config", str(jobs[0].config)]
+    if len(jobs) > 1:
+        argv += ["--seeds", ",".join(str(j.seed) for j in jobs), "--out", str(out.resolve())]
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
@@ -260,10 +220,9 @@ def start(jobs: list[Job], gpu: str | None, out: Path) -> subprocess.Popen:
         with open(other.log, "a") as f:
             f.write(f"{stamp}  (packed with {job.name}: the output is in {job.log})\n")
     job.run_dir.mkdir(parents=True, exist_ok=True)
-    log = open(job.log, "a")
-    log.write(f"{stamp}{f'  (CUDA_VISIBLE_DEVICES={gpu})' if gpu is not None else ''}\n")
-    log.flush()
-    try:
+    with open(job.log, "a") as log:
+        log.write(f"{stamp}{f'  (CUDA_VISIBLE_DEVICES={gpu})' if gpu is not None else ''}\n")
+        log.flush()
         # a session of its own: the terminal's Ctrl-C reaches this command alone, which passes it on
         # once (Stop); were the run in the terminal's group too, it would count two presses. If this
         # command dies without passing anything on (SIGKILL, a closed terminal), the kernel sends the
@@ -271,8 +230,6 @@ def start(jobs: list[Job], gpu: str | None, out: Path) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "resnetdist", *argv], stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True, preexec_fn=_terminate_with_parent)
-    finally:
-        log.close()
 
 
 def _terminate_with_parent() -> None:
@@ -339,13 +296,15 @@ def _collect(proc: subprocess.Popen, job: Job, secs: float, echo: Callable[[str]
     return Outcome(job, "failed", f"{why}; log {job.log}")
 
 
-def run_all(jobs: list[Job], pool: list[str | None], echo: Callable[[str], None] = print,
-            poll_s: float = 0.25, bars: TextIO | None = None, pack: int = 1, out: Path | None = None) -> list[Outcome]:
+POLL_S = 0.25  # how often the running processes are checked
+
+
+def run_all(jobs: list[Job], pool: list[str | None], echo: Callable[[str], None], bars: TextIO | None, pack: int,
+            out: Path) -> list[Outcome]:
     """Run the jobs in order over the slots (a device listed K times takes K processes at
-    once), with `pack` > 1 up to that many seeds of a net in one process (packs), showing each
-    running run's progress (live.Watch: `bars`, a terminal to draw them on; else evaluation
-    lines). After Ctrl-C or SIGTERM (Stop) no new run starts and the running ones stop at a
-    checkpoint; the runs never started are left out of the outcomes."""
+    once), up to `pack` seeds of a net in one process (packs), showing each running run's
+    progress (live.Watch: on `bars`, a terminal, else as lines). After Ctrl-C or SIGTERM (Stop)
+    no new run starts, the running ones stop at a checkpoint and the rest are "not started"."""
     outcomes = [Outcome(j, "skipped") for j in jobs if finished(j)]
     for o in outcomes:
         echo(f"skip  {o.job.name}: already finished ({summary_line(o.job)})")
@@ -364,11 +323,11 @@ def run_all(jobs: list[Job], pool: list[str | None], echo: Callable[[str], None]
                     where = f"GPU {gpu}" if gpu is not None else "this machine"
                     names = " + ".join(j.name for j in group) + (" as one fused model" if len(group) > 1 else "")
                     watch.say(f"[{started}/{total}] start {names} on {where}{resume}; log {group[0].log}")
-                    running[start(group, gpu, out or group[0].run_dir.parent)] = (group, gpu, time.monotonic())
+                    running[start(group, gpu, out)] = (group, gpu, time.monotonic())
                     for job in group:
                         watch.add(job.name, job.run, job.iterations)
                 stop.pass_on(running, watch.say)
-                time.sleep(poll_s)
+                time.sleep(POLL_S)
                 watch.poll()
                 for proc in [p for p in running if p.poll() is not None]:
                     group, gpu, t0 = running.pop(proc)
@@ -386,7 +345,7 @@ def run_all(jobs: list[Job], pool: list[str | None], echo: Callable[[str], None]
 # ----- report --------------------------------------------------------------------------------------
 
 
-def report(jobs: list[Job], out: Path, base: RunConfig, echo: Callable[[str], None]) -> dict | None:
+def report(out: Path, base: RunConfig, echo: Callable[[str], None]) -> dict | None:
     """report.md / figure6.png from whatever finished, then the suite's W&B summary run."""
     from .wandb_report import log_suite_report
     from .report import ReportError, write_report
@@ -399,9 +358,7 @@ def report(jobs: list[Job], out: Path, base: RunConfig, echo: Callable[[str], No
     echo(written_line(written))
     manifest = read_manifest(out) or {}
     group = base.log.wandb_group or suite_name(out)
-    run_id = log_suite_report(base.log, out / SUITE_DIR, group, manifest.get("wandb_report_id"),
-                              written["table"], Path(written["figure"]), Path(written["report"]),
-                              written["figure6_series"])
+    run_id = log_suite_report(base.log, out / SUITE_DIR, group, manifest.get("wandb_report_id"), written)
     if run_id:
         manifest["wandb_report_id"] = run_id
         write_manifest(out, manifest)
@@ -472,7 +429,7 @@ def reproduce(depths: list[int], plain: bool, seeds: int, out: Path, gpus: str |
         list_failures(outcomes, len(jobs), echo)
         say_how_to_resume(outcomes, echo)
         return outcomes, None
-    written = report(jobs, out, base, echo)
+    written = report(out, base, echo)
     list_failures(outcomes, len(jobs), echo)
     return outcomes, written
 

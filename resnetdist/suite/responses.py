@@ -1,13 +1,6 @@
-"""Layer responses (He et al. 2015, Figure 7), computed from a finished run's model.pt.
-
-A 3x3 layer's response is its output after its BN, before the ReLU or the shortcut addition;
-its std is taken over the whole test set in evaluation mode (BN running statistics), over
-all values of that output (images x channels x positions), in true fp32. Layers in forward
-order: the first conv, then each block's two convs. Option B's 1x1 projection convs (and
-their BN) are not 3x3 layers and are left out.
-
-Each run's values are cached in its folder (RunDir.responses_cache) with model.pt's sha256, so a second
-report reads them back unless model.pt changed.
+"""Layer responses (He et al. 2015, Figure 7), computed from a finished run's model.pt as
+FIGURE7_DEFINITION says, in true fp32, and cached in the run's folder (RunDir.responses_cache)
+with model.pt's sha256.
 """
 
 from __future__ import annotations
@@ -21,9 +14,13 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from ..rundir import RunDir
+from ..rundir import RunDir, read_json
 from .discover import ReportError, RunRecords
 
+FIGURE7_DEFINITION = (
+    "std of each 3x3 layer's response (its output after BN, before the ReLU or the addition) over the whole "
+    "test set in evaluation mode, over all values (images x channels x positions); layers in forward order "
+    "(the first conv, then each block's two convs); option B's 1x1 projection convs are left out")
 BATCH = 500  # test images per forward pass
 BAR_DELAY_S = 3.0  # the progress bar appears only when the work takes longer than this
 
@@ -35,9 +32,6 @@ class Responses:
     stds: list[float]
     cached: bool
     model_sha256: str
-
-    def cache_text(self) -> str:
-        return json.dumps({"model_sha256": self.model_sha256, "stds": self.stds}) + "\n"
 
 
 def response_maps(model: torch.nn.Module, x: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -65,41 +59,23 @@ def layer_stds(model: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor,
     from ..training import true_fp32
 
     model.eval()
-    sums: list[torch.Tensor] = []
-    squares: list[torch.Tensor] = []
-    counts: list[int] = []
+    totals = None  # per layer: sum, sum of squares, count
     batches = range(0, len(images), BATCH)
     with true_fp32(), progress_bar(f"layer responses {label}", total=len(batches), unit="batch",
                                    delay=BAR_DELAY_S) as bar:
         for start in batches:
             x = normalize(images[start : start + BATCH], mean)
-            for i, response in enumerate(response_maps(model, x)):
-                r = response.double()
-                if i == len(sums):
-                    sums.append(torch.zeros((), dtype=torch.float64, device=r.device))
-                    squares.append(torch.zeros((), dtype=torch.float64, device=r.device))
-                    counts.append(0)
-                sums[i] += r.sum()
-                squares[i] += (r * r).sum()
-                counts[i] += r.numel()
+            stats = torch.tensor([(r.sum().item(), (r * r).sum().item(), r.numel())
+                                  for r in (m.double() for m in response_maps(model, x))], dtype=torch.float64)
+            totals = stats if totals is None else totals + stats
             bar.update(1)
-    stds = []
-    for s, q, n in zip(sums, squares, counts):
-        m = s.item() / n
-        stds.append(max(q.item() / n - m * m, 0.0) ** 0.5)
-    return stds
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    s, q, n = totals.T
+    return (q / n - (s / n) ** 2).clamp(min=0).sqrt().tolist()
 
 
 def _cached(run: RunRecords, sha: str) -> list[float] | None:
-    try:
-        data = json.loads(RunDir(run.path).responses_cache.read_text())
-    except (OSError, ValueError):
-        return None
-    if isinstance(data, dict) and data.get("model_sha256") == sha and isinstance(data.get("stds"), list):
+    data = read_json(RunDir(run.path).responses_cache) or {}
+    if data.get("model_sha256") == sha and isinstance(data.get("stds"), list):
         return [float(v) for v in data["stds"]]
     return None
 
@@ -129,7 +105,7 @@ def run_responses(run: RunRecords, images: CifarTestSets) -> Responses:
     from ..models import build_model
 
     path = RunDir(run.path).model
-    sha = _sha256(path)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
     if (stds := _cached(run, sha)) is not None:
         return Responses(run, stds, True, sha)
     try:
@@ -176,6 +152,7 @@ def write_caches(responses: list[Responses]) -> None:
     for r in responses:
         if not r.cached:
             try:
-                atomic_write_text(RunDir(r.run.path).responses_cache, r.cache_text())
+                atomic_write_text(RunDir(r.run.path).responses_cache,
+                                  json.dumps({"model_sha256": r.model_sha256, "stds": r.stds}) + "\n")
             except (OSError, WriteError):
                 pass

@@ -1,21 +1,15 @@
-"""`reproduce --launcher slurm`: the suite as one Slurm job array.
+"""`reproduce --launcher slurm`: the suite as one Slurm job array (docs/suite.md).
 
-One array task per run (or per --runs-per-task runs, started side by side and spread over the
-task's GPUs). Each task runs `python -m resnetdist train --config OUT/suite/configs/<run>.toml`,
-the run's resolved configuration written before submission, with its output appended to
-OUT/<run>/train.log. With --pack K a task's process trains up to K seeds of a net as one fused
-model (reproduce.packs; `train --seeds`, its output in the first member's train.log, the
-others' logs saying so), and --runs-per-task counts such processes. The script asks for `--requeue` and for USR1 shortly before the time
-limit, on which it requeues its own task; `train` resumes a run from its newest checkpoint
-whenever it starts, so a requeued or resubmitted task continues where it stopped.
-
-Submission: the script is written to OUT/suite/array-<n>.sbatch, checked with
-`sbatch --test-only` (a bad partition, account, time or --sbatch-arg is refused before
-anything is queued) and submitted with `sbatch --parsable`. OUT/suite/suite.json records
-each submission: job id and which runs each array task trains. A run's state comes from its
-folder (status.py: the lock held, summary.json, checkpoints, the log's end) and, where the
-folder cannot know, from the scheduler (squeue, then sacct where accounting is kept): queued,
-starting, or failed (left the queue without a summary).
+One array task per run (or per --runs-per-task processes, side by side over the task's GPUs;
+with --pack K each process trains up to K seeds of a net as one fused model, reproduce.packs).
+Each runs `python -m resnetdist train --config OUT/suite/configs/<run>.toml`, output appended
+to OUT/<run>/train.log. The script asks for `--requeue` and for USR1 shortly before the time
+limit, on which it requeues its own task; `train` resumes from the newest checkpoint whenever
+it starts. The script (OUT/suite/array-<n>.sbatch) is checked with `sbatch --test-only` (a bad
+partition, account, time or --sbatch-arg is refused before anything is queued), then submitted;
+suite.json records each submission. A run's state comes from its folder (status.py) and, where
+the folder cannot know, from squeue / sacct: queued, starting, or failed (left the queue
+without a summary).
 """
 
 from __future__ import annotations
@@ -31,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import ConfigError
-from .reproduce import (SUITE_DIR, Job, Outcome, jobs_from_manifest, packs, read_manifest, suite_name,
+from .reproduce import (SUITE_DIR, Job, Outcome, at_least, jobs_from_manifest, packs, read_manifest, suite_name,
                         write_manifest, write_plan)
 from .status import RunStatus, run_status, table, to_json
 
@@ -60,12 +54,9 @@ class SlurmOptions:
     poll_s: float = 10.0
 
     def validate(self) -> None:
-        if self.gpus_per_task < 0:
-            raise ConfigError(f"--gpus-per-task must be >= 0, got {self.gpus_per_task}")
-        if self.runs_per_task < 1:
-            raise ConfigError(f"--runs-per-task must be >= 1, got {self.runs_per_task}")
-        if self.pack < 1:
-            raise ConfigError(f"--pack must be >= 1, got {self.pack}")
+        at_least("--gpus-per-task", self.gpus_per_task, 0)
+        at_least("--runs-per-task", self.runs_per_task)
+        at_least("--pack", self.pack)
         for arg in self.sbatch_args:
             name = arg.split("=", 1)[0]
             if not SBATCH_ARG.match(arg):
@@ -94,11 +85,6 @@ def pack(jobs: list[Job], runs_per_task: int, size: int = 1) -> dict[int, list[l
     trains, one, or a pack of up to `size` seeds of a net (reproduce.packs)."""
     groups = packs(jobs, size)
     return {t: groups[i : i + runs_per_task] for t, i in enumerate(range(0, len(groups), runs_per_task))}
-
-
-def task_runs(tasks: dict[int, list[list[Job]]]) -> dict[int, list[str]]:
-    """Array task id -> the names of every run it trains (suite.json's record)."""
-    return {t: [j.name for group in groups for j in group] for t, groups in tasks.items()}
 
 
 def sbatch_lines(out: Path, tasks: dict[int, list[list[Job]]], opts: SlurmOptions) -> list[str]:
@@ -228,7 +214,7 @@ def _sbatch(args: list[str], script: Path) -> str:
     return proc.stdout.strip()
 
 
-def submit(out: Path, jobs: list[Job], opts: SlurmOptions) -> tuple[str, dict[int, list[str]]]:
+def submit(out: Path, jobs: list[Job], opts: SlurmOptions) -> tuple[str, dict[int, list[list[Job]]]]:
     """Write, check (sbatch --test-only) and submit the array for `jobs`; record it in suite.json."""
     tasks = pack(jobs, opts.runs_per_task, opts.pack)
     manifest = read_manifest(out) or {}
@@ -239,7 +225,7 @@ def submit(out: Path, jobs: list[Job], opts: SlurmOptions) -> tuple[str, dict[in
     _sbatch(["--test-only"], script)
     job_id = _sbatch(["--parsable"], script).split(";")[0]
     submissions.append({"job_id": job_id, "script": str(script), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                        "tasks": {str(t): names for t, names in task_runs(tasks).items()}})
+                        "tasks": {str(t): [j.name for group in groups for j in group] for t, groups in tasks.items()}})
     write_manifest(out, manifest)
     return job_id, tasks
 
@@ -279,12 +265,9 @@ def run_states(out: Path, jobs: list[Job]) -> dict[str, RunStatus]:
     """Run name -> its status: what its folder says (status.run_status: running, done,
     interrupted, failed, stopped, not started), and where the folder cannot know, the
     scheduler's word: queued, starting, or failed (left the queue without a summary)."""
-    submissions = (read_manifest(out) or {}).get("submissions", [])
-    where: dict[str, str] = {}  # run -> "<job>_<task>" of its latest submission
-    for sub in submissions:
-        for task, names in sub["tasks"].items():
-            for name in names:
-                where[name] = f"{sub['job_id']}_{task}"
+    where = {name: f"{sub['job_id']}_{task}"  # run -> "<job>_<task>" of its latest submission
+             for sub in (read_manifest(out) or {}).get("submissions", []) for task, names in sub["tasks"].items()
+             for name in names}
     states = scheduler_states(sorted({w.split("_")[0] for w in where.values()}))
     return {job.name: with_scheduler(run_status(job.run_dir, job.name, job.iterations), where.get(job.name),
                                      states, job.log)
@@ -310,17 +293,16 @@ def status_table(out: Path, jobs: list[Job]) -> tuple[str, dict[str, RunStatus]]
     return table(list(states.values()), suite_name(out)), states
 
 
-def show_status(out: Path, as_json: bool = False, echo: Callable[[str], None] = print) -> dict[str, RunStatus]:
+def show_status(out: Path, as_json: bool, echo: Callable[[str], None]) -> None:
     """`reproduce --status OUT`: the table, from files and the scheduler, in any process."""
     table_text, states = status_table(out, jobs_from_manifest(out))
     echo(to_json(list(states.values())) if as_json else table_text)
-    return states
 
 
 # ----- the suite ------------------------------------------------------------------------------------
 
 
-def wait(out: Path, jobs: list[Job], poll_s: float, echo: Callable[[str], None]) -> dict[str, tuple[str, str]]:
+def wait(out: Path, jobs: list[Job], poll_s: float, echo: Callable[[str], None]) -> dict[str, RunStatus]:
     """Poll until no run is queued or running, printing the table whenever it changes."""
     last = None
     while True:

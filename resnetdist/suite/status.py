@@ -1,17 +1,10 @@
 """Where a run stands, in the words of `resnetdist runs DIR`, `reproduce --status OUT` and the
-Slurm suite's wait; RunDir.state (rundir.py) decides it, from the folder alone:
-
-- running: a live process holds the run directory's lock (rundir.py): its host and pid
-  from the lock file, the iteration of its newest record (progress.jsonl's training record of
-  the last log point, or metrics.jsonl's evaluation), the training error there, and the time
-  left at the rate of its newest evaluation record;
-- done: summary.json records the run's planned iterations (its test error);
-- interrupted / stopped: not running, a checkpoint to resume from; `interrupted` when the log's
-  last line says a Ctrl-C or a preemption notice stopped it, `stopped` when nothing says why
-  (a kill, a crash without a log, a run started by hand);
-- failed: the run's log (a suite's train.log) ends with an error or a non-zero exit code that is
-  not a stop at a checkpoint (the code and the log's last line);
-- not started: nothing trained yet.
+Slurm suite's wait. RunDir.state (rundir.py) decides it from the folder alone; this module names
+it: running (host and pid from the lock, the newest iteration and training error, the time left
+at its newest evaluation's rate), done (summary.json at the planned length), interrupted (the
+log's last line says a Ctrl-C or preemption stopped it) or stopped (nothing says why: a kill, a
+crash, a run started by hand) with the checkpoint it resumes from, failed (an error or a
+non-zero exit code that is no stop at a checkpoint), not started.
 """
 
 from __future__ import annotations
@@ -19,7 +12,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from ..progress import duration, plural
 from ..rundir import Latest, RunDir, RunState
@@ -43,15 +35,6 @@ class RunStatus:
     exit_code: int | None = None
     last_line: str | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def planned_iterations(run: RunDir) -> int | None:
-    """The run's planned length (its config.toml's), None when that cannot be read."""
-    cfg = run.read_config()
-    return cfg.optim.iters if cfg is not None else None
-
 
 # RunDir.state's kinds in the words of the table
 SHOWN = {"fresh": "not started", "resumable": "stopped", "running": "running", "stopped": "interrupted",
@@ -61,8 +44,9 @@ SHOWN = {"fresh": "not started", "resumable": "stopped", "running": "running", "
 def run_status(run_dir: Path, name: str | None = None, iterations: int | None = None) -> RunStatus:
     """The state of one run folder (`iterations`: its planned length, else its config.toml's)."""
     run = RunDir(run_dir)
-    status = RunStatus(name or run.path.name, str(run.path), "not started",
-                       iterations=iterations or planned_iterations(run))
+    if not iterations and (cfg := run.read_config()) is not None:
+        iterations = cfg.optim.iters
+    status = RunStatus(name or run.path.name, str(run.path), "not started", iterations=iterations or None)
     state = run.state(status.iterations, name)
     status.state, status.iteration = SHOWN[state.kind], state.iteration
     if state.kind == "running":
@@ -104,9 +88,9 @@ def running(status: RunStatus, state: RunState, run: RunDir) -> RunStatus:
     return status
 
 
-def total_line(statuses: list[RunStatus]) -> str:
-    counts = {s: sum(r.state == s for r in statuses) for s in (*STATES, "queued")}
-    return f"{len(statuses)} run(s): " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+def counts(statuses: list[RunStatus]) -> dict[str, int]:
+    """Runs per state, the states no run is in left out."""
+    return {s: n for s in (*STATES, "queued") if (n := sum(r.state == s for r in statuses))}
 
 
 def labels(statuses: list[RunStatus]) -> list[str]:
@@ -132,11 +116,10 @@ def table(statuses: list[RunStatus], title: str = "") -> str:
     names = labels(statuses)
     width = max((len(n) for n in names), default=0)
     lines = [f"  {n:<{width}}  {r.state:<11}  {r.detail}".rstrip() for n, r in zip(names, statuses)]
-    total = total_line(statuses)
+    total = f"{len(statuses)} run(s): " + ", ".join(f"{n} {s}" for s, n in counts(statuses).items())
     return "\n".join([*lines, f"{title}: {total}" if title else total])
 
 
 def to_json(statuses: list[RunStatus]) -> str:
-    counts = {s: sum(r.state == s for r in statuses) for s in (*STATES, "queued")}
-    return json.dumps({"runs": [r.as_dict() for r in statuses], "total": len(statuses),
-                       "counts": {s: n for s, n in counts.items() if n}}, indent=2)
+    return json.dumps({"runs": [asdict(r) for r in statuses], "total": len(statuses), "counts": counts(statuses)},
+                      indent=2)

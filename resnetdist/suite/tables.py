@@ -105,19 +105,6 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def paper_value(plain: bool, depth: int) -> str:
-    return (PAPER_PLAIN if plain else PAPER_RESNET).get(depth, "–")
-
-
-def seed_repo_value(plain: bool, depth: int) -> str:
-    return (SEED_REPO_PLAIN if plain else SEED_REPO_RESNET).get(depth, "–")
-
-
 def repeated_seeds(runs: list[RunRecords]) -> list[str]:
     return [note for group in group_runs(runs).values() for note in distinct_seeds(group)[1]]
 
@@ -130,13 +117,15 @@ def table_rows(runs: list[RunRecords]) -> list[dict[str, Any]]:
         group = distinct_seeds(group)[0]
         done = [r for r in group if r.finished and r.test_error is not None]
         errs = [r.test_error for r in done]
-        mean, std = mean_std(errs) if errs else (None, None)
         train = [r.train_error for r in done if r.train_error is not None]
         rows.append({"net": group[0].net, "depth": depth, "plain": plain, "iterations": iters,
-                     "runs": len(done), "unfinished": len(group) - len(done), "test_error_mean": mean,
-                     "test_error_std": std, "test_error_best": min(errs) if errs else None,
+                     "runs": len(done), "unfinished": len(group) - len(done),
+                     "test_error_mean": statistics.fmean(errs) if errs else None,
+                     "test_error_std": statistics.stdev(errs) if len(errs) > 1 else None,
+                     "test_error_best": min(errs) if errs else None,
                      "train_error_mean": statistics.fmean(train) if train else None,
-                     "paper": paper_value(plain, depth), "seed_repo": seed_repo_value(plain, depth),
+                     "paper": (PAPER_PLAIN if plain else PAPER_RESNET).get(depth, "–"),
+                     "seed_repo": (SEED_REPO_PLAIN if plain else SEED_REPO_RESNET).get(depth, "–"),
                      "comparable": not group_reasons(group),
                      "data_identity": ",".join(sorted({r.data_identity for r in group})),
                      "train_images": group[0].train_images, "data": images_words(group[0])})
@@ -156,8 +145,7 @@ def markdown_table(runs: list[RunRecords], paper: bool = True) -> str:
     several = {(r["plain"], r["depth"]) for r in rows
                if sum((o["plain"], o["depth"], o["iterations"]) == (r["plain"], r["depth"], r["iterations"]) for o in rows) > 1}
     for row, group in zip(rows, groups):
-        cell = "–" if row["test_error_mean"] is None else f"{row['test_error_mean']:.2f}" + (
-            f" ± {row['test_error_std']:.2f}" if row["test_error_std"] is not None else "")
+        cell = _fmt(row["test_error_mean"]) + (f" ± {row['test_error_std']:.2f}" if row["test_error_std"] is not None else "")
         count = f"{row['runs']}" + (f" (+{row['unfinished']} unfinished)" if row["unfinished"] else "")
         why = f"{row['paper']} | {row['seed_repo']}" if paper else "; ".join(group_reasons(group))
         net = row["net"] + (f" ({row['data'] or 'data unknown'})" if (row["plain"], row["depth"]) in several else "")

@@ -1,38 +1,32 @@
 """`resnetdist bench`: time the training step, in one process and one run, for two plain
 PyTorch baselines and for this project's settings; `resnetdist bench loader`: images/s each
-loader delivers, augmented, on the device.
+loader delivers, augmented, on the device. docs/benchmarks.md tells the baselines apart:
+"baseline" (the speed-ups are against it) is a plain loop at its best, per-image transforms
+written out in torch in DataLoader workers, non_blocking copies, the loss read back every
+LOSS_READ_EVERY steps; "peer" (speedup_vs_peer) is a typical public script's loop, torchvision's
+transforms on PIL images and loss.item() every step.
 
-Two baselines, both fp32, eager, torch.optim.SGD, cudnn.benchmark on, DataLoader workers:
-* "baseline" (the speed-ups are against it): a plain loop at its best. Per-image transforms
-  (pad 4, random 32x32 crop, random flip, to-tensor, normalize) written out in torch, on the
-  CPU in `--workers` DataLoader workers with pinned memory, non_blocking copies to the device,
-  and the loss read back (a host sync) only every LOSS_READ_EVERY = 100 steps.
-* "peer" (speedup_vs_peer): the loop a typical public script runs (e.g. akamaster's): the
-  loss read back with loss.item() every step, torchvision's RandomCrop(32, padding=4) +
-  RandomHorizontalFlip + ToTensor + Normalize on PIL images in the same DataLoader workers,
-  pinned memory, blocking .to(device) copies. Where torchvision is not installed the same
-  four transforms run written out on PIL images and numpy (the JSON says which ran).
-Each row's exact settings are in the JSON.
-
-Every figure is measured after warm-up (compile and graph capture happen there and are
-reported separately as setup_s), with the device synchronized around the timed loop;
-host_ms_per_iter is the host's time per step before that final synchronization (in graph
-mode: launching the replay and feeding it). The JSON is rewritten after every setting, so a
-run cut short keeps what it measured ("complete": false until the last one).
+Every figure is measured after warm-up (compile and capture happen there: setup_s), with the
+device synchronized around the timed loop; host_ms_per_iter is the host's time per step before
+that final synchronization (in graph mode: launching the replay and feeding it). The JSON is
+rewritten after every setting, so a run cut short keeps what it measured ("complete": false).
 """
 
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -90,12 +84,14 @@ def settings_for(device: torch.device, loaders: list[str], modes: list[str], pre
     return chosen, skipped
 
 
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # what public scripts normalize by
+
+
 class TorchvisionStyle(torch.utils.data.Dataset):
     """RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize, per image, on
-    the CPU, as torchvision applies them."""
+    the CPU, as torchvision applies them, written out in torch."""
 
-    MEAN = torch.tensor([0.4914, 0.4822, 0.4465])[:, None, None]
-    STD = torch.tensor([0.2470, 0.2435, 0.2616])[:, None, None]
+    MEAN, STD = (torch.tensor(v)[:, None, None] for v in (CIFAR_MEAN, CIFAR_STD))
 
     def __init__(self, split: Split):
         self.images, self.labels = split.images, split.labels
@@ -104,13 +100,14 @@ class TorchvisionStyle(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        img = torch.from_numpy(self.images[i])
-        padded = F.pad(img, (4, 4, 4, 4))
+        return self.transform(self.images[i]), int(self.labels[i])
+
+    def transform(self, image: np.ndarray) -> torch.Tensor:
         y, x = torch.randint(0, 9, (2,)).tolist()
-        img = padded[:, y : y + 32, x : x + 32]
+        img = F.pad(torch.from_numpy(image), (4, 4, 4, 4))[:, y : y + 32, x : x + 32]
         if torch.rand(()) < 0.5:
             img = img.flip(-1)
-        return (img.float() / 255 - self.MEAN) / self.STD, int(self.labels[i])
+        return (img.float() / 255 - self.MEAN) / self.STD
 
 
 def sync(device: torch.device) -> None:
@@ -126,24 +123,20 @@ def _result(setting: Setting, iters: int, seconds: float, setup: float, host_sec
             "host_ms_per_iter": 1000 * host_seconds / iters}
 
 
-class PeerTransforms(torch.utils.data.Dataset):
+class PeerTransforms(TorchvisionStyle):
     """What a typical public script's dataset does per image: a PIL image, then torchvision's
-    RandomCrop(32, padding=4), RandomHorizontalFlip(), ToTensor(), Normalize(CIFAR mean, std).
-    Without torchvision, the same four steps written out on PIL and numpy."""
+    four transforms (without torchvision, the same four written out on PIL and numpy)."""
 
-    MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    MEAN, STD = CIFAR_MEAN, CIFAR_STD
 
     def __init__(self, split: Split):
-        self.images, self.labels = split.images, split.labels
-        self.transform, self.source = peer_transform(self.MEAN, self.STD)
+        super().__init__(split)
+        self.chain, self.source = peer_transform(self.MEAN, self.STD)
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
+    def transform(self, image: np.ndarray) -> torch.Tensor:
         from PIL import Image
 
-        return self.transform(Image.fromarray(self.images[i].transpose(1, 2, 0))), int(self.labels[i])
+        return self.chain(Image.fromarray(image.transpose(1, 2, 0)))
 
 
 def has_torchvision() -> bool:
@@ -168,8 +161,7 @@ def _peer_transform_written_out(img, mean: torch.Tensor, std: torch.Tensor) -> t
     ToTensor: HWC uint8 -> CHW float in [0, 1]; Normalize: (x - mean) / std."""
     a = np.pad(np.asarray(img), ((4, 4), (4, 4), (0, 0)))
     # the random numbers drawn as torchvision draws them: row, column, then the flip
-    y = int(torch.randint(0, 9, size=(1,)).item())
-    x = int(torch.randint(0, 9, size=(1,)).item())
+    y, x = (int(torch.randint(0, 9, size=(1,)).item()) for _ in range(2))
     a = a[y : y + 32, x : x + 32]
     if torch.rand(1) < 0.5:
         a = a[:, ::-1]
@@ -206,7 +198,7 @@ def bench_baseline(data: Cifar10, n: int, iters: int, warmup: int, device: torch
     torch.manual_seed(0)
     model = build_model(ModelConfig(n=n)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    it = _forever(loader)
+    it = itertools.chain.from_iterable(itertools.repeat(loader))  # epoch after epoch
     every, non_blocking = settings["loss_read_every"], settings["non_blocking"]
 
     def steps(count: int) -> None:
@@ -223,11 +215,6 @@ def bench_baseline(data: Cifar10, n: int, iters: int, warmup: int, device: torch
     setup = time.perf_counter() - t_setup
     warm_s, seconds, host = timed(steps, warmup, iters, device)
     return {**_result(setting, iters, seconds, setup + warm_s, host), "baseline_settings": settings}
-
-
-def _forever(loader):
-    while True:
-        yield from loader
 
 
 def bench_config(setting: Setting, n: int, device: torch.device, beton_dir: Path) -> RunConfig:
@@ -290,36 +277,39 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def ffcv_available() -> bool:
+def ffcv_state() -> str:
+    """"present", or why not (FFCV imports native libraries: find_spec is not enough)."""
+    from ..data.beton import require_ffcv
+
     try:
-        from ..data.beton import require_ffcv
-
         require_ffcv()
-        return True
-    except (ImportError, RuntimeError):
-        return False
+        return "present"
+    except RuntimeError as e:
+        return f"absent or broken ({type(e.__cause__).__name__ if e.__cause__ else 'import failed'})"
 
 
-def open_data(data_dir: Path | None, scratch: Path) -> tuple[Cifar10, Path]:
+@contextmanager
+def bench_data(data_dir: Path | None) -> Iterator[tuple[Cifar10, Path]]:
     """The data to time with (synthetic when no folder is given), and where its .beton files go."""
-    if data_dir is None:
-        return load_cifar10(write_synthetic(scratch, 10_000, 1_000)), scratch / "beton"
-    data = load_cifar10(data_dir)
-    return data, data.folder.parent / "beton"
+    with tempfile.TemporaryDirectory(prefix="resnetdist-bench-") as scratch:
+        if data_dir is None:
+            yield load_cifar10(write_synthetic(Path(scratch), 10_000, 1_000)), Path(scratch) / "beton"
+        else:
+            data = load_cifar10(data_dir)
+            yield data, data.folder.parent / "beton"
 
 
-def epoch_draw_ms(global_batch: int = BATCH, train_images: int = 50_000, repeats: int = 5) -> float:
-    """Host ms to draw one epoch's augmentation numbers (data/augment.draw_block, what the
-    feed's epoch-ahead thread builds per epoch), the median of `repeats`."""
+def epoch_draw_ms() -> float:
+    """Host ms to draw one 50,000-image epoch's augmentation numbers (data/augment.draw_block,
+    what the feed's epoch-ahead thread builds per epoch), the median of 5."""
     from ..data.augment import draw_block
 
-    iters = train_images // global_batch
-    times = []
-    for epoch in range(repeats):
+    iters, times = 50_000 // BATCH, []
+    for epoch in range(5):
         t0 = time.perf_counter()
-        draw_block(0, epoch * iters, iters, global_batch, 0, 1)
+        draw_block(0, epoch * iters, iters, BATCH, 0, 1)
         times.append(time.perf_counter() - t0)
-    return 1000 * sorted(times)[len(times) // 2]
+    return 1000 * statistics.median(times)
 
 
 def run_step_bench(n: int, iters: int, warmup: int, device_pref: str, loaders: list[str], modes: list[str],
@@ -327,13 +317,11 @@ def run_step_bench(n: int, iters: int, warmup: int, device_pref: str, loaders: l
                    out: Path | None = None) -> dict[str, Any]:
     """Time each setting; with `out`, the report is written there after every setting."""
     device = dist.device_for(device_pref, 0)
-    have_ffcv = ffcv_available()
-    settings, skipped = settings_for(device, loaders, modes, precisions, have_ffcv)
+    settings, skipped = settings_for(device, loaders, modes, precisions, ffcv_state() == "present")
     report = {"kind": "step", "model": model_name(n, plain=False), "batch": BATCH, **environment(device),
               "data": str(data_dir) if data_dir else "synthetic", "complete": False, "results": [],
               "skipped": skipped, "epoch_draw_ms": epoch_draw_ms()}
-    with tempfile.TemporaryDirectory(prefix="resnetdist-bench-") as scratch:
-        data, betons = open_data(data_dir, Path(scratch))
+    with bench_data(data_dir) as (data, betons):
         for s in settings:
             print(f"  timing {s.label} ...", flush=True)
             if s.loader in ("baseline", "peer"):
@@ -359,11 +347,10 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
 
 def run_loader_bench(iters: int, warmup: int, device_pref: str, loaders: list[str], data_dir: Path | None) -> dict:
     device = dist.device_for(device_pref, 0)
-    have_ffcv = ffcv_available()
+    have_ffcv = ffcv_state() == "present"
     chosen = [name for name in loaders if name != "ffcv" or have_ffcv]
     skipped = [f"{name} loader: FFCV is not installed" for name in loaders if name not in chosen]
-    with tempfile.TemporaryDirectory(prefix="resnetdist-bench-") as scratch:
-        data, betons = open_data(data_dir, Path(scratch))
+    with bench_data(data_dir) as (data, betons):
         results = [bench_loader(name, data, device, betons, iters, warmup) for name in chosen]
     return {"kind": "loader", "batch": BATCH, **environment(device), "data": str(data_dir) if data_dir else "synthetic",
             "results": results, "skipped": skipped}

@@ -1,16 +1,12 @@
-"""`resnetdist doctor`: will this machine run resnetdist correctly, and fast?
+"""`resnetdist doctor`: will this machine run resnetdist correctly, and fast? (docs/gpu-acceptance.md)
 
-Three parts, each a list of rows (name, status ok / fail / skip / info, detail, seconds):
-* environment: Python, torch, CUDA, cuDNN, NCCL and driver versions, GPUs and memory, bf16,
-  FFCV / W&B / TensorBoard present or not, data found or not;
-* device checks, on this rank's device, one process (before any process group exists, so
-  nothing in them waits for another rank): graphed steps against eager steps across an lr
-  milestone, compile against eager, evaluation between steps, a checkpoint loaded into a built
-  (graphed) step, a short speed sample. The graph checks need CUDA and say so on a CPU;
-* under torchrun with N ranks: all-reduce correctness, weights identical on every rank after
-  K DDP steps, all-reduce bandwidth.
-The steps run on a small synthetic set in the official layout (written to a temporary folder),
-through the trainer's own build (training/trainer.py), so what passes here is what trains.
+Rows of (section, name, ok / fail / skip / info, detail, seconds) in three sections: the
+environment (versions, GPUs, packages, data); device checks on this rank's device, in one
+process before any process group exists, so none waits for another rank (graph against eager
+across an lr milestone, compile against eager, evaluation between steps, a checkpoint into a
+built step, a speed sample); under torchrun, the distributed ones (all-reduce, identical
+weights after DDP steps, bandwidth). The steps run on a small synthetic set through the
+trainer's own build, so what passes here is what trains.
 """
 
 from __future__ import annotations
@@ -34,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from .. import dist
-from .bench import sync, timed
+from .bench import ffcv_state, sync, timed
 from ..config import load_config
 from ..data import load_data
 from ..data.cifar import IDENTITY_WORDS, DataError, identity, locate, write_synthetic
@@ -67,16 +63,6 @@ def check(section: str, name: str, fn: Callable[[], tuple[str, str]]) -> Row:
 
 def _present(module: str) -> str:
     return "present" if importlib.util.find_spec(module) is not None else "absent"
-
-
-def _ffcv() -> str:
-    from ..data.beton import require_ffcv  # FFCV imports its native libraries: find_spec is not enough
-
-    try:
-        require_ffcv()
-        return "present"
-    except RuntimeError as e:
-        return f"absent or broken ({type(e.__cause__).__name__ if e.__cause__ else 'import failed'})"
 
 
 def _driver() -> str:
@@ -112,14 +98,13 @@ def environment_rows(data_dir: Path | None) -> list[Row]:
         ("driver", _driver),
         ("GPUs", lambda: _gpus() if cuda else "none"),
         ("bf16", lambda: str(torch.cuda.is_bf16_supported()) if cuda else "n/a (CPU runs fp32)"),
-        ("FFCV", _ffcv),
+        ("FFCV", ffcv_state),
         ("W&B", lambda: _present("wandb")),
         ("TensorBoard", lambda: _present("torch.utils.tensorboard") if _present("tensorboard") == "present" else "absent"),
-        ("tomli-w", lambda: "present" if _present("tomli_w") == "present" else "absent (a built-in writer stands in)"),
+        ("tomli-w", lambda: _present("tomli_w").replace("absent", "absent (a built-in writer stands in)")),
     ]
-    rows = [check("environment", name, lambda fn=fn: ("info", fn())) for name, fn in facts]
-    rows.append(check("environment", "data", lambda: _data(data_dir)))
-    return rows
+    return ([check("environment", name, lambda fn=fn: ("info", fn())) for name, fn in facts]
+            + [check("environment", "data", lambda: _data(data_dir))])
 
 
 # ----- one step, driven -------------------------------------------------------------------------
@@ -137,37 +122,29 @@ class Trial:
             "train": {"device": device.type, "precision": precision, "step": kind},
             "log": {"wandb_mode": "disabled", "tensorboard": False},
         })
-        self.ctx = ctx or dist.DistContext(0, 0, 1, device)
-        self.trainer = build(self.cfg, self.ctx, load_data(self.cfg.data))
-        self.model, self.optimizer = self.trainer.model, self.trainer.optimizer
-        self.step, self.loaders = self.trainer.step, self.trainer.loaders
-
-    def batches(self, first: int):
-        """The training loop's batches from iteration `first` on."""
-        return self.trainer.feed.batches(first)
+        self.trainer = build(self.cfg, ctx or dist.DistContext(0, 0, 1, device), load_data(self.cfg.data))
+        self.model, self.optimizer, self.step = self.trainer.model, self.trainer.optimizer, self.trainer.step
 
     def run(self, count: int, first: int = 0) -> None:
         """Iterations first .. first+count-1 of the step, nothing else."""
-        take_steps(self.step, self.batches(first), count)
+        take_steps(self.step, self.trainer.feed.batches(first), count)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
 
 
 def max_difference(a: Trial, b: Trial) -> float:
-    diffs = [(x.double() - y.double()).abs().max().item()
-             for x, y in zip(a.weights().values(), b.weights().values()) if x.is_floating_point()]
-    return max(diffs)
+    return max((x.double() - y.double()).abs().max().item()
+               for x, y in zip(a.weights().values(), b.weights().values()) if x.is_floating_point())
 
 
 @contextmanager
 def deterministic_cudnn():
-    """For the checks that compare two separately built (captured) trials: by default cuDNN may
-    pick backward kernels that accumulate with atomics, so two runs of the same code differ in
-    the last bits, and over steps by more. With cudnn.deterministic, cudnn.benchmark (which
-    make_model turns on) chooses among deterministic kernels only, and the second trial reuses
-    the first one's choices (the benchmark cache is per process): the pytest version of these
-    claims (tests/test_step.py's deterministic_cudnn) runs the same way. Restored afterwards."""
+    """For the checks that compare two separately built (captured) trials: cuDNN may pick backward
+    kernels that accumulate with atomics, so two runs of the same code differ in the last bits,
+    and over steps by more. With cudnn.deterministic, cudnn.benchmark (on: make_model) picks among
+    deterministic kernels only and the second trial reuses the first one's picks (the cache is
+    per process), as tests/test_step.py's deterministic_cudnn does."""
     saved = torch.backends.cudnn.deterministic
     torch.backends.cudnn.deterministic = True
     try:
@@ -230,10 +207,8 @@ def compile_bounded(data_dir: Path, device: torch.device, steps: int,
 
 
 def _compile_child(data_dir: str, device: str, steps: int, results) -> None:
-    try:
-        results.put(compile_vs_eager(Path(data_dir), torch.device(device), steps))
-    except Exception as e:  # noqa: BLE001 - reported as the check's failure
-        results.put(("fail", f"{type(e).__name__}: {str(e).strip()[:300]}"))
+    row = check("device", "compile_vs_eager", lambda: compile_vs_eager(Path(data_dir), torch.device(device), steps))
+    results.put((row.status, row.detail))
 
 
 def compile_vs_eager(data_dir: Path, device: torch.device, steps: int) -> tuple[str, str]:
@@ -283,7 +258,7 @@ def checkpoint_round_trip(data_dir: Path, device: torch.device, steps: int) -> t
 
 
 def ms_per_iter(trial: Trial, iters: int, warmup: int) -> float:
-    batches = trial.batches(0)
+    batches = trial.trainer.feed.batches(0)
     _, seconds, _ = timed(lambda count: take_steps(trial.step, batches, count), warmup, iters, trial.step.device)
     return 1000 * seconds / iters
 
@@ -321,16 +296,14 @@ DEVICE_CHECKS = {
 }
 
 
-def device_rows(data_dir: Path, device: torch.device, steps: int, skip: set[str],
-                compile_timeout_s: float = COMPILE_TIMEOUT_S) -> list[Row]:
+def device_rows(data_dir: Path, device: torch.device, steps: int, skip: set[str], compile_timeout_s: float) -> list[Row]:
     rows = []
     for name, fn in DEVICE_CHECKS.items():
         if name in skip or name.split("_")[0] in skip:
             rows.append(Row("device", name, "skip", "skipped: --skip"))
-        else:
-            if fn is compile_bounded:
-                fn = partial(compile_bounded, timeout_s=compile_timeout_s)
-            rows.append(check("device", name, lambda fn=fn: fn(data_dir, device, steps)))
+            continue
+        fn = partial(compile_bounded, timeout_s=compile_timeout_s) if fn is compile_bounded else fn
+        rows.append(check("device", name, lambda fn=fn: fn(data_dir, device, steps)))
     return rows
 
 
@@ -367,26 +340,19 @@ def all_reduce_bandwidth(ctx: dist.DistContext) -> tuple[str, str]:
     """Bus bandwidth of an fp32 all-reduce (nccl-tests' definition: 2(n-1)/n x bytes / time)."""
     numel = (64 if ctx.device.type == "cuda" else 4) * 2**20 // 4
     t = torch.ones(numel, device=ctx.device)
-    for _ in range(3):
-        dist.all_reduce_sum(t)
-    sync(ctx.device)
-    iters, t0 = 10, time.perf_counter()
-    for _ in range(iters):
-        dist.all_reduce_sum(t)
-    sync(ctx.device)
-    seconds = (time.perf_counter() - t0) / iters
+    _, seconds, _ = timed(lambda count: [dist.all_reduce_sum(t) for _ in range(count)], 3, 10, ctx.device)
+    seconds /= 10
     bus = 2 * (ctx.world_size - 1) / ctx.world_size * numel * 4 / seconds / 1e9
     return "info", f"{numel * 4 / 2**20:.0f} MiB: {1000 * seconds:.2f} ms, bus bandwidth {bus:.2f} GB/s"
 
 
 def distributed_rows(ctx: dist.DistContext, data_dir: Path, steps: int, local_failures: int) -> list[Row]:
     failed_ranks = dist.all_reduce_sum(torch.tensor([float(local_failures > 0)], device=ctx.device)).item()
-    rows = [Row("distributed", "device_checks_on_every_rank", "ok" if failed_ranks == 0 else "fail",
-                f"{int(failed_ranks)} of {ctx.world_size} rank(s) failed a device check")]
-    rows.append(check("distributed", "all_reduce", lambda: all_reduce_correct(ctx)))
-    rows.append(check("distributed", "ddp_weights_identical", lambda: ddp_weights_identical(ctx, data_dir, steps)))
-    rows.append(check("distributed", "all_reduce_bandwidth", lambda: all_reduce_bandwidth(ctx)))
-    return rows
+    return [Row("distributed", "device_checks_on_every_rank", "ok" if failed_ranks == 0 else "fail",
+                f"{int(failed_ranks)} of {ctx.world_size} rank(s) failed a device check"),
+            check("distributed", "all_reduce", lambda: all_reduce_correct(ctx)),
+            check("distributed", "ddp_weights_identical", lambda: ddp_weights_identical(ctx, data_dir, steps)),
+            check("distributed", "all_reduce_bandwidth", lambda: all_reduce_bandwidth(ctx))]
 
 
 # ----- the command ------------------------------------------------------------------------------
@@ -396,17 +362,15 @@ def run_doctor(device_pref: str = "auto", data_dir: Path | None = None, steps: i
                skip: set[str] = frozenset(), compile_timeout_s: float = COMPILE_TIMEOUT_S) -> dict[str, Any]:
     """Every check on this rank; under torchrun the distributed ones too. The device checks run
     before the process group exists, so a rank's own checks never wait for another rank."""
-    local_rank = dist.local_rank()
     rows = environment_rows(data_dir)
-    device = dist.device_for(device_pref, local_rank)
+    device = dist.device_for(device_pref, dist.local_rank())
     with tempfile.TemporaryDirectory(prefix="resnetdist-doctor-") as scratch:
         synthetic = write_synthetic(Path(scratch), 128, 200)
         rows += device_rows(synthetic, device, steps, set(skip), compile_timeout_s)
         if dist.world_size_from_env() > 1:
             ctx = dist.setup(device_pref, timeout_s=300)
             try:
-                failures = sum(r.status == "fail" for r in rows)
-                rows += distributed_rows(ctx, synthetic, steps, failures)
+                rows += distributed_rows(ctx, synthetic, steps, sum(r.status == "fail" for r in rows))
             finally:
                 dist.cleanup()
     return {"device": str(device), "world_size": dist.world_size_from_env(), "ok": not any(r.status == "fail" for r in rows),

@@ -1,26 +1,17 @@
 """`resnetdist export CHECKPOINT --format safetensors|onnx`: trained weights in a form that
 others load without this package.
 
-Both formats take a model.pt or a ckpt_*.pt from a run directory and write, beside the
-output file, `<stem>.mean.npy`: the float32 (3, 32, 32) mean image in [0, 1] units that the
-network was trained with. Preprocessing, for either format:
+Both take a model.pt or a ckpt_*.pt and write beside the output `<stem>.mean.npy`, the float32
+(3, 32, 32) mean image in [0, 1] units the net was trained with: input = uint8 image / 255 - mean.
 
-    x = uint8 image (N, 3, 32, 32), RGB planes  ->  x.astype(float32) / 255 - mean
-
-- safetensors: the file every run writes as model.safetensors (pretrained.py, which
-  `resnetdist.load` reads): the state dict of the net with its mean image inside (`mean`, and
-  the net's tensors as `CifarResNet.state_dict()` names them, under `net.`), and metadata (all
-  strings): `config` (the run's resolved config as JSON), `model` (e.g. resnet20), `depth`,
-  `plain`, `shortcut`, `num_classes`, `iteration`, `preprocess` and `mean_file`. Written
-  atomically with a sha256 sidecar, as the run's own. `safetensors.torch.load_file` gives the
-  tensors; the metadata is read with `safetensors.safe_open(path, "pt").metadata()`.
-- onnx: the eval-mode network (BatchNorm with its running statistics), one input `input`
-  float32 (batch, 3, 32, 32), already mean-subtracted, with a dynamic batch dimension, and
-  one output `logits` (batch, 10). Normalisation is NOT inside the graph: the mean image
-  travels beside it as .npy (and the same metadata as above sits in the model's
-  metadata_props). The file is checked before this returns: onnxruntime runs it on random
-  inputs of two batch sizes and its logits must match PyTorch's to within 1e-4, else
-  ExportError is raised and the file removed.
+- safetensors: the run's own model.safetensors format (pretrained.py, which `resnetdist.load`
+  reads): the net's tensors under `net.`, the mean image as `mean`, and string metadata
+  (`config` as JSON, `model`, `depth`, `plain`, `shortcut`, `num_classes`, `iteration`,
+  `preprocess`, `mean_file`), written atomically with a sha256 sidecar.
+- onnx: the eval-mode net, input `input` float32 (batch, 3, 32, 32) already mean-subtracted
+  (normalisation is NOT in the graph), output `logits` (batch, 10), the same metadata in
+  metadata_props. Before returning, onnxruntime runs it on two batch sizes and must match
+  PyTorch within ONNX_TOLERANCE, else ExportError and the file is removed.
 """
 
 from __future__ import annotations
@@ -63,39 +54,26 @@ def load_for_export(path: Path, data_dir: Path | None = None) -> tuple[CifarResN
     return model, cfg, pretrained.mean_of(state, cfg, path, data_dir), state
 
 
-def metadata(cfg: RunConfig, state: dict[str, Any], mean_file: Path) -> dict[str, str]:
-    """model.safetensors's metadata (pretrained.metadata) and the .npy beside the output."""
-    return {**pretrained.metadata(cfg, int(state.get("iteration", cfg.optim.iters))), "mean_file": mean_file.name}
-
-
-def mean_path(out: Path) -> Path:
-    return out.with_name(f"{out.stem}.mean.npy")
-
-
-def default_out(path: Path, fmt: str) -> Path:
-    """run/model.pt -> run/model.safetensors; run/ckpt_0001000.pt -> run/ckpt_0001000.onnx"""
-    return Path(path).with_suffix(f".{fmt}")
-
-
 def export(path: Path, fmt: str, out: Path | None = None, data_dir: Path | None = None) -> dict[str, Any]:
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     model, cfg, mean, state = load_for_export(path, data_dir)
-    out = Path(out) if out else default_out(path, fmt)
-    mfile = mean_path(out)
-    meta = metadata(cfg, state, mfile)
+    out = Path(out) if out else Path(path).with_suffix(f".{fmt}")  # run/model.pt -> run/model.onnx
+    mfile = out.with_name(f"{out.stem}.mean.npy")
+    meta = {**pretrained.metadata(cfg, int(state.get("iteration", cfg.optim.iters))), "mean_file": mfile.name}
     check_out(out)  # before converting: a bad path costs nothing and prints nothing else
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        result: dict[str, Any] = {}
         if fmt == "safetensors":
-            export_safetensors(model, mean, meta, out)
-            result: dict[str, Any] = {}
+            checkpoint.atomic_save_bytes(pretrained.to_bytes(model, mean, meta), out)
         else:  # the graph takes mean-subtracted inputs: the .npy's formula
-            result = {"max_abs_diff": export_onnx(model, {**meta, "preprocess": PREPROCESS}, out)}
+            result["max_abs_diff"] = export_onnx(model, {**meta, "preprocess": PREPROCESS}, out)
         np.save(mfile, mean.numpy().astype(np.float32))
         for written in (out, mfile):
             written.chmod(USUAL_MODE)  # safetensors writes 0600 (a private temporary file, renamed)
-    except OSError as e:  # a full disk, or the folder changed since the check
+    except (OSError, checkpoint.WriteError) as e:  # a full disk, or the folder changed since the check
+        e = getattr(e, "error", e)  # WriteError wraps the OSError
         raise ExportError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     return {"format": fmt, "out": str(out), "mean": str(mfile), "model": cfg.model.name,
             "iteration": state.get("iteration"), **result}
@@ -113,8 +91,7 @@ def describe(result: dict[str, Any]) -> str:
 
 def _usual_mode() -> int:
     """The mode open() gives a new file here (0666 less the umask), as for every other output."""
-    umask = os.umask(0o022)
-    os.umask(umask)
+    os.umask(umask := os.umask(0o022))  # reading the umask sets it: put it back
     return 0o666 & ~umask
 
 
@@ -138,21 +115,13 @@ def check_out(out: Path) -> None:
         raise ExportError(f"--out {out}: the file exists and is not writable")
 
 
-def export_safetensors(model: CifarResNet, mean: torch.Tensor, meta: dict[str, str], out: Path) -> None:
-    try:
-        checkpoint.atomic_save_bytes(pretrained.to_bytes(model, mean, meta), out)
-    except checkpoint.WriteError as e:
-        raise ExportError(f"--out {out}: cannot write there ({e.error.strerror or e.error})") from None
-
-
-def export_onnx(model: CifarResNet, meta: dict[str, str], out: Path, batch: int = 4) -> float:
+def export_onnx(model: CifarResNet, meta: dict[str, str], out: Path) -> float:
     """Export, attach metadata, then check with onnxruntime. Returns the max abs difference."""
     try:
         import onnx
         import onnxruntime  # noqa: F401
     except ImportError:
         raise ExportError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'resnetdist[export]'") from None
-    example = torch.randn(batch, 3, 32, 32)
     log = io.StringIO()
     onnx_logger = logging.getLogger("torch.onnx")
     level = onnx_logger.level
@@ -162,7 +131,7 @@ def export_onnx(model: CifarResNet, meta: dict[str, str], out: Path, batch: int 
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
             torch.onnx.export(
-                model, (example,), str(out), input_names=["input"], output_names=["logits"],
+                model, (torch.randn(4, 3, 32, 32),), str(out), input_names=["input"], output_names=["logits"],
                 dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, external_data=False,
             )
     except Exception as e:
@@ -186,14 +155,14 @@ def export_onnx(model: CifarResNet, meta: dict[str, str], out: Path, batch: int 
         raise
 
 
-def check_onnx(model: CifarResNet, out: Path, batches: tuple[int, ...] = (1, 7)) -> float:
+def check_onnx(model: CifarResNet, out: Path) -> float:
     """Run the file in onnxruntime against PyTorch; raise ExportError past ONNX_TOLERANCE."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(0)
     worst = 0.0
-    for b in batches:
+    for b in (1, 7):
         x = torch.randn(b, 3, 32, 32, generator=gen)
         with torch.no_grad():
             want = model(x).numpy()
@@ -202,10 +171,7 @@ def check_onnx(model: CifarResNet, out: Path, batches: tuple[int, ...] = (1, 7))
             raise ExportError(f"{out}: onnxruntime gave shape {got.shape} for batch {b}, PyTorch {want.shape}")
         worst = max(worst, float(np.abs(got - want).max()))
     if not worst <= ONNX_TOLERANCE:
-        raise ExportError(
-            f"{out}: onnxruntime output differs from PyTorch by {worst:.3g} (> {ONNX_TOLERANCE}); export rejected"
-        )
+        raise ExportError(f"{out}: onnxruntime output differs from PyTorch by {worst:.3g} (> {ONNX_TOLERANCE}); "
+                          f"export rejected")
     return worst
 
-
-__all__ = ["ExportError", "FORMATS", "export", "check_onnx", "describe", "load_for_export"]
