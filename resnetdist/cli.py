@@ -249,7 +249,7 @@ def show_dry_run(cfg: RunConfig, world_size: int) -> None:
     from .dist import launch_rank
     from .training.announce import dry_run
     from .training.plan import resolve
-    from .training.worker import preflight, where_it_starts
+    from .training.worker import preflight, where_they_start
 
     notes = []
     try:
@@ -259,7 +259,7 @@ def show_dry_run(cfg: RunConfig, world_size: int) -> None:
         notes.append("CIFAR-10 is not in the download cache: the run would download it first (163 MB)")
     plan = preflight(cfg, world_size).plan if cached else resolve(cfg, world_size)
     if launch_rank() == 0:
-        typer.echo(dry_run(cfg, plan, where_it_starts(cfg), notes))
+        typer.echo(dry_run(cfg, plan, where_they_start([cfg])[0], notes))
 
 
 def show_weights_result(run, checkpoint: Path, describe, as_json: bool, *args) -> None:

@@ -114,7 +114,7 @@ def split_optimizer_state(state: dict, members: int) -> list[dict]:
              "param_groups": [dict(g) for g in state["param_groups"]]} for j in range(members)]
 
 
-def pack_batch(images_u8: torch.Tensor, mean: torch.Tensor, aug: torch.Tensor, stem_channels: int = 3) -> torch.Tensor:
+def pack_batch(images_u8: torch.Tensor, mean: torch.Tensor, aug: torch.Tensor, stem_channels: int) -> torch.Tensor:
     """A pack's input: member j's images images_u8[j] (uint8 (K, B, 3, 32, 32)) augmented with
     its own numbers aug[j] (K, 3, B), as its single run would augment them, laid out as
     (B, K*c, 32, 32), member j in channels [j*c, (j+1)*c), c = stem_channels (4: a zero channel

@@ -54,7 +54,6 @@ def metadata(cfg: RunConfig, iteration: int) -> dict[str, str]:
 
 
 def to_bytes(net: nn.Module, mean: torch.Tensor, meta: dict[str, str]) -> bytes:
-    """The safetensors file of Classifier(net, mean): its state dict and `meta`."""
     from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in Classifier(net, mean).state_dict().items()}
@@ -69,8 +68,7 @@ def save(path: Path, net: nn.Module, mean: torch.Tensor, cfg: RunConfig) -> None
 def load(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
     """The trained net of a run, in eval mode, on `device`: from its model.safetensors (read
     without pickle), its model.pt or a ckpt_*.pt, or the run folder (its model.safetensors, else
-    model.pt). Call it on uint8 images (N,3,32,32) or floats in [0,1]; it returns logits. Every
-    way the file can be wrong is one CheckpointError naming it."""
+    model.pt). Every way the file can be wrong is one CheckpointError naming it."""
     path = Path(path)
     if path.is_dir():
         run = RunDir(path)

@@ -128,7 +128,7 @@ def test_train_order_matches_the_resident_loader(data):
     train, gb = data["train"], 32  # 200 records: 6 iterations per epoch, 8 dropped
     steps = iters_per_epoch(len(train), gb)
     threads = torch.get_num_threads()
-    ffcv7 = FfcvTrainLoader(data["train_beton"], None, gb, 7, 0, 1, CPU, 2)
+    ffcv7 = FfcvTrainLoader(data["train_beton"], None, gb, [7], 0, 1, CPU, 2)
     resident7 = ResidentTrainLoader(train, gb, [7], 0, 1, CPU)
 
     got = take(ffcv7, 0, 3 * steps)
@@ -145,9 +145,9 @@ def test_train_order_matches_the_resident_loader(data):
     assert not np.array_equal(epochs[0], epochs[1])
 
     # reproducible with the seed (a fresh loader), different with another seed
-    again = take(FfcvTrainLoader(data["train_beton"], None, gb, 7, 0, 1, CPU, 1), 0, steps)
+    again = take(FfcvTrainLoader(data["train_beton"], None, gb, [7], 0, 1, CPU, 1), 0, steps)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(again, got))
-    other = take(FfcvTrainLoader(data["train_beton"], None, gb, 8, 0, 1, CPU, 1), 0, steps)
+    other = take(FfcvTrainLoader(data["train_beton"], None, gb, [8], 0, 1, CPU, 1), 0, steps)
     assert not np.array_equal(np.concatenate([ids(x) for x, _ in other]), epochs[0])
 
     # mid-epoch and epoch-boundary starts, on the same loader object
@@ -160,7 +160,7 @@ def test_train_order_matches_the_resident_loader(data):
     # another rank of two, on a subset of the records (as with the 45k/5k split)
     idx = np.random.default_rng(3).permutation(len(train))[:150]
     sub = Split(train.images[idx], train.labels[idx])
-    a = take(FfcvTrainLoader(data["train_beton"], idx, gb, 5, 1, 2, CPU, 1), 7, 8)
+    a = take(FfcvTrainLoader(data["train_beton"], idx, gb, [5], 1, 2, CPU, 1), 7, 8)
     b = take(ResidentTrainLoader(sub, gb, [5], 1, 2, CPU), 7, 8)
     assert all(x.shape[0] == gb // 2 for x, _ in a)
     assert all(torch.equal(x, rx) and torch.equal(y, ry) for (x, y), (rx, ry) in zip(a, b))
@@ -189,7 +189,7 @@ OPEN_STREAM_CHILD = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
     from resnetdist.data.ffcv_loader import FfcvTrainLoader
-    loader = FfcvTrainLoader(Path(sys.argv[1]), None, 512, 0, 0, 1, torch.device("cpu"), 2)
+    loader = FfcvTrainLoader(Path(sys.argv[1]), None, 512, [0], 0, 1, torch.device("cpu"), 2)
     out = torch.zeros(512, 3, 32, 32, dtype=torch.uint8), torch.zeros(512, dtype=torch.long)
     gen = loader.batches(0, out)
     for _ in range(4):  # 3 iterations per epoch: FFCV's thread is busy in the second epoch

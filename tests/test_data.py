@@ -137,10 +137,10 @@ def test_flip_is_an_exact_mirror_and_happens_about_half_the_time():
 def test_mean_is_removed():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(500, 3, 32, 32), dtype=np.uint8)
-    mean = A.mean_image(images)
+    mean = A.training_mean("pixel", [], images)
     normalized = A.normalize(torch.from_numpy(images), mean)
     assert normalized.mean(0).abs().max() < 1e-5  # per pixel, over the training set
-    const = A.channel_mean_image([125.0, 123.0, 114.0])
+    const = A.training_mean("channel", [125.0, 123.0, 114.0], None)
     assert torch.allclose(const[:, 0, 0] * 255, torch.tensor([125.0, 123.0, 114.0]))
 
 

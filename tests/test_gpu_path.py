@@ -344,14 +344,13 @@ def cuda_parts(tiny_data):
 @pytest.mark.cuda
 @pytest.mark.timeout(600)
 def test_cuda_graph_is_the_default_and_gathers_in_place_and_loads_in_place(tiny_data, copies):
-    from resnetdist.training.trainer import make_step
+    from resnetdist.training.trainer import build
 
-    cfg, ctx, data, model, optimizer = cuda_parts(tiny_data)
+    cfg, ctx, data, _, _ = cuda_parts(tiny_data)
     plan = resolve(cfg, 1)
     assert plan.choice == StepChoice("graph", "auto: CUDA with bf16", "auto"), plan
-    mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
-    feed = Feed(open_loaders(cfg.data, data, ctx, B, [0]).train)
-    step = make_step(cfg, plan, ctx, model, optimizer, mean, feed.inputs)
+    trainer = build(cfg, ctx, data, plan=plan)
+    step, feed, model, optimizer = trainer.step, trainer.feed, trainer.model, trainer.optimizer
     assert step.choice == StepChoice("graph", "auto: CUDA with bf16", "auto"), step.choice
     drive(step, feed, 5)
     assert copies == [False] * 5

@@ -63,7 +63,7 @@ class FakeStep:
             self.bad = self.it - 1
         self.stats += [loss * BATCH, 1, BATCH]
 
-    def drain_members(self):  # one run: a pack of one member
+    def drain(self):  # one run: a pack of one member
         stats, self.stats = self.stats, np.zeros(3)
         return stats[None], np.array([self.bad])
 
@@ -230,8 +230,7 @@ def test_the_bar_moves_between_log_points_from_the_host_counter_without_draining
     moves = []
 
     class SeenBar(bar_module.RunBar):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "every_s": 0.05})
+        every_s = 0.05
 
         def to(self, it):
             moves.append(it)
@@ -244,9 +243,9 @@ def test_the_bar_moves_between_log_points_from_the_host_counter_without_draining
             time.sleep(0.005)
             super().__call__(*batch)
 
-        def drain_members(self):
+        def drain(self):
             self.drains += 1
-            return super().drain_members()
+            return super().drain()
 
     monkeypatch.setattr(trainer, "RunBar", SeenBar)
     step = SlowStep()

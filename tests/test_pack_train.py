@@ -197,7 +197,7 @@ def test_a_graphed_pack_captured_with_the_feeds_rows_trains_as_the_eager_pack(ti
 @pytest.mark.timeout(120)
 def test_a_pack_reads_each_members_ffcv_order(tiny_data, tmp_path):
     """data.loader = ffcv: each member reads its own seed's order and augmentation from the
-    .beton (one FFCV Loader per member, data/ffcv_loader.FfcvPackLoader), so the pack's first
+    .beton (one FFCV Loader per member, data/ffcv_loader.FfcvTrainLoader), so the pack's first
     logged losses are those of the single ffcv runs of seeds 0 and 1."""
     args = [*TINY, "--iters", "1", "--loader", "ffcv", "--set", "log.log_every=1", "--set", "train.eval_every=1",
             "--set", f"data.beton_dir={tmp_path / 'beton'}"]
@@ -232,7 +232,7 @@ def test_a_compiled_pack_steps_each_member_as_the_eager_pack(tiny_data):
         losses = []
         for _ in range(2):
             take_steps(step, batches, 1)
-            stats, bad = step.drain_members()
+            stats, bad = step.drain()
             losses.append(stats[:, 0] / stats[:, 2])  # each member's mean loss of the step
         assert step.kind == choice.kind and (bad == -1).all()
         results.append(torch.tensor(np.array(losses)))

@@ -42,16 +42,15 @@ def open_loaders(cfg: DataConfig, data: Cifar10, ctx: dist.DistContext, global_b
                  train: bool = True) -> Loaders:
     """This rank's training loader (with `train`) and evaluation shards (test, and val when the
     run holds it out), of the kind data.loader names. A pack's seeds (a list): each member's
-    batch in its seed's order (FFCV: one Loader per member, FfcvPackLoader; resident: one gather
-    from the set for all)."""
+    batch in its seed's order (FFCV: one Loader per member; resident: one gather for all)."""
+    seeds = seed if isinstance(seed, list) else [seed]
     if cfg.loader == "ffcv":
         from .ffcv_loader import open_ffcv_loaders
 
-        return Loaders(*open_ffcv_loaders(cfg, data, ctx, global_batch, seed, train))
+        return Loaders(*open_ffcv_loaders(cfg, data, ctx, global_batch, seeds, train))
     evals = {"test": ResidentEvalLoader(data.test, cfg.eval_batch, ctx.rank, ctx.world_size, ctx.device)}
     if data.val is not None:
         evals["val"] = ResidentEvalLoader(data.val, cfg.eval_batch, ctx.rank, ctx.world_size, ctx.device)
-    seeds = seed if isinstance(seed, list) else [seed]
     loader = ResidentTrainLoader(data.train, global_batch, seeds, ctx.rank, ctx.world_size, ctx.device) if train else None
     return Loaders(loader, evals)
 

@@ -76,20 +76,11 @@ def augment(images_u8: torch.Tensor, mean: torch.Tensor, params: torch.Tensor) -
     return crop_flip(normalize(images_u8, mean), params[0], params[1], params[2].bool())
 
 
-def mean_image(images_u8: np.ndarray) -> torch.Tensor:
-    """Per-pixel mean of a uint8 (N,3,32,32) training set, in [0,1] units, float32 (3,32,32)."""
-    return torch.from_numpy(images_u8.mean(axis=0, dtype=np.float64).astype(np.float32) / 255.0)
-
-
 def training_mean(mode: str, channel_mean: list[float], train_images_u8: np.ndarray | None) -> torch.Tensor:
-    """The mean image a run subtracts (data.mean): per pixel over the training images, or the
-    constant channel preset (which needs no images)."""
+    """The mean image a run subtracts (data.mean), float32 (3,32,32) in [0,1] units: per pixel
+    over the uint8 (N,3,32,32) training images, or constant per channel from `channel_mean` in
+    0-255 units (the seed repo's preset, which needs no images)."""
     if mode == "channel":
-        return channel_mean_image(channel_mean)
-    return mean_image(train_images_u8)
-
-
-def channel_mean_image(channel_mean: list[float]) -> torch.Tensor:
-    """A constant mean image from per-channel means given in 0-255 units (the seed repo's preset)."""
-    m = torch.tensor(channel_mean, dtype=torch.float32) / 255.0
-    return m[:, None, None].expand(3, SIZE, SIZE).contiguous()
+        m = torch.tensor(channel_mean, dtype=torch.float32) / 255.0
+        return m[:, None, None].expand(3, SIZE, SIZE).contiguous()
+    return torch.from_numpy(train_images_u8.mean(axis=0, dtype=np.float64).astype(np.float32) / 255.0)

@@ -2,15 +2,12 @@
 asks it for the batches from an iteration on (`batches(start)`) and hands each to the step.
 
 The feed owns fixed device buffers, one batch of this rank (a pack's: (K, b, ...), member j in
-row j), and refills them per iteration: the images and labels by its loader (the resident set
-gathered by this epoch's order, or FFCV's batch copied in), the augmentation draws (crop and
-flip numbers of each seed, data/augment.draw_block) copied from this epoch's draws on the device
-(an EpochTable, built ahead). It yields those same buffers every iteration, so a graphed step
-captured with them as its inputs (training/graph.py) replays with no copy: the trainer hands
-`inputs` to the step's builder. The feed runs outside the step, and the step does not know
-where its batches come from. Its cost with the resident loader: 3 small kernels per iteration
-(2 gathers and the draws' row) queued before the step on the same stream, outside the graph: a
-few µs against ResNet-20's ~2.4 ms graphed step on an H100, expected, not measured.
+row j), refilled per iteration: images and labels by its loader, the augmentation draws
+(data/augment.draw_block) from this epoch's draws on the device (an EpochTable, built ahead). It
+yields those same buffers every iteration, so a graphed step captured with them as its inputs
+replays with no copy. Its cost with the resident loader: 3 small kernels per iteration queued
+before the step, outside the graph: a few µs against ResNet-20's ~2.4 ms graphed step on an
+H100, expected, not measured.
 """
 
 from __future__ import annotations

@@ -68,8 +68,7 @@ def _order_class():
     return FunctionOrder
 
 
-def _record_indices(beton: Path, indices: np.ndarray | None) -> np.ndarray:
-    """The beton records a loader draws from: `indices`, or all of them."""
+def _record_indices(beton: Path, indices: np.ndarray | None) -> np.ndarray:  # `indices`, or all records
     from ffcv.reader import Reader
 
     if not beton.is_file():
@@ -83,9 +82,7 @@ def _record_indices(beton: Path, indices: np.ndarray | None) -> np.ndarray:
     return idx
 
 
-def _make_loader(
-    beton: Path, batch: int, order, drop_last: bool, device: torch.device, workers: int
-):
+def _make_loader(beton: Path, batch: int, order, drop_last: bool, device: torch.device, workers: int):
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.ndarray import NDArrayDecoder
     from ffcv.loader import Loader
@@ -129,8 +126,7 @@ def _wait_for_batch(it) -> None:
             q.not_empty.wait(0.5)
 
 
-def bind_thread(device: torch.device) -> None:
-    """Make `device` the current CUDA device of the calling thread (a no-op off CUDA)."""
+def bind_thread(device: torch.device) -> None:  # the calling thread's CUDA device
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
@@ -200,58 +196,40 @@ def _epoch(loader, out: Batch | None = None) -> Iterator[Batch]:
 
 class FfcvTrainLoader:
     """The "ffcv" training loader: the same samples, in the same order, as ResidentTrainLoader.
+    A pack's (several `seeds`, pack.py) has one FFCV Loader per member, each in its own seed's
+    order, so member j reads exactly the batches of its run alone, copied into row j of the
+    (K, b, ...) buffers.
 
     Loader epoch k (FFCV's epoch counter) covers iterations start_iter + k*iters up to
     start_iter + (k+1)*iters - 1 (iters per epoch), so a run resumed mid-epoch starts at the
     right batch without decoding skipped ones, and every FFCV epoch has the same length. One stream
-    at a time: a new batches() call re-targets the shared Loader."""
+    at a time: a new batches() call re-targets the shared Loaders."""
 
-    def __init__(
-        self, beton: Path, indices: np.ndarray | None, global_batch: int, seed: int, rank: int,
-        world_size: int, device: torch.device, workers: int,
-    ):
+    def __init__(self, beton: Path, indices: np.ndarray | None, global_batch: int, seeds: list[int], rank: int,
+                 world_size: int, device: torch.device, workers: int):
         require_ffcv()
-        self.global_batch, self.seed, self.seeds = global_batch, seed, [seed]
+        self.global_batch, self.seeds = global_batch, seeds
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.b = rank_batch(global_batch, world_size)
-        self.beton = Path(beton)
-        self.idx = _record_indices(self.beton, indices)
+        self.idx = _record_indices(Path(beton), indices)
         self.iters_per_epoch = iters_per_epoch(len(self.idx), global_batch)
         self.start_iter = 0
-        self.loader = _make_loader(self.beton, self.b, _order_class()(self._window), True, self.device, workers)
+        self.loaders = [_make_loader(Path(beton), self.b, _order_class()(lambda k, s=seed: self._window(s, k)), True,
+                                     self.device, workers) for seed in seeds]
 
-    def _rank_order(self, epoch: int) -> np.ndarray:
-        return rank_epoch_order(
-            len(self.idx), self.global_batch, self.seed, epoch, self.rank, self.world_size
-        )
-
-    def _window(self, k: int) -> np.ndarray:
+    def _window(self, seed: int, k: int) -> np.ndarray:
         epoch, pos = divmod(self.start_iter + k * self.iters_per_epoch, self.iters_per_epoch)
-        order = self._rank_order(epoch)[pos * self.b :]
+        n, cut = len(self.idx), pos * self.b  # the rest of `epoch`, then the start of the next
+        order = rank_epoch_order(n, self.global_batch, seed, epoch, self.rank, self.world_size)
         if pos:
-            order = np.concatenate([order, self._rank_order(epoch + 1)[: pos * self.b]])
+            after = rank_epoch_order(n, self.global_batch, seed, epoch + 1, self.rank, self.world_size)
+            order = np.concatenate([order[cut:], after[:cut]])
         return self.idx[order]
 
     def batches(self, start_iter: int, out: Batch) -> Iterator[Batch]:
         self.start_iter = start_iter
-        self.loader.next_epoch = 0
-        while True:
-            yield from _epoch(self.loader, out)
-
-
-class FfcvPackLoader:
-    """A pack's training batches (pack.py) through FFCV: one FfcvTrainLoader per member, each
-    with its own seed's order (its own FFCV Loader and epoch thread), so member j reads exactly
-    the batches of its run alone: copied into row j of (K, b, 3, 32, 32) images and (K, b) labels."""
-
-    def __init__(self, members: list[FfcvTrainLoader]):
-        self.members, first = members, members[0]
-        self.seeds = [m.seed for m in members]
-        self.global_batch, self.rank, self.world_size = first.global_batch, first.rank, first.world_size
-        self.b, self.iters_per_epoch, self.device = first.b, first.iters_per_epoch, first.device
-
-    def batches(self, start_iter: int, out: Batch) -> Iterator[Batch]:
-        streams = [m.batches(start_iter, (out[0][j], out[1][j])) for j, m in enumerate(self.members)]
+        rows = [out] if len(self.seeds) == 1 else [(out[0][j], out[1][j]) for j in range(len(self.seeds))]
+        streams = [_endless(loader, row) for loader, row in zip(self.loaders, rows)]
         try:
             while True:
                 for stream in streams:
@@ -262,23 +240,24 @@ class FfcvPackLoader:
                 stream.close()
 
 
+def _endless(loader, out: Batch) -> Iterator[Batch]:
+    loader.next_epoch = 0
+    while True:
+        yield from _epoch(loader, out)
+
+
 class FfcvEvalLoader:
     """This rank's contiguous shard of an evaluation set, in order; re-iterable."""
 
-    def __init__(
-        self, beton: Path, indices: np.ndarray | None, batch: int, rank: int, world_size: int,
-        device: torch.device, workers: int,
-    ):
+    def __init__(self, beton: Path, indices: np.ndarray | None, batch: int, rank: int, world_size: int,
+                 device: torch.device, workers: int):
         require_ffcv()
-        beton = Path(beton)
-        idx = _record_indices(beton, indices)
+        idx = _record_indices(Path(beton), indices)
         self.order = idx[eval_shard(len(idx), rank, world_size)]
         self.loader = None
         if len(self.order):
-            self.loader = _make_loader(
-                beton, batch, _order_class()(lambda _: self.order), False, torch.device(device),
-                workers,
-            )
+            self.loader = _make_loader(Path(beton), batch, _order_class()(lambda _: self.order), False,
+                                       torch.device(device), workers)
 
     def __iter__(self) -> Iterator[Batch]:
         if self.loader is not None:
@@ -286,8 +265,8 @@ class FfcvEvalLoader:
 
 
 def ensure_betons(cfg: DataConfig, data: Cifar10) -> Path:
-    """The .beton files, converted from the binaries on first use (a no-op when up to date; data.beton_dir,
-    else beside the binaries). Rank 0 converts while the others wait; every node must then hold them."""
+    """The .beton files' folder (data.beton_dir, else beside the binaries), converted on first use
+    by rank 0 while the others wait; every node must then hold them."""
     out = Path(cfg.beton_dir) if cfg.beton_dir else data.folder.parent / "beton"
     if dist.is_main_process():
         prepare_betons(data.folder, out, announce=lambda what: print(
@@ -301,11 +280,9 @@ def ensure_betons(cfg: DataConfig, data: Cifar10) -> Path:
 
 
 def open_ffcv_loaders(cfg: DataConfig, data: Cifar10, ctx: dist.DistContext, global_batch: int,
-                      seed: int | list[int], train: bool
-                      ) -> tuple[FfcvTrainLoader | FfcvPackLoader | None, dict[str, FfcvEvalLoader]]:
-    """data/__init__.open_loaders for data.loader = ffcv: the training loader (with `train`; of
-    each seed of a pack's, a list of several: FfcvPackLoader) and the evaluation shards, read
-    from the .beton files."""
+                      seeds: list[int], train: bool) -> tuple[FfcvTrainLoader | None, dict[str, FfcvEvalLoader]]:
+    """data/__init__.open_loaders for data.loader = ffcv: the training loader (with `train`) and
+    the evaluation shards."""
     train_beton, test_beton = beton_paths(ensure_betons(cfg, data))
     args = (cfg.eval_batch, ctx.rank, ctx.world_size, ctx.device, cfg.ffcv_workers)
     evals = {"test": FfcvEvalLoader(test_beton, None, *args)}
@@ -313,6 +290,5 @@ def open_ffcv_loaders(cfg: DataConfig, data: Cifar10, ctx: dist.DistContext, glo
         evals["val"] = FfcvEvalLoader(train_beton, data.val_indices, *args)
     if not train:
         return None, evals
-    loaders = [FfcvTrainLoader(train_beton, data.train_indices, global_batch, s, ctx.rank, ctx.world_size,
-                               ctx.device, cfg.ffcv_workers) for s in (seed if isinstance(seed, list) else [seed])]
-    return (loaders[0] if len(loaders) == 1 else FfcvPackLoader(loaders)), evals
+    return FfcvTrainLoader(train_beton, data.train_indices, global_batch, seeds, ctx.rank, ctx.world_size,
+                           ctx.device, cfg.ffcv_workers), evals

@@ -13,16 +13,10 @@ from __future__ import annotations
 import numpy as np
 
 
-def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_samples)
-
-
 def iters_per_epoch(num_samples: int, global_batch: int) -> int:
     n = num_samples // global_batch
     if n == 0:
-        raise ValueError(
-            f"a global batch of {global_batch} is larger than the training set ({num_samples})"
-        )
+        raise ValueError(f"a global batch of {global_batch} is larger than the training set ({num_samples})")
     return n
 
 
@@ -40,12 +34,11 @@ def rank_slice(global_batch: int, rank: int, world_size: int) -> slice:
     return slice(rank * b, (rank + 1) * b)
 
 
-def rank_epoch_order(
-    num_samples: int, global_batch: int, seed: int, epoch: int, rank: int, world_size: int
-) -> np.ndarray:
+def rank_epoch_order(num_samples: int, global_batch: int, seed: int, epoch: int, rank: int, world_size: int
+                     ) -> np.ndarray:
     """Sample indices of one epoch for one rank, batch after batch (length iters * b)."""
     iters = iters_per_epoch(num_samples, global_batch)
-    perm = epoch_permutation(num_samples, seed, epoch)[: iters * global_batch]
+    perm = np.random.default_rng([seed, epoch]).permutation(num_samples)[: iters * global_batch]
     return perm.reshape(iters, global_batch)[:, rank_slice(global_batch, rank, world_size)].reshape(-1)
 
 

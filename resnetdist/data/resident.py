@@ -32,8 +32,7 @@ class TrainLoader(Protocol):
     device: torch.device
 
     def batches(self, start_iter: int, out: Batch) -> Iterator[Batch]:
-        """Endless: iteration start_iter's, start_iter+1's, ... images and labels written into
-        `out` (yielded each time)."""
+        """Endless: each iteration's images and labels from start_iter on, written into `out`."""
 
 
 class ResidentTrainLoader:

@@ -1,8 +1,6 @@
-"""What a run tells the person who started it: where it starts (fresh, from which checkpoint,
-or already finished: worker.where_it_starts finds it), what will run (net, device, precision,
-step, loader, length, batch, run directory), and for `train --dry-run` the resolved
-configuration as well. Text only: nothing here decides, reads the run directory or writes.
-Output for programs stays in summary.json and `train --json`.
+"""What a run tells the person who started it: where it starts, what will run, and for
+`train --dry-run` the resolved configuration as well. Text only: nothing here decides, reads the
+run directory or writes. Output for programs stays in summary.json and `train --json`.
 """
 
 from __future__ import annotations
@@ -25,8 +23,7 @@ def where(start: StartPoint, iters: int) -> str:
 
 
 def facts(cfg: RunConfig, plan: Plan, start: StartPoint, fallback: str = "") -> list[tuple[str, str]]:
-    """The header's (what, value) rows: the plan (the step, why, and `fallback`: what would run
-    instead), where, from where."""
+    """The header's (what, value) rows; `fallback`: what would run instead of the step."""
     from ..models import build_model, count_parameters
 
     o, t, ranks = cfg.optim, cfg.train, plan.world_size
@@ -34,7 +31,7 @@ def facts(cfg: RunConfig, plan: Plan, start: StartPoint, fallback: str = "") -> 
         ("net", f"{paper_name(cfg)} ({count_parameters(build_model(cfg.model)):,} parameters)"),
         ("device", f"{plan.device}, {ranks} rank{'s' if ranks > 1 else ''}"),
         ("precision", plan.precision),
-        ("step", plan.choice.describe() + fallback),
+        ("step", f"{plan.step} ({plan.step_reason}){fallback}"),
         ("loader", plan.loader),
         ("iterations", f"{o.iters:,} ({lr_words(cfg)}; {cadence_words(o.iters, t.eval_every, t.checkpoint_every)})"),
         ("batch per rank", f"{plan.batch_per_rank} ({plan.global_batch} per iteration)"),
@@ -50,8 +47,7 @@ def paper_name(cfg: RunConfig) -> str:
 
 
 def lr_words(cfg: RunConfig) -> str:
-    """The lr schedule in words, the warm-up first: 'lr 0.01 for the first 400 iterations
-    (warm-up), then 0.1, /10 at 32,000, 48,000'."""
+    """'lr 0.01 for the first 400 iterations (warm-up), then 0.1, /10 at 32,000, 48,000'."""
     o = cfg.optim
     warmup = f"lr {o.warmup_lr:g} for the first {plural(o.warmup_iters, 'iteration')} (warm-up), then {o.lr:g}" \
         if o.warmup_iters > 0 else f"lr {o.lr:g}"
@@ -100,27 +96,22 @@ CPU_S_PER_ITER_RESNET20 = 0.27
 CPU_EVAL_COST = 0.28
 
 
-def evaluations(start_iter: int, iters: int, every: int) -> int:
-    """The evaluations after start_iter: every `every`, and at the end."""
-    return iters // every - start_iter // every + (iters % every != 0)
-
-
 def cpu_estimate(cfg: RunConfig, plan: Plan, start_iter: int, eval_images: int = 10_000, members: int = 1) -> str:
     """How long the rest of a CPU run (a pack of `members` runs: their sum, on a CPU) may take,
     evaluations included, from the measured constants above."""
     per_image = CPU_S_PER_ITER_RESNET20 / 128 * (cfg.model.n / 3) * members
     train_s = per_image * plan.batch_per_rank * (cfg.optim.iters - start_iter)
-    count = evaluations(start_iter, cfg.optim.iters, cfg.train.eval_every)
+    iters, every = cfg.optim.iters, cfg.train.eval_every
+    count = iters // every - start_iter // every + (iters % every != 0)  # every `every`, and at the end
     eval_s = CPU_EVAL_COST * per_image * eval_images / plan.world_size * count
     return f"about {duration(train_s + eval_s)}, {plural(count, 'evaluation')} included (2-core CPU rates)"
 
 
 def header(runs: list[tuple[RunConfig, StartPoint]], plan: Plan, eval_images: int, data: str,
            finished: list[RunConfig] = ()) -> str:
-    """What opens a run on rank 0, once the step is built (the step that runs, and why): the
-    facts, the data (verified CIFAR-10 or not) and on a CPU how long (on a GPU the bar measures
-    it at the first log point). `runs`: each training run's configuration and start (a pack's
-    members, the first leading); `finished`: runs asked for that are finished already."""
+    """What opens a run on rank 0, once the step is built: the facts, the data (verified CIFAR-10
+    or not) and on a CPU how long (on a GPU the bar measures it). `runs`: each training run's
+    configuration and start (a pack's members); `finished`: runs asked for that are finished already."""
     (cfg, start), k = runs[0], len(runs)
     rows = facts(cfg, plan, start)
     rows.insert(1, ("data", data))
@@ -137,21 +128,16 @@ def header(runs: list[tuple[RunConfig, StartPoint]], plan: Plan, eval_images: in
 
 
 def closing(summary: dict[str, Any], cfg: RunConfig) -> str:
-    """What closes a run on rank 0: the result, and where its files are."""
     run = RunDir(cfg.run_dir)
     rows = [(run.model.name, str(run.model)), (run.summary.name, str(run.summary))]
     if cfg.log.tensorboard:
         rows.append(("TensorBoard", f"tensorboard --logdir {run.path / 'tb'}"))
     rows.append(("report", f"resnetdist report {run.path}"))
-    return f"{result_line(summary)}\n{format_facts(rows)}"
-
-
-def result_line(summary: dict[str, Any]) -> str:
-    return (f"{summary['name']}: test error {summary['test_error']:.2f}% after {plural(summary['iterations'], 'iteration')}, "
-            f"{duration(summary['train_seconds'])} of training ({summary['images_per_second']:,.0f} img/s)")
+    result = (f"{summary['name']}: test error {summary['test_error']:.2f}% after {plural(summary['iterations'], 'iteration')}, "
+              f"{duration(summary['train_seconds'])} of training ({summary['images_per_second']:,.0f} img/s)")
+    return f"{result}\n{format_facts(rows)}"
 
 
 def finished(summary: dict[str, Any], cfg: RunConfig) -> str:
-    """A rerun of a finished run: its result, and that nothing was done."""
     return (f"{cfg.run_dir} holds a finished run (summary.json): nothing to do. To train it again, delete "
             f"that folder or pass another --out.\n{closing(summary, cfg)}")

@@ -18,28 +18,26 @@ NARROW_BAR_FORMAT = "{desc}{postfix} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fm
 
 
 class RunBar:
-    """A training run's bar. It moves from the host-side iteration counter (tick: at most once
-    per `every_s`, a clock read per step, never a device sync), shows the loss last drained at
-    a log point (show), and prints lines above itself (write) so they never break it. On other
-    ranks it prints nothing; off a terminal write() is a plain print and there is no bar.
+    """A training run's bar. It moves from the host-side iteration counter (tick: at most once per
+    `every_s`, a clock read per step, never a device sync), shows the loss last drained at a log
+    point (show), and prints lines above itself (write) so they never break it. On other ranks it
+    prints nothing; off a terminal write() is a plain print and there is no bar.
 
-    It also knows where the run would stop if asked now (`next_stop`: the loop's Cadence.next_stop,
-    the log, evaluation and checkpoint points where the loop checks for a stop), so the first
-    Ctrl-C is answered at once (`stopping`, called from the signal handler through
-    `RunBar.active`), and it says, once, when the training is over and the final evaluation and
-    saving run."""
+    It knows where the run would stop if asked now (`next_stop`: Cadence.next_stop), so the first
+    Ctrl-C is answered at once (`stopping`, from the signal handler through `RunBar.active`), and
+    it says, once, when the training is over and the final evaluation and saving run."""
 
     active: "RunBar | None" = None  # the bar on the terminal (one run per process)
+    every_s = 1.0  # the bar moves at most this often
 
-    def __init__(self, desc: str, total: int, start: int, main: bool, every_s: float = 1.0,
-                 next_stop: Callable[[int], int] | None = None):
-        self.main, self.every_s, self.total, self.start, self.next_stop = main, every_s, total, start, next_stop
+    def __init__(self, desc: str, total: int, start: int, main: bool, next_stop: Callable[[int], int]):
+        self.main, self.total, self.start, self.next_stop = main, total, start, next_stop
         self.said_done = False  # "iteration N done: ..." printed (a disabled tqdm bar keeps no count to ask)
         narrow = columns() < NARROW
         self.bar = progress_bar(desc, total=total, enabled=main, initial=start,
                                 bar_format=NARROW_BAR_FORMAT if narrow else RUN_BAR_FORMAT)
         self.t0 = time.monotonic()
-        self.next_s = self.t0 + every_s
+        self.next_s = self.t0 + self.every_s
         self.latest = start  # the newest iteration done (the bar itself moves once a second)
         self.stop_at = 0  # the iteration a Ctrl-C stops at (0: none asked)
         self.measured = False  # the estimate measured at the first log point was printed
@@ -81,8 +79,6 @@ class RunBar:
         the loop checks is the run's end, the run is not stopped early there: it finishes (final
         evaluation, model.pt), and the line says so. Called from a signal handler, so it changes
         only plain attributes; the caller writes the line."""
-        if self.next_stop is None:
-            return ""
         self.stop_at = min(self.total, self.next_stop(self.latest))
         rate = self.seconds_per_iteration()
         left = self.stop_at - self.latest

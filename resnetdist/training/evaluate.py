@@ -39,9 +39,8 @@ def true_fp32():
 
 
 def model_layout(cfg: RunConfig, device: torch.device) -> torch.memory_format:
-    """The one layout a run's model trains and is evaluated in, on this device: channels_last on
-    CUDA when train.channels_last, else NCHW. trainer.make_model builds the model in it, and
-    `resnetdist eval` loads saved weights into it, so both evaluations run the same kernels."""
+    """The one layout a run's model trains and is evaluated in (training and `resnetdist eval`
+    alike, so both run the same kernels): channels_last on CUDA when train.channels_last, else NCHW."""
     return torch.channels_last if cfg.train.channels_last and device.type == "cuda" else torch.contiguous_format
 
 
@@ -49,11 +48,10 @@ def model_layout(cfg: RunConfig, device: torch.device) -> torch.memory_format:
 def error_rates(model: nn.Module, loaders: dict[str, Iterable], mean: torch.Tensor,
                 memory_format=torch.contiguous_format) -> dict[str, float]:
     """Error (%) on each evaluation set, single view (mean subtraction only), the same way
-    wherever it runs (training's evaluations, `resnetdist eval`, doctor): true fp32 whatever the
-    training precision (autocast off, TF32 off, heuristic kernels: true_fp32), inputs in the
-    model's layout (model_layout), so `resnetdist eval model.pt` equals summary.json's test
-    error. Every rank counts its shard of rank 0's model (BN statistics broadcast first); the
-    counts are all-reduced, so the figure is exact under DDP."""
+    wherever it runs: true fp32 whatever the training precision, inputs in the model's layout, so
+    `resnetdist eval model.pt` equals summary.json's test error. Every rank counts its shard of
+    rank 0's model (BN statistics broadcast first); the counts are all-reduced, so the figure is
+    exact under DDP."""
     dist.broadcast_buffers(model)
     model.eval()
     out = {}
@@ -74,8 +72,8 @@ def error_rates(model: nn.Module, loaders: dict[str, Iterable], mean: torch.Tens
 
 
 def evaluate_checkpoint(path: Path, data_dir: Path | None, device: str = "auto") -> dict[str, Any]:
-    """Load a checkpoint (ckpt_*.pt or model.pt) and report its error on the test set (and
-    the validation set, if the run held one out)."""
+    """A checkpoint's (ckpt_*.pt or model.pt) error on the test set (and the validation set, if
+    the run held one out)."""
     state = checkpoint.load_model_file(path)  # CheckpointError names a missing or foreign file
     cfg = from_dict(state["config"], f"{path} (config)")
     if data_dir is not None:

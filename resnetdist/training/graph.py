@@ -11,7 +11,7 @@ wraps the model inside `GraphCapture.on_side()`, then calls `capture_agreed`.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
@@ -27,8 +27,7 @@ class CaptureFailed(RuntimeError):
 
 
 class CudaOps:
-    """The torch.cuda calls that graph capture makes, in one place (a CPU test puts a stand-in
-    in `cuda_ops` and sees which stream each phase runs on)."""
+    """The torch.cuda calls that graph capture makes (a CPU test puts a stand-in in `cuda_ops`)."""
 
     def side_stream(self):
         """A new stream that first waits for the work already queued on the current one."""
@@ -62,10 +61,9 @@ cuda_ops = CudaOps()  # the calls every GraphCapture makes
 
 
 class StaticInputs:
-    """The graphed step's input buffers: the sample inputs it was built with (the data's feed's
-    buffers, data/feed.py, which it refills in place). A replay handed those very tensors copies
-    nothing; handed others, it copies them in. A pack of K members (pack.py) has one row per
-    member: (K, b, 3, 32, 32), (K, b), (K, 3, b)."""
+    """The graphed step's input buffers: the feed's (data/feed.py, refilled in place). A replay
+    handed those very tensors copies nothing; handed others, it copies them in. A pack's have one
+    row per member: (K, b, 3, 32, 32), (K, b), (K, 3, b)."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, aug: torch.Tensor):
         self.x, self.y, self.aug = x, y, aug
@@ -76,20 +74,8 @@ class StaticInputs:
                 buffer.copy_(given, non_blocking=True)
 
 
-class Graphable(Protocol):
-    """What capture needs of a step (step.TrainStep)."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    device: torch.device
-
-    def graph_body(self, inputs: StaticInputs) -> None: ...
-    def device_state(self) -> list[torch.Tensor]: ...
-
-
 class GraphCapture:
-    """One step's capture: the side stream (made at once, so the step's builder can wrap the
-    model in DDP on it), then `capture_agreed`."""
+    """One step's capture: the side stream (made at once, for DDP's construction), then `capture_agreed`."""
 
     def __init__(self):
         self.ops = cuda_ops
@@ -98,10 +84,10 @@ class GraphCapture:
     def on_side(self):
         return self.ops.use(self.side)
 
-    def capture_agreed(self, step: Graphable, inputs: StaticInputs) -> Replay:
-        """The replay when every rank captured; else CaptureFailed saying why (this
-        rank's error, or that another rank failed), the step's state as before the warm-up, so
-        that the caller may run the eager step instead (train.step = auto) or stop (graph)."""
+    def capture_agreed(self, step, inputs: StaticInputs) -> Replay:  # step: step.TrainStep
+        """The replay when every rank captured; else CaptureFailed saying why (this rank's error, or
+        that another rank failed), the step's state as before the warm-up, so that the caller may
+        run the eager step instead (train.step = auto) or stop (graph)."""
         try:
             run, error = self.capture(step, inputs), None
         except Exception as e:  # noqa: BLE001 - any capture failure is reported, with its reason
@@ -113,7 +99,7 @@ class GraphCapture:
         step.optimizer.zero_grad(set_to_none=True)  # the warm-up's last gradients
         raise CaptureFailed(error or "capture failed on another rank")
 
-    def capture(self, step: Graphable, inputs: StaticInputs) -> Replay:
+    def capture(self, step, inputs: StaticInputs) -> Replay:
         """Record the whole step as one CUDA graph. Warm-up steps (needed before capture, and
         by DDP) change weights, optimizer state and BN statistics, so those are restored in
         place afterwards, whether capture worked or not: the graph keeps pointing at the same

@@ -9,22 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import torch
 
 from .. import dist
 from ..config import RunConfig
 from .bar import RunBar
-
-
-class Step(Protocol):
-    """What the loop needs of a step (step.TrainStep, or a fake in tests)."""
-
-    def __call__(self, images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None: ...
-    def drain_members(self) -> tuple[np.ndarray, np.ndarray]: ...
-    def lr_of(self, it: int) -> float: ...
 
 
 @dataclass
@@ -79,19 +70,11 @@ def take_steps(step: Callable, batches: Iterator, count: int, tick: Callable[[in
         tick(done)
 
 
-class Member(Protocol):
-    """What drain needs of a run (trainer.Member): a pack has one per seed, a single run one."""
-
-    progress: Progress
-    failed: str
-    cfg: RunConfig
-
-
-def drain(step: Step, members: Sequence[Member], it: int) -> list[dict[str, float] | None]:
-    """Move the step's device-side sums into each member's progress window, and make its train
-    record. A member whose loss was not finite stops here (its `failed` says why; its record is
-    None from now on); the others go on, their numbers untouched (pack.py)."""
-    stats, bad = step.drain_members()
+def drain(step, members: Sequence, it: int) -> list[dict[str, float] | None]:
+    """Move the step's (step.TrainStep) device-side sums into each member's (trainer.Member)
+    progress window, and make its train record. A member whose loss was not finite stops here
+    (its `failed` says why; its record is None from now on); the others go on, untouched."""
+    stats, bad = step.drain()
     records = []
     for member, sums, first_bad in zip(members, stats, bad):
         # a non-finite loss on any rank makes the all-reduced loss sum non-finite on every rank
@@ -108,14 +91,14 @@ def drain(step: Step, members: Sequence[Member], it: int) -> list[dict[str, floa
     return records
 
 
-def failures(members: Sequence[Member]) -> str:
+def failures(members: Sequence) -> str:
     """The failed members' reasons in one line (a single run's: its reason alone)."""
     if len(members) == 1:
         return members[0].failed
     return "; ".join(f"{m.cfg.name}: {m.failed}" for m in members if m.failed)
 
 
-def evaluation(step: Step, progress: Progress, errors: dict[str, float], it: int, iters_per_epoch: int,
+def evaluation(step, progress: Progress, errors: dict[str, float], it: int, iters_per_epoch: int,
                global_batch: int) -> tuple[dict[str, float], str]:
     """The evaluation record (the training window since the last evaluation, with this
     evaluation's errors; the window is reset) and its line for the terminal."""

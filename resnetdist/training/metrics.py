@@ -11,7 +11,6 @@ import math
 import os
 import sys
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,7 @@ def wandb_mode_here(mode: str) -> str:
     return "online" if wandb_logged_in() else "offline"
 
 
-def wandb_env_mode() -> str | None:
-    """WANDB_MODE / WANDB_DISABLED's mode, normalised; None when unset."""
+def wandb_env_mode() -> str | None:  # None: WANDB_MODE / WANDB_DISABLED unset
     if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
         return "disabled"
     mode = os.environ.get("WANDB_MODE", "").strip().lower()
@@ -61,38 +59,33 @@ def _clean(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class JsonlSink:
-    """One JSON object per record of one kind (metrics.jsonl: each evaluation; progress.jsonl:
-    each log point's training record, which `runs` and `reproduce` read to show where a run is),
-    appended and flushed, so a crash loses at most the line being written. On resume, records
-    past the resume point are dropped first."""
+    """One JSON object per record of one kind (metrics.jsonl: each evaluation; progress.jsonl: each
+    log point's training record, which `runs` and `reproduce` read), appended and flushed, so a
+    crash loses at most the line being written. On resume, records past the resume point go first."""
 
     def __init__(self, path: Path, resume_iter: int, kind: str = "eval"):
         self.path, self.kind = path, kind
         if path.exists():
             kept = [line for line in path.read_text().splitlines() if -1 < _parse_iter(line) <= resume_iter]
             atomic_write_text(path, "".join(line + "\n" for line in kept))  # WriteError on failure
-        with _write_errors(path):
+        try:
             self.file = open(path, "a")
+        except OSError as e:
+            raise WriteError(path, e) from e
 
     def log(self, record: dict[str, Any], kind: str) -> None:
         if kind == self.kind:
-            with _write_errors(self.path):  # a full disk: one clear WriteError, not a traceback
+            try:
                 self.file.write(json.dumps(_clean(record)) + "\n")
                 self.file.flush()
+            except OSError as e:  # a full disk: one clear WriteError, not a traceback
+                raise WriteError(self.path, e) from e
 
     def close(self) -> None:
         try:
             self.file.close()
         except OSError:  # the failed write was already raised as WriteError from log()
             pass
-
-
-@contextmanager
-def _write_errors(path: Path):
-    try:
-        yield
-    except OSError as e:
-        raise WriteError(path, e) from e
 
 
 def _parse_iter(line: str) -> int:
@@ -123,10 +116,13 @@ def chart_values(record: dict[str, Any], kind: str) -> dict[str, float]:
 
 
 class TensorBoardSink:
-    """Scalars under the chart names; the HParams dashboard's row of the run (hparams())."""
+    """Scalars under the chart names, and the HParams dashboard's row of the run (`params`:
+    run_params, with the final errors)."""
 
-    def __init__(self, log_dir: Path, resume_iter: int):
+    def __init__(self, log_dir: Path, resume_iter: int, params: dict[str, Any]):
         from torch.utils.tensorboard import SummaryWriter
+
+        self.params = {k: v for k, v in params.items() if v is not None}
 
         # purge_step drops events past the checkpoint that a restarted run will write again
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resume_iter + 1 if resume_iter else None)
@@ -136,10 +132,12 @@ class TensorBoardSink:
             self.writer.add_scalar(tag, value, record["iter"])
         self.writer.flush()
 
-    def hparams(self, params: dict[str, Any], results: dict[str, float]) -> None:
+    def summary(self, values: dict[str, Any]) -> None:
         """The HParams row, written into this run's own event folder (run_name "."): without it
         add_hparams makes a sub-run per call, and the dashboard shows a row apart from the curves."""
-        self.writer.add_hparams(params, {f"hparams/{k}": v for k, v in results.items()}, run_name=".")
+        results = {f"hparams/{k}": values[k] for k in ("test_error", "val_error", "train_error")
+                   if values.get(k) is not None}
+        self.writer.add_hparams(self.params, results, run_name=".")
         self.writer.flush()
 
     def close(self) -> None:
@@ -150,8 +148,7 @@ def env_tags() -> list[str]:
     return [t.strip() for t in os.environ.get("WANDB_TAGS", "").split(",") if t.strip()]
 
 
-def warn(message: str) -> None:
-    """A W&B problem, said in one line on stderr (the run goes on)."""
+def warn(message: str) -> None:  # a W&B problem: the run goes on
     print(f"W&B: {message}", file=sys.stderr, flush=True)
 
 
@@ -170,10 +167,10 @@ def run_params(cfg: RunConfig) -> dict[str, Any]:
 
 
 def wandb_settings(wandb, cfg: LogConfig):
-    """The settings every run of this package opens W&B with (training runs and the suite's
-    report run): bounded init and finish, no console capture (the run's own log is train.log).
-    The finish bound is a public setting of wandb releases from 2026 on (`finish_timeout`);
-    an older wandb (>= 0.19.10, pyproject's floor) has none, and its finish waits for the upload."""
+    """The settings every W&B run of this package opens with (training and the suite's report):
+    bounded init and finish, no console capture (the run's own log is train.log). `finish_timeout`
+    is a setting of wandb releases from 2026 on; an older wandb (>= 0.19.10, pyproject's floor)
+    has none, and its finish waits for the upload."""
     bounds = {"init_timeout": float(cfg.wandb_init_timeout_s)}
     if "finish_timeout" in wandb.Settings.model_fields:
         bounds["finish_timeout"] = float(cfg.wandb_finish_timeout_s)
@@ -181,12 +178,10 @@ def wandb_settings(wandb, cfg: LogConfig):
 
 
 class WandbSink:
-    """One W&B run per training run, as docs/tracking.md describes it (name, group, tags, config,
-    charts, summary, artifact). Its id is kept in the checkpoints, so a resumed run (this process
-    or a later one) continues the same W&B run. Online init is bounded by
-    log.wandb_init_timeout_s; when it fails (server unreachable, bad key) the run carries on
-    offline under the same id, with a warning. finish() is bounded by log.wandb_finish_timeout_s;
-    what did not upload stays on disk for `wandb sync`."""
+    """One W&B run per training run (docs/tracking.md). Its id is kept in the checkpoints, so a
+    resumed run continues the same W&B run. When the bounded online init fails (server
+    unreachable, bad key) the run carries on offline under the same id, with a warning; what a
+    bounded finish did not upload stays on disk for `wandb sync`."""
 
     def __init__(self, run_cfg: RunConfig, mode: str, run_id: str | None):
         import wandb
@@ -195,7 +190,7 @@ class WandbSink:
         # a checkpoint's id continues its run; else $WANDB_RUN_ID, which a W&B sweep agent sets for
         # the run it starts (so the run joins the sweep); else a new one
         self.id = run_id or os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:12]
-        self.mode = mode  # online or offline (wandb_mode_here)
+        self.mode = mode  # online or offline
         kwargs = dict(
             project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "resnetdist",
             entity=cfg.wandb_entity or os.environ.get("WANDB_ENTITY") or None,
@@ -281,10 +276,9 @@ class WandbSink:
 class MetricLogger:
     """Fans records out to the sinks of rank 0; with none (MetricLogger()), logs nothing."""
 
-    def __init__(self, sinks: list = (), wandb_id: str | None = None, params: dict[str, Any] | None = None):
+    def __init__(self, sinks: list = (), wandb_id: str | None = None):
         self.sinks = list(sinks)
         self.wandb = next((sink for sink in self.sinks if isinstance(sink, WandbSink)), None)
-        self.params = params or {}  # run_params: the HParams row's hyperparameters
         # with W&B off for this attempt, keep the id a checkpoint carried for the next one
         self.wandb_id = self.wandb.id if self.wandb else wandb_id
 
@@ -294,21 +288,17 @@ class MetricLogger:
 
     def summary(self, values: dict[str, Any]) -> None:
         """summary.json's values: W&B's summary, and TensorBoard's HParams row with the final errors."""
-        if self.wandb:
-            self.wandb.summary(values)
-        results = {k: values[k] for k in ("test_error", "val_error", "train_error") if values.get(k) is not None}
         for sink in self.sinks:
-            if isinstance(sink, TensorBoardSink):
-                sink.hparams({k: v for k, v in self.params.items() if v is not None}, results)
+            if isinstance(sink, (WandbSink, TensorBoardSink)):
+                sink.summary(values)
 
     def log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
         if self.wandb:
             self.wandb.log_model(run_dir, mean, metadata)
 
     def close_after(self, error: BaseException) -> None:
-        """Close on the way out of a run that did not finish: stopped as asked (a preemption
-        notice or a first Ctrl-C, obeyed at a checkpoint: Preempted, exit 6 or 130; a second
-        Ctrl-C: KeyboardInterrupt, 130) is not a failure; anything else is (exit 1)."""
+        """Close a run that did not finish: stopped as asked (Preempted: a notice or a first Ctrl-C,
+        exit 6 or 130; a second Ctrl-C, 130) is not a failure; anything else is (exit 1)."""
         if isinstance(error, Preempted):
             self.close(error.exit_code, stopped=True)
         elif isinstance(error, KeyboardInterrupt):
@@ -329,7 +319,7 @@ def open_logger(cfg: RunConfig, resume_iter: int, wandb_id: str | None) -> Metri
     run = RunDir(cfg.run_dir)
     sinks: list = [JsonlSink(run.metrics, resume_iter), JsonlSink(run.progress, resume_iter, "train")]
     if cfg.log.tensorboard:
-        sinks.append(TensorBoardSink(run.path / "tb", resume_iter))
+        sinks.append(TensorBoardSink(run.path / "tb", resume_iter, run_params(cfg)))
     mode = wandb_mode_here(cfg.log.wandb_mode)
     if mode != "disabled":
         try:
@@ -338,4 +328,4 @@ def open_logger(cfg: RunConfig, resume_iter: int, wandb_id: str | None) -> Metri
             warn("wandb is not installed (pip install 'resnetdist[wandb]'); not logging to W&B")
         else:
             sinks.append(WandbSink(cfg, mode, wandb_id))
-    return MetricLogger(sinks, wandb_id, run_params(cfg))
+    return MetricLogger(sinks, wandb_id)

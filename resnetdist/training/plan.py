@@ -13,7 +13,7 @@ import torch
 
 from ..config import ConfigError, RunConfig
 from ..data.order import rank_batch
-from .step import StepChoice, choose_kind, default_precision
+from .step import StepChoice, choose_kind
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,9 @@ def resolve(cfg: RunConfig, world_size: int) -> Plan:
     CUDA: refused before any worker starts)."""
     t = cfg.train
     device = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    precision = t.precision if t.precision != "auto" else default_precision(device == "cuda")
+    # auto: bf16 on a GPU that supports it, else fp32
+    precision = t.precision if t.precision != "auto" else (
+        "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
     choice = choose_kind(t.step, device == "cuda", precision)
     per_rank = cfg.dist.batch_scaling == "per_rank"
     if not per_rank and cfg.optim.batch_size % world_size:

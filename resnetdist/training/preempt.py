@@ -3,12 +3,10 @@
 first Ctrl-C (SIGINT, exit 130 instead of 6). A second Ctrl-C stops at once (KeyboardInterrupt,
 no checkpoint for that stop: the newest one on disk is where the run resumes).
 
-The handler only notes the signal. Raising from it (as Python's default SIGINT handler does)
-would unwind whatever the main thread was doing, a checkpoint write included; a flag cannot
-interrupt anything, so a second signal during the save is harmless. The loop asks at its log
-points, where the ranks already meet for the metric all-reduce; there the ranks all-reduce
-the signal numbers (max), so a signal that reached one rank stops every rank at the same
-iteration, and no step pays for the check.
+The handler only notes the signal: raising from it (as Python's default SIGINT handler does)
+would unwind whatever the main thread was doing, a checkpoint write included. The loop asks at
+its log points, where the ranks already meet: the signal numbers are all-reduced (max), so a
+signal that reached one rank stops every rank at the same iteration, and no step pays for it.
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
 """One training step as a callable: step(images_u8, labels, aug) does augmentation, forward
 (autocast), backward, the SGD update and the metric sums, all on the device.
 
-The step reads its lr from a per-iteration table on the device and counts iterations on the
-device, so the host only hands it a batch already on the device (the data's feed,
-data/feed.py). That keeps the step identical whether it runs eagerly, compiled, or replayed as
-one CUDA graph, and the schedule needs no re-capture. Loss and error sums stay on the device until
-`drain()`: no host sync per step. bench, the trainer and the tests all drive this one object.
+The step reads its lr from a per-iteration table on the device and counts iterations there, so
+the host only hands it a batch already on the device (data/feed.py). That keeps the step
+identical whether it runs eagerly, compiled, or replayed as one CUDA graph, and the schedule
+needs no re-capture. Loss and error sums stay on the device until `drain()`: no host sync per step.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from ..config import ConfigError
 from ..data.augment import augment
 from ..errors import GraphUnavailable
 from ..pack import member_losses, member_sums, pack_batch
-from .graph import CaptureFailed, GraphCapture, Replay, StaticInputs
+from .graph import CaptureFailed, GraphCapture, StaticInputs
 from .optim import TensorLRSGD
 from .wrap import wrap_model
 
@@ -37,16 +36,10 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=DTYPES[precision], cache_enabled=False)
 
 
-def default_precision(on_cuda: bool) -> str:
-    """train.precision "auto": bf16 on a GPU that supports it, else fp32."""
-    return "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "fp32"
-
-
 @dataclass(frozen=True)
 class StepChoice:
     """The step that runs and why: choose_kind's answer, then build_step's (an auto graph whose
-    capture failed becomes eager, saying so). summary.json, the header, the progress bar and
-    `report` show it."""
+    capture failed becomes eager, saying so)."""
 
     kind: str  # eager | compile | graph
     reason: str  # why this one, in words
@@ -57,17 +50,13 @@ class StepChoice:
         """auto wanted the graph here and the eager step runs instead (its capture failed)."""
         return self.asked == "auto" and self.reason.startswith("auto: CUDA-graph capture failed")
 
-    def describe(self) -> str:
-        return f"{self.kind} ({self.reason})"
-
 
 def choose_kind(step: str, on_cuda: bool, precision: str) -> StepChoice:
-    """The step that runs, from train.step alone (the one place that decides it). auto: the
-    whole-step graph on CUDA with bf16 or fp32 (4x the eager step at batch 128 on one H100,
-    measured by a plain PyTorch script of this recipe, not by resnetdist: docs/gpu-acceptance.md), else eager (fp16's loss scaler syncs
-    with the host, which a graph cannot hold). A step asked for by name runs or the run stops:
-    graph without CUDA is a ConfigError here, before any worker starts (graph + fp16 is one in
-    config.validate), and a graph whose capture fails stops the run in build_step."""
+    """The step that runs, from train.step (the one place that decides it). auto: the whole-step
+    graph on CUDA with bf16 or fp32 (4x the eager step at batch 128 on one H100, measured by a
+    plain PyTorch script of this recipe: docs/gpu-acceptance.md), else eager. A step asked for by
+    name runs or the run stops: graph without CUDA is a ConfigError here, before any worker starts
+    (graph + fp16 is one in config.validate); a failed capture stops it in build_step."""
     if step == "auto":
         if not on_cuda:
             return StepChoice("eager", "auto: no CUDA device, so no CUDA graph", step)
@@ -81,16 +70,13 @@ def choose_kind(step: str, on_cuda: bool, precision: str) -> StepChoice:
 
 
 class TrainStep:
-    """The step of one rank. `model` is the plain module (what checkpoints save); `train_model`
-    is what trains (the model wrapped in DDP / torch.compile, wrap.py). `choice` says which step
-    runs (`kind`: eager, compile, or graph, a replayed CUDA graph, graph.py) and why. Counters
-    start at `start_iter`. A graph points at the model's and optimizer's tensors: load a
-    checkpoint into a built step only with `load_state`, which copies in place. Build one with
-    `build_step`."""
+    """The step of one rank, built by build_step. `model` is the plain module (what checkpoints
+    save); `train_model` is what trains (wrapped in DDP / torch.compile, wrap.py). A graph points
+    at the model's and optimizer's tensors: load a checkpoint into a built step only with
+    `load_state`, which copies in place."""
 
     def __init__(self, model: nn.Module, train_model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor,
-                 lrs: torch.Tensor, *, precision: str, memory_format=torch.contiguous_format, start_iter: int = 0,
-                 choice: StepChoice):
+                 lrs: torch.Tensor, *, precision: str, memory_format, choice: StepChoice):
         self.model, self.train_model, self.optimizer, self.mean = model, train_model, optimizer, mean
         self.device = mean.device
         self.precision, self.memory_format = precision, memory_format
@@ -99,7 +85,7 @@ class TrainStep:
         # device-side state the step reads and writes (static addresses, for graph capture)
         self.lrs = lrs.to(self.device)
         self.lr = optimizer.lr  # the device tensor the optimizer reads its lr from
-        self.it = torch.full((), start_iter, dtype=torch.long, device=self.device)
+        self.it = torch.zeros((), dtype=torch.long, device=self.device)
         # per member of a pack (models.py, pack.py; one run: K = 1): loss sum, wrong count,
         # sample count, and the first iteration whose loss was not finite
         self.members = getattr(model, "members", 1)
@@ -109,11 +95,10 @@ class TrainStep:
         self.stats = torch.zeros(self.members, 3, device=self.device)
         self.bad_iter = torch.full((self.members,), -1, dtype=torch.long, device=self.device)
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        self._run = self._eager  # a graph's replay once captured (build_step)
         self.inputs: StaticInputs | None = None  # the graph's input buffers
-        self._run = self._eager
 
     def __call__(self, images_u8: torch.Tensor, labels: torch.Tensor, aug: torch.Tensor) -> None:
-        """One iteration on a batch on the step's device: uint8 images, labels, augmentation draws."""
         self._run(images_u8, labels, aug)
 
     kind = property(lambda self: self.choice.kind)  # the step that runs: eager, compile or graph
@@ -122,25 +107,17 @@ class TrainStep:
         """The lr iteration `it` (1-based, as counted after the step) trained with."""
         return float(self.lrs_host[it - 1])
 
-    def drain(self) -> tuple[np.ndarray, int]:
-        """The metric sums since the last drain, summed over ranks (loss sum, wrong, count), and
-        the first iteration whose loss was not finite on this rank (-1: none). One host sync.
-        One run's: a pack drains per member (drain_members)."""
-        if self.members != 1:
-            raise ValueError(f"a pack of {self.members} members drains per member: drain_members()")
-        stats, bad = self.drain_members()
-        return stats[0], int(bad[0])
-
-    def drain_members(self) -> tuple[np.ndarray, np.ndarray]:
-        """drain() per member: sums (K, 3) and first non-finite iterations (K,). One host sync."""
+    def drain(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per member (one run: K = 1), the metric sums since the last drain, summed over ranks
+        (K, 3: loss sum, wrong, count), and the first iteration whose loss was not finite on this
+        rank (K,; -1: none). One host sync."""
         stats = dist.all_reduce_sum(self.stats.clone()).cpu().numpy().astype(np.float64)
         self.stats.zero_()
         return stats, self.bad_iter.cpu().numpy()
 
     def load_state(self, model_state: dict, optimizer_state: dict, iteration: int) -> None:
-        """Load weights, optimizer state and the iteration into this step, in place: every
-        tensor a captured graph reads keeps its address (TensorLRSGD.load_state_dict copies
-        momentum into the existing buffers; Module.load_state_dict copies into parameters)."""
+        """Weights, optimizer state and the iteration, copied in place: every tensor a captured
+        graph reads keeps its address (TensorLRSGD.load_state_dict copies into the momentum buffers)."""
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optimizer_state)
         self.it.fill_(iteration)
@@ -151,10 +128,6 @@ class TrainStep:
         """Every tensor a step changes: what graph capture restores after its warm-up."""
         momentum = [s["momentum_buffer"] for s in self.optimizer.state.values()]
         return list(self.model.state_dict().values()) + momentum + [self.it, self.stats, self.bad_iter]
-
-    def use_graph(self, replay: Replay, inputs: StaticInputs) -> None:
-        """Run `replay` (a captured graph reading `inputs`) instead of the eager step."""
-        self._run, self.inputs = replay, inputs
 
     # ----- the step's math ---------------------------------------------------------------------
 
@@ -197,13 +170,10 @@ class TrainStep:
 def build_step(model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor, lrs: torch.Tensor, *,
                choice: StepChoice, compile_mode: str = "default", precision: str, memory_format=torch.contiguous_format,
                ddp: bool = False, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> TrainStep:
-    """The step choose_kind chose: the model wrapped in DDP, and in torch.compile
-    (`compile_mode`) for the compile step (wrap.py); the graph step captured once (CUDA only,
-    graph.py) with `inputs` as its static inputs (sample images, labels, draws: the data's feed's
-    buffers, so a replay handed them copies nothing; as torch.cuda.make_graphed_callables takes
-    sample args) and replayed. A failed capture stops a graph asked for by name (GraphUnavailable,
-    before any training step); under auto the eager step runs from the same state, and its
-    choice says why."""
+    """The step `choice` names: the model wrapped in DDP, and in torch.compile for the compile step
+    (wrap.py); the graph step captured once with `inputs` (the feed's buffers) as its static
+    inputs. A failed capture stops a graph asked for by name (GraphUnavailable, before any
+    training step); under auto the eager step runs from the same state, and its choice says why."""
     graph = choice.kind == "graph"
     capture = GraphCapture() if graph else None
     with capture.on_side() if capture is not None else nullcontext():  # DDP built where capture runs
@@ -215,7 +185,7 @@ def build_step(model: nn.Module, optimizer: TensorLRSGD, mean: torch.Tensor, lrs
             raise ValueError("a graph step is captured with sample inputs: build_step(..., inputs=...)")
         static = StaticInputs(*inputs)
         try:
-            step.use_graph(capture.capture_agreed(step, static), static)
+            step._run, step.inputs = capture.capture_agreed(step, static), static
         except CaptureFailed as e:
             if choice.asked != "auto":
                 raise GraphUnavailable(f"train.step = graph: CUDA-graph capture failed ({e}); the run stops "

@@ -1,22 +1,17 @@
-"""One rank's run: `build(cfg, ctx, data, stop)` makes the model and its optimizer, the step
-(step.build_step: DDP / compile wrapping, graph capture) and the loaders and the feed, once.
-The Trainer it returns owns the run from there: `fit()` is the training loop, `evaluate()`
-the error rates, `state_dicts()` / `load()` what a checkpoint holds and how a run continues
-from one, `checkpoint()` writes one, and the stop (a preemption notice) is asked at the log
-points. worker.py (a training run), bench, doctor and the tests all build through here, so
-what they drive is what trains.
+"""One rank's run: `build()` makes the loaders and feed, the model and optimizer and the step,
+once; the Trainer it returns owns the loop (fit), evaluation, checkpoints and the summary.
+worker.py, bench, doctor and the tests all build through here, so what they drive is what trains.
 
-A pack (pack.py: K seeds of one net as one fused model) is K `Member`s of one Trainer: one
-model, optimizer, step and feed, and per member its configuration and run directory, its
-metrics window, its logger, checkpoints and summary, each in the single run's format. A single
-run is the pack of one.
+A pack (pack.py: K seeds of one net as one fused model) is K `Member`s of one Trainer: one model,
+optimizer, step and feed; per member its configuration, run directory, metrics window, logger,
+checkpoints and summary, each in the single run's format. A single run is the pack of one.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +28,7 @@ from ..pack import build_pack, fuse_optimizer_states, fuse_states, split_optimiz
 from .bar import RunBar
 from ..rundir import RunDir, append_failure
 from .evaluate import error_rates, model_layout as memory_format  # evaluation uses the same layout
+from .metrics import MetricLogger
 from .loop import Cadence, Progress, after_step, drain, evaluation, failures, take_steps
 from .optim import TensorLRSGD
 from .preempt import Notice
@@ -42,9 +38,8 @@ from .step import StepChoice, TrainStep, build_step
 
 
 def make_model(cfg: RunConfig, ctx: dist.DistContext, seeds: list[int] | None = None) -> tuple[nn.Module, TensorLRSGD]:
-    """The net with its initial weights (the same on every rank) and its optimizer; with
-    several `seeds`, the pack of those runs (pack.build_pack: member j initialised exactly as
-    the run of seeds[j] alone; in channels_last with the stem's 4th zero channel per member)."""
+    """The net with its initial weights (the same on every rank) and its optimizer; with several
+    `seeds`, their pack (channels_last packs take a 4th zero stem channel per member: models.py)."""
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
     seeds = seeds or [cfg.train.seed]
@@ -57,26 +52,11 @@ def make_model(cfg: RunConfig, ctx: dist.DistContext, seeds: list[int] | None = 
     return model, TensorLRSGD(model.parameters(), lr, cfg.optim.momentum, cfg.optim.weight_decay)
 
 
-def make_step(cfg: RunConfig, plan: Plan, ctx: dist.DistContext, model: nn.Module, optimizer: TensorLRSGD,
-              mean: torch.Tensor, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> TrainStep:
-    """The step the plan chose (step.choose_kind), inputs normalised with `mean` (the data's mean
-    image, on the device); a graph captured with `inputs` (the feed's buffers) as its own.
-    step.choice says which runs and why: auto's graph whose capture fails becomes the eager
-    step, a graph asked for by name stops the run (GraphUnavailable)."""
-    with dist.stage("model broadcast (DDP set-up)"):
-        return build_step(model, optimizer, mean, lr_table(cfg.optim, plan.lr_scale, cfg.dist.scale_warmup_iters),
-                          choice=plan.choice, compile_mode=cfg.train.compile, precision=plan.precision,
-                          memory_format=memory_format(cfg, ctx.device), ddp=ctx.distributed,
-                          inputs=inputs)
-
-
 def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | None = None,
           plan: Plan | None = None, members: list[RunConfig] | None = None) -> Trainer:
-    """The run of this rank: loaders and the data's feed, model and optimizer, and the step
-    (a graph captured with the feed's buffers as its inputs). `plan`: what preflight resolved
-    (None: resolved here, for bench, doctor and tests); `stop`: the preemption notice fit() asks at its log points (None: nothing stops it early);
-    `members`: a pack's runs (pack.member_configs; None: `cfg` alone; cfg is then the first).
-    It starts at iteration 0; Trainer.load continues from a checkpoint."""
+    """The run of this rank at iteration 0 (Trainer.load_state_dicts continues from a checkpoint).
+    `plan`: what preflight resolved (None: resolved here, for bench, doctor and tests); `stop`: the
+    preemption notice fit() asks at its log points; `members`: a pack's runs (None: `cfg` alone)."""
     members = members or [cfg]
     cfg, seeds = members[0], [m.train.seed for m in members]
     plan = plan or resolve(cfg, ctx.world_size)
@@ -84,7 +64,10 @@ def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | N
     feed = Feed(loaders.train)
     mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images).to(ctx.device)
     model, optimizer = make_model(cfg, ctx, seeds)
-    step = make_step(cfg, plan, ctx, model, optimizer, mean, feed.inputs)
+    with dist.stage("model broadcast (DDP set-up)"):  # a graph is captured with the feed's buffers as its inputs
+        step = build_step(model, optimizer, mean, lr_table(cfg.optim, plan.lr_scale, cfg.dist.scale_warmup_iters),
+                          choice=plan.choice, compile_mode=cfg.train.compile, precision=plan.precision,
+                          memory_format=memory_format(cfg, ctx.device), ddp=ctx.distributed, inputs=feed.inputs)
     plan = plan.ran(step.choice)
     data_facts = {"train_images": len(data.train), "test_images": len(data.test),
                   "val_images": len(data.val) if data.val is not None else 0,
@@ -92,17 +75,9 @@ def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | N
     return Trainer(cfg, plan, ctx, model, optimizer, step, loaders, feed, data_facts, stop, [Member(m) for m in members])
 
 
-class Logger(Protocol):
-    """What fit() logs to (metrics.MetricLogger; without sinks on ranks other than 0)."""
-
-    wandb_id: str | None
-
-    def log(self, record: dict, kind: str) -> None: ...
-
-
 @dataclass
 class Member:
-    """One run of a Trainer (a pack has one per seed): what is its own."""
+    """One run of a Trainer (a pack has one per seed)."""
 
     cfg: RunConfig
     progress: Progress = field(default_factory=Progress)  # where the run stands; a checkpoint carries it
@@ -114,26 +89,14 @@ class Member:
         return RunDir(self.cfg.run_dir)
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Its progress and W&B run from its checkpoint's state."""
         self.progress = Progress(int(state["iteration"]), float(state["train_seconds"]),
                                  state["train_window"].numpy().astype(np.float64))
         self.wandb_id = state.get("wandb_id") or None
 
-    def write_results(self, model: dict[str, torch.Tensor], net: nn.Module, mean: torch.Tensor,
-                      summary: dict[str, Any]) -> None:
-        """model.pt (`model`: its state), model.safetensors (`net` holding it: the same, no
-        pickle) and summary.json."""
-        cfg, run = self.cfg, self.run
-        weights = final_weights(model, cfg, cfg.optim.iters, mean)
-        run.write_model(weights)
-        pretrained.save(run.safetensors, net, weights["mean"], cfg)
-        run.write_summary(summary)
-
 
 @dataclass
 class Trainer:
-    """One rank's run, built (build()); fit() trains it from `progress` to the end. A pack's
-    members share the model, the step and the feed; each has its own Member."""
+    """One rank's run, built by build(); fit() trains it from `progress` to the end."""
 
     cfg: RunConfig
     plan: Plan  # what this machine resolved, with the step that runs
@@ -145,22 +108,19 @@ class Trainer:
     feed: Feed
     data_facts: dict[str, Any]  # train/test/val images in use and the data's identity (summary.json: a cut or stand-in data set shows)
     stop: Notice | None = None  # asked at every log point: a signal noted there stops the run (Preempted)
-    members: list[Member] = field(default_factory=list)  # [] : the run of cfg alone
+    members: list[Member] = field(default_factory=list)  # a pack's, or the run of cfg alone
 
     def __post_init__(self):
-        self.members = self.members or [Member(self.cfg)]
         self.nets = MemberNets(self.model, len(self.members), self.cfg, self.ctx.device, memory_format(self.cfg, self.ctx.device))
 
     @property
-    def progress(self) -> Progress:
-        """Where the run stands (a pack's members stand at the same iteration)."""
+    def progress(self) -> Progress:  # a pack's members stand at the same iteration
         return self.members[0].progress
 
-    def fit(self, logger: Logger | list[Logger]) -> Progress:
+    def fit(self, logger: MetricLogger | list[MetricLogger]) -> Progress:
         """The training loop, from self.progress to optim.iters; `logger`: one per member. Between
-        stops only steps run (take_steps); at a log point the device's sums are drained and logged
-        per member (log_point), then come the evaluation and the checkpoint when due. A stop asked
-        for (self.stop, agreed by all ranks) checkpoints there and raises Preempted."""
+        stops only steps run; at a log point the device's sums are drained and logged, then come the
+        evaluation and the checkpoint when due, and a stop (agreed by all ranks) raises Preempted."""
         loggers = logger if isinstance(logger, list) else [logger]
         step, cadence = self.step, Cadence.of(self.cfg)
         for member, member_logger in zip(self.members, loggers):
@@ -202,29 +162,33 @@ class Trainer:
         return self.progress
 
     def evaluate(self) -> list[dict[str, float] | None]:
-        """Error (%) of each member on each evaluation set (evaluate.error_rates); None: it failed."""
+        """Error (%) of each member on each evaluation set; None: the member failed."""
         evals, mean, layout = self.loaders.evals, self.step.mean, self.step.memory_format
         return [None if m.failed else error_rates(self.nets.single(state), evals, mean, layout)
                 for m, state in zip(self.members, self.nets.states())]
 
     def state_dicts(self) -> list[dict[str, Any]]:
-        """What each member's checkpoint holds (checkpoint_state), split off the pack's (MemberNets)."""
+        """What each member's checkpoint holds, split off the pack's (MemberNets)."""
         return [checkpoint_state(self, member, model, optimizer) for member, model, optimizer
                 in zip(self.members, self.nets.states(), self.nets.optimizer_states(self.optimizer))]
 
     def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
-        """Continue from each member's checkpoint state (state_dicts', of one iteration; a pack's
-        are fused: pack.fuse_states), in place: every tensor a captured graph reads keeps its
-        address (TrainStep.load_state)."""
+        """Continue from each member's checkpoint state (all of one iteration), in place: every
+        tensor a captured graph reads keeps its address (TrainStep.load_state)."""
         first, device = states[0], self.ctx.device
-        iteration = int(first["iteration"])
-        self.step.load_state(*fuse_run_states(states), iteration)
+        model, optimizer = first["model"], first["optimizer"]
+        if len(states) > 1:
+            model = fuse_states([s["model"] for s in states])
+            optimizer = fuse_optimizer_states([s["optimizer"] for s in states])
+        self.step.load_state(model, optimizer, int(first["iteration"]))
         torch.set_rng_state(first["rng_cpu"])
         if "rng_cuda" in first and device.type == "cuda":
             torch.cuda.set_rng_state(first["rng_cuda"], device)
         for member, state in zip(self.members, states):
             member.restore(state)
-        note_world_change(int(first.get("world_size", 0)), self.ctx.world_size)
+        if (saved := int(first.get("world_size", 0))) not in (0, self.ctx.world_size):
+            dist.print0(f"world size changed: the checkpoint was written by {saved} rank(s), "
+                        f"this run has {self.ctx.world_size}")
 
     def checkpoint(self) -> None:
         """state_dicts() written by rank 0 into each member's folder (atomic, checksummed, the last
@@ -239,12 +203,16 @@ class Trainer:
             dist.barrier()
 
     def finish(self) -> list[dict[str, Any] | None]:
-        """Each member's summary (None: it failed); rank 0 writes each one's results (Member.write_results)."""
+        """Each member's summary (None: it failed); rank 0 writes each one's model.pt,
+        model.safetensors (the same weights, no pickle) and summary.json."""
         summaries = summarize(self)
         if self.ctx.is_main:
             for member, model, summary in zip(self.members, self.nets.states(), summaries):
                 if summary is not None:
-                    member.write_results(model, self.nets.single(model), self.step.mean, summary)
+                    weights = final_weights(model, member.cfg, member.cfg.optim.iters, self.step.mean)
+                    member.run.write_model(weights)
+                    pretrained.save(member.run.safetensors, self.nets.single(model), weights["mean"], member.cfg)
+                    member.run.write_summary(summary)
         return summaries
 
 
@@ -276,18 +244,6 @@ class MemberNets:
         return self.net
 
 
-def note_world_change(saved: int, now: int) -> None:
-    if saved and saved != now:
-        dist.print0(f"world size changed: the checkpoint was written by {saved} rank(s), this run has {now}")
-
-
-def fuse_run_states(states: list[dict[str, Any]]) -> tuple[dict, dict]:
-    """The model and optimizer states of the members' checkpoints, as the pack's (pack.py)."""
-    if len(states) == 1:
-        return states[0]["model"], states[0]["optimizer"]
-    return fuse_states([s["model"] for s in states]), fuse_optimizer_states([s["optimizer"] for s in states])
-
-
 def checkpoint_state(trainer: Trainer, member: Member, model: dict, optimizer: dict) -> dict[str, Any]:
     """What a member's checkpoint holds: its part of the uncompiled model and of the optimizer
     (the single run's format), its progress (iteration, training time, the metric window), the
@@ -305,15 +261,21 @@ def checkpoint_state(trainer: Trainer, member: Member, model: dict, optimizer: d
     return state
 
 
-def log_point(members: list[Member], loggers: list[Logger], records: list[dict | None], failed_before: list[str],
-              it: int, seconds: float, bar: RunBar, is_main: bool) -> list[tuple[Member, Logger]]:
-    """A log point after the drain: every member at `it` with `seconds` more of training, the
-    failures said (stop_failed), the train records logged and shown (a pack's: their mean on
-    the bar); the members still training, with their loggers."""
+def log_point(members: list[Member], loggers: list[MetricLogger], records: list[dict | None], failed_before: list[str],
+              it: int, seconds: float, bar: RunBar, is_main: bool) -> list[tuple[Member, MetricLogger]]:
+    """A log point after the drain: every member at `it` with `seconds` more of training; a
+    member whose loss just turned NaN said and, in a pack, noted as failed in its folder while the
+    others go on (NonFiniteLoss when none is left); the train records logged and shown (a pack's:
+    their mean on the bar). Returns the members still training, with their loggers."""
     for member in members:
         member.progress.train_seconds += seconds
         member.progress.iteration = it
-    stop_failed(members, failed_before, bar, is_main)
+    if all(m.failed for m in members):
+        raise NonFiniteLoss(failures(members))
+    for member, before in zip(members, failed_before):
+        if member.failed and not before and is_main:
+            bar.write(f"{member.cfg.name}: {member.failed}. The pack's other runs go on.")
+            append_failure(member.run.log, member.failed)
     live = [(m, lg, r) for m, lg, r in zip(members, loggers, records) if r is not None]
     for _, member_logger, record in live:
         member_logger.log(record, "train")
@@ -321,7 +283,7 @@ def log_point(members: list[Member], loggers: list[Logger], records: list[dict |
     return [(m, lg) for m, lg, _ in live]
 
 
-def log_evaluation(live: list[tuple[Member, Logger]], errors: list[dict[str, float]], step: TrainStep, it: int,
+def log_evaluation(live: list[tuple[Member, MetricLogger]], errors: list[dict[str, float]], step: TrainStep, it: int,
                    iters_per_epoch: int, global_batch: int, bar: RunBar, named: bool) -> None:
     """Each training member's evaluation record (loop.evaluation), logged and shown (`named`: a
     pack's lines start with the run's name)."""
@@ -330,17 +292,6 @@ def log_evaluation(live: list[tuple[Member, Logger]], errors: list[dict[str, flo
                                                      global_batch)
         bar.write(f"{member.cfg.name}  {line}" if named else line)
         member_logger.log(member.progress.last_eval, "eval")
-
-
-def stop_failed(members: list[Member], failed_before: list[str], bar: RunBar, is_main: bool) -> None:
-    """After a drain: members whose loss just turned NaN are said and, in a pack, noted as
-    failed in their folders while the others go on; NonFiniteLoss when none is left."""
-    if all(m.failed for m in members):
-        raise NonFiniteLoss(failures(members))
-    for member, before in zip(members, failed_before):
-        if member.failed and not before and is_main:
-            bar.write(f"{member.cfg.name}: {member.failed}. The pack's other runs go on.")
-            append_failure(member.run.log, member.failed)
 
 
 def pack_label(members: list[Member]) -> str:
@@ -363,36 +314,34 @@ def final_weights(model: dict[str, torch.Tensor], cfg: RunConfig, iteration: int
 
 
 def summarize(trainer: Trainer) -> list[dict[str, Any] | None]:
-    """Each member's summary.json (None for a member that failed): its result and what produced
-    it; evaluates once more when the last evaluation is not at the end (a run resumed at its
-    very end)."""
+    """Each member's summary.json (None: it failed): its result and what produced it. Evaluates
+    once more when the last evaluation is not at the end (a run resumed at its very end)."""
+    ctx, step, members, plan = trainer.ctx, trainer.step, trainer.members, trainer.plan
     total = trainer.cfg.optim.iters
-    if any(not m.failed and (m.progress.last_eval is None or m.progress.last_eval["iter"] != total)
-           for m in trainer.members):  # resumed at the very end: evaluate again
+    errors = [None] * len(members)
+    if any(not m.failed and (m.progress.last_eval is None or m.progress.last_eval["iter"] != total) for m in members):
         with dist.stage("final evaluation"):
             errors = trainer.evaluate()
-    else:
-        errors = [None] * len(trainer.members)
-    return [None if m.failed else member_summary(trainer, m, e) for m, e in zip(trainer.members, errors)]
-
-
-def member_summary(trainer: Trainer, member: Member, errors: dict[str, float] | None) -> dict[str, Any]:
-    cfg, ctx, step, progress = member.cfg, trainer.ctx, trainer.step, member.progress
-    batch = trainer.plan.global_batch  # images per iteration over all ranks (a pack: of each member)
-    total = cfg.optim.iters
-    record = progress.last_eval
-    if errors is not None:
-        record = {"iter": total, **errors, "images_per_second": total * batch / max(progress.train_seconds, 1e-9)}
-    pack = {"pack": len(trainer.members)} if len(trainer.members) > 1 else {}
-    return {
-        "name": cfg.name, "model": cfg.model.name, "depth": cfg.model.depth, "plain": cfg.model.plain,
-        "seed": cfg.train.seed, "iterations": total,
-        "test_error": record["test_error"], "val_error": record.get("val_error"),
-        "train_error": record.get("train_error"),
-        "train_seconds": progress.train_seconds, "images_per_second": record["images_per_second"],
-        "parameters": count_parameters(step.model) // len(trainer.members), "world_size": ctx.world_size,
-        "global_batch": batch, **pack,
-        "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
-        "precision": trainer.plan.precision, "step": step.kind, "step_reason": step.choice.reason,
-        "loader": trainer.plan.loader, **trainer.data_facts,
-    }
+    device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    pack = {"pack": len(members)} if len(members) > 1 else {}
+    summaries = []
+    for member, member_errors in zip(members, errors):
+        cfg, progress, record = member.cfg, member.progress, member.progress.last_eval
+        if member.failed:
+            summaries.append(None)
+            continue
+        if member_errors is not None:  # global_batch: images per iteration over all ranks (a pack: of each member)
+            speed = total * plan.global_batch / max(progress.train_seconds, 1e-9)
+            record = {"iter": total, **member_errors, "images_per_second": speed}
+        summaries.append({
+            "name": cfg.name, "model": cfg.model.name, "depth": cfg.model.depth, "plain": cfg.model.plain,
+            "seed": cfg.train.seed, "iterations": total,
+            "test_error": record["test_error"], "val_error": record.get("val_error"),
+            "train_error": record.get("train_error"),
+            "train_seconds": progress.train_seconds, "images_per_second": record["images_per_second"],
+            "parameters": count_parameters(step.model) // len(members), "world_size": ctx.world_size,
+            "global_batch": plan.global_batch, **pack, "device": device,
+            "precision": plan.precision, "step": step.kind, "step_reason": step.choice.reason,
+            "loader": plan.loader, **trainer.data_facts,
+        })
+    return summaries

@@ -1,14 +1,12 @@
 """What each worker process (one per rank under torchrun, or this process alone) does for
-`resnetdist train`, top to bottom: checks (preflight) -> process group -> where the run starts
-(finished, the newest checkpoint, or fresh: found once, by rank 0, and shared) -> lock -> the
-trainer (trainer.build, then that checkpoint's state) -> header, config.toml and resolved.toml
--> logger -> Trainer.fit -> summary -> clean-up. Rank 0 alone writes files; other ranks log to
-a MetricLogger without sinks and skip the writes.
+`resnetdist train`, top to bottom: preflight -> process group -> where the run starts (found
+once, by rank 0, and shared) -> lock -> trainer.build and that checkpoint's state -> header,
+config.toml and resolved.toml -> logger -> Trainer.fit -> summary -> clean-up. Rank 0 alone
+writes files; other ranks log to a MetricLogger without sinks.
 
-A pack (`train --seeds`, pack.py) is several runs in one process: a list of member
-configurations wherever one configuration goes here; each member has its own run directory,
-lock, start, logger and summary, and the pack starts at the newest iteration all its members
-have a checkpoint of (a run started alone joins a pack there, and the other way round).
+A pack (`train --seeds`, pack.py) is a list of member configurations wherever one configuration
+goes here; each member has its own run directory, lock, start, logger and summary, and the pack
+starts at the newest iteration all its members have a checkpoint of.
 """
 
 from __future__ import annotations
@@ -47,10 +45,9 @@ def as_members(cfg: RunConfig | list[RunConfig]) -> list[RunConfig]:
 def preflight(cfg: RunConfig | list[RunConfig], world_size: int) -> Prepared:
     """Everything that can be checked before workers start, cheapest first: the plan, devices,
     each run directory (a folder or creatable, not held by a live run, not holding another
-    experiment), then every data file (a bad one named). `cfg`: a run, or a pack's members.
-    Under torchrun with several ranks (possibly on nodes with their own disks) every rank checks
-    its node's data and all agree before any trains, so a node without it stops the job with
-    one line naming the host and path."""
+    experiment), then every data file. Under torchrun with several ranks every rank checks its
+    node's data and all agree before any trains, so a node without it stops the job with one
+    line naming the host and path."""
     members = as_members(cfg)
     cfg = members[0]
     plan = resolve(cfg, world_size)
@@ -79,8 +76,7 @@ def preflight(cfg: RunConfig | list[RunConfig], world_size: int) -> Prepared:
 
 
 class AlreadyFinished(Exception):
-    """The run directory holds this run's summary.json (a pack's: every member's): nothing to
-    train (not an error)."""
+    """The run directory holds this run's summary.json (a pack's: every member's): nothing to train."""
 
     def __init__(self, summaries: list[dict[str, Any]]):
         self.summaries = summaries
@@ -88,16 +84,10 @@ class AlreadyFinished(Exception):
         super().__init__(f"{', '.join(str(s.get('name')) for s in summaries)} finished")
 
 
-def where_it_starts(cfg: RunConfig) -> StartPoint:
-    """The run directory, looked at once: finished (RunDir.finished), else its newest readable
-    checkpoint (RunDir.load_newest: sha256-checked, a damaged one named and skipped), else fresh."""
-    return where_they_start([cfg])[0]
-
-
 def where_they_start(members: list[RunConfig]) -> list[StartPoint]:
-    """where_it_starts of each member of a pack, which trains its unfinished members from one
-    iteration: the newest that every one of them has a readable checkpoint of (none: all start
-    afresh). One run: its newest readable checkpoint."""
+    """Each run directory, looked at once: finished (RunDir.finished), else its newest readable
+    checkpoint (sha256-checked, a damaged one named and skipped), else fresh. A pack trains its
+    unfinished members from the newest iteration that every one of them has a checkpoint of."""
     runs = [RunDir(m.run_dir) for m in members]
     summaries = [run.finished(m.optim.iters, m.name) for run, m in zip(runs, members)]
     todo = [run for run, summary in zip(runs, summaries) if summary is None]
@@ -121,8 +111,7 @@ def where_they_start(members: list[RunConfig]) -> list[StartPoint]:
 
 def agreed_start(members: list[RunConfig], ctx: dist.DistContext) -> list[StartPoint]:
     """Rank 0's where_they_start on every rank (the run directories need only be on rank 0's
-    disk). The checkpoints' states travel pickled (torch pickles a tensor's storage whole): every
-    bit kept."""
+    disk); the states travel pickled, every bit kept."""
     starts = where_they_start(members) if ctx.is_main else None
     if not ctx.distributed:
         return starts
@@ -136,10 +125,9 @@ def agreed_start(members: list[RunConfig], ctx: dist.DistContext) -> list[StartP
 def main(cfg: RunConfig | list[RunConfig], prepared: Prepared | None = None, signals: bool = True,
          on_hang: str = "exit") -> dict[str, Any] | list[dict[str, Any]]:
     """Train on this rank: a run (its summary), or a pack's members (their summaries, a list);
-    `prepared`: what preflight found, if it ran here. The process's part: the process group and
-    the hang watchdog (on_hang: dist.setup's; "raise" for resnetdist.train, which must not end
-    the calling process) and, with `signals`, a SIGTERM or SIGUSR1 noted from here on to stop
-    the run at the next log point with a checkpoint (Preempted)."""
+    `prepared`: what preflight found, if it ran here. The process's part: the process group, the
+    hang watchdog (on_hang "raise" for resnetdist.train, which must not end the calling process)
+    and, with `signals`, the preemption notice (preempt.py)."""
     with preempt.notice(install=signals) as notice:
         prepared = prepared or preflight(cfg, dist.world_size_from_env())
         first = as_members(cfg)[0]
@@ -154,9 +142,9 @@ def main(cfg: RunConfig | list[RunConfig], prepared: Prepared | None = None, sig
 
 def train_rank(members: list[RunConfig], prepared: Prepared, ctx: dist.DistContext,
                notice: preempt.Notice) -> list[dict[str, Any]]:
-    """The run (a pack: its members) on this rank, in its process group (main); the summaries
-    of the members, in order (a finished member's as found). A member whose loss turned NaN
-    is reported once the others are done: NonFiniteLoss, carrying their summaries (`done`)."""
+    """The members' summaries on this rank, in order (a finished member's as found). A member
+    whose loss turned NaN is reported once the others are done: NonFiniteLoss, carrying their
+    summaries (`done`)."""
     plan, data = prepared.plan, prepared.data
     locks = []
     try:
@@ -189,7 +177,7 @@ def train_rank(members: list[RunConfig], prepared: Prepared, ctx: dist.DistConte
                 summaries = trainer.finish()
                 for j, (member, summary) in enumerate(zip(trainer.members, summaries)):
                     closing, loggers[j] = loggers[j], MetricLogger()  # closed once, whatever happens in close
-                    if summary is None:  # its loss turned NaN (its folder says so: Trainer.stop_failed)
+                    if summary is None:  # its loss turned NaN (its folder says so: trainer.log_point)
                         closing.close(NonFiniteLoss.exit_code)
                         continue
                     closing.summary(summary)
