@@ -109,13 +109,21 @@ def _config(tree: Any, path: Path) -> RunConfig:
         raise CheckpointError(f"{path}: its config is not a resnetdist configuration ({e})") from None
 
 
-def _from_torch_file(path: Path) -> Classifier:
-    state = checkpoint.load_model_file(path)  # missing, truncated, foreign: one CheckpointError
+def saved_net(path: Path) -> tuple[nn.Module, RunConfig, dict[str, Any]]:
+    """The net a model.pt or ckpt_*.pt holds (on the CPU, built from the file's own config),
+    the config and the file's dict: `load`, `eval`, `export` and the report's Figure 7 all read
+    saved weights here. Missing, truncated, foreign, a config or weights that do not fit: one
+    CheckpointError naming the file."""
+    state = checkpoint.load_model_file(path)
     cfg = _config(state["config"], path)
     net = build_model(cfg.model)
     checkpoint.load_weights(net, state, path)
-    mean = mean_of(state, cfg, path, None)  # stored by every run since the mean moved into model.pt
-    return Classifier(net, mean)
+    return net, cfg, state
+
+
+def _from_torch_file(path: Path) -> Classifier:
+    net, cfg, state = saved_net(path)
+    return Classifier(net, mean_of(state, cfg, path, None))  # the mean: in every model.pt since it moved there
 
 
 def _from_safetensors(path: Path) -> Classifier:

@@ -100,21 +100,17 @@ class CifarTestSets:
 def run_responses(run: RunRecords, images: CifarTestSets) -> Responses:
     """One run's layer responses, from the cache when model.pt is unchanged. A model.pt that
     is not a resnetdist model is a ReportError naming it."""
-    from .. import checkpoint
-    from ..config import from_dict
-    from ..models import build_model
+    from ..errors import CheckpointError
+    from ..pretrained import saved_net
 
     path = RunDir(run.path).model
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     if (stds := _cached(run, sha)) is not None:
         return Responses(run, stds, True, sha)
     try:
-        state = checkpoint.load_model_file(path)
-        cfg = from_dict(state["config"], f"{path} (config)")
-        model = build_model(cfg.model)
-        checkpoint.load_weights(model, state, path)
-    except (checkpoint.CheckpointError, ValueError) as e:
-        detail = str(e).removeprefix(f"{path}: ").removeprefix(f"{path} (config): ")
+        model, cfg, state = saved_net(path)
+    except CheckpointError as e:
+        detail = str(e).removeprefix(f"{path}: ")
         raise ReportError(f"{path}: not a resnetdist model, so no Figure 7 and nothing written ({detail})") from None
     if "mean" not in state:
         raise ReportError(f"{path}: holds no mean image (a checkpoint older than the report's Figure 7)")

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from .. import checkpoint, pretrained
-from ..config import RunConfig, from_dict
-from ..models import CifarResNet, build_model
+from ..config import RunConfig
+from ..models import CifarResNet
 
 FORMATS = ("safetensors", "onnx")
 ONNX_TOLERANCE = 1e-4
@@ -44,12 +44,9 @@ class ExportError(RuntimeError):
 def load_for_export(path: Path, data_dir: Path | None = None) -> tuple[CifarResNet, RunConfig, torch.Tensor, dict[str, Any]]:
     """(eval-mode model on the CPU, its config, its mean image, the checkpoint dict)."""
     try:
-        state = checkpoint.load_model_file(Path(path))
+        model, cfg, state = pretrained.saved_net(Path(path))
     except checkpoint.CheckpointError as e:
         raise ExportError(str(e)) from None
-    cfg = from_dict(state["config"], f"{path} (config)")
-    model = build_model(cfg.model)
-    checkpoint.load_weights(model, state, path)
     model.eval()
     return model, cfg, pretrained.mean_of(state, cfg, path, data_dir), state
 

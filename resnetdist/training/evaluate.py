@@ -10,12 +10,12 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .. import checkpoint, dist
-from ..config import RunConfig, from_dict
+from .. import dist
+from ..config import RunConfig
 from ..data import load_data, open_eval_loaders
 from ..data.cifar import load_test_only
 from ..data.augment import normalize, training_mean
-from ..models import build_model
+from ..pretrained import saved_net
 
 
 @contextmanager
@@ -74,15 +74,13 @@ def error_rates(model: nn.Module, loaders: dict[str, Iterable], mean: torch.Tens
 def evaluate_checkpoint(path: Path, data_dir: Path | None, device: str = "auto") -> dict[str, Any]:
     """A checkpoint's (ckpt_*.pt or model.pt) error on the test set (and the validation set, if
     the run held one out)."""
-    state = checkpoint.load_model_file(path)  # CheckpointError names a missing or foreign file
-    cfg = from_dict(state["config"], f"{path} (config)")
+    model, cfg, state = saved_net(path)  # CheckpointError names a missing or foreign file
     if data_dir is not None:
         cfg.data.dir = str(data_dir)
     cfg.data.loader = "resident"  # one process reads the whole set: no .beton files needed
     dev = dist.device_for(device, 0)
     layout = model_layout(cfg, dev)  # the layout it trained (and was evaluated) in
-    model = build_model(cfg.model).to(dev, memory_format=layout)
-    checkpoint.load_weights(model, state, path)
+    model = model.to(dev, memory_format=layout)
     # the test set alone when the checkpoint holds its mean and no validation split is asked for
     data = load_test_only(cfg.data.dir) if "mean" in state and not cfg.data.val_split else load_data(cfg.data)
     # the exact mean image the run trained with; older checkpoints lack it
