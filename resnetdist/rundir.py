@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoint import SIDECAR, atomic_save, atomic_write_text, load
+from .checkpoint import SIDECAR, atomic_save, atomic_write_json, atomic_write_text, load
 from .config import RunConfig, dumps_toml, from_dict, read_toml, to_toml
 from .errors import INTERRUPTED, PREEMPTED, RunDirBusy, WriteError
 
@@ -218,7 +218,7 @@ class RunDir:
         return summary if name is None or summary.get("name") == name else None
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write_text(self.summary, json.dumps(summary, indent=2) + "\n")
+        atomic_write_json(self.summary, summary)
 
     def write_model(self, weights: dict[str, Any]) -> None:
         atomic_save(weights, self.model)

@@ -16,7 +16,6 @@ log point with a checkpoint, a second at once, as with `train`. No new run start
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, TextIO
 
-from ..checkpoint import atomic_write_text
+from ..checkpoint import atomic_write_json, atomic_write_text
 from ..config import ConfigError, RunConfig, depth_to_n, load_config, to_toml
 from ..errors import INTERRUPTED, PREEMPTED
 from ..progress import plural
@@ -146,7 +145,7 @@ def read_manifest(out: Path) -> dict | None:
 
 def write_manifest(out: Path, manifest: dict) -> None:
     (out / SUITE_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / SUITE_DIR / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    atomic_write_json(out / SUITE_DIR / MANIFEST, manifest)
 
 
 def jobs_from_manifest(out: Path) -> list[Job]:
