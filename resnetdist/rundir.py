@@ -135,10 +135,6 @@ class Checkpoints:
         return sorted((p for p in self.folder.glob("ckpt_*.pt") if CHECKPOINT.search(p.name)), key=self.iteration,
                       reverse=True)
 
-    def newest_iteration(self) -> int | None:
-        found = self.newest_first()
-        return self.iteration(found[0]) if found else None
-
     def save(self, iteration: int, state: dict[str, Any], keep: int) -> Path:
         """Save, then (only once it is safely in place: a failed write keeps every old one) delete
         all but the newest `keep`, with their sidecars, and sidecars whose checkpoint is gone
