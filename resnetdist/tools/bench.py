@@ -262,13 +262,10 @@ def bench_loader(loader_name: str, data: Cifar10, device: torch.device, beton_di
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.date.today().isoformat(),
-        "threads": torch.get_num_threads(),
-    }
+    cpu = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu, "torch": torch.__version__,
+            "python": platform.python_version(), "date": datetime.date.today().isoformat(),
+            "threads": torch.get_num_threads()}
 
 
 def ffcv_state() -> str:
