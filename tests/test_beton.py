@@ -307,14 +307,16 @@ def test_prepare_is_idempotent_and_rebuilds_on_change(tmp_path):
 
 
 def _interrupt_at(monkeypatch, record: int, exc: BaseException) -> None:
-    real = beton._Records.__getitem__
+    import ffcv.writer  # _write_beton hands each record to FFCV's handle_sample: record i is written there
 
-    def getitem(self, i):
+    real = ffcv.writer.handle_sample
+
+    def handle_sample(sample, i, *args):
         if i == record:
             raise exc
-        return real(self, i)
+        return real(sample, i, *args)
 
-    monkeypatch.setattr(beton._Records, "__getitem__", getitem)
+    monkeypatch.setattr(ffcv.writer, "handle_sample", handle_sample)
 
 
 @pytest.mark.timeout(60)
@@ -339,15 +341,16 @@ def test_failed_prepare_leaves_nothing_readable(tmp_path, monkeypatch):
 KILLED_CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
+    import ffcv.writer
     from resnetdist.data import beton
     bins, out, marker = map(Path, sys.argv[1:4])
-    real = beton._Records.__getitem__
-    def getitem(self, i):
+    real = ffcv.writer.handle_sample
+    def handle_sample(sample, i, *args):
         if i == 100:  # mid-way through train.beton: tell the parent, then wait to be killed
             marker.write_text("writing")
             time.sleep(600)
-        return real(self, i)
-    beton._Records.__getitem__ = getitem
+        return real(sample, i, *args)
+    ffcv.writer.handle_sample = handle_sample
     beton.prepare_betons(bins, out)
 """)
 
