@@ -74,9 +74,9 @@ class Section:
         for f in dataclasses.fields(self):
             value, least, choices = getattr(self, f.name), f.metadata["least"], f.metadata["choices"]
             if choices and value not in choices:
-                raise ValueError(f"{section}.{f.name} must be one of {choices}, got {value!r}")
+                raise ConfigError(f"{section}.{f.name} must be one of {choices}, got {value!r}")
             if least is not None and value < least:
-                raise ValueError(f"{section}.{f.name} must be >= {least}, got {value}")
+                raise ConfigError(f"{section}.{f.name} must be >= {least}, got {value}")
 
 
 @dataclass
@@ -114,7 +114,7 @@ class DataConfig(Section):
     def validate(self) -> None:
         super().validate()
         if len(self.channel_mean) != 3:
-            raise ValueError(f"data.channel_mean needs 3 values, got {self.channel_mean}")
+            raise ConfigError(f"data.channel_mean needs 3 values, got {self.channel_mean}")
 
 
 @dataclass
@@ -141,15 +141,15 @@ class OptimConfig(Section):
     def validate(self) -> None:
         super().validate()
         if self.lr <= 0 or self.warmup_lr <= 0:
-            raise ValueError(f"optim.lr and optim.warmup_lr must be > 0, got {self.lr}, {self.warmup_lr}")
+            raise ConfigError(f"optim.lr and optim.warmup_lr must be > 0, got {self.lr}, {self.warmup_lr}")
         if not 0 <= self.momentum < 1 or not 0 < self.gamma <= 1:
-            raise ValueError(f"optim.momentum must be in [0, 1) and optim.gamma in (0, 1], got {self.momentum}, "
+            raise ConfigError(f"optim.momentum must be in [0, 1) and optim.gamma in (0, 1], got {self.momentum}, "
                              f"{self.gamma}")
         if sorted(self.milestones) != self.milestones or any(m < 1 for m in self.milestones):
-            raise ValueError(f"optim.milestones must be increasing positive iterations, got {self.milestones}")
+            raise ConfigError(f"optim.milestones must be increasing positive iterations, got {self.milestones}")
         if self.milestones and self.milestones[-1] >= self.iters:
             # an lr step at or past the end never happens: the run would not be the schedule asked for
-            raise ValueError(f"optim.milestones {self.milestones}: {self.milestones[-1]} is at or past the end of the "
+            raise ConfigError(f"optim.milestones {self.milestones}: {self.milestones[-1]} is at or past the end of the "
                              f"run (optim.iters = {self.iters}); give milestones below {self.iters}, or leave "
                              f"optim.milestones unset so that the paper's move with the run length")
 
@@ -178,7 +178,7 @@ class TrainConfig(Section):
     def validate(self) -> None:
         super().validate()
         if self.step == "graph" and self.precision == "fp16":
-            raise ValueError("train.step = graph does not support fp16 (its loss scaler syncs with the host); use bf16")
+            raise ConfigError("train.step = graph does not support fp16 (its loss scaler syncs with the host); use bf16")
 
 
 HANG_TIMEOUT_FLOOR_S = 10
@@ -211,10 +211,10 @@ class DistConfig(Section):
     def validate(self) -> None:
         super().validate()
         if self.hang_timeout_s != 0 and self.hang_timeout_s < HANG_TIMEOUT_FLOOR_S:
-            raise ValueError(f"dist.hang_timeout_s must be 0 (off) or >= {HANG_TIMEOUT_FLOOR_S}, "
+            raise ConfigError(f"dist.hang_timeout_s must be 0 (off) or >= {HANG_TIMEOUT_FLOOR_S}, "
                              f"got {self.hang_timeout_s}")
         if self.hang_timeout_s >= self.timeout_s:
-            raise ValueError(f"dist.hang_timeout_s ({self.hang_timeout_s}) must be below dist.timeout_s "
+            raise ConfigError(f"dist.hang_timeout_s ({self.hang_timeout_s}) must be below dist.timeout_s "
                              f"({self.timeout_s}), so that the hang watchdog reports a hang before NCCL's own "
                              f"watchdog aborts the process (defaults: 300 and 900)")
 
@@ -265,10 +265,7 @@ class RunConfig:
 
     def validate(self) -> None:
         for section in dataclasses.fields(self):
-            try:
-                getattr(self, section.name).validate()
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+            getattr(self, section.name).validate()
         if self.optim.warmup_iters > self.optim.iters:
             raise ConfigError(f"optim.warmup_iters ({self.optim.warmup_iters}) exceeds optim.iters ({self.optim.iters})")
 
