@@ -83,9 +83,13 @@ class Section:
 class ModelConfig(Section):
     n: int = key(3, "blocks per stage; depth 6n+2 (3 -> 20, 5 -> 32, 7 -> 44, 9 -> 56, 18 -> 110)", least=1)
     plain: bool = key(False, "no shortcuts (the paper's plain baselines)")
-    shortcut: str = key("A", "A: identity, zero-padded channels where width doubles (paper); B: 1x1 projection there",
-                        choices=SHORTCUTS)
+    shortcut: str = key("A", "A: identity, zero-padded channels where width doubles (paper); B: 1x1 projection there")
     num_classes: int = key(10, "classes of the last layer", least=2)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.shortcut not in SHORTCUTS:  # its own words: the paper's option names, quoted in docs and tests
+            raise ConfigError(f"model.shortcut must be 'A' or 'B', got {self.shortcut!r}")
 
     @property
     def depth(self) -> int:
