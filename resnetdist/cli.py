@@ -56,13 +56,14 @@ def fail(message: str, code: int = BAD_INPUT) -> None:
 
 @contextmanager
 def bad_input(*errors: type[Exception]) -> Iterator[None]:
-    """The errors a command expects of what it was given: each one line and exit 2."""
+    """The errors a command expects of what it was given: each one line and its exit code
+    (errors.py; 2 for those without one)."""
     try:
         yield
     except typer.Exit:  # a RuntimeError too: a line already printed
         raise
     except errors as e:
-        fail(str(e))
+        fail(str(e), getattr(e, "exit_code", BAD_INPUT))
 
 
 def _split(text: str) -> list[str]:
@@ -111,7 +112,6 @@ def train(
 ) -> None:
     """Train a ResNet or plain net with the paper's recipe."""
     from .checkpoint import ignore_file_size_signal
-    from .errors import RunDirBusy
 
     ignore_file_size_signal()  # a file-size limit then fails the write (WriteError) instead of killing us
     try:
@@ -132,10 +132,8 @@ def train(
         prepared = preflight(members or cfg, world_size)
         # a launcher asks before starting torchrun for nothing; each rank asks in training/worker.py
         done = [RunDir(m.run_dir).finished(m.optim.iters, m.name) for m in members or [cfg]] if launching else [None]
-    except RunDirBusy as e:
-        fail(str(e), code=e.exit_code)
-    except (ConfigError, DataError, RuntimeError) as e:
-        fail(str(e))
+    except (ConfigError, DataError, RuntimeError) as e:  # RunDirBusy (a RuntimeError): exit 5
+        fail(str(e), getattr(e, "exit_code", BAD_INPUT))
     except KeyboardInterrupt:
         fail("interrupted before training started; nothing was written", code=INTERRUPTED)
     start(members or cfg, prepared, done, nproc_per_node if launching else 0, max_restarts, as_json)
@@ -160,15 +158,10 @@ def pack_members(cfg: RunConfig, seeds: str | None, seed: int | None) -> list[Ru
         return []
     if seed is not None:
         raise ConfigError(f"--seed {seed} and --seeds {seeds}: give one of them")
-    try:
-        values = [int(v) for v in seeds.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise ConfigError(f"--seeds: expected comma-separated integers, got {seeds!r}") from None
-    if not values:
-        raise ConfigError("--seeds: no seed given")
     from .pack import member_configs
+    from .suite.reproduce import parse_ints  # --depths' parser: the same errors
 
-    return member_configs(cfg, values)
+    return member_configs(cfg, parse_ints(seeds, "--seeds"))
 
 
 def blocks_per_stage(depth: int | None, n: int | None) -> int | None:

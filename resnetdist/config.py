@@ -55,28 +55,41 @@ def depth_to_n(depth: int) -> int:
     return (depth - 2) // 6
 
 
-def key(default: Any, text: str) -> Any:
-    """A config key: its default and its description (metadata "doc": docs/configuration.md is
-    generated from it, configdoc)."""
+def key(default: Any, text: str, *, least: int | None = None, choices: tuple[str, ...] | None = None) -> Any:
+    """A config key: its default, its description (metadata "doc": docs/configuration.md is
+    generated from it, configdoc) and the rule its value keeps (Section.validate): at least
+    `least`, or one of `choices`."""
+    meta = {"doc": text, "least": least, "choices": choices}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class Section:
+    """A section of the configuration: each key checked against its own rule (key(least=,
+    choices=)); a section's validate() adds the rules that tie several keys together."""
+
+    def validate(self) -> None:
+        section = type(self).__name__.removesuffix("Config").lower()  # ModelConfig -> model
+        for f in dataclasses.fields(self):
+            value, least, choices = getattr(self, f.name), f.metadata["least"], f.metadata["choices"]
+            if choices and value not in choices:
+                raise ConfigError(f"{section}.{f.name} must be one of {choices}, got {value!r}")
+            if least is not None and value < least:
+                raise ConfigError(f"{section}.{f.name} must be >= {least}, got {value}")
 
 
 @dataclass
-class ModelConfig:
-    n: int = key(3, "blocks per stage; depth 6n+2 (3 -> 20, 5 -> 32, 7 -> 44, 9 -> 56, 18 -> 110)")
+class ModelConfig(Section):
+    n: int = key(3, "blocks per stage; depth 6n+2 (3 -> 20, 5 -> 32, 7 -> 44, 9 -> 56, 18 -> 110)", least=1)
     plain: bool = key(False, "no shortcuts (the paper's plain baselines)")
     shortcut: str = key("A", "A: identity, zero-padded channels where width doubles (paper); B: 1x1 projection there")
-    num_classes: int = key(10, "classes of the last layer")
+    num_classes: int = key(10, "classes of the last layer", least=2)
 
     def validate(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"model.n must be >= 1, got {self.n}")
-        if self.shortcut not in SHORTCUTS:
-            raise ValueError(f"model.shortcut must be 'A' or 'B', got {self.shortcut!r}")
-        if self.num_classes < 2:
-            raise ValueError(f"model.num_classes must be >= 2, got {self.num_classes}")
+        super().validate()
+        if self.shortcut not in SHORTCUTS:  # its own words: the paper's option names, quoted in docs and tests
+            raise ConfigError(f"model.shortcut must be 'A' or 'B', got {self.shortcut!r}")
 
     @property
     def depth(self) -> int:
@@ -88,41 +101,37 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     dir: str = key("",
         "folder with cifar-10-batches-bin/ or cifar-10-batches-py/ (torchvision's) or a tarball; \"\" downloads to "
         "the cache")
     loader: str = key("resident",
-        "resident: the whole dataset on the training device; ffcv: .beton files through FFCV's Loader")
+        "resident: the whole dataset on the training device; ffcv: .beton files through FFCV's Loader", choices=LOADERS)
     beton_dir: str = key("", 'where the .beton files live ("" = beton/ beside cifar-10-batches-bin/)')
-    ffcv_workers: int = key(4, "FFCV decoding threads")
+    ffcv_workers: int = key(4, "FFCV decoding threads", least=1)
     val_split: bool = key(False, "hold out 5k of the 50k training images (the paper's 45k/5k protocol)")
-    mean: str = key("pixel", "pixel: subtract the per-pixel mean image of the training set; channel: data.channel_mean")
+    mean: str = key("pixel", "pixel: subtract the per-pixel mean image of the training set; channel: data.channel_mean",
+                    choices=("pixel", "channel"))
     channel_mean: list[float] = key([125.3, 123.0, 113.9], "per-channel means, 0-255 units")
-    eval_batch: int = key(1000, "evaluation batch")
+    eval_batch: int = key(1000, "evaluation batch", least=1)
 
     def validate(self) -> None:
-        if self.loader not in LOADERS:
-            raise ValueError(f"data.loader must be one of {LOADERS}, got {self.loader!r}")
-        if self.mean not in ("pixel", "channel"):
-            raise ValueError(f"data.mean must be 'pixel' or 'channel', got {self.mean!r}")
+        super().validate()
         if len(self.channel_mean) != 3:
-            raise ValueError(f"data.channel_mean needs 3 values, got {self.channel_mean}")
-        if self.eval_batch < 1 or self.ffcv_workers < 1:
-            raise ValueError("data.eval_batch and data.ffcv_workers must be >= 1")
+            raise ConfigError(f"data.channel_mean needs 3 values, got {self.channel_mean}")
 
 
 @dataclass
-class OptimConfig:
-    batch_size: int = key(128, "global batch (see dist.batch_scaling)")
+class OptimConfig(Section):
+    batch_size: int = key(128, "global batch (see dist.batch_scaling)", least=1)
     lr: float = key(0.1, "SGD learning rate")
     momentum: float = key(0.9, "SGD momentum")
-    weight_decay: float = key(1e-4, "SGD weight decay")
+    weight_decay: float = key(1e-4, "SGD weight decay", least=0)
     iters: int = key(PAPER_ITERS,
         "length of the run; --iters N (or this key) sets it. Milestones and the evaluation and checkpoint cadence "
         "written for another length (the defaults, a config file's values given with its optim.iters) move in "
         "proportion (the warm-up keeps its length: optim.warmup_iters); values given without a length (--set) are "
-        "kept as written")
+        "kept as written", least=1)
     milestones: list[int] = key([32_000, 48_000],
         "iterations at which the lr is multiplied by gamma; each before optim.iters (one at or past the end is "
         "refused)")
@@ -134,71 +143,63 @@ class OptimConfig:
     warmup_lr: float = key(0.01, "the warm-up lr")
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.iters < 1:
-            raise ValueError("optim.batch_size and optim.iters must be >= 1")
+        super().validate()
         if self.lr <= 0 or self.warmup_lr <= 0:
-            raise ValueError(f"optim.lr and optim.warmup_lr must be > 0, got {self.lr}, {self.warmup_lr}")
-        if not 0 <= self.momentum < 1 or self.weight_decay < 0 or not 0 < self.gamma <= 1:
-            raise ValueError("optim.momentum must be in [0, 1), weight_decay >= 0, gamma in (0, 1]")
+            raise ConfigError(f"optim.lr and optim.warmup_lr must be > 0, got {self.lr}, {self.warmup_lr}")
+        if not 0 <= self.momentum < 1 or not 0 < self.gamma <= 1:
+            raise ConfigError(f"optim.momentum must be in [0, 1) and optim.gamma in (0, 1], got {self.momentum}, "
+                             f"{self.gamma}")
         if sorted(self.milestones) != self.milestones or any(m < 1 for m in self.milestones):
-            raise ValueError(f"optim.milestones must be increasing positive iterations, got {self.milestones}")
+            raise ConfigError(f"optim.milestones must be increasing positive iterations, got {self.milestones}")
         if self.milestones and self.milestones[-1] >= self.iters:
             # an lr step at or past the end never happens: the run would not be the schedule asked for
-            raise ValueError(f"optim.milestones {self.milestones}: {self.milestones[-1]} is at or past the end of the "
+            raise ConfigError(f"optim.milestones {self.milestones}: {self.milestones[-1]} is at or past the end of the "
                              f"run (optim.iters = {self.iters}); give milestones below {self.iters}, or leave "
                              f"optim.milestones unset so that the paper's move with the run length")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     seed: int = key(0, "weights, data order and augmentation all derive from it")
-    device: str = key("auto", "auto, cpu, cuda")
+    device: str = key("auto", "auto, cpu, cuda", choices=DEVICES)
     out: str = key("", 'run directory ("" = runs/<name>)')
     eval_every: int = key(2_000,
         "iterations between evaluations; the default moves with optim.iters (multiples of log.log_every: 100 for a "
-        "2,000-iteration run)")
+        "2,000-iteration run)", least=1)
     checkpoint_every: int = key(4_000,
-        "iterations between checkpoints; the default moves with optim.iters like eval_every")
-    keep_checkpoints: int = key(3, "checkpoints kept in the run directory")
-    precision: str = key("auto", "fp32, bf16, fp16; auto = bf16 on a GPU that has it, else fp32")
+        "iterations between checkpoints; the default moves with optim.iters like eval_every", least=1)
+    keep_checkpoints: int = key(3, "checkpoints kept in the run directory", least=1)
+    precision: str = key("auto", "fp32, bf16, fp16; auto = bf16 on a GPU that has it, else fp32", choices=PRECISIONS)
     channels_last: bool = key(True, "NHWC memory format (CUDA only)")
     step: str = key("auto",
         "graph: the whole step captured once as a CUDA graph and replayed; compile: torch.compile of the model, eager "
         "step; eager. auto = graph on CUDA with bf16/fp32, else eager; a failed capture trains eagerly and "
-        "resolved.toml / summary.json record what ran")
+        "resolved.toml / summary.json record what ran", choices=STEPS)
     compile: str = key("default",
-        "torch.compile's mode for train.step = compile: default, max-autotune (other steps ignore it)")
+        "torch.compile's mode for train.step = compile: default, max-autotune (other steps ignore it)",
+        choices=COMPILE_MODES)
 
     def validate(self) -> None:
-        if self.device not in DEVICES:
-            raise ValueError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
-        if min(self.eval_every, self.checkpoint_every, self.keep_checkpoints) < 1:
-            raise ValueError("train.eval_every, checkpoint_every and keep_checkpoints must be >= 1")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.compile not in COMPILE_MODES:
-            raise ValueError(f"train.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
-        if self.step not in STEPS:
-            raise ValueError(f"train.step must be one of {STEPS}, got {self.step!r}")
+        super().validate()
         if self.step == "graph" and self.precision == "fp16":
-            raise ValueError("train.step = graph does not support fp16 (its loss scaler syncs with the host); use bf16")
+            raise ConfigError("train.step = graph does not support fp16 (its loss scaler syncs with the host); use bf16")
 
 
 HANG_TIMEOUT_FLOOR_S = 10
 
 
 @dataclass
-class DistConfig:
+class DistConfig(Section):
     batch_scaling: str = key("split",
         "split: the global batch is divided across ranks; per_rank: every rank takes optim.batch_size, lr scaled by "
-        "the world size after a linear warm-up (Goyal et al. 2017)")
-    scale_warmup_iters: int = key(500, "the per_rank lr warm-up, in iterations")
+        "the world size after a linear warm-up (Goyal et al. 2017)", choices=BATCH_SCALING)
+    scale_warmup_iters: int = key(500, "the per_rank lr warm-up, in iterations", least=0)
     sync_bn: bool = key(False, "SyncBatchNorm across ranks (CUDA)")
     # above hang_timeout_s (validate): on an eager collective the hang watchdog's one line and
     # exit 7 come before NCCL's own watchdog aborts the process
     timeout_s: int = key(900,
         "process-group init and every collective launched eagerly (NCCL's watchdog aborts after it); must be above "
-        "dist.hang_timeout_s")
+        "dist.hang_timeout_s", least=1)
     # measured against progress, not the cadence: the longest healthy silence is one iteration,
     # evaluation batch or checkpoint write (dist.HangWatch); the floor keeps a typo (1 for 100)
     # from tripping it on a loaded CPU
@@ -209,47 +210,36 @@ class DistConfig:
     # a cold torch.compile takes 30-90 s on an H100, minutes in max-autotune; one that never
     # returns must still end the run
     compile_pause_s: int = key(1200,
-        "the hang watchdog's clock pauses for a torch.compile compilation at most this long")
+        "the hang watchdog's clock pauses for a torch.compile compilation at most this long", least=0)
 
     def validate(self) -> None:
-        if self.batch_scaling not in BATCH_SCALING:
-            raise ValueError(f"dist.batch_scaling must be one of {BATCH_SCALING}, got {self.batch_scaling!r}")
-        if self.timeout_s < 1 or self.scale_warmup_iters < 0:
-            raise ValueError("dist.timeout_s must be >= 1 and dist.scale_warmup_iters >= 0")
+        super().validate()
         if self.hang_timeout_s != 0 and self.hang_timeout_s < HANG_TIMEOUT_FLOOR_S:
-            raise ValueError(f"dist.hang_timeout_s must be 0 (off) or >= {HANG_TIMEOUT_FLOOR_S}, "
+            raise ConfigError(f"dist.hang_timeout_s must be 0 (off) or >= {HANG_TIMEOUT_FLOOR_S}, "
                              f"got {self.hang_timeout_s}")
         if self.hang_timeout_s >= self.timeout_s:
-            raise ValueError(f"dist.hang_timeout_s ({self.hang_timeout_s}) must be below dist.timeout_s "
+            raise ConfigError(f"dist.hang_timeout_s ({self.hang_timeout_s}) must be below dist.timeout_s "
                              f"({self.timeout_s}), so that the hang watchdog reports a hang before NCCL's own "
                              f"watchdog aborts the process (defaults: 300 and 900)")
-        if self.compile_pause_s < 0:
-            raise ValueError(f"dist.compile_pause_s must be >= 0, got {self.compile_pause_s}")
 
 
 @dataclass
-class LogConfig:
+class LogConfig(Section):
     name: str = key("", 'run name ("" = <net>-s<seed>, e.g. resnet20-s0)')
-    log_every: int = key(100, "iterations between train-loss records (TensorBoard, W&B, progress bar) and NaN checks")
+    log_every: int = key(100, "iterations between train-loss records (TensorBoard, W&B, progress bar) and NaN checks",
+                         least=1)
     tensorboard: bool = key(True, "event files in <run>/tb")
     wandb_mode: str = key("auto",
-        "auto (online when logged in or WANDB_API_KEY is set, else offline), online, offline, disabled")
+        "auto (online when logged in or WANDB_API_KEY is set, else offline), online, offline, disabled",
+        choices=WANDB_MODES)
     wandb_project: str = key("", '"" = $WANDB_PROJECT or resnetdist')
     wandb_entity: str = key("", '"" = $WANDB_ENTITY or your default entity')
     wandb_group: str = key("", '"" = the net name, so seeds of one net group together (reproduce: the suite)')
     wandb_job_type: str = key("train",
         "the run's role in W&B (a suite's report run is \"report\"); the net and seed are in its config and tags")
     wandb_tags: list[str] = key([], "extra W&B tags")
-    wandb_init_timeout_s: int = key(60, "online init gives up after this, and the run goes on offline")
-    wandb_finish_timeout_s: int = key(300, "upload wait at the end; the rest stays on disk for wandb sync")
-
-    def validate(self) -> None:
-        if self.wandb_mode not in WANDB_MODES:
-            raise ValueError(f"log.wandb_mode must be one of {WANDB_MODES}, got {self.wandb_mode!r}")
-        if self.log_every < 1:
-            raise ValueError(f"log.log_every must be >= 1, got {self.log_every}")
-        if self.wandb_init_timeout_s < 1 or self.wandb_finish_timeout_s < 1:
-            raise ValueError("log.wandb_init_timeout_s and log.wandb_finish_timeout_s must be >= 1")
+    wandb_init_timeout_s: int = key(60, "online init gives up after this, and the run goes on offline", least=1)
+    wandb_finish_timeout_s: int = key(300, "upload wait at the end; the rest stays on disk for wandb sync", least=1)
 
 
 @dataclass
@@ -279,10 +269,7 @@ class RunConfig:
 
     def validate(self) -> None:
         for section in dataclasses.fields(self):
-            try:
-                getattr(self, section.name).validate()
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+            getattr(self, section.name).validate()
         if self.optim.warmup_iters > self.optim.iters:
             raise ConfigError(f"optim.warmup_iters ({self.optim.warmup_iters}) exceeds optim.iters ({self.optim.iters})")
 

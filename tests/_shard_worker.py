@@ -46,8 +46,8 @@ def main() -> None:
 
     train_beton, test_beton, rebuilt = prepare_betons(bins, beton_dir)
     dist.barrier()
-    train = cifar.read_files(bins, cifar.TRAIN_FILES)
-    test = cifar.read_files(bins, cifar.TEST_FILES)
+    train = cifar.read_files(bins, cifar.BINARY.train_files)
+    test = cifar.read_files(bins, cifar.BINARY.test_files)
     iters = iters_per_epoch(len(train), global_batch)
 
     result: dict = {"rank": rank, "world": world, "rebuilt": rebuilt}

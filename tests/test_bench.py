@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from resnetdist.data import load_data
 from resnetdist.config import load_config
-from resnetdist.tools.bench import PeerTransforms, format_table, run_step_bench
+from resnetdist.tools.bench import CIFAR_MEAN, CIFAR_STD, PerImage, format_table, peer_transform, run_step_bench
 
 from .conftest import REPO, cli_env
 
@@ -71,7 +71,7 @@ def test_the_json_is_written_after_every_setting(tiny_data, tmp_path):
 
 def test_peer_transform_is_torchvisions_crop_flip_totensor_normalize(tiny_data):
     data = load_data(load_config(flags={"data": {"dir": str(tiny_data)}}).data)
-    dataset = PeerTransforms(data.train)
+    dataset = PerImage(data.train, peer_transform()[0])
     for seed in range(8):
         torch.manual_seed(seed)
         got, label = dataset[seed]
@@ -81,7 +81,7 @@ def test_peer_transform_is_torchvisions_crop_flip_totensor_normalize(tiny_data):
         flip = bool(torch.rand(1) < 0.5)
         img = F.pad(torch.from_numpy(data.train.images[seed]).float() / 255, (4, 4, 4, 4))[:, y : y + 32, x : x + 32]
         img = img.flip(-1) if flip else img
-        mean, std = (torch.tensor(v)[:, None, None] for v in (PeerTransforms.MEAN, PeerTransforms.STD))
+        mean, std = (torch.tensor(v)[:, None, None] for v in (CIFAR_MEAN, CIFAR_STD))
         torch.testing.assert_close(got, (img - mean) / std)
         assert label == int(data.train.labels[seed]) and got.dtype == torch.float32
 
@@ -92,10 +92,10 @@ def test_peer_transform_matches_torchvision_when_installed(tiny_data):
 
     data = load_data(load_config(flags={"data": {"dir": str(tiny_data)}}).data)
     chain = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                                transforms.ToTensor(), transforms.Normalize(PeerTransforms.MEAN, PeerTransforms.STD)])
+                                transforms.ToTensor(), transforms.Normalize(CIFAR_MEAN, CIFAR_STD)])
     from resnetdist.tools.bench import _peer_transform_written_out
 
-    mean, std = (torch.tensor(v)[:, None, None] for v in (PeerTransforms.MEAN, PeerTransforms.STD))
+    mean, std = (torch.tensor(v)[:, None, None] for v in (CIFAR_MEAN, CIFAR_STD))
     for i in range(8):
         img = Image.fromarray(np.ascontiguousarray(data.train.images[i].transpose(1, 2, 0)))
         torch.manual_seed(i)
@@ -112,5 +112,5 @@ def test_the_peer_label_says_which_transforms_ran(monkeypatch):
         monkeypatch.setattr(bench, "has_torchvision", lambda installed=installed: installed)
         assert ("torchvision transforms in" in peer.label) == installed, peer.label
     monkeypatch.undo()
-    _, source = bench.peer_transform(PeerTransforms.MEAN, PeerTransforms.STD)  # what runs here, as the label says
+    _, source = bench.peer_transform()  # what runs here, as the label says
     assert source.startswith("torchvision ") == ("torchvision transforms in" in peer.label)

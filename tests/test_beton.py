@@ -49,7 +49,7 @@ def write_bins(folder: Path, per_file: int = TRAIN_PER_FILE, test: int = TEST_RE
     (low, high byte), so a test can tell which records a loader delivered (`ids`)."""
     assert folder.name == BINS
     cifar.write_synthetic(folder.parent, per_file, test, seed)
-    for names in (cifar.TRAIN_FILES, cifar.TEST_FILES):
+    for names in (cifar.BINARY.train_files, cifar.BINARY.test_files):
         first = 0
         for name in names:
             split = cifar.read_batch_file(folder / name)
@@ -57,7 +57,7 @@ def write_bins(folder: Path, per_file: int = TRAIN_PER_FILE, test: int = TEST_RE
             images[:, 0, 0, 0], images[:, 0, 0, 1] = numbers % 256, numbers // 256
             cifar.write_batch_file(folder / name, Split(images, split.labels))
             first += len(split)
-    return cifar.read_files(folder, cifar.TRAIN_FILES), cifar.read_files(folder, cifar.TEST_FILES)
+    return cifar.read_files(folder, cifar.BINARY.train_files), cifar.read_files(folder, cifar.BINARY.test_files)
 
 
 def ids(images: torch.Tensor) -> np.ndarray:
@@ -272,7 +272,7 @@ def test_prepare_is_idempotent_and_rebuilds_on_change(tmp_path):
     assert rebuilt and (train_p, test_p) == beton_paths(out)
     assert outputs(out) == ["beton.json", "test.beton", "train.beton"]
     manifest = json.loads((out / "beton.json").read_text())
-    assert set(manifest["sources"]) == set(cifar.TRAIN_FILES + cifar.TEST_FILES)
+    assert set(manifest["sources"]) == set(cifar.BINARY.files)
     mtimes = {p: p.stat().st_mtime_ns for p in out.iterdir()}
 
     assert prepare_betons(bins, out) == (train_p, test_p, False)
@@ -307,14 +307,16 @@ def test_prepare_is_idempotent_and_rebuilds_on_change(tmp_path):
 
 
 def _interrupt_at(monkeypatch, record: int, exc: BaseException) -> None:
-    real = beton._Records.__getitem__
+    import ffcv.writer  # _write_beton hands each record to FFCV's handle_sample: record i is written there
 
-    def getitem(self, i):
+    real = ffcv.writer.handle_sample
+
+    def handle_sample(sample, i, *args):
         if i == record:
             raise exc
-        return real(self, i)
+        return real(sample, i, *args)
 
-    monkeypatch.setattr(beton._Records, "__getitem__", getitem)
+    monkeypatch.setattr(ffcv.writer, "handle_sample", handle_sample)
 
 
 @pytest.mark.timeout(60)
@@ -339,15 +341,16 @@ def test_failed_prepare_leaves_nothing_readable(tmp_path, monkeypatch):
 KILLED_CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
+    import ffcv.writer
     from resnetdist.data import beton
     bins, out, marker = map(Path, sys.argv[1:4])
-    real = beton._Records.__getitem__
-    def getitem(self, i):
+    real = ffcv.writer.handle_sample
+    def handle_sample(sample, i, *args):
         if i == 100:  # mid-way through train.beton: tell the parent, then wait to be killed
             marker.write_text("writing")
             time.sleep(600)
-        return real(self, i)
-    beton._Records.__getitem__ = getitem
+        return real(sample, i, *args)
+    ffcv.writer.handle_sample = handle_sample
     beton.prepare_betons(bins, out)
 """)
 

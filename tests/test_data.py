@@ -216,24 +216,25 @@ def _official_tarball(tmp_path):
 
 def test_download_checks_md5_and_extracts(tmp_path, monkeypatch):
     from resnetdist.data import cifar
+    from dataclasses import replace
+
     from resnetdist.data.cifar import download, extract, md5sum
 
     tar_path = _official_tarball(tmp_path)
     dest = tmp_path / "cache"
     # the module's source: the official URL and md5, here a local tarball's
-    monkeypatch.setattr(cifar, "URL", tar_path.as_uri())
-    monkeypatch.setattr(cifar, "MD5", md5sum(tar_path))
+    monkeypatch.setattr(cifar, "BINARY", replace(cifar.BINARY, url=tar_path.as_uri(), md5=md5sum(tar_path)))
     got = download(dest)
     assert got == dest / "cifar-10-binary.tar.gz" and md5sum(got) == md5sum(tar_path)
     folder = extract(got, dest)
     assert len(read_batch_file(folder / "data_batch_5.bin")) == 8
 
     other = tmp_path / "other"
-    monkeypatch.setattr(cifar, "MD5", "0123")
+    monkeypatch.setattr(cifar, "BINARY", replace(cifar.BINARY, md5="0123"))
     with pytest.raises(DataError, match="does not match the expected 0123"):
         download(other)
     assert list(other.iterdir()) == []  # no partial or unchecked file left behind
-    monkeypatch.setattr(cifar, "URL", (tmp_path / "absent.tar.gz").as_uri())
+    monkeypatch.setattr(cifar, "BINARY", replace(cifar.BINARY, url=(tmp_path / "absent.tar.gz").as_uri()))
     with pytest.raises(DataError, match="could not download"):
         download(other)
 
@@ -296,9 +297,9 @@ def write_python_version(binary_root: Path, dest: Path) -> Path:
 
     from resnetdist.data import cifar
 
-    folder = dest / cifar.PY_FOLDER
+    folder = dest / cifar.PYTHON.folder
     folder.mkdir(parents=True)
-    for bin_name, py_name in zip(cifar.TRAIN_FILES + cifar.TEST_FILES, cifar.PY_TRAIN_FILES + cifar.PY_TEST_FILES):
+    for bin_name, py_name in zip(cifar.BINARY.files, cifar.PYTHON.files):
         split = read_batch_file(binary_root / cifar.FOLDER / bin_name)
         batch = {"batch_label": py_name, "labels": split.labels.tolist(), "data": split.images.reshape(len(split), -1),
                  "filenames": [f"img_{i}.png" for i in range(len(split))]}
@@ -316,7 +317,7 @@ def test_the_python_version_reads_as_the_same_images_and_labels(tmp_path):
         assert got.folder == folder and cifar.version_of(folder).name == "python"
         for a, b in ((got.train, want.train), (got.test, want.test)):
             assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
-        assert got.file_records == {n: 12 for n in cifar.PY_TRAIN_FILES} | {"test_batch": 10}
+        assert got.file_records == {n: 12 for n in cifar.PYTHON.train_files} | {"test_batch": 10}
     assert got.identity == "unknown"  # a stand-in: its files are not the official ones
     assert len(cifar.load_test_only(tmp_path / "py").test) == 10
 
@@ -338,7 +339,7 @@ def test_the_python_version_is_cifar10_only_when_its_files_are_the_official_ones
     from resnetdist.data import cifar
 
     source = write_python_version(write_dataset(tmp_path / "bin", 12, 10), tmp_path / "src")
-    own_md5 = {name: cifar.md5sum(source / name) for name in cifar.PY_FILE_MD5}
+    own_md5 = {name: cifar.md5sum(source / name) for name in cifar.PYTHON.file_md5}
     assert cifar.identity(source) == "unknown"  # the real digests: these are not CIFAR-10's files
     with_md5 = tuple(replace(v, file_md5=own_md5) if v.name == "python" else v for v in cifar.VERSIONS)
     monkeypatch.setattr(cifar, "VERSIONS", with_md5)
@@ -350,14 +351,14 @@ def test_the_python_version_is_cifar10_only_when_its_files_are_the_official_ones
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     source = write_python_version(write_dataset(tmp_path / "bin2", 12, 10), tmp_path / "src2")
-    with tarfile.open(data_dir / cifar.PY_TARBALL, "w:gz") as tar:
-        tar.add(source, arcname=cifar.PY_FOLDER)
+    with tarfile.open(data_dir / cifar.PYTHON.tarball, "w:gz") as tar:
+        tar.add(source, arcname=cifar.PYTHON.folder)
     with pytest.raises(DataError, match="is not the official c58f30108f718f92721af3b95e74349a"):
         cifar.locate(data_dir)  # the real md5: this small archive is not it
-    monkeypatch.setattr(cifar, "VERSIONS", official(cifar, "python", cifar.md5sum(data_dir / cifar.PY_TARBALL)))
+    monkeypatch.setattr(cifar, "VERSIONS", official(cifar, "python", cifar.md5sum(data_dir / cifar.PYTHON.tarball)))
     folder = cifar.locate(data_dir)
-    assert folder == data_dir / cifar.PY_FOLDER and cifar.identity(folder) == "cifar10"
-    assert set(json.loads((folder / cifar.MANIFEST).read_text())["files"]) == set(cifar.PY_FILE_MD5)
+    assert folder == data_dir / cifar.PYTHON.folder and cifar.identity(folder) == "cifar10"
+    assert set(json.loads((folder / cifar.MANIFEST).read_text())["files"]) == set(cifar.PYTHON.file_md5)
     assert load_cifar10(data_dir).describe().endswith("(verified CIFAR-10)")
     flip_a_byte(folder / "data_batch_3")
     assert cifar.identity(folder) == "modified"

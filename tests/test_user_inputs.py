@@ -153,10 +153,10 @@ def test_short_data_file_runs_and_says_so(tmp_path):
 def test_full_size_files_get_no_note():
     import numpy as np
 
-    from resnetdist.data.cifar import Cifar10, Split, TEST_FILES, TRAIN_FILES
+    from resnetdist.data.cifar import BINARY, Cifar10, Split
 
     empty = Split(np.zeros((0, 3, 32, 32), np.uint8), np.zeros(0, np.int64))
-    data = Cifar10(empty, empty, file_records={name: 10_000 for name in TRAIN_FILES + TEST_FILES})
+    data = Cifar10(empty, empty, file_records={name: 10_000 for name in BINARY.files})
     assert data.record_count_note() is None
     data.file_records["data_batch_2.bin"] = 9_000
     assert data.record_count_note().startswith("note: data_batch_2.bin holds 9,000 records (")

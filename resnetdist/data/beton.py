@@ -89,16 +89,6 @@ def _up_to_date(out_dir: Path, sources: dict[str, str] | None) -> bool:
     return True
 
 
-class _Records:
-    """The split as the writer's indexable dataset of (image uint8 (3,32,32), label int)."""
-
-    def __init__(self, split: Split):
-        self.images, self.labels = split.images, split.labels
-
-    def __getitem__(self, i: int):
-        return self.images[i], int(self.labels[i])
-
-
 def _write_beton(path: Path, split: Split, desc: str) -> None:
     """Write one .beton at `path` (a temporary name) with FFCV's DatasetWriter, in-process."""
     require_ffcv()
@@ -108,7 +98,6 @@ def _write_beton(path: Path, split: Split, desc: str) -> None:
 
     from ..progress import progress_bar
 
-    dataset = _Records(split)
     fields = {"image": NDArrayField(np.dtype("uint8"), (3, 32, 32)), "label": IntField()}
     # 2 MiB pages (the minimum): a 3 KB record never straddles one, and small sets stay small.
     writer = DatasetWriter(str(path), fields, page_size=MIN_PAGE_SIZE, num_workers=1)
@@ -127,7 +116,7 @@ def _write_beton(path: Path, split: Split, desc: str) -> None:
     allocator = MemoryAllocator(str(path), writer.data_region_start, writer.page_size)
     with progress_bar(desc, total=len(split), unit="img") as bar, allocator:
         for i in range(len(split)):
-            handle_sample(dataset[i], i, names, metadata, allocator, fields)
+            handle_sample((split.images[i], int(split.labels[i])), i, names, metadata, allocator, fields)
             bar.update(1)
     writer.finalize(allocator.allocations)
     fsync_path(path)

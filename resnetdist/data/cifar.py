@@ -25,25 +25,8 @@ import numpy as np
 
 from ..errors import DataError
 
-URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
-TARBALL = "cifar-10-binary.tar.gz"
-MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
-FOLDER = "cifar-10-batches-bin"
-TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
-TEST_FILES = ("test_batch.bin",)
 RECORD_BYTES = 1 + 3 * 32 * 32
 RECORDS_PER_FILE = 10_000
-PY_FOLDER = "cifar-10-batches-py"
-PY_TARBALL = "cifar-10-python.tar.gz"
-PY_MD5 = "c58f30108f718f92721af3b95e74349a"
-PY_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
-PY_TEST_FILES = ("test_batch",)
-# md5 of each batch of the official Python version, as torchvision checks them
-# (torchvision/datasets/cifar.py, CIFAR10.train_list / test_list): a folder whose six files all
-# match is CIFAR-10 whatever way it arrived (torchvision's download extracts no manifest)
-PY_FILE_MD5 = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-               "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
-               "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}
 VAL_SIZE = 5_000  # the paper's 45k/5k split
 VAL_SPLIT_SEED = 20151210  # fixed, so every run holds out the same 5k images
 
@@ -101,25 +84,42 @@ class Cifar10:
 
 @dataclass(frozen=True)
 class Version:
-    """One distribution of CIFAR-10: its folder, tarball (and the tarball's md5), batch files,
-    and the official md5 of each file where known."""
+    """One distribution of CIFAR-10: its folder, tarball (its md5 and where it is published), the
+    suffix of its batch files, and the official md5 of each file where known."""
 
     name: str
     folder: str
     tarball: str
     md5: str
-    train_files: tuple[str, ...]
-    test_files: tuple[str, ...]
+    url: str
+    suffix: str
     file_md5: dict[str, str] | None = None
+
+    @property
+    def train_files(self) -> tuple[str, ...]:
+        return tuple(f"data_batch_{i}{self.suffix}" for i in range(1, 6))
+
+    @property
+    def test_files(self) -> tuple[str, ...]:
+        return (f"test_batch{self.suffix}",)
 
     @property
     def files(self) -> tuple[str, ...]:
         return self.train_files + self.test_files
 
 
-BINARY = Version("binary", FOLDER, TARBALL, MD5, TRAIN_FILES, TEST_FILES)
-PYTHON = Version("python", PY_FOLDER, PY_TARBALL, PY_MD5, PY_TRAIN_FILES, PY_TEST_FILES, PY_FILE_MD5)
+BINARY = Version("binary", "cifar-10-batches-bin", "cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530",
+                 "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", ".bin")
+# md5 of each batch of the official Python version, as torchvision checks them
+# (torchvision/datasets/cifar.py, CIFAR10.train_list / test_list): a folder whose six files all
+# match is CIFAR-10 whatever way it arrived (torchvision's download extracts no manifest)
+PYTHON = Version("python", "cifar-10-batches-py", "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
+                 "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "", {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"})
 VERSIONS = (BINARY, PYTHON)  # looked for in this order; only the binary version is downloaded
+FOLDER, TARBALL = BINARY.folder, BINARY.tarball  # what --data-dir's messages name
 
 
 def holds(folder: Path, version: Version) -> bool:
@@ -150,7 +150,7 @@ def download(dest_dir: Path) -> Path:
     """Download the tarball into dest_dir (atomically) and check its md5."""
     from ..progress import progress_bar
 
-    url, md5 = URL, MD5
+    url, md5 = BINARY.url, BINARY.md5
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / TARBALL
     if dest.exists() and md5sum(dest) == md5:
@@ -221,16 +221,15 @@ def locate(data_dir: Path | None, download_ok: bool = True) -> Path:
         if tarball.exists():
             got = md5sum(tarball)
             if got != version.md5:
-                url = URL.replace(TARBALL, version.tarball)
-                fix = (f"delete it, and the next run downloads it again ({url})"  # the cache
+                fix = (f"delete it, and the next run downloads it again ({version.url})"  # the cache
                        if data_dir is None and version.name == "binary" else
-                       f"delete it and download {url} again into {base} (or put the extracted {version.folder}/ there)")
+                       f"delete it and download {version.url} again into {base} (or put the extracted {version.folder}/ there)")
                 raise DataError(f"{tarball}: md5 {got} is not the official {version.md5} (a cut or damaged "
                                 f"download?): {fix}")
             return write_manifest(extract(tarball, base, version), tarball, version)
     if data_dir is not None or not download_ok:
-        raise DataError(f"{base}: holds neither {FOLDER}/ nor {TARBALL} (nor the Python version's {PY_FOLDER}/ "
-                        f"or {PY_TARBALL})")
+        raise DataError(f"{base}: holds neither {FOLDER}/ nor {TARBALL} (nor the Python version's {PYTHON.folder}/ "
+                        f"or {PYTHON.tarball})")
     tarball = download(base)
     return write_manifest(extract(tarball, base), tarball)
 
@@ -342,9 +341,9 @@ def write_synthetic(root: Path, per_train_file: int, test_size: int, seed: int =
     folder = root / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     train = synthetic_split(5 * per_train_file, seed)
-    for i, name in enumerate(TRAIN_FILES):
+    for i, name in enumerate(BINARY.train_files):
         write_batch_file(folder / name, train[i * per_train_file : (i + 1) * per_train_file])
-    write_batch_file(folder / TEST_FILES[0], synthetic_split(test_size, seed + 100))
+    write_batch_file(folder / BINARY.test_files[0], synthetic_split(test_size, seed + 100))
     (folder / "batches.meta.txt").write_text("\n".join(f"class{i}" for i in range(10)) + "\n")
     return root
 
@@ -384,4 +383,3 @@ def load_test_only(data_dir: Path | None) -> Cifar10:
     test = read_files(folder, version_of(folder).test_files, counts)
     empty = Split(np.zeros((0, 3, 32, 32), np.uint8), np.zeros(0, np.int64))
     return Cifar10(empty, test, folder=folder, file_records=counts, identity=identity(folder))
-

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -67,33 +67,38 @@ BASELINES = (Setting("baseline", "eager", "fp32"), Setting("peer", "eager", "fp3
 def settings_for(device: torch.device, loaders: list[str], modes: list[str], precisions: list[str],
                  ffcv_available: bool) -> tuple[list[Setting], list[str]]:
     """The settings that can run here, and a note for each one left out."""
+    cuda = device.type == "cuda"
     chosen, skipped = list(BASELINES), []
-    for loader in loaders:
-        for mode in modes:
-            for precision in precisions:
-                s = Setting(loader, mode, precision)
-                if loader == "ffcv" and not ffcv_available:
-                    skipped.append(f"{s.label}: FFCV is not installed")
-                elif mode == "graph" and device.type != "cuda":
-                    skipped.append(f"{s.label}: CUDA graphs need a GPU")
-                elif precision == "fp16" and (device.type != "cuda" or mode == "graph"):
-                    skipped.append(f"{s.label}: fp16 runs on CUDA, without graphs")
-                else:
-                    chosen.append(s)
+    for s in itertools.starmap(Setting, itertools.product(loaders, modes, precisions)):
+        if s.loader == "ffcv" and not ffcv_available:
+            skipped.append(f"{s.label}: FFCV is not installed")
+        elif s.mode == "graph" and not cuda:
+            skipped.append(f"{s.label}: CUDA graphs need a GPU")
+        elif s.precision == "fp16" and (not cuda or s.mode == "graph"):
+            skipped.append(f"{s.label}: fp16 runs on CUDA, without graphs")
+        else:
+            chosen.append(s)
     return chosen, skipped
 
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # what public scripts normalize by
 
 
-class TorchvisionStyle(torch.utils.data.Dataset):
-    """RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize, per image, on
-    the CPU, as torchvision applies them, written out in torch."""
+def crop_flip_normalize(img: torch.Tensor, y: int, x: int, flip: bool, mean: torch.Tensor,
+                        std: torch.Tensor) -> torch.Tensor:
+    """torchvision's RandomCrop(32, padding=4) (zero-pad 4, the 32x32 window at row y, column x),
+    RandomHorizontalFlip (when `flip`), ToTensor (uint8 -> float in [0, 1]) and Normalize
+    ((x - mean) / std) on one uint8 CHW image, written out in torch."""
+    img = F.pad(img, (4, 4, 4, 4))[:, y : y + 32, x : x + 32]
+    return ((img.flip(-1) if flip else img).float() / 255 - mean) / std
 
-    MEAN, STD = (torch.tensor(v)[:, None, None] for v in (CIFAR_MEAN, CIFAR_STD))
 
-    def __init__(self, split: Split):
-        self.images, self.labels = split.images, split.labels
+class PerImage(torch.utils.data.Dataset):
+    """A baseline's dataset: (transform(uint8 CHW image), label), one image at a time on the CPU,
+    in the DataLoader's workers, as public scripts transform."""
+
+    def __init__(self, split: Split, transform: Callable[[np.ndarray], torch.Tensor]):
+        self.images, self.labels, self.transform = split.images, split.labels, transform
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -101,12 +106,13 @@ class TorchvisionStyle(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         return self.transform(self.images[i]), int(self.labels[i])
 
-    def transform(self, image: np.ndarray) -> torch.Tensor:
-        y, x = torch.randint(0, 9, (2,)).tolist()
-        img = F.pad(torch.from_numpy(image), (4, 4, 4, 4))[:, y : y + 32, x : x + 32]
-        if torch.rand(()) < 0.5:
-            img = img.flip(-1)
-        return (img.float() / 255 - self.MEAN) / self.STD
+
+def baseline_transform(image: np.ndarray, mean=torch.tensor(CIFAR_MEAN)[:, None, None],
+                       std=torch.tensor(CIFAR_STD)[:, None, None]) -> torch.Tensor:
+    """The baseline's: crop_flip_normalize on the image as a tensor, no PIL, its three random
+    numbers in two draws (the cheapest way: the baseline at its best)."""
+    y, x = torch.randint(0, 9, (2,)).tolist()
+    return crop_flip_normalize(torch.from_numpy(image), y, x, bool(torch.rand(()) < 0.5), mean, std)
 
 
 def sync(device: torch.device) -> None:
@@ -114,28 +120,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _result(setting: Setting, iters: int, seconds: float, setup: float, host_seconds: float) -> dict[str, Any]:
+def measure(setting: Setting, run, started: float, warmup: int, iters: int, device: torch.device) -> dict[str, Any]:
+    """Time run(count) as `timed` does; setup_s: from `started` (perf_counter) to the end of the warm-up."""
+    setup = time.perf_counter() - started
+    warm_s, seconds, host_seconds = timed(run, warmup, iters, device)
     ms = 1000 * seconds / iters
     return {"setting": setting.label, "loader": setting.loader, "mode": setting.mode,
             "precision": setting.precision, "ms_per_iter": ms, "images_per_second": BATCH * iters / seconds,
-            "projected_64k_s": ms * PAPER_ITERS / 1000, "setup_s": setup, "iters": iters,
+            "projected_64k_s": ms * PAPER_ITERS / 1000, "setup_s": setup + warm_s, "iters": iters,
             "host_ms_per_iter": 1000 * host_seconds / iters}
-
-
-class PeerTransforms(TorchvisionStyle):
-    """What a typical public script's dataset does per image: a PIL image, then torchvision's
-    four transforms (without torchvision, the same four written out on PIL and numpy)."""
-
-    MEAN, STD = CIFAR_MEAN, CIFAR_STD
-
-    def __init__(self, split: Split):
-        super().__init__(split)
-        self.chain, self.source = peer_transform(self.MEAN, self.STD)
-
-    def transform(self, image: np.ndarray) -> torch.Tensor:
-        from PIL import Image
-
-        return self.chain(Image.fromarray(image.transpose(1, 2, 0)))
 
 
 def has_torchvision() -> bool:
@@ -144,28 +137,33 @@ def has_torchvision() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
-def peer_transform(mean: tuple, std: tuple):
-    """(the transform, which implementation it is)."""
+def peer_transform(mean: tuple = CIFAR_MEAN, std: tuple = CIFAR_STD) -> tuple[Callable, str]:
+    """(the peer's transform of a uint8 CHW image: a PIL image, then torchvision's four transforms
+    (without torchvision, _peer_transform_written_out), which implementation it is)."""
     if not has_torchvision():
-        return partial(_peer_transform_written_out, mean=torch.tensor(mean)[:, None, None],
-                       std=torch.tensor(std)[:, None, None]), "written out on PIL + numpy (torchvision not installed)"
-    from torchvision import __version__ as tv_version, transforms as T
+        chain = partial(_peer_transform_written_out, mean=torch.tensor(mean)[:, None, None],
+                        std=torch.tensor(std)[:, None, None])
+        source = "written out in torch (torchvision not installed)"
+    else:
+        from torchvision import __version__ as tv_version, transforms as T
 
-    chain = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
-    return chain, f"torchvision {tv_version}"
+        chain = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+        source = f"torchvision {tv_version}"
+    return partial(_through_pil, chain=chain), source  # a partial: DataLoader workers may pickle it
+
+
+def _through_pil(image: np.ndarray, chain: Callable) -> torch.Tensor:
+    from PIL import Image  # Pillow: an optional dependency, as torchvision is
+
+    return chain(Image.fromarray(image.transpose(1, 2, 0)))
 
 
 def _peer_transform_written_out(img, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """RandomCrop(32, padding=4): zero-pad 4, a uniform 32x32 window; RandomHorizontalFlip(0.5);
-    ToTensor: HWC uint8 -> CHW float in [0, 1]; Normalize: (x - mean) / std."""
-    a = np.pad(np.asarray(img), ((4, 4), (4, 4), (0, 0)))
-    # the random numbers drawn as torchvision draws them: row, column, then the flip
+    """A PIL image (HWC) through crop_flip_normalize, the random numbers drawn as torchvision
+    draws them: row, column, then the flip."""
     y, x = (int(torch.randint(0, 9, size=(1,)).item()) for _ in range(2))
-    a = a[y : y + 32, x : x + 32]
-    if torch.rand(1) < 0.5:
-        a = a[:, ::-1]
-    t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float().div(255)
-    return (t - mean) / std
+    flip = bool(torch.rand(1) < 0.5)
+    return crop_flip_normalize(torch.from_numpy(np.array(img)).permute(2, 0, 1), y, x, flip, mean, std)
 
 
 def baseline_settings(device: torch.device, workers: int, peer: bool = False, source: str = "") -> dict[str, Any]:
@@ -188,8 +186,8 @@ def bench_baseline(data: Cifar10, n: int, iters: int, warmup: int, device: torch
                    peer: bool = False) -> dict:
     setting = BASELINES[1] if peer else BASELINES[0]
     t_setup = time.perf_counter()
-    dataset = PeerTransforms(data.train) if peer else TorchvisionStyle(data.train)
-    settings = baseline_settings(device, workers, peer, getattr(dataset, "source", ""))
+    transform, source = peer_transform() if peer else (baseline_transform, "")
+    dataset, settings = PerImage(data.train, transform), baseline_settings(device, workers, peer, source)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=BATCH, shuffle=True, drop_last=True, num_workers=workers,
         pin_memory=settings["pin_memory"], persistent_workers=workers > 0,
@@ -211,9 +209,7 @@ def bench_baseline(data: Cifar10, n: int, iters: int, warmup: int, device: torch
             if i % every == 0:
                 loss.item()  # the progress meter's read-back (a host sync)
 
-    setup = time.perf_counter() - t_setup
-    warm_s, seconds, host = timed(steps, warmup, iters, device)
-    return {**_result(setting, iters, seconds, setup + warm_s, host), "baseline_settings": settings}
+    return {**measure(setting, steps, t_setup, warmup, iters, device), "baseline_settings": settings}
 
 
 def bench_config(setting: Setting, n: int, device: torch.device, beton_dir: Path) -> RunConfig:
@@ -222,6 +218,11 @@ def bench_config(setting: Setting, n: int, device: torch.device, beton_dir: Path
         "train": {"device": device.type, "precision": setting.precision, "step": setting.mode},
         "log": {"wandb_mode": "disabled"},
     })
+
+
+def stepping(trainer) -> Callable[[int], None]:
+    """run(count): the trainer's next `count` training steps from iteration 0 on, as the loop takes them."""
+    return partial(take_steps, trainer.step, trainer.feed.batches(0))
 
 
 def timed(run, warmup: int, iters: int, device: torch.device) -> tuple[float, float, float]:
@@ -242,13 +243,10 @@ def bench_setting(setting: Setting, data: Cifar10, n: int, iters: int, warmup: i
     t_setup = time.perf_counter()
     cfg = bench_config(setting, n, device, beton_dir)
     trainer = build(cfg, dist.DistContext(0, 0, 1, device), data)
-    step, batches = trainer.step, trainer.feed.batches(0)
-    setup = time.perf_counter() - t_setup
-    warm_s, seconds, host = timed(lambda count: take_steps(step, batches, count), warmup, iters, device)
     # step: what ran, and why (step_reason: an auto graph whose capture failed runs eagerly)
     # feed: every loader's batches reach the step in the feed's device buffers (data/feed.py)
-    return {**_result(setting, iters, seconds, setup + warm_s, host), "step": step.kind,
-            "feed": "device", "step_reason": step.choice.reason}
+    return {**measure(setting, stepping(trainer), t_setup, warmup, iters, device), "step": trainer.step.kind,
+            "feed": "device", "step_reason": trainer.step.choice.reason}
 
 
 def bench_loader(loader_name: str, data: Cifar10, device: torch.device, beton_dir: Path, iters: int,
@@ -267,13 +265,10 @@ def bench_loader(loader_name: str, data: Cifar10, device: torch.device, beton_di
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.date.today().isoformat(),
-        "threads": torch.get_num_threads(),
-    }
+    cpu = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu, "torch": torch.__version__,
+            "python": platform.python_version(), "date": datetime.date.today().isoformat(),
+            "threads": torch.get_num_threads()}
 
 
 def ffcv_state() -> str:

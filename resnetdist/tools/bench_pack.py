@@ -12,8 +12,6 @@ absolute figures. The JSON is rewritten after every K, so a run cut short keeps 
 
 from __future__ import annotations
 
-import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,57 +19,47 @@ import torch
 
 from .. import dist
 from ..config import load_config, model_name
-from ..data.cifar import Cifar10, load_cifar10, write_synthetic
+from ..data.cifar import Cifar10
 from ..pack import member_configs
-from ..training import build, take_steps
-from .bench import BATCH, environment, sync, write_report
+from ..training import build
+from .bench import BATCH, bench_data, environment, stepping, timed, write_report
 
 PACK_ROUNDS = 3  # each setting's best of 3 rounds, taken in turns
 
 
-def pack_run(n: int, seeds: list[int], batch: int, device: torch.device,
-             data: Cifar10) -> tuple[Any, Callable[[int], None]]:
+def pack_trainer(n: int, seeds: list[int], batch: int, device: torch.device, data: Cifar10):
     """The Trainer of the pack of `seeds` (one seed: a single run's) at `batch` images per
-    member, built as `train --seeds` builds it, and run(count): `count` of its training steps."""
+    member, built as `train --seeds` builds it."""
     cfg = load_config(flags={"model": {"n": n}, "optim": {"batch_size": batch},
                              "train": {"device": device.type}, "log": {"wandb_mode": "disabled"}})
-    trainer = build(cfg, dist.DistContext(0, 0, 1, device), data, members=member_configs(cfg, seeds))
-    batches = trainer.feed.batches(0)
-
-    def run(count: int) -> None:
-        take_steps(trainer.step, batches, count)
-
-    return trainer, run
+    return build(cfg, dist.DistContext(0, 0, 1, device), data, members=member_configs(cfg, seeds))
 
 
 def time_best(runs: dict[str, Callable[[int], None]], warmup: int, iters: int, rounds: int,
               device: torch.device) -> dict[str, float]:
-    """Seconds per iteration of each run, its best of `rounds` rounds taken in turns."""
+    """Seconds per iteration of each run, its best of `rounds` rounds taken in turns, after all are warm."""
     for run in runs.values():
         run(warmup)
-    sync(device)
     best = {name: float("inf") for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
-            t0 = time.perf_counter()
-            run(iters)
-            sync(device)
-            best[name] = min(best[name], (time.perf_counter() - t0) / iters)
+            best[name] = min(best[name], timed(run, 0, iters, device)[1] / iters)
     return best
 
 
 def bench_one_k(n: int, k: int, iters: int, warmup: int, rounds: int, device: torch.device,
                 data: Cifar10) -> dict[str, Any]:
     seeds = list(range(k))
-    (packed, pack), (_, dense) = pack_run(n, seeds, BATCH, device, data), pack_run(n, [0], BATCH * k, device, data)
-    alone = [pack_run(n, [s], BATCH, device, data)[1] for s in seeds]
+    packed = pack_trainer(n, seeds, BATCH, device, data)
+    dense = stepping(pack_trainer(n, [0], BATCH * k, device, data))
+    alone = [stepping(pack_trainer(n, [s], BATCH, device, data)) for s in seeds]
 
     def one_after_another(count: int) -> None:
         for _ in range(count):
             for run in alone:
                 run(1)
 
-    seconds = time_best({"pack": pack, "one_after_another": one_after_another, "dense": dense},
+    seconds = time_best({"pack": stepping(packed), "one_after_another": one_after_another, "dense": dense},
                         warmup, iters, rounds, device)
     images = k * BATCH
     ips = {name: images / s for name, s in seconds.items()}
@@ -90,8 +78,7 @@ def run_pack_bench(n: int, ks: list[int], iters: int, warmup: int, rounds: int, 
     report = {"kind": "pack", "model": model_name(n, plain=False), "batch_per_member": BATCH, "step": None,
               "precision": None, "layout": "channels_last" if device.type == "cuda" else "NCHW", **environment(device),
               "rounds": rounds, "iters": iters, "complete": False, "results": []}
-    with tempfile.TemporaryDirectory(prefix="resnetdist-bench-pack-") as scratch:
-        data = load_cifar10(write_synthetic(Path(scratch), 10_000, 1_000))  # a dense step of 128*8 fits 9 times
+    with bench_data(None) as (data, _):  # 10,000 synthetic images: a dense step of 128*8 fits 9 times
         for k in ks:
             print(f"  timing K = {k} ...", flush=True)
             result = bench_one_k(n, k, iters, warmup, rounds, device, data)

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from .. import dist
-from .bench import ffcv_state, sync, timed
+from .bench import ffcv_state, stepping, sync, timed
 from ..config import load_config
 from ..data import load_data
 from ..data.cifar import IDENTITY_WORDS, DataError, identity, locate, write_synthetic
@@ -258,9 +258,7 @@ def checkpoint_round_trip(data_dir: Path, device: torch.device, steps: int) -> t
 
 
 def ms_per_iter(trial: Trial, iters: int, warmup: int) -> float:
-    batches = trial.trainer.feed.batches(0)
-    _, seconds, _ = timed(lambda count: take_steps(trial.step, batches, count), warmup, iters, trial.step.device)
-    return 1000 * seconds / iters
+    return 1000 * timed(stepping(trial.trainer), warmup, iters, trial.step.device)[1] / iters
 
 
 SPEED_WARMUP, SPEED_ITERS = 15, 100

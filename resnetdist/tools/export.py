@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from .. import checkpoint, pretrained
-from ..config import RunConfig
 from ..models import CifarResNet
 
 FORMATS = ("safetensors", "onnx")
@@ -41,20 +40,15 @@ class ExportError(RuntimeError):
     """Export failed or the exported file does not reproduce the PyTorch model."""
 
 
-def load_for_export(path: Path, data_dir: Path | None = None) -> tuple[CifarResNet, RunConfig, torch.Tensor, dict[str, Any]]:
-    """(eval-mode model on the CPU, its config, its mean image, the checkpoint dict)."""
+def export(path: Path, fmt: str, out: Path | None = None, data_dir: Path | None = None) -> dict[str, Any]:
+    if fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     try:
         model, cfg, state = pretrained.saved_net(Path(path))
     except checkpoint.CheckpointError as e:
         raise ExportError(str(e)) from None
     model.eval()
-    return model, cfg, pretrained.mean_of(state, cfg, path, data_dir), state
-
-
-def export(path: Path, fmt: str, out: Path | None = None, data_dir: Path | None = None) -> dict[str, Any]:
-    if fmt not in FORMATS:
-        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    model, cfg, mean, state = load_for_export(path, data_dir)
+    mean = pretrained.mean_of(state, cfg, path, data_dir)
     out = Path(out) if out else Path(path).with_suffix(f".{fmt}")  # run/model.pt -> run/model.onnx
     mfile = out.with_name(f"{out.stem}.mean.npy")
     meta = {**pretrained.metadata(cfg, int(state.get("iteration", cfg.optim.iters))), "mean_file": mfile.name}

@@ -81,7 +81,10 @@ class JsonlSink:
             except OSError as e:  # a full disk: one clear WriteError, not a traceback
                 raise WriteError(self.path, e) from e
 
-    def close(self) -> None:
+    def summary(self, values: dict[str, Any]) -> None:  # summary.json is the run's own file
+        pass
+
+    def close(self, exit_code: int = 0, stopped: bool = False) -> None:
         try:
             self.file.close()
         except OSError:  # the failed write was already raised as WriteError from log()
@@ -140,7 +143,7 @@ class TensorBoardSink:
         self.writer.add_hparams(self.params, results, run_name=".")
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0, stopped: bool = False) -> None:
         self.writer.close()
 
 
@@ -274,7 +277,8 @@ class WandbSink:
 
 
 class MetricLogger:
-    """Fans records out to the sinks of rank 0; with none (MetricLogger()), logs nothing."""
+    """Fans records out to the sinks of rank 0; with none (MetricLogger()), logs nothing. Every
+    sink has log(record, kind), summary(values) and close(exit_code, stopped)."""
 
     def __init__(self, sinks: list = (), wandb_id: str | None = None):
         self.sinks = list(sinks)
@@ -289,8 +293,7 @@ class MetricLogger:
     def summary(self, values: dict[str, Any]) -> None:
         """summary.json's values: W&B's summary, and TensorBoard's HParams row with the final errors."""
         for sink in self.sinks:
-            if isinstance(sink, (WandbSink, TensorBoardSink)):
-                sink.summary(values)
+            sink.summary(values)
 
     def log_model(self, run_dir: Path, mean: Any, metadata: dict[str, Any]) -> None:
         if self.wandb:
@@ -308,10 +311,7 @@ class MetricLogger:
 
     def close(self, exit_code: int = 0, stopped: bool = False) -> None:
         for sink in self.sinks:
-            if sink is self.wandb:
-                sink.close(exit_code, stopped)
-            else:
-                sink.close()
+            sink.close(exit_code, stopped)
 
 
 def open_logger(cfg: RunConfig, resume_iter: int, wandb_id: str | None) -> MetricLogger:
