@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 import signal
@@ -75,6 +76,11 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """`data` as indented JSON, atomically: every JSON file the package writes whole."""
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def not_a_folder(folder: Path) -> Path | None:

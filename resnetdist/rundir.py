@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoint import SIDECAR, atomic_save, atomic_write_text, load
+from .checkpoint import SIDECAR, atomic_save, atomic_write_json, atomic_write_text, load
 from .config import RunConfig, dumps_toml, from_dict, read_toml, to_toml
 from .errors import INTERRUPTED, PREEMPTED, RunDirBusy, WriteError
 
@@ -126,14 +126,14 @@ class Checkpoints:
     def path(self, iteration: int) -> Path:
         return self.folder / f"ckpt_{iteration:07d}.pt"
 
+    @staticmethod
+    def iteration(path: Path) -> int:
+        return int(CHECKPOINT.search(path.name).group(1))
+
     def newest_first(self) -> list[Path]:
         """Checkpoint files, newest (highest iteration) first."""
-        found = [(int(m.group(1)), p) for p in self.folder.glob("ckpt_*.pt") if (m := CHECKPOINT.search(p.name))]
-        return [p for _, p in sorted(found, reverse=True)]
-
-    def newest_iteration(self) -> int | None:
-        found = self.newest_first()
-        return int(CHECKPOINT.search(found[0].name).group(1)) if found else None
+        return sorted((p for p in self.folder.glob("ckpt_*.pt") if CHECKPOINT.search(p.name)), key=self.iteration,
+                      reverse=True)
 
     def save(self, iteration: int, state: dict[str, Any], keep: int) -> Path:
         """Save, then (only once it is safely in place: a failed write keeps every old one) delete
@@ -155,7 +155,7 @@ class Checkpoints:
         `at_most` or before when given (a pack's members agree on one); an unreadable or damaged
         one is reported and the previous tried."""
         for path in self.newest_first():
-            if at_most is not None and int(CHECKPOINT.search(path.name).group(1)) > at_most:
+            if at_most is not None and self.iteration(path) > at_most:
                 continue
             try:
                 state = load(path)
@@ -218,7 +218,7 @@ class RunDir:
         return summary if name is None or summary.get("name") == name else None
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write_text(self.summary, json.dumps(summary, indent=2) + "\n")
+        atomic_write_json(self.summary, summary)
 
     def write_model(self, weights: dict[str, Any]) -> None:
         atomic_save(weights, self.model)
@@ -239,9 +239,8 @@ class RunDir:
         if summary is not None:
             return RunState("finished", summary.get("iterations"), summary=summary)
         code, last = log_ending(self.log)
-        found = self.checkpoints.newest_first()
-        checkpoint = found[0] if found else None
-        iteration = self.checkpoints.newest_iteration()
+        checkpoint = next(iter(self.checkpoints.newest_first()), None)
+        iteration = None if checkpoint is None else Checkpoints.iteration(checkpoint)
         said_stop = last.startswith(("interrupted:", "preempted:"))
         if code in (INTERRUPTED, PREEMPTED) or (code is None and said_stop):
             kind = "stopped"

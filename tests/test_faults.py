@@ -18,7 +18,7 @@ import torch
 
 from resnetdist import checkpoint
 from resnetdist.errors import RunDirBusy
-from resnetdist.rundir import RunDir, append_exit
+from resnetdist.rundir import Checkpoints, RunDir, append_exit
 
 from .conftest import REPO, RESUMABLE, TINY, cli_env, run_cli
 from .helpers import assert_bitwise_equal, final_weights, temp_files, wait_for
@@ -251,7 +251,7 @@ def test_a_live_run_directory_refuses_a_second_launch_and_a_killed_one_does_not(
 
     # the dead run's lock went with it: the next launch resumes from its newest checkpoint
     newest = RunDir(out).checkpoints.newest_first()[0]
-    it = RunDir(out).checkpoints.newest_iteration()
+    it = Checkpoints.iteration(newest)
     third = run_cli(args, check=False, timeout=120, kill_at=(it + 1, 0))
     assert third.returncode == -signal.SIGKILL, third.stderr[-3000:]
     assert f"resuming from {newest.name} (iteration {it} of 5000)" in third.stdout

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import RunConfig
 from ..rundir import RunDir
 
 
@@ -120,36 +121,32 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [by_iter[k] for k in sorted(by_iter)]
 
 
-def _config_info(path: Path) -> dict[str, Any]:
-    """The net, seed, length, recipe and data folder from config.toml ({}: missing or unreadable)."""
-    cfg = RunDir(path).read_config()
-    if cfg is None:
-        return {}
+def config_facts(cfg: RunConfig) -> dict[str, Any]:
+    """What config.toml says of a run, under RunRecords' names: its net, seed, length, recipe, data folder."""
     o = cfg.optim
     recipe = {"optim.batch_size": o.batch_size, "optim.lr": o.lr, "optim.momentum": o.momentum,
               "optim.weight_decay": o.weight_decay, "optim.milestones": list(o.milestones), "model.shortcut": cfg.model.shortcut}
-    return {"depth": cfg.model.depth, "plain": cfg.model.plain, "seed": cfg.train.seed,
-            "iterations": cfg.optim.iters, "name": cfg.name, "recipe": recipe, "data_dir": cfg.data.dir or None}
+    return {"name": cfg.name, "depth": cfg.model.depth, "plain": cfg.model.plain, "seed": cfg.train.seed,
+            "iterations": o.iters, "recipe": recipe, "data_dir": cfg.data.dir or None}
 
 
 def load_run(path: Path) -> RunRecords:
     path = Path(path)
     run = RunDir(path)
     records = read_metrics(run.metrics)
-    info = _config_info(path)
+    cfg = run.read_config()
     # finished by the one rule (RunDir.finished) at the length config.toml plans; without a
     # readable config.toml, at the length the summary itself records
-    summary = run.finished(info.get("iterations") or (run.read_summary() or {}).get("iterations"))
+    summary = run.finished(cfg.optim.iters if cfg else (run.read_summary() or {}).get("iterations"))
     if not records and summary is None:
         raise ReportError(f"{path}: no metrics to report (metrics.jsonl is missing or empty and there is "
                           f"no summary.json): the run has not reached its first evaluation")
-    if summary:
-        info.update({k: summary[k] for k in ("name", "depth", "plain", "seed", "iterations") if k in summary})
-    if "depth" not in info:
+    # summary.json's words on the net win over config.toml's
+    facts = {"name": path.name, "seed": 0, **(config_facts(cfg) if cfg else {}),
+             **{k: v for k, v in (summary or {}).items() if k in ("name", "depth", "plain", "seed", "iterations")}}
+    if "depth" not in facts:
         raise ReportError(f"{path}: cannot tell which net this is (no summary.json and no readable config.toml)")
-    return RunRecords(path=path, name=str(info.get("name", path.name)), depth=int(info["depth"]),
-                      plain=bool(info["plain"]), seed=int(info.get("seed", 0)), iterations=int(info["iterations"]),
-                      records=records, summary=summary, recipe=info.get("recipe", {}), data_dir=info.get("data_dir"),
+    return RunRecords(path=path, records=records, summary=summary, **facts,
                       data={k: summary[k] for k in DATA_FACTS if k in summary} if summary else {})
 
 

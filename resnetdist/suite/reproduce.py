@@ -16,7 +16,6 @@ log point with a checkpoint, a second at once, as with `train`. No new run start
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -28,12 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, TextIO
 
-from ..checkpoint import atomic_write_text
+from ..checkpoint import atomic_write_json, atomic_write_text
 from ..config import ConfigError, RunConfig, depth_to_n, load_config, to_toml
 from ..errors import INTERRUPTED, PREEMPTED
-from ..progress import plural
 from ..rundir import RunDir, append_exit, log_ending, read_json
 from .live import Watch
+from .status import result_words
 
 SUITE_DIR = "suite"  # inside OUT: suite.json, configs/, the Slurm script and its logs, W&B summary run
 MANIFEST = "suite.json"
@@ -57,6 +56,10 @@ class Job:
     @property
     def log(self) -> Path:
         return self.run.log
+
+    def finished(self) -> dict | None:
+        """The run's summary when it is finished (RunDir.finished), else None."""
+        return self.run.finished(self.iterations, self.name)
 
     @property
     def cost(self) -> int:
@@ -146,7 +149,7 @@ def read_manifest(out: Path) -> dict | None:
 
 def write_manifest(out: Path, manifest: dict) -> None:
     (out / SUITE_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / SUITE_DIR / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    atomic_write_json(out / SUITE_DIR / MANIFEST, manifest)
 
 
 def jobs_from_manifest(out: Path) -> list[Job]:
@@ -155,16 +158,6 @@ def jobs_from_manifest(out: Path) -> list[Job]:
         raise ConfigError(f"{out}: no suite here ({out / SUITE_DIR / MANIFEST} is missing or unreadable)")
     return [Job(r["name"], r["n"], r["plain"], r["seed"], r["iterations"], Path(r["run_dir"]), Path(r["config"]))
             for r in manifest["runs"]]
-
-
-def finished(job: Job) -> dict | None:
-    """The job's summary when its run is finished (RunDir.finished), else None."""
-    return job.run.finished(job.iterations, job.name)
-
-
-def summary_line(job: Job) -> str:
-    s = finished(job)
-    return f"test error {s['test_error']:.2f}% after {plural(s['iterations'], 'iteration')}" if s else "finished"
 
 
 # ----- local schedule ----------------------------------------------------------------------------
@@ -284,8 +277,8 @@ class Stop:
 
 def _collect(proc: subprocess.Popen, job: Job, secs: float, echo: Callable[[str], None]) -> Outcome:
     append_exit(job.log, proc.returncode)
-    if proc.returncode == 0 and finished(job):
-        echo(f"done  {job.name}: {summary_line(job)} ({secs:.0f} s)")
+    if proc.returncode == 0 and (summary := job.finished()):
+        echo(f"done  {job.name}: {result_words(summary)} ({secs:.0f} s)")
         return Outcome(job, "done")
     if proc.returncode in (INTERRUPTED, PREEMPTED):
         last = log_ending(job.log)[1].removeprefix("interrupted: ").removeprefix("preempted: ")
@@ -305,10 +298,11 @@ def run_all(jobs: list[Job], pool: list[str | None], echo: Callable[[str], None]
     once), up to `pack` seeds of a net in one process (packs), showing each running run's
     progress (live.Watch: on `bars`, a terminal, else as lines). After Ctrl-C or SIGTERM (Stop)
     no new run starts, the running ones stop at a checkpoint and the rest are "not started"."""
-    outcomes = [Outcome(j, "skipped") for j in jobs if finished(j)]
+    done = {j.name: summary for j in jobs if (summary := j.finished())}
+    outcomes = [Outcome(j, "skipped") for j in jobs if j.name in done]
     for o in outcomes:
-        echo(f"skip  {o.job.name}: already finished ({summary_line(o.job)})")
-    pending = packs([j for j in jobs if not finished(j)], pack)
+        echo(f"skip  {o.job.name}: already finished ({result_words(done[o.job.name])})")
+    pending = packs([j for j in jobs if j.name not in done], pack)
     free = list(pool)
     running: dict[subprocess.Popen, tuple[list[Job], str | None, float]] = {}
     total, started = len(pending), 0

@@ -6,7 +6,6 @@ with model.pt's sha256.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -142,13 +141,12 @@ def all_responses(runs: list[RunRecords]) -> tuple[list[Responses], list[str]]:
 def write_caches(responses: list[Responses]) -> None:
     """Each run's values beside its model.pt; a run folder that cannot be written (read-only,
     another user's) simply keeps no cache."""
-    from ..checkpoint import atomic_write_text
+    from ..checkpoint import atomic_write_json
     from ..errors import WriteError
 
     for r in responses:
         if not r.cached:
             try:
-                atomic_write_text(RunDir(r.run.path).responses_cache,
-                                  json.dumps({"model_sha256": r.model_sha256, "stds": r.stds}) + "\n")
+                atomic_write_json(RunDir(r.run.path).responses_cache, {"model_sha256": r.model_sha256, "stds": r.stds})
             except (OSError, WriteError):
                 pass

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..progress import duration, plural
-from ..rundir import Latest, RunDir, RunState
+from ..rundir import Latest, RunDir
 
 STATES = ("running", "interrupted", "stopped", "done", "failed", "not started")
 
@@ -41,24 +41,26 @@ SHOWN = {"fresh": "not started", "resumable": "stopped", "running": "running", "
          "failed": "failed", "finished": "done"}
 
 
+def result_words(summary: dict) -> str:
+    """A finished run in words (its line here and in `reproduce`'s skip and done lines)."""
+    return f"test error {summary['test_error']:.2f}% after {plural(summary['iterations'], 'iteration')}"
+
+
 def run_status(run_dir: Path, name: str | None = None, iterations: int | None = None) -> RunStatus:
     """The state of one run folder (`iterations`: its planned length, else its config.toml's)."""
     run = RunDir(run_dir)
     if not iterations and (cfg := run.read_config()) is not None:
         iterations = cfg.optim.iters
-    status = RunStatus(name or run.path.name, str(run.path), "not started", iterations=iterations or None)
-    state = run.state(status.iterations, name)
-    status.state, status.iteration = SHOWN[state.kind], state.iteration
-    if state.kind == "running":
-        return running(status, state, run)
-    if state.kind == "finished":
-        status.test_error = state.summary["test_error"]
-        status.detail = f"test error {status.test_error:.2f}% after {plural(status.iteration, 'iteration')}"
-        return status
-    status.exit_code, status.last_line = state.exit_code, state.last_line or None
-    resumes = (f"resumes from iteration {status.iteration:,}" if status.iteration is not None
+    state = run.state(iterations or None, name)
+    status = RunStatus(name or run.path.name, str(run.path), SHOWN[state.kind], iteration=state.iteration,
+                       iterations=iterations or None, exit_code=state.exit_code, last_line=state.last_line or None)
+    resumes = (f"resumes from iteration {state.iteration:,}" if state.iteration is not None
                else "no checkpoint: starts over")
-    if state.kind == "stopped":
+    if state.kind == "running":
+        running(status, state.holder or {}, Latest.of(run))
+    elif state.kind == "finished":
+        status.test_error, status.detail = state.summary["test_error"], result_words(state.summary)
+    elif state.kind == "stopped":
         status.detail = resumes + (" (preempted)" if state.last_line.startswith("preempted") else "")
     elif state.kind == "failed":
         code = state.exit_code if state.exit_code is not None else "?"
@@ -68,24 +70,21 @@ def run_status(run_dir: Path, name: str | None = None, iterations: int | None = 
     return status
 
 
-def running(status: RunStatus, state: RunState, run: RunDir) -> RunStatus:
-    info = state.holder or {}
-    status.host, status.pid = info.get("host"), info.get("pid")
+def running(status: RunStatus, holder: dict, latest: Latest) -> None:
+    """A running run's holder (from the lock), iteration, training error and time left."""
+    status.host, status.pid = holder.get("host"), holder.get("pid")
     where = f"on {status.host} (pid {status.pid})" if status.host else "(holder unknown)"
     if status.iteration is None:
         status.detail = f"starting {where}"
-        return status
-    latest = Latest.of(run)
+        return
     of = f" of {status.iterations:,}" if status.iterations else ""
     status.detail = f"iteration {status.iteration:,}{of} {where}"
     if latest.training and latest.training.get("train_error") is not None:
         status.train_error = latest.training["train_error"]
         status.detail += f", train error {status.train_error:.1f}%"
-    rate = latest.seconds_per_iteration()
-    if rate and status.iterations:
+    if (rate := latest.seconds_per_iteration()) and status.iterations:
         status.eta_s = rate * max(status.iterations - status.iteration, 0)
         status.detail += f", about {duration(status.eta_s)} left"
-    return status
 
 
 def counts(statuses: list[RunStatus]) -> dict[str, int]:

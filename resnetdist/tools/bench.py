@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dist
-from ..checkpoint import atomic_write_text
+from ..checkpoint import atomic_write_json
 from ..config import PAPER_ITERS, ModelConfig, RunConfig, load_config, model_name
 from ..data import open_loaders
 from ..data.augment import augment
@@ -381,4 +380,4 @@ def write_report(report: dict[str, Any], out: Path | None) -> None:
     if out is None:
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    atomic_write_json(out, report)
