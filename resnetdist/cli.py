@@ -228,11 +228,11 @@ def train_here(cfg: RunConfig | list[RunConfig], prepared, as_json: bool = False
 def show_finished(summaries: list[dict[str, Any]], members: list[RunConfig], as_json: bool) -> None:
     """A rerun of a finished run (a pack's finished runs): its result (rank 0), and nothing else."""
     from .dist import launch_rank
-    from .training.announce import finished
+    from .training.announce import nothing_to_do
 
     if launch_rank() == 0:
         for summary, cfg in zip(summaries, members):
-            typer.echo(json.dumps(summary) if as_json else finished(summary, cfg))
+            typer.echo(json.dumps(summary) if as_json else nothing_to_do(summary, cfg))
 
 
 def show_dry_run(cfg: RunConfig, world_size: int) -> None:

@@ -138,6 +138,6 @@ def closing(summary: dict[str, Any], cfg: RunConfig) -> str:
     return f"{result}\n{format_facts(rows)}"
 
 
-def finished(summary: dict[str, Any], cfg: RunConfig) -> str:
+def nothing_to_do(summary: dict[str, Any], cfg: RunConfig) -> str:
     return (f"{cfg.run_dir} holds a finished run (summary.json): nothing to do. To train it again, delete "
             f"that folder or pass another --out.\n{closing(summary, cfg)}")
