@@ -29,6 +29,25 @@ except ImportError:
 # ----- a run directory, read back -------------------------------------------------------------------
 
 
+def feed_and_step(cfg, data, ctx, seeds: list[int], choice: StepChoice):
+    """A feed and a step built as trainer.build builds them (the feed's buffers the step's
+    inputs), for a step kind the plan does not choose on this CPU: a graph through the fake
+    CUDA ops, a compiled pack. The seeds: one run's, or a pack's."""
+    from resnetdist.data import open_loaders
+    from resnetdist.data.augment import training_mean
+    from resnetdist.data.feed import Feed
+    from resnetdist.training.schedule import lr_table
+    from resnetdist.training.step import build_step
+    from resnetdist.training.trainer import make_model
+
+    feed = Feed(open_loaders(cfg.data, data, ctx, cfg.optim.batch_size, seeds).train)
+    mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
+    model, optimizer = make_model(cfg, ctx, seeds=seeds)
+    step = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", choice=choice,
+                      inputs=feed.inputs)
+    return feed, step
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

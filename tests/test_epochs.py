@@ -15,8 +15,8 @@ import torch
 from resnetdist.config import load_config
 from resnetdist.data import epochs as epochs_mod
 from resnetdist.data import feed as feed_mod
-from resnetdist.data import load_data, open_loaders
-from resnetdist.data.augment import draw_block, training_mean
+from resnetdist.data import load_data
+from resnetdist.data.augment import draw_block
 from resnetdist.data.feed import Feed
 from resnetdist.data.order import rank_epoch_order
 from resnetdist.data.resident import ResidentTrainLoader
@@ -24,12 +24,11 @@ from resnetdist.dist import DistContext
 from resnetdist.training import graph as graph_mod
 from resnetdist.training.graph import StaticInputs
 from resnetdist.training.loop import Progress, take_steps
-from resnetdist.training.schedule import lr_table
-from resnetdist.training.step import StepChoice, build_step
-from resnetdist.training.trainer import build, make_model
+from resnetdist.training.step import StepChoice
+from resnetdist.training.trainer import build
 
 from .fake_cuda import FakeOps
-from .helpers import EAGER
+from .helpers import EAGER, feed_and_step
 
 B, SEED = 32, 3
 CPU = torch.device("cpu")
@@ -93,17 +92,13 @@ def test_a_graph_captured_with_the_feeds_buffers_replays_with_no_copy_and_trains
     eager step."""
     cfg = config(tiny_data)
     data, ctx = load_data(cfg.data), DistContext(0, 0, 1, CPU)
-    mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
     monkeypatch.setattr(graph_mod, "cuda_ops", FakeOps())
     copied, real = [], StaticInputs.fill
     monkeypatch.setattr(StaticInputs, "fill", lambda self, *given: copied.extend(
         g is not s for g, s in zip(given, (self.x, self.y, self.aug))) or real(self, *given))
     steps = []
     for choice in (StepChoice("graph", "asked for by name (train.step)", "graph"), EAGER):
-        feed = Feed(open_loaders(cfg.data, data, ctx, B, [SEED]).train)
-        model, optimizer = make_model(cfg, ctx)
-        step = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", choice=choice,
-                          inputs=feed.inputs)
+        feed, step = feed_and_step(cfg, data, ctx, [SEED], choice)
         take_steps(step, feed.batches(0), 40)
         steps.append(step)
     graphed, eager = steps

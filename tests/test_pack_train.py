@@ -15,19 +15,15 @@ import torch
 
 from resnetdist import checkpoint
 from resnetdist.config import load_config, read_toml
-from resnetdist.data import load_data, open_loaders
-from resnetdist.data.augment import training_mean
-from resnetdist.data.feed import Feed
+from resnetdist.data import load_data
 from resnetdist.dist import DistContext
 from resnetdist.training import graph as graph_mod
 from resnetdist.training.loop import take_steps
-from resnetdist.training.schedule import lr_table
-from resnetdist.training.step import StepChoice, build_step
-from resnetdist.training.trainer import make_model
+from resnetdist.training.step import StepChoice
 
 from .conftest import RESUMABLE, TINY, cli, cli_in_process, run_cli
 from .fake_cuda import FakeOps
-from .helpers import EAGER, assert_bitwise_equal, final_weights, read_jsonl
+from .helpers import EAGER, assert_bitwise_equal, feed_and_step, final_weights, read_jsonl
 
 PACK = [*RESUMABLE, "--seeds", "0,1"]
 # float32: a grouped conv over two members sums in another order than one member's conv, so a
@@ -179,14 +175,10 @@ def test_a_graphed_pack_captured_with_the_feeds_rows_trains_as_the_eager_pack(ti
     cfg = load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": 32},
                              "train": {"device": "cpu"}, "log": {"wandb_mode": "disabled"}})
     data, ctx = load_data(cfg.data), DistContext(0, 0, 1, torch.device("cpu"))
-    mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
     monkeypatch.setattr(graph_mod, "cuda_ops", FakeOps())
     steps = []
     for choice in (StepChoice("graph", "asked for by name (train.step)", "graph"), EAGER):
-        model, optimizer = make_model(cfg, ctx, seeds=[0, 1])
-        feed = Feed(open_loaders(cfg.data, data, ctx, 32, [0, 1]).train)
-        step = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", choice=choice,
-                          inputs=feed.inputs)
+        feed, step = feed_and_step(cfg, data, ctx, [0, 1], choice)
         take_steps(step, feed.batches(0), 6)
         steps.append(step)
     graphed, eager = steps
@@ -221,13 +213,9 @@ def test_a_compiled_pack_steps_each_member_as_the_eager_pack(tiny_data):
     cfg = load_config(flags={"model": {"n": 1}, "data": {"dir": str(tiny_data)}, "optim": {"batch_size": 32},
                              "train": {"device": "cpu"}, "log": {"wandb_mode": "disabled"}})
     data, ctx = load_data(cfg.data), DistContext(0, 0, 1, torch.device("cpu"))
-    mean = training_mean(cfg.data.mean, cfg.data.channel_mean, data.train.images)
     results = []
     for choice in (StepChoice("compile", "asked for by name (train.step)", "compile"), EAGER):
-        model, optimizer = make_model(cfg, ctx, seeds=[0, 1])
-        feed = Feed(open_loaders(cfg.data, data, ctx, 32, [0, 1]).train)
-        step = build_step(model, optimizer, mean, lr_table(cfg.optim, 1.0, 0), precision="fp32", choice=choice,
-                          inputs=feed.inputs)
+        feed, step = feed_and_step(cfg, data, ctx, [0, 1], choice)
         batches = feed.batches(0)
         losses = []
         for _ in range(2):
