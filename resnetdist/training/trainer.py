@@ -72,7 +72,7 @@ def build(cfg: RunConfig, ctx: dist.DistContext, data: Cifar10, stop: Notice | N
     data_facts = {"train_images": len(data.train), "test_images": len(data.test),
                   "val_images": len(data.val) if data.val is not None else 0,
                   "data_identity": data.identity}  # cifar10 | modified | unknown (data/cifar.py identity)
-    return Trainer(cfg, plan, ctx, model, optimizer, step, loaders, feed, data_facts, stop, [Member(m) for m in members])
+    return Trainer(cfg, plan, ctx, model, optimizer, step, loaders, feed, data_facts, [Member(m) for m in members], stop)
 
 
 @dataclass
@@ -107,8 +107,8 @@ class Trainer:
     loaders: Loaders
     feed: Feed
     data_facts: dict[str, Any]  # train/test/val images in use and the data's identity (summary.json: a cut or stand-in data set shows)
+    members: list[Member]  # a pack's, or the one of cfg alone
     stop: Notice | None = None  # asked at every log point: a signal noted there stops the run (Preempted)
-    members: list[Member] = field(default_factory=list)  # a pack's, or the run of cfg alone
 
     def __post_init__(self):
         self.nets = MemberNets(self.model, len(self.members), self.cfg, self.ctx.device, memory_format(self.cfg, self.ctx.device))

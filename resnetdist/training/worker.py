@@ -130,11 +130,12 @@ def main(cfg: RunConfig | list[RunConfig], prepared: Prepared | None = None, sig
     and, with `signals`, the preemption notice (preempt.py)."""
     with preempt.notice(install=signals) as notice:
         prepared = prepared or preflight(cfg, dist.world_size_from_env())
-        first = as_members(cfg)[0]
+        members = as_members(cfg)
+        first = members[0]
         ctx = dist.setup(prepared.plan.device, first.dist.timeout_s, first.dist.hang_timeout_s,
                          compile_pause_s=first.dist.compile_pause_s, on_hang=on_hang)
         try:
-            summaries = train_rank(as_members(cfg), prepared, ctx, notice)
+            summaries = train_rank(members, prepared, ctx, notice)
             return summaries if isinstance(cfg, (list, tuple)) else summaries[0]
         finally:
             dist.cleanup()
@@ -153,8 +154,8 @@ def train_rank(members: list[RunConfig], prepared: Prepared, ctx: dist.DistConte
             raise AlreadyFinished([start.summary for start in starts])
         todo = [(m, start) for m, start in zip(members, starts) if start.summary is None]
         if ctx.is_main:
-            if data.record_count_note():  # a stand-in or a cut file: say what trains
-                print(data.record_count_note(), file=sys.stderr, flush=True)
+            if note := data.record_count_note():  # a stand-in or a cut file: say what trains
+                print(note, file=sys.stderr, flush=True)
             # before anything is written there (RunDirBusy if held; preflight probed them)
             locks = [RunDir(m.run_dir).acquire() for m, _ in todo]
         trainer = build(todo[0][0], ctx, data, stop=notice, plan=plan, members=[m for m, _ in todo])
