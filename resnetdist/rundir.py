@@ -181,6 +181,8 @@ class RunDir:
     model = property(lambda self: self.path / "model.pt")
     safetensors = property(lambda self: self.path / "model.safetensors")  # model.pt's weights, no pickle (pretrained.py)
     log = property(lambda self: self.path / "train.log")
+    mean = property(lambda self: self.path / "mean.npy")  # the W&B model artifact's mean image
+    tensorboard = property(lambda self: self.path / "tb")
     responses_cache = property(lambda self: self.path / "layer_responses.cache.json")  # the report's Figure 7 values
     lock_file = property(lambda self: self.path / ".lock")
 

@@ -247,10 +247,10 @@ class WandbSink:
         def log() -> None:
             import numpy as np
 
-            np.save(run_dir / "mean.npy", np.asarray(mean, dtype=np.float32))
-            artifact = self.wandb.Artifact(f"model-{self.run.id}", type="model", metadata=_clean(metadata))
             run = RunDir(run_dir)
-            for file in (run.model, run.safetensors, run_dir / "mean.npy", run.config, run.resolved):
+            np.save(run.mean, np.asarray(mean, dtype=np.float32))
+            artifact = self.wandb.Artifact(f"model-{self.run.id}", type="model", metadata=_clean(metadata))
+            for file in (run.model, run.safetensors, run.mean, run.config, run.resolved):
                 if file.exists():
                     artifact.add_file(str(file), name=file.name)
             self.run.log_artifact(artifact, aliases=["final", "latest"])
@@ -319,7 +319,7 @@ def open_logger(cfg: RunConfig, resume_iter: int, wandb_id: str | None) -> Metri
     run = RunDir(cfg.run_dir)
     sinks: list = [JsonlSink(run.metrics, resume_iter), JsonlSink(run.progress, resume_iter, "train")]
     if cfg.log.tensorboard:
-        sinks.append(TensorBoardSink(run.path / "tb", resume_iter, run_params(cfg)))
+        sinks.append(TensorBoardSink(run.tensorboard, resume_iter, run_params(cfg)))
     mode = wandb_mode_here(cfg.log.wandb_mode)
     if mode != "disabled":
         try:
